@@ -1,0 +1,1 @@
+"""meshaccel node agent: loads the eBPF datapath, owns its pinned maps, serves the operator."""

@@ -1,0 +1,495 @@
+"""The node's datapath: load, attach, adopt and unload the eBPF programs; edit their pods.
+
+Everything lives under one bpffs directory per instance::
+
+    /sys/fs/bpf/meshaccel/<instance>/
+        maps/<map>          every shared map (pinned by libbpf at load)
+        links/<hook>        cgroup links of connect4, sockops and getsockopt
+        progs/redirect_msg  the sk_msg program attached to maps/sock_hash
+
+Pins keep the datapath running without the agent; a new agent adopts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from meshaccel.agent import layout, libbpf, prerequisites
+from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
+from meshaccel.agent.pods import (
+    AcceleratedPod,
+    decode_cidr_key,
+    decode_port_key,
+    decode_u64,
+    u32,
+    u64,
+)
+from meshaccel.agent.prerequisites import DatapathError
+
+log = logging.getLogger(__name__)
+
+PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
+DEFAULT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+
+
+class NotLoadedError(DatapathError):
+    pass
+
+
+class AlreadyLoadedError(DatapathError):
+    pass
+
+
+class MapFullError(DatapathError):
+    pass
+
+
+@dataclass(frozen=True)
+class CgroupHook:
+    """A program attached to the cgroup through a pinned bpf_link."""
+
+    object_file: str
+    program: str
+    link: str
+
+
+# Attach order: whatever a steered connection needs must be in place before
+# connect4 starts steering, so connect4 comes last (and is detached first).
+SK_MSG_OBJECT, SK_MSG_PROGRAM = "redirect.bpf.o", "redirect_msg"
+CGROUP_HOOKS = (
+    CgroupHook("getsockopt.bpf.o", "answer_original_dst", "getsockopt"),
+    CgroupHook("sockops.bpf.o", "track_sockets", "sockops"),
+    CgroupHook("connect.bpf.o", "redirect_connect4", "connect4"),
+)
+OBJECT_FILES = (SK_MSG_OBJECT, *(hook.object_file for hook in CGROUP_HOOKS))
+
+SHARED_MAPS = (
+    "pods",
+    "pod_ips",
+    "pod_ports",
+    "outbound_excluded_cidrs",
+    "outbound_included_cidrs",
+    "socket_original_dst",
+    "connections",
+    "sock_hash",
+    "draining",
+    "counters",
+)
+
+
+@dataclass(frozen=True)
+class Capacities:
+    """max_entries of the maps; every object must agree, so they are set in one place."""
+
+    pods: int = 1024
+    pod_ports: int = 16384
+    pod_cidrs: int = 4096
+    connections: int = 65536
+
+    def max_entries(self) -> dict[str, int]:
+        return {
+            "pods": self.pods,
+            "pod_ips": self.pods,
+            "pod_ports": self.pod_ports,
+            "outbound_excluded_cidrs": self.pod_cidrs,
+            "outbound_included_cidrs": self.pod_cidrs,
+            "socket_original_dst": self.connections,
+            "connections": self.connections,
+            "sock_hash": self.connections,
+        }
+
+
+@dataclass(frozen=True)
+class PinLayout:
+    root: Path
+
+    def map(self, name: str) -> Path:
+        return self.root / "maps" / name
+
+    def link(self, name: str) -> Path:
+        return self.root / "links" / name
+
+    def program(self, name: str) -> Path:
+        return self.root / "progs" / name
+
+    def attachments(self) -> list[Path]:
+        return [self.program(SK_MSG_PROGRAM), *(self.link(h.link) for h in CGROUP_HOOKS)]
+
+    def all_pins(self) -> list[Path]:
+        return [*self.attachments(), *(self.map(name) for name in SHARED_MAPS)]
+
+
+def default_objects_dir() -> Path:
+    env = os.environ.get("MESHACCEL_BPF_OBJECTS")
+    if env:
+        return Path(env)
+    return Path(str(resources.files("meshaccel.agent") / "objects"))
+
+
+class Datapath:
+    """A loaded datapath, reached through its pinned maps. Close to let go; unload to remove."""
+
+    def __init__(self, pins: PinLayout, maps: dict[str, libbpf.Map]) -> None:
+        self.pins = pins
+        self._maps = maps
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        cgroup: Path | None = None,
+        *,
+        instance: str = "default",
+        objects_dir: Path | None = None,
+        features: DatapathFeatures = DEFAULT_FEATURES,
+        capacities: Capacities = Capacities(),
+        pin_root: Path = PIN_ROOT,
+    ) -> Datapath:
+        """Load the objects, pin their maps and attach them to ``cgroup`` (default: the cgroup2 root).
+
+        On any failure, everything this call created is removed again.
+        """
+        prerequisites.check_privileges()
+        prerequisites.check_btf()
+        prerequisites.check_kernel_features()
+        cgroup = cgroup if cgroup is not None else prerequisites.cgroup2_root()
+        prerequisites.check_cgroup(cgroup)
+        objects_dir = objects_dir if objects_dir is not None else default_objects_dir()
+        paths = [objects_dir / name for name in OBJECT_FILES]
+        prerequisites.check_objects(paths)
+        prerequisites.check_bpffs(pin_root)
+
+        pins = PinLayout(pin_root / instance)
+        if any(p.exists() for p in pins.attachments()):
+            raise AlreadyLoadedError(
+                f"a datapath is already attached under {pins.root}: adopt it "
+                "(Datapath.adopt) or unload it first"
+            )
+
+        with contextlib.ExitStack() as undo:
+            _make_pin_dirs(pins, undo)
+            objects = {
+                path.name: undo.enter_context(libbpf.BpfObject.open(path)) for path in paths
+            }
+            _prepare(objects, paths, pins, features, capacities, undo)
+            for name, obj in objects.items():
+                log.debug("loading %s", name)
+                obj.load()
+            links = _attach(objects, cgroup, pins, undo)
+            datapath = cls.adopt(instance=instance, pin_root=pin_root)
+            undo.pop_all()  # success: keep what was made
+        # The pins hold the kernel objects now: drop this process's handles.
+        for link in links:
+            link.destroy()
+        for obj in objects.values():
+            obj.close()
+        log.info("datapath loaded: instance=%s cgroup=%s features=%s", instance, cgroup, features)
+        return datapath
+
+    @classmethod
+    def adopt(cls, *, instance: str = "default", pin_root: Path = PIN_ROOT) -> Datapath:
+        """Take over a datapath a previous agent left pinned; the kernel state is not touched."""
+        pins = PinLayout(pin_root / instance)
+        missing = [str(p) for p in pins.all_pins() if not p.exists()]
+        if missing:
+            raise NotLoadedError(f"no complete datapath under {pins.root}: missing {', '.join(missing)}")
+        return cls(pins, {name: libbpf.Map.from_pin(pins.map(name)) for name in SHARED_MAPS})
+
+    @classmethod
+    def load_or_adopt(cls, cgroup: Path | None = None, **kwargs: object) -> Datapath:
+        instance = str(kwargs.get("instance", "default"))
+        pin_root = Path(str(kwargs.get("pin_root", PIN_ROOT)))
+        if all(p.exists() for p in PinLayout(pin_root / instance).all_pins()):
+            return cls.adopt(instance=instance, pin_root=pin_root)
+        return cls.load(cgroup, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Let go of the maps; the datapath keeps running from its pins."""
+        for bpf_map in self._maps.values():
+            bpf_map.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def unload(self, drain_seconds: float = 2.0) -> None:
+        """Detach everything and remove every pin, without losing a byte of open connections.
+
+        sk_msg stops redirecting first, so data already queued on receiving sockets is read
+        before the sockhash goes; steering stops next; then, after ``drain_seconds`` in
+        which accepted connections can still ask for SO_ORIGINAL_DST, the rest goes.
+        Connections keep working on the ordinary TCP path throughout.
+        """
+        self._map("draining").update(u32(0), u32(1))
+        for hook in reversed(CGROUP_HOOKS[1:]):  # connect4, then sockops
+            _detach_link(self.pins.link(hook.link))
+        time.sleep(drain_seconds)
+        _detach_link(self.pins.link(CGROUP_HOOKS[0].link))  # getsockopt
+        sk_msg_pin = self.pins.program(SK_MSG_PROGRAM)
+        if sk_msg_pin.exists():
+            with libbpf.Program.from_pin(sk_msg_pin) as program:
+                libbpf.prog_detach(program.fd, self._map("sock_hash").fd,
+                                   libbpf.AttachType.SK_MSG_VERDICT)
+            sk_msg_pin.unlink()
+        self.close()
+        for name in SHARED_MAPS:
+            self.pins.map(name).unlink(missing_ok=True)
+        _remove_pin_dirs(self.pins)
+        log.info("datapath unloaded: %s", self.pins.root)
+
+    # -- pods -----------------------------------------------------------------------------
+
+    def put_pod(self, pod: AcceleratedPod) -> None:
+        """Accelerate ``pod``, or bring its entries in line with it. All or nothing."""
+        owner = self._map("pod_ips").lookup(bytes(layout.ipv4(pod.ip)))
+        if owner is not None and decode_u64(owner) != pod.cgroup_id:
+            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {decode_u64(owner)}")
+        old = self.pod(pod.cgroup_id)
+
+        with contextlib.ExitStack() as undo:
+            # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
+            self._insert(undo, "pod_ports", pod.port_keys() - (old.port_keys() if old else set()))
+            self._insert(undo, "outbound_excluded_cidrs",
+                         pod.excluded_cidr_keys() - (old.excluded_cidr_keys() if old else set()))
+            self._insert(undo, "outbound_included_cidrs",
+                         pod.included_cidr_keys() - (old.included_cidr_keys() if old else set()))
+            self._put(undo, "pod_ips", bytes(layout.ipv4(pod.ip)), u64(pod.cgroup_id))
+            self._put(undo, "pods", u64(pod.cgroup_id), bytes(pod.info()))
+            undo.pop_all()
+
+        if old is not None:  # what the new version no longer has
+            if old.ip != pod.ip:
+                self._map("pod_ips").delete(bytes(layout.ipv4(old.ip)))
+            self._delete_all("pod_ports", old.port_keys() - pod.port_keys())
+            self._delete_all("outbound_excluded_cidrs",
+                             old.excluded_cidr_keys() - pod.excluded_cidr_keys())
+            self._delete_all("outbound_included_cidrs",
+                             old.included_cidr_keys() - pod.included_cidr_keys())
+
+    def delete_pod(self, cgroup_id: int) -> bool:
+        """Stop accelerating a pod (its open connections carry on). False if it was not there."""
+        pod = self.pod(cgroup_id)
+        if pod is None:
+            return False
+        self._map("pods").delete(u64(cgroup_id))  # first: connect4 stops acting on it at once
+        self._map("pod_ips").delete(bytes(layout.ipv4(pod.ip)))
+        self._delete_all("pod_ports", pod.port_keys())
+        self._delete_all("outbound_excluded_cidrs", pod.excluded_cidr_keys())
+        self._delete_all("outbound_included_cidrs", pod.included_cidr_keys())
+        return True
+
+    def pod(self, cgroup_id: int) -> AcceleratedPod | None:
+        raw = self._map("pods").lookup(u64(cgroup_id))
+        return None if raw is None else self._decode_pod(cgroup_id, raw)
+
+    def pods(self) -> dict[int, AcceleratedPod]:
+        """Every accelerated pod, read back from the maps."""
+        result = {}
+        for key in self._map("pods").keys():
+            raw = self._map("pods").lookup(key)
+            if raw is not None:
+                cgroup_id = decode_u64(key)
+                result[cgroup_id] = self._decode_pod(cgroup_id, raw)
+        return result
+
+    def counters(self) -> dict[Counter, int]:
+        """Event counters summed over CPUs."""
+        totals = {}
+        counters = self._map("counters")
+        for counter in Counter:
+            per_cpu = counters.lookup_percpu(u32(counter))
+            totals[counter] = sum(decode_u64(v) for v in per_cpu)
+        return totals
+
+    def connections(self) -> dict[layout.SockTuple, layout.OriginalDst]:
+        table = self._map("connections")
+        result = {}
+        for key in table.keys():
+            value = table.lookup(key)
+            if value is not None:
+                result[layout.SockTuple.from_buffer_copy(key)] = layout.OriginalDst.from_buffer_copy(value)
+        return result
+
+    def sockhash_size(self) -> int:
+        return sum(1 for _ in self._map("sock_hash").keys())
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _map(self, name: str) -> libbpf.Map:
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise DatapathError(f"map {name} is not open: the datapath was closed") from None
+
+    def _decode_pod(self, cgroup_id: int, raw: bytes) -> AcceleratedPod:
+        info = layout.PodInfo.from_buffer_copy(raw)
+        ports: dict[TrafficDirection, set[int]] = {d: set() for d in TrafficDirection}
+        for key in self._map("pod_ports").keys():
+            owner, port, direction = decode_port_key(key)
+            if owner == cgroup_id:
+                ports[direction].add(port)
+        includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
+        return AcceleratedPod(
+            cgroup_id=cgroup_id,
+            ip=IPv4Address(bytes(info.ip)),
+            sidecar_uid=info.sidecar_uid,
+            outbound_port=layout.port_of(info.outbound_port),
+            inbound_port=layout.port_of(info.inbound_port),
+            excluded_outbound_ports=frozenset(ports[TrafficDirection.DIRECTION_OUTBOUND]),
+            excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
+            excluded_outbound_cidrs=frozenset(self._cidrs("outbound_excluded_cidrs", cgroup_id)),
+            included_outbound_cidrs=None if includes_all else frozenset(
+                self._cidrs("outbound_included_cidrs", cgroup_id)),
+        )
+
+    def _cidrs(self, map_name: str, cgroup_id: int) -> Iterator[layout.IPv4Network]:
+        for key in self._map(map_name).keys():
+            owner, network = decode_cidr_key(key)
+            if owner == cgroup_id:
+                yield network
+
+    def _put(self, undo: contextlib.ExitStack, name: str, key: bytes, value: bytes) -> None:
+        bpf_map = self._map(name)
+        previous = bpf_map.lookup(key)
+        self._update(name, key, value)
+        if previous is None:
+            undo.callback(bpf_map.delete, key)
+        else:
+            undo.callback(bpf_map.update, key, previous)
+
+    def _insert(self, undo: contextlib.ExitStack, name: str, keys: set[bytes]) -> None:
+        bpf_map = self._map(name)
+        for key in keys:
+            self._update(name, key, b"\x01")
+            undo.callback(bpf_map.delete, key)
+
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        try:
+            self._map(name).update(key, value)
+        except libbpf.MapError as err:
+            if err.errno in (7, 28):  # E2BIG, ENOSPC: the map is full
+                raise MapFullError(
+                    f"map {name} is full ({self._map(name).max_entries} entries): raise its "
+                    "capacity (Capacities) and reload"
+                ) from err
+            raise
+
+    def _delete_all(self, name: str, keys: set[bytes]) -> None:
+        bpf_map = self._map(name)
+        for key in keys:
+            bpf_map.delete(key)
+
+
+# -- load steps ---------------------------------------------------------------------------
+
+
+def _make_pin_dirs(pins: PinLayout, undo: contextlib.ExitStack) -> None:
+    for directory in (pins.root.parent, pins.root, pins.root / "maps", pins.root / "links",
+                      pins.root / "progs"):
+        if not directory.exists():
+            directory.mkdir()
+            undo.callback(_rmdir_if_empty, directory)
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def _remove_pin_dirs(pins: PinLayout) -> None:
+    for directory in (pins.root / "maps", pins.root / "links", pins.root / "progs", pins.root,
+                      pins.root.parent):
+        _rmdir_if_empty(directory)
+
+
+def _prepare(
+    objects: dict[str, libbpf.BpfObject],
+    paths: list[Path],
+    pins: PinLayout,
+    features: DatapathFeatures,
+    capacities: Capacities,
+    undo: contextlib.ExitStack,
+) -> None:
+    """Pin paths, sizes and .rodata of every object, before any of them loads."""
+    max_entries = capacities.max_entries()
+    preexisting = {name for name in SHARED_MAPS if pins.map(name).exists()}
+    for name in SHARED_MAPS:
+        if name not in preexisting:  # pinned by libbpf at load: remove again on failure
+            undo.callback(pins.map(name).unlink, missing_ok=True)
+    config = bytes(layout.DatapathConfig(features=int(features)))
+    for path in paths:
+        obj = objects[path.name]
+        for bpf_map in obj.maps:
+            if bpf_map.name in SHARED_MAPS:
+                bpf_map.set_pin_path(pins.map(bpf_map.name))
+                if bpf_map.name in max_entries:
+                    bpf_map.set_max_entries(max_entries[bpf_map.name])
+            elif bpf_map.name.endswith(".rodata"):
+                _set_config(bpf_map, path, config)
+
+
+def _set_config(rodata: libbpf.Map, path: Path, config: bytes) -> None:
+    with libbpf.Btf.parse(path) as btf:
+        variables = {name: (offset, size) for name, offset, size in btf.datasec_vars(".rodata")}
+    if "config" not in variables:
+        return
+    offset, size = variables["config"]
+    if size != len(config):
+        raise DatapathError(
+            f"{path.name}: .rodata config is {size} bytes, the agent's is {len(config)}: the "
+            "objects and the agent come from different builds"
+        )
+    initial = bytearray(rodata.initial_value)
+    initial[offset : offset + size] = config
+    rodata.initial_value = bytes(initial)
+
+
+def _attach(
+    objects: dict[str, libbpf.BpfObject],
+    cgroup: Path,
+    pins: PinLayout,
+    undo: contextlib.ExitStack,
+) -> list[libbpf.Link]:
+    sock_hash = objects[SK_MSG_OBJECT].map("sock_hash")
+    sk_msg = objects[SK_MSG_OBJECT].program(SK_MSG_PROGRAM)
+    libbpf.prog_attach(sk_msg.fd, sock_hash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+    undo.callback(libbpf.prog_detach, sk_msg.fd, sock_hash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+    _pin(undo, sk_msg.pin, pins.program(SK_MSG_PROGRAM))
+
+    links = []
+    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook in CGROUP_HOOKS:
+            link = objects[hook.object_file].program(hook.program).attach_cgroup(cgroup_fd)
+            undo.callback(link.destroy)
+            _pin(undo, link.pin, pins.link(hook.link))
+            links.append(link)
+    finally:
+        os.close(cgroup_fd)
+    return links
+
+
+def _pin(undo: contextlib.ExitStack, pin: Callable[[Path], None], path: Path) -> None:
+    pin(path)
+    undo.callback(path.unlink, missing_ok=True)
+
+
+def _detach_link(path: Path) -> None:
+    """Detach now (not whenever the last reference goes) and remove the pin."""
+    if not path.exists():
+        return
+    with libbpf.Link.open_pinned(path) as link:
+        link.detach()
+    path.unlink()

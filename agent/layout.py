@@ -1,0 +1,150 @@
+"""The datapath's ABI seen from Python: mirrors of ``bpf/include/meshaccel.h``.
+
+Fields the C side types as ``__be16``/``__be32`` are byte arrays here, so
+network byte order is explicit at every use: build them with :func:`be16`
+and :func:`ipv4`, read them back with :func:`port_of` and :func:`ip_of`.
+``tests/unit/test_layout.py`` checks every structure against the compiled
+objects' BTF and every enum against the header.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from ipaddress import IPv4Address
+
+Be16 = ctypes.c_ubyte * 2
+Be32 = ctypes.c_ubyte * 4
+
+
+def be16(port: int) -> Be16:
+    return Be16(*port.to_bytes(2, "big"))
+
+
+def ipv4(address: IPv4Address | str) -> Be32:
+    return Be32(*IPv4Address(address).packed)
+
+
+def port_of(field: Be16) -> int:
+    return int.from_bytes(bytes(field), "big")
+
+
+def ip_of(field: Be32) -> IPv4Address:
+    return IPv4Address(bytes(field))
+
+
+class SockTuple(ctypes.Structure):
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("local_ip", Be32),
+        ("remote_ip", Be32),
+        ("local_port", Be16),
+        ("remote_port", Be16),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class OriginalDstFlags(enum.IntFlag):
+    ORIGINAL_DST_REWRITTEN = 1 << 0
+
+
+class OriginalDst(ctypes.Structure):
+    _fields_ = [("ip", Be32), ("port", Be16), ("flags", ctypes.c_uint16)]
+
+
+class PodFlags(enum.IntFlag):
+    POD_OUTBOUND_INCLUDE_ALL = 1 << 0
+
+
+class PodInfo(ctypes.Structure):
+    _fields_ = [
+        ("ip", Be32),
+        ("sidecar_uid", ctypes.c_uint32),
+        ("outbound_port", Be16),
+        ("inbound_port", Be16),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class TrafficDirection(enum.IntEnum):
+    DIRECTION_OUTBOUND = 0
+    DIRECTION_INBOUND = 1
+
+
+class PodPortKey(ctypes.Structure):
+    _fields_ = [
+        ("pod_cgroup_id", ctypes.c_uint64),
+        ("port", Be16),
+        ("direction", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+POD_CIDR_PREFIX_BITS = 96  # pad + pod_cgroup_id: always part of an entry's prefix
+
+
+class PodCidrKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("pod_cgroup_id", ctypes.c_uint64),
+        ("addr", Be32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class DatapathFeatures(enum.IntFlag):
+    FEATURE_SAME_NODE_INBOUND = 1 << 0
+    FEATURE_SK_MSG_REDIRECT = 1 << 1
+
+
+class DatapathConfig(ctypes.Structure):
+    _fields_ = [("features", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Counter(enum.IntEnum):
+    """Per-CPU event counters, by index. Stable numbers: never renumber."""
+
+    COUNTER_CONNECT_OUTBOUND_REDIRECTED = 0
+    COUNTER_CONNECT_INBOUND_REDIRECTED = 1
+    COUNTER_CONNECT_SIDECAR_TO_OWN_POD = 2
+    COUNTER_SOCKHASH_ADDED = 3
+    COUNTER_MSG_REDIRECTED = 4
+    COUNTER_MSG_BYTES_REDIRECTED = 5
+    COUNTER_MSG_PASSED = 6
+    COUNTER_ORIGINAL_DST_ANSWERED = 7
+    COUNTER_BYPASS_LOCAL_DESTINATION = 8
+    COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED = 9
+    COUNTER_BYPASS_OUTBOUND_CIDR_EXCLUDED = 10
+    COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION = 11
+    COUNTER_BYPASS_INBOUND_PORT_EXCLUDED = 12
+    COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED = 13
+    COUNTER_ERROR_MAP_UPDATE = 14
+    COUNTER_ERROR_SOCKHASH_UPDATE = 15
+
+    @property
+    def metric_name(self) -> str:
+        """``COUNTER_MSG_REDIRECTED`` -> ``msg_redirected``."""
+        return self.name.removeprefix("COUNTER_").lower()
+
+
+COUNTER_MAX = len(Counter)
+
+#: Every structure shared with C, by its C name (for the layout test and docs).
+SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "sock_tuple": SockTuple,
+    "original_dst": OriginalDst,
+    "pod_info": PodInfo,
+    "pod_port_key": PodPortKey,
+    "pod_cidr_key": PodCidrKey,
+    "datapath_config": DatapathConfig,
+}
+
+#: Every enum shared with C.
+SHARED_ENUMS: tuple[type[enum.IntEnum] | type[enum.IntFlag], ...] = (
+    OriginalDstFlags,
+    PodFlags,
+    TrafficDirection,
+    DatapathFeatures,
+    Counter,
+)

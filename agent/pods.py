@@ -1,0 +1,138 @@
+"""An accelerated pod as the datapath sees it, and its encoding into map entries."""
+
+from __future__ import annotations
+
+import sys
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from meshaccel.agent import layout
+from meshaccel.agent.layout import TrafficDirection
+from meshaccel.agent.modes import MeshMode
+
+
+def _check_ports(ports: frozenset[int], what: str) -> None:
+    bad = sorted(p for p in ports if not 0 < p < 65536)
+    if bad:
+        raise ValueError(f"{what}: {bad} are not TCP ports (1-65535)")
+
+
+@dataclass(frozen=True)
+class AcceleratedPod:
+    """Exactly what the maps hold for one pod: writing it and reading it back give equal values.
+
+    ``cgroup_id`` is the pod-level cgroup's id (its inode number on cgroup2): the
+    datapath recognises a pod's processes by it. Port and CIDR sets include the
+    mesh's own ports; build from a mesh mode with :meth:`in_mesh`.
+    ``included_outbound_cidrs`` of None means every destination is included.
+    """
+
+    cgroup_id: int
+    ip: IPv4Address
+    sidecar_uid: int
+    outbound_port: int
+    inbound_port: int
+    excluded_outbound_ports: frozenset[int] = frozenset()
+    excluded_inbound_ports: frozenset[int] = frozenset()
+    excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset()
+    included_outbound_cidrs: frozenset[IPv4Network] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.cgroup_id <= 0:
+            raise ValueError(f"cgroup_id must be a positive cgroup id, not {self.cgroup_id}")
+        if self.ip.is_loopback or self.ip.is_unspecified:
+            raise ValueError(f"pod IP {self.ip} cannot be a loopback or unspecified address")
+        _check_ports(frozenset({self.outbound_port, self.inbound_port}), "listener ports")
+        _check_ports(self.excluded_outbound_ports, "excluded outbound ports")
+        _check_ports(self.excluded_inbound_ports, "excluded inbound ports")
+
+    @classmethod
+    def in_mesh(
+        cls,
+        mode: MeshMode,
+        cgroup_id: int,
+        ip: IPv4Address | str,
+        *,
+        excluded_outbound_ports: frozenset[int] = frozenset(),
+        excluded_inbound_ports: frozenset[int] = frozenset(),
+        excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset(),
+        included_outbound_cidrs: frozenset[IPv4Network] | None = None,
+    ) -> AcceleratedPod:
+        """A pod of ``mode``'s mesh, with the mesh's own ports always excluded."""
+        return cls(
+            cgroup_id=cgroup_id,
+            ip=IPv4Address(ip),
+            sidecar_uid=mode.sidecar_uid,
+            outbound_port=mode.outbound_port,
+            inbound_port=mode.inbound_port,
+            excluded_outbound_ports=mode.outbound_excluded_ports | excluded_outbound_ports,
+            excluded_inbound_ports=mode.inbound_excluded_ports | excluded_inbound_ports,
+            excluded_outbound_cidrs=excluded_outbound_cidrs,
+            included_outbound_cidrs=included_outbound_cidrs,
+        )
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def info(self) -> layout.PodInfo:
+        flags = layout.PodFlags(0)
+        if self.included_outbound_cidrs is None:
+            flags |= layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL
+        return layout.PodInfo(
+            ip=layout.ipv4(self.ip),
+            sidecar_uid=self.sidecar_uid,
+            outbound_port=layout.be16(self.outbound_port),
+            inbound_port=layout.be16(self.inbound_port),
+            flags=int(flags),
+        )
+
+    def port_keys(self) -> set[bytes]:
+        keys = {port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_OUTBOUND)
+                for p in self.excluded_outbound_ports}
+        keys |= {port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_INBOUND)
+                 for p in self.excluded_inbound_ports}
+        return keys
+
+    def excluded_cidr_keys(self) -> set[bytes]:
+        return {cidr_key(self.cgroup_id, n) for n in self.excluded_outbound_cidrs}
+
+    def included_cidr_keys(self) -> set[bytes]:
+        return {cidr_key(self.cgroup_id, n) for n in self.included_outbound_cidrs or ()}
+
+
+def u64(value: int) -> bytes:
+    """A ``__u64`` key or value: host byte order, like the kernel's."""
+    return value.to_bytes(8, sys.byteorder)
+
+
+def u32(value: int) -> bytes:
+    """A ``__u32`` key or value (array indexes, counters' keys)."""
+    return value.to_bytes(4, sys.byteorder)
+
+
+def decode_u64(raw: bytes) -> int:
+    return int.from_bytes(raw[:8], sys.byteorder)
+
+
+def port_key(cgroup_id: int, port: int, direction: TrafficDirection) -> bytes:
+    return bytes(layout.PodPortKey(pod_cgroup_id=cgroup_id, port=layout.be16(port),
+                                   direction=direction))
+
+
+def cidr_key(cgroup_id: int, network: IPv4Network) -> bytes:
+    return bytes(layout.PodCidrKey(
+        prefixlen=layout.POD_CIDR_PREFIX_BITS + network.prefixlen,
+        pod_cgroup_id=cgroup_id,
+        addr=layout.ipv4(network.network_address),
+    ))
+
+
+def decode_port_key(key: bytes) -> tuple[int, int, TrafficDirection]:
+    decoded = layout.PodPortKey.from_buffer_copy(key)
+    return decoded.pod_cgroup_id, layout.port_of(decoded.port), TrafficDirection(decoded.direction)
+
+
+def decode_cidr_key(key: bytes) -> tuple[int, IPv4Network]:
+    decoded = layout.PodCidrKey.from_buffer_copy(key)
+    prefix = decoded.prefixlen - layout.POD_CIDR_PREFIX_BITS
+    return decoded.pod_cgroup_id, IPv4Network(f"{layout.ip_of(decoded.addr)}/{prefix}")

@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup/connect4: steer a pod's TCP connects to its sidecar, the way
+ * Istio's OUTPUT rules would, before a single packet exists.
+ *
+ *  - the app's connect to a remote destination goes to 127.0.0.1:<outbound>;
+ *  - the sidecar's connect to a meshed pod on this node goes straight to that
+ *    pod's <inbound> listener, skipping the PREROUTING redirect;
+ *  - the sidecar's connect to its own pod (the inbound passthrough) is left
+ *    as it is, only marked for socket-to-socket acceleration.
+ *
+ * The original destination is kept by socket cookie for sockops to file
+ * under the connection's tuple once it is established.
+ */
+#include "helpers.h"
+
+const volatile struct datapath_config config = {};
+
+static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, __be32 ip, __be16 port,
+					     __u16 flags)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct original_dst dst = {};
+
+	dst.ip = ip;
+	dst.port = port;
+	dst.flags = flags;
+	if (bpf_map_update_elem(&socket_original_dst, &cookie, &dst, BPF_ANY)) {
+		count(COUNTER_ERROR_MAP_UPDATE, 1);
+		return false;
+	}
+	return true;
+}
+
+static __always_inline bool outbound_cidr_included(const struct pod_info *pod, __u64 pod_cgroup_id,
+						   __be32 ip)
+{
+	struct pod_cidr_key key = {};
+
+	key.prefixlen = POD_CIDR_PREFIX_BITS + 32;
+	key.pod_cgroup_id = pod_cgroup_id;
+	key.addr = ip;
+	if (bpf_map_lookup_elem(&outbound_excluded_cidrs, &key))
+		return false; /* exclusions win over inclusions, as in istio-iptables */
+	if (pod->flags & POD_OUTBOUND_INCLUDE_ALL)
+		return true;
+	return bpf_map_lookup_elem(&outbound_included_cidrs, &key) != NULL;
+}
+
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const struct pod_info *pod,
+					     __u64 pod_cgroup_id)
+{
+	__be32 ip = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+
+	/* Istio returns traffic over lo untouched: loopback and the pod's own address. */
+	if (is_loopback(ip) || ip == pod->ip) {
+		count(COUNTER_BYPASS_LOCAL_DESTINATION, 1);
+		return ALLOW;
+	}
+	if (pod_port_excluded(pod_cgroup_id, port, DIRECTION_OUTBOUND)) {
+		count(COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED, 1);
+		return ALLOW;
+	}
+	if (!outbound_cidr_included(pod, pod_cgroup_id, ip)) {
+		count(COUNTER_BYPASS_OUTBOUND_CIDR_EXCLUDED, 1);
+		return ALLOW;
+	}
+	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
+	if (!remember_connect(ctx, ip, port, ORIGINAL_DST_REWRITTEN))
+		return ALLOW;
+
+	ctx->user_ip4 = bpf_htonl(0x7f000001); /* 127.0.0.1, as iptables REDIRECT does for OUTPUT */
+	ctx->user_port = pod->outbound_port;
+	count(COUNTER_CONNECT_OUTBOUND_REDIRECTED, 1);
+	return ALLOW;
+}
+
+static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod_cgroup_id)
+{
+	__be32 ip = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+	struct pod_info *peer;
+	__u64 *peer_cgroup_id;
+
+	peer_cgroup_id = bpf_map_lookup_elem(&pod_ips, &ip);
+	if (!peer_cgroup_id) {
+		count(COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION, 1);
+		return ALLOW;
+	}
+	if (*peer_cgroup_id == pod_cgroup_id) {
+		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
+		if (config.features & FEATURE_SK_MSG_REDIRECT)
+			remember_connect(ctx, ip, port, 0);
+		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
+		return ALLOW;
+	}
+	if (!(config.features & FEATURE_SAME_NODE_INBOUND)) {
+		count(COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED, 1);
+		return ALLOW;
+	}
+	peer = bpf_map_lookup_elem(&pods, peer_cgroup_id);
+	if (!peer) {
+		count(COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION, 1);
+		return ALLOW;
+	}
+	if (pod_port_excluded(*peer_cgroup_id, port, DIRECTION_INBOUND)) {
+		count(COUNTER_BYPASS_INBOUND_PORT_EXCLUDED, 1);
+		return ALLOW;
+	}
+	if (!remember_connect(ctx, ip, port, ORIGINAL_DST_REWRITTEN))
+		return ALLOW;
+
+	ctx->user_port = peer->inbound_port;
+	count(COUNTER_CONNECT_INBOUND_REDIRECTED, 1);
+	return ALLOW;
+}
+
+SEC("cgroup/connect4")
+int redirect_connect4(struct bpf_sock_addr *ctx)
+{
+	struct pod_info *pod;
+	__u64 pod_cgroup_id = 0;
+	__u64 uid_gid;
+
+	if (ctx->type != SOCK_STREAM)
+		return ALLOW;
+	pod = current_pod(&pod_cgroup_id);
+	if (!pod)
+		return ALLOW; /* not an accelerated pod: nothing here is ours */
+
+	uid_gid = bpf_get_current_uid_gid();
+	/* Istio's OUTPUT rules exempt the proxy by uid and by gid alike. */
+	if ((__u32)uid_gid == pod->sidecar_uid || (__u32)(uid_gid >> 32) == pod->sidecar_uid)
+		return redirect_sidecar(ctx, pod_cgroup_id);
+	return redirect_outbound(ctx, pod, pod_cgroup_id);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

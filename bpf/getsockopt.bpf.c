@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup/getsockopt: answer SO_ORIGINAL_DST for connections connect4
+ * rewrote, as netfilter would have after a REDIRECT. This runs after every
+ * getsockopt on the node, so everything else returns at once, untouched:
+ * the kernel's answer, length and error stand (also for optlen > PAGE_SIZE,
+ * where the program sees only a prefix of the buffer).
+ */
+#include <linux/in.h>
+
+#include "helpers.h"
+
+SEC("cgroup/getsockopt")
+int answer_original_dst(struct bpf_sockopt *ctx)
+{
+	struct sockaddr_in *answer = ctx->optval;
+	struct sock_tuple self = {};
+	struct original_dst *dst;
+	struct bpf_sock *sk;
+
+	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+		return ALLOW;
+	sk = ctx->sk;
+	if (!sk || sk->family != AF_INET || sk->type != SOCK_STREAM)
+		return ALLOW;
+
+	self.local_ip = sk->src_ip4;
+	self.remote_ip = sk->dst_ip4;
+	self.local_port = bpf_htons((__u16)sk->src_port);
+	self.remote_port = (__be16)sk->dst_port; /* bpf_sock: already network order, not shifted */
+	if (tuple_is_loopback(&self))
+		self.netns_cookie = bpf_get_netns_cookie(ctx);
+
+	dst = bpf_map_lookup_elem(&connections, &self);
+	if (!dst || !(dst->flags & ORIGINAL_DST_REWRITTEN))
+		return ALLOW; /* not ours: netfilter's answer stands */
+	if ((void *)(answer + 1) > ctx->optval_end)
+		return ALLOW; /* caller's buffer too small: keep the kernel's error */
+
+	answer->sin_family = AF_INET;
+	answer->sin_port = dst->port;
+	answer->sin_addr.s_addr = dst->ip;
+	__builtin_memset(answer->__pad, 0, sizeof(answer->__pad));
+	ctx->optlen = sizeof(*answer);
+	/* Keep clang from merging the two 4-byte context stores into one 8-byte store. */
+	barrier();
+	ctx->retval = 0;
+	count(COUNTER_ORIGINAL_DST_ANSWERED, 1);
+	return ALLOW;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,101 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Small helpers shared by the programs: one lookup or one conversion each. */
+#ifndef MESHACCEL_HELPERS_H
+#define MESHACCEL_HELPERS_H
+
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "maps.h"
+#include "meshaccel.h"
+
+/* Not in the UAPI headers a BPF build can include. */
+#define AF_INET 2
+#define SOCK_STREAM 1
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80 /* linux/netfilter_ipv4.h */
+
+#define barrier() asm volatile("" ::: "memory")
+
+/* Return values of cgroup sock_addr, sockops and sockopt programs. */
+#define ALLOW 1
+
+/* kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/<container> is
+ * level 4; leave room for runtimes that nest deeper. */
+#define MAX_CGROUP_LEVEL 8
+
+static __always_inline void count(enum counter index, __u64 n)
+{
+	__u32 key = index;
+	__u64 *value = bpf_map_lookup_elem(&counters, &key);
+
+	if (value)
+		*value += n; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline bool is_loopback(__be32 ip)
+{
+	return (ip & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
+static __always_inline bool tuple_is_loopback(const struct sock_tuple *tuple)
+{
+	return is_loopback(tuple->local_ip) || is_loopback(tuple->remote_ip);
+}
+
+static __always_inline void tuple_reverse(struct sock_tuple *dst, const struct sock_tuple *src)
+{
+	dst->netns_cookie = src->netns_cookie;
+	dst->local_ip = src->remote_ip;
+	dst->remote_ip = src->local_ip;
+	dst->local_port = src->remote_port;
+	dst->remote_port = src->local_port;
+	dst->pad = 0;
+}
+
+/*
+ * bpf_sock_ops and sk_msg_md present remote_port as the __be16 shifted into
+ * the upper half of the u32 on little-endian hosts (and in the lower half on
+ * big-endian ones), while local_port is in host byte order.
+ */
+static __always_inline __be16 ctx_remote_port(__u32 remote_port)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	return (__be16)(remote_port >> 16);
+#else
+	return (__be16)remote_port;
+#endif
+}
+
+/* The pod the current task belongs to: its nearest cgroup ancestor that is a pod. */
+static __always_inline struct pod_info *current_pod(__u64 *pod_cgroup_id)
+{
+	for (int level = 1; level <= MAX_CGROUP_LEVEL; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		struct pod_info *pod;
+
+		if (!id)
+			break; /* past the task's own cgroup */
+		pod = bpf_map_lookup_elem(&pods, &id);
+		if (pod) {
+			*pod_cgroup_id = id;
+			return pod;
+		}
+	}
+	return NULL;
+}
+
+static __always_inline bool pod_port_excluded(__u64 pod_cgroup_id, __be16 port,
+					      enum traffic_direction direction)
+{
+	struct pod_port_key key = {};
+
+	key.pod_cgroup_id = pod_cgroup_id;
+	key.port = port;
+	key.direction = direction;
+	return bpf_map_lookup_elem(&pod_ports, &key) != NULL;
+}
+
+#endif /* MESHACCEL_HELPERS_H */

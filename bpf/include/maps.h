@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map of the datapath, declared once. Each program object includes
+ * this header; the agent gives every map a pin path before load, so the
+ * objects share one instance of each map and a restarted agent adopts them.
+ * Sizes are defaults: the agent sets max_entries before load.
+ */
+#ifndef MESHACCEL_MAPS_H
+#define MESHACCEL_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "meshaccel.h"
+
+/* Accelerated pods by pod-level cgroup id; written only by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct pod_info);
+} pods SEC(".maps");
+
+/* Accelerated pods on this node by address: a sidecar's destination -> its pod. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __be32);
+	__type(value, __u64); /* pod cgroup id */
+} pod_ips SEC(".maps");
+
+/* Ports excluded from redirection, per pod and direction (the mesh's own ports and annotations). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pod_port_key);
+	__type(value, __u8);
+} pod_ports SEC(".maps");
+
+/* excludeOutboundIPRanges, per pod. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct pod_cidr_key);
+	__type(value, __u8);
+} outbound_excluded_cidrs SEC(".maps");
+
+/* includeOutboundIPRanges, per pod (consulted unless the pod includes everything). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pod_cidr_key);
+	__type(value, __u8);
+} outbound_included_cidrs SEC(".maps");
+
+/*
+ * connect4 -> sockops hand-off, by socket cookie: the tuple is not known
+ * until the connection is established. LRU, because a connect that never
+ * establishes leaves its entry behind.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* socket cookie */
+	__type(value, struct original_dst);
+} socket_original_dst SEC(".maps");
+
+/*
+ * Connections meshaccel steered, keyed by the accepting socket's view of the
+ * tuple: what getsockopt(SO_ORIGINAL_DST) answers and what tells sockops
+ * that a passive socket is the far end of one of ours. Deleted when that
+ * socket closes; LRU as the backstop.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_tuple);
+	__type(value, struct original_dst);
+} connections SEC(".maps");
+
+/* Both ends of every accelerated connection, keyed by each socket's own view. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_tuple);
+	__type(value, __u64);
+} sock_hash SEC(".maps");
+
+/*
+ * One __u32, non-zero while the agent unloads: sk_msg stops redirecting so
+ * that what is already queued on the receiving sockets is read before the
+ * sockhash (and with it those queues) goes away.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} draining SEC(".maps");
+
+/* Event counters, indexed by enum counter. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+#endif /* MESHACCEL_MAPS_H */

@@ -1,0 +1,130 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The ABI between the eBPF programs and the agent: layout only, no logic.
+ *
+ * Every struct here is mirrored by a ctypes Structure in agent/layout.py and
+ * checked against this object's BTF by tests/unit/test_layout.py. Addresses
+ * and ports are kept in network byte order everywhere (the __be types say
+ * so), because that is how the kernel hands them to the programs.
+ */
+#ifndef MESHACCEL_H
+#define MESHACCEL_H
+
+#include <linux/types.h>
+
+/*
+ * One TCP connection as seen by one of its sockets. The peer socket's view
+ * is the same tuple with local and remote swapped.
+ *
+ * Pod addresses are unique on a node, but loopback tuples repeat in every
+ * network namespace (127.0.0.1:41000 -> 127.0.0.1:15001 can exist in each
+ * pod at once), so tuples that touch 127.0.0.0/8 carry the netns cookie and
+ * all others carry 0: both ends of a connection always compute the same key.
+ */
+struct sock_tuple {
+	__u64 netns_cookie;
+	__be32 local_ip;
+	__be32 remote_ip;
+	__be16 local_port;
+	__be16 remote_port;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct sock_tuple) == 24, "sock_tuple layout is ABI");
+
+enum original_dst_flags {
+	/* connect() was rewritten: SO_ORIGINAL_DST must answer with ip:port. */
+	ORIGINAL_DST_REWRITTEN = 1 << 0,
+};
+
+/* Where a connection was going before connect4 rewrote it. */
+struct original_dst {
+	__be32 ip;
+	__be16 port;
+	__u16 flags; /* enum original_dst_flags */
+};
+_Static_assert(sizeof(struct original_dst) == 8, "original_dst layout is ABI");
+
+enum pod_flags {
+	/* No includeOutboundIPRanges list: every outbound CIDR is included. */
+	POD_OUTBOUND_INCLUDE_ALL = 1 << 0,
+};
+
+/* An accelerated pod, keyed by its pod-level cgroup id. */
+struct pod_info {
+	__be32 ip;
+	__u32 sidecar_uid;     /* the proxy's uid (and gid): Istio 1337 */
+	__be16 outbound_port;  /* the proxy's outbound listener: Istio 15001 */
+	__be16 inbound_port;   /* the proxy's inbound listener: Istio 15006 */
+	__u32 flags;           /* enum pod_flags */
+};
+_Static_assert(sizeof(struct pod_info) == 16, "pod_info layout is ABI");
+
+enum traffic_direction {
+	DIRECTION_OUTBOUND = 0,
+	DIRECTION_INBOUND = 1,
+};
+
+/* A port a pod's traffic must not be redirected for, in one direction. */
+struct pod_port_key {
+	__u64 pod_cgroup_id;
+	__be16 port;
+	__u8 direction; /* enum traffic_direction */
+	__u8 pad[5];
+};
+_Static_assert(sizeof(struct pod_port_key) == 16, "pod_port_key layout is ABI");
+
+/*
+ * LPM-trie key of a per-pod CIDR. The trie compares bits after prefixlen in
+ * memory order, so pad and pod_cgroup_id are always part of the prefix and
+ * one trie serves every pod: prefixlen = POD_CIDR_PREFIX_BITS + CIDR length.
+ */
+struct pod_cidr_key {
+	__u32 prefixlen;
+	__u32 pad;
+	__u64 pod_cgroup_id;
+	__be32 addr;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct pod_cidr_key) == 24, "pod_cidr_key layout is ABI");
+
+enum { POD_CIDR_PREFIX_BITS = 96 /* pad + pod_cgroup_id */ };
+
+enum datapath_features {
+	/* A sidecar's connect to a meshed pod on this node goes straight to that pod's inbound listener. */
+	FEATURE_SAME_NODE_INBOUND = 1 << 0,
+	/* Both ends of redirected connections join the sockhash; sk_msg moves bytes socket to socket. */
+	FEATURE_SK_MSG_REDIRECT = 1 << 1,
+};
+
+/* Set in .rodata before load. */
+struct datapath_config {
+	__u32 features; /* enum datapath_features */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct datapath_config) == 8, "datapath_config layout is ABI");
+
+/*
+ * Index of each per-CPU event counter. Stable: never renumber, retire
+ * instead (the agent's metrics and dashboards use these numbers).
+ */
+enum counter {
+	COUNTER_CONNECT_OUTBOUND_REDIRECTED = 0,
+	COUNTER_CONNECT_INBOUND_REDIRECTED = 1,
+	COUNTER_CONNECT_SIDECAR_TO_OWN_POD = 2,
+	COUNTER_SOCKHASH_ADDED = 3,
+	COUNTER_MSG_REDIRECTED = 4,
+	COUNTER_MSG_BYTES_REDIRECTED = 5,
+	COUNTER_MSG_PASSED = 6,
+	COUNTER_ORIGINAL_DST_ANSWERED = 7,
+	COUNTER_BYPASS_LOCAL_DESTINATION = 8,
+	COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED = 9,
+	COUNTER_BYPASS_OUTBOUND_CIDR_EXCLUDED = 10,
+	COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION = 11,
+	COUNTER_BYPASS_INBOUND_PORT_EXCLUDED = 12,
+	COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED = 13,
+	COUNTER_ERROR_MAP_UPDATE = 14,
+	COUNTER_ERROR_SOCKHASH_UPDATE = 15,
+	COUNTER_MAX,
+};
+
+#endif /* MESHACCEL_H */

@@ -1,0 +1,105 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * sockops: once a connection connect4 steered is established, file its
+ * original destination under the tuple the accepting side will see, and put
+ * both of its sockets into the sockhash for sk_msg redirection.
+ *
+ * sockops cannot ask for the socket's cgroup (the verifier refuses
+ * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
+ * active side by socket cookie, the passive side by the connections entry
+ * the active side just wrote (its ACK is what establishes the passive side).
+ */
+#include "helpers.h"
+
+const volatile struct datapath_config config = {};
+
+static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
+					       struct bpf_sock_ops *skops)
+{
+	tuple->netns_cookie = 0;
+	tuple->local_ip = skops->local_ip4;
+	tuple->remote_ip = skops->remote_ip4;
+	tuple->local_port = bpf_htons((__u16)skops->local_port);
+	tuple->remote_port = ctx_remote_port(skops->remote_port);
+	tuple->pad = 0;
+	if (tuple_is_loopback(tuple))
+		tuple->netns_cookie = bpf_get_netns_cookie(skops);
+}
+
+static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self)
+{
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT))
+		return;
+	if (bpf_sock_hash_update(skops, &sock_hash, self, BPF_ANY))
+		count(COUNTER_ERROR_SOCKHASH_UPDATE, 1);
+	else
+		count(COUNTER_SOCKHASH_ADDED, 1);
+}
+
+/* The connecting side: connect4 left its original destination under the socket cookie. */
+static __always_inline void on_active_established(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct sock_tuple self = {}, accepting = {};
+	struct original_dst *recorded;
+	struct original_dst dst;
+
+	recorded = bpf_map_lookup_elem(&socket_original_dst, &cookie);
+	if (!recorded)
+		return;
+	dst = *recorded;
+	bpf_map_delete_elem(&socket_original_dst, &cookie);
+
+	tuple_from_sockops(&self, skops);
+	tuple_reverse(&accepting, &self);
+	if (bpf_map_update_elem(&connections, &accepting, &dst, BPF_ANY)) {
+		count(COUNTER_ERROR_MAP_UPDATE, 1);
+		return;
+	}
+	join_sockhash(skops, &self);
+}
+
+/* The accepting side: ours if the connecting side filed the connection. */
+static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
+{
+	struct sock_tuple self = {};
+
+	tuple_from_sockops(&self, skops);
+	if (!bpf_map_lookup_elem(&connections, &self))
+		return;
+	/* To forget the connection when this socket closes. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	join_sockhash(skops, &self);
+}
+
+static __always_inline void on_state_change(struct bpf_sock_ops *skops)
+{
+	struct sock_tuple self = {};
+
+	if (skops->args[1] != BPF_TCP_CLOSE)
+		return;
+	tuple_from_sockops(&self, skops);
+	bpf_map_delete_elem(&connections, &self);
+}
+
+SEC("sockops")
+int track_sockets(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET)
+		return ALLOW;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_active_established(skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_passive_established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		on_state_change(skops);
+		break;
+	}
+	return ALLOW;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

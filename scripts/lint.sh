@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# ruff and mypy over the Python packages and the tests. Runs both, fails if either fails.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/bootstrap.sh
+export PATH="$ROOT/.venv/bin:$PATH"
+
+# The import packages that exist in this tree (folder -> import name, as in pyproject.toml).
+packages=()
+[[ -f agent/__init__.py ]] && packages+=(-p meshaccel.agent)
+[[ -f operator/__init__.py ]] && packages+=(-p meshaccel.operator)
+[[ -f tests/__init__.py ]] && packages+=(-p tests)
+
+failed=()
+echo "==> ruff check"
+ruff check --output-format concise . || failed+=(ruff)
+echo "==> mypy ${packages[*]}"
+# mypy reads the package through the editable link tree under build/: report the real paths.
+mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|operator)/#\1/#' \
+    || failed+=(mypy)
+
+if ((${#failed[@]})); then
+    echo "==> lint FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "==> lint passed"

@@ -1,0 +1,106 @@
+"""Istio's sidecar interception (nat table, IPv4) as istio-iptables writes it, for one pod netns."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+from .commands import run_command
+from .netns import netns_exec_argv, run_in_netns
+
+# Ports Istio's injector always excludes from inbound capture (Prometheus merge, health, status).
+ISTIO_DEFAULT_INBOUND_EXCLUDES = (15090, 15021, 15020)
+
+
+@dataclass(frozen=True)
+class IstioInterception:
+    """Parameters of istio-iptables; the excludes mirror traffic.sidecar.istio.io annotations."""
+
+    proxy_uid: int = 1337
+    proxy_gid: int = 1337
+    outbound_capture_port: int = 15001
+    inbound_capture_port: int = 15006
+    inbound_tunnel_port: int = 15008
+    passthrough_source: str = "127.0.0.6"
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+
+
+def render_istio_nat_rules(config: IstioInterception) -> str:
+    """The iptables-restore text of the nat table istio-iptables installs (excludes included)."""
+    uid, gid = config.proxy_uid, config.proxy_gid
+    tunnel = config.inbound_tunnel_port
+    lines = [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":ISTIO_INBOUND - [0:0]",
+        ":ISTIO_IN_REDIRECT - [0:0]",
+        ":ISTIO_OUTPUT - [0:0]",
+        ":ISTIO_REDIRECT - [0:0]",
+        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+        f"-A ISTIO_INBOUND -p tcp --dport {tunnel} -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m multiport --dports "
+        + ",".join(str(p) for p in ISTIO_DEFAULT_INBOUND_EXCLUDES)
+        + " -j RETURN",
+        *(
+            f"-A ISTIO_INBOUND -p tcp --dport {port} -j RETURN"
+            for port in config.exclude_inbound_ports
+        ),
+        "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+        f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {config.inbound_capture_port}",
+        "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        # istio-iptables applies outbound port exclusions first in ISTIO_OUTPUT.
+        *(
+            f"-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN"
+            for port in config.exclude_outbound_ports
+        ),
+        f"-A ISTIO_OUTPUT -s {config.passthrough_source}/32 -o lo -j RETURN",
+    ]
+    for owner in (f"--uid-owner {uid}", f"--gid-owner {gid}"):
+        lines += [
+            f"-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport {tunnel}"
+            f" -m owner {owner} -j ISTIO_IN_REDIRECT",
+            f"-A ISTIO_OUTPUT -o lo -m owner ! {owner} -j RETURN",
+            f"-A ISTIO_OUTPUT -m owner {owner} -j RETURN",
+        ]
+    lines += [
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+        f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {config.outbound_capture_port}",
+        "COMMIT",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def iptables_restore_binary() -> str:
+    """iptables-nft-restore (this project's baseline is the nft backend)."""
+    for name in ("iptables-nft-restore", "iptables-restore"):
+        if shutil.which(name):
+            return name
+    raise FileNotFoundError("iptables-nft-restore / iptables-restore not found")
+
+
+def install_istio_iptables(netns: str, config: IstioInterception) -> str:
+    """Load the rules into the netns with one iptables-restore; return the text that was loaded."""
+    rules = render_istio_nat_rules(config)
+    run_command(netns_exec_argv(netns, [iptables_restore_binary()]), input_text=rules)
+    return rules
+
+
+def dump_nat_table(netns: str) -> str:
+    """iptables-save -t nat inside the netns (empty text if there is no nat table)."""
+    return run_in_netns(netns, ["iptables-nft-save", "-t", "nat"], check=False)
+
+
+def nat_table_exists(netns: str) -> bool:
+    listing = run_in_netns(netns, ["nft", "list", "tables", "ip"])
+    return any(line.split() == ["table", "ip", "nat"] for line in listing.splitlines())
+
+
+def remove_istio_iptables(netns: str) -> None:
+    """Delete (not flush) the ip nat table so that no nat/conntrack hooks stay registered."""
+    if nat_table_exists(netns):
+        run_in_netns(netns, ["nft", "delete", "table", "ip", "nat"])

@@ -1,0 +1,368 @@
+"""The iptables-only control path end to end with real Envoy sidecars, and the harness's promises.
+
+App A -> (nat OUTPUT REDIRECT) Envoy A :15001 -> pod B :8080 -> (nat PREROUTING REDIRECT)
+Envoy B :15006 -> from 127.0.0.6 -> echo server B :8080.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .apps import READ_APIS
+from .cgroups import cgroup_pids, find_cgroup2_mount
+from .counters import parse_proc_net_counters
+from .envoy import EnvoyBootstrapOptions, find_envoy_binary, path_usable_by, render_envoy_bootstrap
+from .fixtures import NodeFactory
+from .istio_iptables import (
+    IstioInterception,
+    dump_nat_table,
+    nat_table_exists,
+    render_istio_nat_rules,
+)
+from .leftovers import find_leftovers, remove_stale_leftovers
+from .mesh import ECHO_PORT, EXCLUDED_PORT, MeshPodSpec, mesh_node
+from .netns import create_netns, delete_netns, list_netns, run_in_netns
+from .processes import SIDECAR_IDENTITY, RunAs
+from .topology import Node
+
+# Fixtures (netlab_node, netlab_factory, netlab_requirements) come from the tests.netlab.fixtures
+# plugin, which tests/conftest.py loads.
+kernel = pytest.mark.kernel
+
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------- pure helpers (no root needed)
+
+
+def test_istio_rules_match_istio_iptables_layout() -> None:
+    rules = render_istio_nat_rules(
+        IstioInterception(exclude_inbound_ports=(9090,), exclude_outbound_ports=(9091,))
+    )
+    lines = rules.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT"
+    output = [line for line in lines if line.startswith("-A ISTIO_OUTPUT")]
+    assert output == [
+        "-A ISTIO_OUTPUT -p tcp --dport 9091 -j RETURN",
+        "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008"
+        " -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008"
+        " -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+    ]
+    inbound = [line for line in lines if line.startswith("-A ISTIO_INBOUND")]
+    assert inbound == [
+        "-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m multiport --dports 15090,15021,15020 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp --dport 9090 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+    ]
+    assert "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in lines
+    assert "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
+    assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in lines
+    assert "-A OUTPUT -p tcp -j ISTIO_OUTPUT" in lines
+
+
+def test_cgroup2_mount_is_found_in_hybrid_mountinfo(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n"
+        "31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "41 30 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
+    )
+    assert find_cgroup2_mount(mountinfo) == Path("/sys/fs/cgroup/unified")
+
+
+def test_proc_net_counters_parse() -> None:
+    text = "Tcp: InSegs OutSegs\nTcp: 5 7\nTcpExt: TCPOrigDataSent\nTcpExt: 3\n"
+    assert parse_proc_net_counters(text) == {
+        "Tcp.InSegs": 5,
+        "Tcp.OutSegs": 7,
+        "TcpExt.TCPOrigDataSent": 3,
+    }
+
+
+def test_path_usable_by_sees_private_parent(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    tool = private / "tool"
+    tool.write_text("")
+    tool.chmod(0o755)
+    tmp_path.chmod(0o755)
+    assert not path_usable_by(tool, 1337, 1337)
+    private.chmod(0o711)
+    assert path_usable_by(tool, 1337, 1337) == all(
+        p.stat().st_mode & 0o001 for p in tool.resolve().parents
+    )
+
+
+# ---------------------------------------------------------------- the control path (root)
+
+
+@kernel
+def test_echo_through_both_sidecars_is_byte_exact(netlab_node: Node) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    assert a.sidecar is not None and b.sidecar is not None
+    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=MIB)
+    assert result.ok, result.raw
+    (connection,) = result.connections
+    assert connection["received"] == MIB and connection["peer"] == b.address(ECHO_PORT)
+    app_a = connection["local"]
+
+    # Envoy A caught the app's connection on 15001 and learned pod B:8080 through SO_ORIGINAL_DST.
+    (out,) = a.sidecar.wait_access_log(lambda e: e.downstream_remote == app_a)
+    assert out.listener == "virtualOutbound"
+    assert out.downstream_local == b.address(ECHO_PORT)
+    assert out.upstream_host == b.address(ECHO_PORT)
+    assert out.bytes_received == MIB and out.bytes_sent == MIB
+    assert out.upstream_local.startswith(f"{a.ip}:")
+
+    # Envoy B caught Envoy A's connection on 15006, also learned pod B:8080, went on from 127.0.0.6.
+    (inbound,) = b.sidecar.wait_access_log(lambda e: e.downstream_remote == out.upstream_local)
+    assert inbound.listener == "virtualInbound"
+    assert inbound.downstream_local == b.address(ECHO_PORT)
+    assert inbound.upstream_host == b.address(ECHO_PORT)
+    assert inbound.upstream_local.startswith("127.0.0.6:")
+    assert inbound.bytes_received == MIB and inbound.bytes_sent == MIB
+
+    # The echo server saw that very connection coming from 127.0.0.6.
+    served = b.servers[ECHO_PORT].wait_closed_from(inbound.upstream_local)
+    assert served["bytes"] == MIB and served["error"] is None
+
+
+@kernel
+@pytest.mark.parametrize(
+    "identity", [RunAs(1337, 1337), RunAs(1000, 1337)], ids=["uid1337", "gid1337"]
+)
+def test_sidecar_identity_traffic_is_not_redirected_to_its_own_sidecar(
+    netlab_node: Node, identity: RunAs
+) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    assert a.sidecar is not None and b.sidecar is not None
+    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 * 1024, run_as=identity)
+    assert result.ok, result.raw
+    assert result.raw["uid"] == identity.uid
+    client = result.connections[0]["local"]
+    # It reached pod B directly (Envoy B sees the client's own address and port) ...
+    (inbound,) = b.sidecar.wait_access_log(lambda e: e.downstream_remote == client)
+    assert inbound.downstream_local == b.address(ECHO_PORT)
+    # ... so Envoy A never saw it.
+    assert not [e for e in a.sidecar.access_log() if e.downstream_remote == client]
+
+
+@kernel
+def test_excluded_port_bypasses_both_sidecars(netlab_node: Node) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    assert a.sidecar is not None and b.sidecar is not None
+    result = a.echo_client(str(b.ip), EXCLUDED_PORT, nbytes=64 * 1024)
+    assert result.ok, result.raw
+    client = result.connections[0]["local"]
+    served = b.servers[EXCLUDED_PORT].wait_closed_from(client)  # the server saw the app itself
+    assert served["bytes"] == 64 * 1024
+    for sidecar in (a.sidecar, b.sidecar):
+        assert not [e for e in sidecar.access_log() if e.downstream_remote == client]
+
+
+@kernel
+def test_concurrent_connections_without_half_close(netlab_node: Node) -> None:
+    a, c = netlab_node.pods["a"], netlab_node.pods["c"]
+    result = a.echo_client(
+        str(c.ip), ECHO_PORT, nbytes=128 * 1024, connections=16, half_close=False
+    )
+    assert result.ok, result.raw
+    assert len(result.connections) == 16 and len(set(result.local_addresses)) == 16
+
+
+@kernel
+@pytest.mark.parametrize("read_api", READ_APIS)
+def test_echo_server_read_apis_through_the_sidecars(netlab_node: Node, read_api: str) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    port = 8100 + READ_APIS.index(read_api)
+    server = b.servers.get(port) or b.start_echo_server(port, read_api=read_api)
+    result = a.echo_client(str(b.ip), port, nbytes=256 * 1024, seed=port)
+    assert result.ok, result.raw
+    assert any(event.get("read_api") == read_api for event in server.events())
+
+
+@kernel
+def test_one_shot_request(netlab_node: Node) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    result = a.request(str(b.ip), ECHO_PORT, "hello meshaccel")
+    assert result["ok"] and result["response"] == "hello meshaccel", result
+
+
+@kernel
+def test_tcp_counters_show_payload_on_the_iptables_path(netlab_node: Node) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    before = a.net_counters()
+    assert a.echo_client(str(b.ip), ECHO_PORT, nbytes=MIB).ok
+    delta = a.net_counters() - before
+    # App -> Envoy A over loopback, then Envoy A -> pod B: 1 MiB of payload crosses the stack twice.
+    assert delta.tcp_data_segments_sent >= 2 * MIB // (64 * 1024)
+    assert delta["Tcp.InSegs"] > 0 and delta["Tcp.OutSegs"] > 0
+
+
+@kernel
+def test_pod_processes_live_in_the_pod_netns_and_cgroup(netlab_node: Node) -> None:
+    for pod in netlab_node.pods.values():
+        assert pod.sidecar is not None
+        envoy_pid = pod.sidecar.pid
+        assert envoy_pid in cgroup_pids(pod.cgroup_dir)
+        assert pod.servers[ECHO_PORT].pid in cgroup_pids(pod.cgroup_dir)
+        assert (
+            os.stat(f"/proc/{envoy_pid}/ns/net").st_ino == os.stat(f"/run/netns/{pod.netns}").st_ino
+        )
+        status = Path(f"/proc/{envoy_pid}/status").read_text()
+        assert (
+            "\nUid:\t1337\t1337\t1337\t1337\n" in status
+            and "\nGid:\t1337\t1337\t1337\t1337\n" in status
+        )
+        assert pod.cgroup_dir.parent == netlab_node.cgroup.path
+        assert "REDIRECT --to-ports 15001" in dump_nat_table(pod.netns)
+    assert os.getpid() not in cgroup_pids(netlab_node.cgroup.path)
+
+
+@kernel
+def test_short_commands_run_in_the_pod_with_an_optional_identity(netlab_node: Node) -> None:
+    pod = netlab_node.pods["c"]
+    as_root = pod.run_to_completion(["cat", "/proc/self/cgroup"], timeout=10)
+    relative = pod.cgroup_dir.relative_to(netlab_node.cgroup.root)
+    assert f"0::/{relative}" in as_root.stdout.splitlines()
+    as_sidecar = pod.run_to_completion(["id", "-u"], timeout=10, run_as=SIDECAR_IDENTITY)
+    assert as_sidecar.stdout.strip() == "1337", as_sidecar.stderr
+    addresses = pod.run_to_completion(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], timeout=10)
+    assert f"inet {pod.ip}/24" in addresses.stdout
+
+
+@kernel
+def test_bridge_netfilter_is_off_in_the_node_netns_only(netlab_node: Node) -> None:
+    sysctl = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    assert run_in_netns(netlab_node.netns, ["cat", sysctl]).strip() == "0"
+    # Per-netns on this kernel: the host's own setting is not ours to change (and was not changed).
+    host_value = Path(sysctl).read_text().strip()
+    assert host_value in {"0", "1"}
+
+
+@kernel
+def test_http_variant_bootstrap_is_valid_envoy_config(
+    tmp_path: Path, netlab_requirements: None
+) -> None:
+    options = EnvoyBootstrapOptions(
+        node_id="validate", access_log_path=tmp_path / "access.log", protocol="http"
+    )
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text(json.dumps(render_envoy_bootstrap(options)))
+    completed = subprocess.run(
+        [
+            str(find_envoy_binary()),
+            "--mode",
+            "validate",
+            "-c",
+            str(bootstrap),
+            "--disable-hot-restart",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- nothing left behind
+
+
+@kernel
+def test_nat_table_removal_deletes_the_table(netlab_factory: NodeFactory) -> None:
+    node = netlab_factory((MeshPodSpec("n", sidecar=False, echo_ports=()),), subnet="198.18.1.0/24")
+    pod = node.pods["n"]
+    assert nat_table_exists(pod.netns)
+    pod.remove_istio_iptables()
+    assert not nat_table_exists(pod.netns)
+
+
+@kernel
+def test_teardown_leaves_nothing(netlab_requirements: None) -> None:
+    with mesh_node((MeshPodSpec("x"),), subnet="198.18.2.0/24") as node:
+        pod = node.pods["x"]
+        assert pod.sidecar is not None
+        pids = [pod.sidecar.pid, *(server.pid for server in pod.servers.values())]
+        cgroups = [node.cgroup.path, pod.cgroup_dir]
+        assert all(path.is_dir() for path in cgroups)
+        assert {node.netns, pod.netns} <= set(list_netns())
+        assert find_leftovers(node.token)  # the scanner does see a live node
+    assert find_leftovers(node.token) == []
+    assert not any(path.exists() for path in cgroups)
+    assert not {node.netns, pod.netns} & set(list_netns())
+    assert not node.workdir.exists()
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or node.token not in Path(f"/proc/{pid}/cmdline").read_text()
+        )
+
+
+@kernel
+def test_failed_setup_leaves_nothing(netlab_requirements: None) -> None:
+    specs = (
+        MeshPodSpec("ok"),
+        MeshPodSpec("bad", echo_ports=(ECHO_PORT, ECHO_PORT)),
+    )  # 2nd bind fails
+    node = mesh_node(specs, subnet="198.18.3.0/24")
+    with pytest.raises(RuntimeError, match="echo server exited"), node:
+        pytest.fail("setup should have failed")
+    assert node.pods["ok"].sidecar is not None  # it got as far as a running Envoy
+    assert find_leftovers(node.token) == []
+    assert not (find_cgroup2_mount() / node.cgroup.path.name).exists()
+
+
+@kernel
+def test_sidecar_runs_when_envoy_sits_where_uid_1337_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, netlab_requirements: None
+) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    binary = hidden / "envoy"
+    os.link(find_envoy_binary(), binary)  # same filesystem as /tmp: no 100 MB copy
+    monkeypatch.setenv("MESHACCEL_ENVOY", str(binary))
+    assert not path_usable_by(binary, 1337, 1337)
+    with mesh_node((MeshPodSpec("h", echo_ports=()),), subnet="198.18.4.0/24") as node:
+        sidecar = node.pods["h"].sidecar
+        assert sidecar is not None and sidecar.is_ready()
+        exe = Path(os.readlink(f"/proc/{sidecar.pid}/exe"))
+        assert exe.parent == node.workdir
+    assert find_leftovers(node.token) == []
+
+
+@kernel
+def test_stale_leftovers_of_a_dead_run_are_removed(netlab_requirements: None) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    assert not Path(f"/proc/{dead_pid}").exists()
+    stale_netns = f"meshaccel-{dead_pid}-0-node"
+    stale_cgroup = find_cgroup2_mount() / f"meshaccel-test-{dead_pid}-0"
+    create_netns(stale_netns)
+    stale_cgroup.mkdir()
+    (stale_cgroup / "pod-a").mkdir()
+    try:
+        removed = remove_stale_leftovers()
+        assert f"netns {stale_netns}" in removed and f"cgroup {stale_cgroup}" in removed
+        assert stale_netns not in list_netns() and not stale_cgroup.exists()
+    finally:
+        delete_netns(stale_netns)
+        for path in (stale_cgroup / "pod-a", stale_cgroup):
+            if path.exists():
+                path.rmdir()

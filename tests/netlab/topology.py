@@ -1,0 +1,353 @@
+"""Nodes and pods: a node netns holding a bridge, pod netns on veths, one child cgroup per pod.
+
+Nothing is created in the host's root netns: the bridge and both ends of every veth live in
+namespaces this harness made. Everything is undone by Node.__exit__ (an ExitStack), also when setup
+fails half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from .app_handles import EchoClientResult, EchoServer, apps_argv
+from .cgroups import TEST_CGROUP_PREFIX, TestCgroup, cgroup_id
+from .commands import run_command
+from .counters import NetCounters, read_net_counters
+from .envoy import EnvoyBootstrapOptions, EnvoySidecar, envoy_binary_for
+from .istio_iptables import IstioInterception, install_istio_iptables, remove_istio_iptables
+from .netns import create_netns, delete_netns, netns_cookie, run_in_netns, socket_in_netns
+from .processes import SIDECAR_IDENTITY, PodProcess, RunAs, pod_command
+
+NETLAB_PREFIX = "meshaccel"
+ALLOWED_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmark range
+DEFAULT_SUBNET = "198.18.0.0/24"
+BRIDGE_NAME = "mxbr0"
+POD_INTERFACE = "eth0"
+FIRST_POD_HOST = 10
+_POD_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")  # "mx-<name>" must fit IFNAMSIZ (15)
+_node_numbers = itertools.count()
+
+
+class Node:
+    """One test node: netns `meshaccel-<pid>-<n>-node` with bridge mxbr0, cgroup
+    `<cgroup2>/meshaccel-test-<pid>-<n>`, temp dir `/tmp/meshaccel-<pid>-<n>-*`.
+    Use as a context manager.
+    """
+
+    def __init__(self, *, subnet: str = DEFAULT_SUBNET) -> None:
+        network = ipaddress.ip_network(subnet)
+        if not (isinstance(network, ipaddress.IPv4Network) and network.subnet_of(ALLOWED_NETWORK)):
+            raise ValueError(f"node subnet {subnet} must lie in {ALLOWED_NETWORK}")
+        if network.prefixlen > 28:
+            raise ValueError(f"node subnet {subnet} is too small")
+        self.number = next(_node_numbers)
+        self.token = f"{NETLAB_PREFIX}-{os.getpid()}-{self.number}"
+        self.netns = f"{self.token}-node"
+        self.subnet = network
+        self.gateway = network.network_address + 1
+        self.bridge = BRIDGE_NAME
+        self.cgroup = TestCgroup(f"{TEST_CGROUP_PREFIX}{os.getpid()}-{self.number}")
+        self.pods: dict[str, Pod] = {}
+        self.workdir = Path()
+        self._hosts = itertools.count(FIRST_POD_HOST)
+        self._stack = contextlib.ExitStack()
+        self._entered = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Node:
+        if self._entered:
+            raise RuntimeError("a Node can be entered once")
+        self._entered = True
+        try:
+            self._setup()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def callback(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run function(*args) at teardown (LIFO, before everything created earlier is removed)."""
+        self._stack.callback(function, *args, **kwargs)
+
+    def _setup(self) -> None:
+        stack = self._stack
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.token}-"))
+        stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+        self.workdir.chmod(0o755)  # the sidecar uid must reach its files below
+        self.cgroup.create()
+        stack.callback(self.cgroup.remove)
+        create_netns(self.netns)
+        stack.callback(delete_netns, self.netns)
+        # Per-netns on this kernel (br_netfilter built in): bridged frames skip iptables here only.
+        for family in ("iptables", "ip6tables", "arptables"):
+            run_in_netns(self.netns, ["sysctl", "-qw", f"net.bridge.bridge-nf-call-{family}=0"])
+        ip = ["ip", "-n", self.netns]
+        run_command([*ip, "link", "set", "lo", "up"])
+        run_command([*ip, "link", "add", self.bridge, "type", "bridge"])
+        run_command(
+            [*ip, "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge]
+        )
+        run_command([*ip, "link", "set", self.bridge, "up"])
+
+    # ------------------------------------------------------------------ pods
+
+    def add_pod(self, name: str, *, cgroup_subpath: str | None = None) -> Pod:
+        """A pod netns `<token>-<name>` with eth0 on the bridge, lo up, a default route via the
+        bridge address, and its own cgroup `<test cgroup>/<cgroup_subpath or "pod-<name>">`."""
+        if not self._entered:
+            raise RuntimeError("enter the Node (with ...) before adding pods")
+        if not _POD_NAME.match(name) or name in self.pods:
+            raise ValueError(f"bad or duplicate pod name {name!r}")
+        address = self.subnet.network_address + next(self._hosts)
+        if address not in self.subnet or address == self.subnet.broadcast_address:
+            raise ValueError(f"subnet {self.subnet} is full")
+        pod = Pod(self, name, address, self.cgroup.child(cgroup_subpath or f"pod-{name}"))
+        self.pods[name] = pod
+        pod_ns, node_side = pod.netns, f"mx-{name}"
+        create_netns(pod_ns)
+        self.callback(delete_netns, pod_ns)
+        run_command(["ip", "-n", pod_ns, "link", "set", "lo", "up"])
+        run_command(
+            [
+                "ip",
+                "-n",
+                self.netns,
+                "link",
+                "add",
+                node_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                POD_INTERFACE,
+                "netns",
+                pod_ns,
+            ]
+        )
+        run_command(["ip", "-n", self.netns, "link", "set", node_side, "master", self.bridge, "up"])
+        run_command(
+            [
+                "ip",
+                "-n",
+                pod_ns,
+                "addr",
+                "add",
+                f"{address}/{self.subnet.prefixlen}",
+                "dev",
+                POD_INTERFACE,
+            ]
+        )
+        run_command(["ip", "-n", pod_ns, "link", "set", POD_INTERFACE, "up"])
+        run_command(["ip", "-n", pod_ns, "route", "add", "default", "via", str(self.gateway)])
+        pod.workdir.mkdir()
+        pod.workdir.chmod(0o755)  # whatever the umask: the sidecar uid traverses it
+        return pod
+
+    def track(self, process: PodProcess) -> PodProcess:
+        """Stop this process (by PID) at teardown."""
+        self.callback(process.stop)
+        return process
+
+
+class Pod:
+    """A pod on a Node. Create with Node.add_pod()."""
+
+    def __init__(self, node: Node, name: str, ip: ipaddress.IPv4Address, cgroup_dir: Path) -> None:
+        self.node = node
+        self.name = name
+        self.ip = ip
+        self.netns = f"{node.token}-{name}"
+        self.cgroup_dir = cgroup_dir
+        self.workdir = node.workdir / name
+        self.interception: IstioInterception | None = None
+        self.sidecar: EnvoySidecar | None = None
+        self.servers: dict[int, EchoServer] = {}
+        self._process_numbers = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"Pod({self.name!r}, ip={self.ip}, netns={self.netns!r})"
+
+    @property
+    def cgroup_id(self) -> int:
+        return cgroup_id(self.cgroup_dir)
+
+    def netns_cookie(self) -> int:
+        return netns_cookie(self.netns)
+
+    def address(self, port: int) -> str:
+        return f"{self.ip}:{port}"
+
+    # ------------------------------------------------------------------ processes
+
+    def command(self, argv: Sequence[str], run_as: RunAs | None = None) -> list[str]:
+        """The argv that runs `argv` in this pod's netns and cgroup (optionally via setpriv)."""
+        return pod_command(self.netns, self.cgroup_dir, argv, run_as)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        run_as: RunAs | None = None,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> PodProcess:
+        """Start a long-running process in the pod; stopped by PID at node teardown."""
+        label = f"{name or Path(argv[0]).name}-{next(self._process_numbers)}"
+        process = PodProcess(
+            label, self.command(argv, run_as), log_dir=self.workdir, cwd=cwd, env=env
+        )
+        return self.node.track(process)
+
+    def run_to_completion(
+        self, argv: Sequence[str], *, timeout: float, run_as: RunAs | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a short command in the pod (netns + cgroup); killed after `timeout` seconds."""
+        return subprocess.run(
+            self.command(argv, run_as),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def socket(
+        self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, timeout: float = 5.0
+    ) -> socket.socket:
+        """A socket in the pod's netns owned by the test process (root, NOT the pod's cgroup)."""
+        return socket_in_netns(self.netns, family, kind, timeout=timeout)
+
+    def net_counters(self) -> NetCounters:
+        return read_net_counters(self.netns)
+
+    # ------------------------------------------------------------------ mesh pieces
+
+    def install_istio_iptables(self, config: IstioInterception | None = None) -> str:
+        self.interception = config or IstioInterception()
+        return install_istio_iptables(self.netns, self.interception)
+
+    def remove_istio_iptables(self) -> None:
+        remove_istio_iptables(self.netns)
+        self.interception = None
+
+    def start_envoy(
+        self,
+        *,
+        protocol: Literal["tcp", "http"] = "tcp",
+        identity: RunAs = SIDECAR_IDENTITY,
+        ready_timeout: float = 20.0,
+    ) -> EnvoySidecar:
+        """Start the sidecar as uid/gid 1337 and wait until its admin /ready says LIVE."""
+        if self.sidecar is not None:
+            raise RuntimeError(f"{self} already has a sidecar")
+        envoy_dir = self.workdir / "envoy"
+        envoy_dir.mkdir()
+        envoy_dir.chmod(0o755)
+        os.chown(envoy_dir, identity.uid, identity.gid)
+        options = EnvoyBootstrapOptions(
+            node_id=f"{self.name}.{self.node.token}",
+            access_log_path=envoy_dir / "access.log",
+            protocol=protocol,
+        )
+        binary = envoy_binary_for(identity.uid, identity.gid, self.node.workdir)
+        sidecar = EnvoySidecar(
+            netns=self.netns,
+            cgroup_dir=self.cgroup_dir,
+            workdir=envoy_dir,
+            options=options,
+            identity=identity,
+            binary=binary,
+        )
+        self.node.track(sidecar.process)
+        sidecar.wait_ready(ready_timeout)
+        self.sidecar = sidecar
+        return sidecar
+
+    def start_echo_server(self, port: int, *, read_api: str = "recv") -> EchoServer:
+        log_path = self.workdir / f"echo-{port}-{next(self._process_numbers)}.jsonl"
+        process = self.run(
+            apps_argv(
+                "echo-server", "--port", str(port), "--read-api", read_api, "--log", str(log_path)
+            ),
+            name=f"echo-{port}",
+        )
+        server = EchoServer(process, port, read_api, log_path)
+        server.wait_listening()
+        self.servers[port] = server
+        return server
+
+    def echo_client(
+        self,
+        target: str,
+        port: int,
+        *,
+        nbytes: int = 1 << 20,
+        connections: int = 1,
+        half_close: bool = True,
+        run_as: RunAs | None = None,
+        seed: int = 1,
+        timeout: float = 20.0,
+    ) -> EchoClientResult:
+        """Run apps.py echo-client in this pod (its netns and cgroup) against target:port."""
+        argv = apps_argv(
+            "echo-client",
+            "--host",
+            target,
+            "--port",
+            str(port),
+            "--bytes",
+            str(nbytes),
+            "--connections",
+            str(connections),
+            "--seed",
+            str(seed),
+            "--timeout",
+            str(timeout),
+        )
+        if not half_close:
+            argv.append("--no-half-close")
+        if run_as is not None:  # the client drops root itself: the interpreter may live under /root
+            argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
+        completed = self.run_to_completion(argv, timeout=timeout * 3 + 10)
+        return EchoClientResult.parse(completed.returncode, completed.stdout, completed.stderr)
+
+    def request(
+        self, target: str, port: int, message: str = "ping", *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """One-shot request/response (apps.py request) from this pod; returns its JSON result."""
+        argv = apps_argv(
+            "request",
+            "--host",
+            target,
+            "--port",
+            str(port),
+            "--message",
+            message,
+            "--timeout",
+            str(timeout),
+        )
+        completed = self.run_to_completion(argv, timeout=timeout + 10)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(
+                f"request printed nothing (rc={completed.returncode}): {completed.stderr[-2000:]}"
+            )
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
