@@ -5,7 +5,7 @@ Everything lives under one bpffs directory per instance::
     /sys/fs/bpf/meshaccel/<instance>/
         maps/<map>          every shared map (pinned by libbpf at load)
         links/<hook>        cgroup links of connect4, sockops and getsockopt
-        progs/redirect_msg  the sk_msg program attached to maps/sock_hash
+        progs/redirect_msg  the sk_msg program attached to both sockhashes
 
 Pins keep the datapath running without the agent; a new agent adopts them.
 """
@@ -77,9 +77,10 @@ SHARED_MAPS = (
     "pod_ports",
     "outbound_excluded_cidrs",
     "outbound_included_cidrs",
-    "socket_original_dst",
+    "connecting_sockets",
     "connections",
-    "sock_hash",
+    "sidecar_sockets",
+    "app_sockets",
     "draining",
     "counters",
 )
@@ -101,9 +102,10 @@ class Capacities:
             "pod_ports": self.pod_ports,
             "outbound_excluded_cidrs": self.pod_cidrs,
             "outbound_included_cidrs": self.pod_cidrs,
-            "socket_original_dst": self.connections,
+            "connecting_sockets": self.connections,
             "connections": self.connections,
-            "sock_hash": self.connections,
+            "sidecar_sockets": self.connections,
+            "app_sockets": self.connections,
         }
 
 
@@ -125,6 +127,9 @@ class PinLayout:
 
     def all_pins(self) -> list[Path]:
         return [*self.attachments(), *(self.map(name) for name in SHARED_MAPS)]
+
+
+SOCKHASHES = ("sidecar_sockets", "app_sockets")
 
 
 def default_objects_dir() -> Path:
@@ -240,8 +245,9 @@ class Datapath:
         sk_msg_pin = self.pins.program(SK_MSG_PROGRAM)
         if sk_msg_pin.exists():
             with libbpf.Program.from_pin(sk_msg_pin) as program:
-                libbpf.prog_detach(program.fd, self._map("sock_hash").fd,
-                                   libbpf.AttachType.SK_MSG_VERDICT)
+                for name in SOCKHASHES:
+                    libbpf.prog_detach(program.fd, self._map(name).fd,
+                                       libbpf.AttachType.SK_MSG_VERDICT)
             sk_msg_pin.unlink()
         self.close()
         for name in SHARED_MAPS:
@@ -313,17 +319,16 @@ class Datapath:
             totals[counter] = sum(decode_u64(v) for v in per_cpu)
         return totals
 
-    def connections(self) -> dict[layout.SockTuple, layout.OriginalDst]:
-        table = self._map("connections")
-        result = {}
-        for key in table.keys():
-            value = table.lookup(key)
-            if value is not None:
-                result[layout.SockTuple.from_buffer_copy(key)] = layout.OriginalDst.from_buffer_copy(value)
-        return result
+    def connections(self) -> list[tuple[layout.SockTuple, layout.Connection]]:
+        """Steered connections still open, by the accepting socket's view of the tuple."""
+        return [
+            (layout.SockTuple.from_buffer_copy(key), layout.Connection.from_buffer_copy(value))
+            for key, value in self._map("connections").items()
+        ]
 
-    def sockhash_size(self) -> int:
-        return sum(1 for _ in self._map("sock_hash").keys())
+    def sockets(self) -> dict[str, int]:
+        """How many sockets each sockhash holds."""
+        return {name: sum(1 for _ in self._map(name).keys()) for name in SOCKHASHES}
 
     # -- internals ------------------------------------------------------------------------
 
@@ -462,10 +467,12 @@ def _attach(
     pins: PinLayout,
     undo: contextlib.ExitStack,
 ) -> list[libbpf.Link]:
-    sock_hash = objects[SK_MSG_OBJECT].map("sock_hash")
     sk_msg = objects[SK_MSG_OBJECT].program(SK_MSG_PROGRAM)
-    libbpf.prog_attach(sk_msg.fd, sock_hash.fd, libbpf.AttachType.SK_MSG_VERDICT)
-    undo.callback(libbpf.prog_detach, sk_msg.fd, sock_hash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+    for name in SOCKHASHES:
+        sockhash = objects[SK_MSG_OBJECT].map(name)
+        libbpf.prog_attach(sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+        undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd,
+                      libbpf.AttachType.SK_MSG_VERDICT)
     _pin(undo, sk_msg.pin, pins.program(SK_MSG_PROGRAM))
 
     links = []

@@ -44,12 +44,14 @@ class SockTuple(ctypes.Structure):
     ]
 
 
-class OriginalDstFlags(enum.IntFlag):
-    ORIGINAL_DST_REWRITTEN = 1 << 0
+class ConnectionFlags(enum.IntFlag):
+    CONNECTION_REWRITTEN = 1 << 0
+    CONNECTION_CLIENT_IS_SIDECAR = 1 << 1
+    CONNECTION_SERVER_IS_SIDECAR = 1 << 2
 
 
-class OriginalDst(ctypes.Structure):
-    _fields_ = [("ip", Be32), ("port", Be16), ("flags", ctypes.c_uint16)]
+class Connection(ctypes.Structure):
+    _fields_ = [("original_ip", Be32), ("original_port", Be16), ("flags", ctypes.c_uint16)]
 
 
 class PodFlags(enum.IntFlag):
@@ -96,6 +98,7 @@ class PodCidrKey(ctypes.Structure):
 class DatapathFeatures(enum.IntFlag):
     FEATURE_SAME_NODE_INBOUND = 1 << 0
     FEATURE_SK_MSG_REDIRECT = 1 << 1
+    FEATURE_SK_MSG_TO_APPS = 1 << 2
 
 
 class DatapathConfig(ctypes.Structure):
@@ -133,7 +136,7 @@ COUNTER_MAX = len(Counter)
 #: Every structure shared with C, by its C name (for the layout test and docs).
 SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sock_tuple": SockTuple,
-    "original_dst": OriginalDst,
+    "connection": Connection,
     "pod_info": PodInfo,
     "pod_port_key": PodPortKey,
     "pod_cidr_key": PodCidrKey,
@@ -142,7 +145,7 @@ SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
 
 #: Every enum shared with C.
 SHARED_ENUMS: tuple[type[enum.IntEnum] | type[enum.IntFlag], ...] = (
-    OriginalDstFlags,
+    ConnectionFlags,
     PodFlags,
     TrafficDirection,
     DatapathFeatures,

@@ -9,8 +9,9 @@
  *  - the sidecar's connect to its own pod (the inbound passthrough) is left
  *    as it is, only marked for socket-to-socket acceleration.
  *
- * The original destination is kept by socket cookie for sockops to file
- * under the connection's tuple once it is established.
+ * What connect4 learns (the original destination, which ends are the
+ * sidecar's) is kept by socket cookie for sockops to file under the
+ * connection's tuple once it is established.
  */
 #include "helpers.h"
 
@@ -20,12 +21,12 @@ static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, __be32 i
 					     __u16 flags)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct original_dst dst = {};
+	struct connection conn = {};
 
-	dst.ip = ip;
-	dst.port = port;
-	dst.flags = flags;
-	if (bpf_map_update_elem(&socket_original_dst, &cookie, &dst, BPF_ANY)) {
+	conn.original_ip = ip;
+	conn.original_port = port;
+	conn.flags = flags;
+	if (bpf_map_update_elem(&connecting_sockets, &cookie, &conn, BPF_ANY)) {
 		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return false;
 	}
@@ -67,7 +68,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, ip, port, ORIGINAL_DST_REWRITTEN))
+	if (!remember_connect(ctx, ip, port, CONNECTION_REWRITTEN | CONNECTION_SERVER_IS_SIDECAR))
 		return ALLOW;
 
 	ctx->user_ip4 = bpf_htonl(0x7f000001); /* 127.0.0.1, as iptables REDIRECT does for OUTPUT */
@@ -91,7 +92,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
 		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, ip, port, 0);
+			remember_connect(ctx, ip, port, CONNECTION_CLIENT_IS_SIDECAR);
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
 		return ALLOW;
 	}
@@ -108,7 +109,9 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod
 		count(COUNTER_BYPASS_INBOUND_PORT_EXCLUDED, 1);
 		return ALLOW;
 	}
-	if (!remember_connect(ctx, ip, port, ORIGINAL_DST_REWRITTEN))
+	if (!remember_connect(ctx, ip, port,
+			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_IS_SIDECAR |
+				      CONNECTION_SERVER_IS_SIDECAR))
 		return ALLOW;
 
 	ctx->user_port = peer->inbound_port;

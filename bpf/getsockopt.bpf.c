@@ -15,7 +15,7 @@ int answer_original_dst(struct bpf_sockopt *ctx)
 {
 	struct sockaddr_in *answer = ctx->optval;
 	struct sock_tuple self = {};
-	struct original_dst *dst;
+	struct connection *conn;
 	struct bpf_sock *sk;
 
 	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
@@ -31,15 +31,15 @@ int answer_original_dst(struct bpf_sockopt *ctx)
 	if (tuple_is_loopback(&self))
 		self.netns_cookie = bpf_get_netns_cookie(ctx);
 
-	dst = bpf_map_lookup_elem(&connections, &self);
-	if (!dst || !(dst->flags & ORIGINAL_DST_REWRITTEN))
+	conn = bpf_map_lookup_elem(&connections, &self);
+	if (!conn || !(conn->flags & CONNECTION_REWRITTEN))
 		return ALLOW; /* not ours: netfilter's answer stands */
 	if ((void *)(answer + 1) > ctx->optval_end)
 		return ALLOW; /* caller's buffer too small: keep the kernel's error */
 
 	answer->sin_family = AF_INET;
-	answer->sin_port = dst->port;
-	answer->sin_addr.s_addr = dst->ip;
+	answer->sin_port = conn->original_port;
+	answer->sin_addr.s_addr = conn->original_ip;
 	__builtin_memset(answer->__pad, 0, sizeof(answer->__pad));
 	ctx->optlen = sizeof(*answer);
 	/* Keep clang from merging the two 4-byte context stores into one 8-byte store. */

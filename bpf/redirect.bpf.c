@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sk_msg, attached to the sockhash: hand each message a socket of ours sends
- * straight to the receive queue of the connection's other socket, when that
- * socket is on this node and in the sockhash too. Otherwise the message takes
- * the ordinary TCP path, so a missing peer costs nothing but speed.
+ * sk_msg, attached to both sockhashes: hand each message a socket of ours
+ * sends straight to the receive queue of the connection's other socket, when
+ * that socket is on this node and a redirect target (a sidecar's, or with
+ * FEATURE_SK_MSG_TO_APPS any). Otherwise the message takes the ordinary TCP
+ * path, so a missing peer costs nothing but speed.
  */
 #include "helpers.h"
+
+const volatile struct datapath_config config = {};
 
 static __always_inline bool is_draining(void)
 {
@@ -34,7 +37,9 @@ int redirect_msg(struct sk_msg_md *msg)
 	if (tuple_is_loopback(&peer))
 		peer.netns_cookie = bpf_get_netns_cookie(msg);
 
-	if (bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (bpf_msg_redirect_hash(msg, &sidecar_sockets, &peer, BPF_F_INGRESS) == SK_PASS ||
+	    ((config.features & FEATURE_SK_MSG_TO_APPS) &&
+	     bpf_msg_redirect_hash(msg, &app_sockets, &peer, BPF_F_INGRESS) == SK_PASS)) {
 		count(COUNTER_MSG_REDIRECTED, 1);
 		count(COUNTER_MSG_BYTES_REDIRECTED, size);
 	} else {

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sockops: once a connection connect4 steered is established, file its
- * original destination under the tuple the accepting side will see, and put
- * both of its sockets into the sockhash for sk_msg redirection.
+ * sockops: once a connection connect4 steered is established, file it under
+ * the tuple the accepting side will see, and put both of its sockets into the
+ * sockhash of their owner (sidecar or application) for sk_msg redirection.
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
  * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
@@ -26,50 +26,56 @@ static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
 		tuple->netns_cookie = bpf_get_netns_cookie(skops);
 }
 
-static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self)
+static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self,
+					  bool sidecar)
 {
+	long err;
+
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT))
 		return;
-	if (bpf_sock_hash_update(skops, &sock_hash, self, BPF_ANY))
-		count(COUNTER_ERROR_SOCKHASH_UPDATE, 1);
+	if (sidecar)
+		err = bpf_sock_hash_update(skops, &sidecar_sockets, self, BPF_ANY);
 	else
-		count(COUNTER_SOCKHASH_ADDED, 1);
+		err = bpf_sock_hash_update(skops, &app_sockets, self, BPF_ANY);
+	count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
 }
 
-/* The connecting side: connect4 left its original destination under the socket cookie. */
+/* The connecting side: connect4 left what it knew under the socket cookie. */
 static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct sock_tuple self = {}, accepting = {};
-	struct original_dst *recorded;
-	struct original_dst dst;
+	struct connection *recorded;
+	struct connection conn;
 
-	recorded = bpf_map_lookup_elem(&socket_original_dst, &cookie);
+	recorded = bpf_map_lookup_elem(&connecting_sockets, &cookie);
 	if (!recorded)
 		return;
-	dst = *recorded;
-	bpf_map_delete_elem(&socket_original_dst, &cookie);
+	conn = *recorded;
+	bpf_map_delete_elem(&connecting_sockets, &cookie);
 
 	tuple_from_sockops(&self, skops);
 	tuple_reverse(&accepting, &self);
-	if (bpf_map_update_elem(&connections, &accepting, &dst, BPF_ANY)) {
+	if (bpf_map_update_elem(&connections, &accepting, &conn, BPF_ANY)) {
 		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return;
 	}
-	join_sockhash(skops, &self);
+	join_sockhash(skops, &self, conn.flags & CONNECTION_CLIENT_IS_SIDECAR);
 }
 
 /* The accepting side: ours if the connecting side filed the connection. */
 static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 {
 	struct sock_tuple self = {};
+	struct connection *conn;
 
 	tuple_from_sockops(&self, skops);
-	if (!bpf_map_lookup_elem(&connections, &self))
+	conn = bpf_map_lookup_elem(&connections, &self);
+	if (!conn)
 		return;
 	/* To forget the connection when this socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	join_sockhash(skops, &self);
+	join_sockhash(skops, &self, conn->flags & CONNECTION_SERVER_IS_SIDECAR);
 }
 
 static __always_inline void on_state_change(struct bpf_sock_ops *skops)

@@ -64,8 +64,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64); /* socket cookie */
-	__type(value, struct original_dst);
-} socket_original_dst SEC(".maps");
+	__type(value, struct connection);
+} connecting_sockets SEC(".maps");
 
 /*
  * Connections meshaccel steered, keyed by the accepting socket's view of the
@@ -77,16 +77,28 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sock_tuple);
-	__type(value, struct original_dst);
+	__type(value, struct connection);
 } connections SEC(".maps");
 
-/* Both ends of every accelerated connection, keyed by each socket's own view. */
+/*
+ * The sockets of accelerated connections, keyed by each socket's own view,
+ * in two sockhashes by owner; the sk_msg program is attached to both, so
+ * every one of them can send socket-to-socket, but only sidecar sockets are
+ * redirect targets (application sockets too with FEATURE_SK_MSG_TO_APPS).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sock_tuple);
 	__type(value, __u64);
-} sock_hash SEC(".maps");
+} sidecar_sockets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_tuple);
+	__type(value, __u64);
+} app_sockets SEC(".maps");
 
 /*
  * One __u32, non-zero while the agent unloads: sk_msg stops redirecting so

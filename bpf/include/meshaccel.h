@@ -31,18 +31,21 @@ struct sock_tuple {
 };
 _Static_assert(sizeof(struct sock_tuple) == 24, "sock_tuple layout is ABI");
 
-enum original_dst_flags {
-	/* connect() was rewritten: SO_ORIGINAL_DST must answer with ip:port. */
-	ORIGINAL_DST_REWRITTEN = 1 << 0,
+enum connection_flags {
+	/* connect() was rewritten: SO_ORIGINAL_DST answers original_ip:original_port. */
+	CONNECTION_REWRITTEN = 1 << 0,
+	/* Which ends are the sidecar's: only a sidecar's socket receives redirected bytes. */
+	CONNECTION_CLIENT_IS_SIDECAR = 1 << 1,
+	CONNECTION_SERVER_IS_SIDECAR = 1 << 2,
 };
 
-/* Where a connection was going before connect4 rewrote it. */
-struct original_dst {
-	__be32 ip;
-	__be16 port;
-	__u16 flags; /* enum original_dst_flags */
+/* A connection connect4 steered or marked: where it was going and whose its ends are. */
+struct connection {
+	__be32 original_ip;
+	__be16 original_port;
+	__u16 flags; /* enum connection_flags */
 };
-_Static_assert(sizeof(struct original_dst) == 8, "original_dst layout is ABI");
+_Static_assert(sizeof(struct connection) == 8, "connection layout is ABI");
 
 enum pod_flags {
 	/* No includeOutboundIPRanges list: every outbound CIDR is included. */
@@ -92,8 +95,14 @@ enum { POD_CIDR_PREFIX_BITS = 96 /* pad + pod_cgroup_id */ };
 enum datapath_features {
 	/* A sidecar's connect to a meshed pod on this node goes straight to that pod's inbound listener. */
 	FEATURE_SAME_NODE_INBOUND = 1 << 0,
-	/* Both ends of redirected connections join the sockhash; sk_msg moves bytes socket to socket. */
+	/* Both ends of steered connections join a sockhash; sk_msg moves bytes socket to socket. */
 	FEATURE_SK_MSG_REDIRECT = 1 << 1,
+	/*
+	 * sk_msg also delivers into application sockets. Off by default: bytes
+	 * queued by sk_msg are invisible to splice() and TCP_ZEROCOPY_RECEIVE, so an
+	 * application reading that way would stall. Sidecars read with readv().
+	 */
+	FEATURE_SK_MSG_TO_APPS = 1 << 2,
 };
 
 /* Set in .rodata before load. */

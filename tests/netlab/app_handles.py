@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .processes import PodProcess, wait_until
+from .processes import PodProcess, RunAs, wait_until
 
 APPS_SCRIPT = Path(__file__).resolve().with_name("apps.py")
 
@@ -76,10 +78,195 @@ class EchoClientResult:
     def local_addresses(self) -> list[str]:
         return [c["local"] for c in self.connections if "local" in c]
 
+    @property
+    def reset(self) -> bool:
+        """The client ended every connection with an RST (--reset-after)."""
+        return bool(self.raw.get("reset"))
+
+    @property
+    def verified(self) -> list[int]:
+        """Per connection: bytes echoed byte-exactly (before the reset, with --reset-after)."""
+        return [int(c.get("verified", 0)) for c in self.connections]
+
     @classmethod
     def parse(cls, returncode: int, stdout: str, stderr: str) -> EchoClientResult:
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        """The result is the last JSON line that is not a --progress event."""
+        lines = [record for record in _json_lines(stdout) if "event" not in record]
         if not lines:
             raise RuntimeError(f"echo client printed no result (rc={returncode}): {stderr[-2000:]}")
-        raw = json.loads(lines[-1])
+        raw = lines[-1]
         return cls(bool(raw.get("ok")), returncode, list(raw.get("connections", [])), raw, stderr)
+
+
+def _json_lines(stdout: str) -> list[dict[str, Any]]:
+    records = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line still being written by a running client
+                continue
+    return records
+
+
+def echo_client_argv(
+    target: str,
+    port: int,
+    *,
+    nbytes: int = 1 << 20,
+    connections: int = 1,
+    half_close: bool = True,
+    run_as: RunAs | None = None,
+    seed: int = 1,
+    timeout: float = 20.0,
+    pace_seconds: float = 0.0,
+    pace_chunks: int = 50,
+    reset_after: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """argv for apps.py echo-client (see its docstring for what each option does)."""
+    argv = apps_argv(
+        "echo-client",
+        "--host",
+        target,
+        "--port",
+        str(port),
+        "--bytes",
+        str(nbytes),
+        "--connections",
+        str(connections),
+        "--seed",
+        str(seed),
+        "--timeout",
+        str(timeout),
+    )
+    if not half_close:
+        argv.append("--no-half-close")
+    if pace_seconds:
+        argv += ["--pace-seconds", str(pace_seconds), "--pace-chunks", str(pace_chunks)]
+    if reset_after is not None:
+        argv += ["--reset-after", str(reset_after)]
+    if progress:
+        argv.append("--progress")
+    if run_as is not None:  # the client drops root itself: the interpreter may live under /root
+        argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
+    return argv
+
+
+def echo_client_deadline(timeout: float, pace_seconds: float) -> float:
+    """Seconds after which an echo client that has not exited is hung (its own bound + slack)."""
+    return pace_seconds + timeout * 3 + 10
+
+
+class EchoClientRun:
+    """An apps.py echo-client running in the background (started with --progress).
+
+    Use wait_connected() before the event the connection must survive, then wait().
+    """
+
+    def __init__(self, process: PodProcess, *, connections: int, deadline: float) -> None:
+        self.process = process
+        self.connections = connections
+        self.deadline = deadline
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def is_running(self) -> bool:
+        return self.process.is_running()
+
+    def events(self) -> list[dict[str, Any]]:
+        """The --progress events so far: connected / connect_failed / echoed."""
+        return [record for record in _json_lines(self.process.stdout()) if "event" in record]
+
+    def _wait_events(
+        self, predicate: Any, *, timeout: float, what: str
+    ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            found[:] = self.events()
+            if predicate(found):
+                return True
+            if not self.process.is_running():
+                raise RuntimeError(f"echo client exited before {what}:\n{self.process.describe()}")
+            return False
+
+        wait_until(check, timeout=timeout, what=what)
+        return found
+
+    def wait_connected(self, timeout: float = 10.0) -> list[str]:
+        """Wait until every connection is established; returns their local addresses."""
+        events = self._wait_events(
+            lambda found: len({e["index"] for e in found if e["event"] == "connected"})
+            >= self.connections,
+            timeout=timeout,
+            what=f"{self.connections} echo client connection(s)",
+        )
+        connected = sorted(
+            (e for e in events if e["event"] == "connected"), key=lambda e: e["index"]
+        )
+        return [e["local"] for e in connected]
+
+    def wait_echoed(self, nbytes: int, timeout: float = 10.0) -> None:
+        """Wait until every connection has had at least `nbytes` echoed back (and verified)."""
+
+        def enough(found: list[dict[str, Any]]) -> bool:
+            best: dict[int, int] = {}
+            for e in found:
+                if e["event"] == "echoed":
+                    best[e["index"]] = max(best.get(e["index"], 0), e["received"])
+            return len(best) >= self.connections and min(best.values()) >= nbytes
+
+        self._wait_events(enough, timeout=timeout, what=f"{nbytes} bytes echoed per connection")
+
+    def wait(self, timeout: float | None = None) -> EchoClientResult:
+        """Wait for the client to finish (default: its own deadline) and parse its result.
+        On timeout the client is stopped (by PID) and TimeoutError raised."""
+        try:
+            returncode = self.process.wait(self.deadline if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            self.process.stop()
+            raise TimeoutError(
+                f"echo client still running after {timeout}s:\n{self.process.describe()}"
+            ) from None
+        return EchoClientResult.parse(returncode, self.process.stdout(), self.process.stderr())
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+# ---------------------------------------------------------------- getsockopt probe
+
+
+def getsockopt_probe_argv(run_as: RunAs | None = None) -> list[str]:
+    argv = apps_argv("getsockopt-probe")
+    if run_as is not None:  # the probe drops root itself, after making its SO_PEERGROUPS pair
+        argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
+    return argv
+
+
+def parse_getsockopt_probe(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """{case name: {"ok", "len", "hex", "errno", ...}} from apps.py getsockopt-probe output."""
+    records = _json_lines(stdout)
+    if returncode != 0 or len(records) != 1:
+        raise RuntimeError(f"getsockopt probe failed (rc={returncode}): {stderr[-2000:]}")
+    return records[0]
+
+
+def run_getsockopt_probe_here(
+    run_as: RunAs | None = None, *, wrapper: Sequence[str] = (), timeout: float = 30.0
+) -> dict[str, Any]:
+    """The getsockopt probe in this process's context (its cgroup and netns; it only talks to
+    itself on 127.0.0.1). `wrapper`: an argv prefix, e.g. ["ip", "netns", "exec", NAME] to use
+    another netns while staying in this cgroup."""
+    completed = subprocess.run(
+        [*wrapper, *getsockopt_probe_argv(run_as)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return parse_getsockopt_probe(completed.returncode, completed.stdout, completed.stderr)

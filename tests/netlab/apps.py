@@ -8,10 +8,23 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       splice (os.splice socket -> pipe -> socket). One JSON line per event in --log
       ({"event": "listening"|"accept"|"close", "peer": "ip:port", "local": "ip:port", ...}).
   echo-client --host IP --port P --bytes N [--connections K] [--no-half-close]
+              [--pace-seconds S [--pace-chunks C]] [--reset-after M] [--progress]
       Send N deterministic pseudo-random bytes per connection while reading the echo concurrently,
       verify byte-exactness, print one JSON result line. Exit 0 only if every connection was exact.
+      --pace-seconds: send the bytes in C (default 50) chunks spread evenly over S seconds, so
+      each connection (each in its own thread) stays open for at least S seconds.
+      --reset-after M (M <= N): send M bytes, wait until all M are echoed and verified, then
+      SO_LINGER {1, 0} + close(), i.e. an RST; the result says "reset": true, "verified": bytes.
+      --progress: also print JSON event lines before the result ({"event": "connected", ...},
+      {"event": "echoed", "index": i, "received": n}); the result is the last line without "event".
   request --host IP --port P [--message TEXT]
       One-shot: send, half-close, read to EOF, print one JSON line with the response.
+  getsockopt-probe [--run-as UID:GID]
+      A fixed battery of getsockopt(2) calls (through libc, to see optlen and errno exactly) on
+      sockets it makes itself: a loopback TCP pair on 127.0.0.1 in the current netns, a UDP
+      socket, an AF_UNIX socketpair made after setgroups() with GROUPS_FOR_PEERGROUPS groups
+      (SO_PEERGROUPS > PAGE_SIZE). Prints ONE JSON object {case: {"ok", "len", "hex", "errno"}}
+      that is identical between runs in the same context (varying values are masked or left out).
 
 Every blocking call has a timeout. `--run-as UID:GID` makes a client drop root after start-up
 (so the interpreter need not be reachable by that uid), e.g. to act as the sidecar's uid 1337.
@@ -20,7 +33,11 @@ Every blocking call has a timeout. `--run-as UID:GID` makes a client drop root a
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno as errno_codes
+import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -131,13 +148,13 @@ def serve_connection(
     local = _addr(conn.getsockname())
     log.write(event="accept", peer=peer, local=local, read_api=args.read_api)
     started = time.monotonic()
-    total, error = 0, None
+    total, error, error_errno = 0, None, None
     try:
         _set_io_timeouts(conn, args.io_timeout)
         total = _echo(conn, args.read_api)
         conn.shutdown(socket.SHUT_WR)
-    except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
+    except OSError as exc:  # e.g. ECONNRESET from a peer that reset: log it, keep serving others
+        error, error_errno = f"{type(exc).__name__}: {exc}", exc.errno
     finally:
         conn.close()
         log.write(
@@ -146,6 +163,7 @@ def serve_connection(
             local=local,
             bytes=total,
             error=error,
+            errno=error_errno,
             seconds=round(time.monotonic() - started, 4),
         )
 
@@ -201,13 +219,50 @@ class PseudoRandomStream:
         return data
 
 
+_print_lock = threading.Lock()
+
+
+def _print_json(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    with _print_lock:
+        print(line, flush=True)
+
+
+def _progress(args: argparse.Namespace, **event: Any) -> None:
+    if args.progress:
+        _print_json(event)
+
+
 def _connect(args: argparse.Namespace) -> socket.socket:
     sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
+def _pace_gap(args: argparse.Namespace) -> float:
+    return args.pace_seconds / args.pace_chunks if args.pace_seconds > 0 else 0.0
+
+
+def _send_plan(args: argparse.Namespace, total: int) -> list[tuple[float, int]]:
+    """(offset in seconds from the start, chunk size) for every chunk to send."""
+    if args.pace_seconds <= 0:
+        plan, remaining = [], total
+        while remaining:
+            plan.append((0.0, min(args.chunk, remaining)))
+            remaining -= plan[-1][1]
+        return plan
+    count = min(args.pace_chunks, total)
+    size = math.ceil(total / count) if count else 0
+    plan, remaining = [], total
+    for i in range(count):
+        plan.append((i * _pace_gap(args), min(size, remaining)))
+        remaining -= plan[-1][1]
+    return [(offset, size) for offset, size in plan if size]
+
+
 def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    resetting = args.reset_after is not None
+    target = args.reset_after if resetting else args.bytes  # bytes to send (and see echoed)
     result: dict[str, Any] = {
         "index": index,
         "sent": 0,
@@ -220,20 +275,26 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
         sock = _connect(args)
     except OSError as exc:
         result["error"] = f"connect: {type(exc).__name__}: {exc}"
+        _progress(args, event="connect_failed", index=index, error=result["error"])
         return result
+    if args.pace_seconds > 0:  # a paced receiver idles up to one gap between chunks
+        sock.settimeout(args.timeout + _pace_gap(args))
     result["local"], result["peer"] = _addr(sock.getsockname()), _addr(sock.getpeername())
+    _progress(args, event="connected", index=index, local=result["local"], peer=result["peer"])
     send_error: list[str] = []
 
     def send_all() -> None:
         stream = PseudoRandomStream(args.seed, index)
         try:
-            remaining = args.bytes
-            while remaining:
-                chunk = stream.take(min(args.chunk, remaining))
-                sock.sendall(chunk)
-                remaining -= len(chunk)
-                result["sent"] += len(chunk)
-            if not args.no_half_close:
+            for offset, size in _send_plan(args, target):
+                delay = started + offset - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                sock.sendall(stream.take(size))
+                result["sent"] += size
+            if args.pace_seconds > 0:  # stay open for the whole pace, then finish as usual
+                time.sleep(max(0.0, started + args.pace_seconds - time.monotonic()))
+            if not (args.no_half_close or resetting):
                 sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             send_error.append(f"send: {type(exc).__name__}: {exc}")
@@ -242,25 +303,41 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
     sender.start()
     expected = PseudoRandomStream(args.seed, index)
     mismatch_at = None
+    stop_at_target = args.no_half_close or resetting
+    mark_every = max(1, math.ceil(target / args.pace_chunks)) if args.pace_seconds > 0 else None
+    next_mark = mark_every
     try:
         with sock:
-            while args.no_half_close is False or result["received"] < args.bytes:
+            while not stop_at_target or result["received"] < target:
                 data = sock.recv(BUFFER_SIZE)
                 if not data:
                     break
                 if mismatch_at is None and data != expected.take(len(data)):
                     mismatch_at = result["received"]
                 result["received"] += len(data)
-                if result["received"] > args.bytes:
+                while next_mark is not None and mark_every and result["received"] >= next_mark:
+                    _progress(args, event="echoed", index=index, received=result["received"])
+                    next_mark += mark_every
+                if result["received"] > target:
                     break
-            sender.join(args.timeout)
+            sender.join(args.timeout + args.pace_seconds)
+            if resetting:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                closing = time.monotonic()
+                sock.close()  # linger {1, 0}: the kernel sends an RST instead of a FIN
+                result["reset"] = True
+                result["close_seconds"] = round(time.monotonic() - closing, 4)
     except OSError as exc:
         result["error"] = f"recv: {type(exc).__name__}: {exc}"
     if send_error and result["error"] is None:
         result["error"] = send_error[0]
     result["mismatch_at"] = mismatch_at
+    result["verified"] = result["received"] if mismatch_at is None else mismatch_at
     result["exact"] = (
-        result["error"] is None and mismatch_at is None and result["received"] == args.bytes
+        result["error"] is None
+        and mismatch_at is None
+        and result["received"] == target
+        and (not resetting or (result.get("reset") is True and result["close_seconds"] < 2.0))
     )
     result["seconds"] = round(time.monotonic() - started, 4)
     return result
@@ -269,6 +346,12 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
 def run_echo_client(args: argparse.Namespace) -> int:
     if not 1 <= args.connections <= MAX_CONNECTIONS:
         raise SystemExit(f"--connections must be within 1..{MAX_CONNECTIONS}")
+    if args.bytes < 0 or args.chunk < 1:
+        raise SystemExit("--bytes must be >= 0 and --chunk >= 1")
+    if not 0 <= args.pace_seconds <= 3600 or not 1 <= args.pace_chunks <= 10_000:
+        raise SystemExit("--pace-seconds must be within 0..3600 and --pace-chunks 1..10000")
+    if args.reset_after is not None and not 0 <= args.reset_after <= args.bytes:
+        raise SystemExit("--reset-after must be within 0..--bytes")
     results: list[dict[str, Any]] = [{} for _ in range(args.connections)]
 
     def worker(index: int) -> None:
@@ -280,7 +363,7 @@ def run_echo_client(args: argparse.Namespace) -> int:
     ]
     for thread in threads:
         thread.start()
-    deadline = started + args.timeout * 3
+    deadline = started + args.pace_seconds + args.timeout * 3
     for index, thread in enumerate(threads):
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
@@ -290,10 +373,13 @@ def run_echo_client(args: argparse.Namespace) -> int:
         "ok": ok,
         "uid": os.getuid(),
         "bytes_per_connection": args.bytes,
+        "pace_seconds": args.pace_seconds,
+        "reset": args.reset_after is not None,
+        "reset_after": args.reset_after,
         "seconds": round(time.monotonic() - started, 4),
         "connections": results,
     }
-    print(json.dumps(summary), flush=True)
+    _print_json(summary)
     return 0 if ok else 1
 
 
@@ -313,6 +399,182 @@ def run_request(args: argparse.Namespace) -> int:
         result["error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------- getsockopt probe
+
+SOL_IP = 0
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
+SO_PROTOCOL = getattr(socket, "SO_PROTOCOL", 38)
+TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+PAGE_SIZE = 4096
+BIG_BUFFER = 2 * PAGE_SIZE  # optlen > PAGE_SIZE: the cgroup getsockopt hook's special case
+# > 1024 groups * 4 bytes > PAGE_SIZE; fixed gids so the answer is identical between runs.
+GROUPS_FOR_PEERGROUPS = tuple(range(200_000, 201_200))
+HEX_LIMIT = 256  # longer answers are recorded as a sha256 of the returned bytes
+
+_libc: Any = None
+
+
+def _getsockopt(fd: int, level: int, optname: int, buflen: int) -> tuple[int, int, bytes]:
+    """libc getsockopt with a zeroed buffer of `buflen`: (errno or 0, returned optlen, bytes)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.getsockopt.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32),
+        ]
+        _libc.getsockopt.restype = ctypes.c_int
+    buffer = ctypes.create_string_buffer(max(buflen, 1))
+    optlen = ctypes.c_uint32(buflen)
+    ctypes.set_errno(0)
+    rc = _libc.getsockopt(fd, level, optname, buffer, ctypes.byref(optlen))
+    error = ctypes.get_errno() if rc != 0 else 0
+    return error, optlen.value, buffer.raw[: min(optlen.value, buflen)]
+
+
+def _probe_case(
+    sock: socket.socket,
+    level: int,
+    optname: int,
+    buflen: int,
+    *,
+    keep_value: bool = True,
+    mask_port: int | None = None,
+) -> dict[str, Any]:
+    """One case. keep_value=False: only ok/len/errno (values that vary, e.g. TCP_INFO).
+    mask_port: zero a sockaddr_in's port when it equals this (an ephemeral listener port)."""
+    error, optlen, data = _getsockopt(sock.fileno(), level, optname, buflen)
+    case: dict[str, Any] = {
+        "ok": error == 0,
+        "len": optlen,
+        "hex": "",
+        "errno": error or None,
+    }
+    if error == 0 and keep_value:
+        if mask_port is not None and len(data) >= 4 and data[2:4] == struct.pack("!H", mask_port):
+            data = data[:2] + b"\0\0" + data[4:]
+            case["masked"] = "port==listener"
+        if len(data) <= HEX_LIMIT:
+            case["hex"] = data.hex()
+        else:
+            case["sha256"] = hashlib.sha256(data).hexdigest()
+    return case
+
+
+def _loopback_tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.settimeout(5.0)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=5.0)
+    accepted, _ = listener.accept()
+    return listener, client, accepted
+
+
+def _peergroups_socketpair() -> tuple[socket.socket, socket.socket, int | None]:
+    """A socketpair whose peer credentials carry GROUPS_FOR_PEERGROUPS (the creds are captured at
+    socketpair() time). Returns errno of setgroups() (None when it worked)."""
+    saved = os.getgroups()
+    setgroups_errno = None
+    try:
+        os.setgroups(list(GROUPS_FOR_PEERGROUPS))
+    except OSError as exc:
+        setgroups_errno = exc.errno
+    try:
+        first, second = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    finally:
+        if setgroups_errno is None:
+            os.setgroups(saved)
+    return first, second, setgroups_errno
+
+
+def getsockopt_battery(peergroups_pair: tuple[socket.socket, socket.socket, int | None]) -> dict:
+    """{case name: result}. Every name and value here is deterministic for one context."""
+    cases: dict[str, dict[str, Any]] = {}
+    listener, client, accepted = _loopback_tcp_pair()
+    port = listener.getsockname()[1]
+    ip, tcp, sol = socket.IPPROTO_IP, socket.IPPROTO_TCP, socket.SOL_SOCKET
+    tcp_options: list[tuple[str, int, int, int, bool]] = [
+        # name, level, optname, normal buffer, also with BIG_BUFFER
+        ("SO_TYPE", sol, socket.SO_TYPE, 4, True),
+        ("SO_RCVBUF", sol, socket.SO_RCVBUF, 4, True),
+        ("SO_SNDBUF", sol, socket.SO_SNDBUF, 4, True),
+        ("SO_ERROR", sol, socket.SO_ERROR, 4, True),
+        ("SO_KEEPALIVE", sol, socket.SO_KEEPALIVE, 4, True),
+        ("SO_REUSEADDR", sol, socket.SO_REUSEADDR, 4, True),
+        ("SO_DOMAIN", sol, SO_DOMAIN, 4, True),
+        ("SO_PROTOCOL", sol, SO_PROTOCOL, 4, True),
+        ("TCP_NODELAY", tcp, socket.TCP_NODELAY, 4, True),
+        ("TCP_MAXSEG", tcp, socket.TCP_MAXSEG, 4, True),
+        ("TCP_CONGESTION", tcp, TCP_CONGESTION, 16, True),
+        ("TCP_INFO", tcp, TCP_INFO, 256, True),
+        ("IP_TOS", ip, socket.IP_TOS, 4, True),
+        ("IP_TTL", ip, socket.IP_TTL, 4, True),
+        ("SO_ORIGINAL_DST", SOL_IP, SO_ORIGINAL_DST, 16, True),
+    ]
+    try:
+        for name, level, optname, buflen, big in tcp_options:
+            keep = name != "TCP_INFO"
+            mask = port if name == "SO_ORIGINAL_DST" else None
+            cases[f"tcp/{name}"] = _probe_case(
+                client, level, optname, buflen, keep_value=keep, mask_port=mask
+            )
+            if big:
+                cases[f"tcp/{name}/buf{BIG_BUFFER}"] = _probe_case(
+                    client, level, optname, BIG_BUFFER, keep_value=keep, mask_port=mask
+                )
+        # What Envoy does: SO_ORIGINAL_DST on the accepted socket.
+        cases["tcp-accepted/SO_ORIGINAL_DST"] = _probe_case(
+            accepted, SOL_IP, SO_ORIGINAL_DST, 16, mask_port=port
+        )
+        cases["tcp-accepted/SO_ORIGINAL_DST/buf8192"] = _probe_case(
+            accepted, SOL_IP, SO_ORIGINAL_DST, BIG_BUFFER, mask_port=port
+        )
+        # Too small buffers: what the kernel does (truncates ints; SO_ORIGINAL_DST wants >= 16).
+        cases["tcp/SO_RCVBUF/buf2"] = _probe_case(client, sol, socket.SO_RCVBUF, 2)
+        cases["tcp/SO_RCVBUF/buf0"] = _probe_case(client, sol, socket.SO_RCVBUF, 0)
+        cases["tcp/TCP_CONGESTION/buf4"] = _probe_case(client, tcp, TCP_CONGESTION, 4)
+        cases["tcp/SO_ORIGINAL_DST/buf8"] = _probe_case(
+            client, SOL_IP, SO_ORIGINAL_DST, 8, mask_port=port
+        )
+        cases["tcp-listener/SO_ACCEPTCONN"] = _probe_case(listener, sol, socket.SO_ACCEPTCONN, 4)
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        cases["udp/SO_TYPE"] = _probe_case(udp, sol, socket.SO_TYPE, 4)
+        cases["udp/SO_TYPE/buf8192"] = _probe_case(udp, sol, socket.SO_TYPE, BIG_BUFFER)
+        cases["udp/IP_TTL"] = _probe_case(udp, ip, socket.IP_TTL, 4)
+        cases["udp/IP_TTL/buf8192"] = _probe_case(udp, ip, socket.IP_TTL, BIG_BUFFER)
+    first, second, setgroups_errno = peergroups_pair
+    try:
+        needed = 4 * len(GROUPS_FOR_PEERGROUPS)
+        for buflen in (4 * PAGE_SIZE, PAGE_SIZE):  # enough (> PAGE_SIZE), and too small: ERANGE
+            case = _probe_case(first, sol, SO_PEERGROUPS, buflen)
+            if setgroups_errno is not None:
+                case["setgroups_errno"] = setgroups_errno
+            else:
+                case["groups_expected_len"] = needed
+            cases[f"unix/SO_PEERGROUPS/buf{buflen}"] = case
+    finally:
+        first.close()
+        second.close()
+    return cases
+
+
+def run_getsockopt_probe(args: argparse.Namespace) -> int:
+    pair = _peergroups_socketpair()  # as root, before dropping to --run-as
+    _drop_privileges(args.run_as)
+    print(json.dumps(getsockopt_battery(pair), sort_keys=True), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------- command line
@@ -367,14 +629,38 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="close after reading N bytes instead of shutdown(SHUT_WR) + EOF",
             )
+            client.add_argument(
+                "--pace-seconds",
+                type=float,
+                default=0.0,
+                help="spread the bytes over this many seconds (0: as fast as possible)",
+            )
+            client.add_argument("--pace-chunks", type=int, default=50)
+            client.add_argument(
+                "--reset-after",
+                type=int,
+                default=None,
+                metavar="BYTES",
+                help="after BYTES are echoed, SO_LINGER {1, 0} and close: send an RST",
+            )
+            client.add_argument(
+                "--progress", action="store_true", help="print JSON event lines while running"
+            )
         else:
             client.add_argument("--message", default="ping")
+
+    probe = commands.add_parser("getsockopt-probe")
+    probe.add_argument(
+        "--run-as", help="UID[:GID] to switch to after making the SO_PEERGROUPS socketpair"
+    )
+    probe.set_defaults(handler=run_getsockopt_probe, drops_privileges_itself=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _drop_privileges(getattr(args, "run_as", None))
+    if not getattr(args, "drops_privileges_itself", False):
+        _drop_privileges(getattr(args, "run_as", None))
     return int(args.handler(args))
 
 

@@ -21,7 +21,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .app_handles import EchoClientResult, EchoServer, apps_argv
+from .app_handles import (
+    EchoClientResult,
+    EchoClientRun,
+    EchoServer,
+    apps_argv,
+    echo_client_argv,
+    echo_client_deadline,
+    getsockopt_probe_argv,
+    parse_getsockopt_probe,
+)
 from .cgroups import TEST_CGROUP_PREFIX, TestCgroup, cgroup_id
 from .commands import run_command
 from .counters import NetCounters, read_net_counters
@@ -304,29 +313,67 @@ class Pod:
         run_as: RunAs | None = None,
         seed: int = 1,
         timeout: float = 20.0,
+        pace_seconds: float = 0.0,
+        reset_after: int | None = None,
     ) -> EchoClientResult:
         """Run apps.py echo-client in this pod (its netns and cgroup) against target:port."""
-        argv = apps_argv(
-            "echo-client",
-            "--host",
+        argv = echo_client_argv(
             target,
-            "--port",
-            str(port),
-            "--bytes",
-            str(nbytes),
-            "--connections",
-            str(connections),
-            "--seed",
-            str(seed),
-            "--timeout",
-            str(timeout),
+            port,
+            nbytes=nbytes,
+            connections=connections,
+            half_close=half_close,
+            run_as=run_as,
+            seed=seed,
+            timeout=timeout,
+            pace_seconds=pace_seconds,
+            reset_after=reset_after,
         )
-        if not half_close:
-            argv.append("--no-half-close")
-        if run_as is not None:  # the client drops root itself: the interpreter may live under /root
-            argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
-        completed = self.run_to_completion(argv, timeout=timeout * 3 + 10)
+        completed = self.run_to_completion(
+            argv, timeout=echo_client_deadline(timeout, pace_seconds)
+        )
         return EchoClientResult.parse(completed.returncode, completed.stdout, completed.stderr)
+
+    def start_echo_client(
+        self,
+        target: str,
+        port: int,
+        *,
+        pace_seconds: float,
+        nbytes: int = 256 * 1024,
+        connections: int = 1,
+        pace_chunks: int = 50,
+        half_close: bool = True,
+        reset_after: int | None = None,
+        run_as: RunAs | None = None,
+        seed: int = 1,
+        timeout: float = 20.0,
+    ) -> EchoClientRun:
+        """Start a paced echo client in the background: each connection stays open for about
+        `pace_seconds` while its bytes trickle through. run.wait_connected(), cause the event,
+        then run.wait() -> EchoClientResult. Stopped by PID at node teardown if still running."""
+        argv = echo_client_argv(
+            target,
+            port,
+            nbytes=nbytes,
+            connections=connections,
+            half_close=half_close,
+            run_as=run_as,
+            seed=seed,
+            timeout=timeout,
+            pace_seconds=pace_seconds,
+            pace_chunks=pace_chunks,
+            reset_after=reset_after,
+            progress=True,
+        )
+        process = self.run(argv, name="echo-client")
+        deadline = echo_client_deadline(timeout, pace_seconds)
+        return EchoClientRun(process, connections=connections, deadline=deadline)
+
+    def getsockopt_probe(self, run_as: RunAs | None = None) -> dict[str, Any]:
+        """apps.py getsockopt-probe in this pod's netns and cgroup (as run_as after setup)."""
+        completed = self.run_to_completion(getsockopt_probe_argv(run_as), timeout=30)
+        return parse_getsockopt_probe(completed.returncode, completed.stdout, completed.stderr)
 
     def request(
         self, target: str, port: int, message: str = "ping", *, timeout: float = 10.0

@@ -1,0 +1,118 @@
+"""Fixtures for the datapath scenarios: the real objects, loaded on a netlab node's cgroup.
+
+Each scenario runs twice, as ``ebpf`` (meshaccel loaded, pods a and b accelerated, pod c not)
+and as ``iptables`` (the control: Istio's interception alone). Pods, Envoys and iptables rules
+come from the module-scoped ``netlab_node``; each test loads and unloads its own datapath.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from meshaccel.agent.datapath import DEFAULT_FEATURES, Datapath
+from meshaccel.agent.layout import Counter, DatapathFeatures
+from meshaccel.agent.modes import ISTIO
+from meshaccel.agent.pods import AcceleratedPod
+from tests.netlab import Node, Pod
+from tests.netlab.netns import run_in_netns
+from tests.requirements import require_btf
+
+PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
+
+
+def load_datapath(
+    node: Node, features: DatapathFeatures = DEFAULT_FEATURES, *, instance: str | None = None
+) -> Datapath:
+    """The shipped objects, attached to the node's own test cgroup (never the root cgroup)."""
+    return Datapath.load(
+        node.cgroup.path, instance=instance or node.token, features=features, pin_root=PIN_ROOT
+    )
+
+
+def unload_quietly(node: Node, *, instance: str | None = None) -> None:
+    """Teardown: remove whatever a test left loaded, even after a failure half-way."""
+    try:
+        datapath = Datapath.adopt(instance=instance or node.token, pin_root=PIN_ROOT)
+    except Exception:
+        return
+    datapath.unload(drain_seconds=0)
+
+
+def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
+    return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
+
+
+def loopback_tx_bytes(pod: Pod) -> int:
+    """Bytes sent over the pod's lo: what crossed the loopback TCP stack."""
+    return int(run_in_netns(pod.netns, ["cat", "/sys/class/net/lo/statistics/tx_bytes"]))
+
+
+@dataclass
+class MeshPath:
+    """One way of intercepting: the control (datapath None) or meshaccel loaded."""
+
+    name: str
+    node: Node
+    datapath: Datapath | None = None
+    _baseline: dict[Counter, int] = field(default_factory=dict)
+
+    @property
+    def accelerated(self) -> bool:
+        return self.datapath is not None
+
+    def pod(self, name: str) -> Pod:
+        return self.node.pods[name]
+
+    def accelerate(self, *pods: Pod, **options: object) -> None:
+        if self.datapath is not None:
+            for pod in pods:
+                self.datapath.put_pod(istio_pod(pod, **options))
+
+    def mark(self) -> None:
+        """Counters are read relative to the last mark."""
+        self._baseline = self._read()
+
+    def counters(self) -> dict[Counter, int]:
+        now = self._read()
+        return {c: now[c] - self._baseline.get(c, 0) for c in Counter}
+
+    def _read(self) -> dict[Counter, int]:
+        if self.datapath is None:
+            return dict.fromkeys(Counter, 0)
+        return self.datapath.counters()
+
+
+@pytest.fixture(scope="module")
+def mesh(netlab_node: Node) -> Node:
+    require_btf()
+    return netlab_node
+
+
+@pytest.fixture
+def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
+    """load(features=...) -> a Datapath on the module's node, unloaded after the test."""
+    with ExitStack() as cleanup:
+
+        def load(features: DatapathFeatures = DEFAULT_FEATURES) -> Datapath:
+            cleanup.callback(unload_quietly, mesh)
+            return load_datapath(mesh, features)
+
+        yield load
+
+
+@pytest.fixture(params=["iptables", "ebpf"])
+def path(request: pytest.FixtureRequest, mesh: Node,
+         datapath_factory: Callable[..., Datapath]) -> MeshPath:
+    """Pods a and b accelerated (ebpf) or not (iptables); pod c never is."""
+    mesh_path = MeshPath(request.param, mesh)
+    if request.param == "ebpf":
+        mesh_path.datapath = datapath_factory()
+        mesh_path.accelerate(mesh.pods["a"], mesh.pods["b"])
+    mesh_path.mark()
+    return mesh_path

@@ -1,0 +1,108 @@
+"""Scenarios 1 and 2: a same-node call through two sidecars, and pods outside the set."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshaccel.agent.datapath import DEFAULT_FEATURES
+from meshaccel.agent.layout import Counter, DatapathFeatures
+from tests.datapath.conftest import MeshPath, istio_pod, loopback_tx_bytes
+from tests.netlab import ECHO_PORT, Node, Pod
+
+pytestmark = pytest.mark.kernel
+
+PAYLOAD = 1 << 20
+
+
+def call_through_sidecars(client: Pod, server: Pod) -> tuple[int, str]:
+    """client's app -> server's app:8080, checked hop by hop in both Envoys' access logs.
+
+    Returns the bytes client's pod sent over lo, and the address the server's app saw.
+    """
+    lo_before = loopback_tx_bytes(client)
+    result = client.echo_client(str(server.ip), ECHO_PORT, nbytes=PAYLOAD)
+    lo_sent = loopback_tx_bytes(client) - lo_before
+    assert result.ok, result.raw
+
+    assert client.sidecar is not None and server.sidecar is not None
+    (app,) = result.local_addresses
+    (outbound,) = client.sidecar.wait_access_log(lambda e: e.downstream_remote == app)
+    # Envoy's original_dst listener filter got the destination through SO_ORIGINAL_DST.
+    assert outbound.downstream_local == server.address(ECHO_PORT)
+    assert outbound.upstream_host == server.address(ECHO_PORT)
+    (inbound,) = server.sidecar.wait_access_log(
+        lambda e: e.downstream_remote == outbound.upstream_local
+    )
+    assert inbound.downstream_local == server.address(ECHO_PORT)
+    assert inbound.upstream_local.startswith("127.0.0.6:")  # Istio's inbound passthrough
+    assert inbound.bytes_received == inbound.bytes_sent == PAYLOAD
+    return lo_sent, inbound.upstream_local
+
+
+def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
+    a, b = path.pod("a"), path.pod("b")
+    lo_sent, _ = call_through_sidecars(a, b)
+    counters = path.counters()
+    print(f"\n[{path.name}] pod a sent {lo_sent} bytes over lo; counters: "
+          f"{ {c.metric_name: n for c, n in counters.items() if n} }")
+
+    if not path.accelerated:
+        assert not any(counters.values())
+        assert lo_sent >= 2 * PAYLOAD  # app -> Envoy and Envoy -> app, both over lo
+        return
+    assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1
+    assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1
+    assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1
+    assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 2  # Envoy a and Envoy b
+    assert counters[Counter.COUNTER_SOCKHASH_ADDED] == 6  # 3 connections, both ends
+    assert counters[Counter.COUNTER_MSG_REDIRECTED] > 0
+    # Into sidecar sockets only (the default): app a -> Envoy a -> Envoy b, app b -> Envoy b
+    # -> Envoy a. The two hops into the apps stay on TCP.
+    assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * PAYLOAD
+    assert PAYLOAD <= lo_sent < PAYLOAD + PAYLOAD // 4  # only Envoy a -> app a crossed lo
+    assert counters[Counter.COUNTER_ERROR_MAP_UPDATE] == 0
+    assert counters[Counter.COUNTER_ERROR_SOCKHASH_UPDATE] == 0
+
+
+def test_payload_skips_tcp_entirely_when_apps_are_targets(mesh: Node, datapath_factory) -> None:
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = datapath_factory(DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
+    for pod in (a, b):
+        datapath.put_pod(istio_pod(pod))
+    before = datapath.counters()
+    b_lo_before = loopback_tx_bytes(b)
+
+    lo_sent, _ = call_through_sidecars(a, b)
+
+    counters = {c: n - before[c] for c, n in datapath.counters().items()}
+    print(f"\n[ebpf, apps too] pod a sent {lo_sent} bytes over lo; counters: "
+          f"{ {c.metric_name: n for c, n in counters.items() if n} }")
+    # All six hops: app a -> Envoy a -> Envoy b -> app b and back.
+    assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * PAYLOAD
+    # Handshakes, ACKs and FINs still use TCP; not a byte of payload does.
+    assert lo_sent < 64 * 1024
+    assert loopback_tx_bytes(b) - b_lo_before < 64 * 1024
+
+
+def test_pod_outside_the_set_is_left_to_iptables(path: MeshPath) -> None:
+    b, c = path.pod("b"), path.pod("c")
+    if path.datapath is not None:
+        assert path.datapath.delete_pod(b.cgroup_id)
+        path.mark()
+
+    call_through_sidecars(c, b)  # netfilter answered SO_ORIGINAL_DST for both Envoys
+
+    assert not any(path.counters().values())
+
+
+def test_call_from_unaccelerated_pod_into_accelerated_pod(path: MeshPath) -> None:
+    b, c = path.pod("b"), path.pod("c")
+    call_through_sidecars(c, b)
+
+    counters = path.counters()
+    # c's side is iptables' alone: nothing steered, every SO_ORIGINAL_DST from netfilter.
+    assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 0
+    assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 0
+    assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 0
+    # b's own hop, Envoy b -> app b, is accelerated whoever called.
+    assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == (1 if path.accelerated else 0)
