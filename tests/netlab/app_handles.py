@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ class EchoClientRun:
         return [record for record in _json_lines(self.process.stdout()) if "event" in record]
 
     def _wait_events(
-        self, predicate: Any, *, timeout: float, what: str
+        self, predicate: Callable[[list[dict[str, Any]]], bool], *, timeout: float, what: str
     ) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
 
@@ -199,8 +199,9 @@ class EchoClientRun:
     def wait_connected(self, timeout: float = 10.0) -> list[str]:
         """Wait until every connection is established; returns their local addresses."""
         events = self._wait_events(
-            lambda found: len({e["index"] for e in found if e["event"] == "connected"})
-            >= self.connections,
+            lambda found: (
+                len({e["index"] for e in found if e["event"] == "connected"}) >= self.connections
+            ),
             timeout=timeout,
             what=f"{self.connections} echo client connection(s)",
         )
@@ -240,6 +241,19 @@ class EchoClientRun:
 # ---------------------------------------------------------------- getsockopt probe
 
 
+# Probe cases whose answer depends on the netns, not only on the cgroup/eBPF: SO_ORIGINAL_DST on
+# the probe's own un-NATed 127.0.0.1 pair is ENOENT where conntrack is idle (e.g. the host) but
+# 127.0.0.1:<listener> where conntrack is active (any pod netns with Istio's nat rules).
+NETNS_DEPENDENT_CASES = frozenset(
+    {
+        "tcp/SO_ORIGINAL_DST",
+        "tcp/SO_ORIGINAL_DST/buf8192",
+        "tcp-accepted/SO_ORIGINAL_DST",
+        "tcp-accepted/SO_ORIGINAL_DST/buf8192",
+    }
+)
+
+
 def getsockopt_probe_argv(run_as: RunAs | None = None) -> list[str]:
     argv = apps_argv("getsockopt-probe")
     if run_as is not None:  # the probe drops root itself, after making its SO_PEERGROUPS pair
@@ -256,11 +270,12 @@ def parse_getsockopt_probe(returncode: int, stdout: str, stderr: str) -> dict[st
 
 
 def run_getsockopt_probe_here(
-    run_as: RunAs | None = None, *, wrapper: Sequence[str] = (), timeout: float = 30.0
+    run_as: RunAs | None = None, *, netns: str | None = None, timeout: float = 30.0
 ) -> dict[str, Any]:
-    """The getsockopt probe in this process's context (its cgroup and netns; it only talks to
-    itself on 127.0.0.1). `wrapper`: an argv prefix, e.g. ["ip", "netns", "exec", NAME] to use
-    another netns while staying in this cgroup."""
+    """The getsockopt probe in this process's context: its cgroup, and its netns unless `netns`
+    names another (entered with `ip netns exec`, still without any cgroup move). The probe only
+    talks to itself on 127.0.0.1, so the host's netns is fine; but see NETNS_DEPENDENT_CASES."""
+    wrapper = ["ip", "netns", "exec", netns] if netns is not None else []
     completed = subprocess.run(
         [*wrapper, *getsockopt_probe_argv(run_as)],
         capture_output=True,

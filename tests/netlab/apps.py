@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno as errno_codes
 import hashlib
 import json
 import math
@@ -465,6 +464,7 @@ def _probe_case(
         if len(data) <= HEX_LIMIT:
             case["hex"] = data.hex()
         else:
+            case["head"] = data[:32].hex()
             case["sha256"] = hashlib.sha256(data).hexdigest()
     return case
 
@@ -496,7 +496,9 @@ def _peergroups_socketpair() -> tuple[socket.socket, socket.socket, int | None]:
     return first, second, setgroups_errno
 
 
-def getsockopt_battery(peergroups_pair: tuple[socket.socket, socket.socket, int | None]) -> dict:
+def getsockopt_battery(
+    peergroups_pair: tuple[socket.socket, socket.socket, int | None],
+) -> dict[str, dict[str, Any]]:
     """{case name: result}. Every name and value here is deterministic for one context."""
     cases: dict[str, dict[str, Any]] = {}
     listener, client, accepted = _loopback_tcp_pair()

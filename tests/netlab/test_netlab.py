@@ -6,15 +6,18 @@ Envoy B :15006 -> from 127.0.0.6 -> echo server B :8080.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .apps import READ_APIS
+from .app_handles import NETNS_DEPENDENT_CASES, run_getsockopt_probe_here
+from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS
 from .cgroups import cgroup_pids, find_cgroup2_mount
 from .counters import parse_proc_net_counters
 from .envoy import EnvoyBootstrapOptions, find_envoy_binary, path_usable_by, render_envoy_bootstrap
@@ -279,6 +282,100 @@ def test_http_variant_bootstrap_is_valid_envoy_config(
         check=False,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- app capabilities
+
+
+@kernel
+@pytest.mark.parametrize("identity", [None, SIDECAR_IDENTITY], ids=["app", "uid1337"])
+def test_paced_background_client_keeps_its_connections_open(
+    netlab_node: Node, identity: RunAs | None
+) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    pace, nbytes = 1.0, 64 * 1024
+    started = time.monotonic()
+    run = a.start_echo_client(
+        str(b.ip), ECHO_PORT, pace_seconds=pace, nbytes=nbytes, connections=2, run_as=identity
+    )
+    locals_ = run.wait_connected(timeout=10)
+    assert len(set(locals_)) == 2
+    run.wait_echoed(nbytes // 4, timeout=10)
+    assert run.is_running()  # mid-way: both connections are open and have echoed a quarter
+    result = run.wait(timeout=30)
+    assert result.ok, result.raw
+    assert time.monotonic() - started >= pace
+    assert result.local_addresses == locals_ and result.raw["uid"] == (identity or RunAs(0, 0)).uid
+    for connection in result.connections:
+        assert connection["received"] == nbytes and connection["seconds"] >= pace
+    echoed = [e for e in run.events() if e["event"] == "echoed"]
+    assert len(echoed) >= 2 * 40  # ~50 chunks per connection, verified as they came back
+
+
+@kernel
+@pytest.mark.parametrize(
+    ("port", "pace"), [(EXCLUDED_PORT, 0.0), (ECHO_PORT, 0.3)], ids=["direct", "paced-sidecars"]
+)
+def test_reset_client_and_the_server_keeps_serving(
+    netlab_node: Node, port: int, pace: float
+) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    reset_after = 48 * 1024
+    result = a.echo_client(
+        str(b.ip), port, nbytes=64 * 1024, reset_after=reset_after, pace_seconds=pace
+    )
+    assert result.ok and result.reset, result.raw
+    assert result.verified == [reset_after]
+    assert result.connections[0]["close_seconds"] < 1.0
+    if port == EXCLUDED_PORT:  # no sidecar in between: the server itself saw the RST
+        served = b.servers[port].wait_closed_from(result.connections[0]["local"])
+        assert served["errno"] == errno.ECONNRESET, served
+    fresh = a.echo_client(str(b.ip), port, nbytes=64 * 1024)
+    assert fresh.ok and not fresh.reset, fresh.raw
+    assert b.servers[port].process.is_running()
+
+
+@kernel
+def test_getsockopt_probe_is_deterministic_and_the_pod_matches_the_host(
+    netlab_node: Node,
+) -> None:
+    c = netlab_node.pods["c"]
+    first, second = c.getsockopt_probe(), c.getsockopt_probe()
+    assert first == second
+    assert c.getsockopt_probe(run_as=SIDECAR_IDENTITY) == first
+    host, host_again = run_getsockopt_probe_here(), run_getsockopt_probe_here()
+    assert host == host_again
+    # The same netns outside the pod's cgroup: identical, case for case.
+    assert run_getsockopt_probe_here(netns=c.netns) == first
+    # The host's netns: identical except SO_ORIGINAL_DST, which conntrack answers in the pod
+    # (Istio's nat rules make it track even this un-NATed loopback pair).
+    assert set(host) == set(first)
+    assert {k: v for k, v in host.items() if k not in NETNS_DEPENDENT_CASES} == {
+        k: v for k, v in first.items() if k not in NETNS_DEPENDENT_CASES
+    }
+    assert first["tcp/SO_ORIGINAL_DST"] == {
+        "ok": True,
+        "len": 16,
+        "hex": "020000007f0000010000000000000000",  # AF_INET 127.0.0.1:<listener port, masked>
+        "errno": None,
+        "masked": "port==listener",
+    }
+    assert first["tcp/SO_ORIGINAL_DST/buf8"]["errno"] == errno.EINVAL
+
+    # The kernel's own answers, as the probe recorded them.
+    assert first["tcp/SO_TYPE"] == {"ok": True, "len": 4, "hex": "01000000", "errno": None}
+    assert first["tcp/SO_TYPE/buf8192"] == first["tcp/SO_TYPE"]
+    assert first["udp/SO_TYPE"]["hex"] == "02000000"
+    assert first["tcp/SO_RCVBUF/buf2"]["len"] == 2  # truncated, not an error
+    assert first["tcp/SO_RCVBUF/buf2"]["hex"] == first["tcp/SO_RCVBUF"]["hex"][:4]
+    assert first["tcp/TCP_CONGESTION"]["len"] == 16
+    assert first["tcp/TCP_INFO"]["ok"] and first["tcp/TCP_INFO"]["hex"] == ""
+    needed = 4 * len(GROUPS_FOR_PEERGROUPS)
+    assert needed > 4096
+    big = first["unix/SO_PEERGROUPS/buf16384"]
+    assert big["ok"] and big["len"] == needed and len(big["sha256"]) == 64
+    small = first["unix/SO_PEERGROUPS/buf4096"]
+    assert not small["ok"] and small["errno"] == errno.ERANGE and small["len"] == needed
 
 
 # ---------------------------------------------------------------- nothing left behind

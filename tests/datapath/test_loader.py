@@ -1,0 +1,158 @@
+"""The loader and the pod API against the real kernel: errors name their cause, failures undo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from meshaccel.agent import libbpf
+from meshaccel.agent.datapath import (
+    OBJECT_FILES,
+    AlreadyLoadedError,
+    Capacities,
+    Datapath,
+    MapFullError,
+    default_objects_dir,
+)
+from meshaccel.agent.modes import ISTIO, LINKERD
+from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.prerequisites import (
+    BpffsNotMountedError,
+    NoCgroup2Error,
+    ObjectMissingError,
+)
+from tests.datapath.conftest import PIN_ROOT, load_datapath, unload_quietly
+from tests.netlab import Node
+
+pytestmark = pytest.mark.kernel
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bpf"
+
+
+@pytest.fixture
+def datapath(mesh: Node) -> Datapath:
+    return Datapath.adopt(instance=mesh.token, pin_root=PIN_ROOT)
+
+
+@pytest.fixture(autouse=True)
+def loaded(mesh: Node):
+    load_datapath(mesh).close()
+    yield
+    unload_quietly(mesh)
+
+
+def attached_programs(cgroup: Path) -> str:
+    out = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True,
+                         text=True, check=True, timeout=10).stdout
+    return "\n".join(line for line in out.splitlines() if line and not line.startswith("ID"))
+
+
+def test_pods_read_back_exactly_as_written(datapath: Datapath) -> None:
+    a = AcceleratedPod.in_mesh(
+        ISTIO, 1001, "198.18.1.1",
+        excluded_outbound_ports=frozenset({5432}),
+        excluded_inbound_ports=frozenset({9100}),
+        excluded_outbound_cidrs=frozenset({IPv4Network("10.96.0.0/12")}),
+        included_outbound_cidrs=frozenset({IPv4Network("198.18.0.0/15"), IPv4Network("0.0.0.0/0")}),
+    )
+    b = AcceleratedPod.in_mesh(LINKERD, 1002, "198.18.1.2")
+    datapath.put_pod(a)
+    datapath.put_pod(b)
+    assert datapath.pods() == {1001: a, 1002: b}
+
+    # An update that drops options leaves no stale entries behind.
+    slimmer = AcceleratedPod.in_mesh(ISTIO, 1001, "198.18.1.3")
+    datapath.put_pod(slimmer)
+    assert datapath.pods() == {1001: slimmer, 1002: b}
+
+    assert datapath.delete_pod(1001)
+    assert not datapath.delete_pod(1001)
+    assert datapath.pods() == {1002: b}
+
+
+def test_address_of_another_pod_is_refused_and_nothing_changes(datapath: Datapath) -> None:
+    first = AcceleratedPod.in_mesh(ISTIO, 2001, "198.18.2.1")
+    datapath.put_pod(first)
+    with pytest.raises(ValueError, match="198.18.2.1 already belongs to the pod with cgroup id 2001"):
+        datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, 2002, "198.18.2.1"))
+    assert datapath.pods() == {2001: first}
+
+
+def test_full_map_is_refused_whole(mesh: Node) -> None:
+    unload_quietly(mesh)
+    # Room for one Istio pod's 13 excluded ports, not for two.
+    with Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT,
+                       capacities=Capacities(pods=4, pod_ports=20)) as datapath:
+        first = AcceleratedPod.in_mesh(ISTIO, 3001, "198.18.3.1")
+        datapath.put_pod(first)
+        with pytest.raises(MapFullError, match="map pod_ports is full \\(20 entries\\)"):
+            datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, 3002, "198.18.3.2"))
+        assert datapath.pods() == {3001: first}  # and none of 3002's ports are left behind
+        datapath.delete_pod(3001)
+        datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, 3002, "198.18.3.2"))
+
+
+def test_second_load_is_refused(mesh: Node) -> None:
+    with pytest.raises(AlreadyLoadedError, match="adopt it"):
+        load_datapath(mesh)
+
+
+def test_missing_object_names_the_fix(mesh: Node, tmp_path: Path) -> None:
+    unload_quietly(mesh)
+    with pytest.raises(ObjectMissingError, match="make -C bpf"):
+        Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT,
+                      objects_dir=tmp_path)
+
+
+def test_not_a_cgroup_is_refused(mesh: Node, tmp_path: Path) -> None:
+    unload_quietly(mesh)
+    with pytest.raises(NoCgroup2Error, match="is not a cgroup v2 directory"):
+        Datapath.load(tmp_path, instance=mesh.token, pin_root=PIN_ROOT)
+
+
+def test_pins_outside_bpffs_are_refused(mesh: Node, tmp_path: Path) -> None:
+    unload_quietly(mesh)
+    with pytest.raises(BpffsNotMountedError, match="not on a bpf filesystem"):
+        Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=tmp_path)
+
+
+def test_verifier_rejection_carries_the_log_and_undoes_everything(mesh: Node,
+                                                                 tmp_path: Path) -> None:
+    unload_quietly(mesh)
+    objects = tmp_path / "objects"
+    shutil.copytree(default_objects_dir(), objects)
+    subprocess.run(["make", "-s", "-C", str(FIXTURES), f"OUT={tmp_path}"], check=True,
+                   capture_output=True, timeout=120)
+    # The last object to load is broken: the first three have loaded and pinned their maps.
+    shutil.copy(tmp_path / "bad.bpf.o", objects / OBJECT_FILES[-1])
+
+    with pytest.raises(libbpf.VerifierError) as failure:
+        Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT,
+                      objects_dir=objects)
+
+    assert "processed" in str(failure.value) or "invalid" in str(failure.value).lower()
+    assert not (PIN_ROOT / mesh.token).exists()
+    assert attached_programs(mesh.cgroup.path) == ""
+
+
+def test_unprivileged_load_names_the_capabilities(mesh: Node) -> None:
+    unload_quietly(mesh)
+    script = (
+        "from pathlib import Path\n"
+        "from meshaccel.agent.datapath import Datapath\n"
+        f"Datapath.load(Path({str(mesh.cgroup.path)!r}), instance='x', "
+        f"pin_root=Path({str(PIN_ROOT)!r}))\n"
+    )
+    # Still uid 0, but with every capability dropped.
+    result = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "NotPrivilegedError" in result.stderr
+    assert "CAP_BPF and CAP_NET_ADMIN" in result.stderr
