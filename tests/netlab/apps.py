@@ -82,51 +82,53 @@ class EventLog:
 # ---------------------------------------------------------------- echo server
 
 
-def _echo_with_reads(conn: socket.socket, read: Callable[[], bytes | memoryview | None]) -> int:
-    total = 0
+def _echo_with_reads(
+    conn: socket.socket, read: Callable[[], bytes | memoryview | None], echoed: list[int]
+) -> None:
     while True:
         data = read()
         if data is None:  # makefile().readinto returns None on EAGAIN, i.e. our SO_RCVTIMEO
             raise TimeoutError("read timed out")
         if not data:
-            return total
+            return
         conn.sendall(data)
-        total += len(data)
+        echoed[0] += len(data)
 
 
-def _echo_with_splice(conn: socket.socket) -> int:
+def _echo_with_splice(conn: socket.socket, echoed: list[int]) -> None:
     pipe_read, pipe_write = os.pipe()
-    total = 0
     try:
         while True:
             moved = os.splice(conn.fileno(), pipe_write, BUFFER_SIZE)
             if moved == 0:
-                return total
+                return
             pending = moved
             while pending:
-                pending -= os.splice(pipe_read, conn.fileno(), pending)
-            total += moved
+                spliced = os.splice(pipe_read, conn.fileno(), pending)
+                pending -= spliced
+                echoed[0] += spliced
     finally:
         os.close(pipe_read)
         os.close(pipe_write)
 
 
-def _echo(conn: socket.socket, read_api: str) -> int:
+def _echo(conn: socket.socket, read_api: str, echoed: list[int]) -> None:
+    """Echo until EOF; echoed[0] counts the bytes sent back (also when an error ends it)."""
     fd = conn.fileno()
     buffer = bytearray(BUFFER_SIZE)
     view = memoryview(buffer)
     if read_api == "splice":
-        return _echo_with_splice(conn)
+        return _echo_with_splice(conn, echoed)
     if read_api == "read":
-        return _echo_with_reads(conn, lambda: os.read(fd, BUFFER_SIZE))
+        return _echo_with_reads(conn, lambda: os.read(fd, BUFFER_SIZE), echoed)
     if read_api == "recv":
-        return _echo_with_reads(conn, lambda: conn.recv(BUFFER_SIZE))
+        return _echo_with_reads(conn, lambda: conn.recv(BUFFER_SIZE), echoed)
     if read_api == "recv_into":
-        return _echo_with_reads(conn, lambda: view[: conn.recv_into(buffer)])
+        return _echo_with_reads(conn, lambda: view[: conn.recv_into(buffer)], echoed)
     if read_api == "recvmsg":
-        return _echo_with_reads(conn, lambda: conn.recvmsg(BUFFER_SIZE)[0])
+        return _echo_with_reads(conn, lambda: conn.recvmsg(BUFFER_SIZE)[0], echoed)
     if read_api == "readv":
-        return _echo_with_reads(conn, lambda: view[: os.readv(fd, [buffer])])
+        return _echo_with_reads(conn, lambda: view[: os.readv(fd, [buffer])], echoed)
     if read_api == "readinto":
         stream = conn.makefile("rb", buffering=0)
 
@@ -135,7 +137,7 @@ def _echo(conn: socket.socket, read_api: str) -> int:
             return None if count is None else view[:count]
 
         try:
-            return _echo_with_reads(conn, read_into)
+            return _echo_with_reads(conn, read_into, echoed)
         finally:
             stream.close()
     raise ValueError(f"unknown read API {read_api!r}")
@@ -147,10 +149,11 @@ def serve_connection(
     local = _addr(conn.getsockname())
     log.write(event="accept", peer=peer, local=local, read_api=args.read_api)
     started = time.monotonic()
-    total, error, error_errno = 0, None, None
+    echoed: list[int] = [0]
+    error, error_errno = None, None
     try:
         _set_io_timeouts(conn, args.io_timeout)
-        total = _echo(conn, args.read_api)
+        _echo(conn, args.read_api, echoed)
         conn.shutdown(socket.SHUT_WR)
     except OSError as exc:  # e.g. ECONNRESET from a peer that reset: log it, keep serving others
         error, error_errno = f"{type(exc).__name__}: {exc}", exc.errno
@@ -160,7 +163,7 @@ def serve_connection(
             event="close",
             peer=peer,
             local=local,
-            bytes=total,
+            bytes=echoed[0],
             error=error,
             errno=error_errno,
             seconds=round(time.monotonic() - started, 4),

@@ -1,0 +1,117 @@
+"""Scenarios 7 and 8: unload and restart while connections are open.
+
+Both are about meshaccel's own life cycle, so they have no iptables-only control; the control
+is what the connections see after the unload, which is the iptables path itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from meshaccel.agent.datapath import Datapath
+from meshaccel.agent.layout import Counter
+from tests.datapath.conftest import PIN_ROOT, istio_pod, unload_quietly
+from tests.netlab import ECHO_PORT, Node
+
+pytestmark = pytest.mark.kernel
+
+STREAM = 2 << 20  # per connection, paced over a few seconds so the event falls mid-stream
+CONNECTIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def cleanup(mesh: Node):
+    yield
+    unload_quietly(mesh)
+
+
+def attached_programs(node: Node) -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(node.cgroup.path)],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    return [entry["name"] for entry in json.loads(out.strip() or "[]")]
+
+
+def run_loader(node: Node, code: str) -> str:
+    """Run code in a separate loader process that exits when done, as an agent would."""
+    script = (
+        "from pathlib import Path\n"
+        "from meshaccel.agent.datapath import Datapath\n"
+        "from meshaccel.agent.layout import Counter\n"
+        "from meshaccel.agent.modes import ISTIO\n"
+        "from meshaccel.agent.pods import AcceleratedPod\n"
+        f"cgroup, instance, pin_root = Path({str(node.cgroup.path)!r}), {node.token!r}, "
+        f"Path({str(PIN_ROOT)!r})\n" + code
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_unload_with_connections_open(mesh: Node) -> None:
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT)
+    for pod in (a, b):
+        datapath.put_pod(istio_pod(pod))
+
+    streams = a.start_echo_client(str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS,
+                                  pace_seconds=3.0)
+    accelerated = streams.wait_connected()
+    assert all(local.startswith("127.0.0.1:") for local in accelerated)  # steered by connect4
+    streams.wait_echoed(STREAM // 4)
+    assert datapath.counters()[Counter.COUNTER_MSG_REDIRECTED] > 0
+
+    datapath.unload(drain_seconds=0.5)
+
+    assert attached_programs(mesh) == []
+    assert not (PIN_ROOT / mesh.token).exists()
+    # New connections take the iptables path: REDIRECT keeps the app's own source address.
+    fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)
+    assert fresh.ok, fresh.raw
+    assert fresh.local_addresses[0].startswith(f"{a.ip}:")
+    # The connections opened before go on, byte-exact, now over plain TCP.
+    result = streams.wait(timeout=30)
+    assert result.ok, result.raw
+    assert len(result.connections) == CONNECTIONS
+
+
+def test_restart_adopts_the_pins(mesh: Node) -> None:
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    run_loader(mesh, (
+        "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root)\n"
+        f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {a.cgroup_id}, {str(a.ip)!r}))\n"
+        f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {b.cgroup_id}, {str(b.ip)!r}))\n"
+    ))  # ... and that loader has exited
+
+    streams = a.start_echo_client(str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS,
+                                  pace_seconds=3.0)
+    assert all(local.startswith("127.0.0.1:") for local in streams.wait_connected())
+    streams.wait_echoed(STREAM // 4)
+
+    # A new loader adopts what the first one left, while the connections are mid-stream.
+    adopted = json.loads(run_loader(mesh, (
+        "import json\n"
+        "with Datapath.load_or_adopt(cgroup, instance=instance, pin_root=pin_root) as d:\n"
+        "    counters = d.counters()\n"
+        "    print(json.dumps({'pods': sorted(d.pods()),\n"
+        "                      'redirected': counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]}))\n"
+    )))
+    assert adopted["pods"] == sorted([a.cgroup_id, b.cgroup_id])
+    assert adopted["redirected"] >= CONNECTIONS
+
+    result = streams.wait(timeout=30)
+    assert result.ok, result.raw
+
+    with Datapath.adopt(instance=mesh.token, pin_root=PIN_ROOT) as datapath:
+        assert datapath.pods() == {a.cgroup_id: istio_pod(a), b.cgroup_id: istio_pod(b)}
+        before = datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
+        fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)
+        assert fresh.ok, fresh.raw
+        assert fresh.local_addresses[0].startswith("127.0.0.1:")
+        assert datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == before + 1
+    assert sorted(attached_programs(mesh)) == sorted(
+        ["answer_original_dst", "track_sockets", "redirect_connect4"])
