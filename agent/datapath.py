@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from meshaccel.agent import layout, libbpf, prerequisites
@@ -37,7 +37,9 @@ from meshaccel.agent.prerequisites import DatapathError
 log = logging.getLogger(__name__)
 
 PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
-DEFAULT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+DEFAULT_FEATURES = (
+    DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+)
 
 
 class NotLoadedError(DatapathError):
@@ -159,7 +161,7 @@ class Datapath:
         capacities: Capacities = Capacities(),
         pin_root: Path = PIN_ROOT,
     ) -> Datapath:
-        """Load the objects, pin their maps and attach them to ``cgroup`` (default: the cgroup2 root).
+        """Load the objects, pin their maps, attach to ``cgroup`` (default: the cgroup2 root).
 
         On any failure, everything this call created is removed again.
         """
@@ -182,9 +184,7 @@ class Datapath:
 
         with contextlib.ExitStack() as undo:
             _make_pin_dirs(pins, undo)
-            objects = {
-                path.name: undo.enter_context(libbpf.BpfObject.open(path)) for path in paths
-            }
+            objects = {path.name: undo.enter_context(libbpf.BpfObject.open(path)) for path in paths}
             _prepare(objects, paths, pins, features, capacities, undo)
             for name, obj in objects.items():
                 log.debug("loading %s", name)
@@ -206,7 +206,9 @@ class Datapath:
         pins = PinLayout(pin_root / instance)
         missing = [str(p) for p in pins.all_pins() if not p.exists()]
         if missing:
-            raise NotLoadedError(f"no complete datapath under {pins.root}: missing {', '.join(missing)}")
+            raise NotLoadedError(
+                f"no complete datapath under {pins.root}: missing {', '.join(missing)}"
+            )
         return cls(pins, {name: libbpf.Map.from_pin(pins.map(name)) for name in SHARED_MAPS})
 
     @classmethod
@@ -246,8 +248,9 @@ class Datapath:
         if sk_msg_pin.exists():
             with libbpf.Program.from_pin(sk_msg_pin) as program:
                 for name in SOCKHASHES:
-                    libbpf.prog_detach(program.fd, self._map(name).fd,
-                                       libbpf.AttachType.SK_MSG_VERDICT)
+                    libbpf.prog_detach(
+                        program.fd, self._map(name).fd, libbpf.AttachType.SK_MSG_VERDICT
+                    )
             sk_msg_pin.unlink()
         self.close()
         for name in SHARED_MAPS:
@@ -261,16 +264,24 @@ class Datapath:
         """Accelerate ``pod``, or bring its entries in line with it. All or nothing."""
         owner = self._map("pod_ips").lookup(bytes(layout.ipv4(pod.ip)))
         if owner is not None and decode_u64(owner) != pod.cgroup_id:
-            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {decode_u64(owner)}")
+            raise ValueError(
+                f"{pod.ip} already belongs to the pod with cgroup id {decode_u64(owner)}"
+            )
         old = self.pod(pod.cgroup_id)
 
         with contextlib.ExitStack() as undo:
             # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
             self._insert(undo, "pod_ports", pod.port_keys() - (old.port_keys() if old else set()))
-            self._insert(undo, "outbound_excluded_cidrs",
-                         pod.excluded_cidr_keys() - (old.excluded_cidr_keys() if old else set()))
-            self._insert(undo, "outbound_included_cidrs",
-                         pod.included_cidr_keys() - (old.included_cidr_keys() if old else set()))
+            self._insert(
+                undo,
+                "outbound_excluded_cidrs",
+                pod.excluded_cidr_keys() - (old.excluded_cidr_keys() if old else set()),
+            )
+            self._insert(
+                undo,
+                "outbound_included_cidrs",
+                pod.included_cidr_keys() - (old.included_cidr_keys() if old else set()),
+            )
             self._put(undo, "pod_ips", bytes(layout.ipv4(pod.ip)), u64(pod.cgroup_id))
             self._put(undo, "pods", u64(pod.cgroup_id), bytes(pod.info()))
             undo.pop_all()
@@ -279,10 +290,12 @@ class Datapath:
             if old.ip != pod.ip:
                 self._map("pod_ips").delete(bytes(layout.ipv4(old.ip)))
             self._delete_all("pod_ports", old.port_keys() - pod.port_keys())
-            self._delete_all("outbound_excluded_cidrs",
-                             old.excluded_cidr_keys() - pod.excluded_cidr_keys())
-            self._delete_all("outbound_included_cidrs",
-                             old.included_cidr_keys() - pod.included_cidr_keys())
+            self._delete_all(
+                "outbound_excluded_cidrs", old.excluded_cidr_keys() - pod.excluded_cidr_keys()
+            )
+            self._delete_all(
+                "outbound_included_cidrs", old.included_cidr_keys() - pod.included_cidr_keys()
+            )
 
     def delete_pod(self, cgroup_id: int) -> bool:
         """Stop accelerating a pod (its open connections carry on). False if it was not there."""
@@ -302,22 +315,18 @@ class Datapath:
 
     def pods(self) -> dict[int, AcceleratedPod]:
         """Every accelerated pod, read back from the maps."""
-        result = {}
-        for key in self._map("pods").keys():
-            raw = self._map("pods").lookup(key)
-            if raw is not None:
-                cgroup_id = decode_u64(key)
-                result[cgroup_id] = self._decode_pod(cgroup_id, raw)
-        return result
+        return {
+            decode_u64(key): self._decode_pod(decode_u64(key), raw)
+            for key, raw in self._map("pods").items()
+        }
 
     def counters(self) -> dict[Counter, int]:
         """Event counters summed over CPUs."""
-        totals = {}
         counters = self._map("counters")
-        for counter in Counter:
-            per_cpu = counters.lookup_percpu(u32(counter))
-            totals[counter] = sum(decode_u64(v) for v in per_cpu)
-        return totals
+        return {
+            counter: sum(decode_u64(v) for v in counters.lookup_percpu(u32(counter)) or ())
+            for counter in Counter
+        }
 
     def connections(self) -> list[tuple[layout.SockTuple, layout.Connection]]:
         """Steered connections still open, by the accepting socket's view of the tuple."""
@@ -328,7 +337,7 @@ class Datapath:
 
     def sockets(self) -> dict[str, int]:
         """How many sockets each sockhash holds."""
-        return {name: sum(1 for _ in self._map(name).keys()) for name in SOCKHASHES}
+        return {name: sum(1 for _ in self._map(name)) for name in SOCKHASHES}
 
     # -- internals ------------------------------------------------------------------------
 
@@ -341,7 +350,7 @@ class Datapath:
     def _decode_pod(self, cgroup_id: int, raw: bytes) -> AcceleratedPod:
         info = layout.PodInfo.from_buffer_copy(raw)
         ports: dict[TrafficDirection, set[int]] = {d: set() for d in TrafficDirection}
-        for key in self._map("pod_ports").keys():
+        for key in self._map("pod_ports"):
             owner, port, direction = decode_port_key(key)
             if owner == cgroup_id:
                 ports[direction].add(port)
@@ -355,12 +364,13 @@ class Datapath:
             excluded_outbound_ports=frozenset(ports[TrafficDirection.DIRECTION_OUTBOUND]),
             excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
             excluded_outbound_cidrs=frozenset(self._cidrs("outbound_excluded_cidrs", cgroup_id)),
-            included_outbound_cidrs=None if includes_all else frozenset(
-                self._cidrs("outbound_included_cidrs", cgroup_id)),
+            included_outbound_cidrs=None
+            if includes_all
+            else frozenset(self._cidrs("outbound_included_cidrs", cgroup_id)),
         )
 
-    def _cidrs(self, map_name: str, cgroup_id: int) -> Iterator[layout.IPv4Network]:
-        for key in self._map(map_name).keys():
+    def _cidrs(self, map_name: str, cgroup_id: int) -> Iterator[IPv4Network]:
+        for key in self._map(map_name):
             owner, network = decode_cidr_key(key)
             if owner == cgroup_id:
                 yield network
@@ -401,8 +411,13 @@ class Datapath:
 
 
 def _make_pin_dirs(pins: PinLayout, undo: contextlib.ExitStack) -> None:
-    for directory in (pins.root.parent, pins.root, pins.root / "maps", pins.root / "links",
-                      pins.root / "progs"):
+    for directory in (
+        pins.root.parent,
+        pins.root,
+        pins.root / "maps",
+        pins.root / "links",
+        pins.root / "progs",
+    ):
         if not directory.exists():
             directory.mkdir()
             undo.callback(_rmdir_if_empty, directory)
@@ -414,8 +429,13 @@ def _rmdir_if_empty(directory: Path) -> None:
 
 
 def _remove_pin_dirs(pins: PinLayout) -> None:
-    for directory in (pins.root / "maps", pins.root / "links", pins.root / "progs", pins.root,
-                      pins.root.parent):
+    for directory in (
+        pins.root / "maps",
+        pins.root / "links",
+        pins.root / "progs",
+        pins.root,
+        pins.root.parent,
+    ):
         _rmdir_if_empty(directory)
 
 
@@ -471,8 +491,7 @@ def _attach(
     for name in SOCKHASHES:
         sockhash = objects[SK_MSG_OBJECT].map(name)
         libbpf.prog_attach(sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
-        undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd,
-                      libbpf.AttachType.SK_MSG_VERDICT)
+        undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
     _pin(undo, sk_msg.pin, pins.program(SK_MSG_PROGRAM))
 
     links = []

@@ -15,21 +15,22 @@ from ipaddress import IPv4Address
 
 Be16 = ctypes.c_ubyte * 2
 Be32 = ctypes.c_ubyte * 4
+NetworkBytes = ctypes.Array[ctypes.c_ubyte]  # a Be16 or Be32 field
 
 
-def be16(port: int) -> Be16:
+def be16(port: int) -> NetworkBytes:
     return Be16(*port.to_bytes(2, "big"))
 
 
-def ipv4(address: IPv4Address | str) -> Be32:
+def ipv4(address: IPv4Address | str) -> NetworkBytes:
     return Be32(*IPv4Address(address).packed)
 
 
-def port_of(field: Be16) -> int:
+def port_of(field: NetworkBytes) -> int:
     return int.from_bytes(bytes(field), "big")
 
 
-def ip_of(field: Be32) -> IPv4Address:
+def ip_of(field: NetworkBytes) -> IPv4Address:
     return IPv4Address(bytes(field))
 
 

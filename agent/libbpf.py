@@ -1371,6 +1371,9 @@ class Map:
             yield nxt.raw
             prev = nxt
 
+    def __iter__(self) -> Iterator[bytes]:
+        return self.keys()
+
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Iterate (key, value) of a non-per-CPU map, skipping keys deleted meanwhile."""
         for key in self.keys():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -87,10 +86,14 @@ class AcceleratedPod:
         )
 
     def port_keys(self) -> set[bytes]:
-        keys = {port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_OUTBOUND)
-                for p in self.excluded_outbound_ports}
-        keys |= {port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_INBOUND)
-                 for p in self.excluded_inbound_ports}
+        keys = {
+            port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_OUTBOUND)
+            for p in self.excluded_outbound_ports
+        }
+        keys |= {
+            port_key(self.cgroup_id, p, TrafficDirection.DIRECTION_INBOUND)
+            for p in self.excluded_inbound_ports
+        }
         return keys
 
     def excluded_cidr_keys(self) -> set[bytes]:
@@ -115,16 +118,19 @@ def decode_u64(raw: bytes) -> int:
 
 
 def port_key(cgroup_id: int, port: int, direction: TrafficDirection) -> bytes:
-    return bytes(layout.PodPortKey(pod_cgroup_id=cgroup_id, port=layout.be16(port),
-                                   direction=direction))
+    return bytes(
+        layout.PodPortKey(pod_cgroup_id=cgroup_id, port=layout.be16(port), direction=direction)
+    )
 
 
 def cidr_key(cgroup_id: int, network: IPv4Network) -> bytes:
-    return bytes(layout.PodCidrKey(
-        prefixlen=layout.POD_CIDR_PREFIX_BITS + network.prefixlen,
-        pod_cgroup_id=cgroup_id,
-        addr=layout.ipv4(network.network_address),
-    ))
+    return bytes(
+        layout.PodCidrKey(
+            prefixlen=layout.POD_CIDR_PREFIX_BITS + network.prefixlen,
+            pod_cgroup_id=cgroup_id,
+            addr=layout.ipv4(network.network_address),
+        )
+    )
 
 
 def decode_port_key(key: bytes) -> tuple[int, int, TrafficDirection]:

@@ -52,7 +52,10 @@ def effective_capabilities(status: Path = Path("/proc/self/status")) -> int:
 
 def check_privileges() -> None:
     caps = effective_capabilities()
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
+
+    def has(cap: int) -> bool:
+        return bool(caps & (1 << cap))
+
     if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_NET_ADMIN)):
         return
     raise NotPrivilegedError(
@@ -90,7 +93,9 @@ def check_kernel_features() -> None:
     missing = [
         name for prog_type, name in _PROGRAM_TYPES.items() if not libbpf.probe_prog_type(prog_type)
     ]
-    missing += [name for map_type, name in _MAP_TYPES.items() if not libbpf.probe_map_type(map_type)]
+    missing += [
+        name for map_type, name in _MAP_TYPES.items() if not libbpf.probe_map_type(map_type)
+    ]
     if missing:
         raise KernelFeatureError(
             f"this kernel lacks {', '.join(missing)}: meshaccel needs Linux 5.15 or newer "

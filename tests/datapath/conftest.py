@@ -107,8 +107,9 @@ def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
 
 
 @pytest.fixture(params=["iptables", "ebpf"])
-def path(request: pytest.FixtureRequest, mesh: Node,
-         datapath_factory: Callable[..., Datapath]) -> MeshPath:
+def path(
+    request: pytest.FixtureRequest, mesh: Node, datapath_factory: Callable[..., Datapath]
+) -> MeshPath:
     """Pods a and b accelerated (ebpf) or not (iptables); pod c never is."""
     mesh_path = MeshPath(request.param, mesh)
     if request.param == "ebpf":

@@ -30,8 +30,10 @@ def echo(client: Pod, server: Pod, port: int, run_as: RunAs | None = None) -> st
 
 
 def steered(counters: dict[Counter, int]) -> int:
-    return (counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
-            + counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED])
+    return (
+        counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
+        + counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED]
+    )
 
 
 def test_mesh_own_ports_are_never_steered(path: MeshPath) -> None:
@@ -62,8 +64,7 @@ def test_per_pod_excluded_outbound_port(path: MeshPath) -> None:
     b.servers[EXCLUDED_PORT].wait_closed_from(app)  # the app saw a's app itself: no proxy
     counters = path.counters()
     assert steered(counters) == 0
-    assert counters[Counter.COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED] == (
-        1 if path.accelerated else 0)
+    assert counters[Counter.COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED] == (1 if path.accelerated else 0)
 
 
 def test_per_pod_excluded_inbound_port(path: MeshPath) -> None:
@@ -77,15 +78,15 @@ def test_per_pod_excluded_inbound_port(path: MeshPath) -> None:
     b.servers[EXCLUDED_PORT].wait_closed_from(client)  # no proxy on the way
     counters = path.counters()
     assert steered(counters) == 0
-    assert counters[Counter.COUNTER_BYPASS_INBOUND_PORT_EXCLUDED] == (
-        1 if path.accelerated else 0)
+    assert counters[Counter.COUNTER_BYPASS_INBOUND_PORT_EXCLUDED] == (1 if path.accelerated else 0)
 
 
 @pytest.mark.parametrize(
     "identity", [SIDECAR_IDENTITY, RunAs(uid=0, gid=1337)], ids=["uid-1337", "gid-1337"]
 )
-def test_sidecar_to_meshed_pod_goes_to_its_inbound_listener(path: MeshPath,
-                                                            identity: RunAs) -> None:
+def test_sidecar_to_meshed_pod_goes_to_its_inbound_listener(
+    path: MeshPath, identity: RunAs
+) -> None:
     a, b = path.pod("a"), path.pod("b")
     assert a.sidecar is not None and b.sidecar is not None
     client = echo(a, b, ECHO_PORT, run_as=identity)
@@ -110,4 +111,5 @@ def test_sidecar_to_pod_outside_the_set_is_not_steered(path: MeshPath) -> None:
     counters = path.counters()
     assert steered(counters) == 0
     assert counters[Counter.COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION] == (
-        1 if path.accelerated else 0)
+        1 if path.accelerated else 0
+    )

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.mark.parametrize("identity", [None, SIDECAR_IDENTITY], ids=["app", "sidecar"])
-def test_getsockopt_in_an_accelerated_pod_matches_the_kernel(path: MeshPath,
-                                                            identity: RunAs | None) -> None:
+def test_getsockopt_in_an_accelerated_pod_matches_the_kernel(
+    path: MeshPath, identity: RunAs | None
+) -> None:
     a = path.pod("a")
     # The same battery (SO_*, TCP_*, IP_*, SO_ORIGINAL_DST on connections nobody steered,
     # 8192-byte buffers, too-small buffers, SO_PEERGROUPS answering 4800 bytes) twice in pod

@@ -30,8 +30,13 @@ def cleanup(mesh: Node):
 
 
 def attached_programs(node: Node) -> list[str]:
-    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(node.cgroup.path)],
-                         capture_output=True, text=True, check=True, timeout=10).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(node.cgroup.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
     return [entry["name"] for entry in json.loads(out.strip() or "[]")]
 
 
@@ -46,8 +51,9 @@ def run_loader(node: Node, code: str) -> str:
         f"cgroup, instance, pin_root = Path({str(node.cgroup.path)!r}), {node.token!r}, "
         f"Path({str(PIN_ROOT)!r})\n" + code
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -58,8 +64,9 @@ def test_unload_with_connections_open(mesh: Node) -> None:
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
 
-    streams = a.start_echo_client(str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS,
-                                  pace_seconds=3.0)
+    streams = a.start_echo_client(
+        str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
+    )
     accelerated = streams.wait_connected()
     assert all(local.startswith("127.0.0.1:") for local in accelerated)  # steered by connect4
     streams.wait_echoed(STREAM // 4)
@@ -81,25 +88,33 @@ def test_unload_with_connections_open(mesh: Node) -> None:
 
 def test_restart_adopts_the_pins(mesh: Node) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
-    run_loader(mesh, (
-        "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root)\n"
-        f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {a.cgroup_id}, {str(a.ip)!r}))\n"
-        f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {b.cgroup_id}, {str(b.ip)!r}))\n"
-    ))  # ... and that loader has exited
+    run_loader(
+        mesh,
+        (
+            "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root)\n"
+            f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {a.cgroup_id}, {str(a.ip)!r}))\n"
+            f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {b.cgroup_id}, {str(b.ip)!r}))\n"
+        ),
+    )  # ... and that loader has exited
 
-    streams = a.start_echo_client(str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS,
-                                  pace_seconds=3.0)
+    streams = a.start_echo_client(
+        str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
+    )
     assert all(local.startswith("127.0.0.1:") for local in streams.wait_connected())
     streams.wait_echoed(STREAM // 4)
 
     # A new loader adopts what the first one left, while the connections are mid-stream.
-    adopted = json.loads(run_loader(mesh, (
-        "import json\n"
-        "with Datapath.load_or_adopt(cgroup, instance=instance, pin_root=pin_root) as d:\n"
-        "    counters = d.counters()\n"
-        "    print(json.dumps({'pods': sorted(d.pods()),\n"
-        "                      'redirected': counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]}))\n"
-    )))
+    adopted = json.loads(
+        run_loader(
+            mesh,
+            (
+                "import json\n"
+                "with Datapath.load_or_adopt(cgroup, instance=instance, pin_root=pin_root) as d:\n"
+                "    redirected = d.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]\n"
+                "    print(json.dumps({'pods': sorted(d.pods()), 'redirected': redirected}))\n"
+            ),
+        )
+    )
     assert adopted["pods"] == sorted([a.cgroup_id, b.cgroup_id])
     assert adopted["redirected"] >= CONNECTIONS
 
@@ -114,4 +129,5 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
         assert fresh.local_addresses[0].startswith("127.0.0.1:")
         assert datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == before + 1
     assert sorted(attached_programs(mesh)) == sorted(
-        ["answer_original_dst", "track_sockets", "redirect_connect4"])
+        ["answer_original_dst", "track_sockets", "redirect_connect4"]
+    )

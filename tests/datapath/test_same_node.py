@@ -43,8 +43,10 @@ def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
     lo_sent, _ = call_through_sidecars(a, b)
     counters = path.counters()
-    print(f"\n[{path.name}] pod a sent {lo_sent} bytes over lo; counters: "
-          f"{ {c.metric_name: n for c, n in counters.items() if n} }")
+    print(
+        f"\n[{path.name}] pod a sent {lo_sent} bytes over lo; counters: "
+        f"{ {c.metric_name: n for c, n in counters.items() if n} }"
+    )
 
     if not path.accelerated:
         assert not any(counters.values())
@@ -75,8 +77,10 @@ def test_payload_skips_tcp_entirely_when_apps_are_targets(mesh: Node, datapath_f
     lo_sent, _ = call_through_sidecars(a, b)
 
     counters = {c: n - before[c] for c, n in datapath.counters().items()}
-    print(f"\n[ebpf, apps too] pod a sent {lo_sent} bytes over lo; counters: "
-          f"{ {c.metric_name: n for c, n in counters.items() if n} }")
+    print(
+        f"\n[ebpf, apps too] pod a sent {lo_sent} bytes over lo; counters: "
+        f"{ {c.metric_name: n for c, n in counters.items() if n} }"
+    )
     # All six hops: app a -> Envoy a -> Envoy b -> app b and back.
     assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * PAYLOAD
     # Handshakes, ACKs and FINs still use TCP; not a byte of payload does.

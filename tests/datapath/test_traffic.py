@@ -104,5 +104,3 @@ def test_apps_as_redirect_targets_read_with_copying_apis(
     result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
     assert datapath.counters()[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * (4 << 20)
-
-

@@ -40,7 +40,7 @@ def test_struct_matches_btf_of_every_object(built_objects: list[Path], c_name: s
     mirror = layout.SHARED_STRUCTS[c_name]
     expected = {
         name: (getattr(mirror, name).offset, getattr(mirror, name).size)
-        for name, _ in mirror._fields_
+        for name, *_ in mirror._fields_
     }
     seen_in = 0
     for path in built_objects:
@@ -70,14 +70,23 @@ def _c_enum_values(names: list[str]) -> dict[str, int]:
     require(compiler is not None, "no C compiler to read the header's enums")
     assert compiler is not None
     prints = "\n".join(f'  printf("\\"{n}\\": %lld,\\n", (long long){n});' for n in names)
-    source = f'#include <stdio.h>\n#include "meshaccel.h"\nint main(void) {{\n  printf("{{");\n{prints}\n  printf("\\"_\\": 0}}");\n  return 0;\n}}\n'
+    source = (
+        '#include <stdio.h>\n#include "meshaccel.h"\n'
+        f'int main(void) {{\n  printf("{{");\n{prints}\n'
+        '  printf("\\"_\\": 0}");\n  return 0;\n}\n'
+    )
     with tempfile.TemporaryDirectory(prefix="meshaccel-enum-probe-") as tmp:
         build = Path(tmp)
         (build / "probe.c").write_text(source)
-        subprocess.run([compiler, "-I", str(BPF_INCLUDE), "-o", str(build / "probe"),
-                        str(build / "probe.c")], check=True, capture_output=True, text=True)
-        output = subprocess.run([str(build / "probe")], check=True, capture_output=True,
-                                text=True).stdout
+        subprocess.run(
+            [compiler, "-I", str(BPF_INCLUDE), "-o", str(build / "probe"), str(build / "probe.c")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        output = subprocess.run(
+            [str(build / "probe")], check=True, capture_output=True, text=True
+        ).stdout
     values: dict[str, int] = json.loads(output)
     values.pop("_")
     return values
@@ -86,7 +95,7 @@ def _c_enum_values(names: list[str]) -> dict[str, int]:
 @pytest.mark.parametrize("mirror", layout.SHARED_ENUMS, ids=lambda e: e.__name__)
 def test_enum_matches_header(mirror: type[enum.IntEnum] | type[enum.IntFlag]) -> None:
     # A name missing from the header fails the compile, a renumbered one the comparison.
-    names = [member.name for member in mirror]
+    names = [str(member.name) for member in mirror]
     assert _c_enum_values(names) == {member.name: int(member) for member in mirror}
 
 
