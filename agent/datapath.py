@@ -80,6 +80,7 @@ SHARED_MAPS = (
     "outbound_excluded_cidrs",
     "outbound_included_cidrs",
     "connecting_sockets",
+    "handshakes",
     "connections",
     "sidecar_sockets",
     "app_sockets",
@@ -105,6 +106,7 @@ class Capacities:
             "outbound_excluded_cidrs": self.pod_cidrs,
             "outbound_included_cidrs": self.pod_cidrs,
             "connecting_sockets": self.connections,
+            "handshakes": self.connections,
             "connections": self.connections,
             "sidecar_sockets": self.connections,
             "app_sockets": self.connections,
@@ -212,12 +214,27 @@ class Datapath:
         return cls(pins, {name: libbpf.Map.from_pin(pins.map(name)) for name in SHARED_MAPS})
 
     @classmethod
-    def load_or_adopt(cls, cgroup: Path | None = None, **kwargs: object) -> Datapath:
-        instance = str(kwargs.get("instance", "default"))
-        pin_root = Path(str(kwargs.get("pin_root", PIN_ROOT)))
+    def load_or_adopt(
+        cls,
+        cgroup: Path | None = None,
+        *,
+        instance: str = "default",
+        objects_dir: Path | None = None,
+        features: DatapathFeatures = DEFAULT_FEATURES,
+        capacities: Capacities = Capacities(),
+        pin_root: Path = PIN_ROOT,
+    ) -> Datapath:
+        """What an agent does at start: adopt a complete pinned datapath, else load one."""
         if all(p.exists() for p in PinLayout(pin_root / instance).all_pins()):
             return cls.adopt(instance=instance, pin_root=pin_root)
-        return cls.load(cgroup, **kwargs)  # type: ignore[arg-type]
+        return cls.load(
+            cgroup,
+            instance=instance,
+            objects_dir=objects_dir,
+            features=features,
+            capacities=capacities,
+            pin_root=pin_root,
+        )
 
     def close(self) -> None:
         """Let go of the maps; the datapath keeps running from its pins."""
@@ -240,10 +257,10 @@ class Datapath:
         Connections keep working on the ordinary TCP path throughout.
         """
         self._map("draining").update(u32(0), u32(1))
-        for hook in reversed(CGROUP_HOOKS[1:]):  # connect4, then sockops
-            _detach_link(self.pins.link(hook.link))
+        _detach_link(self.pins.link("connect4"))
+        _detach_link(self.pins.link("sockops"))
         time.sleep(drain_seconds)
-        _detach_link(self.pins.link(CGROUP_HOOKS[0].link))  # getsockopt
+        _detach_link(self.pins.link("getsockopt"))
         sk_msg_pin = self.pins.program(SK_MSG_PROGRAM)
         if sk_msg_pin.exists():
             with libbpf.Program.from_pin(sk_msg_pin) as program:

@@ -55,6 +55,10 @@ class Connection(ctypes.Structure):
     _fields_ = [("original_ip", Be32), ("original_port", Be16), ("flags", ctypes.c_uint16)]
 
 
+class HandshakeKey(ctypes.Structure):
+    _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
+
+
 class PodFlags(enum.IntFlag):
     POD_OUTBOUND_INCLUDE_ALL = 1 << 0
 
@@ -138,6 +142,7 @@ COUNTER_MAX = len(Counter)
 SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sock_tuple": SockTuple,
     "connection": Connection,
+    "handshake_key": HandshakeKey,
     "pod_info": PodInfo,
     "pod_port_key": PodPortKey,
     "pod_cidr_key": PodCidrKey,

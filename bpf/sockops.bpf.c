@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sockops: once a connection connect4 steered is established, file it under
- * the tuple the accepting side will see, and put both of its sockets into the
- * sockhash of their owner (sidecar or application) for sk_msg redirection.
+ * sockops: once a connection connect4 steered is established, hand what
+ * connect4 knew to the accepting socket, file it under that socket's own
+ * tuple for getsockopt, and put both sockets into the sockhash of their owner
+ * (sidecar or application) for sk_msg redirection.
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
  * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
- * active side by socket cookie, the passive side by the connections entry
- * the active side just wrote (its ACK is what establishes the passive side).
+ * active side by socket cookie, the passive side by the handshake the active
+ * side just filed (its ACK is what establishes the passive side).
  */
 #include "helpers.h"
 
@@ -44,7 +45,8 @@ static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct soc
 static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct sock_tuple self = {}, accepting = {};
+	struct handshake_key handshake = {};
+	struct sock_tuple self = {};
 	struct connection *recorded;
 	struct connection conn;
 
@@ -54,28 +56,40 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	conn = *recorded;
 	bpf_map_delete_elem(&connecting_sockets, &cookie);
 
-	tuple_from_sockops(&self, skops);
-	tuple_reverse(&accepting, &self);
-	if (bpf_map_update_elem(&connections, &accepting, &conn, BPF_ANY)) {
+	handshake.client_seq = skops->snd_nxt;
+	handshake.server_seq = skops->rcv_nxt;
+	if (bpf_map_update_elem(&handshakes, &handshake, &conn, BPF_ANY)) {
 		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return;
 	}
+	tuple_from_sockops(&self, skops);
 	join_sockhash(skops, &self, conn.flags & CONNECTION_CLIENT_IS_SIDECAR);
 }
 
-/* The accepting side: ours if the connecting side filed the connection. */
+/* The accepting side: ours if the connecting side filed this handshake. */
 static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 {
+	struct handshake_key handshake = {};
 	struct sock_tuple self = {};
-	struct connection *conn;
+	struct connection *filed;
+	struct connection conn;
+
+	handshake.client_seq = skops->rcv_nxt;
+	handshake.server_seq = skops->snd_nxt;
+	filed = bpf_map_lookup_elem(&handshakes, &handshake);
+	if (!filed)
+		return;
+	conn = *filed;
+	bpf_map_delete_elem(&handshakes, &handshake);
 
 	tuple_from_sockops(&self, skops);
-	conn = bpf_map_lookup_elem(&connections, &self);
-	if (!conn)
+	if (bpf_map_update_elem(&connections, &self, &conn, BPF_ANY)) {
+		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return;
+	}
 	/* To forget the connection when this socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	join_sockhash(skops, &self, conn->flags & CONNECTION_SERVER_IS_SIDECAR);
+	join_sockhash(skops, &self, conn.flags & CONNECTION_SERVER_IS_SIDECAR);
 }
 
 static __always_inline void on_state_change(struct bpf_sock_ops *skops)

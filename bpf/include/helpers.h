@@ -45,16 +45,6 @@ static __always_inline bool tuple_is_loopback(const struct sock_tuple *tuple)
 	return is_loopback(tuple->local_ip) || is_loopback(tuple->remote_ip);
 }
 
-static __always_inline void tuple_reverse(struct sock_tuple *dst, const struct sock_tuple *src)
-{
-	dst->netns_cookie = src->netns_cookie;
-	dst->local_ip = src->remote_ip;
-	dst->remote_ip = src->local_ip;
-	dst->local_port = src->remote_port;
-	dst->remote_port = src->local_port;
-	dst->pad = 0;
-}
-
 /*
  * bpf_sock_ops and sk_msg_md present remote_port as the __be16 shifted into
  * the upper half of the u32 on little-endian hosts (and in the lower half on

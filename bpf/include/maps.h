@@ -68,10 +68,23 @@ struct {
 } connecting_sockets SEC(".maps");
 
 /*
- * Connections meshaccel steered, keyed by the accepting socket's view of the
- * tuple: what getsockopt(SO_ORIGINAL_DST) answers and what tells sockops
- * that a passive socket is the far end of one of ours. Deleted when that
- * socket closes; LRU as the backstop.
+ * Active -> passive sockops hand-off: the connecting side files what connect4
+ * knew under the handshake's sequence numbers, the accepting side (whose
+ * ACK-triggered callback always runs later) takes it. LRU, as a connection can
+ * die between the two.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct handshake_key);
+	__type(value, struct connection);
+} handshakes SEC(".maps");
+
+/*
+ * Connections meshaccel steered, keyed by the accepting socket's own view of
+ * the tuple: what getsockopt(SO_ORIGINAL_DST) answers. Written and deleted
+ * (when that socket closes) by sockops on the accepting socket; LRU as the
+ * backstop.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -47,6 +47,20 @@ struct connection {
 };
 _Static_assert(sizeof(struct connection) == 8, "connection layout is ABI");
 
+/*
+ * A connection's identity that survives NAT: the next sequence numbers of
+ * both directions right after the handshake (each end's ISN + 1). The
+ * connecting side files the connection under it, the accepting side claims it:
+ * Istio's PREROUTING REDIRECT may rewrite the client's port on a conntrack
+ * clash (a recent iptables-path connection left the same reply tuple), so
+ * the two ends of one connection do not always see the same 4-tuple.
+ */
+struct handshake_key {
+	__u32 client_seq;
+	__u32 server_seq;
+};
+_Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI");
+
 enum pod_flags {
 	/* No includeOutboundIPRanges list: every outbound CIDR is included. */
 	POD_OUTBOUND_INCLUDE_ALL = 1 << 0,

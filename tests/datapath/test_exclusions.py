@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import MeshPath
+from tests.datapath.conftest import MeshPath, istio_pod
 from tests.netlab import ECHO_PORT, EXCLUDED_PORT, SIDECAR_IDENTITY, Node, Pod, RunAs
 
 pytestmark = pytest.mark.kernel
@@ -113,3 +113,48 @@ def test_sidecar_to_pod_outside_the_set_is_not_steered(path: MeshPath) -> None:
     assert counters[Counter.COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION] == (
         1 if path.accelerated else 0
     )
+
+
+def test_original_destination_survives_a_nat_port_remap(mesh: Node, datapath_factory) -> None:
+    """A sidecar connection steered to b:15006 from the source port of an open iptables-path
+    connection to b:8080: b's conntrack holds that connection's reply tuple (b:15006 ->
+    a:port), so the REDIRECT in b's PREROUTING remaps the new client port and the two ends see
+    different 4-tuples. Envoy b must still learn b:8080 (what happened, under load, to
+    connections reusing the ports of recent iptables-path ones)."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    assert b.sidecar is not None
+    source_port = 47000
+    # Before meshaccel: iptables NATs a:47000 -> b:8080 to b:15006; the connection stays open.
+    iptables_era = a.start_echo_client(
+        str(b.ip),
+        ECHO_PORT,
+        nbytes=PAYLOAD,
+        pace_seconds=2.0,
+        run_as=SIDECAR_IDENTITY,
+        source_port=source_port,
+    )
+    iptables_era.wait_connected()
+    earlier = len(b.sidecar.access_log())
+
+    datapath = datapath_factory()
+    for pod in (a, b):
+        datapath.put_pod(istio_pod(pod))
+    steered = a.echo_client(
+        str(b.ip), ECHO_PORT, nbytes=PAYLOAD, run_as=SIDECAR_IDENTITY, source_port=source_port
+    )
+
+    assert steered.ok, steered.raw
+    assert iptables_era.wait(timeout=20).ok
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1
+    assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 1
+    b.sidecar.wait_access_log(lambda e: e.downstream_remote.startswith(f"{a.ip}:"))
+    inbound = b.sidecar.access_log()[earlier:]
+    remapped = [
+        e
+        for e in inbound
+        if e.downstream_remote.startswith(f"{a.ip}:")
+        and e.downstream_remote != f"{a.ip}:{source_port}"
+    ]
+    assert remapped, "b's conntrack did not remap the port: the test no longer tests the clash"
+    assert [e.downstream_local for e in remapped] == [b.address(ECHO_PORT)]

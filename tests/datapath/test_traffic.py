@@ -103,4 +103,5 @@ def test_apps_as_redirect_targets_read_with_copying_apis(
         datapath.put_pod(istio_pod(pod))
     result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
-    assert datapath.counters()[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * (4 << 20)
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * (4 << 20), counters

@@ -123,6 +123,7 @@ def echo_client_argv(
     pace_chunks: int = 50,
     reset_after: int | None = None,
     progress: bool = False,
+    source_port: int = 0,
 ) -> list[str]:
     """argv for apps.py echo-client (see its docstring for what each option does)."""
     argv = apps_argv(
@@ -148,6 +149,8 @@ def echo_client_argv(
         argv += ["--reset-after", str(reset_after)]
     if progress:
         argv.append("--progress")
+    if source_port:
+        argv += ["--source-port", str(source_port)]
     if run_as is not None:  # the client drops root itself: the interpreter may live under /root
         argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
     return argv

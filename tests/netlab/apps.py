@@ -236,7 +236,16 @@ def _progress(args: argparse.Namespace, **event: Any) -> None:
 
 
 def _connect(args: argparse.Namespace) -> socket.socket:
-    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    if not getattr(args, "source_port", 0):
+        sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    else:
+        # A fixed source port (one connection) lets a test reproduce a given 4-tuple, also
+        # while an earlier connection from that port is in TIME_WAIT.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(args.timeout)
+        sock.bind(("0.0.0.0", args.source_port))
+        sock.connect((args.host, args.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -628,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("--bytes", type=int, default=1 << 20)
             client.add_argument("--connections", type=int, default=1)
             client.add_argument("--seed", type=int, default=1)
+            client.add_argument("--source-port", type=int, default=0)
             client.add_argument("--chunk", type=int, default=BUFFER_SIZE)
             client.add_argument(
                 "--no-half-close",

@@ -315,6 +315,7 @@ class Pod:
         timeout: float = 20.0,
         pace_seconds: float = 0.0,
         reset_after: int | None = None,
+        source_port: int = 0,
     ) -> EchoClientResult:
         """Run apps.py echo-client in this pod (its netns and cgroup) against target:port."""
         argv = echo_client_argv(
@@ -328,6 +329,7 @@ class Pod:
             timeout=timeout,
             pace_seconds=pace_seconds,
             reset_after=reset_after,
+            source_port=source_port,
         )
         completed = self.run_to_completion(
             argv, timeout=echo_client_deadline(timeout, pace_seconds)
@@ -348,6 +350,7 @@ class Pod:
         run_as: RunAs | None = None,
         seed: int = 1,
         timeout: float = 20.0,
+        source_port: int = 0,
     ) -> EchoClientRun:
         """Start a paced echo client in the background: each connection stays open for about
         `pace_seconds` while its bytes trickle through. run.wait_connected(), cause the event,
@@ -365,6 +368,7 @@ class Pod:
             pace_chunks=pace_chunks,
             reset_after=reset_after,
             progress=True,
+            source_port=source_port,
         )
         process = self.run(argv, name="echo-client")
         deadline = echo_client_deadline(timeout, pace_seconds)
