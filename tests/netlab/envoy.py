@@ -144,7 +144,11 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
                     "virtualInbound", options.inbound_port, "InboundPassthroughCluster", options
                 ),
             ],
-            "clusters": [_original_dst_cluster("PassthroughCluster", options), inbound_cluster],
+            "clusters": [
+                _original_dst_cluster("PassthroughCluster", options),
+                inbound_cluster,
+                {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "1s"},
+            ],
         },
     }
 
@@ -228,7 +232,28 @@ def _listener(name: str, port: int, cluster: str, options: EnvoyBootstrapOptions
                 "typed_config": {"@type": _TYPE + "filters.listener.original_dst.v3.OriginalDst"},
             }
         ],
-        "filter_chains": [{"filters": [network_filter]}],
+        "filter_chains": [_blackhole_chain(name, port, options), {"filters": [network_filter]}],
+    }
+
+
+def _blackhole_chain(name: str, port: int, options: EnvoyBootstrapOptions) -> dict[str, Any]:
+    """Istio's `<listener>-blackhole` chain: a connection whose original destination is the
+    listener itself (no SO_ORIGINAL_DST answer) is dropped instead of looping into Envoy."""
+    blackhole = f"{name}-blackhole"
+    return {
+        "name": blackhole,
+        "filter_chain_match": {"destination_port": port},
+        "filters": [
+            {
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": _TYPE + "filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": blackhole,
+                    "cluster": "BlackHoleCluster",
+                    "access_log": _access_log(options, blackhole),
+                },
+            }
+        ],
     }
 
 
