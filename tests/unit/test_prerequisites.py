@@ -1,0 +1,81 @@
+"""Each missing host requirement is reported with its cause and its fix.
+
+These tests replace the probes' answers (the kernel here has everything), never the loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshaccel.agent import libbpf, prerequisites
+from meshaccel.agent.prerequisites import (
+    KernelFeatureError,
+    NoBtfError,
+    NoCgroup2Error,
+    NotPrivilegedError,
+)
+
+
+def test_missing_btf_names_the_kernel_option(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(prerequisites, "VMLINUX_BTF", tmp_path / "vmlinux")
+    with pytest.raises(NoBtfError, match="CONFIG_DEBUG_INFO_BTF=y"):
+        prerequisites.check_btf()
+
+
+def test_missing_cgroup2_says_how_to_mount_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(libbpf, "find_cgroup2_mount", lambda: None)
+    with pytest.raises(NoCgroup2Error, match="mount -t cgroup2"):
+        prerequisites.cgroup2_root()
+
+
+def test_missing_kernel_features_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        libbpf, "probe_prog_type", lambda prog_type: prog_type != libbpf.ProgType.SK_MSG
+    )
+    monkeypatch.setattr(
+        libbpf, "probe_map_type", lambda map_type: map_type != libbpf.MapType.SOCKHASH
+    )
+    with pytest.raises(KernelFeatureError) as error:
+        prerequisites.check_kernel_features()
+    assert "sk_msg (4.17)" in str(error.value)
+    assert "SOCKHASH (4.18)" in str(error.value)
+    assert "5.15 or newer" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("cap_eff", "allowed"),
+    [
+        pytest.param(0, False, id="no capabilities at all"),
+        pytest.param(1 << prerequisites.CAP_SYS_ADMIN, True, id="CAP_SYS_ADMIN alone is enough"),
+        pytest.param(
+            (1 << prerequisites.CAP_BPF) | (1 << prerequisites.CAP_NET_ADMIN),
+            True,
+            id="CAP_BPF with CAP_NET_ADMIN",
+        ),
+        pytest.param(1 << prerequisites.CAP_BPF, False, id="CAP_BPF alone cannot attach"),
+    ],
+)
+def test_privileges_from_effective_capabilities(
+    monkeypatch: pytest.MonkeyPatch, cap_eff: int, allowed: bool
+) -> None:
+    monkeypatch.setattr(prerequisites, "effective_capabilities", lambda: cap_eff)
+    if allowed:
+        prerequisites.check_privileges()
+    else:
+        with pytest.raises(NotPrivilegedError, match="CAP_BPF and CAP_NET_ADMIN"):
+            prerequisites.check_privileges()
+
+
+def test_effective_capabilities_parses_proc_status(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n")
+    assert prerequisites.effective_capabilities(status) == 0x1FFFFFFFFFF
+
+
+def test_a_directory_outside_cgroup2_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(NoCgroup2Error, match="is not a cgroup v2 directory"):
+        prerequisites.check_cgroup(tmp_path)
