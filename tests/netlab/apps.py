@@ -17,6 +17,10 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       SO_LINGER {1, 0} + close(), i.e. an RST; the result says "reset": true, "verified": bytes.
       --progress: also print JSON event lines before the result ({"event": "connected", ...},
       {"event": "echoed", "index": i, "received": n}); the result is the last line without "event".
+  rr-client --host IP --port P [--connections K] [--duration S] [--size B]
+      Request/response load on K persistent connections for S seconds: each request is B bytes
+      sent, then the same B bytes read back from the echo server. Prints one JSON line:
+      {"requests", "seconds", "rps", "p50_us", "p90_us", "p99_us", "errors"}.
   request --host IP --port P [--message TEXT]
       One-shot: send, half-close, read to EOF, print one JSON line with the response.
   getsockopt-probe [--run-as UID:GID]
@@ -412,6 +416,55 @@ def run_request(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return math.nan
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))] / 1000
+
+
+def run_rr_client(args: argparse.Namespace) -> int:
+    payload = bytes(random.Random(args.seed).getrandbits(8) for _ in range(args.size))
+    latencies_ns: list[list[int]] = [[] for _ in range(args.connections)]
+    errors: list[str] = []
+    deadline = time.monotonic() + args.duration
+
+    def worker(index: int) -> None:
+        try:
+            with _connect(args) as sock:
+                while time.monotonic() < deadline:
+                    started = time.perf_counter_ns()
+                    sock.sendall(payload)
+                    received = 0
+                    while received < len(payload):
+                        chunk = sock.recv(len(payload) - received)
+                        if not chunk:
+                            raise ConnectionError("peer closed mid-response")
+                        received += len(chunk)
+                    latencies_ns[index].append(time.perf_counter_ns() - started)
+        except OSError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(args.duration + args.timeout)
+    seconds = time.monotonic() - started
+    merged = sorted(value for per_connection in latencies_ns for value in per_connection)
+    result = {
+        "requests": len(merged),
+        "seconds": round(seconds, 3),
+        "rps": round(len(merged) / seconds, 1),
+        "p50_us": _percentile(merged, 0.50),
+        "p90_us": _percentile(merged, 0.90),
+        "p99_us": _percentile(merged, 0.99),
+        "errors": errors,
+    }
+    print(json.dumps(result), flush=True)
+    return 0 if not errors else 1
+
+
 # ---------------------------------------------------------------- getsockopt probe
 
 SOL_IP = 0
@@ -626,7 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(handler=run_echo_server)
 
-    for name, handler in (("echo-client", run_echo_client), ("request", run_request)):
+    clients = (
+        ("echo-client", run_echo_client),
+        ("rr-client", run_rr_client),
+        ("request", run_request),
+    )
+    for name, handler in clients:
         client = commands.add_parser(name)
         client.add_argument("--host", required=True)
         client.add_argument("--port", type=int, required=True)
@@ -661,6 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument(
                 "--progress", action="store_true", help="print JSON event lines while running"
             )
+        elif name == "rr-client":
+            client.add_argument("--connections", type=int, default=1)
+            client.add_argument("--duration", type=float, default=3.0)
+            client.add_argument("--size", type=int, default=1024)
+            client.add_argument("--seed", type=int, default=1)
         else:
             client.add_argument("--message", default="ping")
 
