@@ -10,8 +10,8 @@
  *    as it is, only marked for socket-to-socket acceleration.
  *
  * What connect4 learns (the original destination, which ends are the
- * sidecar's) is kept by socket cookie for sockops to file under the
- * connection's tuple once it is established.
+ * sidecar's) is kept by socket cookie until sockops, once the connection is
+ * established, hands it to the accepting socket.
  */
 #include "helpers.h"
 

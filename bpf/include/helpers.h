@@ -31,8 +31,9 @@ static __always_inline void count(enum counter index, __u64 n)
 	__u32 key = index;
 	__u64 *value = bpf_map_lookup_elem(&counters, &key);
 
+	/* Per-CPU, yet atomic: a softirq program can interrupt one running in process context. */
 	if (value)
-		*value += n; /* per-CPU slot: no atomics needed */
+		__sync_fetch_and_add(value, n);
 }
 
 static __always_inline bool is_loopback(__be32 ip)
