@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meshaccel.agent import libbpf
+from meshaccel.agent import libbpf, mounts
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
@@ -104,7 +104,7 @@ def check_kernel_features() -> None:
 
 
 def cgroup2_root() -> Path:
-    mount = libbpf.find_cgroup2_mount()
+    mount = mounts.find_cgroup2_mount()
     if mount is None:
         raise NoCgroup2Error(
             "no cgroup2 filesystem is mounted (see /proc/self/mountinfo): boot with "
@@ -134,13 +134,13 @@ def check_objects(paths: list[Path]) -> None:
 def check_bpffs(pin_root: Path) -> None:
     """Pins only survive the agent on a bpf filesystem; mount the default one if it is missing."""
     try:
-        libbpf.ensure_bpffs()
+        mounts.ensure_bpffs()
     except OSError as err:
         raise BpffsNotMountedError(
             f"bpffs is not mounted at /sys/fs/bpf and mounting it failed ({err}): "
             "mount -t bpf bpf /sys/fs/bpf (in Kubernetes, a hostPath volume of /sys/fs/bpf)"
         ) from err
-    mount = libbpf.mount_of(pin_root)
+    mount = mounts.mount_of(pin_root)
     if mount is None or mount[1] != "bpf":
         raise BpffsNotMountedError(
             f"{pin_root} is not on a bpf filesystem (it is on {mount}): pins there would not "

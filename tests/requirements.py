@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from meshaccel.agent import mounts
+
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 
@@ -42,17 +44,7 @@ def require_btf() -> None:
 
 def cgroup2_mount() -> Path | None:
     """Where cgroup v2 is mounted, from /proc/self/mountinfo (not always /sys/fs/cgroup)."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        # "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if sep and right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-            return Path(fields[4].replace("\\040", " "))
-    return None
+    return mounts.find_cgroup2_mount()
 
 
 def require_cgroup2() -> Path:

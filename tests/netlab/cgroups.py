@@ -7,25 +7,19 @@ import os
 import time
 from pathlib import Path
 
+from meshaccel.agent import mounts
+
 from .commands import DEFAULT_COMMAND_TIMEOUT_S
 
 TEST_CGROUP_PREFIX = "meshaccel-test-"
 
 
 def find_cgroup2_mount(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
-    """Return the mount point of the cgroup v2 hierarchy (pure or hybrid layout)."""
-    for line in mountinfo.read_text().splitlines():
-        # "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> ..."
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        fs_type = right.split()[0] if right else ""
-        if fs_type == "cgroup2" and len(fields) >= 5:
-            return Path(_unescape_mountinfo(fields[4]))
-    raise FileNotFoundError("no cgroup2 mount in /proc/self/mountinfo")
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return field.encode().decode("unicode_escape")
+    """The mount point of the cgroup v2 hierarchy (pure or hybrid layout); raises if none."""
+    mount = mounts.find_cgroup2_mount(mountinfo)
+    if mount is None:
+        raise FileNotFoundError(f"no cgroup2 mount in {mountinfo}")
+    return mount
 
 
 def cgroup_id(path: Path) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent import libbpf
+from meshaccel.agent import libbpf, mounts
 from tests.requirements import BTF_VMLINUX, require, require_kernel, require_tool
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bpf"
@@ -138,7 +138,7 @@ def counter_total(obj: libbpf.BpfObject, counter: Counter) -> int:
 def bpffs_dir() -> Iterator[Path]:
     """A private directory on bpffs for this test's pins; emptied and removed afterwards."""
     require_root_kernel()
-    libbpf.ensure_bpffs()
+    mounts.ensure_bpffs()
     bpffs = Path("/sys/fs/bpf")
     directory = bpffs / f"{TEST_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
     directory.mkdir()
@@ -161,7 +161,7 @@ def _own_cgroup(cg2: Path) -> Path:
 def test_cgroup() -> Iterator[Path]:
     """A child cgroup of the cgroup2 mount, never the root; removed after the test."""
     require_root_kernel()
-    cg2 = libbpf.find_cgroup2_mount()
+    cg2 = mounts.find_cgroup2_mount()
     assert cg2 is not None
     path = cg2 / f"{TEST_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
     path.mkdir()
@@ -514,12 +514,12 @@ MOUNT_CASES = [
 
 @pytest.mark.parametrize("case", MOUNT_CASES, ids=lambda c: c.reason)
 def test_parse_mountinfo(case: MountCase) -> None:
-    (mount,) = libbpf.parse_mountinfo(case.line + "\n")
+    (mount,) = mounts.parse_mountinfo(case.line + "\n")
     assert (str(mount.mount_point), mount.fstype) == (case.mount_point, case.fstype), case.reason
 
 
 def test_parse_mountinfo_skips_malformed_lines() -> None:
-    assert libbpf.parse_mountinfo("garbage\n1 2 3\n\n") == []
+    assert mounts.parse_mountinfo("garbage\n1 2 3\n\n") == []
 
 
 def test_mount_lookups_on_a_hybrid_layout(tmp_path: Path) -> None:
@@ -533,18 +533,18 @@ def test_mount_lookups_on_a_hybrid_layout(tmp_path: Path) -> None:
         "60 23 0:50 / /sys/fs/bpf rw - tmpfs tmpfs rw\n"
         "61 23 0:51 / /sys/fs/bpf rw - bpf bpf rw\n"
     )
-    assert libbpf.find_cgroup2_mount(mountinfo) == Path("/sys/fs/cgroup/unified")
-    pins = libbpf.mount_of("/sys/fs/bpf/meshaccel/maps", mountinfo)
+    assert mounts.find_cgroup2_mount(mountinfo) == Path("/sys/fs/cgroup/unified")
+    pins = mounts.mount_of("/sys/fs/bpf/meshaccel/maps", mountinfo)
     assert pins is not None and pins[0] == Path("/sys/fs/bpf") and pins[1] == "bpf"
-    other = libbpf.mount_of("/sys/kernel", mountinfo)
+    other = mounts.mount_of("/sys/kernel", mountinfo)
     assert other is not None and other.fstype == "sysfs"
     no_cg2 = tmp_path / "v1-only"
     no_cg2.write_text("32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
-    assert libbpf.find_cgroup2_mount(no_cg2) is None
+    assert mounts.find_cgroup2_mount(no_cg2) is None
 
 
 def test_real_cgroup2_mount_is_found() -> None:
-    cg2 = libbpf.find_cgroup2_mount()
+    cg2 = mounts.find_cgroup2_mount()
     require(cg2 is not None, "needs a cgroup v2 mount")
     assert cg2 is not None and (cg2 / "cgroup.procs").is_file()
 
@@ -883,13 +883,13 @@ def test_ensure_bpffs_mounts_once_and_reports_it(tmp_path: Path) -> None:
     require_root_kernel()
     target = tmp_path / f"{TEST_PREFIX}-bpffs"
     try:
-        assert libbpf.ensure_bpffs(target) is True
-        mount = libbpf.mount_of(target)
+        assert mounts.ensure_bpffs(target) is True
+        mount = mounts.mount_of(target)
         assert mount is not None and mount.mount_point == target and mount.fstype == "bpf"
-        assert libbpf.ensure_bpffs(target) is False
+        assert mounts.ensure_bpffs(target) is False
         sub = target / "meshaccel"
-        assert libbpf.ensure_bpffs(sub) is False and sub.is_dir()
+        assert mounts.ensure_bpffs(sub) is False and sub.is_dir()
     finally:
-        mount = libbpf.mount_of(target)
+        mount = mounts.mount_of(target)
         if mount is not None and mount.mount_point == target:
             subprocess.run(["umount", str(target)], check=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent import libbpf, prerequisites
+from meshaccel.agent import libbpf, mounts, prerequisites
 from meshaccel.agent.prerequisites import (
     KernelFeatureError,
     NoBtfError,
@@ -27,7 +27,7 @@ def test_missing_btf_names_the_kernel_option(
 
 
 def test_missing_cgroup2_says_how_to_mount_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(libbpf, "find_cgroup2_mount", lambda: None)
+    monkeypatch.setattr(mounts, "find_cgroup2_mount", lambda: None)
     with pytest.raises(NoCgroup2Error, match="mount -t cgroup2"):
         prerequisites.cgroup2_root()
 
