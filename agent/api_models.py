@@ -8,8 +8,9 @@ the field at fault, before anything is applied.
 
 from __future__ import annotations
 
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +24,8 @@ PodUid = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9
 MAX_PORTS_PER_LIST = 256
 MAX_CIDRS_PER_LIST = 256
 MAX_PODS_PER_SET = 65536  # a hard ceiling on the body; the maps' capacity is checked on apply
+# metadata.generation is an int64 in Kubernetes; the agent also exports it as a metric.
+MAX_GENERATION = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -81,7 +84,9 @@ class PodSpec(_Strict):
 class PodSet(_Strict):
     """PUT /v1/pods: the node's complete desired set, replacing the previous one."""
 
-    generation: int = Field(ge=0, description="increases with every set the operator sends")
+    generation: int = Field(
+        ge=0, le=MAX_GENERATION, description="increases with every set the operator sends"
+    )
     pods: list[PodSpec] = Field(max_length=MAX_PODS_PER_SET)
 
     @model_validator(mode="after")
@@ -136,3 +141,63 @@ class ErrorReply(_Strict):
     error: str
     detail: list[dict[str, object]] | None = None
     applied_generation: int | None = None
+
+
+class HealthReply(_Strict):
+    """GET /healthz: the process is alive and serving (nothing else is checked)."""
+
+    status: Literal["ok"] = "ok"
+    boot_id: str
+
+
+class ReadyReply(_Strict):
+    """GET /readyz when ready (attached and a first set applied); otherwise 503 ErrorReply."""
+
+    ready: Literal[True] = True
+    applied_generation: int
+
+
+class ProgramStatus(_Strict):
+    """One of the datapath's programs, as its pin shows it."""
+
+    hook: str = Field(description="connect4, sockops, getsockopt or sk_msg")
+    program: str
+    pin: str
+    attached: bool = Field(description="its pin exists and opens as a live link or program")
+    link_id: int | None = None
+    program_id: int | None = None
+
+
+class MapUsage(_Strict):
+    """A per-pod map: entries the agent has programmed, and its capacity."""
+
+    name: str
+    entries: int
+    max_entries: int
+
+
+class StatusReply(_Strict):
+    """GET /v1/status."""
+
+    boot_id: str = Field(description="a new uuid4 on every start of the agent process")
+    started_at: datetime
+    pin_root: str
+    attach_cgroup: str | None = Field(description="where the programs are attached, if known")
+    datapath_features: list[str] | None = Field(
+        description=".rodata features the datapath was loaded with, if known"
+    )
+    attached: bool = Field(description="every program's pin is present and live")
+    programs: list[ProgramStatus]
+    kernel_features: dict[str, bool] = Field(
+        description="program types, map types and BTF the datapath needs, as probed here"
+    )
+    applied_generation: int | None
+    last_apply_time: datetime | None
+    pods_accelerated: int
+    unresolved: list[UnresolvedPod]
+    maps: list[MapUsage]
+    counters: dict[str, int] | None = Field(
+        description="datapath event counters by name; null when they cannot be read"
+    )
+    apply_errors: int
+    apply_errors_by_reason: dict[str, int]

@@ -1,0 +1,424 @@
+"""``meshaccel-agent``: the node agent's process.
+
+    meshaccel-agent [run] [flags]     the daemon (a DaemonSet pod on every node)
+    meshaccel-agent uninstall         adopt the pinned datapath, detach it with the drain, unpin
+    meshaccel-agent show-config       print the effective settings and their sources
+
+Life cycle of ``run``:
+
+1. Settings (flags > ``MESHACCEL_*`` > config file > defaults); an invalid one exits 2 with
+   one line. Host prerequisites (privileges, BTF, program and map types, cgroup2, bpffs);
+   a missing one exits 1 with its cause and fix.
+2. The datapath: a complete set of pins under ``<pin_root>/<instance>`` is **adopted** (the
+   kernel is not touched, so no connection notices the new agent); otherwise it is loaded and
+   attached to the attach cgroup. Pins of a half-made datapath (an agent killed while loading)
+   are refused: ``meshaccel-agent uninstall`` clears them.
+3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` and,
+   standalone, the pods file watcher. Ready once attached and the first set is applied.
+4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
+   **keep every pin**: the programs go on working without the agent (a restart or an upgrade
+   drops nothing). With ``--uninstall-on-exit`` the agent instead unloads: it stops
+   redirecting, detaches, waits ``drain_seconds`` and removes every pin (fail-open: open
+   connections carry on over plain TCP, new ones take the mesh's iptables path).
+   SIGKILL leaves the pins too; the next start adopts them.
+
+Exit codes: 0 stopped as asked, 1 could not start or run, 2 invalid settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from aiohttp import web
+
+from meshaccel.agent import config, libbpf, prerequisites
+from meshaccel.agent.config import LoadedSettings, SettingsError
+from meshaccel.agent.datapath import (
+    CGROUP_HOOKS,
+    SHARED_MAPS,
+    SK_MSG_PROGRAM,
+    SOCKHASHES,
+    Datapath,
+    PinLayout,
+)
+from meshaccel.agent.identity import CgroupResolver
+from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.agent.logs import configure_logging
+from meshaccel.agent.pods import u32
+from meshaccel.agent.prerequisites import DatapathError
+from meshaccel.agent.reconcile import Reconciler
+from meshaccel.agent.server import DatapathInfo, create_app
+from meshaccel.agent.standalone import PodsFileWatcher
+
+log = logging.getLogger("meshaccel.agent")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+SHUTDOWN_TIMEOUT_SECONDS = 5.0  # in-flight API requests get this long to finish
+
+
+class IncompleteDatapathError(DatapathError):
+    pass
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What start-up decided, for the logs and the status."""
+
+    decision: str  # "loaded" or "adopted"
+    attach_cgroup: Path
+    cgroup2_mount: Path
+    pins: PinLayout
+    duration_ms: float
+
+
+def feature_names(features: DatapathFeatures) -> list[str]:
+    return [
+        (f.name or "").removeprefix("FEATURE_").lower() for f in DatapathFeatures if f in features
+    ]
+
+
+def _check_host(loaded: LoadedSettings) -> tuple[Path, Path]:
+    """Every prerequisite, before anything is made: (cgroup2 mount, attach cgroup)."""
+    settings = loaded.settings
+    mount = prerequisites.cgroup2_root()
+    config.check_cgroup_settings(loaded, mount)
+    attach = settings.attach_cgroup or mount
+    prerequisites.check_privileges()
+    prerequisites.check_btf()
+    prerequisites.check_kernel_features()
+    prerequisites.check_cgroup(attach)
+    prerequisites.check_bpffs(settings.pin_root)
+    return mount, attach
+
+
+def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
+    """Adopt the pinned datapath, or load and attach a new one."""
+    settings = loaded.settings
+    started = time.monotonic()
+    mount, attach = _check_host(loaded)
+    pins = PinLayout(settings.pin_root / settings.instance)
+    present = [p for p in pins.all_pins() if p.exists()]
+    complete = len(present) == len(pins.all_pins())
+    if not complete and any(p in present for p in pins.attachments()):
+        missing = sorted(str(p) for p in pins.all_pins() if p not in present)
+        raise IncompleteDatapathError(
+            f"an incomplete datapath is pinned under {pins.root} (missing {', '.join(missing)}):"
+            " an agent was stopped while loading it. Remove it with `meshaccel-agent uninstall`"
+            " (same --pin-root and --instance), then start again"
+        )
+    datapath = Datapath.load_or_adopt(
+        attach,
+        instance=settings.instance,
+        objects_dir=settings.bpf_objects,
+        features=settings.features,
+        capacities=settings.capacities,
+        pin_root=settings.pin_root,
+    )
+    startup = Startup(
+        decision="adopted" if complete else "loaded",
+        attach_cgroup=attach,
+        cgroup2_mount=mount,
+        pins=pins,
+        duration_ms=(time.monotonic() - started) * 1000,
+    )
+    return datapath, startup
+
+
+def _warn_if_adopted_differs(loaded: LoadedSettings, startup: Startup) -> None:
+    """An adopted datapath keeps the sizes it was loaded with: say so when settings differ."""
+    wanted = loaded.settings.capacities.max_entries()
+    for name in ("pods", "pod_ports", "outbound_excluded_cidrs", "connections"):
+        with libbpf.Map.from_pin(startup.pins.map(name)) as pinned:
+            actual = pinned.max_entries
+        if actual != wanted[name]:
+            log.warning(
+                "adopted map has another capacity than the settings ask: it keeps its size "
+                "until an uninstall and a fresh load",
+                extra={"map": name, "pinned": actual, "settings": wanted[name]},
+            )
+
+
+def make_resolver(loaded: LoadedSettings, startup: Startup) -> CgroupResolver:
+    settings = loaded.settings
+    return CgroupResolver(
+        startup.cgroup2_mount,
+        settings.cgroup_driver,
+        kubelet_root=settings.kubelet_cgroup_root,
+        explicit_cgroups=settings.mode == "standalone",
+        attach_cgroup=startup.attach_cgroup,
+        cgroup2_mount=startup.cgroup2_mount,
+    )
+
+
+async def serve(
+    loaded: LoadedSettings, app: web.Application, watcher: PodsFileWatcher | None
+) -> str:
+    """Serve until SIGTERM or SIGINT; returns the signal's name."""
+    settings = loaded.settings
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not received:
+            log.info("signal received: stopping", extra={"signal": signum.name})
+        received.append(signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+    await runner.setup()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        site = web.TCPSite(runner, settings.listen_address, settings.port)
+        await site.start()
+        log.info(
+            "serving the API",
+            extra={
+                "address": settings.listen_address,
+                "port": settings.port,
+                "auth": "bearer token" if loaded.token else "none (loopback only)",
+            },
+        )
+        if watcher is not None:
+            tasks.append(asyncio.create_task(watcher.run(stop), name="pods-file"))
+        await stop.wait()
+    finally:
+        stop.set()
+        # The watcher finishes the apply it may be in; nothing is left half-applied.
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_SECONDS)
+            for task in pending:
+                task.cancel()
+        await runner.cleanup()
+        log.info("API stopped")
+    return received[0] if received else "none"
+
+
+def _hold_signals_while(what: str) -> None:
+    """From here on, SIGTERM/SIGINT must not cut the shutdown short: log and carry on."""
+
+    def ignore(signum: int, _frame: FrameType | None) -> None:
+        log.warning(f"signal ignored while {what}", extra={"signal": signal.Signals(signum).name})
+
+    signal.signal(signal.SIGTERM, ignore)
+    signal.signal(signal.SIGINT, ignore)
+
+
+class StopDuringStartup(Exception):
+    """SIGTERM/SIGINT before the API serves: unwind (a load in progress undoes itself)."""
+
+
+def _stop_during_startup(signum: int, _frame: FrameType | None) -> None:
+    raise StopDuringStartup(signal.Signals(signum).name)
+
+
+def run(loaded: LoadedSettings) -> int:
+    settings = loaded.settings
+    # Until the event loop takes the signals over: a SIGTERM in the middle of a load must not
+    # kill the process between two pins (that would leave half a datapath), but unwind it.
+    signal.signal(signal.SIGTERM, _stop_during_startup)
+    signal.signal(signal.SIGINT, _stop_during_startup)
+    datapath, startup = open_datapath(loaded)
+    log.info(
+        f"datapath {startup.decision}",
+        extra={
+            "decision": startup.decision,
+            "instance": settings.instance,
+            "pins": str(startup.pins.root),
+            "attach_cgroup": str(startup.attach_cgroup),
+            "attach_cgroup_id": os.stat(startup.attach_cgroup).st_ino,
+            "features": feature_names(settings.features)
+            if startup.decision == "loaded"
+            else "as loaded before",
+            "max_pods": settings.max_pods,
+            "duration_ms": round(startup.duration_ms, 1),
+        },
+    )
+    if startup.decision == "adopted":
+        _warn_if_adopted_differs(loaded, startup)
+    signal_name = "none"
+    reconciler: Reconciler | None = None
+    try:
+        resolver = make_resolver(loaded, startup)
+        reconciler = Reconciler(datapath, resolver, max_pods=settings.max_pods)
+        watcher = None
+        if settings.mode == "standalone":
+            assert settings.pods_file is not None
+            watcher = PodsFileWatcher(
+                settings.pods_file, reconciler, interval=settings.pods_poll_seconds
+            )
+            log.info(
+                "standalone: watching the pods file",
+                extra={"file": str(settings.pods_file), "interval": settings.pods_poll_seconds},
+            )
+        app = create_app(
+            reconciler,
+            token=loaded.token,
+            datapath_info=DatapathInfo(
+                attach_cgroup=startup.attach_cgroup,
+                # An adopted datapath runs with the features it was loaded with, which the
+                # pins do not tell: unknown rather than possibly wrong.
+                features=settings.features if startup.decision == "loaded" else None,
+            ),
+        )
+        signal_name = asyncio.run(serve(loaded, app, watcher))
+    except BaseException:
+        if reconciler is not None:
+            reconciler.close()
+        datapath.close()
+        log.info("datapath left running from its pins", extra={"pins": str(startup.pins.root)})
+        raise
+    _hold_signals_while("shutting down")
+    reconciler.close()
+    if settings.uninstall_on_exit:
+        log.info(
+            "uninstalling: detaching the datapath and removing its pins",
+            extra={"pins": str(startup.pins.root), "drain_seconds": settings.drain_seconds},
+        )
+        datapath.unload(drain_seconds=settings.drain_seconds)
+        log.info("uninstalled", extra={"pins": str(startup.pins.root), "signal": signal_name})
+    else:
+        datapath.close()
+        log.info(
+            "stopped; the datapath keeps running from its pins",
+            extra={"pins": str(startup.pins.root), "signal": signal_name},
+        )
+    return EXIT_OK
+
+
+def uninstall(loaded: LoadedSettings) -> int:
+    """Adopt whatever is pinned for this instance, detach it with the drain, remove every pin."""
+    settings = loaded.settings
+    prerequisites.check_privileges()
+    prerequisites.check_bpffs(settings.pin_root)
+    pins = PinLayout(settings.pin_root / settings.instance)
+    present = [p for p in pins.all_pins() if p.exists()]
+    _hold_signals_while("uninstalling")
+    if not present:
+        _remove_dirs(pins)
+        log.info("nothing to uninstall", extra={"pins": str(pins.root)})
+        return EXIT_OK
+    if len(present) == len(pins.all_pins()):
+        log.info(
+            "uninstalling: detaching the datapath and removing its pins",
+            extra={"pins": str(pins.root), "drain_seconds": settings.drain_seconds},
+        )
+        Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root).unload(
+            drain_seconds=settings.drain_seconds
+        )
+    else:
+        log.warning(
+            "uninstalling an incomplete datapath",
+            extra={"pins": str(pins.root), "present": [str(p) for p in present]},
+        )
+        remove_incomplete(pins, settings.drain_seconds)
+    log.info("uninstalled", extra={"pins": str(pins.root)})
+    return EXIT_OK
+
+
+def remove_incomplete(pins: PinLayout, drain_seconds: float) -> None:
+    """What Datapath.unload does, for whichever pins a half-made datapath left."""
+    draining = pins.map("draining")
+    if draining.exists():
+        with libbpf.Map.from_pin(draining) as bpf_map:
+            bpf_map.update(u32(0), u32(1))
+    order = [h.link for h in reversed(CGROUP_HOOKS)]  # connect4, sockops, getsockopt
+    for name in order:
+        path = pins.link(name)
+        if path.exists():
+            with libbpf.Link.open_pinned(path) as link:
+                link.detach()
+            path.unlink()
+        if name == "sockops":
+            time.sleep(drain_seconds)
+    program = pins.program(SK_MSG_PROGRAM)
+    if program.exists():
+        with libbpf.Program.from_pin(program) as prog:
+            for name in SOCKHASHES:
+                if pins.map(name).exists():
+                    with (
+                        libbpf.Map.from_pin(pins.map(name)) as sockhash,
+                        contextlib.suppress(libbpf.BpfError),
+                    ):
+                        libbpf.prog_detach(prog.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+        program.unlink()
+    for name in SHARED_MAPS:
+        pins.map(name).unlink(missing_ok=True)
+    _remove_dirs(pins)
+
+
+def _remove_dirs(pins: PinLayout) -> None:
+    for directory in (
+        pins.root / "maps",
+        pins.root / "links",
+        pins.root / "progs",
+        pins.root,
+        pins.root.parent,
+    ):
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if empty: other instances may live next to it
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``meshaccel-agent`` console script."""
+    try:
+        loaded = config.load_settings(argv)
+        if loaded.command == "run":
+            loaded = config.read_token(loaded)
+    except SettingsError as err:
+        print(err, file=sys.stderr)
+        return config.EXIT_INVALID_SETTINGS
+    if loaded.command == "show-config":
+        print(json.dumps(loaded.describe(), indent=2))
+        return EXIT_OK
+
+    settings = loaded.settings
+    configure_logging(settings.log_format, settings.log_level)
+    for variable in loaded.ignored_env:
+        log.warning("unknown MESHACCEL_ variable ignored", extra={"variable": variable})
+    log.info(
+        "meshaccel-agent starting",
+        extra={
+            "command": loaded.command,
+            "pid": os.getpid(),
+            "node": settings.node_name,
+            "mode": settings.mode,
+            "config_file": str(loaded.config_file) if loaded.config_file else None,
+            "uninstall_on_exit": settings.uninstall_on_exit,
+        },
+    )
+    try:
+        if loaded.command == "uninstall":
+            return uninstall(loaded)
+        return run(loaded)
+    except SettingsError as err:
+        print(err, file=sys.stderr)
+        return config.EXIT_INVALID_SETTINGS
+    except StopDuringStartup as stop:
+        log.info("stopped during start-up", extra={"signal": str(stop)})
+        return EXIT_OK
+    except (DatapathError, libbpf.BpfError) as err:
+        log.error("cannot run the datapath", extra={"reason": str(err)})
+        return EXIT_FAILED
+    except OSError as err:  # e.g. the port is taken
+        log.error("agent failed", extra={"reason": f"{type(err).__name__}: {err}"})
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

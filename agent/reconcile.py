@@ -1,0 +1,896 @@
+"""Keep the datapath's pod maps equal to the node's desired pod set.
+
+A :class:`Reconciler` takes each :class:`~meshaccel.agent.api_models.PodSet` as the node's
+complete desired state and applies the difference to the maps, all or nothing:
+
+* a set with a lower generation than the applied one is refused (:class:`StaleGenerationError`);
+  the same generation again is a no-op if the set is identical and a conflict otherwise;
+* a set larger than the maps can hold is refused before anything is touched
+  (:class:`CapacityError`);
+* every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
+  resolved yet is reported and left out, and programmed by a later apply or by
+  :meth:`Reconciler.retry_unresolved`;
+* map writes are journaled: if one fails (a full map, a kernel error), every write of the apply
+  is undone in reverse order and the error raised (:class:`ApplyFailedError`).
+
+Speed. The reconciler keeps the programmed state in memory (cgroup id -> AcceleratedPod, pod IP
+-> cgroup id, and pod uid -> what it resolved to) and writes only the entries that differ, so a
+one-pod change costs that pod's entries, not a walk of the maps. Resolution and encoding are
+cached per pod while its spec is unchanged: a pod's cgroup does not move during its life (a
+changed spec is resolved again). The maps are read once, when the reconciler is made: after an
+agent restart (adopt) they are the truth, and since pod uids are not in the maps the first set
+is matched to them by cgroup id. ``Datapath.pods()`` reads a pod's options by walking the option
+maps, which is too slow to do per pod for a thousand pods, so the reconciler reads and writes
+the five per-pod maps itself, through their pins, with the encoding of
+:class:`~meshaccel.agent.pods.AcceleratedPod` and the write order of ``Datapath.put_pod``
+(options, then the IP, then the pod entry last; removal in the opposite order).
+``tests/agent/test_reconcile.py`` checks that both views of the maps agree.
+
+Threads. Every public method takes one lock, and blocks on map syscalls: call them from a
+worker thread, never on an event loop. :attr:`Reconciler.snapshot` is an immutable view,
+replaced after each change, that any thread may read without the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import operator
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
+
+from meshaccel.agent import layout, libbpf
+from meshaccel.agent.api_models import ApplyResult, PodSet, PodSpec, UnresolvedPod
+from meshaccel.agent.datapath import Datapath, MapFullError
+from meshaccel.agent.layout import TrafficDirection
+from meshaccel.agent.modes import MESH_MODES
+from meshaccel.agent.pods import (
+    AcceleratedPod,
+    decode_cidr_key,
+    decode_port_key,
+    decode_u64,
+    port_key,
+    u64,
+)
+
+log = logging.getLogger(__name__)
+
+#: A new uuid4 each time the agent process starts: tells an operator that the agent restarted.
+BOOT_ID = str(uuid.uuid4())
+
+POD_MAPS = ("pods", "pod_ips", "pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
+_OPTION_MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
+_PRESENT = b"\x01"  # the value of every option-map entry
+_MAP_FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC)  # hash maps say E2BIG, LPM tries ENOSPC
+
+
+# -- interfaces and errors ------------------------------------------------------------------
+
+
+class UnresolvedPodError(Exception):
+    """A resolver cannot find the pod's cgroup (yet); ``reason`` says what it looked for."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PodResolver(Protocol):
+    """Finds the pod cgroup id (cgroup2 inode number) the datapath recognises a pod by."""
+
+    def resolve(self, pod: PodSpec) -> int:
+        """The pod's cgroup id, or :class:`UnresolvedPodError`."""
+        ...
+
+
+class ApplyRefusedError(Exception):
+    """The set was refused before anything was written: nothing changed."""
+
+    reason = "refused"  # a short, stable label (metrics, logs)
+
+    def __init__(self, message: str, *, applied_generation: int | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.applied_generation = applied_generation
+
+
+class StaleGenerationError(ApplyRefusedError):
+    reason = "stale_generation"
+
+    def __init__(self, requested: int, applied: int) -> None:
+        super().__init__(
+            f"generation {requested} is older than the applied generation {applied}",
+            applied_generation=applied,
+        )
+        self.requested = requested
+        self.applied = applied
+
+
+class GenerationConflictError(ApplyRefusedError):
+    reason = "generation_conflict"
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(
+            f"generation {generation} is already applied with a different pod set: "
+            "send a changed set with a higher generation",
+            applied_generation=generation,
+        )
+        self.generation = generation
+
+
+class CapacityError(ApplyRefusedError):
+    reason = "capacity"
+
+
+class InvalidPodError(ApplyRefusedError):
+    reason = "invalid_pod"
+
+
+class ApplyFailedError(Exception):
+    """A map write failed part-way. ``rolled_back``: the maps are as before the apply."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rolled_back: bool,
+        map_full: bool,
+        applied_generation: int | None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.rolled_back = rolled_back
+        self.map_full = map_full
+        self.applied_generation = applied_generation
+
+    @property
+    def reason(self) -> str:
+        if not self.rolled_back:
+            return "rollback_failed"
+        return "map_full" if self.map_full else "datapath_error"
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodEntry:
+    """A pod of the applied set that is programmed: its spec and what it resolved to."""
+
+    spec: PodSpec
+    pod: AcceleratedPod
+    cgroup_id: int  # pod.cgroup_id, kept apart: read for every pod on every apply
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the reconciler has done, for readers on other threads (never mutated)."""
+
+    boot_id: str
+    started_at: datetime
+    applied_generation: int | None
+    last_apply_time: datetime | None
+    entries: Mapping[str, PodEntry]  # uid -> programmed pod of the applied set
+    unresolved: tuple[UnresolvedPod, ...]
+    programmed: int  # pods in the maps (after a restart, also pods no set has named yet)
+    map_entries: Mapping[str, int]
+    map_capacity: Mapping[str, int]
+    apply_errors: Mapping[str, int]  # by ApplyRefusedError/ApplyFailedError reason
+
+    @property
+    def apply_errors_total(self) -> int:
+        return sum(self.apply_errors.values())
+
+
+@dataclass
+class _MapState:
+    """The per-pod maps' content as the reconciler models it."""
+
+    pods: dict[int, AcceleratedPod] = field(default_factory=dict)
+    ip_owner: dict[IPv4Address, int] = field(default_factory=dict)
+    # Entries that belong to no pod (an agent killed half-way through a write): removed by the
+    # next apply. By map name.
+    orphans: dict[str, set[bytes]] = field(default_factory=dict)
+
+    def copy(self) -> _MapState:
+        return _MapState(dict(self.pods), dict(self.ip_owner), {})
+
+
+@dataclass(frozen=True)
+class _Plan:
+    removes: list[AcceleratedPod]
+    updates: list[tuple[AcceleratedPod, AcceleratedPod]]
+    adds: list[AcceleratedPod]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.removes or self.updates or self.adds)
+
+
+def _pod_fields(spec: PodSpec | None) -> dict[str, object]:
+    """The ``extra=`` fields naming a pod (see ``logs.py``); None for a pod programmed before
+    a restart that no set has named yet."""
+    if spec is None:
+        return {"pod": None, "uid": None}
+    return {"pod": f"{spec.namespace}/{spec.name}", "uid": spec.uid}
+
+
+def _changed_fields(old: AcceleratedPod, new: AcceleratedPod) -> str:
+    return ",".join(f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name))
+
+
+# -- the maps --------------------------------------------------------------------------------
+
+
+class _Journal:
+    """Undo steps of the writes made so far, run in reverse on rollback."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def record(self, undo: Callable[..., object], *args: object) -> None:
+        self._undo.append((undo, args))
+
+    def rollback(self) -> list[Exception]:
+        failures: list[Exception] = []
+        for undo, args in reversed(self._undo):
+            try:
+                undo(*args)
+            except Exception as err:  # keep undoing the rest
+                failures.append(err)
+        self._undo.clear()
+        return failures
+
+
+class _PodMaps:
+    """The five per-pod maps, opened from the datapath's pins (own fds; close them)."""
+
+    def __init__(self, datapath: Datapath) -> None:
+        self._maps: dict[str, libbpf.Map] = {}
+        try:
+            for name in POD_MAPS:
+                self._maps[name] = libbpf.Map.from_pin(datapath.pins.map(name))
+        except BaseException:
+            self.close()
+            raise
+        self.capacity = {name: m.max_entries for name, m in self._maps.items()}
+
+    def close(self) -> None:
+        for bpf_map in self._maps.values():
+            bpf_map.close()
+        self._maps.clear()
+
+    # reading, once ------------------------------------------------------------------------
+
+    def read(self) -> _MapState:
+        """One pass over each map (not one per pod), grouped by cgroup id."""
+        state = _MapState()
+        infos = {decode_u64(k): layout.PodInfo.from_buffer_copy(v) for k, v in self._items("pods")}
+        ports: dict[int, dict[TrafficDirection, set[int]]] = {}
+        orphans: dict[str, set[bytes]] = {name: set() for name in (*_OPTION_MAPS, "pod_ips")}
+        for key in self._maps["pod_ports"]:
+            owner, port, direction = decode_port_key(key)
+            if owner in infos:
+                ports.setdefault(owner, {d: set() for d in TrafficDirection})[direction].add(port)
+            else:
+                orphans["pod_ports"].add(key)
+        cidrs: dict[str, dict[int, set[IPv4Network]]] = {}
+        for name in ("outbound_excluded_cidrs", "outbound_included_cidrs"):
+            by_owner: dict[int, set[IPv4Network]] = {}
+            for key in self._maps[name]:
+                owner, network = decode_cidr_key(key)
+                if owner in infos:
+                    by_owner.setdefault(owner, set()).add(network)
+                else:
+                    orphans[name].add(key)
+            cidrs[name] = by_owner
+        for cgroup_id, info in infos.items():
+            own_ports = ports.get(cgroup_id, {d: set() for d in TrafficDirection})
+            includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
+            included = cidrs["outbound_included_cidrs"].get(cgroup_id, set())
+            state.pods[cgroup_id] = AcceleratedPod(
+                cgroup_id=cgroup_id,
+                ip=layout.ip_of(info.ip),
+                sidecar_uid=info.sidecar_uid,
+                outbound_port=layout.port_of(info.outbound_port),
+                inbound_port=layout.port_of(info.inbound_port),
+                excluded_outbound_ports=frozenset(own_ports[TrafficDirection.DIRECTION_OUTBOUND]),
+                excluded_inbound_ports=frozenset(own_ports[TrafficDirection.DIRECTION_INBOUND]),
+                excluded_outbound_cidrs=frozenset(
+                    cidrs["outbound_excluded_cidrs"].get(cgroup_id, set())
+                ),
+                included_outbound_cidrs=None if includes_all else frozenset(included),
+            )
+        for key, value in self._items("pod_ips"):
+            ip, owner = IPv4Address(key), decode_u64(value)
+            pod = state.pods.get(owner)
+            if pod is not None and pod.ip == ip:
+                state.ip_owner[ip] = owner
+            else:  # points at no pod, or at a pod that has another address now
+                orphans["pod_ips"].add(key)
+        state.orphans = {name: keys for name, keys in orphans.items() if keys}
+        return state
+
+    def _items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
+        return self._maps[name].items()
+
+    # writing, journaled -------------------------------------------------------------------
+
+    def add(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
+        # Options first: connect4 acts on a pod only once `pods` has it.
+        self._insert(journal, "pod_ports", pod.port_keys())
+        self._insert(journal, "outbound_excluded_cidrs", pod.excluded_cidr_keys())
+        self._insert(journal, "outbound_included_cidrs", pod.included_cidr_keys())
+        self._claim_ip(journal, pod, state)
+        self._write(journal, "pods", u64(pod.cgroup_id), bytes(pod.info()), None)
+        state.pods[pod.cgroup_id] = pod
+
+    def update(
+        self, journal: _Journal, old: AcceleratedPod, new: AcceleratedPod, state: _MapState
+    ) -> None:
+        old_ports, new_ports = _port_keys(old), _port_keys(new)
+        old_excluded, new_excluded = old.excluded_cidr_keys(), new.excluded_cidr_keys()
+        old_included, new_included = old.included_cidr_keys(), new.included_cidr_keys()
+        self._insert(journal, "pod_ports", new_ports - old_ports)
+        self._insert(journal, "outbound_excluded_cidrs", new_excluded - old_excluded)
+        self._insert(journal, "outbound_included_cidrs", new_included - old_included)
+        if state.ip_owner.get(new.ip) != new.cgroup_id:
+            self._claim_ip(journal, new, state)
+        old_info, new_info = bytes(old.info()), bytes(new.info())
+        if old_info != new_info:
+            self._write(journal, "pods", u64(new.cgroup_id), new_info, old_info)
+        self._remove_all(journal, "pod_ports", old_ports - new_ports)
+        self._remove_all(journal, "outbound_excluded_cidrs", old_excluded - new_excluded)
+        self._remove_all(journal, "outbound_included_cidrs", old_included - new_included)
+        if old.ip != new.ip:
+            self._release_ip(journal, old, state)
+        state.pods[new.cgroup_id] = new
+
+    def remove(self, journal: _Journal, old: AcceleratedPod, state: _MapState) -> None:
+        # The pod entry first: connect4 stops acting on the pod at once.
+        self._remove(journal, "pods", u64(old.cgroup_id), bytes(old.info()))
+        self._release_ip(journal, old, state)
+        self._remove_all(journal, "pod_ports", _port_keys(old))
+        self._remove_all(journal, "outbound_excluded_cidrs", old.excluded_cidr_keys())
+        self._remove_all(journal, "outbound_included_cidrs", old.included_cidr_keys())
+        del state.pods[old.cgroup_id]
+
+    def remove_orphans(self, journal: _Journal, orphans: Mapping[str, set[bytes]]) -> None:
+        for name, keys in orphans.items():
+            for key in keys:
+                previous = self._maps[name].lookup(key)
+                if previous is not None:
+                    self._remove(journal, name, key, previous)
+
+    def _claim_ip(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
+        previous = state.ip_owner.get(pod.ip)
+        self._write(
+            journal,
+            "pod_ips",
+            pod.ip.packed,
+            u64(pod.cgroup_id),
+            None if previous is None else u64(previous),
+        )
+        state.ip_owner[pod.ip] = pod.cgroup_id
+
+    def _release_ip(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
+        if state.ip_owner.get(pod.ip) == pod.cgroup_id:  # not if another pod took it since
+            self._remove(journal, "pod_ips", pod.ip.packed, u64(pod.cgroup_id))
+            del state.ip_owner[pod.ip]
+
+    def _insert(self, journal: _Journal, name: str, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._write(journal, name, key, _PRESENT, None)
+
+    def _remove_all(self, journal: _Journal, name: str, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._remove(journal, name, key, _PRESENT)
+
+    def _write(
+        self, journal: _Journal, name: str, key: bytes, value: bytes, previous: bytes | None
+    ) -> None:
+        bpf_map = self._maps[name]
+        try:
+            bpf_map.update(key, value)
+        except libbpf.MapError as err:
+            if err.errno in _MAP_FULL_ERRNOS:
+                raise MapFullError(
+                    f"map {name} is full ({bpf_map.max_entries} entries): raise its capacity "
+                    "(Capacities) and reload"
+                ) from err
+            raise
+        if previous is None:
+            journal.record(bpf_map.delete, key)
+        else:
+            journal.record(bpf_map.update, key, previous)
+
+    def _remove(self, journal: _Journal, name: str, key: bytes, previous: bytes) -> None:
+        bpf_map = self._maps[name]
+        if bpf_map.delete(key):
+            journal.record(bpf_map.update, key, previous)
+
+
+def _port_keys(pod: AcceleratedPod) -> set[bytes]:
+    keys = {
+        port_key(pod.cgroup_id, p, TrafficDirection.DIRECTION_OUTBOUND)
+        for p in pod.excluded_outbound_ports
+    }
+    keys.update(
+        port_key(pod.cgroup_id, p, TrafficDirection.DIRECTION_INBOUND)
+        for p in pod.excluded_inbound_ports
+    )
+    return keys
+
+
+def _usage(pods: Iterable[AcceleratedPod]) -> dict[str, int]:
+    """Entries each per-pod map needs for these pods (counted, not encoded: cheap)."""
+    usage = dict.fromkeys(POD_MAPS, 0)
+    for pod in pods:
+        usage["pods"] += 1
+        usage["pod_ips"] += 1
+        usage["pod_ports"] += len(pod.excluded_outbound_ports) + len(pod.excluded_inbound_ports)
+        usage["outbound_excluded_cidrs"] += len(pod.excluded_outbound_cidrs)
+        usage["outbound_included_cidrs"] += len(pod.included_outbound_cidrs or ())
+    return usage
+
+
+_SPEC_FIELDS_BUT_OPTIONS = operator.itemgetter(*(f for f in PodSpec.model_fields if f != "options"))
+
+
+def same_spec(a: PodSpec, b: PodSpec) -> bool:
+    """``a == b``, four times faster than pydantic's general ``__eq__`` (it runs for every pod
+    of every set). Both models are frozen, forbid extra fields and have no private attributes,
+    so equal field values are equality; the fields are taken from the model, not listed."""
+    if a is b:
+        return True
+    left, right = a.__dict__, b.__dict__
+    options_a, options_b = left["options"], right["options"]
+    if options_a is not options_b and options_a.__dict__ != options_b.__dict__:
+        return False
+    return bool(_SPEC_FIELDS_BUT_OPTIONS(left) == _SPEC_FIELDS_BUT_OPTIONS(right))
+
+
+def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
+    """What the maps should hold for ``spec``, whose pod cgroup id is ``cgroup_id``."""
+    options = spec.options
+    return AcceleratedPod.in_mesh(
+        MESH_MODES[spec.mode],
+        cgroup_id,
+        spec.ip,
+        excluded_outbound_ports=options.excluded_outbound_ports,
+        excluded_inbound_ports=options.excluded_inbound_ports,
+        excluded_outbound_cidrs=options.excluded_outbound_cidrs,
+        included_outbound_cidrs=options.included_outbound_cidrs,
+    )
+
+
+# -- the reconciler ---------------------------------------------------------------------------
+
+
+class Reconciler:
+    """Applies pod sets to a datapath; see the module docstring. Close it to let go of the maps."""
+
+    def __init__(self, datapath: Datapath, resolver: PodResolver, *, max_pods: int) -> None:
+        if max_pods < 0:
+            raise ValueError(f"max_pods must not be negative, not {max_pods}")
+        self.datapath = datapath
+        self.resolver = resolver
+        self._lock = threading.Lock()
+        self._maps = _PodMaps(datapath)
+        try:
+            self._state = self._maps.read()
+        except BaseException:
+            self._maps.close()
+            raise
+        self.max_pods = min(max_pods, self._maps.capacity["pods"], self._maps.capacity["pod_ips"])
+        self._usage_now = _usage(self._state.pods.values())
+        self._dirty = False  # the maps may differ from _state (a rollback failed): read again
+        self._generation: int | None = None
+        self._desired: dict[str, PodSpec] = {}  # the applied set, unresolved pods included
+        self._entries: dict[str, PodEntry] = {}
+        self._by_cgroup: dict[int, PodEntry] = {}
+        self._unresolved: dict[str, UnresolvedPod] = {}
+        self._errors: dict[str, int] = {}
+        self._last_apply: datetime | None = None
+        self._started = datetime.now(UTC)
+        self._snapshot = self._make_snapshot()
+        if self._state.pods or self._state.orphans:
+            log.info(
+                "adopted programmed pods (matched by cgroup id when the first set arrives)",
+                extra={
+                    "event": "pods_adopted",
+                    "pods": len(self._state.pods),
+                    "orphans": {n: len(k) for n, k in self._state.orphans.items()},
+                },
+            )
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def boot_id(self) -> str:
+        return BOOT_ID
+
+    @property
+    def applied_generation(self) -> int | None:
+        return self._snapshot.applied_generation
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The latest state; safe to read from any thread without blocking."""
+        return self._snapshot
+
+    def apply(self, pod_set: PodSet) -> ApplyResult:
+        """Make the maps hold exactly ``pod_set`` (its resolvable pods). Blocks: not on a loop.
+
+        Raises :class:`ApplyRefusedError` (nothing was changed) or :class:`ApplyFailedError`.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                desired = self._admit(pod_set)
+                if desired is None:  # the same set at the same generation again
+                    self._last_apply = datetime.now(UTC)
+                    self._publish()
+                    return self._result(pod_set.generation, _Plan([], [], []), started)
+                return self._reconcile(pod_set.generation, desired, started, retry=False)
+            except ApplyRefusedError as err:
+                self._refused(err, pod_set.generation)
+                raise
+
+    def retry_unresolved(self) -> ApplyResult | None:
+        """Resolve the applied set's unresolved pods again; program those found. Blocks.
+
+        None when nothing was unresolved. Raises like :meth:`apply` if a write fails.
+        """
+        with self._lock:
+            if not self._unresolved or self._generation is None:
+                return None
+            try:
+                return self._reconcile(
+                    self._generation, self._desired, time.perf_counter(), retry=True
+                )
+            except ApplyRefusedError as err:  # not counted: the set itself was accepted
+                log.warning(
+                    "pods resolved since, but not programmed",
+                    extra={"event": "retry_refused", "reason": err.reason, "error": err.message},
+                )
+                raise
+
+    def close(self) -> None:
+        """Let go of the maps (the datapath keeps running from its pins)."""
+        with self._lock:
+            self._maps.close()
+
+    def __enter__(self) -> Reconciler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _admit(self, pod_set: PodSet) -> dict[str, PodSpec] | None:
+        """The set by uid, None for an idempotent repeat; raises if it must be refused."""
+        desired = {pod.uid: pod for pod in pod_set.pods}
+        applied = self._generation
+        if applied is not None and pod_set.generation < applied:
+            raise StaleGenerationError(pod_set.generation, applied)
+        if applied is not None and pod_set.generation == applied:
+            previous = self._desired
+            if desired.keys() == previous.keys() and all(
+                same_spec(spec, previous[uid]) for uid, spec in desired.items()
+            ):
+                return None
+            raise GenerationConflictError(applied)
+        if len(desired) > self.max_pods:
+            raise CapacityError(
+                f"the set has {len(desired)} pods; this agent holds at most {self.max_pods} "
+                "(raise the pods capacity of the datapath, or run fewer meshed pods on the node)",
+                applied_generation=applied,
+            )
+        return desired
+
+    def _reconcile(
+        self, generation: int, desired: dict[str, PodSpec], started: float, *, retry: bool
+    ) -> ApplyResult:
+        if self._dirty:
+            self._resync()
+        entries, unresolved = self._resolve(desired)
+        target: dict[int, AcceleratedPod] = {e.cgroup_id: e.pod for e in entries.values()}
+        needed = _usage(target.values())
+        over = {
+            name: (n, self._maps.capacity[name])
+            for name, n in needed.items()
+            if n > self._maps.capacity[name]
+        }
+        if over:
+            raise CapacityError(
+                "the set needs more map entries than the datapath holds: "
+                + "; ".join(f"{name} needs {n}, holds {cap}" for name, (n, cap) in over.items())
+                + " (raise the datapath's Capacities, or send fewer pods or options)",
+                applied_generation=self._generation,
+            )
+        plan = self._plan(target)
+        if plan.empty and not self._state.orphans:
+            state = self._state
+        else:
+            state = self._execute(plan, generation)
+        # Committed: the maps now hold `target`.
+        self._state = state
+        self._usage_now = needed
+        self._generation = generation
+        self._desired = desired
+        previous_entries, previous_unresolved = self._by_cgroup, self._unresolved
+        self._entries = entries
+        self._by_cgroup = {e.cgroup_id: e for e in entries.values()}
+        self._unresolved = unresolved
+        if not retry:
+            self._last_apply = datetime.now(UTC)
+        self._publish()
+        result = self._result(generation, plan, started)
+        self._log_decisions(plan, previous_entries, previous_unresolved, generation, retry=retry)
+        return result
+
+    def _resolve(
+        self, desired: Mapping[str, PodSpec]
+    ) -> tuple[dict[str, PodEntry], dict[str, UnresolvedPod]]:
+        entries: dict[str, PodEntry] = {}
+        unresolved: dict[str, UnresolvedPod] = {}
+        known = self._entries
+        for uid, spec in desired.items():
+            entry = known.get(uid)
+            if entry is None or not same_spec(entry.spec, spec):  # new or changed: do it again
+                try:
+                    cgroup_id = self._resolve_one(spec)
+                except UnresolvedPodError as err:
+                    unresolved[uid] = _unresolved(spec, err.reason)
+                    continue
+                try:
+                    entry = PodEntry(spec, accelerated_pod(spec, cgroup_id), cgroup_id)
+                except ValueError as err:  # the API's validation should have caught it
+                    raise InvalidPodError(
+                        f"pod {spec.namespace}/{spec.name} (uid {uid}): {err}",
+                        applied_generation=self._generation,
+                    ) from err
+            entries[uid] = entry
+        if len({e.cgroup_id for e in entries.values()}) == len(entries):
+            return entries, unresolved
+        claimed: dict[int, list[str]] = {}
+        for uid, entry in entries.items():
+            claimed.setdefault(entry.cgroup_id, []).append(uid)
+        for cgroup_id, uids in claimed.items():
+            if len(uids) > 1:  # never guess which one the cgroup is
+                for uid in uids:
+                    others = ", ".join(u for u in uids if u != uid)
+                    unresolved[uid] = _unresolved(
+                        entries.pop(uid).spec,
+                        f"resolves to cgroup id {cgroup_id}, as do pods with uid {others}",
+                    )
+        return entries, unresolved
+
+    def _resolve_one(self, spec: PodSpec) -> int:
+        try:
+            cgroup_id = self.resolver.resolve(spec)
+        except UnresolvedPodError:
+            raise
+        except Exception as err:  # a resolver bug must not fail the whole set
+            log.exception("resolver failed", extra={"event": "resolver_error", **_pod_fields(spec)})
+            raise UnresolvedPodError(f"resolver error: {type(err).__name__}: {err}") from err
+        if type(cgroup_id) is not int or cgroup_id <= 0:
+            raise UnresolvedPodError(f"resolver returned {cgroup_id!r}, not a cgroup id")
+        return cgroup_id
+
+    def _plan(self, target: Mapping[int, AcceleratedPod]) -> _Plan:
+        current = self._state.pods
+        removes = [pod for cgroup_id, pod in current.items() if cgroup_id not in target]
+        updates: list[tuple[AcceleratedPod, AcceleratedPod]] = []
+        adds: list[AcceleratedPod] = []
+        for cgroup_id, pod in target.items():
+            old = current.get(cgroup_id)
+            if old is None:
+                adds.append(pod)
+            elif old is not pod and old != pod:
+                updates.append((old, pod))
+        return _Plan(removes, updates, adds)
+
+    def _execute(self, plan: _Plan, generation: int) -> _MapState:
+        """Write the plan: removals first (they free room and addresses), then changes, then
+        additions. On a failure every write is undone; the maps are as before."""
+        state = self._state.copy()
+        journal = _Journal()
+        try:
+            self._maps.remove_orphans(journal, self._state.orphans)
+            for pod in plan.removes:
+                self._maps.remove(journal, pod, state)
+            for old, new in plan.updates:
+                self._maps.update(journal, old, new, state)
+            for pod in plan.adds:
+                self._maps.add(journal, pod, state)
+        except BaseException as err:
+            failures = journal.rollback()
+            rolled_back = not failures
+            if not isinstance(err, Exception):  # not ours to turn into an error reply
+                self._dirty = self._dirty or not rolled_back
+                raise
+            if not rolled_back:
+                self._dirty = True  # read the maps again before the next apply
+            failed = ApplyFailedError(
+                f"applying generation {generation} failed: {err}"
+                + (
+                    "; every change was undone, the previous set stays"
+                    if rolled_back
+                    else f"; undoing it failed too ({failures[0]}): the maps are read again "
+                    "before the next apply"
+                ),
+                rolled_back=rolled_back,
+                map_full=isinstance(err, MapFullError),
+                applied_generation=self._generation,
+            )
+            self._count_error(failed.reason)
+            log.error(
+                "apply failed",
+                extra={
+                    "event": "apply_failed",
+                    "generation": generation,
+                    "reason": failed.reason,
+                    "error": str(err),
+                    "rolled_back": rolled_back,
+                },
+            )
+            self._publish()
+            raise failed from err
+        return state
+
+    def _resync(self) -> None:
+        self._state = self._maps.read()
+        self._usage_now = _usage(self._state.pods.values())
+        self._dirty = False
+        # Entries whose pod is no longer in the maps as cached must be encoded again.
+        self._entries = {
+            uid: e for uid, e in self._entries.items() if self._state.pods.get(e.cgroup_id) == e.pod
+        }
+        log.warning("maps read again after a failed rollback", extra={"event": "maps_resynced"})
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _refused(self, err: ApplyRefusedError, generation: int) -> None:
+        self._count_error(err.reason)
+        log.warning(
+            "set refused",
+            extra={
+                "event": "apply_refused",
+                "generation": generation,
+                "reason": err.reason,
+                "error": err.message,
+            },
+        )
+        self._publish()
+
+    def _count_error(self, reason: str) -> None:
+        self._errors[reason] = self._errors.get(reason, 0) + 1
+
+    def _result(self, generation: int, plan: _Plan, started: float) -> ApplyResult:
+        return ApplyResult(
+            applied_generation=generation,
+            added=len(plan.adds),
+            updated=len(plan.updates),
+            removed=len(plan.removes),
+            unresolved=sorted(self._unresolved.values(), key=lambda u: (u.namespace, u.name)),
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _make_snapshot(self) -> Snapshot:
+        return Snapshot(
+            boot_id=BOOT_ID,
+            started_at=self._started,
+            applied_generation=self._generation,
+            last_apply_time=self._last_apply,
+            entries=self._entries,  # replaced, never mutated, by every apply
+            unresolved=tuple(
+                sorted(self._unresolved.values(), key=lambda u: (u.namespace, u.name))
+            ),
+            programmed=len(self._state.pods),
+            map_entries=self._usage_now,
+            map_capacity=dict(self._maps.capacity),
+            apply_errors=dict(self._errors),
+        )
+
+    def _publish(self) -> None:
+        self._snapshot = self._make_snapshot()
+
+    def _log_decisions(
+        self,
+        plan: _Plan,
+        previous: Mapping[int, PodEntry],
+        previous_unresolved: Mapping[str, UnresolvedPod],
+        generation: int,
+        *,
+        retry: bool,
+    ) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        by_cgroup = self._by_cgroup
+        for pod in plan.removes:
+            old = previous.get(pod.cgroup_id)
+            spec = old.spec if old is not None else None
+            if spec is None:
+                reason = "programmed before the agent restarted and not in the set"
+            elif spec.uid in self._unresolved:
+                reason = f"unresolved now: {self._unresolved[spec.uid].reason}"
+            elif spec.uid in self._desired:
+                reason = "its cgroup changed"
+            else:
+                reason = "not in the set"
+            self._log_pod("pod removed", "pod_removed", spec, pod.cgroup_id, reason, generation)
+        for old_pod, new_pod in plan.updates:
+            self._log_pod(
+                "pod updated",
+                "pod_updated",
+                by_cgroup[new_pod.cgroup_id].spec,
+                new_pod.cgroup_id,
+                f"changed: {_changed_fields(old_pod, new_pod)}",
+                generation,
+            )
+        for pod in plan.adds:
+            spec = by_cgroup[pod.cgroup_id].spec
+            reason = "resolved on retry" if retry else "new in the set"
+            if spec.uid in previous_unresolved and not retry:
+                reason = "resolved now"
+            self._log_pod("pod accelerated", "pod_added", spec, pod.cgroup_id, reason, generation)
+        for uid, item in self._unresolved.items():
+            before = previous_unresolved.get(uid)
+            if before is None or before.reason != item.reason:
+                self._log_pod(
+                    "pod unresolved",
+                    "pod_unresolved",
+                    self._desired[uid],
+                    None,
+                    item.reason,
+                    generation,
+                    level=logging.WARNING,
+                )
+        if not plan.empty or not retry:
+            log.info(
+                "set applied",
+                extra={
+                    "event": "set_applied",
+                    "generation": generation,
+                    "added": len(plan.adds),
+                    "updated": len(plan.updates),
+                    "removed": len(plan.removes),
+                    "unresolved": len(self._unresolved),
+                },
+            )
+
+    @staticmethod
+    def _log_pod(
+        message: str,
+        event: str,
+        spec: PodSpec | None,
+        cgroup_id: int | None,
+        reason: str,
+        generation: int,
+        *,
+        level: int = logging.INFO,
+    ) -> None:
+        log.log(
+            level,
+            message,
+            extra={
+                "event": event,
+                **_pod_fields(spec),
+                "cgroup_id": cgroup_id,
+                "reason": reason,
+                "generation": generation,
+            },
+        )
+
+
+def _unresolved(spec: PodSpec, reason: str) -> UnresolvedPod:
+    return UnresolvedPod(uid=spec.uid, namespace=spec.namespace, name=spec.name, reason=reason)

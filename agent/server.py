@@ -1,0 +1,515 @@
+"""The agent's HTTP API: an aiohttp application over a reconciler (:mod:`.reconcile`).
+
+======  ============  =====  ==================================================================
+method  path          auth   replies
+======  ============  =====  ==================================================================
+PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 401; 409 stale generation, or the
+                             applied generation with another set; 413 body too large; 415 not
+                             JSON content; 422 invalid set (pydantic's ``loc`` in ``detail``)
+                             or more pods/entries than the maps hold; 500 datapath error (the
+                             apply was rolled back); 507 a map filled up during the apply
+                             (rolled back)
+GET     /v1/pods      yes    200 PodsReply; 401
+GET     /v1/status    yes    200 StatusReply; 401
+GET     /healthz      no     200 HealthReply (the process serves requests)
+GET     /readyz       no     200 ReadyReply when every program is attached and a first set was
+                             applied; 503 otherwise, saying which
+GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
+======  ============  =====  ==================================================================
+
+Every 4xx and 5xx body is an :class:`~meshaccel.agent.api_models.ErrorReply` (JSON), also for
+unknown paths and methods; a refused request changes nothing. Unexpected errors give a 500
+whose body says to look in the log; the traceback is logged, never sent.
+
+Authentication: ``Authorization: Bearer <token>``, compared with :func:`hmac.compare_digest`
+over SHA-256 digests (equal length, so neither the content nor the length of the token leaks
+through timing). Failures get 401 with ``WWW-Authenticate: Bearer``. ``token=None`` turns
+authentication off: only for a demo bound to loopback (the caller decides, see ``main.py``).
+
+* /healthz and /readyz are open: kubelet's probes carry no credentials.
+* /metrics is open by default (``metrics_require_token=True`` closes it). It exposes only
+  aggregate numbers (event counters, pod counts, the generation, map usage), never a pod's
+  name, uid or address, and it changes nothing. Closing it would mean handing the scraper the
+  same token that can rewrite the node's pod set, which is the greater risk.
+* Everything under /v1 needs the token: GET replies name pods and their addresses.
+
+Blocking work (map writes, counter and pin reads) runs in threads: applies on one dedicated
+thread, behind an asyncio lock, so they run one at a time in arrival order; reads on the
+loop's default executor. A background task retries unresolved pods every ``retry_interval``
+seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import hdrs, web
+from pydantic import BaseModel, ValidationError
+
+from meshaccel.agent import libbpf, prerequisites
+from meshaccel.agent.api_models import (
+    AppliedPod,
+    ErrorReply,
+    HealthReply,
+    MapUsage,
+    PodSet,
+    PodsReply,
+    ProgramStatus,
+    ReadyReply,
+    StatusReply,
+)
+from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, PinLayout
+from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.agent.metrics import AgentMetrics
+from meshaccel.agent.reconcile import (
+    POD_MAPS,
+    ApplyFailedError,
+    ApplyRefusedError,
+    GenerationConflictError,
+    Reconciler,
+    StaleGenerationError,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL_SECONDS = 5.0
+# A thousand pods are ~75 KB; a pod with every option list full is ~15 KB.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+REALM = "meshaccel-agent"
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass(frozen=True)
+class DatapathInfo:
+    """What the agent knows of how its datapath was set up (for /v1/status), if it knows."""
+
+    attach_cgroup: Path | None = None
+    features: DatapathFeatures | None = None
+
+
+@dataclass(frozen=True)
+class _Auth:
+    token_digest: bytes | None
+    metrics_require_token: bool
+
+
+@dataclass
+class _Worker:
+    """The apply thread and its lock; made by the app's cleanup context, at start-up."""
+
+    executor: ThreadPoolExecutor | None = None
+    lock: asyncio.Lock | None = None
+
+    def ready(self) -> tuple[ThreadPoolExecutor, asyncio.Lock]:
+        if self.executor is None or self.lock is None:
+            raise RuntimeError("the application has not been started")
+        return self.executor, self.lock
+
+
+RECONCILER = web.AppKey("reconciler", Reconciler)
+METRICS = web.AppKey("metrics", AgentMetrics)
+DATAPATH_INFO = web.AppKey("datapath_info", DatapathInfo)
+AUTH = web.AppKey("auth", _Auth)
+WORKER = web.AppKey("worker", _Worker)
+RETRY_INTERVAL = web.AppKey("retry_interval", float)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+def json_reply(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json"
+    )
+
+
+def error_reply(
+    status: int,
+    message: str,
+    *,
+    detail: list[dict[str, object]] | None = None,
+    applied_generation: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    reply = ErrorReply(error=message, detail=detail, applied_generation=applied_generation)
+    response = json_reply(reply, status)
+    response.headers.update(headers or {})
+    return response
+
+
+# -- middlewares ---------------------------------------------------------------------------------
+
+# Headers of an HTTPException worth keeping on the JSON reply (Allow for 405, and so on).
+_KEPT_HEADERS = (hdrs.ALLOW, hdrs.WWW_AUTHENTICATE, hdrs.RETRY_AFTER)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes a JSON ErrorReply; unexpected ones a 500 without a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {str(name): exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return error_reply(exc.status, exc.text or exc.reason, headers=headers)
+    except Exception:
+        log.exception(
+            "request failed",
+            extra={"event": "http_error", "method": request.method, "path": request.path},
+        )
+        return error_reply(500, "internal error: the agent's log has the details")
+
+
+def _is_public(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    path = resource.canonical if resource is not None else None
+    if path in PUBLIC_PATHS:
+        return True
+    return path == "/metrics" and not request.app[AUTH].metrics_require_token
+
+
+def _unauthorized(message: str, *, invalid: bool) -> web.HTTPUnauthorized:
+    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if invalid else "")
+    return web.HTTPUnauthorized(text=message, headers={hdrs.WWW_AUTHENTICATE: challenge})
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = request.app[AUTH].token_digest
+    if expected is None or _is_public(request):
+        return await handler(request)
+    scheme, _, presented = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise _unauthorized("authentication required: Authorization: Bearer <token>", invalid=False)
+    # Digests of equal length: the comparison's time says nothing about the token.
+    if not hmac.compare_digest(_digest(presented.strip()), expected):
+        log.warning(
+            "invalid token",
+            extra={"event": "auth_failed", "remote": request.remote, "path": request.path},
+        )
+        raise _unauthorized("invalid token", invalid=True)
+    return await handler(request)
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+def _is_json(content_type: str) -> bool:
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(body)"
+
+
+def _validation_reply(err: ValidationError) -> web.Response:
+    errors = err.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return error_reply(400, f"the body is not valid JSON: {first['msg']}")
+    return error_reply(
+        422,
+        f"invalid pod set ({len(errors)} error{'s' if len(errors) > 1 else ''}): "
+        f"{_loc(first['loc'])}: {first['msg']}",
+        detail=[dict(e) for e in errors],
+    )
+
+
+async def put_pods(request: web.Request) -> web.Response:
+    """PUT /v1/pods: apply the node's complete desired set."""
+    if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.headers[hdrs.CONTENT_TYPE]):
+        return error_reply(415, "send the pod set as application/json")
+    body = await request.read()  # 413 beyond client_max_size
+    try:
+        pod_set = await asyncio.to_thread(PodSet.model_validate_json, body)  # big bodies take ms
+    except ValidationError as err:
+        return _validation_reply(err)
+    reconciler = request.app[RECONCILER]
+    executor, lock = request.app[WORKER].ready()
+    async with lock:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                executor, reconciler.apply, pod_set
+            )
+        except (StaleGenerationError, GenerationConflictError) as err:
+            return error_reply(409, err.message, applied_generation=err.applied_generation)
+        except ApplyRefusedError as err:
+            return error_reply(422, err.message, applied_generation=err.applied_generation)
+        except ApplyFailedError as err:
+            status = 507 if err.map_full and err.rolled_back else 500
+            return error_reply(status, err.message, applied_generation=err.applied_generation)
+    request.app[METRICS].observe_apply(result.duration_ms / 1000)
+    return json_reply(result)
+
+
+async def get_pods(request: web.Request) -> web.Response:
+    """GET /v1/pods: the pods of the applied set, programmed or unresolved."""
+    snapshot = request.app[RECONCILER].snapshot
+    entries = sorted(snapshot.entries.values(), key=lambda e: (e.spec.namespace, e.spec.name))
+    return json_reply(
+        PodsReply(
+            applied_generation=snapshot.applied_generation,
+            pods=[
+                AppliedPod(
+                    uid=e.spec.uid,
+                    namespace=e.spec.namespace,
+                    name=e.spec.name,
+                    ip=e.spec.ip,
+                    cgroup_id=e.cgroup_id,
+                )
+                for e in entries
+            ],
+            unresolved=list(snapshot.unresolved),
+        )
+    )
+
+
+async def get_status(request: web.Request) -> web.Response:
+    """GET /v1/status."""
+    status = await asyncio.to_thread(
+        build_status, request.app[RECONCILER], request.app[DATAPATH_INFO]
+    )
+    return json_reply(status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_reply(HealthReply(boot_id=request.app[RECONCILER].boot_id))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    reconciler = request.app[RECONCILER]
+    missing = missing_attachments(reconciler.datapath.pins)
+    if missing:
+        return error_reply(503, f"not ready: not attached, missing pins {', '.join(missing)}")
+    generation = reconciler.snapshot.applied_generation
+    if generation is None:
+        return error_reply(503, "not ready: no pod set has been applied yet")
+    return json_reply(ReadyReply(applied_generation=generation))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = await asyncio.to_thread(
+        request.app[METRICS].render, request.headers.get(hdrs.ACCEPT, "")
+    )
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+
+
+ROUTES = [
+    web.put("/v1/pods", put_pods),
+    web.get("/v1/pods", get_pods),
+    web.get("/v1/status", get_status),
+    web.get("/healthz", healthz),
+    web.get("/readyz", readyz),
+    web.get("/metrics", metrics),
+]
+
+
+# -- status ----------------------------------------------------------------------------------------
+
+
+def missing_attachments(pins: PinLayout) -> list[str]:
+    """Pins of the programs' attachments that are not there (stat only: cheap)."""
+    return [str(path) for path in pins.attachments() if not path.exists()]
+
+
+@functools.cache
+def kernel_features() -> dict[str, bool]:
+    """What the datapath needs of the kernel, probed once (the answers do not change)."""
+    programs = (
+        libbpf.ProgType.CGROUP_SOCK_ADDR,
+        libbpf.ProgType.SOCK_OPS,
+        libbpf.ProgType.SK_MSG,
+        libbpf.ProgType.CGROUP_SOCKOPT,
+    )
+    maps = (
+        libbpf.MapType.SOCKHASH,
+        libbpf.MapType.LPM_TRIE,
+        libbpf.MapType.LRU_HASH,
+        libbpf.MapType.PERCPU_ARRAY,
+    )
+    found = {f"program_{t.name.lower()}": libbpf.probe_prog_type(t) for t in programs}
+    found |= {f"map_{t.name.lower()}": libbpf.probe_map_type(t) for t in maps}
+    found["btf_vmlinux"] = prerequisites.VMLINUX_BTF.exists()
+    return found
+
+
+def _program_status(pins: PinLayout) -> list[ProgramStatus]:
+    programs = []
+    for hook in CGROUP_HOOKS:
+        path = pins.link(hook.link)
+        link_id = program_id = None
+        if path.exists():
+            with (
+                contextlib.suppress(libbpf.BpfError, OSError),
+                libbpf.Link.open_pinned(path) as link,
+            ):
+                info = link.info()
+                link_id, program_id = info.id, info.prog_id
+        programs.append(
+            ProgramStatus(
+                hook=hook.link,
+                program=hook.program,
+                pin=str(path),
+                attached=link_id is not None,
+                link_id=link_id,
+                program_id=program_id,
+            )
+        )
+    path = pins.program(SK_MSG_PROGRAM)
+    program_id = None
+    if path.exists():
+        with contextlib.suppress(libbpf.BpfError, OSError), libbpf.Program.from_pin(path) as prog:
+            program_id = prog.info().id
+    programs.append(
+        ProgramStatus(
+            hook="sk_msg",
+            program=SK_MSG_PROGRAM,
+            pin=str(path),
+            attached=program_id is not None,
+            program_id=program_id,
+        )
+    )
+    return programs
+
+
+def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
+    """GET /v1/status's reply. Blocks (reads pins and a map): run it in a thread."""
+    snapshot = reconciler.snapshot
+    pins = reconciler.datapath.pins
+    programs = _program_status(pins)
+    try:
+        counters: dict[str, int] | None = {
+            c.metric_name: n for c, n in reconciler.datapath.counters().items()
+        }
+    except Exception:
+        log.warning("datapath counters unreadable", exc_info=True, extra={"event": "status"})
+        counters = None
+    return StatusReply(
+        boot_id=snapshot.boot_id,
+        started_at=snapshot.started_at,
+        pin_root=str(pins.root),
+        attach_cgroup=None if info.attach_cgroup is None else str(info.attach_cgroup),
+        datapath_features=None
+        if info.features is None
+        else sorted(f.name or str(f.value) for f in DatapathFeatures if f in info.features),
+        attached=all(p.attached for p in programs),
+        programs=programs,
+        kernel_features=kernel_features(),
+        applied_generation=snapshot.applied_generation,
+        last_apply_time=snapshot.last_apply_time,
+        pods_accelerated=snapshot.programmed,
+        unresolved=list(snapshot.unresolved),
+        maps=[
+            MapUsage(
+                name=name,
+                entries=snapshot.map_entries.get(name, 0),
+                max_entries=snapshot.map_capacity.get(name, 0),
+            )
+            for name in POD_MAPS
+        ],
+        counters=counters,
+        apply_errors=snapshot.apply_errors_total,
+        apply_errors_by_reason=dict(snapshot.apply_errors),
+    )
+
+
+# -- background work -----------------------------------------------------------------------------
+
+
+async def _retry_unresolved(app: web.Application) -> None:
+    reconciler, interval = app[RECONCILER], app[RETRY_INTERVAL]
+    executor, lock = app[WORKER].ready()
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        if not reconciler.snapshot.unresolved:
+            continue
+        async with lock:
+            try:
+                result = await loop.run_in_executor(executor, reconciler.retry_unresolved)
+            except (ApplyRefusedError, ApplyFailedError):
+                continue  # the reconciler logged it and counted it
+            except Exception:
+                log.exception("retrying unresolved pods failed", extra={"event": "retry_failed"})
+                continue
+        if result is not None and result.added:
+            app[METRICS].observe_apply(result.duration_ms / 1000)
+
+
+async def _apply_worker(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the apply thread, its lock and the retry task, for the app's lifetime."""
+    worker = app[WORKER]
+    worker.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshaccel-apply")
+    worker.lock = asyncio.Lock()
+    retry = None
+    if app[RETRY_INTERVAL] > 0:
+        retry = asyncio.create_task(_retry_unresolved(app), name="meshaccel-retry-unresolved")
+    try:
+        yield
+    finally:
+        if retry is not None:
+            retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+        # An apply in flight finishes (it is all or nothing anyway) before the app is gone.
+        await asyncio.to_thread(worker.executor.shutdown, wait=True)
+        worker.executor = worker.lock = None
+
+
+# -- the factory ---------------------------------------------------------------------------------
+
+
+def create_app(
+    reconciler: Reconciler,
+    *,
+    token: str | None,
+    datapath_info: DatapathInfo | None = None,
+    metrics_require_token: bool = False,
+    retry_interval: float | None = RETRY_INTERVAL_SECONDS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> web.Application:
+    """The agent's API over ``reconciler``. ``token=None`` disables authentication (demo on
+    loopback only); ``retry_interval=None`` disables the background retry of unresolved pods."""
+    if token is not None and not token.strip():
+        raise ValueError("the API token is empty: give a token, or None to run without one")
+    if max_body_bytes < 1024:
+        raise ValueError(f"max_body_bytes={max_body_bytes} cannot hold even a small pod set")
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes
+    )
+    app[RECONCILER] = reconciler
+    app[DATAPATH_INFO] = datapath_info or DatapathInfo()
+    app[AUTH] = _Auth(
+        token_digest=None if token is None else _digest(token.strip()),
+        metrics_require_token=metrics_require_token,
+    )
+    app[METRICS] = AgentMetrics(
+        reconciler, attached=lambda: not missing_attachments(reconciler.datapath.pins)
+    )
+    app[WORKER] = _Worker()
+    app[RETRY_INTERVAL] = float(retry_interval or 0)
+    app.router.add_routes(ROUTES)
+    app.cleanup_ctx.append(_apply_worker)
+    return app

@@ -1,0 +1,164 @@
+"""Fixtures for the agent's tests: a real datapath on a test cgroup, and a fake pod resolver.
+
+The datapath is the shipped objects, loaded and attached to our own child cgroup
+``<cgroup2>/meshaccel-test-<pid>-agent-<n>`` (never the root cgroup), pinned under
+``/sys/fs/bpf/meshaccel-test-<pid>/agent-<n>``, and unloaded after each test. No process lives
+in that cgroup: these tests check what lands in the maps; the traffic test uses a netlab node.
+
+Pod identity is not what these tests test, so pods resolve through :class:`FakeResolver`, a dict
+from pod uid to the id of a real (empty) child cgroup.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+import pytest
+
+from meshaccel.agent.api_models import PodOptions, PodSet, PodSpec
+from meshaccel.agent.datapath import Capacities, Datapath
+from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerated_pod
+from tests.datapath.conftest import PIN_ROOT
+from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
+from tests.requirements import require_btf, require_kernel
+
+POD_CGROUPS = 16  # child cgroups made per module: pods 0..15 can be resolved
+TOKEN = "test-token-0123456789abcdef"
+_numbers = itertools.count()
+
+
+@dataclass
+class PodCgroups:
+    """A test cgroup (the attach point) with one empty child cgroup per pod index."""
+
+    cgroup: TestCgroup
+    ids: list[int]
+
+
+@pytest.fixture(scope="module")
+def pod_cgroups() -> Iterator[PodCgroups]:
+    require_kernel()
+    require_btf()
+    cgroup = TestCgroup(f"{TEST_CGROUP_PREFIX}{os.getpid()}-agent-{next(_numbers)}")
+    with cgroup:
+        ids = [os.stat(cgroup.child(f"pod-{i}")).st_ino for i in range(POD_CGROUPS)]
+        yield PodCgroups(cgroup, ids)
+
+
+DatapathFactory = Callable[..., Datapath]
+
+
+@pytest.fixture
+def datapath_factory(pod_cgroups: PodCgroups) -> Iterator[DatapathFactory]:
+    """load(capacities=...) -> a Datapath attached to the module's test cgroup, unloaded after."""
+    with ExitStack() as cleanup:
+
+        def load(capacities: Capacities | None = None) -> Datapath:
+            instance = f"agent-{next(_numbers)}"
+            cleanup.callback(_unload_quietly, instance)
+            datapath = Datapath.load(
+                pod_cgroups.cgroup.path,
+                instance=instance,
+                capacities=capacities or Capacities(),
+                pin_root=PIN_ROOT,
+            )
+            cleanup.callback(datapath.close)
+            return datapath
+
+        yield load
+
+
+def _unload_quietly(instance: str) -> None:
+    try:
+        datapath = Datapath.adopt(instance=instance, pin_root=PIN_ROOT)
+    except Exception:
+        return  # the test unloaded it itself
+    datapath.unload(drain_seconds=0)
+
+
+@pytest.fixture
+def datapath(datapath_factory: DatapathFactory) -> Datapath:
+    return datapath_factory()
+
+
+@dataclass
+class FakeResolver:
+    """uid -> cgroup id; a uid that is missing (or listed in ``failing``) is unresolved."""
+
+    cgroups: dict[str, int] = field(default_factory=dict)
+    failing: dict[str, Exception] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def resolve(self, pod: PodSpec) -> int:
+        self.calls.append(pod.uid)
+        if pod.uid in self.failing:
+            raise self.failing[pod.uid]
+        try:
+            return self.cgroups[pod.uid]
+        except KeyError:
+            raise UnresolvedPodError(f"no cgroup for pod uid {pod.uid} (yet)") from None
+
+
+def uid(index: int) -> str:
+    return f"uid-{index}"
+
+
+def pod_ip(index: int) -> IPv4Address:
+    return IPv4Address("198.18.1.10") + index
+
+
+def pod_spec(index: int, *, ip: IPv4Address | None = None, **changes: object) -> PodSpec:
+    """Pod ``index`` of the tests' sets: uid-<i>, default/pod-<i>, 198.18.1.(10+i)."""
+    fields: dict[str, object] = {
+        "uid": uid(index),
+        "namespace": "default",
+        "name": f"pod-{index}",
+        "ip": ip if ip is not None else pod_ip(index),
+    }
+    fields.update(changes)
+    return PodSpec.model_validate(fields)
+
+
+def pod_set(generation: int, *pods: PodSpec) -> PodSet:
+    return PodSet(generation=generation, pods=list(pods))
+
+
+def options(**values: object) -> PodOptions:
+    return PodOptions.model_validate(values)
+
+
+@pytest.fixture
+def resolver(pod_cgroups: PodCgroups) -> FakeResolver:
+    """Pods 0..15 resolve to the module's child cgroups."""
+    return FakeResolver({uid(i): cgroup_id for i, cgroup_id in enumerate(pod_cgroups.ids)})
+
+
+def expected_pods(resolver: FakeResolver, *specs: PodSpec) -> dict[int, AcceleratedPod]:
+    """What Datapath.pods() must read back once ``specs`` are applied (all resolvable)."""
+    return {resolver.cgroups[s.uid]: accelerated_pod(s, resolver.cgroups[s.uid]) for s in specs}
+
+
+ReconcilerFactory = Callable[..., Reconciler]
+
+
+@pytest.fixture
+def reconciler_factory(resolver: FakeResolver) -> Iterator[ReconcilerFactory]:
+    with ExitStack() as cleanup:
+
+        def make(datapath: Datapath, *, max_pods: int = 1024) -> Reconciler:
+            reconciler = Reconciler(datapath, resolver, max_pods=max_pods)
+            cleanup.callback(reconciler.close)
+            return reconciler
+
+        yield make
+
+
+@pytest.fixture
+def reconciler(datapath: Datapath, reconciler_factory: ReconcilerFactory) -> Reconciler:
+    return reconciler_factory(datapath)

@@ -1,0 +1,723 @@
+"""The agent's HTTP API, served by the real app over a real datapath (pytest-aiohttp client).
+
+Hostile bodies are generated with hypothesis; after every refused request the datapath's maps
+must read back exactly as before. The last test sends real traffic between two netlab pods
+with Envoy sidecars and checks that the applied set decides which of them are accelerated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshaccel.agent.api_models import (
+    ApplyResult,
+    ErrorReply,
+    PodSet,
+    PodsReply,
+    StatusReply,
+)
+from meshaccel.agent.datapath import Capacities, Datapath
+from meshaccel.agent.layout import Counter
+from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.reconcile import Reconciler, accelerated_pod
+from meshaccel.agent.server import DatapathInfo, create_app
+from tests.agent.conftest import (
+    TOKEN,
+    DatapathFactory,
+    FakeResolver,
+    ReconcilerFactory,
+    expected_pods,
+    pod_ip,
+    pod_set,
+    pod_spec,
+    uid,
+)
+from tests.datapath.conftest import load_datapath, unload_quietly
+from tests.netlab import ECHO_PORT, EXCLUDED_PORT, Node, Pod
+
+pytestmark = pytest.mark.kernel
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
+    """make_client(**create_app options) -> a client of the real app over ``reconciler``."""
+
+    async def make(target: Reconciler = reconciler, **kwargs: Any) -> Client:
+        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("retry_interval", None)
+        return await aiohttp_client(create_app(target, **kwargs))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+def body_of(specs_generation: int, *indexes: int) -> str:
+    return pod_set(specs_generation, *(pod_spec(i) for i in indexes)).model_dump_json()
+
+
+async def put(client: Client, body: str | bytes, **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.put(
+        "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json", **headers}
+    )
+    payload = await response.json()
+    return response.status, payload
+
+
+async def error_of(response: Any) -> ErrorReply:
+    assert response.content_type == "application/json", await response.text()
+    return ErrorReply.model_validate(await response.json())
+
+
+# -- applying sets -------------------------------------------------------------------------------
+
+
+async def test_put_applies_the_set_and_get_lists_it(
+    client: Client, datapath: Datapath, resolver: FakeResolver
+) -> None:
+    status, payload = await put(client, body_of(3, 0, 1, 2))
+
+    assert status == 200, payload
+    result = ApplyResult.model_validate(payload)
+    assert (result.applied_generation, result.added) == (3, 3)
+    assert datapath.pods() == expected_pods(resolver, *(pod_spec(i) for i in range(3)))
+
+    response = await client.get("/v1/pods", headers=AUTH)
+    listed = PodsReply.model_validate(await response.json())
+    assert listed.applied_generation == 3
+    assert [(p.uid, p.ip, p.cgroup_id) for p in listed.pods] == [
+        (uid(i), pod_ip(i), resolver.cgroups[uid(i)]) for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("generation", "indexes", "reason"),
+    [
+        (4, [0], "stale: lower than the applied 5"),
+        (5, [0], "conflict: generation 5 with another set"),
+    ],
+)
+async def test_stale_or_conflicting_generation_is_409(
+    client: Client,
+    datapath: Datapath,
+    resolver: FakeResolver,
+    generation: int,
+    indexes: list[int],
+    reason: str,
+) -> None:
+    assert (await put(client, body_of(5, 0, 1)))[0] == 200
+
+    status, payload = await put(client, body_of(generation, *indexes))
+
+    assert status == 409, reason
+    error = ErrorReply.model_validate(payload)
+    assert error.applied_generation == 5, reason
+    assert datapath.pods() == expected_pods(resolver, pod_spec(0), pod_spec(1)), reason
+    # The identical set at the applied generation is a success that changes nothing.
+    status, payload = await put(client, body_of(5, 1, 0))
+    assert status == 200 and payload["added"] == payload["removed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "loc", "reason"),
+    [
+        ("{", 400, None, "truncated JSON"),
+        ("", 400, None, "empty body"),
+        (b"\xff\xfe{}", 400, None, "not UTF-8"),
+        ("[]", 422, [], "JSON, but not an object"),
+        ('{"generation": 1}', 422, ["pods"], "pods missing"),
+        ('{"generation": -1, "pods": []}', 422, ["generation"], "negative generation"),
+        ('{"generation": 1e400, "pods": []}', 422, ["generation"], "infinite generation"),
+        (
+            '{"generation": 100000000000000000000000, "pods": []}',
+            422,
+            ["generation"],
+            "beyond int64",
+        ),
+        ('{"generation": 1, "pods": [], "force": true}', 422, ["force"], "unknown field"),
+        (
+            '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
+            '"ip": "127.0.0.1"}]}',
+            422,
+            ["pods", 0, "ip"],
+            "loopback pod address",
+        ),
+        (
+            '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
+            '"ip": "198.18.1.1", "options": {"excluded_outbound_ports": [0]}}]}',
+            422,
+            ["pods", 0, "options", "excluded_outbound_ports", 0],
+            "port 0",
+        ),
+        (
+            '{"generation": 1, "pods": ['
+            '{"uid": "u", "namespace": "n", "name": "p", "ip": "198.18.1.1"},'
+            '{"uid": "u", "namespace": "n", "name": "q", "ip": "198.18.1.2"}]}',
+            422,
+            [],
+            "duplicate uid",
+        ),
+    ],
+)
+async def test_malformed_bodies_are_4xx_with_the_field_and_change_nothing(
+    client: Client,
+    datapath: Datapath,
+    resolver: FakeResolver,
+    body: str | bytes,
+    status: int,
+    loc: list[object] | None,
+    reason: str,
+) -> None:
+    await put(client, body_of(0, 0))
+
+    got, payload = await put(client, body)
+
+    assert got == status, (reason, payload)
+    error = ErrorReply.model_validate(payload)
+    if loc is None:
+        assert error.detail is None, reason
+    else:
+        assert error.detail and error.detail[0]["loc"] == loc, (reason, error.detail)
+        assert "input" not in error.detail[0], reason  # hostile input is never echoed
+    assert datapath.pods() == expected_pods(resolver, pod_spec(0)), reason
+
+
+async def test_non_json_content_type_is_415(client: Client) -> None:
+    status, payload = await put(client, body_of(1, 0), **{"Content-Type": "text/plain"})
+    assert status == 415, payload
+
+
+async def test_a_body_over_the_limit_is_413(make_client: MakeClient, datapath: Datapath) -> None:
+    client = await make_client(max_body_bytes=4096)
+    status, payload = await put(client, body_of(1, *range(16)) + " " * 8192)
+
+    assert status == 413
+    assert "4096" in ErrorReply.model_validate(payload).error
+    assert datapath.pods() == {}
+
+
+async def test_a_set_over_capacity_is_422_with_a_clear_message(
+    make_client: MakeClient,
+    datapath: Datapath,
+    reconciler_factory: ReconcilerFactory,
+) -> None:
+    client = await make_client(reconciler_factory(datapath, max_pods=2))
+
+    status, payload = await put(client, body_of(1, 0, 1, 2))
+
+    assert status == 422
+    assert "3 pods; this agent holds at most 2" in payload["error"]
+    assert datapath.pods() == {}
+
+
+async def test_a_map_full_during_the_apply_is_507_and_rolled_back(
+    make_client: MakeClient,
+    datapath_factory: DatapathFactory,
+    reconciler_factory: ReconcilerFactory,
+    resolver: FakeResolver,
+) -> None:
+    datapath = datapath_factory(Capacities(pod_ports=14))
+    client = await make_client(reconciler_factory(datapath))
+    first = pod_set(1, pod_spec(0, options={"excluded_outbound_ports": [1000]}))
+    assert (await put(client, first.model_dump_json()))[0] == 200
+
+    second = pod_set(2, pod_spec(0, options={"excluded_outbound_ports": [2000]}))
+    status, payload = await put(client, second.model_dump_json())
+
+    assert status == 507, payload
+    assert "every change was undone" in payload["error"]
+    assert payload["applied_generation"] == 1
+    assert datapath.pods() == expected_pods(resolver, *first.pods)
+
+
+async def test_unknown_paths_and_methods_get_json_errors(client: Client) -> None:
+    missing = await client.get("/v2/pods", headers=AUTH)
+    assert missing.status == 404
+    await error_of(missing)
+
+    wrong = await client.post("/v1/pods", headers=AUTH)
+    assert wrong.status == 405
+    assert "PUT" in wrong.headers["Allow"]
+    await error_of(wrong)
+
+
+async def test_unexpected_errors_are_500_without_a_traceback(
+    aiohttp_client: ClientFactory, reconciler: Reconciler
+) -> None:
+    app = create_app(reconciler, token=TOKEN, retry_interval=None)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internals")
+
+    app.router.add_get("/v1/broken", broken)
+    client = await aiohttp_client(app)
+
+    response = await client.get("/v1/broken", headers=AUTH)
+
+    assert response.status == 500
+    text = await response.text()
+    assert "secret" not in text and "Traceback" not in text
+    assert "log" in (await error_of(response)).error
+
+
+async def test_the_retry_task_programs_pods_resolved_later(
+    make_client: MakeClient, datapath: Datapath, resolver: FakeResolver
+) -> None:
+    client = await make_client(retry_interval=0.05)
+    late = resolver.cgroups.pop(uid(1))
+    status, payload = await put(client, body_of(1, 0, 1))
+    assert status == 200 and [u["uid"] for u in payload["unresolved"]] == [uid(1)]
+
+    resolver.cgroups[uid(1)] = late
+    for _ in range(100):  # up to 5 s
+        listed = PodsReply.model_validate(await (await client.get("/v1/pods", headers=AUTH)).json())
+        if not listed.unresolved:
+            break
+        await asyncio.sleep(0.05)
+
+    assert [p.uid for p in listed.pods] == [uid(0), uid(1)]
+    assert datapath.pods() == expected_pods(resolver, pod_spec(0), pod_spec(1))
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "invalid", "reason"),
+    [
+        ({}, False, "no Authorization header"),
+        ({"Authorization": TOKEN}, False, "no scheme"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, False, "another scheme"),
+        ({"Authorization": "Bearer "}, False, "empty token"),
+        ({"Authorization": f"Bearer {TOKEN}x"}, True, "wrong token"),
+        ({"Authorization": f"Bearer {TOKEN[:-1]}"}, True, "a prefix of the token"),
+        ({"Authorization": "Bearer \u00e9\u00e9"}, True, "non-ASCII token"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("PUT", "/v1/pods"), ("GET", "/v1/pods"), ("GET", "/v1/status")]
+)
+async def test_api_requires_the_token(
+    client: Client,
+    datapath: Datapath,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    invalid: bool,
+    reason: str,
+) -> None:
+    response = await client.request(method, path, data=body_of(1, 0), headers=headers)
+
+    assert response.status == 401, reason
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer "), reason
+    assert ('error="invalid_token"' in challenge) == invalid, reason
+    await error_of(response)
+    assert datapath.pods() == {}, reason
+
+
+async def test_the_right_token_is_accepted_and_compared_in_constant_time(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+
+    assert (await client.get("/v1/pods", headers=AUTH)).status == 200
+    assert (await client.get("/v1/pods", headers={"Authorization": "Bearer nope"})).status == 401
+    # Digests are compared, so even a short wrong token takes the same path and time.
+    assert compared == [(32, 32), (32, 32)]
+
+
+async def test_probes_and_metrics_are_open_the_rest_is_not(make_client: MakeClient) -> None:
+    client = await make_client()
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status in (200, 503)
+    assert (await client.get("/metrics")).status == 200
+    assert (await client.get("/v1/status")).status == 401
+
+    closed = await make_client(metrics_require_token=True)
+    assert (await closed.get("/metrics")).status == 401
+    assert (await closed.get("/metrics", headers=AUTH)).status == 200
+
+
+async def test_without_a_token_nothing_is_asked(make_client: MakeClient) -> None:
+    client = await make_client(token=None)
+    assert (await client.get("/v1/pods")).status == 200
+
+
+# -- probes, status, metrics ---------------------------------------------------------------------
+
+
+async def test_readyz_waits_for_the_first_set_and_the_attachments(
+    client: Client, datapath: Datapath
+) -> None:
+    before = await client.get("/readyz")
+    assert before.status == 503
+    assert "no pod set" in (await error_of(before)).error
+
+    await put(client, body_of(1))  # an empty set is a set
+
+    after = await client.get("/readyz")
+    assert after.status == 200
+    assert (await after.json()) == {"ready": True, "applied_generation": 1}
+
+    Datapath.adopt(instance=datapath.pins.root.name, pin_root=datapath.pins.root.parent).unload(0)
+    gone = await client.get("/readyz")
+    assert gone.status == 503
+    assert "not attached" in (await error_of(gone)).error
+
+
+async def test_healthz_names_the_boot(client: Client, reconciler: Reconciler) -> None:
+    response = await client.get("/healthz")
+    assert (await response.json()) == {"status": "ok", "boot_id": reconciler.boot_id}
+
+
+async def test_status_reports_attachments_generation_and_counters(
+    make_client: MakeClient, datapath: Datapath, reconciler: Reconciler, resolver: FakeResolver
+) -> None:
+    cgroup = datapath.pins.root  # any path: the status only reports what it was told
+    client = await make_client(datapath_info=DatapathInfo(attach_cgroup=cgroup))
+    resolver.cgroups.pop(uid(2))
+    await put(client, body_of(4, 0, 1, 2))
+
+    response = await client.get("/v1/status", headers=AUTH)
+    status = StatusReply.model_validate(await response.json())
+
+    assert status.attached
+    assert {p.hook for p in status.programs} == {"connect4", "sockops", "getsockopt", "sk_msg"}
+    assert all(p.attached and p.program_id for p in status.programs)
+    assert status.attach_cgroup == str(cgroup)
+    assert all(status.kernel_features.values()), status.kernel_features
+    assert status.applied_generation == 4 and status.last_apply_time is not None
+    assert status.boot_id == reconciler.boot_id
+    assert status.pods_accelerated == 2
+    assert [u.uid for u in status.unresolved] == [uid(2)]
+    assert status.counters is not None
+    assert set(status.counters) == {c.metric_name for c in Counter}
+    maps = {m.name: (m.entries, m.max_entries) for m in status.maps}
+    assert maps["pods"] == (2, Capacities().pods)
+    assert maps["pod_ports"] == (26, Capacities().pod_ports)
+    assert status.apply_errors == 0
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
+    client: Client,
+) -> None:
+    before = metric_samples(await (await client.get("/metrics")).text())
+    assert ("meshaccel_agent_applied_generation", ()) not in before
+    assert before[("meshaccel_agent_pods_accelerated", ())] == 0
+
+    await put(client, body_of(9, 0, 1))
+    await put(client, body_of(8, 0))  # stale: an error
+
+    response = await client.get("/metrics")
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = metric_samples(await response.text())
+
+    for counter in Counter:
+        assert ("meshaccel_datapath_events_total", (("event", counter.metric_name),)) in samples
+    assert samples[("meshaccel_datapath_attached", ())] == 1
+    assert samples[("meshaccel_agent_pods_accelerated", ())] == 2
+    assert samples[("meshaccel_agent_applied_generation", ())] == 9
+    assert samples[("meshaccel_agent_last_apply_timestamp_seconds", ())] > 1.7e9
+    assert samples[("meshaccel_agent_apply_errors_total", (("reason", "stale_generation"),))] == 1
+    assert samples[("meshaccel_agent_apply_duration_seconds_count", ())] == 1
+    assert samples[("meshaccel_agent_map_entries", (("map", "pods"),))] == 2
+
+
+# -- hostile bodies ------------------------------------------------------------------------------
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from([10**30, -(10**30), 2**63, 2**64 + 1, 1e308]),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+uids = st.sampled_from([uid(i) for i in range(4)]) | st.text(max_size=70) | json_values
+ips = (
+    st.sampled_from([str(pod_ip(i)) for i in range(4)])
+    | st.ip_addresses(v=4).map(str)
+    | st.ip_addresses(v=6).map(str)
+    | json_values
+)
+ports = st.integers(min_value=-5, max_value=70000) | json_values
+port_lists = st.lists(ports, max_size=5) | json_values
+cidrs = st.lists(
+    st.sampled_from(["10.0.0.0/8", "10.0.0.1/8", "0.0.0.0/0", "::/0", "1.2.3.4/33", "x"])
+    | json_values,
+    max_size=4,
+)
+pod_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "excluded_outbound_ports": port_lists,
+        "excluded_inbound_ports": port_lists,
+        "excluded_outbound_cidrs": cidrs,
+        "included_outbound_cidrs": cidrs | st.none(),
+        "unknown": json_values,
+    },
+)
+pods = st.fixed_dictionaries(
+    {
+        "uid": uids,
+        "namespace": st.sampled_from(["default", "Default", "", "a" * 254]) | json_values,
+        "name": st.sampled_from(["web", "web-1", "-web"]) | json_values,
+        "ip": ips,
+    },
+    optional={
+        "mode": st.sampled_from(["istio", "linkerd", "kuma", "cilium"]) | json_values,
+        "options": pod_options | json_values,
+        "cgroup": st.none() | st.text(max_size=30) | json_values,
+        "extra": json_values,
+    },
+)
+pod_sets = st.fixed_dictionaries(
+    {
+        "generation": st.integers(min_value=-(2**70), max_value=2**70)
+        | st.sampled_from([0, 10, 11, 2**63 - 1])
+        | json_values,
+        "pods": st.lists(pods, max_size=5) | json_values,
+    },
+    optional={"unknown": json_values},
+)
+
+
+# A valid set with at most one defect: exercises the checks after the first field, and the
+# accepting path (unresolvable pods, stale and equal generations) as often as refusals.
+DEFECTS = {
+    "duplicate uid": lambda d: d["pods"].append({**d["pods"][0], "ip": "198.18.9.9"}),
+    "duplicate ip": lambda d: d["pods"].append({**d["pods"][0], "uid": "other"}),
+    "port 65536": lambda d: d["pods"][0].update(options={"excluded_inbound_ports": [65536]}),
+    "unknown field": lambda d: d["pods"][0].update(priority=1),
+    "generation 2**63": lambda d: d.update(generation=2**63),
+    "generation -1": lambda d: d.update(generation=-1),
+    "generation as text": lambda d: d.update(generation="12"),
+    "ip as number": lambda d: d["pods"][0].update(ip=3232235777),
+    "host bits in cidr": lambda d: d["pods"][0].update(
+        options={"excluded_outbound_cidrs": ["10.0.0.1/8"]}
+    ),
+    "unknown mode": lambda d: d["pods"][0].update(mode="cilium"),
+    "pods null": lambda d: d.update(pods=None),
+}
+
+
+@st.composite
+def near_valid_sets(draw: st.DrawFn) -> dict[str, Any]:
+    count = draw(st.integers(min_value=1, max_value=5))
+    members = draw(st.lists(st.integers(0, 5), min_size=count, max_size=count, unique=True))
+    addresses = draw(st.lists(st.integers(0, 30), min_size=count, max_size=count, unique=True))
+    document: dict[str, Any] = {
+        # relative to the applied generation (set by the test): stale, equal or newer
+        "generation_delta": draw(st.integers(min_value=-1, max_value=3)),
+        "pods": [
+            {
+                # 4 and 5 are never resolvable: they stay unresolved
+                "uid": uid(i) if i < 4 else f"ghost-{i}",
+                "namespace": "default",
+                "name": f"pod-{i}",
+                "ip": str(pod_ip(address)),
+                "mode": draw(st.sampled_from(["istio", "linkerd", "kuma"])),
+                "options": {
+                    "excluded_outbound_ports": draw(
+                        st.lists(st.integers(1, 65535), max_size=3, unique=True)
+                    ),
+                    "included_outbound_cidrs": draw(
+                        st.none() | st.just(["10.0.0.0/8"]) | st.just([])
+                    ),
+                },
+            }
+            for i, address in zip(members, addresses, strict=True)
+        ],
+    }
+    defect = draw(st.none() | st.sampled_from(sorted(DEFECTS)))
+    if defect is not None:
+        DEFECTS[defect](document)
+    return document
+
+
+class FuzzCheck:
+    """Sends a body; a refusal must leave the maps and the generation exactly as they were."""
+
+    def __init__(self, client: Client, datapath: Datapath, reconciler: Reconciler) -> None:
+        self.client, self.datapath, self.reconciler = client, datapath, reconciler
+        self.pods = datapath.pods()
+        self.generation = reconciler.applied_generation
+        self.accepted = 0
+
+    async def send(self, body: bytes, resolver: FakeResolver) -> None:
+        response = await self.client.put(
+            "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json"}
+        )
+        assert response.status < 500, await response.text()
+        event(f"HTTP {response.status}")  # --hypothesis-show-statistics shows the mix
+        assert response.content_type == "application/json"
+        payload = await response.json()
+        if response.status >= 400:
+            ErrorReply.model_validate(payload)
+            assert self.datapath.pods() == self.pods, payload
+            assert self.reconciler.applied_generation == self.generation
+            return
+        # Accepted: the maps hold exactly the resolvable pods of the set, nothing else.
+        self.accepted += 1
+        result = ApplyResult.model_validate(payload)
+        sent = PodSet.model_validate_json(body)
+        unresolved = {u.uid for u in result.unresolved}
+        expected: dict[int, AcceleratedPod] = {
+            resolver.cgroups[p.uid]: accelerated_pod(p, resolver.cgroups[p.uid])
+            for p in sent.pods
+            if p.uid not in unresolved
+        }
+        assert self.datapath.pods() == expected
+        self.pods, self.generation = expected, sent.generation
+
+
+@pytest.fixture
+async def fuzz(client: Client, datapath: Datapath, reconciler: Reconciler) -> FuzzCheck:
+    status, payload = await put(client, body_of(10, 0, 1, 2))
+    assert status == 200, payload
+    return FuzzCheck(client, datapath, reconciler)
+
+
+@FUZZ
+@given(document=pod_sets)
+async def test_fuzz_pod_shaped_bodies(
+    fuzz: FuzzCheck, resolver: FakeResolver, document: dict[str, Any]
+) -> None:
+    await fuzz.send(json.dumps(document).encode(), resolver)
+
+
+@FUZZ
+@given(document=near_valid_sets())
+async def test_fuzz_nearly_valid_sets(
+    fuzz: FuzzCheck, resolver: FakeResolver, document: dict[str, Any]
+) -> None:
+    delta = document.pop("generation_delta")
+    document.setdefault("generation", (fuzz.generation or 0) + delta)
+    await fuzz.send(json.dumps(document).encode(), resolver)
+
+
+@FUZZ
+@given(document=json_values)
+async def test_fuzz_any_json(fuzz: FuzzCheck, resolver: FakeResolver, document: Any) -> None:
+    await fuzz.send(json.dumps(document).encode(), resolver)
+
+
+@FUZZ
+@given(body=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+async def test_fuzz_any_bytes(fuzz: FuzzCheck, resolver: FakeResolver, body: bytes) -> None:
+    await fuzz.send(body, resolver)
+
+
+# -- end to end, with traffic ----------------------------------------------------------------------
+
+
+def mesh_pod_spec(pod: Pod) -> dict[str, Any]:
+    """A netlab pod as the operator would send it (9090 excluded both ways, as its iptables)."""
+    return {
+        "uid": f"uid-{pod.name}",
+        "namespace": "default",
+        "name": pod.name,
+        "ip": str(pod.ip),
+        "options": {
+            "excluded_outbound_ports": [EXCLUDED_PORT],
+            "excluded_inbound_ports": [EXCLUDED_PORT],
+        },
+    }
+
+
+async def echo(client_pod: Pod, server_pod: Pod) -> None:
+    result = await asyncio.to_thread(
+        client_pod.echo_client, str(server_pod.ip), ECHO_PORT, nbytes=64 * 1024
+    )
+    assert result.ok, result.raw
+
+
+@pytest.mark.slow
+async def test_the_applied_set_decides_which_pods_are_accelerated(
+    aiohttp_client: ClientFactory, netlab_node: Node
+) -> None:
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    instance = f"{netlab_node.token}-agent"
+    datapath = await asyncio.to_thread(load_datapath, netlab_node, instance=instance)
+    resolver = FakeResolver({f"uid-{p.name}": p.cgroup_id for p in (a, b)})
+    reconciler = Reconciler(datapath, resolver, max_pods=64)
+    try:
+        client = await aiohttp_client(create_app(reconciler, token=TOKEN, retry_interval=None))
+
+        async def apply(generation: int, *members: Pod) -> None:
+            body = json.dumps(
+                {"generation": generation, "pods": [mesh_pod_spec(p) for p in members]}
+            )
+            status, payload = await put(client, body)
+            assert status == 200, payload
+
+        async def call_b() -> dict[Counter, int]:
+            before = datapath.counters()
+            await echo(a, b)
+            return {c: n - before[c] for c, n in datapath.counters().items()}
+
+        await apply(1, a, b)
+        both = await call_b()
+        assert both[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1  # app a -> Envoy a
+        assert both[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1  # Envoy a -> Envoy b
+        assert both[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1  # Envoy b -> app b
+        assert both[Counter.COUNTER_MSG_REDIRECTED] > 0
+        samples = metric_samples(await (await client.get("/metrics")).text())
+        redirected = ("meshaccel_datapath_events_total", (("event", "msg_redirected"),))
+        assert samples[redirected] > 0
+
+        await apply(2, a)  # b leaves the set
+        only_a = await call_b()
+        assert only_a[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1  # a still is
+        assert only_a[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 0
+        assert only_a[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 0
+        assert only_a[Counter.COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION] == 1  # b: iptables
+    finally:
+        reconciler.close()
+        datapath.close()
+        await asyncio.to_thread(unload_quietly, netlab_node, instance=instance)

@@ -1,0 +1,127 @@
+"""Fixtures: a netlab node with pods a and b (Envoy sidecars, Istio iptables), and agents.
+
+Every agent a test starts is stopped by its PID at teardown, and whatever it left pinned is
+unloaded, also when the test failed half-way. Agents attach to the node's own test cgroup
+(never the root cgroup) and pin under /sys/fs/bpf/meshaccel-test-<pid>.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_lifecycle.harness import (
+    PIN_ROOT,
+    TOKEN,
+    AgentProcess,
+    agent_argv,
+    free_port,
+    unload_instance,
+    write_yaml,
+)
+from tests.netlab import MeshPodSpec, Node, Pod, find_cgroup2_mount, find_leftovers, mesh_node
+from tests.requirements import require_btf, require_tool
+
+_instances = itertools.count()
+
+
+@pytest.fixture(scope="package")
+def mesh(netlab_requirements: None) -> Iterator[Node]:
+    """Pods a and b, each with an Envoy sidecar (uid 1337), Istio iptables and echo servers."""
+    require_btf()
+    require_tool("bpftool")
+    node = mesh_node((MeshPodSpec("a"), MeshPodSpec("b")))
+    with node:
+        yield node
+    leftovers = find_leftovers(node.token)
+    if leftovers:
+        pytest.fail("netlab teardown left: " + "; ".join(leftovers), pytrace=False)
+
+
+def pod_entry(pod: Pod, **extra: Any) -> dict[str, Any]:
+    """The pods-file entry of a netlab pod: its cgroup relative to the cgroup2 root."""
+    cgroup2 = find_cgroup2_mount()
+    return {
+        "uid": f"uid-{pod.node.token}-{pod.name}",
+        "namespace": "default",
+        "name": pod.name,
+        "ip": str(pod.ip),
+        "cgroup": str(pod.cgroup_dir.relative_to(cgroup2)),
+        **extra,
+    }
+
+
+@dataclass
+class StandaloneAgents:
+    """Starts standalone agents on one node and one instance; all share the pods file."""
+
+    node: Node
+    workdir: Path
+    instance: str
+    pods_file: Path
+    token_file: Path
+    port: int
+    stack: ExitStack
+    started: list[AgentProcess] = field(default_factory=list)
+
+    def write_pods(self, pods: list[dict[str, Any]], generation: int | None = None) -> None:
+        document: dict[str, Any] = {"pods": pods}
+        if generation is not None:
+            document = {"generation": generation, **document}
+        write_yaml(self.pods_file, document)
+
+    def argv(self, *extra: str, command: str = "run") -> list[str]:
+        return [
+            *agent_argv(),
+            command,
+            "--mode=standalone",
+            f"--pods-file={self.pods_file}",
+            "--pods-poll-seconds=0.2",
+            f"--attach-cgroup={self.node.cgroup.path}",
+            f"--pin-root={PIN_ROOT}",
+            f"--instance={self.instance}",
+            f"--token-file={self.token_file}",
+            "--listen-address=127.0.0.1",
+            f"--port={self.port}",
+            "--node-name=netlab",
+            "--log-format=json",
+            *extra,
+        ]
+
+    def start(self, *extra: str, wait_ready: bool = True) -> AgentProcess:
+        name = f"agent-{len(self.started)}"
+        agent = AgentProcess(self.argv(*extra), workdir=self.workdir, name=name, port=self.port)
+        self.started.append(agent)
+        self.stack.callback(agent.stop)
+        if wait_ready:
+            agent.wait_ready()
+        return agent
+
+
+@pytest.fixture
+def standalone(mesh: Node, tmp_path: Path) -> Iterator[StandaloneAgents]:
+    instance = f"{mesh.token}-{next(_instances)}"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    with ExitStack() as stack:
+        # LIFO: agents are stopped (registered later) before the datapath is unloaded.
+        stack.callback(unload_instance, instance)
+        yield StandaloneAgents(
+            node=mesh,
+            workdir=tmp_path,
+            instance=instance,
+            pods_file=tmp_path / "pods.yaml",
+            token_file=token_file,
+            port=free_port(),
+            stack=stack,
+        )
+
+
+StartAgent = Callable[..., AgentProcess]

@@ -1,0 +1,227 @@
+"""The agent as a real process: start it, talk to its API, stop it by PID, read its logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import EllipsisType
+from typing import Any
+
+import yaml
+
+from meshaccel.agent.datapath import Datapath, PinLayout
+from meshaccel.agent.main import remove_incomplete
+
+# The console script the package installs, next to this interpreter; `python -m` as a fallback.
+CONSOLE_SCRIPT = Path(sys.executable).with_name("meshaccel-agent")
+MODULE_ARGV = [sys.executable, "-m", "meshaccel.agent.main"]
+PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
+TOKEN = "lifecycle-test-token-0123456789abcdef"
+
+
+def agent_argv() -> list[str]:
+    return [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else list(MODULE_ARGV)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Any, *, timeout: float, interval: float = 0.05, what: str) -> Any:
+    """Poll until ``predicate()`` is truthy (and return it); TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class AgentProcess:
+    """One ``meshaccel-agent`` process; stdout and stderr go to files in ``workdir``."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path,
+        name: str,
+        port: int | None = None,
+        token: str | None = TOKEN,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.port = port
+        self.token = token
+        self.stdout_path = workdir / f"{name}.stdout"
+        self.stderr_path = workdir / f"{name}.stderr"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESHACCEL_")}
+        full_env.update(env or {})
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=full_env,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+        self.started = time.time()
+
+    # -- process -----------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:  # not reaped: the PID is still ours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> int:
+        self.signal(signal.SIGKILL)
+        return self.popen.wait(timeout=10)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far (a line still being written is skipped)."""
+        records = []
+        for line in self.stderr().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+        return records
+
+    def describe(self) -> str:
+        return (
+            f"agent pid={self.pid} rc={self.popen.poll()} argv={self.argv}\n"
+            f"--- stderr ---\n{self.stderr()[-6000:]}\n--- stdout ---\n{self.stdout()[-2000:]}"
+        )
+
+    # -- API ---------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | EllipsisType | None = ...,
+        timeout: float = 5.0,
+    ) -> tuple[int, Any]:
+        """(status, parsed JSON or text) of one API call; ``token=None`` sends none."""
+        if self.port is None:
+            raise RuntimeError("this agent serves no API")
+        use_token = self.token if isinstance(token, EllipsisType) else token
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
+        if use_token:
+            request.add_header("Authorization", f"Bearer {use_token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, raw = err.code, err.read()
+        text = raw.decode(errors="replace")
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        status, body = self.request("GET", path, **kwargs)
+        assert status == 200, f"GET {path}: {status} {body}\n{self.describe()}"
+        return body
+
+    def status_of(self, path: str) -> int | None:
+        """The HTTP status of GET ``path``, None while nothing listens."""
+        if not self.is_running():
+            raise RuntimeError(f"the agent exited:\n{self.describe()}")
+        try:
+            return self.request("GET", path, timeout=1.0)[0]
+        except OSError:
+            return None
+
+    def ready(self) -> bool:
+        if not self.is_running():
+            raise RuntimeError(f"the agent exited:\n{self.describe()}")
+        try:
+            status, _ = self.request("GET", "/readyz", timeout=1.0)
+        except OSError:
+            return False
+        return status == 200
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Wait for /readyz; returns the wall-clock time it answered 200."""
+        wait_for(self.ready, timeout=timeout, interval=0.02, what=f"agent {self.pid} ready")
+        return time.time()
+
+
+def write_yaml(path: Path, document: Any) -> None:
+    """Replace ``path`` atomically (write a temp file, rename over): never half-read."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(yaml.safe_dump(document, sort_keys=False))
+    os.replace(temporary, path)
+
+
+def unload_instance(instance: str, pin_root: Path = PIN_ROOT) -> None:
+    """Teardown: remove whatever an agent left pinned for ``instance`` (complete or not)."""
+    pins = PinLayout(pin_root / instance)
+    if all(p.exists() for p in pins.all_pins()):
+        Datapath.adopt(instance=instance, pin_root=pin_root).unload(drain_seconds=0)
+    elif any(p.exists() for p in pins.all_pins()):
+        remove_incomplete(pins, drain_seconds=0)
+    with contextlib.suppress(OSError):
+        pin_root.rmdir()
+
+
+def attached_programs(cgroup: Path) -> list[dict[str, Any]]:
+    """``bpftool -j cgroup show``: the programs attached to exactly this cgroup."""
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cgroup)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    found: list[dict[str, Any]] = json.loads(out.strip() or "[]")
+    return found

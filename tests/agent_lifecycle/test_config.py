@@ -1,0 +1,334 @@
+"""Settings: precedence of the sources, and start-up refusals as the real process shows them.
+
+The precedence is checked in-process (load_settings) and once through the console script
+(`meshaccel-agent show-config`); every refusal runs the agent as a subprocess and checks the
+exit code 2 and the single line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshaccel.agent.config import (
+    DEFAULT_PORT,
+    EXIT_INVALID_SETTINGS,
+    FIELDS,
+    SettingsError,
+    env_name,
+    flag_name,
+    load_settings,
+    read_token,
+)
+from meshaccel.agent.layout import DatapathFeatures
+from tests.agent_lifecycle.harness import MODULE_ARGV, PIN_ROOT, TOKEN, agent_argv
+
+TOKEN_ARGS = ["--token-file", "/run/secrets/token"]
+
+
+def write_config(tmp_path: Path, document: dict[str, object]) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def run_agent(
+    argv: list[str], env: dict[str, str] | None = None, *, module: bool = False
+) -> subprocess.CompletedProcess[str]:
+    base = list(MODULE_ARGV) if module else agent_argv()
+    guard = {
+        # Should a case ever get past the settings, it must not attach to the root cgroup
+        # nor pin next to a real agent: a settings error (exit 2) stops it instead.
+        "MESHACCEL_ATTACH_CGROUP": "/nonexistent/meshaccel-test-guard",
+        "MESHACCEL_PIN_ROOT": str(PIN_ROOT),
+    }
+    return subprocess.run(
+        [*base, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **guard, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# -- precedence -----------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    loaded = load_settings(TOKEN_ARGS, environ={})
+    s = loaded.settings
+    assert loaded.command == "run"
+    assert (s.listen_address, s.port, s.mode, s.cgroup_driver) == (
+        "0.0.0.0",
+        DEFAULT_PORT,
+        "kubernetes",
+        "auto",
+    )
+    assert s.attach_cgroup is None  # the cgroup2 mount, found at start
+    assert str(s.pin_root) == "/sys/fs/bpf/meshaccel" and s.instance == "default"
+    assert s.features == DatapathFeatures.FEATURE_SAME_NODE_INBOUND | (
+        DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+    )
+    assert not s.uninstall_on_exit and s.drain_seconds == 2.0
+    assert loaded.sources == {"token_file": "--token-file"}
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "port": 1001,
+            "max_pods": 11,
+            "log_format": "text",
+            "drain_seconds": 7,
+            "token_file": "/f",
+        },
+    )
+    environ = {
+        "MESHACCEL_CONFIG": str(config),
+        "MESHACCEL_PORT": "1002",
+        "MESHACCEL_MAX_PODS": "12",
+        "MESHACCEL_SK_MSG_TO_APPS": "true",
+    }
+    loaded = load_settings(["--port", "1003", "--no-same-node-inbound"], environ=environ)
+    s = loaded.settings
+    assert s.port == 1003, "a flag beats env, file and default"
+    assert s.max_pods == 12, "env beats the file"
+    assert s.log_format == "text" and s.drain_seconds == 7, "the file beats the default"
+    assert s.log_level == "info", "the default when nobody says otherwise"
+    assert s.sk_msg_to_apps and not s.same_node_inbound
+    assert loaded.sources["port"] == "--port"
+    assert loaded.sources["max_pods"] == "env MESHACCEL_MAX_PODS"
+    assert loaded.sources["log_format"] == f"config file {config}"
+    assert loaded.sources["same_node_inbound"] == "--no-same-node-inbound"
+    assert loaded.config_file == config
+
+
+def test_config_flag_beats_config_env(tmp_path: Path) -> None:
+    one = write_config(tmp_path, {"port": 1, "token_file": "/f"})
+    two = tmp_path / "two.yaml"
+    two.write_text("port: 2\ntoken_file: /f\n")
+    loaded = load_settings(["--config", str(two)], environ={"MESHACCEL_CONFIG": str(one)})
+    assert loaded.settings.port == 2
+
+
+# One valid value per setting, as a string: a new setting must be added here.
+SAMPLES = {
+    "listen_address": "127.0.0.1",
+    "port": "1",
+    "token_file": "/run/token",
+    "insecure_no_token": "false",
+    "attach_cgroup": "/sys/fs/cgroup/x",
+    "pin_root": "/sys/fs/bpf/x",
+    "instance": "x",
+    "bpf_objects": "/opt/objects",
+    "max_pods": "5",
+    "max_pod_ports": "6",
+    "max_pod_cidrs": "7",
+    "max_connections": "2048",
+    "same_node_inbound": "false",
+    "sk_msg_redirect": "false",
+    "sk_msg_to_apps": "true",
+    "drain_seconds": "1.5",
+    "uninstall_on_exit": "true",
+    "node_name": "node-1",
+    "mode": "standalone",
+    "pods_file": "/etc/pods.yaml",
+    "pods_poll_seconds": "0.5",
+    "cgroup_driver": "systemd",
+    "kubelet_cgroup_root": "/sys/fs/cgroup/k",
+    "log_format": "text",
+    "log_level": "debug",
+}
+
+
+def test_every_setting_has_an_env_variable_and_a_flag() -> None:
+    assert set(SAMPLES) == set(FIELDS)
+    from_env = load_settings([], {env_name(name): value for name, value in SAMPLES.items()})
+    argv = []
+    for name, value in SAMPLES.items():
+        if value in ("true", "false"):
+            argv.append(flag_name(name) if value == "true" else "--no-" + flag_name(name)[2:])
+        else:
+            argv.append(f"{flag_name(name)}={value}")
+    from_flags = load_settings(argv, {})
+    assert from_env.settings == from_flags.settings
+    for name in FIELDS:
+        assert from_env.sources[name] == f"env {env_name(name)}", name
+        assert from_flags.sources[name].endswith(flag_name(name)[2:]), name
+    assert from_env.settings.pods_file == Path("/etc/pods.yaml")
+    help_text = run_agent(["--help"])
+    assert help_text.returncode == 0
+    for name in FIELDS:
+        assert flag_name(name) in help_text.stdout, name
+
+
+def test_empty_env_is_unset_and_unknown_env_is_reported() -> None:
+    loaded = load_settings(
+        TOKEN_ARGS, environ={"MESHACCEL_PORT": "", "MESHACCEL_PROT": "1", "MESHACCEL_CONFIG": ""}
+    )
+    assert loaded.settings.port == DEFAULT_PORT
+    assert loaded.ignored_env == ("MESHACCEL_PROT",)
+
+
+def test_show_config_through_the_console_script(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"port": 1001, "max_pods": 11, "instance": "from-file"})
+    result = run_agent(
+        ["show-config", "--port", "1003", "--token-file", "/run/token"],
+        {"MESHACCEL_CONFIG": str(config), "MESHACCEL_MAX_PODS": "12"},
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["settings"]["port"] == 1003 and shown["sources"]["port"] == "--port"
+    assert shown["settings"]["max_pods"] == 12
+    assert shown["sources"]["max_pods"] == "env MESHACCEL_MAX_PODS"
+    assert shown["settings"]["instance"] == "from-file"
+    assert shown["sources"]["instance"] == f"config file {config}"
+    assert shown["sources"]["log_level"] == "default"
+
+
+# -- refusals, through the real process ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    argv: list[str]
+    env: dict[str, str]
+    line: str  # the exact line on stderr
+    reason: str
+    module: bool = False
+
+
+def refusals(tmp_path: Path) -> list[Refusal]:
+    bad_file = write_config(tmp_path, {"port": 70000, "token_file": "/f"})
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("prot: 9000\n")
+    short_token = tmp_path / "short"
+    short_token.write_text("abc\n")
+    return [
+        Refusal(
+            ["--port", "70000", *TOKEN_ARGS],
+            {},
+            "invalid setting port=70000 (from --port): must be <= 65535",
+            "a flag out of range",
+        ),
+        Refusal(
+            TOKEN_ARGS,
+            {"MESHACCEL_PORT": "70000"},
+            "invalid setting port=70000 (from env MESHACCEL_PORT): must be <= 65535",
+            "the same from the environment names the variable",
+            module=True,
+        ),
+        Refusal(
+            ["--config", str(bad_file)],
+            {},
+            f"invalid setting port=70000 (from config file {bad_file}): must be <= 65535",
+            "the same from the file names the file",
+        ),
+        Refusal(
+            ["--config", str(unknown_key), *TOKEN_ARGS],
+            {},
+            f"invalid setting prot=9000 (from config file {unknown_key}): not a known setting",
+            "a misspelt key is refused, not ignored",
+        ),
+        Refusal(
+            ["--mode", "swarm", *TOKEN_ARGS],
+            {},
+            "invalid setting mode=swarm (from --mode): must be one of 'kubernetes' or 'standalone'",
+            "an enum",
+        ),
+        Refusal(
+            ["--drain-seconds", "soon", *TOKEN_ARGS],
+            {},
+            "invalid setting drain_seconds=soon (from --drain-seconds): must be a number",
+            "not a number",
+        ),
+        Refusal(
+            [],
+            {},
+            "invalid setting token_file=null (from default): the API needs a bearer token: give "
+            "--token-file (the operator's Secret), or --insecure-no-token with --listen-address "
+            "127.0.0.1 for a local demo",
+            "no token and not told to run without one",
+        ),
+        Refusal(
+            ["--insecure-no-token"],
+            {},
+            "invalid setting insecure_no_token=true (from --insecure-no-token): allowed only "
+            "when listen_address is a loopback address, not 0.0.0.0: an unauthenticated API "
+            "must not be reachable from the network",
+            "no token on a non-loopback address",
+        ),
+        Refusal(
+            ["--insecure-no-token", "--listen-address", "198.18.0.1"],
+            {},
+            "invalid setting insecure_no_token=true (from --insecure-no-token): allowed only "
+            "when listen_address is a loopback address, not 198.18.0.1: an unauthenticated API "
+            "must not be reachable from the network",
+            "no token on any other address either",
+        ),
+        Refusal(
+            ["--token-file", str(tmp_path / "missing")],
+            {},
+            f"invalid setting token_file={tmp_path / 'missing'} (from --token-file): cannot "
+            "read it: No such file or directory",
+            "a token file that is not there",
+        ),
+        Refusal(
+            [],
+            {"MESHACCEL_TOKEN_FILE": str(short_token)},
+            f"invalid setting token_file={short_token} (from env MESHACCEL_TOKEN_FILE): the "
+            "token is 3 characters long, at least 16 are needed (for example: head -c 32 "
+            "/dev/urandom | base64)",
+            "a token too short to be a secret",
+        ),
+        Refusal(
+            ["--mode", "standalone", *TOKEN_ARGS],
+            {},
+            "invalid setting pods_file=null (from default): standalone mode reads its pod set "
+            "from this file: give --pods-file",
+            "standalone without its file",
+        ),
+        Refusal(
+            ["--bogus", *TOKEN_ARGS],
+            {},
+            "invalid command line: unrecognized arguments: --bogus (see meshaccel-agent --help)",
+            "an unknown flag is one line and exit 2 too",
+        ),
+    ]
+
+
+def test_invalid_settings_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    for case in refusals(tmp_path):
+        result = run_agent(case.argv, case.env, module=case.module)
+        assert result.returncode == EXIT_INVALID_SETTINGS, (case.reason, result.stderr)
+        assert result.stderr.splitlines() == [case.line], case.reason
+        assert result.stdout == "", case.reason
+
+
+def test_loopback_without_token_is_accepted() -> None:
+    for address in ("127.0.0.1", "::1"):
+        loaded = load_settings(["--insecure-no-token", "--listen-address", address], environ={})
+        assert read_token(loaded).token is None
+        assert loaded.settings.api_is_loopback
+
+
+def test_token_is_read_stripped(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"  {TOKEN}\n")
+    loaded = read_token(load_settings(["--token-file", str(path)], environ={}))
+    assert loaded.token == TOKEN
+    assert TOKEN not in repr(loaded) and TOKEN not in json.dumps(loaded.describe())
+
+
+def test_uninstall_needs_no_token() -> None:
+    loaded = load_settings(["uninstall"], environ={})
+    assert loaded.command == "uninstall"
+    with pytest.raises(SettingsError):
+        load_settings(["run"], environ={})
