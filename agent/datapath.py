@@ -8,30 +8,34 @@ Everything lives under one bpffs directory per instance::
         progs/redirect_msg  the sk_msg program attached to both sockhashes
 
 Pins keep the datapath running without the agent; a new agent adopts them.
+
+A pod is an entry in ``pods`` (by pod cgroup id), one in ``pod_ips`` (its address) and one per
+option in the option maps (:data:`POD_MAPS`). :meth:`Datapath.put_pod` and
+:meth:`Datapath.delete_pod` write them in an order connect4 may meet at any moment (options
+before the pod entry; the pod entry removed first), all or nothing. The option maps are keyed by
+pod and option, so a pod's options can only be found by walking them: a caller that keeps what it
+programmed passes it as ``previous`` and nothing is walked, and :meth:`Datapath.read_pods` reads
+every pod in one pass over each map.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from types import EllipsisType
 
 from meshaccel.agent import layout, libbpf, prerequisites
 from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
-from meshaccel.agent.pods import (
-    AcceleratedPod,
-    decode_cidr_key,
-    decode_port_key,
-    decode_u64,
-    u32,
-    u64,
-)
+from meshaccel.agent.pods import AcceleratedPod, decode_cidr_key, decode_u64, u32, u64
 from meshaccel.agent.prerequisites import DatapathError
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,19 @@ class AlreadyLoadedError(DatapathError):
 
 class MapFullError(DatapathError):
     pass
+
+
+class UndoFailedError(DatapathError):
+    """A write failed, and so did undoing the writes before it: the maps may hold part of the
+    change. ``error`` is the write's error, ``undo_error`` the first failed undo's."""
+
+    def __init__(self, error: Exception, undo_error: Exception) -> None:
+        super().__init__(
+            f"{error}; undoing the writes before it failed too ({undo_error}): the maps may "
+            "hold part of the change"
+        )
+        self.error = error
+        self.undo_error = undo_error
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,21 @@ SHARED_MAPS = (
     "draining",
     "counters",
 )
+# What the agent writes for each accelerated pod. The option maps hold one entry per option
+# (value 1), keyed by the pod's cgroup id and the option.
+POD_MAPS = ("pods", "pod_ips", "pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
+OPTION_MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
+_PRESENT = b"\x01"
+_Undo = list[Callable[[], object]]  # steps that undo the writes so far, in write order
+
+
+@dataclass(frozen=True)
+class ProgrammedPods:
+    """The per-pod maps read back: the pods, and entries that belong to none (an agent killed
+    half-way through a write leaves them) as map name -> keys."""
+
+    pods: dict[int, AcceleratedPod]
+    orphans: dict[str, set[bytes]]
 
 
 @dataclass(frozen=True)
@@ -277,65 +309,97 @@ class Datapath:
 
     # -- pods -----------------------------------------------------------------------------
 
-    def put_pod(self, pod: AcceleratedPod) -> None:
-        """Accelerate ``pod``, or bring its entries in line with it. All or nothing."""
-        owner = self._map("pod_ips").lookup(bytes(layout.ipv4(pod.ip)))
-        if owner is not None and decode_u64(owner) != pod.cgroup_id:
-            raise ValueError(
-                f"{pod.ip} already belongs to the pod with cgroup id {decode_u64(owner)}"
-            )
-        old = self.pod(pod.cgroup_id)
+    def put_pod(
+        self,
+        pod: AcceleratedPod,
+        *,
+        previous: AcceleratedPod | EllipsisType | None = ...,
+        take_ip: bool = False,
+    ) -> int | None:
+        """Accelerate ``pod``, or bring its entries in line with it. All or nothing.
 
-        with contextlib.ExitStack() as undo:
+        ``previous`` is what the maps hold for the pod now (None: nothing), as the caller
+        programmed it: only the entries that differ are written, and the option maps are not
+        walked. Left out, the pod is read back first (:meth:`pod`: a walk of the option maps).
+        The address entry is always checked in the map: ``put_pod(p, previous=p)`` restores it.
+        ``pod.ip`` held by another pod is refused (ValueError) unless ``take_ip``, for a caller
+        that moves that pod off it in the same batch (two pods swapping addresses); the cgroup
+        id of the pod it was taken from is returned (else None), to give it back on undo.
+        """
+        ip_key = pod.ip.packed
+        owner = self._map("pod_ips").lookup(ip_key)
+        owner_id = None if owner is None else decode_u64(owner)
+        if owner_id not in (None, pod.cgroup_id) and not take_ip:
+            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner_id}")
+        old = self.pod(pod.cgroup_id) if previous is ... else _same_pod(previous, pod.cgroup_id)
+        key = u64(pod.cgroup_id)
+        info, old_info = bytes(pod.info()), None if old is None else bytes(old.info())
+        new_options, old_options = _option_keys(pod), _option_keys(old)
+
+        with _undo_on_failure() as undo:
             # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
-            self._insert(undo, "pod_ports", pod.port_keys() - (old.port_keys() if old else set()))
-            self._insert(
-                undo,
-                "outbound_excluded_cidrs",
-                pod.excluded_cidr_keys() - (old.excluded_cidr_keys() if old else set()),
-            )
-            self._insert(
-                undo,
-                "outbound_included_cidrs",
-                pod.included_cidr_keys() - (old.included_cidr_keys() if old else set()),
-            )
-            self._put(undo, "pod_ips", bytes(layout.ipv4(pod.ip)), u64(pod.cgroup_id))
-            self._put(undo, "pods", u64(pod.cgroup_id), bytes(pod.info()))
-            undo.pop_all()
+            for name, keys in new_options.items():
+                self._insert(undo, name, keys - old_options[name])
+            if owner_id != pod.cgroup_id:
+                self._put(undo, "pod_ips", ip_key, u64(pod.cgroup_id), owner)
+            if info != old_info:
+                self._put(undo, "pods", key, info, old_info)
+            # What the new version no longer has goes last.
+            for name, keys in old_options.items():
+                self._remove(undo, name, keys - new_options[name])
+            if old is not None and old.ip != pod.ip:
+                self._release_ip(undo, old)
+        return None if owner_id == pod.cgroup_id else owner_id
 
-        if old is not None:  # what the new version no longer has
-            if old.ip != pod.ip:
-                self._map("pod_ips").delete(bytes(layout.ipv4(old.ip)))
-            self._delete_all("pod_ports", old.port_keys() - pod.port_keys())
-            self._delete_all(
-                "outbound_excluded_cidrs", old.excluded_cidr_keys() - pod.excluded_cidr_keys()
-            )
-            self._delete_all(
-                "outbound_included_cidrs", old.included_cidr_keys() - pod.included_cidr_keys()
-            )
+    def delete_pod(
+        self, cgroup_id: int, *, previous: AcceleratedPod | EllipsisType | None = ...
+    ) -> bool:
+        """Stop accelerating a pod (its open connections carry on). All or nothing.
 
-    def delete_pod(self, cgroup_id: int) -> bool:
-        """Stop accelerating a pod (its open connections carry on). False if it was not there."""
-        pod = self.pod(cgroup_id)
+        ``previous`` as for :meth:`put_pod`. False if the pod was not there.
+        """
+        pod = self.pod(cgroup_id) if previous is ... else _same_pod(previous, cgroup_id)
         if pod is None:
             return False
-        self._map("pods").delete(u64(cgroup_id))  # first: connect4 stops acting on it at once
-        self._map("pod_ips").delete(bytes(layout.ipv4(pod.ip)))
-        self._delete_all("pod_ports", pod.port_keys())
-        self._delete_all("outbound_excluded_cidrs", pod.excluded_cidr_keys())
-        self._delete_all("outbound_included_cidrs", pod.included_cidr_keys())
-        return True
+        with _undo_on_failure() as undo:
+            # The pod entry first: connect4 stops acting on the pod at once.
+            existed = self._remove(undo, "pods", {u64(cgroup_id)}, bytes(pod.info())) > 0
+            self._release_ip(undo, pod)
+            for name, keys in _option_keys(pod).items():
+                self._remove(undo, name, keys)
+        return existed
 
     def pod(self, cgroup_id: int) -> AcceleratedPod | None:
+        """One pod, read back from the maps (a walk of the option maps: see :meth:`pods`)."""
         raw = self._map("pods").lookup(u64(cgroup_id))
-        return None if raw is None else self._decode_pod(cgroup_id, raw)
+        if raw is None:
+            return None
+        return self._read({u64(cgroup_id): raw}, find_orphans=False).pods[cgroup_id]
 
     def pods(self) -> dict[int, AcceleratedPod]:
-        """Every accelerated pod, read back from the maps."""
-        return {
-            decode_u64(key): self._decode_pod(decode_u64(key), raw)
-            for key, raw in self._map("pods").items()
-        }
+        """Every accelerated pod, read back from the maps (one pass over each)."""
+        return self.read_pods().pods
+
+    def read_pods(self) -> ProgrammedPods:
+        """Every accelerated pod and every entry that belongs to none, one pass over each map."""
+        read = self._read(dict(self._map("pods").items()), find_orphans=True)
+        orphans = read.orphans
+        for ip_key, owner in self._map("pod_ips").items():
+            pod = read.pods.get(decode_u64(owner))
+            if pod is None or pod.ip.packed != ip_key:  # no pod, or one with another address
+                orphans.setdefault("pod_ips", set()).add(ip_key)
+        return read
+
+    def remove_orphans(self, orphans: Mapping[str, Iterable[bytes]]) -> int:
+        """Delete entries :meth:`read_pods` found to belong to no pod; how many were there."""
+        removed = 0
+        for name, keys in orphans.items():
+            bpf_map = self._map(name)
+            removed += sum(bpf_map.delete(key) for key in keys)
+        return removed
+
+    def max_entries(self, name: str) -> int:
+        return self._map(name).max_entries
 
     def counters(self) -> dict[Counter, int]:
         """Event counters summed over CPUs."""
@@ -364,64 +428,134 @@ class Datapath:
         except KeyError:
             raise DatapathError(f"map {name} is not open: the datapath was closed") from None
 
-    def _decode_pod(self, cgroup_id: int, raw: bytes) -> AcceleratedPod:
-        info = layout.PodInfo.from_buffer_copy(raw)
-        ports: dict[TrafficDirection, set[int]] = {d: set() for d in TrafficDirection}
-        for key in self._map("pod_ports"):
-            owner, port, direction = decode_port_key(key)
-            if owner == cgroup_id:
-                ports[direction].add(port)
-        includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
-        return AcceleratedPod(
-            cgroup_id=cgroup_id,
-            ip=IPv4Address(bytes(info.ip)),
-            sidecar_uid=info.sidecar_uid,
-            outbound_port=layout.port_of(info.outbound_port),
-            inbound_port=layout.port_of(info.inbound_port),
-            excluded_outbound_ports=frozenset(ports[TrafficDirection.DIRECTION_OUTBOUND]),
-            excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
-            excluded_outbound_cidrs=frozenset(self._cidrs("outbound_excluded_cidrs", cgroup_id)),
-            included_outbound_cidrs=None
-            if includes_all
-            else frozenset(self._cidrs("outbound_included_cidrs", cgroup_id)),
-        )
+    def _read(self, infos: dict[bytes, bytes], *, find_orphans: bool) -> ProgrammedPods:
+        """The pods of these ``pods`` entries (key -> value), their options read in one pass
+        over each option map; with ``find_orphans``, option entries of no pod in ``infos``."""
+        owned: dict[str, dict[bytes, list[bytes]]] = {name: {} for name in OPTION_MAPS}
+        orphans: dict[str, set[bytes]] = {}
+        for name in OPTION_MAPS:
+            by_owner, owner_at = owned[name], _OWNER_AT[name]
+            for key in self._map(name):
+                owner = key[owner_at]
+                if owner in infos:
+                    by_owner.setdefault(owner, []).append(key)
+                elif find_orphans:
+                    orphans.setdefault(name, set()).add(key)
+        pods: dict[int, AcceleratedPod] = {}
+        for key, raw in infos.items():
+            cgroup_id, info = decode_u64(key), layout.PodInfo.from_buffer_copy(raw)
+            ports: dict[int, set[int]] = {d: set() for d in TrafficDirection}
+            for port_key in owned["pod_ports"].get(key, ()):
+                ports[port_key[_DIRECTION_AT]].add(int.from_bytes(port_key[_PORT_AT], "big"))
+            excluded, included = (
+                frozenset(decode_cidr_key(k)[1] for k in owned[name].get(key, ()))
+                for name in ("outbound_excluded_cidrs", "outbound_included_cidrs")
+            )
+            includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
+            pods[cgroup_id] = AcceleratedPod(
+                cgroup_id=cgroup_id,
+                ip=layout.ip_of(info.ip),
+                sidecar_uid=info.sidecar_uid,
+                outbound_port=layout.port_of(info.outbound_port),
+                inbound_port=layout.port_of(info.inbound_port),
+                excluded_outbound_ports=frozenset(ports[TrafficDirection.DIRECTION_OUTBOUND]),
+                excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
+                excluded_outbound_cidrs=excluded,
+                included_outbound_cidrs=None if includes_all else included,
+            )
+        return ProgrammedPods(pods, orphans)
 
-    def _cidrs(self, map_name: str, cgroup_id: int) -> Iterator[IPv4Network]:
-        for key in self._map(map_name):
-            owner, network = decode_cidr_key(key)
-            if owner == cgroup_id:
-                yield network
-
-    def _put(self, undo: contextlib.ExitStack, name: str, key: bytes, value: bytes) -> None:
+    def _put(
+        self, undo: _Undo, name: str, key: bytes, value: bytes, previous: bytes | None
+    ) -> None:
+        """Write one entry whose current value the caller knows (None: absent)."""
         bpf_map = self._map(name)
-        previous = bpf_map.lookup(key)
         self._update(name, key, value)
         if previous is None:
-            undo.callback(bpf_map.delete, key)
+            undo.append(partial(bpf_map.delete, key))
         else:
-            undo.callback(bpf_map.update, key, previous)
+            undo.append(partial(bpf_map.update, key, previous))
 
-    def _insert(self, undo: contextlib.ExitStack, name: str, keys: set[bytes]) -> None:
-        bpf_map = self._map(name)
+    def _insert(self, undo: _Undo, name: str, keys: Iterable[bytes]) -> None:
         for key in keys:
-            self._update(name, key, b"\x01")
-            undo.callback(bpf_map.delete, key)
+            self._put(undo, name, key, _PRESENT, None)
+
+    def _remove(
+        self, undo: _Undo, name: str, keys: Iterable[bytes], value: bytes = _PRESENT
+    ) -> int:
+        """Delete ``keys`` (each holding ``value``); how many were there."""
+        bpf_map, removed = self._map(name), 0
+        for key in keys:
+            if bpf_map.delete(key):
+                undo.append(partial(bpf_map.update, key, value))
+                removed += 1
+        return removed
+
+    def _release_ip(self, undo: _Undo, pod: AcceleratedPod) -> None:
+        """Delete the pod's address entry, unless another pod has taken the address since."""
+        owner = u64(pod.cgroup_id)
+        if self._map("pod_ips").lookup(pod.ip.packed) == owner:
+            self._remove(undo, "pod_ips", {pod.ip.packed}, owner)
 
     def _update(self, name: str, key: bytes, value: bytes) -> None:
         try:
             self._map(name).update(key, value)
         except libbpf.MapError as err:
-            if err.errno in (7, 28):  # E2BIG, ENOSPC: the map is full
+            if err.errno in (errno.E2BIG, errno.ENOSPC):  # full: hash maps / LPM tries
                 raise MapFullError(
                     f"map {name} is full ({self._map(name).max_entries} entries): raise its "
                     "capacity (Capacities) and reload"
                 ) from err
             raise
 
-    def _delete_all(self, name: str, keys: set[bytes]) -> None:
-        bpf_map = self._map(name)
-        for key in keys:
-            bpf_map.delete(key)
+
+def _field(struct: type[ctypes.Structure], name: str) -> slice:
+    """Where a field of a key lies in its bytes (decoding keys one by one is too slow)."""
+    field = getattr(struct, name)
+    return slice(field.offset, field.offset + field.size)
+
+
+_OWNER_AT = {
+    "pod_ports": _field(layout.PodPortKey, "pod_cgroup_id"),
+    "outbound_excluded_cidrs": _field(layout.PodCidrKey, "pod_cgroup_id"),
+    "outbound_included_cidrs": _field(layout.PodCidrKey, "pod_cgroup_id"),
+}
+_PORT_AT = _field(layout.PodPortKey, "port")
+_DIRECTION_AT = layout.PodPortKey.direction.offset
+
+
+def _option_keys(pod: AcceleratedPod | None) -> dict[str, set[bytes]]:
+    if pod is None:
+        return {name: set() for name in OPTION_MAPS}
+    return {
+        "pod_ports": pod.port_keys(),
+        "outbound_excluded_cidrs": pod.excluded_cidr_keys(),
+        "outbound_included_cidrs": pod.included_cidr_keys(),
+    }
+
+
+def _same_pod(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:
+    if previous is not None and previous.cgroup_id != cgroup_id:
+        raise ValueError(f"previous is the pod {previous.cgroup_id}, not {cgroup_id}")
+    return previous
+
+
+@contextlib.contextmanager
+def _undo_on_failure() -> Iterator[_Undo]:
+    """Collects undo steps; if the block raises, runs them in reverse and raises again."""
+    undo: _Undo = []
+    try:
+        yield undo
+    except BaseException as err:
+        failures = []
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception as undo_err:  # keep undoing the rest
+                failures.append(undo_err)
+        if failures and isinstance(err, Exception):
+            raise UndoFailedError(err, failures[0]) from err
+        raise
 
 
 # -- load steps ---------------------------------------------------------------------------

@@ -10,21 +10,21 @@ complete desired state and applies the difference to the maps, all or nothing:
 * every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
   resolved yet is reported and left out, and programmed by a later apply or by
   :meth:`Reconciler.retry_unresolved`;
-* map writes are journaled: if one fails (a full map, a kernel error), every write of the apply
-  is undone in reverse order and the error raised (:class:`ApplyFailedError`).
+* pods are written one at a time, journaled with what was programmed before: if a write fails
+  (a full map, a kernel error), the datapath undoes that pod's writes, every pod written before
+  it is put back in reverse order, and the error is raised (:class:`ApplyFailedError`).
 
-Speed. The reconciler keeps the programmed state in memory (cgroup id -> AcceleratedPod, pod IP
--> cgroup id, and pod uid -> what it resolved to) and writes only the entries that differ, so a
-one-pod change costs that pod's entries, not a walk of the maps. Resolution and encoding are
-cached per pod while its spec is unchanged: a pod's cgroup does not move during its life (a
-changed spec is resolved again). The maps are read once, when the reconciler is made: after an
-agent restart (adopt) they are the truth, and since pod uids are not in the maps the first set
-is matched to them by cgroup id. ``Datapath.pods()`` reads a pod's options by walking the option
-maps, which is too slow to do per pod for a thousand pods, so the reconciler reads and writes
-the five per-pod maps itself, through their pins, with the encoding of
-:class:`~meshaccel.agent.pods.AcceleratedPod` and the write order of ``Datapath.put_pod``
-(options, then the IP, then the pod entry last; removal in the opposite order).
-``tests/agent/test_reconcile.py`` checks that both views of the maps agree.
+Speed. The reconciler keeps the programmed state in memory (cgroup id -> AcceleratedPod, and
+pod uid -> what it resolved to) and writes only the pods that differ, each through
+:meth:`Datapath.put_pod` / :meth:`Datapath.delete_pod` with ``previous=`` what it programmed
+before, so a one-pod change costs that pod's entries, not a walk of the maps. Resolution and
+encoding are cached per pod while its spec is unchanged: a pod's cgroup does not move during its
+life (a changed spec is resolved again). The maps are read once, when the reconciler is made
+(:meth:`Datapath.read_pods`, one pass over each map): after an agent restart (adopt) they are
+the truth, and since pod uids are not in the maps the first set is matched to them by cgroup id.
+Entries that belong to no pod (an agent killed half-way through a write) are removed by the next
+apply before anything else is written, and not put back by a rollback: the datapath would only
+misread them (an old address still leading to a pod).
 
 Threads. Every public method takes one lock, and blocks on map syscalls: call them from a
 worker thread, never on an event loop. :attr:`Reconciler.snapshot` is an immutable view,
@@ -33,41 +33,27 @@ replaced after each change, that any thread may read without the lock.
 
 from __future__ import annotations
 
-import errno
 import logging
 import operator
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from functools import partial
 from typing import Protocol
 
-from meshaccel.agent import layout, libbpf
 from meshaccel.agent.api_models import ApplyResult, PodSet, PodSpec, UnresolvedPod
-from meshaccel.agent.datapath import Datapath, MapFullError
-from meshaccel.agent.layout import TrafficDirection
+from meshaccel.agent.datapath import POD_MAPS as POD_MAPS  # the server lists them
+from meshaccel.agent.datapath import Datapath, MapFullError, UndoFailedError
 from meshaccel.agent.modes import MESH_MODES
-from meshaccel.agent.pods import (
-    AcceleratedPod,
-    decode_cidr_key,
-    decode_port_key,
-    decode_u64,
-    port_key,
-    u64,
-)
+from meshaccel.agent.pods import AcceleratedPod
 
 log = logging.getLogger(__name__)
 
 #: A new uuid4 each time the agent process starts: tells an operator that the agent restarted.
 BOOT_ID = str(uuid.uuid4())
-
-POD_MAPS = ("pods", "pod_ips", "pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
-_OPTION_MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
-_PRESENT = b"\x01"  # the value of every option-map entry
-_MAP_FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC)  # hash maps say E2BIG, LPM tries ENOSPC
 
 
 # -- interfaces and errors ------------------------------------------------------------------
@@ -188,20 +174,6 @@ class Snapshot:
         return sum(self.apply_errors.values())
 
 
-@dataclass
-class _MapState:
-    """The per-pod maps' content as the reconciler models it."""
-
-    pods: dict[int, AcceleratedPod] = field(default_factory=dict)
-    ip_owner: dict[IPv4Address, int] = field(default_factory=dict)
-    # Entries that belong to no pod (an agent killed half-way through a write): removed by the
-    # next apply. By map name.
-    orphans: dict[str, set[bytes]] = field(default_factory=dict)
-
-    def copy(self) -> _MapState:
-        return _MapState(dict(self.pods), dict(self.ip_owner), {})
-
-
 @dataclass(frozen=True)
 class _Plan:
     removes: list[AcceleratedPod]
@@ -225,207 +197,45 @@ def _changed_fields(old: AcceleratedPod, new: AcceleratedPod) -> str:
     return ",".join(f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name))
 
 
-# -- the maps --------------------------------------------------------------------------------
+# -- writing ---------------------------------------------------------------------------------
 
 
 class _Journal:
-    """Undo steps of the writes made so far, run in reverse on rollback."""
+    """Writes pods through the datapath, each with what was programmed before, and keeps the
+    steps that undo it: rollback puts every pod written back, in reverse order."""
 
-    def __init__(self) -> None:
-        self._undo: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+    def __init__(self, datapath: Datapath, programmed: Mapping[int, AcceleratedPod]) -> None:
+        self._datapath = datapath
+        self._programmed = programmed  # before the apply
+        self._undo: list[Callable[[], object]] = []
 
-    def record(self, undo: Callable[..., object], *args: object) -> None:
-        self._undo.append((undo, args))
+    def put(self, pod: AcceleratedPod, before: AcceleratedPod | None) -> None:
+        # take_ip: in an address swap, the pod holding the address moves off it later.
+        taken_from = self._datapath.put_pod(pod, previous=before, take_ip=True)
+        holder = None if taken_from is None else self._programmed.get(taken_from)
+        if holder is not None and holder.ip == pod.ip:
+            # Undoing this pod deletes the address. If its holder has not moved off it by then
+            # (its write failed, or never came), this gives it back: only the address entry
+            # differs from `holder`, so only that is written.
+            self._undo.append(partial(self._datapath.put_pod, holder, previous=holder))
+        if before is None:
+            self._undo.append(partial(self._datapath.delete_pod, pod.cgroup_id, previous=pod))
+        else:
+            self._undo.append(partial(self._datapath.put_pod, before, previous=pod, take_ip=True))
+
+    def delete(self, before: AcceleratedPod) -> None:
+        self._datapath.delete_pod(before.cgroup_id, previous=before)
+        self._undo.append(partial(self._datapath.put_pod, before, previous=None, take_ip=True))
 
     def rollback(self) -> list[Exception]:
         failures: list[Exception] = []
-        for undo, args in reversed(self._undo):
+        for undo in reversed(self._undo):
             try:
-                undo(*args)
+                undo()
             except Exception as err:  # keep undoing the rest
                 failures.append(err)
         self._undo.clear()
         return failures
-
-
-class _PodMaps:
-    """The five per-pod maps, opened from the datapath's pins (own fds; close them)."""
-
-    def __init__(self, datapath: Datapath) -> None:
-        self._maps: dict[str, libbpf.Map] = {}
-        try:
-            for name in POD_MAPS:
-                self._maps[name] = libbpf.Map.from_pin(datapath.pins.map(name))
-        except BaseException:
-            self.close()
-            raise
-        self.capacity = {name: m.max_entries for name, m in self._maps.items()}
-
-    def close(self) -> None:
-        for bpf_map in self._maps.values():
-            bpf_map.close()
-        self._maps.clear()
-
-    # reading, once ------------------------------------------------------------------------
-
-    def read(self) -> _MapState:
-        """One pass over each map (not one per pod), grouped by cgroup id."""
-        state = _MapState()
-        infos = {decode_u64(k): layout.PodInfo.from_buffer_copy(v) for k, v in self._items("pods")}
-        ports: dict[int, dict[TrafficDirection, set[int]]] = {}
-        orphans: dict[str, set[bytes]] = {name: set() for name in (*_OPTION_MAPS, "pod_ips")}
-        for key in self._maps["pod_ports"]:
-            owner, port, direction = decode_port_key(key)
-            if owner in infos:
-                ports.setdefault(owner, {d: set() for d in TrafficDirection})[direction].add(port)
-            else:
-                orphans["pod_ports"].add(key)
-        cidrs: dict[str, dict[int, set[IPv4Network]]] = {}
-        for name in ("outbound_excluded_cidrs", "outbound_included_cidrs"):
-            by_owner: dict[int, set[IPv4Network]] = {}
-            for key in self._maps[name]:
-                owner, network = decode_cidr_key(key)
-                if owner in infos:
-                    by_owner.setdefault(owner, set()).add(network)
-                else:
-                    orphans[name].add(key)
-            cidrs[name] = by_owner
-        for cgroup_id, info in infos.items():
-            own_ports = ports.get(cgroup_id, {d: set() for d in TrafficDirection})
-            includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
-            included = cidrs["outbound_included_cidrs"].get(cgroup_id, set())
-            state.pods[cgroup_id] = AcceleratedPod(
-                cgroup_id=cgroup_id,
-                ip=layout.ip_of(info.ip),
-                sidecar_uid=info.sidecar_uid,
-                outbound_port=layout.port_of(info.outbound_port),
-                inbound_port=layout.port_of(info.inbound_port),
-                excluded_outbound_ports=frozenset(own_ports[TrafficDirection.DIRECTION_OUTBOUND]),
-                excluded_inbound_ports=frozenset(own_ports[TrafficDirection.DIRECTION_INBOUND]),
-                excluded_outbound_cidrs=frozenset(
-                    cidrs["outbound_excluded_cidrs"].get(cgroup_id, set())
-                ),
-                included_outbound_cidrs=None if includes_all else frozenset(included),
-            )
-        for key, value in self._items("pod_ips"):
-            ip, owner = IPv4Address(key), decode_u64(value)
-            pod = state.pods.get(owner)
-            if pod is not None and pod.ip == ip:
-                state.ip_owner[ip] = owner
-            else:  # points at no pod, or at a pod that has another address now
-                orphans["pod_ips"].add(key)
-        state.orphans = {name: keys for name, keys in orphans.items() if keys}
-        return state
-
-    def _items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
-        return self._maps[name].items()
-
-    # writing, journaled -------------------------------------------------------------------
-
-    def add(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
-        # Options first: connect4 acts on a pod only once `pods` has it.
-        self._insert(journal, "pod_ports", pod.port_keys())
-        self._insert(journal, "outbound_excluded_cidrs", pod.excluded_cidr_keys())
-        self._insert(journal, "outbound_included_cidrs", pod.included_cidr_keys())
-        self._claim_ip(journal, pod, state)
-        self._write(journal, "pods", u64(pod.cgroup_id), bytes(pod.info()), None)
-        state.pods[pod.cgroup_id] = pod
-
-    def update(
-        self, journal: _Journal, old: AcceleratedPod, new: AcceleratedPod, state: _MapState
-    ) -> None:
-        old_ports, new_ports = _port_keys(old), _port_keys(new)
-        old_excluded, new_excluded = old.excluded_cidr_keys(), new.excluded_cidr_keys()
-        old_included, new_included = old.included_cidr_keys(), new.included_cidr_keys()
-        self._insert(journal, "pod_ports", new_ports - old_ports)
-        self._insert(journal, "outbound_excluded_cidrs", new_excluded - old_excluded)
-        self._insert(journal, "outbound_included_cidrs", new_included - old_included)
-        if state.ip_owner.get(new.ip) != new.cgroup_id:
-            self._claim_ip(journal, new, state)
-        old_info, new_info = bytes(old.info()), bytes(new.info())
-        if old_info != new_info:
-            self._write(journal, "pods", u64(new.cgroup_id), new_info, old_info)
-        self._remove_all(journal, "pod_ports", old_ports - new_ports)
-        self._remove_all(journal, "outbound_excluded_cidrs", old_excluded - new_excluded)
-        self._remove_all(journal, "outbound_included_cidrs", old_included - new_included)
-        if old.ip != new.ip:
-            self._release_ip(journal, old, state)
-        state.pods[new.cgroup_id] = new
-
-    def remove(self, journal: _Journal, old: AcceleratedPod, state: _MapState) -> None:
-        # The pod entry first: connect4 stops acting on the pod at once.
-        self._remove(journal, "pods", u64(old.cgroup_id), bytes(old.info()))
-        self._release_ip(journal, old, state)
-        self._remove_all(journal, "pod_ports", _port_keys(old))
-        self._remove_all(journal, "outbound_excluded_cidrs", old.excluded_cidr_keys())
-        self._remove_all(journal, "outbound_included_cidrs", old.included_cidr_keys())
-        del state.pods[old.cgroup_id]
-
-    def remove_orphans(self, journal: _Journal, orphans: Mapping[str, set[bytes]]) -> None:
-        for name, keys in orphans.items():
-            for key in keys:
-                previous = self._maps[name].lookup(key)
-                if previous is not None:
-                    self._remove(journal, name, key, previous)
-
-    def _claim_ip(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
-        previous = state.ip_owner.get(pod.ip)
-        self._write(
-            journal,
-            "pod_ips",
-            pod.ip.packed,
-            u64(pod.cgroup_id),
-            None if previous is None else u64(previous),
-        )
-        state.ip_owner[pod.ip] = pod.cgroup_id
-
-    def _release_ip(self, journal: _Journal, pod: AcceleratedPod, state: _MapState) -> None:
-        if state.ip_owner.get(pod.ip) == pod.cgroup_id:  # not if another pod took it since
-            self._remove(journal, "pod_ips", pod.ip.packed, u64(pod.cgroup_id))
-            del state.ip_owner[pod.ip]
-
-    def _insert(self, journal: _Journal, name: str, keys: Iterable[bytes]) -> None:
-        for key in keys:
-            self._write(journal, name, key, _PRESENT, None)
-
-    def _remove_all(self, journal: _Journal, name: str, keys: Iterable[bytes]) -> None:
-        for key in keys:
-            self._remove(journal, name, key, _PRESENT)
-
-    def _write(
-        self, journal: _Journal, name: str, key: bytes, value: bytes, previous: bytes | None
-    ) -> None:
-        bpf_map = self._maps[name]
-        try:
-            bpf_map.update(key, value)
-        except libbpf.MapError as err:
-            if err.errno in _MAP_FULL_ERRNOS:
-                raise MapFullError(
-                    f"map {name} is full ({bpf_map.max_entries} entries): raise its capacity "
-                    "(Capacities) and reload"
-                ) from err
-            raise
-        if previous is None:
-            journal.record(bpf_map.delete, key)
-        else:
-            journal.record(bpf_map.update, key, previous)
-
-    def _remove(self, journal: _Journal, name: str, key: bytes, previous: bytes) -> None:
-        bpf_map = self._maps[name]
-        if bpf_map.delete(key):
-            journal.record(bpf_map.update, key, previous)
-
-
-def _port_keys(pod: AcceleratedPod) -> set[bytes]:
-    keys = {
-        port_key(pod.cgroup_id, p, TrafficDirection.DIRECTION_OUTBOUND)
-        for p in pod.excluded_outbound_ports
-    }
-    keys.update(
-        port_key(pod.cgroup_id, p, TrafficDirection.DIRECTION_INBOUND)
-        for p in pod.excluded_inbound_ports
-    )
-    return keys
 
 
 def _usage(pods: Iterable[AcceleratedPod]) -> dict[str, int]:
@@ -474,7 +284,8 @@ def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
 
 
 class Reconciler:
-    """Applies pod sets to a datapath; see the module docstring. Close it to let go of the maps."""
+    """Applies pod sets to a datapath; see the module docstring. The datapath stays the
+    caller's: close the reconciler (it waits for an apply in progress), then the datapath."""
 
     def __init__(self, datapath: Datapath, resolver: PodResolver, *, max_pods: int) -> None:
         if max_pods < 0:
@@ -482,15 +293,13 @@ class Reconciler:
         self.datapath = datapath
         self.resolver = resolver
         self._lock = threading.Lock()
-        self._maps = _PodMaps(datapath)
-        try:
-            self._state = self._maps.read()
-        except BaseException:
-            self._maps.close()
-            raise
-        self.max_pods = min(max_pods, self._maps.capacity["pods"], self._maps.capacity["pod_ips"])
-        self._usage_now = _usage(self._state.pods.values())
-        self._dirty = False  # the maps may differ from _state (a rollback failed): read again
+        self._capacity = {name: datapath.max_entries(name) for name in POD_MAPS}
+        read = datapath.read_pods()
+        self._programmed = read.pods  # cgroup id -> what the maps hold (never mutated)
+        self._orphans = read.orphans  # map name -> entries of no pod, for the next apply
+        self.max_pods = min(max_pods, self._capacity["pods"], self._capacity["pod_ips"])
+        self._usage_now = _usage(self._programmed.values())
+        self._dirty = False  # the maps may differ from _programmed (a rollback failed): read again
         self._generation: int | None = None
         self._desired: dict[str, PodSpec] = {}  # the applied set, unresolved pods included
         self._entries: dict[str, PodEntry] = {}
@@ -500,13 +309,13 @@ class Reconciler:
         self._last_apply: datetime | None = None
         self._started = datetime.now(UTC)
         self._snapshot = self._make_snapshot()
-        if self._state.pods or self._state.orphans:
+        if self._programmed or self._orphans:
             log.info(
                 "adopted programmed pods (matched by cgroup id when the first set arrives)",
                 extra={
                     "event": "pods_adopted",
-                    "pods": len(self._state.pods),
-                    "orphans": {n: len(k) for n, k in self._state.orphans.items()},
+                    "pods": len(self._programmed),
+                    "orphans": {n: len(k) for n, k in self._orphans.items()},
                 },
             )
 
@@ -563,9 +372,10 @@ class Reconciler:
                 raise
 
     def close(self) -> None:
-        """Let go of the maps (the datapath keeps running from its pins)."""
+        """Wait for an apply in progress to finish. The maps are the datapath's: close that
+        after this (it keeps running from its pins)."""
         with self._lock:
-            self._maps.close()
+            pass
 
     def __enter__(self) -> Reconciler:
         return self
@@ -605,9 +415,9 @@ class Reconciler:
         target: dict[int, AcceleratedPod] = {e.cgroup_id: e.pod for e in entries.values()}
         needed = _usage(target.values())
         over = {
-            name: (n, self._maps.capacity[name])
+            name: (n, self._capacity[name])
             for name, n in needed.items()
-            if n > self._maps.capacity[name]
+            if n > self._capacity[name]
         }
         if over:
             raise CapacityError(
@@ -617,12 +427,10 @@ class Reconciler:
                 applied_generation=self._generation,
             )
         plan = self._plan(target)
-        if plan.empty and not self._state.orphans:
-            state = self._state
-        else:
-            state = self._execute(plan, generation)
+        if not plan.empty or self._orphans:
+            self._execute(plan, generation)
         # Committed: the maps now hold `target`.
-        self._state = state
+        self._programmed = target
         self._usage_now = needed
         self._generation = generation
         self._desired = desired
@@ -687,7 +495,7 @@ class Reconciler:
         return cgroup_id
 
     def _plan(self, target: Mapping[int, AcceleratedPod]) -> _Plan:
-        current = self._state.pods
+        current = self._programmed
         removes = [pod for cgroup_id, pod in current.items() if cgroup_id not in target]
         updates: list[tuple[AcceleratedPod, AcceleratedPod]] = []
         adds: list[AcceleratedPod] = []
@@ -699,25 +507,30 @@ class Reconciler:
                 updates.append((old, pod))
         return _Plan(removes, updates, adds)
 
-    def _execute(self, plan: _Plan, generation: int) -> _MapState:
+    def _execute(self, plan: _Plan, generation: int) -> None:
         """Write the plan: removals first (they free room and addresses), then changes, then
         additions. On a failure every write is undone; the maps are as before."""
-        state = self._state.copy()
-        journal = _Journal()
+        journal = _Journal(self.datapath, self._programmed)
         try:
-            self._maps.remove_orphans(journal, self._state.orphans)
+            if self._orphans:
+                self.datapath.remove_orphans(self._orphans)
+                self._orphans = {}
             for pod in plan.removes:
-                self._maps.remove(journal, pod, state)
+                journal.delete(pod)
             for old, new in plan.updates:
-                self._maps.update(journal, old, new, state)
+                journal.put(new, old)
             for pod in plan.adds:
-                self._maps.add(journal, pod, state)
-        except BaseException as err:
+                journal.put(pod, None)
+        except BaseException as raised:
             failures = journal.rollback()
-            rolled_back = not failures
-            if not isinstance(err, Exception):  # not ours to turn into an error reply
-                self._dirty = self._dirty or not rolled_back
+            if not isinstance(raised, Exception):  # not ours to turn into an error reply
+                self._dirty = True  # whether the pod being written was undone is not known
                 raise
+            err = raised
+            if isinstance(raised, UndoFailedError):  # the failing pod's own undo failed
+                err = raised.error
+                failures.insert(0, raised.undo_error)
+            rolled_back = not failures
             if not rolled_back:
                 self._dirty = True  # read the maps again before the next apply
             failed = ApplyFailedError(
@@ -744,16 +557,16 @@ class Reconciler:
                 },
             )
             self._publish()
-            raise failed from err
-        return state
+            raise failed from raised
 
     def _resync(self) -> None:
-        self._state = self._maps.read()
-        self._usage_now = _usage(self._state.pods.values())
+        read = self.datapath.read_pods()
+        self._programmed, self._orphans = read.pods, read.orphans
+        self._usage_now = _usage(self._programmed.values())
         self._dirty = False
         # Entries whose pod is no longer in the maps as cached must be encoded again.
         self._entries = {
-            uid: e for uid, e in self._entries.items() if self._state.pods.get(e.cgroup_id) == e.pod
+            uid: e for uid, e in self._entries.items() if self._programmed.get(e.cgroup_id) == e.pod
         }
         log.warning("maps read again after a failed rollback", extra={"event": "maps_resynced"})
 
@@ -795,9 +608,9 @@ class Reconciler:
             unresolved=tuple(
                 sorted(self._unresolved.values(), key=lambda u: (u.namespace, u.name))
             ),
-            programmed=len(self._state.pods),
+            programmed=len(self._programmed),
             map_entries=self._usage_now,
-            map_capacity=dict(self._maps.capacity),
+            map_capacity=self._capacity,  # never mutated
             apply_errors=dict(self._errors),
         )
 

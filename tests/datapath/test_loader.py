@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ from meshaccel.agent.datapath import (
     Capacities,
     Datapath,
     MapFullError,
+    ProgrammedPods,
     default_objects_dir,
 )
+from meshaccel.agent.layout import TrafficDirection
 from meshaccel.agent.modes import ISTIO, LINKERD
-from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.pods import AcceleratedPod, decode_u64, port_key, u64
 from meshaccel.agent.prerequisites import (
     BpffsNotMountedError,
     NoCgroup2Error,
@@ -82,6 +85,89 @@ def test_pods_read_back_exactly_as_written(datapath: Datapath) -> None:
     assert datapath.pods() == {1002: b}
 
 
+def pod_ips(datapath: Datapath) -> dict[IPv4Address, int]:
+    """The raw pod_ips map: address -> cgroup id."""
+    with libbpf.Map.from_pin(datapath.pins.map("pod_ips")) as bpf_map:
+        return {IPv4Address(k): decode_u64(v) for k, v in bpf_map.items()}
+
+
+def test_writes_given_what_is_programmed_read_nothing_back(
+    datapath: Datapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = AcceleratedPod.in_mesh(
+        ISTIO,
+        4001,
+        "198.18.4.1",
+        excluded_outbound_ports=frozenset({5432}),
+        excluded_outbound_cidrs=frozenset({IPv4Network("10.96.0.0/12")}),
+    )
+    moved = AcceleratedPod.in_mesh(
+        ISTIO,
+        4001,
+        "198.18.4.2",
+        excluded_inbound_ports=frozenset({9100}),
+        included_outbound_cidrs=frozenset({IPv4Network("198.18.0.0/15")}),
+    )
+    b = AcceleratedPod.in_mesh(LINKERD, 4002, "198.18.4.3")
+
+    def no_reading(cgroup_id: int) -> None:
+        raise AssertionError(f"pod {cgroup_id} was read back")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(datapath, "pod", no_reading)
+        datapath.put_pod(a, previous=None)
+        datapath.put_pod(b, previous=None)
+        datapath.put_pod(moved, previous=a)
+    assert datapath.read_pods() == ProgrammedPods({4001: moved, 4002: b}, orphans={})
+    assert pod_ips(datapath) == {moved.ip: 4001, b.ip: 4002}
+
+    with pytest.raises(ValueError, match="previous is the pod 4002, not 4001"):
+        datapath.put_pod(moved, previous=b)
+    with monkeypatch.context() as patched:
+        patched.setattr(datapath, "pod", no_reading)
+        assert datapath.delete_pod(4001, previous=moved)
+        assert not datapath.delete_pod(4001, previous=None)
+    assert datapath.read_pods() == ProgrammedPods({4002: b}, orphans={})  # nothing left of 4001
+
+
+def test_two_pods_swap_addresses_with_take_ip(datapath: Datapath) -> None:
+    a = AcceleratedPod.in_mesh(ISTIO, 5001, "198.18.5.1")
+    b = AcceleratedPod.in_mesh(ISTIO, 5002, "198.18.5.2")
+    datapath.put_pod(a)
+    datapath.put_pod(b)
+    a2, b2 = dataclasses.replace(a, ip=b.ip), dataclasses.replace(b, ip=a.ip)
+
+    with pytest.raises(ValueError, match="already belongs to the pod with cgroup id 5002"):
+        datapath.put_pod(a2, previous=a)
+    datapath.put_pod(a2, previous=a, take_ip=True)
+    datapath.put_pod(b2, previous=b, take_ip=True)  # leaves a2's claim on b's old address
+
+    assert datapath.read_pods() == ProgrammedPods({5001: a2, 5002: b2}, orphans={})
+    assert pod_ips(datapath) == {b.ip: 5001, a.ip: 5002}
+
+
+def test_entries_of_no_pod_are_found_and_removed(datapath: Datapath) -> None:
+    a = AcceleratedPod.in_mesh(ISTIO, 6001, "198.18.6.1", excluded_outbound_ports=frozenset({81}))
+    datapath.put_pod(a)
+    stray_port = port_key(6999, 9090, TrafficDirection.DIRECTION_OUTBOUND)
+    with (
+        libbpf.Map.from_pin(datapath.pins.map("pod_ports")) as ports,
+        libbpf.Map.from_pin(datapath.pins.map("pod_ips")) as ips,
+    ):
+        ports.update(stray_port, b"\x01")
+        ips.update(IPv4Address("198.18.6.2").packed, u64(6999))  # a pod that is not there
+        ips.update(IPv4Address("198.18.6.3").packed, u64(6001))  # a's address before a move
+
+    read = datapath.read_pods()
+    assert read.pods == {6001: a} and datapath.pod(6001) == a
+    assert read.orphans == {
+        "pod_ports": {stray_port},
+        "pod_ips": {IPv4Address("198.18.6.2").packed, IPv4Address("198.18.6.3").packed},
+    }
+    assert datapath.remove_orphans(read.orphans) == 3
+    assert datapath.read_pods() == ProgrammedPods({6001: a}, orphans={})
+
+
 def test_address_of_another_pod_is_refused_and_nothing_changes(datapath: Datapath) -> None:
     first = AcceleratedPod.in_mesh(ISTIO, 2001, "198.18.2.1")
     datapath.put_pod(first)
@@ -107,7 +193,17 @@ def test_full_map_is_refused_whole(mesh: Node) -> None:
             datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, 3002, "198.18.3.2"))
         assert datapath.pods() == {3001: first}  # and none of 3002's ports are left behind
         datapath.delete_pod(3001)
-        datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, 3002, "198.18.3.2"))
+        second = AcceleratedPod.in_mesh(ISTIO, 3002, "198.18.3.2")
+        datapath.put_pod(second)
+
+        # An update given what is programmed: its new ports do not fit, and none stays.
+        grown = AcceleratedPod.in_mesh(
+            ISTIO, 3002, "198.18.3.3", excluded_outbound_ports=frozenset(range(1000, 1008))
+        )
+        with pytest.raises(MapFullError, match="map pod_ports is full"):
+            datapath.put_pod(grown, previous=second)
+        assert datapath.read_pods() == ProgrammedPods({3002: second}, orphans={})
+        assert pod_ips(datapath) == {second.ip: 3002}
 
 
 def test_second_load_is_refused(mesh: Node) -> None:
