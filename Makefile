@@ -1,6 +1,6 @@
 # Shortcuts for developers. The scripts are the source of truth (and what CI runs);
 # nothing here is needed to build or test the project.
-.PHONY: all bootstrap bpf lint test demo clean
+.PHONY: all bootstrap bpf lint test demo bench bench-quick clean
 
 all: test
 
@@ -18,6 +18,13 @@ test:
 
 demo:
 	bash scripts/demo.sh
+
+# The side-by-side benchmark (about 50 minutes; run it on a quiet machine) and its smoke variant.
+bench:
+	bash scripts/bench.sh
+
+bench-quick:
+	bash scripts/bench.sh --quick
 
 clean:
 	-$(MAKE) -C bpf clean

@@ -123,7 +123,9 @@ class AgentSettings(BaseModel):
         default=True, description="steer sidecars' connects to same-node pods to their 15006"
     )
     sk_msg_redirect: bool = Field(
-        default=True, description="move bytes socket-to-socket between same-node sockets"
+        default=False,
+        description="move bytes socket-to-socket between same-node sockets (opt-in: no "
+        "backpressure, see docs/datapath.md)",
     )
     sk_msg_to_apps: bool = Field(
         default=False,

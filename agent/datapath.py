@@ -41,9 +41,12 @@ from meshaccel.agent.prerequisites import DatapathError
 log = logging.getLogger(__name__)
 
 PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
-DEFAULT_FEATURES = (
-    DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
-)
+# sk_msg redirection is opt-in: the kernel applies no backpressure to a socket whose receive
+# queue sk_msg fills, so a fast sender to a slower sidecar grows kernel memory until TCP memory
+# pressure fails sends node-wide (docs/datapath.md, "sk_msg has no backpressure").
+DEFAULT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
+#: Connect-time steering plus socket-to-socket delivery into sidecar sockets.
+SK_MSG_FEATURES = DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
 
 
 class NotLoadedError(DatapathError):

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from meshaccel.agent.api_models import PodOptions, PodSet, PodSpec
-from meshaccel.agent.datapath import Capacities, Datapath
+from meshaccel.agent.datapath import SK_MSG_FEATURES, Capacities, Datapath
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerated_pod
 from tests.datapath.conftest import PIN_ROOT
@@ -65,6 +65,7 @@ def datapath_factory(pod_cgroups: PodCgroups) -> Iterator[DatapathFactory]:
             datapath = Datapath.load(
                 pod_cgroups.cgroup.path,
                 instance=instance,
+                features=SK_MSG_FEATURES,
                 capacities=capacities or Capacities(),
                 pin_root=PIN_ROOT,
             )

@@ -91,6 +91,7 @@ class StandaloneAgents:
             f"--port={self.port}",
             "--node-name=netlab",
             "--log-format=json",
+            "--sk-msg-redirect",  # opt-in; the tests watch bytes go socket to socket
             *extra,
         ]
 

@@ -72,9 +72,7 @@ def test_defaults() -> None:
     )
     assert s.attach_cgroup is None  # the cgroup2 mount, found at start
     assert str(s.pin_root) == "/sys/fs/bpf/meshaccel" and s.instance == "default"
-    assert s.features == DatapathFeatures.FEATURE_SAME_NODE_INBOUND | (
-        DatapathFeatures.FEATURE_SK_MSG_REDIRECT
-    )
+    assert s.features == DatapathFeatures.FEATURE_SAME_NODE_INBOUND  # sk_msg is opt-in
     assert not s.uninstall_on_exit and s.drain_seconds == 2.0
     assert loaded.sources == {"token_file": "--token-file"}
 

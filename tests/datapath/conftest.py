@@ -1,7 +1,8 @@
 """Fixtures for the datapath scenarios: the real objects, loaded on a netlab node's cgroup.
 
-Each scenario runs twice, as ``ebpf`` (meshaccel loaded, pods a and b accelerated, pod c not)
-and as ``iptables`` (the control: Istio's interception alone). Pods, Envoys and iptables rules
+Each scenario runs twice, as ``ebpf`` (meshaccel loaded with sk_msg redirection, which is
+opt-in, so that the whole datapath is exercised; pods a and b accelerated, pod c not) and as
+``iptables`` (the control: Istio's interception alone). Pods, Envoys and iptables rules
 come from the module-scoped ``netlab_node``; each test loads and unloads its own datapath.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent.datapath import DEFAULT_FEATURES, Datapath
+from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter, DatapathFeatures
 from meshaccel.agent.modes import ISTIO
 from meshaccel.agent.pods import AcceleratedPod
@@ -27,7 +28,7 @@ PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
 
 
 def load_datapath(
-    node: Node, features: DatapathFeatures = DEFAULT_FEATURES, *, instance: str | None = None
+    node: Node, features: DatapathFeatures = SK_MSG_FEATURES, *, instance: str | None = None
 ) -> Datapath:
     """The shipped objects, attached to the node's own test cgroup (never the root cgroup)."""
     return Datapath.load(
@@ -99,7 +100,7 @@ def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
     """load(features=...) -> a Datapath on the module's node, unloaded after the test."""
     with ExitStack() as cleanup:
 
-        def load(features: DatapathFeatures = DEFAULT_FEATURES) -> Datapath:
+        def load(features: DatapathFeatures = SK_MSG_FEATURES) -> Datapath:
             cleanup.callback(unload_quietly, mesh)
             return load_datapath(mesh, features)
 

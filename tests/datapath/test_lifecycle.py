@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from meshaccel.agent.datapath import Datapath
+from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import PIN_ROOT, istio_pod, unload_quietly
 from tests.netlab import ECHO_PORT, Node
@@ -44,7 +44,7 @@ def run_loader(node: Node, code: str) -> str:
     """Run code in a separate loader process that exits when done, as an agent would."""
     script = (
         "from pathlib import Path\n"
-        "from meshaccel.agent.datapath import Datapath\n"
+        "from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath\n"
         "from meshaccel.agent.layout import Counter\n"
         "from meshaccel.agent.modes import ISTIO\n"
         "from meshaccel.agent.pods import AcceleratedPod\n"
@@ -60,7 +60,9 @@ def run_loader(node: Node, code: str) -> str:
 
 def test_unload_with_connections_open(mesh: Node) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = Datapath.load(mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT)
+    datapath = Datapath.load(
+        mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT, features=SK_MSG_FEATURES
+    )
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
 
@@ -91,7 +93,8 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
     run_loader(
         mesh,
         (
-            "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root)\n"
+            "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root,\n"
+            "                         features=SK_MSG_FEATURES)\n"
             f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {a.cgroup_id}, {str(a.ip)!r}))\n"
             f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {b.cgroup_id}, {str(b.ip)!r}))\n"
         ),

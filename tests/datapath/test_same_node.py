@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshaccel.agent.datapath import DEFAULT_FEATURES
+from meshaccel.agent.datapath import DEFAULT_FEATURES, SK_MSG_FEATURES
 from meshaccel.agent.layout import Counter, DatapathFeatures
 from tests.datapath.conftest import MeshPath, istio_pod, loopback_tx_bytes
 from tests.netlab import ECHO_PORT, Node, Pod
@@ -68,7 +68,7 @@ def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
 
 def test_payload_skips_tcp_entirely_when_apps_are_targets(mesh: Node, datapath_factory) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = datapath_factory(DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
+    datapath = datapath_factory(SK_MSG_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
     before = datapath.counters()
@@ -110,3 +110,24 @@ def test_call_from_unaccelerated_pod_into_accelerated_pod(path: MeshPath) -> Non
     assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 0
     # b's own hop, Envoy b -> app b, is accelerated whoever called.
     assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == (1 if path.accelerated else 0)
+
+
+def test_default_features_steer_connections_but_leave_bytes_to_tcp(
+    mesh: Node, datapath_factory
+) -> None:
+    """The defaults (connect-time steering, no sk_msg): both sidecars are reached without
+    netfilter NAT, and every byte still takes TCP with its flow control."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = datapath_factory(DEFAULT_FEATURES)
+    for pod in (a, b):
+        datapath.put_pod(istio_pod(pod))
+
+    lo_sent, _ = call_through_sidecars(a, b)
+
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1
+    assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1
+    assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 2
+    assert counters[Counter.COUNTER_SOCKHASH_ADDED] == 0
+    assert counters[Counter.COUNTER_MSG_REDIRECTED] == 0
+    assert lo_sent >= 2 * PAYLOAD

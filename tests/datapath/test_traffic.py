@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from meshaccel.agent.datapath import DEFAULT_FEATURES, Datapath
+from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter, DatapathFeatures
 from tests.datapath.conftest import MeshPath, istio_pod
 from tests.netlab import ECHO_PORT, Node
@@ -98,7 +98,7 @@ def test_apps_as_redirect_targets_read_with_copying_apis(
     """FEATURE_SK_MSG_TO_APPS: bytes land in the apps' own sockets too. Not for apps that
     read with splice(), which cannot see sk_msg's queue (docs/datapath.md)."""
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = datapath_factory(DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
+    datapath = datapath_factory(SK_MSG_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
     result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)

@@ -10,6 +10,7 @@ from .envoy import (
     AccessLogEntry,
     EnvoyBootstrapOptions,
     EnvoySidecar,
+    ExplicitListener,
     find_envoy_binary,
     render_envoy_bootstrap,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "AccessLogEntry",
     "EnvoyBootstrapOptions",
     "EnvoySidecar",
+    "ExplicitListener",
     "IstioInterception",
     "MeshPodSpec",
     "NetCounters",

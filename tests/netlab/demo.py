@@ -68,7 +68,8 @@ class StandaloneAgent:
             "--pin-root", f"/sys/fs/bpf/meshaccel-demo-{os.getpid()}",
             "--listen-address", "127.0.0.1", "--port", str(self.port), "--insecure-no-token",
             "--uninstall-on-exit", "--drain-seconds", "0.5", "--log-format", "text",
-            "--sk-msg-to-apps" if apps_too else "--no-sk-msg-to-apps",
+            # sk_msg redirection is opt-in (docs/datapath.md): fine for this request/response load.
+            "--sk-msg-redirect", "--sk-msg-to-apps" if apps_too else "--no-sk-msg-to-apps",
         ]  # fmt: skip
         self.log_path = node.workdir / "agent.log"
         with self.log_path.open("wb") as log:

@@ -110,8 +110,33 @@ def envoy_binary_for(uid: int, gid: int, scratch_dir: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class ExplicitListener:
+    """A listener that clients address directly (no interception, no original destination):
+    the benchmark's "ceiling". It forwards to one static `upstream` (ip, port), optionally from
+    `source_address` (as the inbound passthrough does from 127.0.0.6). It keeps the virtual
+    listeners' listener filter (original_dst, a no-op here) and their number of filter chains."""
+
+    name: str
+    port: int
+    protocol: Literal["tcp", "http"]
+    upstream: tuple[str, int]
+    source_address: str | None = None
+
+    @property
+    def cluster(self) -> str:
+        return f"{self.name}-upstream"
+
+
+@dataclass(frozen=True)
 class EnvoyBootstrapOptions:
-    """What varies between sidecar bootstraps; `protocol` picks tcp_proxy or an HTTP router."""
+    """What varies between sidecar bootstraps; `protocol` picks tcp_proxy or an HTTP router.
+
+    `http_ports`: with protocol "tcp", connections whose original destination port is one of
+    these get an HTTP connection manager chain instead (Istio's per-port chains), the rest
+    tcp_proxy. `explicit_listeners`: extra listeners addressed directly (see ExplicitListener).
+    `access_log`: False leaves access logging out (Istio's default). `upstream_idle_timeout_s`:
+    close pooled idle upstream HTTP connections after this long (Envoy's default: 1 hour).
+    """
 
     node_id: str
     access_log_path: Path
@@ -122,6 +147,10 @@ class EnvoyBootstrapOptions:
     inbound_passthrough_source: str | None = INBOUND_PASSTHROUGH_SOURCE
     connect_timeout_s: float = 5.0
     tcp_idle_timeout_s: float = 60.0
+    http_ports: tuple[int, ...] = ()
+    explicit_listeners: tuple[ExplicitListener, ...] = ()
+    access_log: bool = True
+    upstream_idle_timeout_s: float | None = None
 
 
 def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
@@ -131,9 +160,7 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
     """
     inbound_cluster: dict[str, Any] = _original_dst_cluster("InboundPassthroughCluster", options)
     if options.inbound_passthrough_source is not None:
-        inbound_cluster["upstream_bind_config"] = {
-            "source_address": {"address": options.inbound_passthrough_source, "port_value": 0}
-        }
+        inbound_cluster["upstream_bind_config"] = _bind_config(options.inbound_passthrough_source)
     return {
         "node": {"id": options.node_id, "cluster": "meshaccel-test"},
         "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
@@ -143,13 +170,36 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
                 _listener(
                     "virtualInbound", options.inbound_port, "InboundPassthroughCluster", options
                 ),
+                *(_explicit_listener(explicit, options) for explicit in options.explicit_listeners),
             ],
             "clusters": [
                 _original_dst_cluster("PassthroughCluster", options),
                 inbound_cluster,
                 {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "1s"},
+                *(_static_cluster(explicit, options) for explicit in options.explicit_listeners),
             ],
         },
+    }
+
+
+def _bind_config(source_address: str) -> dict[str, Any]:
+    return {"source_address": {"address": source_address, "port_value": 0}}
+
+
+def _upstream_protocol_options(options: EnvoyBootstrapOptions) -> dict[str, Any]:
+    """The idle timeout of pooled upstream HTTP connections, when one is set."""
+    if options.upstream_idle_timeout_s is None:
+        return {}
+    return {
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _TYPE + "upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": {
+                    "idle_timeout": f"{options.upstream_idle_timeout_s}s"
+                },
+                "use_downstream_protocol_config": {},
+            }
+        }
     }
 
 
@@ -163,10 +213,32 @@ def _original_dst_cluster(name: str, options: EnvoyBootstrapOptions) -> dict[str
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": f"{options.connect_timeout_s}s",
+        **_upstream_protocol_options(options),
     }
 
 
+def _static_cluster(explicit: ExplicitListener, options: EnvoyBootstrapOptions) -> dict[str, Any]:
+    host, port = explicit.upstream
+    cluster: dict[str, Any] = {
+        "name": explicit.cluster,
+        "type": "STATIC",
+        "connect_timeout": f"{options.connect_timeout_s}s",
+        "load_assignment": {
+            "cluster_name": explicit.cluster,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+            ],
+        },
+        **_upstream_protocol_options(options),
+    }
+    if explicit.source_address is not None:
+        cluster["upstream_bind_config"] = _bind_config(explicit.source_address)
+    return cluster
+
+
 def _access_log(options: EnvoyBootstrapOptions, listener_name: str) -> list[dict[str, Any]]:
+    if not options.access_log:
+        return []
     fields = dict(ACCESS_LOG_FIELDS, listener=listener_name)
     return [
         {
@@ -180,59 +252,107 @@ def _access_log(options: EnvoyBootstrapOptions, listener_name: str) -> list[dict
     ]
 
 
-def _listener(name: str, port: int, cluster: str, options: EnvoyBootstrapOptions) -> dict[str, Any]:
-    if options.protocol == "tcp":
-        network_filter: dict[str, Any] = {
-            "name": "envoy.filters.network.tcp_proxy",
-            "typed_config": {
-                "@type": _TYPE + "filters.network.tcp_proxy.v3.TcpProxy",
-                "stat_prefix": name,
-                "cluster": cluster,
-                "idle_timeout": f"{options.tcp_idle_timeout_s}s",
-                "access_log": _access_log(options, name),
-            },
-        }
-    else:
-        network_filter = {
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": _TYPE + "filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": name,
-                "codec_type": "AUTO",
-                "route_config": {
-                    "name": name,
-                    "virtual_hosts": [
-                        {
-                            "name": "all",
-                            "domains": ["*"],
-                            "routes": [
-                                {
-                                    "match": {"prefix": "/"},
-                                    "route": {"cluster": cluster, "timeout": "0s"},
-                                }
-                            ],
-                        }
-                    ],
-                },
-                "http_filters": [
+def _tcp_proxy_filter(
+    stat_prefix: str, cluster: str, options: EnvoyBootstrapOptions
+) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": _TYPE + "filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": stat_prefix,
+            "cluster": cluster,
+            "idle_timeout": f"{options.tcp_idle_timeout_s}s",
+            "access_log": _access_log(options, stat_prefix),
+        },
+    }
+
+
+def _http_filter(stat_prefix: str, cluster: str, options: EnvoyBootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _TYPE + "filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "codec_type": "AUTO",
+            "route_config": {
+                "name": stat_prefix,
+                "virtual_hosts": [
                     {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": _TYPE + "filters.http.router.v3.Router"},
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "route": {"cluster": cluster, "timeout": "0s"},
+                            }
+                        ],
                     }
                 ],
-                "access_log": _access_log(options, name),
             },
-        }
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": _TYPE + "filters.http.router.v3.Router"},
+                }
+            ],
+            "access_log": _access_log(options, stat_prefix),
+        },
+    }
+
+
+def _network_filter(
+    protocol: Literal["tcp", "http"], name: str, cluster: str, options: EnvoyBootstrapOptions
+) -> dict[str, Any]:
+    if protocol == "tcp":
+        return _tcp_proxy_filter(name, cluster, options)
+    return _http_filter(name, cluster, options)
+
+
+_ORIGINAL_DST_FILTER = {
+    "name": "envoy.filters.listener.original_dst",
+    "typed_config": {"@type": _TYPE + "filters.listener.original_dst.v3.OriginalDst"},
+}
+
+
+def _listener(name: str, port: int, cluster: str, options: EnvoyBootstrapOptions) -> dict[str, Any]:
+    chains: list[dict[str, Any]] = [_blackhole_chain(name, port, options)]
+    if options.protocol == "tcp":
+        chains += [
+            {
+                "name": f"{name}-http-{http_port}",
+                "filter_chain_match": {"destination_port": http_port},
+                "filters": [_http_filter(name, cluster, options)],
+            }
+            for http_port in options.http_ports
+        ]
+    chains.append({"filters": [_network_filter(options.protocol, name, cluster, options)]})
     return {
         "name": name,
         "address": _socket_address("0.0.0.0", port),
-        "listener_filters": [
+        "listener_filters": [_ORIGINAL_DST_FILTER],
+        "filter_chains": chains,
+    }
+
+
+def _explicit_listener(
+    explicit: ExplicitListener, options: EnvoyBootstrapOptions
+) -> dict[str, Any]:
+    """As _listener, but its chain forwards to a static cluster. The first chain matches the
+    virtual listeners' own port, which a directly addressed connection never has: it stands in
+    for the blackhole chain so that chain matching does the same work."""
+    inert = _blackhole_chain(explicit.name, options.outbound_port, options)
+    return {
+        "name": explicit.name,
+        "address": _socket_address("0.0.0.0", explicit.port),
+        "listener_filters": [_ORIGINAL_DST_FILTER],
+        "filter_chains": [
+            inert,
             {
-                "name": "envoy.filters.listener.original_dst",
-                "typed_config": {"@type": _TYPE + "filters.listener.original_dst.v3.OriginalDst"},
-            }
+                "filters": [
+                    _network_filter(explicit.protocol, explicit.name, explicit.cluster, options)
+                ]
+            },
         ],
-        "filter_chains": [_blackhole_chain(name, port, options), {"filters": [network_filter]}],
     }
 
 

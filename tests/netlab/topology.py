@@ -34,7 +34,7 @@ from .app_handles import (
 from .cgroups import TEST_CGROUP_PREFIX, TestCgroup, cgroup_id
 from .commands import run_command
 from .counters import NetCounters, read_net_counters
-from .envoy import EnvoyBootstrapOptions, EnvoySidecar, envoy_binary_for
+from .envoy import EnvoyBootstrapOptions, EnvoySidecar, ExplicitListener, envoy_binary_for
 from .istio_iptables import IstioInterception, install_istio_iptables, remove_istio_iptables
 from .netns import create_netns, delete_netns, netns_cookie, run_in_netns, socket_in_netns
 from .processes import SIDECAR_IDENTITY, PodProcess, RunAs, pod_command
@@ -262,8 +262,13 @@ class Pod:
         protocol: Literal["tcp", "http"] = "tcp",
         identity: RunAs = SIDECAR_IDENTITY,
         ready_timeout: float = 20.0,
+        http_ports: tuple[int, ...] = (),
+        explicit_listeners: tuple[ExplicitListener, ...] = (),
+        access_log: bool = True,
+        upstream_idle_timeout_s: float | None = None,
     ) -> EnvoySidecar:
-        """Start the sidecar as uid/gid 1337 and wait until its admin /ready says LIVE."""
+        """Start the sidecar as uid/gid 1337 and wait until its admin /ready says LIVE.
+        The other options go to EnvoyBootstrapOptions (the benchmark's variants)."""
         if self.sidecar is not None:
             raise RuntimeError(f"{self} already has a sidecar")
         envoy_dir = self.workdir / "envoy"
@@ -274,6 +279,10 @@ class Pod:
             node_id=f"{self.name}.{self.node.token}",
             access_log_path=envoy_dir / "access.log",
             protocol=protocol,
+            http_ports=http_ports,
+            explicit_listeners=explicit_listeners,
+            access_log=access_log,
+            upstream_idle_timeout_s=upstream_idle_timeout_s,
         )
         binary = envoy_binary_for(identity.uid, identity.gid, self.node.workdir)
         sidecar = EnvoySidecar(
