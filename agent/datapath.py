@@ -291,23 +291,8 @@ class Datapath:
         which accepted connections can still ask for SO_ORIGINAL_DST, the rest goes.
         Connections keep working on the ordinary TCP path throughout.
         """
-        self._map("draining").update(u32(0), u32(1))
-        _detach_link(self.pins.link("connect4"))
-        _detach_link(self.pins.link("sockops"))
-        time.sleep(drain_seconds)
-        _detach_link(self.pins.link("getsockopt"))
-        sk_msg_pin = self.pins.program(SK_MSG_PROGRAM)
-        if sk_msg_pin.exists():
-            with libbpf.Program.from_pin(sk_msg_pin) as program:
-                for name in SOCKHASHES:
-                    libbpf.prog_detach(
-                        program.fd, self._map(name).fd, libbpf.AttachType.SK_MSG_VERDICT
-                    )
-            sk_msg_pin.unlink()
         self.close()
-        for name in SHARED_MAPS:
-            self.pins.map(name).unlink(missing_ok=True)
-        _remove_pin_dirs(self.pins)
+        unload_pins(self.pins, drain_seconds)
         log.info("datapath unloaded: %s", self.pins.root)
 
     # -- pods -----------------------------------------------------------------------------
@@ -582,7 +567,28 @@ def _rmdir_if_empty(directory: Path) -> None:
         directory.rmdir()
 
 
-def _remove_pin_dirs(pins: PinLayout) -> None:
+def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
+    """Detach and remove whatever of a datapath is pinned under ``pins``, complete or not (an
+    agent killed while loading leaves only part), in the order :meth:`Datapath.unload` needs."""
+    if pins.map("draining").exists():
+        with libbpf.Map.from_pin(pins.map("draining")) as draining:
+            draining.update(u32(0), u32(1))
+    _detach_link(pins.link("connect4"))
+    _detach_link(pins.link("sockops"))
+    time.sleep(drain_seconds)
+    _detach_link(pins.link("getsockopt"))
+    sk_msg_pin = pins.program(SK_MSG_PROGRAM)
+    if sk_msg_pin.exists():
+        with libbpf.Program.from_pin(sk_msg_pin) as program:
+            for name in SOCKHASHES:
+                if pins.map(name).exists():
+                    with libbpf.Map.from_pin(pins.map(name)) as sockhash:
+                        libbpf.prog_detach(
+                            program.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT
+                        )
+        sk_msg_pin.unlink()
+    for name in SHARED_MAPS:
+        pins.map(name).unlink(missing_ok=True)
     for directory in (
         pins.root / "maps",
         pins.root / "links",
@@ -590,7 +596,7 @@ def _remove_pin_dirs(pins: PinLayout) -> None:
         pins.root,
         pins.root.parent,
     ):
-        _rmdir_if_empty(directory)
+        _rmdir_if_empty(directory)  # only if empty: other instances may live next to it
 
 
 def _prepare(

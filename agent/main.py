@@ -28,7 +28,6 @@ Exit codes: 0 stopped as asked, 1 could not start or run, 2 invalid settings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -45,17 +44,13 @@ from aiohttp import web
 from meshaccel.agent import config, libbpf, prerequisites
 from meshaccel.agent.config import LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
-    CGROUP_HOOKS,
-    SHARED_MAPS,
-    SK_MSG_PROGRAM,
-    SOCKHASHES,
     Datapath,
     PinLayout,
+    unload_pins,
 )
 from meshaccel.agent.identity import CgroupResolver
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import configure_logging
-from meshaccel.agent.pods import u32
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import DatapathInfo, create_app
@@ -310,7 +305,7 @@ def uninstall(loaded: LoadedSettings) -> int:
     present = [p for p in pins.all_pins() if p.exists()]
     _hold_signals_while("uninstalling")
     if not present:
-        _remove_dirs(pins)
+        unload_pins(pins, drain_seconds=0)
         log.info("nothing to uninstall", extra={"pins": str(pins.root)})
         return EXIT_OK
     if len(present) == len(pins.all_pins()):
@@ -326,52 +321,9 @@ def uninstall(loaded: LoadedSettings) -> int:
             "uninstalling an incomplete datapath",
             extra={"pins": str(pins.root), "present": [str(p) for p in present]},
         )
-        remove_incomplete(pins, settings.drain_seconds)
+        unload_pins(pins, settings.drain_seconds)
     log.info("uninstalled", extra={"pins": str(pins.root)})
     return EXIT_OK
-
-
-def remove_incomplete(pins: PinLayout, drain_seconds: float) -> None:
-    """What Datapath.unload does, for whichever pins a half-made datapath left."""
-    draining = pins.map("draining")
-    if draining.exists():
-        with libbpf.Map.from_pin(draining) as bpf_map:
-            bpf_map.update(u32(0), u32(1))
-    order = [h.link for h in reversed(CGROUP_HOOKS)]  # connect4, sockops, getsockopt
-    for name in order:
-        path = pins.link(name)
-        if path.exists():
-            with libbpf.Link.open_pinned(path) as link:
-                link.detach()
-            path.unlink()
-        if name == "sockops":
-            time.sleep(drain_seconds)
-    program = pins.program(SK_MSG_PROGRAM)
-    if program.exists():
-        with libbpf.Program.from_pin(program) as prog:
-            for name in SOCKHASHES:
-                if pins.map(name).exists():
-                    with (
-                        libbpf.Map.from_pin(pins.map(name)) as sockhash,
-                        contextlib.suppress(libbpf.BpfError),
-                    ):
-                        libbpf.prog_detach(prog.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
-        program.unlink()
-    for name in SHARED_MAPS:
-        pins.map(name).unlink(missing_ok=True)
-    _remove_dirs(pins)
-
-
-def _remove_dirs(pins: PinLayout) -> None:
-    for directory in (
-        pins.root / "maps",
-        pins.root / "links",
-        pins.root / "progs",
-        pins.root,
-        pins.root.parent,
-    ):
-        with contextlib.suppress(OSError):
-            directory.rmdir()  # only if empty: other instances may live next to it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-from meshaccel.agent.datapath import Datapath, PinLayout
-from meshaccel.agent.main import remove_incomplete
+from meshaccel.agent.datapath import Datapath, PinLayout, unload_pins
 
 # The console script the package installs, next to this interpreter; `python -m` as a fallback.
 CONSOLE_SCRIPT = Path(sys.executable).with_name("meshaccel-agent")
@@ -209,7 +208,7 @@ def unload_instance(instance: str, pin_root: Path = PIN_ROOT) -> None:
     if all(p.exists() for p in pins.all_pins()):
         Datapath.adopt(instance=instance, pin_root=pin_root).unload(drain_seconds=0)
     elif any(p.exists() for p in pins.all_pins()):
-        remove_incomplete(pins, drain_seconds=0)
+        unload_pins(pins, drain_seconds=0)
     with contextlib.suppress(OSError):
         pin_root.rmdir()
 
