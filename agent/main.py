@@ -264,6 +264,7 @@ def run(loaded: LoadedSettings) -> int:
         app = create_app(
             reconciler,
             token=loaded.token,
+            pod_set_source=f"the pods file {settings.pods_file}" if watcher is not None else None,
             datapath_info=DatapathInfo(
                 attach_cgroup=startup.attach_cgroup,
                 # An adopted datapath runs with the features it was loaded with, which the

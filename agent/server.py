@@ -121,6 +121,7 @@ DATAPATH_INFO = web.AppKey("datapath_info", DatapathInfo)
 AUTH = web.AppKey("auth", _Auth)
 WORKER = web.AppKey("worker", _Worker)
 RETRY_INTERVAL = web.AppKey("retry_interval", float)
+POD_SET_SOURCE: web.AppKey[str | None] = web.AppKey("pod_set_source")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -239,6 +240,8 @@ def _validation_reply(err: ValidationError) -> web.Response:
 
 async def put_pods(request: web.Request) -> web.Response:
     """PUT /v1/pods: apply the node's complete desired set."""
+    if (source := request.app[POD_SET_SOURCE]) is not None:
+        return error_reply(409, f"this agent takes its pod set from {source}, not from the API")
     if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.headers[hdrs.CONTENT_TYPE]):
         return error_reply(415, "send the pod set as application/json")
     body = await request.read()  # 413 beyond client_max_size
@@ -489,9 +492,12 @@ def create_app(
     metrics_require_token: bool = False,
     retry_interval: float | None = RETRY_INTERVAL_SECONDS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    pod_set_source: str | None = None,
 ) -> web.Application:
     """The agent's API over ``reconciler``. ``token=None`` disables authentication (demo on
-    loopback only); ``retry_interval=None`` disables the background retry of unresolved pods."""
+    loopback only); ``retry_interval=None`` disables the background retry of unresolved pods;
+    ``pod_set_source`` names where the pod set comes from when it is not the API (standalone
+    mode's file): PUT /v1/pods is then refused, so that two writers never fight."""
     if token is not None and not token.strip():
         raise ValueError("the API token is empty: give a token, or None to run without one")
     if max_body_bytes < 1024:
@@ -510,6 +516,7 @@ def create_app(
     )
     app[WORKER] = _Worker()
     app[RETRY_INTERVAL] = float(retry_interval or 0)
+    app[POD_SET_SOURCE] = pod_set_source
     app.router.add_routes(ROUTES)
     app.cleanup_ctx.append(_apply_worker)
     return app

@@ -201,6 +201,17 @@ async def test_malformed_bodies_are_4xx_with_the_field_and_change_nothing(
     assert datapath.pods() == expected_pods(resolver, pod_spec(0)), reason
 
 
+async def test_a_standalone_agent_refuses_pushed_sets(
+    make_client: MakeClient, datapath: Datapath
+) -> None:
+    client = await make_client(pod_set_source="the pods file /etc/meshaccel/pods.yaml")
+    status, payload = await put(client, body_of(1, 0))
+
+    assert status == 409, payload
+    assert "the pods file /etc/meshaccel/pods.yaml" in ErrorReply.model_validate(payload).error
+    assert datapath.pods() == {}
+
+
 async def test_non_json_content_type_is_415(client: Client) -> None:
     status, payload = await put(client, body_of(1, 0), **{"Content-Type": "text/plain"})
     assert status == 415, payload
