@@ -105,6 +105,7 @@ SHARED_MAPS = (
     "sidecar_sockets",
     "app_sockets",
     "draining",
+    "loaded_config",
     "counters",
 )
 # What the agent writes for each accelerated pod. The option maps hold one entry per option
@@ -228,6 +229,9 @@ class Datapath:
                 obj.load()
             links = _attach(objects, cgroup, pins, undo)
             datapath = cls.adopt(instance=instance, pin_root=pin_root)
+            datapath._map("loaded_config").update(
+                u32(0), bytes(layout.DatapathConfig(features=int(features)))
+            )
             undo.pop_all()  # success: keep what was made
         # The pins hold the kernel objects now: drop this process's handles.
         for link in links:
@@ -270,6 +274,13 @@ class Datapath:
             capacities=capacities,
             pin_root=pin_root,
         )
+
+    @property
+    def features(self) -> DatapathFeatures:
+        """The features the programs were loaded with (also after an adopt)."""
+        raw = self._map("loaded_config").lookup(u32(0))
+        assert raw is not None  # an ARRAY map has every index
+        return DatapathFeatures(layout.DatapathConfig.from_buffer_copy(raw).features)
 
     def close(self) -> None:
         """Let go of the maps; the datapath keeps running from its pins."""

@@ -237,9 +237,7 @@ def run(loaded: LoadedSettings) -> int:
             "pins": str(startup.pins.root),
             "attach_cgroup": str(startup.attach_cgroup),
             "attach_cgroup_id": os.stat(startup.attach_cgroup).st_ino,
-            "features": feature_names(settings.features)
-            if startup.decision == "loaded"
-            else "as loaded before",
+            "features": feature_names(datapath.features),
             "max_pods": settings.max_pods,
             "duration_ms": round(startup.duration_ms, 1),
         },
@@ -267,9 +265,8 @@ def run(loaded: LoadedSettings) -> int:
             pod_set_source=f"the pods file {settings.pods_file}" if watcher is not None else None,
             datapath_info=DatapathInfo(
                 attach_cgroup=startup.attach_cgroup,
-                # An adopted datapath runs with the features it was loaded with, which the
-                # pins do not tell: unknown rather than possibly wrong.
-                features=settings.features if startup.decision == "loaded" else None,
+                # An adopted datapath runs with the features it was loaded with.
+                features=datapath.features,
             ),
         )
         signal_name = asyncio.run(serve(loaded, app, watcher))

@@ -16,7 +16,7 @@ fi
 APT_PACKAGES=(
     clang llvm libbpf-dev libbpf1 bpftool      # build and inspect the eBPF objects
     make gcc libc6-dev linux-libc-dev          # bpf/Makefile, kernel uapi headers
-    iproute2 iptables nftables                 # netns/veth test "pods", the iptables baseline
+    iproute2 iptables nftables conntrack       # netns/veth test "pods", the iptables baseline
     util-linux kmod procps iputils-ping tcpdump  # setpriv, mountpoint, modprobe, ps, ping
     # The benchmark (tests/bench): load generators and the server app. nginx-light's package
     # starts no server here (policy-rc.d); the benchmark runs its own nginx in the server pod.

@@ -125,6 +125,18 @@ struct {
 	__type(value, __u32);
 } draining SEC(".maps");
 
+/*
+ * The struct datapath_config the objects were loaded with (their .rodata is
+ * not pinned): written by the agent at load, read by the agent that adopts.
+ * No program reads it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct datapath_config);
+} loaded_config SEC(".maps");
+
 /* Event counters, indexed by enum counter. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

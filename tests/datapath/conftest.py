@@ -22,7 +22,7 @@ from meshaccel.agent.modes import ISTIO
 from meshaccel.agent.pods import AcceleratedPod
 from tests.netlab import Node, Pod
 from tests.netlab.netns import run_in_netns
-from tests.requirements import require_btf
+from tests.requirements import require_btf, require_tool
 
 PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
 
@@ -43,6 +43,20 @@ def unload_quietly(node: Node, *, instance: str | None = None) -> None:
     except Exception:
         return
     datapath.unload(drain_seconds=0)
+
+
+def forget_conntrack(node: Node) -> None:
+    """Give a test fresh conntrack tables in its pods.
+
+    A NAT entry left by an earlier iptables-path test (TIME_WAIT lasts 120 s) can make b's
+    PREROUTING REDIRECT remap the client port of a steered connection. That is handled (the
+    accepting side still gets its original destination: test_exclusions tests it on purpose),
+    but the two ends then see different tuples, so that connection's bytes take TCP, and the
+    scenarios assert exact byte counts.
+    """
+    require_tool("conntrack")
+    for pod in node.pods.values():
+        run_in_netns(pod.netns, ["conntrack", "--flush"])
 
 
 def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
@@ -97,10 +111,15 @@ def mesh(netlab_node: Node) -> Node:
 
 @pytest.fixture
 def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
-    """load(features=...) -> a Datapath on the module's node, unloaded after the test."""
+    """load(features=..., fresh_conntrack=True) -> a Datapath on the module's node, unloaded
+    after the test."""
     with ExitStack() as cleanup:
 
-        def load(features: DatapathFeatures = SK_MSG_FEATURES) -> Datapath:
+        def load(
+            features: DatapathFeatures = SK_MSG_FEATURES, *, fresh_conntrack: bool = True
+        ) -> Datapath:
+            if fresh_conntrack:
+                forget_conntrack(mesh)
             cleanup.callback(unload_quietly, mesh)
             return load_datapath(mesh, features)
 

@@ -136,7 +136,7 @@ def test_original_destination_survives_a_nat_port_remap(mesh: Node, datapath_fac
     iptables_era.wait_connected()
     earlier = len(b.sidecar.access_log())
 
-    datapath = datapath_factory()
+    datapath = datapath_factory(fresh_conntrack=False)  # the clash is the point here
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
     steered = a.echo_client(

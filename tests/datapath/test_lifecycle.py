@@ -126,6 +126,7 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
 
     with Datapath.adopt(instance=mesh.token, pin_root=PIN_ROOT) as datapath:
         assert datapath.pods() == {a.cgroup_id: istio_pod(a), b.cgroup_id: istio_pod(b)}
+        assert datapath.features == SK_MSG_FEATURES  # as the first loader loaded it
         before = datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
         fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)
         assert fresh.ok, fresh.raw
