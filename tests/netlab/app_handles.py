@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from .processes import PodProcess, RunAs, wait_until
 
@@ -109,6 +109,24 @@ def _json_lines(stdout: str) -> list[dict[str, Any]]:
     return records
 
 
+class EchoClientOptions(TypedDict, total=False):
+    """Options of apps.py echo-client, shared by Pod.echo_client and Pod.start_echo_client."""
+
+    nbytes: int
+    connections: int
+    half_close: bool
+    run_as: RunAs | None
+    seed: int
+    timeout: float
+    pace_seconds: float
+    pace_chunks: int
+    reset_after: int | None
+    source_port: int
+
+
+DEFAULT_ECHO_TIMEOUT = 20.0
+
+
 def echo_client_argv(
     target: str,
     port: int,
@@ -118,7 +136,7 @@ def echo_client_argv(
     half_close: bool = True,
     run_as: RunAs | None = None,
     seed: int = 1,
-    timeout: float = 20.0,
+    timeout: float = DEFAULT_ECHO_TIMEOUT,
     pace_seconds: float = 0.0,
     pace_chunks: int = 50,
     reset_after: int | None = None,
@@ -156,9 +174,10 @@ def echo_client_argv(
     return argv
 
 
-def echo_client_deadline(timeout: float, pace_seconds: float) -> float:
+def echo_client_deadline(options: EchoClientOptions) -> float:
     """Seconds after which an echo client that has not exited is hung (its own bound + slack)."""
-    return pace_seconds + timeout * 3 + 10
+    timeout = options.get("timeout", DEFAULT_ECHO_TIMEOUT)
+    return options.get("pace_seconds", 0.0) + timeout * 3 + 10
 
 
 class EchoClientRun:

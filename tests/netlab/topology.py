@@ -19,9 +19,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from .app_handles import (
+    EchoClientOptions,
     EchoClientResult,
     EchoClientRun,
     EchoServer,
@@ -312,76 +313,27 @@ class Pod:
         return server
 
     def echo_client(
-        self,
-        target: str,
-        port: int,
-        *,
-        nbytes: int = 1 << 20,
-        connections: int = 1,
-        half_close: bool = True,
-        run_as: RunAs | None = None,
-        seed: int = 1,
-        timeout: float = 20.0,
-        pace_seconds: float = 0.0,
-        reset_after: int | None = None,
-        source_port: int = 0,
+        self, target: str, port: int, **options: Unpack[EchoClientOptions]
     ) -> EchoClientResult:
         """Run apps.py echo-client in this pod (its netns and cgroup) against target:port."""
-        argv = echo_client_argv(
-            target,
-            port,
-            nbytes=nbytes,
-            connections=connections,
-            half_close=half_close,
-            run_as=run_as,
-            seed=seed,
-            timeout=timeout,
-            pace_seconds=pace_seconds,
-            reset_after=reset_after,
-            source_port=source_port,
-        )
-        completed = self.run_to_completion(
-            argv, timeout=echo_client_deadline(timeout, pace_seconds)
-        )
+        argv = echo_client_argv(target, port, **options)
+        completed = self.run_to_completion(argv, timeout=echo_client_deadline(options))
         return EchoClientResult.parse(completed.returncode, completed.stdout, completed.stderr)
 
     def start_echo_client(
-        self,
-        target: str,
-        port: int,
-        *,
-        pace_seconds: float,
-        nbytes: int = 256 * 1024,
-        connections: int = 1,
-        pace_chunks: int = 50,
-        half_close: bool = True,
-        reset_after: int | None = None,
-        run_as: RunAs | None = None,
-        seed: int = 1,
-        timeout: float = 20.0,
-        source_port: int = 0,
+        self, target: str, port: int, **options: Unpack[EchoClientOptions]
     ) -> EchoClientRun:
-        """Start a paced echo client in the background: each connection stays open for about
-        `pace_seconds` while its bytes trickle through. run.wait_connected(), cause the event,
-        then run.wait() -> EchoClientResult. Stopped by PID at node teardown if still running."""
-        argv = echo_client_argv(
-            target,
-            port,
-            nbytes=nbytes,
-            connections=connections,
-            half_close=half_close,
-            run_as=run_as,
-            seed=seed,
-            timeout=timeout,
-            pace_seconds=pace_seconds,
-            pace_chunks=pace_chunks,
-            reset_after=reset_after,
-            progress=True,
-            source_port=source_port,
-        )
+        """Start an echo client in the background, usually paced (``pace_seconds``) so that each
+        connection stays open while its bytes trickle through: run.wait_connected(), cause the
+        event, then run.wait() -> EchoClientResult. Stopped by PID at node teardown."""
+        options.setdefault("nbytes", 256 * 1024)
+        argv = echo_client_argv(target, port, progress=True, **options)
         process = self.run(argv, name="echo-client")
-        deadline = echo_client_deadline(timeout, pace_seconds)
-        return EchoClientRun(process, connections=connections, deadline=deadline)
+        return EchoClientRun(
+            process,
+            connections=options.get("connections", 1),
+            deadline=echo_client_deadline(options),
+        )
 
     def getsockopt_probe(self, run_as: RunAs | None = None) -> dict[str, Any]:
         """apps.py getsockopt-probe in this pod's netns and cgroup (as run_as after setup)."""
