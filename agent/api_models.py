@@ -125,6 +125,19 @@ class ApplyResult(_Strict):
     removed: int
     unresolved: list[UnresolvedPod]
     duration_ms: float
+    boot_id: str = Field(
+        description="the agent process's boot id, as /healthz gives it: a new one means the "
+        "agent restarted (its maps were adopted, its memory of sets is gone)"
+    )
+
+
+class UninstallReply(_Strict):
+    """The reply to POST /v1/uninstall."""
+
+    uninstalled: Literal[True] = True
+    already: bool = Field(description="an earlier request had uninstalled it: nothing was done")
+    duration_ms: float = Field(description="the uninstall's own time (the drain included)")
+    boot_id: str
 
 
 class PodsReply(_Strict):
@@ -136,7 +149,12 @@ class PodsReply(_Strict):
 
 
 class ErrorReply(_Strict):
-    """Every 4xx/5xx body."""
+    """Every 4xx/5xx body.
+
+    On a 409, ``applied_generation`` is set only when the generation was refused (lower than
+    the applied one, or equal to it with another set): a client then sends its set again with
+    a higher generation. A 409 without it (a standalone or uninstalled agent) is final.
+    """
 
     error: str
     detail: list[dict[str, object]] | None = None
@@ -201,3 +219,8 @@ class StatusReply(_Strict):
     )
     apply_errors: int
     apply_errors_by_reason: dict[str, int]
+    uninstalled: bool = Field(
+        default=False,
+        description="POST /v1/uninstall removed the datapath; the applied set and map usage "
+        "are what was applied before it",
+    )

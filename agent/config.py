@@ -143,6 +143,12 @@ class AgentSettings(BaseModel):
         description="on SIGTERM/SIGINT detach everything and remove the pins (default: keep "
         "them, a restart or upgrade)",
     )
+    reload_on_change: bool = Field(
+        default=True,
+        description="at start, replace a pinned datapath whose features or map capacities "
+        "differ from these settings (unload with the drain, load anew) instead of adopting it "
+        "(default: yes; no: adopt it as it is and log a warning)",
+    )
     # -- pods --------------------------------------------------------------------------------
     node_name: str = Field(
         default_factory=socket.gethostname,

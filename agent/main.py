@@ -9,10 +9,14 @@ Life cycle of ``run``:
 1. Settings (flags > ``MESHACCEL_*`` > config file > defaults); an invalid one exits 2 with
    one line. Host prerequisites (privileges, BTF, program and map types, cgroup2, bpffs);
    a missing one exits 1 with its cause and fix.
-2. The datapath: a complete set of pins under ``<pin_root>/<instance>`` is **adopted** (the
-   kernel is not touched, so no connection notices the new agent); otherwise it is loaded and
-   attached to the attach cgroup. Pins of a half-made datapath (an agent killed while loading)
-   are refused: ``meshaccel-agent uninstall`` clears them.
+2. The datapath: a complete set of pins under ``<pin_root>/<instance>`` loaded with the
+   features and map capacities the settings ask for is **adopted** (the kernel is not touched,
+   so no connection notices the new agent); one loaded with others is **reloaded**: unloaded
+   as by an uninstall (stop redirecting, detach, drain, unpin; open connections carry on over
+   plain TCP) and loaded anew, unless ``reload_on_change`` is off (then adopted as it is, with
+   a warning). Without pins the datapath is **loaded** and attached to the attach cgroup. Pins
+   of a half-made datapath (an agent killed while loading) are refused: ``meshaccel-agent
+   uninstall`` clears them.
 3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` and,
    standalone, the pods file watcher. Ready once attached and the first set is applied.
 4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
@@ -20,7 +24,8 @@ Life cycle of ``run``:
    drops nothing). With ``--uninstall-on-exit`` the agent instead unloads: it stops
    redirecting, detaches, waits ``drain_seconds`` and removes every pin (fail-open: open
    connections carry on over plain TCP, new ones take the mesh's iptables path).
-   SIGKILL leaves the pins too; the next start adopts them.
+   SIGKILL leaves the pins too; the next start adopts them. After the operator's
+   ``POST /v1/uninstall`` (the same unload, done while serving) nothing is left to do.
 
 Exit codes: 0 stopped as asked, 1 could not start or run, 2 invalid settings.
 """
@@ -34,15 +39,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from aiohttp import web
 
-from meshaccel.agent import config, libbpf, prerequisites
-from meshaccel.agent.config import LoadedSettings, SettingsError
+from meshaccel.agent import config, layout, libbpf, prerequisites
+from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
     Datapath,
     PinLayout,
@@ -51,9 +58,10 @@ from meshaccel.agent.datapath import (
 from meshaccel.agent.identity import CgroupResolver
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import configure_logging
+from meshaccel.agent.pods import u32
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
-from meshaccel.agent.server import DatapathInfo, create_app
+from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled
 from meshaccel.agent.standalone import PodsFileWatcher
 
 log = logging.getLogger("meshaccel.agent")
@@ -67,15 +75,94 @@ class IncompleteDatapathError(DatapathError):
     pass
 
 
+Decision = Literal["loaded", "adopted", "reloaded"]
+
+
 @dataclass(frozen=True)
 class Startup:
     """What start-up decided, for the logs and the status."""
 
-    decision: str  # "loaded" or "adopted"
+    decision: Decision
     attach_cgroup: Path
     cgroup2_mount: Path
     pins: PinLayout
     duration_ms: float
+    # What the pinned datapath had that the settings do not ask for: why it was "reloaded"
+    # (or, with reload_on_change off, what an "adopted" one keeps). Empty when they agree.
+    differences: tuple[Difference, ...] = ()
+
+    @property
+    def reason(self) -> str | None:
+        return describe(self.differences) or None
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One setting the pinned datapath was loaded with otherwise than the settings ask."""
+
+    setting: str
+    pinned: object
+    wanted: object
+
+    def __str__(self) -> str:
+        return f"{self.setting} {_show(self.pinned)} -> {_show(self.wanted)}"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def describe(differences: Sequence[Difference]) -> str:
+    return ", ".join(map(str, differences))
+
+
+# The setting that sizes each map (Capacities.max_entries() names the same maps).
+CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
+    "max_pods": ("pods", "pod_ips"),
+    "max_pod_ports": ("pod_ports",),
+    "max_pod_cidrs": ("outbound_excluded_cidrs", "outbound_included_cidrs"),
+    "max_connections": (
+        "connecting_sockets",
+        "handshakes",
+        "connections",
+        "sidecar_sockets",
+        "app_sockets",
+    ),
+}
+# The setting that switches each feature (AgentSettings.features builds them the same way).
+FEATURE_SETTINGS: dict[str, DatapathFeatures] = {
+    "same_node_inbound": DatapathFeatures.FEATURE_SAME_NODE_INBOUND,
+    "sk_msg_redirect": DatapathFeatures.FEATURE_SK_MSG_REDIRECT,
+    "sk_msg_to_apps": DatapathFeatures.FEATURE_SK_MSG_TO_APPS,
+}
+
+
+def pinned_differences(pins: PinLayout, settings: AgentSettings) -> tuple[Difference, ...]:
+    """How a complete pinned datapath differs from ``settings``: the features it was loaded
+    with (its ``loaded_config`` map) and its maps' max_entries. Reads pins only."""
+    found = []
+    with libbpf.Map.from_pin(pins.map("loaded_config")) as loaded_config:
+        raw = loaded_config.lookup(u32(0))
+    pinned_features = DatapathFeatures(
+        0 if raw is None else layout.DatapathConfig.from_buffer_copy(raw).features
+    )
+    for setting, feature in FEATURE_SETTINGS.items():
+        pinned, wanted = feature in pinned_features, feature in settings.features
+        if pinned != wanted:
+            found.append(Difference(setting, pinned, wanted))
+    max_entries = settings.capacities.max_entries()
+    for setting, maps in CAPACITY_MAPS.items():
+        sizes = []
+        for name in maps:
+            with libbpf.Map.from_pin(pins.map(name)) as pinned_map:
+                sizes.append(pinned_map.max_entries)
+        wanted_size = max_entries[maps[0]]
+        if any(size != wanted_size for size in sizes):
+            pinned_size = sizes[0] if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+            found.append(Difference(setting, pinned_size, wanted_size))
+    return tuple(found)
 
 
 def feature_names(features: DatapathFeatures) -> list[str]:
@@ -99,7 +186,7 @@ def _check_host(loaded: LoadedSettings) -> tuple[Path, Path]:
 
 
 def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
-    """Adopt the pinned datapath, or load and attach a new one."""
+    """Adopt the pinned datapath, replace it when the settings changed, or load a new one."""
     settings = loaded.settings
     started = time.monotonic()
     mount, attach = _check_host(loaded)
@@ -113,36 +200,86 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             " an agent was stopped while loading it. Remove it with `meshaccel-agent uninstall`"
             " (same --pin-root and --instance), then start again"
         )
-    datapath = Datapath.load_or_adopt(
-        attach,
-        instance=settings.instance,
-        objects_dir=settings.bpf_objects,
-        features=settings.features,
-        capacities=settings.capacities,
-        pin_root=settings.pin_root,
-    )
+    differences = pinned_differences(pins, settings) if complete else ()
+    decision: Decision = "loaded"
+    if complete and differences and settings.reload_on_change:
+        _unload_changed(pins, differences, settings.drain_seconds)
+        decision = "reloaded"
+    elif complete:
+        decision = "adopted"
+    if decision == "adopted":
+        datapath = Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root)
+    else:
+        datapath = Datapath.load(
+            attach,
+            instance=settings.instance,
+            objects_dir=settings.bpf_objects,
+            features=settings.features,
+            capacities=settings.capacities,
+            pin_root=settings.pin_root,
+        )
     startup = Startup(
-        decision="adopted" if complete else "loaded",
+        decision=decision,
         attach_cgroup=attach,
         cgroup2_mount=mount,
         pins=pins,
         duration_ms=(time.monotonic() - started) * 1000,
+        differences=differences,
     )
     return datapath, startup
 
 
-def _warn_if_adopted_differs(loaded: LoadedSettings, startup: Startup) -> None:
-    """An adopted datapath keeps the sizes it was loaded with: say so when settings differ."""
-    wanted = loaded.settings.capacities.max_entries()
-    for name in ("pods", "pod_ports", "outbound_excluded_cidrs", "connections"):
-        with libbpf.Map.from_pin(startup.pins.map(name)) as pinned:
-            actual = pinned.max_entries
-        if actual != wanted[name]:
-            log.warning(
-                "adopted map has another capacity than the settings ask: it keeps its size "
-                "until an uninstall and a fresh load",
-                extra={"map": name, "pinned": actual, "settings": wanted[name]},
-            )
+def _unload_changed(
+    pins: PinLayout, differences: Sequence[Difference], drain_seconds: float
+) -> None:
+    """Unload a pinned datapath the settings no longer describe, as an uninstall does."""
+    log.info(
+        f"the pinned datapath differs from the settings ({describe(differences)}): unloading "
+        "it to load it anew; open connections carry on over plain TCP, new ones take the "
+        f"mesh's iptables path until the new one is attached (after a {drain_seconds:g}s drain)",
+        extra={
+            "pins": str(pins.root),
+            "changes": [str(d) for d in differences],
+            "drain_seconds": drain_seconds,
+        },
+    )
+    # Not cut short by SIGTERM: half an unload would leave pins the next start refuses.
+    with _signals_deferred() as received:
+        unload_pins(pins, drain_seconds)
+    log.info("pinned datapath unloaded", extra={"pins": str(pins.root)})
+    if received:
+        raise StopDuringStartup(received[0])
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[list[str]]:
+    """SIGTERM/SIGINT are noted (in the list yielded), not acted on, until the block ends;
+    then the start-up handlers are back."""
+    received: list[str] = []
+
+    def note(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _warn_if_adopted_differs(startup: Startup) -> None:
+    """An adopted datapath keeps the features and sizes it was loaded with: say so."""
+    if startup.differences:
+        log.warning(
+            f"the adopted datapath differs from the settings ({startup.reason}) and keeps what "
+            "it was loaded with, as reload_on_change is off: it changes with a restart with "
+            "reload_on_change on, or an uninstall and a fresh load",
+            extra={
+                "pins": str(startup.pins.root),
+                "changes": [str(d) for d in startup.differences],
+            },
+        )
 
 
 def make_resolver(loaded: LoadedSettings, startup: Startup) -> CgroupResolver:
@@ -229,21 +366,23 @@ def run(loaded: LoadedSettings) -> int:
     signal.signal(signal.SIGTERM, _stop_during_startup)
     signal.signal(signal.SIGINT, _stop_during_startup)
     datapath, startup = open_datapath(loaded)
+    reloaded = startup.decision == "reloaded"
     log.info(
-        f"datapath {startup.decision}",
+        f"datapath {startup.decision}" + (f" ({startup.reason})" if reloaded else ""),
         extra={
             "decision": startup.decision,
+            **({"reason": startup.reason} if reloaded else {}),
             "instance": settings.instance,
             "pins": str(startup.pins.root),
             "attach_cgroup": str(startup.attach_cgroup),
             "attach_cgroup_id": os.stat(startup.attach_cgroup).st_ino,
             "features": feature_names(datapath.features),
-            "max_pods": settings.max_pods,
+            "max_pods": datapath.max_entries("pods"),
             "duration_ms": round(startup.duration_ms, 1),
         },
     )
     if startup.decision == "adopted":
-        _warn_if_adopted_differs(loaded, startup)
+        _warn_if_adopted_differs(startup)
     signal_name = "none"
     reconciler: Reconciler | None = None
     try:
@@ -268,6 +407,7 @@ def run(loaded: LoadedSettings) -> int:
                 # An adopted datapath runs with the features it was loaded with.
                 features=datapath.features,
             ),
+            drain_seconds=settings.drain_seconds,
         )
         signal_name = asyncio.run(serve(loaded, app, watcher))
     except BaseException:
@@ -278,7 +418,13 @@ def run(loaded: LoadedSettings) -> int:
         raise
     _hold_signals_while("shutting down")
     reconciler.close()
-    if settings.uninstall_on_exit:
+    if is_uninstalled(app):
+        datapath.close()  # its maps were closed by the unload already: a no-op
+        log.info(
+            "stopped; the datapath was uninstalled through the API before",
+            extra={"pins": str(startup.pins.root), "signal": signal_name},
+        )
+    elif settings.uninstall_on_exit:
         log.info(
             "uninstalling: detaching the datapath and removing its pins",
             extra={"pins": str(startup.pins.root), "drain_seconds": settings.drain_seconds},

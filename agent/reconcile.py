@@ -596,6 +596,7 @@ class Reconciler:
             removed=len(plan.removes),
             unresolved=sorted(self._unresolved.values(), key=lambda u: (u.namespace, u.name)),
             duration_ms=(time.perf_counter() - started) * 1000,
+            boot_id=BOOT_ID,
         )
 
     def _make_snapshot(self) -> Snapshot:

@@ -8,12 +8,14 @@ PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 401; 409 stale gener
                              JSON content; 422 invalid set (pydantic's ``loc`` in ``detail``)
                              or more pods/entries than the maps hold; 500 datapath error (the
                              apply was rolled back); 507 a map filled up during the apply
-                             (rolled back)
+                             (rolled back); 409 after POST /v1/uninstall
+POST    /v1/uninstall yes    200 UninstallReply (``already`` on a repeat); 401; 409 standalone;
+                             500 the unload failed (a repeat tries again)
 GET     /v1/pods      yes    200 PodsReply; 401
 GET     /v1/status    yes    200 StatusReply; 401
 GET     /healthz      no     200 HealthReply (the process serves requests)
 GET     /readyz       no     200 ReadyReply when every program is attached and a first set was
-                             applied; 503 otherwise, saying which
+                             applied; 503 otherwise, saying which (or that it was uninstalled)
 GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
 ======  ============  =====  ==================================================================
 
@@ -37,6 +39,13 @@ Blocking work (map writes, counter and pin reads) runs in threads: applies on on
 thread, behind an asyncio lock, so they run one at a time in arrival order; reads on the
 loop's default executor. A background task retries unresolved pods every ``retry_interval``
 seconds.
+
+Uninstall (the operator's, when its MeshAcceleration is deleted): POST /v1/uninstall unloads the
+datapath as ``meshaccel-agent uninstall`` does (:meth:`Datapath.unload`: stop redirecting,
+detach, drain ``drain_seconds``, remove every pin), on the apply thread behind the same lock, so
+it comes after an apply in progress and no apply can follow it. From the request on, sets are
+refused (409); the process keeps serving (the DaemonSet is deleted next, and its SIGTERM then
+finds nothing left to do).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,8 +76,9 @@ from meshaccel.agent.api_models import (
     ProgramStatus,
     ReadyReply,
     StatusReply,
+    UninstallReply,
 )
-from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, PinLayout
+from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, Datapath, PinLayout
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.metrics import AgentMetrics
 from meshaccel.agent.reconcile import (
@@ -85,6 +96,7 @@ RETRY_INTERVAL_SECONDS = 5.0
 # A thousand pods are ~75 KB; a pod with every option list full is ~15 KB.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 REALM = "meshaccel-agent"
+DEFAULT_DRAIN_SECONDS = 2.0  # as the agent's drain_seconds setting
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -115,11 +127,24 @@ class _Worker:
         return self.executor, self.lock
 
 
+@dataclass
+class _Uninstall:
+    """POST /v1/uninstall's progress. ``requested`` is set on the loop before the lock is
+    awaited (sets are refused from then on); ``done`` and ``error`` are set on the apply thread,
+    so that an uninstall cut off by a shutdown still records its outcome."""
+
+    drain_seconds: float
+    requested: bool = False
+    done: bool = False
+    error: str | None = None
+
+
 RECONCILER = web.AppKey("reconciler", Reconciler)
 METRICS = web.AppKey("metrics", AgentMetrics)
 DATAPATH_INFO = web.AppKey("datapath_info", DatapathInfo)
 AUTH = web.AppKey("auth", _Auth)
 WORKER = web.AppKey("worker", _Worker)
+UNINSTALL = web.AppKey("uninstall", _Uninstall)
 RETRY_INTERVAL = web.AppKey("retry_interval", float)
 POD_SET_SOURCE: web.AppKey[str | None] = web.AppKey("pod_set_source")
 
@@ -238,10 +263,33 @@ def _validation_reply(err: ValidationError) -> web.Response:
     )
 
 
+def _standalone_refusal(app: web.Application) -> web.Response | None:
+    if (source := app[POD_SET_SOURCE]) is not None:
+        return error_reply(409, f"this agent takes its pod set from {source}, not from the API")
+    return None
+
+
+def _uninstalled_refusal(app: web.Application) -> web.Response | None:
+    if not app[UNINSTALL].requested:
+        return None
+    return error_reply(
+        409,
+        "this agent was uninstalled (POST /v1/uninstall): it takes no pod sets; "
+        "restart it to load the datapath again",
+    )  # no applied_generation: on a 409 it means "send a higher generation" (ErrorReply)
+
+
+def is_uninstalled(app: web.Application) -> bool:
+    """POST /v1/uninstall has removed the datapath (for ``main`` at shutdown)."""
+    return app[UNINSTALL].done
+
+
 async def put_pods(request: web.Request) -> web.Response:
     """PUT /v1/pods: apply the node's complete desired set."""
-    if (source := request.app[POD_SET_SOURCE]) is not None:
-        return error_reply(409, f"this agent takes its pod set from {source}, not from the API")
+    if (
+        refused := _standalone_refusal(request.app) or _uninstalled_refusal(request.app)
+    ) is not None:
+        return refused
     if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.headers[hdrs.CONTENT_TYPE]):
         return error_reply(415, "send the pod set as application/json")
     body = await request.read()  # 413 beyond client_max_size
@@ -252,6 +300,9 @@ async def put_pods(request: web.Request) -> web.Response:
     reconciler = request.app[RECONCILER]
     executor, lock = request.app[WORKER].ready()
     async with lock:
+        # An uninstall may have been queued on the lock ahead of this set.
+        if (refused := _uninstalled_refusal(request.app)) is not None:
+            return refused
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 executor, reconciler.apply, pod_set
@@ -265,6 +316,61 @@ async def put_pods(request: web.Request) -> web.Response:
             return error_reply(status, err.message, applied_generation=err.applied_generation)
     request.app[METRICS].observe_apply(result.duration_ms / 1000)
     return json_reply(result)
+
+
+def _unload(state: _Uninstall, datapath: Datapath) -> float:
+    """On the apply thread: the same unload as ``meshaccel-agent uninstall`` of a complete
+    datapath. Records the outcome itself (see :class:`_Uninstall`); returns milliseconds."""
+    started = time.perf_counter()
+    try:
+        # Closes the maps (the reconciler's writes go through them), then unload_pins().
+        datapath.unload(drain_seconds=state.drain_seconds)
+    except Exception as err:
+        state.error = f"{type(err).__name__}: {err}"
+        raise
+    state.done, state.error = True, None
+    return (time.perf_counter() - started) * 1000
+
+
+async def post_uninstall(request: web.Request) -> web.Response:
+    """POST /v1/uninstall: remove the datapath; take no sets afterwards. Idempotent."""
+    if (refused := _standalone_refusal(request.app)) is not None:
+        return refused
+    app = request.app
+    state, reconciler = app[UNINSTALL], app[RECONCILER]
+    executor, lock = app[WORKER].ready()
+    first = not state.requested
+    state.requested = True  # before the lock: sets that arrive from now on are refused
+    if first:
+        log.info(
+            "uninstall requested: taking no more pod sets",
+            extra={"event": "uninstall_requested", "remote": request.remote},
+        )
+    async with lock:
+        if state.done:
+            return json_reply(
+                UninstallReply(already=True, duration_ms=0, boot_id=reconciler.boot_id)
+            )
+        pins = str(reconciler.datapath.pins.root)
+        log.info(
+            "uninstalling: detaching the datapath and removing its pins",
+            extra={"event": "uninstall", "pins": pins, "drain_seconds": state.drain_seconds},
+        )
+        try:
+            duration_ms = await asyncio.get_running_loop().run_in_executor(
+                executor, _unload, state, reconciler.datapath
+            )
+        except Exception:
+            log.exception("uninstall failed", extra={"event": "uninstall_failed", "pins": pins})
+            return error_reply(
+                500,
+                f"uninstall failed ({state.error}); the agent's log has the details, "
+                "and a repeated request tries again",
+            )
+    log.info("uninstalled", extra={"event": "uninstalled", "pins": pins})
+    return json_reply(
+        UninstallReply(already=False, duration_ms=duration_ms, boot_id=reconciler.boot_id)
+    )
 
 
 async def get_pods(request: web.Request) -> web.Response:
@@ -294,6 +400,8 @@ async def get_status(request: web.Request) -> web.Response:
     status = await asyncio.to_thread(
         build_status, request.app[RECONCILER], request.app[DATAPATH_INFO]
     )
+    if request.app[UNINSTALL].done:
+        status = status.model_copy(update={"uninstalled": True})
     return json_reply(status)
 
 
@@ -302,6 +410,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    state = request.app[UNINSTALL]
+    if state.done:
+        return error_reply(503, "not ready: uninstalled (POST /v1/uninstall), nothing is attached")
+    if state.requested:
+        why = f"it failed: {state.error}" if state.error else "in progress"
+        return error_reply(503, f"not ready: an uninstall was requested ({why})")
     reconciler = request.app[RECONCILER]
     missing = missing_attachments(reconciler.datapath.pins)
     if missing:
@@ -322,6 +436,7 @@ async def metrics(request: web.Request) -> web.Response:
 ROUTES = [
     web.put("/v1/pods", put_pods),
     web.get("/v1/pods", get_pods),
+    web.post("/v1/uninstall", post_uninstall),
     web.get("/v1/status", get_status),
     web.get("/healthz", healthz),
     web.get("/readyz", readyz),
@@ -445,11 +560,14 @@ async def _retry_unresolved(app: web.Application) -> None:
     reconciler, interval = app[RECONCILER], app[RETRY_INTERVAL]
     executor, lock = app[WORKER].ready()
     loop = asyncio.get_running_loop()
+    uninstall = app[UNINSTALL]
     while True:
         await asyncio.sleep(interval)
-        if not reconciler.snapshot.unresolved:
+        if not reconciler.snapshot.unresolved or uninstall.requested:
             continue
         async with lock:
+            if uninstall.requested:  # the maps are closed, or about to be
+                continue
             try:
                 result = await loop.run_in_executor(executor, reconciler.retry_unresolved)
             except (ApplyRefusedError, ApplyFailedError):
@@ -493,11 +611,15 @@ def create_app(
     retry_interval: float | None = RETRY_INTERVAL_SECONDS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     pod_set_source: str | None = None,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> web.Application:
     """The agent's API over ``reconciler``. ``token=None`` disables authentication (demo on
     loopback only); ``retry_interval=None`` disables the background retry of unresolved pods;
     ``pod_set_source`` names where the pod set comes from when it is not the API (standalone
-    mode's file): PUT /v1/pods is then refused, so that two writers never fight."""
+    mode's file): PUT /v1/pods and POST /v1/uninstall are then refused, so that two writers
+    never fight; ``drain_seconds`` is POST /v1/uninstall's drain (the agent's setting)."""
+    if drain_seconds < 0:
+        raise ValueError(f"drain_seconds must not be negative, not {drain_seconds}")
     if token is not None and not token.strip():
         raise ValueError("the API token is empty: give a token, or None to run without one")
     if max_body_bytes < 1024:
@@ -517,6 +639,7 @@ def create_app(
     app[WORKER] = _Worker()
     app[RETRY_INTERVAL] = float(retry_interval or 0)
     app[POD_SET_SOURCE] = pod_set_source
+    app[UNINSTALL] = _Uninstall(drain_seconds=drain_seconds)
     app.router.add_routes(ROUTES)
     app.cleanup_ctx.append(_apply_worker)
     return app

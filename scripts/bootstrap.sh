@@ -85,7 +85,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     step "venv: creating $VENV with $(python3 -V 2>&1)"
     python3 -m venv "$VENV"
     # Debian 12 ships pip 23.0; the editable install below wants a current pip.
-    quietly "$VENV/bin/python" -m pip install --upgrade pip
+    quietly "$VENV/bin/python" -P -m pip install --upgrade pip
 fi
 
 # The install is redone only when what it depends on changed: pyproject.toml, and the set of
@@ -103,7 +103,7 @@ fingerprint() {
 }
 STAMP="$VENV/.meshaccel-install"
 if [[ "$(cat "$STAMP" 2>/dev/null)" == "$(fingerprint)" ]] \
-    && "$VENV/bin/python" -c 'import meshaccel.agent' >/dev/null 2>&1; then
+    && "$VENV/bin/python" -P -c 'import meshaccel.agent' >/dev/null 2>&1; then
     step "python: meshaccel and its test extra already installed in .venv"
 else
     if [[ -f "$STAMP" ]]; then
@@ -111,13 +111,17 @@ else
     else
         step "python: pip install -e '.[test]' into .venv (the first time takes a minute)"
     fi
+    # -P: `python -m`/`-c` would put the repository first on sys.path, where the operator/
+    # folder shadows the stdlib's `operator` module and breaks pip before it starts.
     # strict: a link tree under build/ that a .pth adds to sys.path. The default ("lenient")
     # mode uses an import hook for our folder->package mapping, which mypy cannot follow.
-    quietly "$VENV/bin/python" -m pip install -e ".[test]" --config-settings editable_mode=strict
-    "$VENV/bin/python" -c 'import meshaccel.agent' \
+    quietly "$VENV/bin/python" -P -m pip install -e ".[test]" --config-settings editable_mode=strict
+    "$VENV/bin/python" -P -c 'import meshaccel.agent' \
         || die "meshaccel.agent is not importable after the install"
     fingerprint >"$STAMP"
 fi
+
+bash "$ROOT/scripts/tools.sh"  # helm 3 and 4, kubectl into .venv/bin (the chart's tests)
 
 # --- bpffs ------------------------------------------------------------------------------------
 if mountpoint -q /sys/fs/bpf; then

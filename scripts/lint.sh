@@ -10,7 +10,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 # The import packages that exist in this tree (folder -> import name, as in pyproject.toml).
 packages=()
 [[ -f agent/__init__.py ]] && packages+=(-p meshaccel.agent)
-[[ -f operator/__init__.py ]] && packages+=(-p meshaccel.operator)
+[[ -d operator ]] && packages+=(-p meshaccel.operator)
 [[ -f tests/__init__.py ]] && packages+=(-p tests)
 
 failed=()

@@ -135,6 +135,7 @@ SAMPLES = {
     "sk_msg_to_apps": "true",
     "drain_seconds": "1.5",
     "uninstall_on_exit": "true",
+    "reload_on_change": "false",
     "node_name": "node-1",
     "mode": "standalone",
     "pods_file": "/etc/pods.yaml",

@@ -36,6 +36,7 @@ class RecordingReconciler:
             removed=0,
             unresolved=[],
             duration_ms=0.1,
+            boot_id="test-boot",
         )
 
 

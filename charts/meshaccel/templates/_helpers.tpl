@@ -1,0 +1,111 @@
+{{/*
+meshaccel.name: the chart's name, or nameOverride. Used in labels.
+*/}}
+{{- define "meshaccel.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+meshaccel.fullname: the name of the chart's objects: fullnameOverride, else "<release>", when
+the release name already contains the chart name, else "<release>-<chart>". At most 63
+characters (a DNS label).
+*/}}
+{{- define "meshaccel.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "meshaccel.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+meshaccel.chart: "<chart>-<version>", the value of the helm.sh/chart label.
+*/}}
+{{- define "meshaccel.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+meshaccel.selectorLabels: the labels that select the operator's pods. They are part of the
+Deployment's immutable selector: never add to them.
+*/}}
+{{- define "meshaccel.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshaccel.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/*
+meshaccel.labels: the labels every object of the chart carries (selector labels, chart,
+version, manager, and commonLabels).
+*/}}
+{{- define "meshaccel.labels" -}}
+helm.sh/chart: {{ include "meshaccel.chart" . }}
+app.kubernetes.io/name: {{ include "meshaccel.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshaccel
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+meshaccel.serviceAccountName: the operator's ServiceAccount, made by the chart or given.
+*/}}
+{{- define "meshaccel.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "meshaccel.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+meshaccel.operatorImage: "<repository>@<digest>" when a digest is given, else
+"<repository>:<tag or appVersion>".
+*/}}
+{{- define "meshaccel.operatorImage" -}}
+{{- $image := .Values.operator.image -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+meshaccel.agentImage: the default MeshAcceleration's agent image: defaultAcceleration.agent.image,
+else the agent image of this chart's appVersion (operator and agents from one release).
+*/}}
+{{- define "meshaccel.agentImage" -}}
+{{- $agent := .Values.defaultAcceleration.agent | default dict -}}
+{{- default (printf "ghcr.io/meshaccel/meshaccel-agent:%s" .Chart.AppVersion) $agent.image -}}
+{{- end -}}
+
+{{/*
+meshaccel.validate: fails the render, with a message that says what to change, on values that
+are each valid (values.schema.json checks those) but impossible together.
+*/}}
+{{- define "meshaccel.validate" -}}
+{{- $op := .Values.operator -}}
+{{- if and (gt (int $op.replicas) 1) (not $op.peering) -}}
+{{- fail (printf "operator.replicas=%d needs operator.peering: without Kopf peering every replica would handle every MeshAcceleration. Set operator.peering (for example \"meshaccel\") or operator.replicas=1." (int $op.replicas)) -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
+{{- fail "serviceAccount.create=false needs serviceAccount.name: the name of an existing ServiceAccount for the operator." -}}
+{{- end -}}
+{{- if eq (int $op.ports.health) (int $op.ports.metrics) -}}
+{{- fail (printf "operator.ports.health and operator.ports.metrics are both %d: they must differ." (int $op.ports.health)) -}}
+{{- end -}}
+{{- $datapath := .Values.defaultAcceleration.datapath | default dict -}}
+{{- if and $datapath.skMsgToApps (not $datapath.skMsgRedirect) -}}
+{{- fail "defaultAcceleration.datapath.skMsgToApps=true needs defaultAcceleration.datapath.skMsgRedirect=true: application sockets can only be redirect targets when sk_msg redirection is on (docs/datapath.md)." -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,216 @@
+"""Kopf handlers: thin, each translating one kind of event into :class:`~.runtime.Runtime` calls.
+
+Kopf keeps its bookkeeping in annotations under ``meshaccel.io`` (never in ``.status``, whose
+schema the CRD defines completely), the finalizer is ``meshaccel.io/uninstall``, and its own
+log lines are posted as Events only from WARNING up: the operator posts its own Events
+(``kopf.event``, which that level does not filter) for condition changes and the uninstall.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes.aio import client as k8s
+from kubernetes.aio import config as k8s_config
+from pydantic import ValidationError
+
+from meshaccel.operator import models
+from meshaccel.operator.config import OperatorConfig, operator_config, parse_args
+from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.runtime import Runtime
+from meshaccel.operator.status import Transition
+
+# The operator's own registry (not Kopf's global default): explicit, and immune to whatever
+# else in the process registers handlers. main.py and the tests run exactly this one.
+REGISTRY = kopf.OperatorRegistry()
+MESH_ACCELERATIONS = (models.GROUP, models.VERSION, models.PLURAL)
+FINALIZER = "meshaccel.io/uninstall"
+# Seconds between status refreshes of each resource. Read once, when Kopf registers the
+# timer (tests shorten it through the environment before importing this module).
+STATUS_INTERVAL = float(os.environ.get("MESHACCEL_STATUS_INTERVAL", "5"))
+UNINSTALL_ATTEMPTS = 3
+
+log = logging.getLogger("meshaccel.operator")
+
+
+async def _api_client() -> k8s.ApiClient:
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        await k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient(configuration)
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="meshaccel.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="meshaccel.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    if not settings.peering.standalone:
+        if settings.peering.priority == 0:
+            # Equal priorities freeze every replica: each picks its own, the highest works.
+            settings.peering.priority = random.randint(1, 1_000_000)
+        # A replica not heard of for this long is dead: the paused one takes over.
+        settings.peering.lifetime = config.peering_lifetime
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod, the ServiceAccount; elsewhere (tests, a laptop), $KUBECONFIG."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup(registry=REGISTRY)
+async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    if "config" not in memo:
+        # Started by `kopf run -m meshaccel.operator.handlers` (tests): settings from MESHACCEL_*.
+        memo.config = operator_config(parse_args([]))
+    config: OperatorConfig = memo.config
+    configure(settings, config)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+    memo.runtime = Runtime(config, await _api_client(), aiohttp.ClientSession(timeout=timeout))
+
+
+@kopf.on.cleanup(registry=REGISTRY)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.close()
+
+
+@kopf.on.probe(id="accelerations", registry=REGISTRY)
+def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    runtime: Runtime = memo.runtime
+    return {
+        "accelerations": len(runtime.engine.accelerations),
+        "pods_known": len(runtime.engine.pods),
+    }
+
+
+# -- the cluster as the engine sees it ---------------------------------------------------------
+# async on purpose: Kopf runs plain functions in threads, and the engine and the pushers
+# belong to the event loop.
+
+
+@kopf.on.event("", "v1", "namespaces", registry=REGISTRY)
+async def namespace_event(
+    name: str, labels: kopf.Labels, type: str, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.runtime.engine.namespace_changed(name, None if type == "DELETED" else dict(labels))
+
+
+@kopf.on.event("", "v1", "nodes", registry=REGISTRY)
+async def node_event(name: str, labels: kopf.Labels, type: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.engine.node_changed(name, None if type == "DELETED" else dict(labels))
+
+
+@kopf.on.event("", "v1", "pods", registry=REGISTRY)
+async def pod_event(body: kopf.Body, type: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.engine.pod_changed(body, deleted=type == "DELETED")
+
+
+# -- MeshAccelerations -------------------------------------------------------------------------
+
+
+def _spec(spec: kopf.Spec) -> MeshAccelerationSpec:
+    try:
+        return MeshAccelerationSpec.model_validate(dict(spec))
+    except ValidationError as err:
+        # The CRD schema admits it but the models do not: the two are out of step.
+        raise kopf.PermanentError(f"spec does not match the operator's model: {err}") from err
+
+
+@kopf.on.resume(*MESH_ACCELERATIONS, registry=REGISTRY)
+@kopf.on.create(*MESH_ACCELERATIONS, registry=REGISTRY)
+@kopf.on.update(*MESH_ACCELERATIONS, field="spec", registry=REGISTRY)
+async def reconcile(
+    name: str,
+    uid: str,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    runtime: Runtime = memo.runtime
+    created = str(meta.get("creationTimestamp") or "")
+    done = await runtime.reconcile(name, uid, created, _spec(spec))
+    log.info("reconciled %s: %s", name, done)
+    await _report(runtime, name, body, meta, status, patch)
+
+
+@kopf.timer(*MESH_ACCELERATIONS, interval=STATUS_INTERVAL, initial_delay=0.5, registry=REGISTRY)
+async def refresh(
+    name: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Keep the agents' objects as rendered (and take over after a conflict), report status."""
+    runtime: Runtime = memo.runtime
+    acceleration = runtime.engine.accelerations.get(name)
+    if acceleration is None or meta.get("deletionTimestamp"):
+        return
+    await runtime.converge(acceleration)
+    await _report(runtime, name, body, meta, status, patch)
+
+
+@kopf.on.delete(*MESH_ACCELERATIONS, retries=UNINSTALL_ATTEMPTS, backoff=5, registry=REGISTRY)
+async def uninstall(
+    name: str, uid: str, spec: kopf.Spec, body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any
+) -> None:
+    """Every agent detaches before the resource (and, by ownership, its agents) goes."""
+    runtime: Runtime = memo.runtime
+    port = int(spec.get("agent", {}).get("port", models.DEFAULT_AGENT_PORT))
+    failed = await runtime.uninstall(name, uid, port)
+    if failed and retry + 1 < UNINSTALL_ATTEMPTS:
+        raise kopf.TemporaryError(f"agents on {sorted(failed)} did not uninstall yet", delay=5)
+    if failed:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="UninstallIncomplete",
+            message=f"agents on {sorted(failed)} did not confirm: run `meshaccel-agent "
+            f"uninstall` on those nodes to remove the pinned datapath ({failed})",
+        )
+    else:
+        kopf.event(
+            body, type="Normal", reason="Uninstalled", message="every agent detached its datapath"
+        )
+    await runtime.forget(name)
+
+
+async def _report(
+    runtime: Runtime,
+    name: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+) -> None:
+    change, transitions = await runtime.status(name, meta.get("generation"), status)
+    if change is not None:
+        patch.status.update(change)
+    for transition in transitions:
+        _post(body, transition)
+
+
+def _post(body: kopf.Body, change: Transition) -> None:
+    message = f"{change.type}={change.status} ({change.reason}) {change.message}".strip()
+    kind = "Warning" if change.warning else "Normal"
+    kopf.event(body, type=kind, reason=change.reason, message=message)

@@ -1,0 +1,151 @@
+"""The operator's writes to the Kubernetes API: the agents' objects, kept as rendered.
+
+Reads and writes go through the official client's asyncio flavour (``kubernetes.aio``) but
+stay plain dicts (``*_without_preload_content``): the operator renders dicts and compares
+dicts, and 10,000 pods never pass through here anyway (Kopf watches them).
+
+Objects are kept in step like ``kubectl apply``: the last rendered object is remembered in an
+annotation, and a JSON merge patch sets every rendered field and removes (``null``) the
+fields rendered last time and not any more. A live object that already contains everything
+rendered is left alone, so the periodic re-check costs one GET per object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kubernetes.aio import client as k8s
+
+log = logging.getLogger("meshaccel.operator.kube")
+
+LAST_APPLIED: Final = "meshaccel.io/last-applied"
+MERGE_PATCH: Final = "application/merge-patch+json"
+
+Object = dict[str, Any]
+
+
+class KubeError(Exception):
+    def __init__(self, action: str, kind: str, name: str, status: int, body: str) -> None:
+        detail = body
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(body).get("message", body)
+        super().__init__(f"{action} {kind} {name}: HTTP {status}: {detail}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _Kind:
+    api: Callable[[k8s.ApiClient], Any]
+    suffix: str  # read_namespaced_<suffix>, create_namespaced_<suffix>, ...
+
+
+_KINDS: Final[dict[str, _Kind]] = {
+    "ServiceAccount": _Kind(k8s.CoreV1Api, "service_account"),
+    "Secret": _Kind(k8s.CoreV1Api, "secret"),
+    "ConfigMap": _Kind(k8s.CoreV1Api, "config_map"),
+    "DaemonSet": _Kind(k8s.AppsV1Api, "daemon_set"),
+}
+
+
+def removals(old: Any, new: Any) -> Any:
+    """A merge patch from ``old`` to ``new`` (RFC 7386): ``new`` plus ``null`` for dropped keys."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        patch[key] = removals(old.get(key), value)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def contains(live: Any, wanted: Any) -> bool:
+    """Whether ``live`` already holds everything in ``wanted`` (server defaults aside)."""
+    if isinstance(wanted, Mapping):
+        return isinstance(live, Mapping) and all(
+            key in live and contains(live[key], value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(wanted)
+            and all(contains(a, b) for a, b in zip(live, wanted, strict=True))
+        )
+    return bool(live == wanted)
+
+
+class Kube:
+    """The few calls the operator makes, on namespaced objects of :data:`_KINDS`."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._client = api_client
+
+    async def _call(
+        self, action: str, kind: str, name: str, *args: Any, **kwargs: Any
+    ) -> Object | None:
+        spec = _KINDS[kind]
+        method: Callable[..., Awaitable[Any]] = getattr(
+            spec.api(self._client), f"{action}_namespaced_{spec.suffix}_without_preload_content"
+        )
+        response = await method(*args, **kwargs)
+        body = await response.read()
+        if response.status == 404 and action in ("read", "delete"):
+            return None
+        if response.status >= 400:
+            raise KubeError(action, kind, name, response.status, body.decode(errors="replace"))
+        parsed: Object = json.loads(body) if body else {}
+        return parsed
+
+    async def read(self, kind: str, namespace: str, name: str) -> Object | None:
+        return await self._call("read", kind, name, name, namespace)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        return await self._call("delete", kind, name, name, namespace) is not None
+
+    async def create(self, obj: Object) -> Object:
+        meta = obj["metadata"]
+        created = await self._call("create", obj["kind"], meta["name"], meta["namespace"], obj)
+        assert created is not None
+        return created
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: Object) -> Object:
+        patched = await self._call(
+            "patch", kind, name, name, namespace, patch, _content_type=MERGE_PATCH
+        )
+        assert patched is not None
+        return patched
+
+    async def apply(self, obj: Object) -> str:
+        """Create ``obj`` or bring the live object in step; returns what was done."""
+        meta = obj["metadata"]
+        kind, namespace, name = obj["kind"], meta["namespace"], meta["name"]
+        rendered = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        wanted = {
+            **obj,
+            "metadata": {
+                **meta,
+                "annotations": {**meta.get("annotations", {}), LAST_APPLIED: rendered},
+            },
+        }
+        live = await self.read(kind, namespace, name)
+        if live is None:
+            await self.create(wanted)
+            return "created"
+        if contains(live, wanted):
+            return "unchanged"
+        last_text = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
+        last = json.loads(last_text) if last_text else {}
+        await self.patch(kind, namespace, name, removals(last, wanted))
+        return "updated"
+
+    async def apply_all(self, objects: Sequence[Object]) -> dict[str, str]:
+        done: dict[str, str] = {}
+        for obj in objects:
+            done[f"{obj['kind']}/{obj['metadata']['name']}"] = await self.apply(obj)
+        return done

@@ -1,0 +1,118 @@
+"""Prometheus metrics of the operator's push channel (:mod:`.pusher`).
+
+Registry: :class:`PushMetrics` registers its families in the :class:`CollectorRegistry` it is
+given, so that tests (and several operators in one process) never collide. The operator's own
+process uses :func:`default_metrics`: one shared instance in :data:`REGISTRY`, a registry of
+this module (not prometheus_client's global one), made on first use rather than at import.
+Serve it with ``prometheus_client.start_http_server(port, registry=REGISTRY)`` or
+``generate_latest(REGISTRY)``.
+
+Labels: ``acceleration`` (the MeshAcceleration's name) everywhere; ``node`` only on the
+per-node generation gauge (bounded by the cluster's size); ``reason`` from a small fixed
+vocabulary (:data:`FAILURE_REASONS`, plus ``http_<status>``). A pusher removes its series when
+it is closed, so a deleted MeshAcceleration leaves nothing behind.
+
+Everything here is updated from the event loop's thread; prometheus_client's metric objects
+are thread-safe, so a scrape from the exposition thread is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From a round trip on an idle cluster (~1 ms) to a big set on a busy node (seconds).
+PUSH_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# From a change to its confirmation: the batching window (100 ms) plus a round trip, and up to
+# the retries of an agent that was away.
+CHANGE_APPLIED_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Push failure reasons besides ``http_<status>`` (a 5xx, 507, or a refusing 4xx).
+FAILURE_REASONS = (
+    "connect",  # refused, reset, unreachable: the agent is not there (yet)
+    "timeout",  # no reply within request_timeout
+    "stale_generation",  # a 409 naming a higher applied generation: sent again, higher
+    "bad_reply",  # a 2xx whose body is not the contract's reply
+)
+
+#: The default registry of the operator process (see the module docstring).
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class PushMetrics:
+    """The push channel's metric families, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.push_duration = Histogram(
+            "meshaccel_operator_push_duration_seconds",
+            "Round trip of each PUT /v1/pods that got a reply (any status)",
+            ["acceleration"],
+            buckets=PUSH_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.change_applied = Histogram(
+            "meshaccel_operator_change_applied_seconds",
+            "From a node's set changing to its agent confirming a set that includes the change",
+            ["acceleration"],
+            buckets=CHANGE_APPLIED_BUCKETS,
+            registry=registry,
+        )
+        self.push_failures = Counter(
+            "meshaccel_operator_push_failures",
+            "PUT /v1/pods attempts that did not apply, by reason (connect, timeout, "
+            "stale_generation, bad_reply, http_<status>)",
+            ["acceleration", "reason"],
+            registry=registry,
+        )
+        self.probe_failures = Counter(
+            "meshaccel_operator_probe_failures",
+            "GET /healthz probes of agents that failed",
+            ["acceleration"],
+            registry=registry,
+        )
+        self.nodes_behind = Gauge(
+            "meshaccel_operator_nodes_behind",
+            "Nodes whose agent has not confirmed the newest set (no agent endpoint included)",
+            ["acceleration"],
+            registry=registry,
+        )
+        self.applied_generation = Gauge(
+            "meshaccel_operator_applied_generation",
+            "The generation each node's agent confirmed last",
+            ["acceleration", "node"],
+            registry=registry,
+        )
+
+        # (acceleration, reason) pairs counted, so that forget() can remove exactly those.
+        self._failure_labels: set[tuple[str, str]] = set()
+
+    def count_failure(self, acceleration: str, reason: str) -> None:
+        self._failure_labels.add((acceleration, reason))
+        self.push_failures.labels(acceleration, reason).inc()
+
+    def forget_node(self, acceleration: str, node: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.applied_generation.remove(acceleration, node)
+
+    def forget(self, acceleration: str, nodes: list[str]) -> None:
+        """Remove the acceleration's series (it was deleted or its pusher closed)."""
+        for node in nodes:
+            self.forget_node(acceleration, node)
+        for family in (self.push_duration, self.change_applied, self.probe_failures):
+            with contextlib.suppress(KeyError):
+                family.remove(acceleration)
+        with contextlib.suppress(KeyError):
+            self.nodes_behind.remove(acceleration)
+        for labels in [pair for pair in self._failure_labels if pair[0] == acceleration]:
+            self._failure_labels.discard(labels)
+            with contextlib.suppress(KeyError):
+                self.push_failures.remove(*labels)
+
+
+@functools.cache
+def default_metrics() -> PushMetrics:
+    """The process's one :class:`PushMetrics`, in :data:`REGISTRY`."""
+    return PushMetrics(REGISTRY)

@@ -1,0 +1,620 @@
+"""The push channel: each node's complete desired pod set, sent to that node's agent.
+
+One :class:`Pusher` per MeshAcceleration. Kopf handlers tell it where each node's agent
+listens (:meth:`Pusher.set_endpoint`) and what each node's set is (:meth:`Pusher.set_pods`);
+both are synchronous and cheap, and must be called on the event loop's thread: from
+``async def`` handlers (Kopf runs plain ``def`` handlers in worker threads). The pusher
+sends ``PUT /v1/pods`` (:class:`~meshaccel.agent.api_models.PodSet`) and tracks what every
+agent confirmed (:meth:`Pusher.nodes`).
+
+Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next health probe:
+
+* **Batching.** The first change after a quiet spell starts a ``window``; the set sent when it
+  ends is the newest one, so a burst of pod events costs one PUT per node.
+* **Generations.** Every new set gets a generation above both the last one sent and the
+  agent's applied generation as last heard. An operator starts with no memory (a restart, a
+  failover to the other replica): the first PUT may be refused with a 409 naming the agent's
+  applied generation (lower than it, or equal with another set); the same set is sent again at
+  once with that generation + 1. A retry of an unchanged set keeps its generation: if the
+  agent applied it before the reply was lost, the repeat is a no-op there.
+* **Failures.** Unreachable, timeout, 5xx (507 included), 408 and 429: retried with exponential
+  backoff (``backoff_initial`` doubling to ``backoff_max``, each delay jittered into its upper
+  half). New sets during a backoff wait for it. Any other 4xx is the operator's bug or a set
+  the agent cannot take (401 token, 422 capacity, 409 standalone/uninstalled agent): recorded
+  in ``last_error`` and not sent again until the set (or the endpoint, or the agent's boot)
+  changes.
+* **Agent restarts.** Every PUT reply and a ``GET /healthz`` probe (every ``probe_interval``
+  per node, each node's first one at a random point of the interval, so 500 nodes are not
+  probed at once) carry the agent's ``boot_id``; a new one means a fresh process that holds
+  none of our sets: the full set is sent again, at once. A probe that reaches an agent the
+  pushes could not reach also ends the backoff.
+* ``on_applied(node, generation, seconds)`` is called on every confirmation; ``seconds`` runs
+  from the oldest change (or restart, or new endpoint) the confirmed set includes that was
+  not confirmed before. Exceptions it raises are logged.
+
+HTTP: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps concurrent
+requests: for hundreds of nodes make it ``limit=0`` or about the node count); bearer token on
+PUT and uninstall, none on the open /healthz. Bodies are built and parsed with the agent's own
+models, so the contract is checked on both ends by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import aiohttp
+from pydantic import ValidationError
+
+from meshaccel.agent.api_models import (
+    ApplyResult,
+    ErrorReply,
+    HealthReply,
+    PodSet,
+    PodSpec,
+    UninstallReply,
+)
+from meshaccel.operator.metrics import PushMetrics, default_metrics
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[str, int, float], None]
+
+# Statuses worth retrying unchanged: the agent (or something before it) is busy or broken now.
+_RETRYABLE_4XX = frozenset({408, 429})
+# Immediate re-sends after a generation refusal before backing off: one is normal after an
+# operator restart; more in a row mean another writer keeps raising the agent's generation.
+_STALE_RETRIES_AT_ONCE = 3
+_REPLY_EXCERPT = 300  # characters of a non-contract error body kept in last_error
+_by_uid = attrgetter("uid")
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node as the pusher sees it (a snapshot: :meth:`Pusher.nodes`)."""
+
+    node: str
+    url: str | None  # the agent's base URL; None: no agent known
+    desired_generation: int | None  # given to the newest set sent so far (None: nothing sent)
+    applied_generation: int | None  # the agent's, as last heard (from any operator)
+    in_sync: bool  # the agent confirmed the newest set given to set_pods
+    pods_applied: int | None  # pods of the confirmed set the agent programmed
+    last_error: str | None  # why the newest set is not applied (cleared on success)
+    behind_since: float | None  # time.monotonic() since when not in sync; None when in sync
+    boot_id: str | None  # the agent process's, as last heard
+    attempts: int  # PUTs of the current set that failed (0 after a success)
+    pods_desired: int | None = None  # pods in the newest set (None: set_pods not called yet)
+    unresolved: int = 0  # pods of the confirmed set the agent could not find yet
+    probe_error: str | None = None  # the last /healthz probe failed, and why
+
+
+class _Unreachable(Exception):
+    """No HTTP reply: ``reason`` is a metrics label (connect, timeout)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(eq=False)
+class _Node:
+    """One node's bookkeeping; only touched on the event loop's thread."""
+
+    name: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    url: str | None = None
+    pods_url: str = ""
+    health_url: str = ""
+    uninstall_url: str = ""
+    # The newest set (sorted by uid, so a reordered list is no change) and its version, which
+    # counts changes. Versions are ours; generations are the agent's protocol.
+    desired: tuple[PodSpec, ...] | None = None
+    version: int = 0
+    confirmed: int | None = None  # version the agent confirmed; None: nothing (since a restart)
+    generation: int = 0  # the last generation given to a set
+    generation_version: int | None = None  # the version it was given to
+    agent_generation: int | None = None
+    boot_id: str | None = None
+    pods_applied: int | None = None
+    unresolved: int = 0
+    last_error: str | None = None
+    last_failure: str | None = None  # reason of the last failed PUT
+    probe_error: str | None = None
+    blocked: int | None = None  # version refused for good (a 4xx): sent again only when changed
+    attempts: int = 0
+    retries: int = 0  # consecutive retryable failures: the backoff's exponent
+    stale_retries: int = 0
+    send_due: float | None = None  # when the next PUT goes out (None: nothing to send)
+    not_before: float = 0.0  # the backoff: no PUT before this
+    probe_due: float = math.inf
+    pending_since: float | None = None  # oldest change not yet in a PUT
+    inflight_since: float | None = None  # oldest change the PUT in flight carries
+    behind_since: float | None = None
+
+    @property
+    def in_sync(self) -> bool:
+        return self.desired is not None and self.confirmed == self.version
+
+    def state(self) -> NodeState:
+        return NodeState(
+            node=self.name,
+            url=self.url,
+            desired_generation=self.generation or None,
+            applied_generation=self.agent_generation,
+            in_sync=self.in_sync,
+            pods_applied=self.pods_applied,
+            last_error=self.last_error,
+            behind_since=self.behind_since,
+            boot_id=self.boot_id,
+            attempts=self.attempts,
+            pods_desired=None if self.desired is None else len(self.desired),
+            unresolved=self.unresolved,
+            probe_error=self.probe_error,
+        )
+
+
+def _error_text(status: int, raw: bytes) -> tuple[str, ErrorReply | None]:
+    """``HTTP <status>: <the agent's message>`` and the parsed ErrorReply, if it is one."""
+    try:
+        reply = ErrorReply.model_validate_json(raw)
+    except ValidationError:
+        excerpt = raw[:_REPLY_EXCERPT].decode("utf-8", "replace").strip()
+        return f"HTTP {status}: {excerpt or '(empty body)'}", None
+    return f"HTTP {status}: {reply.error}", reply
+
+
+def _earliest(*times: float | None) -> float | None:
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+class Pusher:
+    """Pushes one MeshAcceleration's per-node sets to the agents; see the module docstring."""
+
+    def __init__(
+        self,
+        acceleration: str,
+        *,
+        token: str,
+        session: aiohttp.ClientSession,
+        window: float = 0.1,
+        request_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        probe_interval: float = 15.0,
+        on_applied: OnApplied | None = None,
+        metrics: PushMetrics | None = None,
+    ) -> None:
+        if not token.strip():
+            raise ValueError("the agents' API token is empty")
+        if window < 0 or request_timeout <= 0 or probe_interval <= 0:
+            raise ValueError("window must be >= 0, request_timeout and probe_interval > 0")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError("backoff needs 0 < backoff_initial <= backoff_max")
+        self.acceleration = acceleration
+        self._session = session
+        self._window = window
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._probe_interval = probe_interval
+        self._on_applied = on_applied
+        self._metrics = metrics if metrics is not None else default_metrics()
+        self._auth = {"Authorization": f"Bearer {token.strip()}"}
+        self._put_headers = {**self._auth, "Content-Type": "application/json"}
+        self._nodes: dict[str, _Node] = {}
+        self._behind: set[str] = set()
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet awaited
+        self._random = random.Random()
+        self._stopped = False  # after uninstall() or close(): nothing is pushed any more
+        self._closed = False
+        self._metrics.nodes_behind.labels(acceleration).set(0)
+
+    # -- what the handlers call ------------------------------------------------------------
+
+    def set_endpoint(self, node: str, url: str | None) -> None:
+        """The agent of ``node`` listens at ``url`` (``http://10.0.0.5:9474``); None: no agent.
+
+        Call it once the agent's pod has an IP and runs, not when it is Ready: the agent is
+        ready only after its first set, which comes from here.
+        """
+        if self._closed:
+            return
+        asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
+        n = self._node(node)
+        url = url.rstrip("/") if url else None
+        if url == n.url:
+            return
+        now = time.monotonic()
+        n.url = url
+        # Another endpoint is another agent process, or one we must assume forgot everything.
+        n.confirmed = n.boot_id = n.probe_error = n.blocked = None
+        n.retries = n.stale_retries = 0
+        n.not_before = 0.0
+        if url is None:
+            n.send_due, n.probe_due = None, math.inf
+            self._stop_task(n)
+        else:
+            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/healthz"
+            n.uninstall_url = f"{url}/v1/uninstall"
+            n.probe_due = now + self._random.uniform(0, self._probe_interval)
+            if not self._stopped:
+                if n.desired is not None:
+                    n.pending_since = _earliest(n.pending_since, now)
+                    self._schedule(n, now + self._window)
+                self._start_task(n)
+        self._refresh(n, now)
+
+    def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None:
+        """``node``'s complete desired set. A set equal to the current one (in any order) is
+        a no-op. Raises :class:`pydantic.ValidationError` for a set the agent would refuse
+        whole (two pods with one uid or one IP): the caller must settle those."""
+        if self._closed:
+            return
+        asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
+        n = self._node(node)
+        desired = tuple(sorted(pods, key=_by_uid))
+        if desired == n.desired:
+            return
+        PodSet(generation=0, pods=list(desired))  # the agent's own checks, before anything
+        now = time.monotonic()
+        n.desired = desired
+        n.version += 1
+        n.pending_since = _earliest(n.pending_since, now)
+        if n.url is not None and not self._stopped:
+            self._schedule(n, now + self._window)
+        self._refresh(n, now)
+
+    def drop_node(self, node: str) -> None:
+        """Forget ``node`` (it left the cluster, or this acceleration's selector)."""
+        n = self._nodes.pop(node, None)
+        if n is None:
+            return
+        self._stop_task(n)
+        if node in self._behind:
+            self._behind.discard(node)
+            self._metrics.nodes_behind.labels(self.acceleration).set(len(self._behind))
+        self._metrics.forget_node(self.acceleration, node)
+
+    def nodes(self) -> Mapping[str, NodeState]:
+        """Every node's state now (a read-only snapshot)."""
+        return types.MappingProxyType({name: n.state() for name, n in self._nodes.items()})
+
+    async def uninstall(self, *, timeout: float) -> dict[str, str | None]:
+        """Stop pushing; ``POST /v1/uninstall`` to every node with an endpoint, concurrently.
+
+        node -> None (uninstalled, or it was already) or the error. Nodes without an endpoint
+        are not in the result. May be called again (the agents answer a repeat with 200);
+        endpoints set after the first call are included in the next. Each agent replies after
+        its drain (its ``drain_seconds``, 2 s by default): give ``timeout`` more than that.
+        """
+        self._stopped = True
+        await self._stop_all()
+        targets = [n for n in self._nodes.values() if n.url is not None]
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        results = await asyncio.gather(
+            *(self._uninstall_one(n.uninstall_url, client_timeout) for n in targets)
+        )
+        outcome = {n.name: error for n, error in zip(targets, results, strict=True)}
+        failed = {name: error for name, error in outcome.items() if error is not None}
+        log.info(
+            "agents uninstalled",
+            extra={
+                "event": "uninstall",
+                "acceleration": self.acceleration,
+                "nodes": len(outcome),
+                "failed": failed,
+            },
+        )
+        return outcome
+
+    async def close(self) -> None:
+        """Stop every task and remove this acceleration's metrics. The session is the caller's."""
+        self._stopped = self._closed = True
+        await self._stop_all()
+        self._metrics.forget(self.acceleration, list(self._nodes))
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _node(self, name: str) -> _Node:
+        n = self._nodes.get(name)
+        if n is None:
+            n = self._nodes[name] = _Node(name)
+        return n
+
+    def _schedule(self, n: _Node, at: float) -> None:
+        """A PUT at ``at`` (not before the backoff), unless one is due earlier already: a
+        burst of changes rides on the first one's window."""
+        at = max(at, n.not_before)
+        if n.send_due is None or at < n.send_due:
+            n.send_due = at
+            n.wake.set()
+
+    def _start_task(self, n: _Node) -> None:
+        if n.task is None or n.task.done():
+            n.task = asyncio.get_running_loop().create_task(
+                self._run(n), name=f"meshaccel-push-{self.acceleration}-{n.name}"
+            )
+
+    def _stop_task(self, n: _Node) -> None:
+        if n.task is not None:
+            n.task.cancel()
+            self._stopping.add(n.task)
+            n.task.add_done_callback(self._stopping.discard)
+            n.task = None
+
+    async def _stop_all(self) -> None:
+        for n in self._nodes.values():
+            self._stop_task(n)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
+    def _refresh(self, n: _Node, now: float) -> None:
+        """Keep ``behind_since`` and the nodes-behind gauge in step with the node."""
+        behind = n.desired is not None and not n.in_sync
+        if behind and n.behind_since is None:
+            n.behind_since = now
+        elif not behind:
+            n.behind_since = None
+        if behind != (n.name in self._behind):
+            (self._behind.add if behind else self._behind.discard)(n.name)
+            self._metrics.nodes_behind.labels(self.acceleration).set(len(self._behind))
+
+    def _jittered(self, seconds: float) -> float:
+        return seconds * self._random.uniform(0.5, 1.0)
+
+    # -- the node's task -------------------------------------------------------------------
+
+    async def _run(self, n: _Node) -> None:
+        while True:
+            now = time.monotonic()
+            try:
+                if n.send_due is not None and n.send_due <= now:
+                    n.send_due = None
+                    if n.desired is not None and n.blocked != n.version:
+                        await self._push(n)
+                    continue
+                if n.probe_due <= now:
+                    await self._probe(n)
+                    continue
+            except Exception as err:  # a bug here must not end the node's pushes for good
+                log.exception(
+                    "push task error",
+                    extra={"event": "push_bug", "acceleration": self.acceleration, "node": n.name},
+                )
+                n.last_error = f"operator error: {type(err).__name__}: {err}"
+                n.send_due = time.monotonic() + self._backoff_max
+                continue
+            due = min(n.send_due if n.send_due is not None else math.inf, n.probe_due)
+            n.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if due == math.inf else due - now):
+                    await n.wake.wait()
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> tuple[int, bytes]:
+        try:
+            async with self._session.request(
+                method, url, data=body, headers=headers, timeout=timeout or self._timeout
+            ) as response:
+                return response.status, await response.read()
+        except TimeoutError as err:  # before ClientError: ServerTimeoutError is both
+            total = (timeout or self._timeout).total
+            raise _Unreachable("timeout", f"no reply from {url} within {total:g} s") from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise _Unreachable("connect", f"{url}: {type(err).__name__}: {err}") from err
+
+    async def _push(self, n: _Node) -> None:
+        assert n.desired is not None
+        url, version, pods = n.url, n.version, n.desired
+        if version != n.generation_version:  # a new set: a new generation, above all we know
+            n.generation = max(n.generation, n.agent_generation or 0) + 1
+            n.generation_version = version
+        generation = n.generation
+        # The pods were validated by set_pods; model_construct skips doing it again.
+        body = PodSet.model_construct(generation=generation, pods=list(pods)).model_dump_json()
+        n.inflight_since, n.pending_since = n.pending_since, None
+        started = time.monotonic()
+        try:
+            status, raw = await self._request(
+                "PUT", n.pods_url, body=body, headers=self._put_headers
+            )
+        except _Unreachable as err:
+            self._restore_pending(n)
+            if n.url == url:
+                self._retry_later(n, err.reason, err.text)
+            return
+        except BaseException:  # cancelled: keep the change's time for whoever comes next
+            self._restore_pending(n)
+            raise
+        now = time.monotonic()
+        self._metrics.push_duration.labels(self.acceleration).observe(now - started)
+        if n.url != url:  # the endpoint changed meanwhile: this reply is another agent's
+            self._restore_pending(n)
+            return
+        if status == 200:
+            try:
+                result = ApplyResult.model_validate_json(raw)
+            except ValidationError as err:
+                self._restore_pending(n)
+                self._retry_later(n, "bad_reply", f"HTTP 200 with an invalid ApplyResult: {err}")
+                return
+            self._applied(n, version, generation, len(pods), result, now)
+            return
+        self._restore_pending(n)
+        text, reply = _error_text(status, raw)
+        if status == 409 and reply is not None and reply.applied_generation is not None:
+            self._jump_past(n, reply.applied_generation, text, now)
+        elif status >= 500 or status in _RETRYABLE_4XX or status < 400:
+            self._retry_later(n, f"http_{status}", text)
+        else:
+            self._refused(n, version, status, text)
+
+    def _restore_pending(self, n: _Node) -> None:
+        n.pending_since = _earliest(n.inflight_since, n.pending_since)
+        n.inflight_since = None
+
+    def _applied(
+        self,
+        n: _Node,
+        version: int,
+        generation: int,
+        pods: int,
+        result: ApplyResult,
+        now: float,
+    ) -> None:
+        since, n.inflight_since = n.inflight_since, None
+        if n.boot_id is not None and n.boot_id != result.boot_id:
+            log.info(
+                "agent restarted (new boot id in its reply)",
+                extra=self._extra(n, event="agent_restarted", boot_id=result.boot_id),
+            )
+        if n.attempts:
+            log.info(
+                "agent reached again: set applied",
+                extra=self._extra(n, event="push_recovered", generation=generation),
+            )
+        n.boot_id = result.boot_id
+        n.agent_generation = result.applied_generation
+        n.confirmed = version
+        n.pods_applied = pods - len(result.unresolved)
+        n.unresolved = len(result.unresolved)
+        n.last_error = n.last_failure = None
+        n.blocked = None
+        n.attempts = n.retries = n.stale_retries = 0
+        n.not_before = 0.0
+        # We just heard from it: the next probe can wait a whole interval.
+        n.probe_due = now + self._probe_interval
+        self._refresh(n, now)
+        seconds = now - (since if since is not None else now)
+        self._metrics.applied_generation.labels(self.acceleration, n.name).set(generation)
+        self._metrics.change_applied.labels(self.acceleration).observe(seconds)
+        if self._on_applied is not None:
+            try:
+                self._on_applied(n.name, generation, seconds)
+            except Exception:
+                log.exception("on_applied failed", extra=self._extra(n, event="callback_error"))
+
+    def _jump_past(self, n: _Node, applied: int, text: str, now: float) -> None:
+        """A 409 naming the agent's generation: the same set again, above it."""
+        n.agent_generation = applied
+        n.generation = max(n.generation, applied) + 1
+        n.stale_retries += 1
+        n.attempts += 1
+        self._metrics.count_failure(self.acceleration, "stale_generation")
+        log.info(
+            "agent holds a newer generation: sending the set again above it",
+            extra=self._extra(n, event="generation_jump", applied=applied, next=n.generation),
+        )
+        if n.stale_retries <= _STALE_RETRIES_AT_ONCE:
+            self._schedule(n, now)
+        else:  # someone else keeps raising it (a second operator?): do not race them flat out
+            self._retry_later(n, "stale_generation", f"{text} ({n.stale_retries} times in a row)")
+
+    def _retry_later(self, n: _Node, reason: str, text: str) -> None:
+        now = time.monotonic()
+        n.attempts += 1
+        n.retries += 1
+        n.last_error, n.last_failure = text, reason
+        delay = self._jittered(
+            min(self._backoff_max, self._backoff_initial * 2 ** min(n.retries - 1, 32))
+        )
+        # Overrides a PUT that set_pods scheduled meanwhile: the backoff holds for new sets too.
+        n.not_before = n.send_due = now + delay
+        if reason != "stale_generation":
+            self._metrics.count_failure(self.acceleration, reason)
+        log.log(
+            logging.WARNING if n.retries == 1 else logging.DEBUG,
+            "push failed: retrying",
+            extra=self._extra(n, event="push_failed", reason=reason, error=text, retry_in=delay),
+        )
+        self._refresh(n, now)
+
+    def _refused(self, n: _Node, version: int, status: int, text: str) -> None:
+        n.attempts += 1
+        n.blocked = version
+        n.last_error, n.last_failure = text, f"http_{status}"
+        n.retries = 0
+        self._metrics.count_failure(self.acceleration, f"http_{status}")
+        log.error(
+            "agent refused the set: not sent again until it changes",
+            extra=self._extra(n, event="push_refused", status=status, error=text),
+        )
+        self._refresh(n, time.monotonic())
+
+    async def _probe(self, n: _Node) -> None:
+        url = n.url
+        n.probe_due = time.monotonic() + self._probe_interval * self._random.uniform(0.9, 1.1)
+        try:
+            status, raw = await self._request("GET", n.health_url)
+        except _Unreachable as err:
+            self._probe_failed(n, url, err.text)
+            return
+        if n.url != url:
+            return
+        if status != 200:
+            self._probe_failed(n, url, _error_text(status, raw)[0])
+            return
+        try:
+            boot_id = HealthReply.model_validate_json(raw).boot_id
+        except ValidationError as err:
+            self._probe_failed(n, url, f"HTTP 200 with an invalid HealthReply: {err}")
+            return
+        now = time.monotonic()
+        n.probe_error = None
+        if n.boot_id is not None and boot_id != n.boot_id:
+            log.info(
+                "agent restarted: sending its full set again",
+                extra=self._extra(n, event="agent_restarted", boot_id=boot_id),
+            )
+            n.confirmed = n.agent_generation = n.blocked = None
+            n.retries = n.stale_retries = 0
+            n.not_before = 0.0
+            if n.desired is not None:
+                n.pending_since = _earliest(n.pending_since, now)
+                self._schedule(n, now)
+            self._refresh(n, now)
+        elif n.last_failure in ("connect", "timeout") and n.send_due is not None:
+            n.not_before = 0.0  # it answers again: no need to wait out the backoff
+            self._schedule(n, now)
+        n.boot_id = boot_id
+
+    def _probe_failed(self, n: _Node, url: str | None, text: str) -> None:
+        if n.url != url:
+            return
+        n.probe_error = text
+        self._metrics.probe_failures.labels(self.acceleration).inc()
+        log.debug("health probe failed", extra=self._extra(n, event="probe_failed", error=text))
+
+    async def _uninstall_one(self, url: str, timeout: aiohttp.ClientTimeout) -> str | None:
+        try:
+            status, raw = await self._request("POST", url, headers=self._auth, timeout=timeout)
+        except _Unreachable as err:
+            return err.text
+        if status != 200:
+            return _error_text(status, raw)[0]
+        try:
+            UninstallReply.model_validate_json(raw)
+        except ValidationError as err:
+            return f"HTTP 200 with an invalid UninstallReply: {err}"
+        return None
+
+    def _extra(self, n: _Node, **fields: object) -> dict[str, object]:
+        return {"acceleration": self.acceleration, "node": n.name, "url": n.url, **fields}

@@ -1,0 +1,270 @@
+"""Which pods a MeshAcceleration accelerates, and with which per-pod options.
+
+A pod is accelerated when, in this order (the first failing rule is its :class:`Verdict`):
+its namespace matches ``namespaceSelector``, it matches ``podSelector``, it has not opted
+out (``meshaccel.io/accelerate: "false"``), it carries the mesh's sidecar, it is running with
+an IP and not on the host network, it sits on a node where this resource's agent runs, and its
+mesh annotations are ones the datapath can honour exactly. Anything else would change what
+the mesh's own iptables rules do for that pod, so such a pod is left to iptables.
+
+Pods are kept as :class:`PodFacts`: only what selection reads, so that 10,000 pods cost
+little memory and a pod update that changes nothing relevant is recognised as such.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from meshaccel.agent.api_models import PodOptions, PodSpec
+from meshaccel.agent.modes import MeshModeName
+from meshaccel.operator.models import ExclusionsSpec, MeshAccelerationSpec
+from meshaccel.operator.selectors import matches
+
+OPT_OUT_ANNOTATION = "meshaccel.io/accelerate"
+
+
+@dataclass(frozen=True)
+class MeshSidecar:
+    """How a mesh marks a pod as injected, and its per-pod traffic annotations."""
+
+    containers: frozenset[str]
+    injected_annotation: str
+    excluded_outbound_ports: str
+    excluded_inbound_ports: str
+    excluded_outbound_cidrs: str | None = None
+    included_outbound_cidrs: str | None = None
+    # Annotations whose non-default values the datapath cannot reproduce exactly.
+    unsupported: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+_ISTIO = "traffic.sidecar.istio.io/"
+SIDECARS: dict[MeshModeName, MeshSidecar] = {
+    MeshModeName.ISTIO: MeshSidecar(
+        containers=frozenset({"istio-proxy"}),
+        injected_annotation="sidecar.istio.io/status",
+        excluded_outbound_ports=_ISTIO + "excludeOutboundPorts",
+        excluded_inbound_ports=_ISTIO + "excludeInboundPorts",
+        excluded_outbound_cidrs=_ISTIO + "excludeOutboundIPRanges",
+        included_outbound_cidrs=_ISTIO + "includeOutboundIPRanges",
+        unsupported={
+            # Only "every port" can be expressed: the datapath excludes, it never includes.
+            _ISTIO + "includeInboundPorts": frozenset({"*"}),
+            _ISTIO + "includeOutboundPorts": frozenset({""}),
+            "sidecar.istio.io/interceptionMode": frozenset({"REDIRECT"}),
+        },
+    ),
+    MeshModeName.LINKERD: MeshSidecar(
+        containers=frozenset({"linkerd-proxy"}),
+        injected_annotation="linkerd.io/proxy-version",
+        excluded_outbound_ports="config.linkerd.io/skip-outbound-ports",
+        excluded_inbound_ports="config.linkerd.io/skip-inbound-ports",
+    ),
+    MeshModeName.KUMA: MeshSidecar(
+        containers=frozenset({"kuma-sidecar"}),
+        injected_annotation="kuma.io/sidecar-injected",
+        excluded_outbound_ports="traffic.kuma.io/exclude-outbound-ports",
+        excluded_inbound_ports="traffic.kuma.io/exclude-inbound-ports",
+    ),
+}
+
+# Annotations selection reads; the rest of a pod's annotations are not kept.
+_KEPT_PREFIXES = (
+    "sidecar.istio.io/",
+    _ISTIO,
+    "linkerd.io/",
+    "config.linkerd.io/",
+    "kuma.io/",
+    "traffic.kuma.io/",
+    "meshaccel.io/",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PodFacts:
+    """What selection needs to know of a pod."""
+
+    uid: str
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    containers: frozenset[str]
+    node: str | None
+    ip: str | None
+    running: bool
+    host_network: bool
+
+    @classmethod
+    def from_object(cls, pod: Mapping[str, Any]) -> PodFacts:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        annotations = meta.get("annotations") or {}
+        containers = [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]
+        return cls(
+            uid=meta.get("uid", ""),
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            labels=dict(meta.get("labels") or {}),
+            annotations={k: v for k, v in annotations.items() if k.startswith(_KEPT_PREFIXES)},
+            containers=frozenset(c.get("name", "") for c in containers),
+            node=spec.get("nodeName"),
+            ip=status.get("podIP"),
+            running=status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
+            host_network=bool(spec.get("hostNetwork")),
+        )
+
+
+class Verdict(enum.StrEnum):
+    SELECTED = "Selected"
+    NAMESPACE_NOT_SELECTED = "NamespaceNotSelected"
+    POD_NOT_SELECTED = "PodNotSelected"
+    OPTED_OUT = "OptedOut"
+    NO_SIDECAR = "NoSidecar"
+    NOT_RUNNING = "NotRunning"
+    NO_AGENT = "NoAgentOnNode"
+    UNSUPPORTED_ANNOTATION = "UnsupportedAnnotation"
+    INVALID_ANNOTATION = "InvalidAnnotation"
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    verdict: Verdict
+    pod: PodSpec | None = None
+    detail: str = ""
+
+
+class AnnotationError(ValueError):
+    def __init__(self, verdict: Verdict, detail: str) -> None:
+        super().__init__(detail)
+        self.verdict = verdict
+        self.detail = detail
+
+
+def has_sidecar(pod: PodFacts, mode: MeshModeName) -> bool:
+    sidecar = SIDECARS[mode]
+    return bool(pod.containers & sidecar.containers) or sidecar.injected_annotation in (
+        pod.annotations
+    )
+
+
+def opted_out(pod: PodFacts) -> bool:
+    return pod.annotations.get(OPT_OUT_ANNOTATION, "").strip().lower() == "false"
+
+
+def matches_selectors(
+    pod: PodFacts, namespace_labels: Mapping[str, str] | None, spec: MeshAccelerationSpec
+) -> Verdict | None:
+    """The selector verdict alone (``None``: both selectors match)."""
+    if namespace_labels is None or not matches(spec.namespaceSelector, namespace_labels):
+        return Verdict.NAMESPACE_NOT_SELECTED
+    if not matches(spec.podSelector, pod.labels):
+        return Verdict.POD_NOT_SELECTED
+    return None
+
+
+def select(
+    pod: PodFacts,
+    namespace_labels: Mapping[str, str] | None,
+    spec: MeshAccelerationSpec,
+    agent_nodes: Iterable[str] | Mapping[str, object],
+) -> Selection:
+    """Whether ``spec`` accelerates ``pod``; if so, the pod as its node's agent receives it."""
+    verdict = matches_selectors(pod, namespace_labels, spec)
+    if verdict is not None:
+        return Selection(verdict)
+    if opted_out(pod):
+        return Selection(Verdict.OPTED_OUT, detail=f"{OPT_OUT_ANNOTATION}: false")
+    if not has_sidecar(pod, spec.mode):
+        return Selection(Verdict.NO_SIDECAR)
+    if not pod.running or not pod.ip or pod.host_network:
+        return Selection(Verdict.NOT_RUNNING)
+    if pod.node is None or pod.node not in agent_nodes:
+        return Selection(Verdict.NO_AGENT, detail=f"node {pod.node}")
+    try:
+        options = pod_options(pod, spec.mode, spec.exclusions)
+        accelerated = PodSpec(
+            uid=pod.uid,
+            namespace=pod.namespace,
+            name=pod.name,
+            ip=ipaddress.IPv4Address(pod.ip),
+            mode=spec.mode,
+            options=options,
+        )
+    except AnnotationError as err:
+        return Selection(err.verdict, detail=err.detail)
+    except (ValidationError, ValueError) as err:
+        # An IPv6-only pod, or a name the agent contract refuses: not ours to accelerate.
+        return Selection(Verdict.INVALID_ANNOTATION, detail=str(err).splitlines()[0])
+    return Selection(Verdict.SELECTED, accelerated)
+
+
+def pod_options(pod: PodFacts, mode: MeshModeName, exclusions: ExclusionsSpec) -> PodOptions:
+    """The pod's mesh annotations plus the cluster-wide exclusions, as the agent takes them."""
+    sidecar = SIDECARS[mode]
+    for annotation, accepted in sidecar.unsupported.items():
+        value = pod.annotations.get(annotation)
+        if value is not None and value.strip() not in accepted:
+            raise AnnotationError(
+                Verdict.UNSUPPORTED_ANNOTATION,
+                f"{annotation}: {value!r} cannot be reproduced by the datapath",
+            )
+    included: frozenset[ipaddress.IPv4Network] | None = None
+    if sidecar.included_outbound_cidrs:
+        raw = pod.annotations.get(sidecar.included_outbound_cidrs)
+        if raw is not None and raw.strip() != "*":
+            included = _cidrs(sidecar.included_outbound_cidrs, raw)
+    excluded_cidrs = frozenset(ipaddress.IPv4Network(c) for c in exclusions.outboundCIDRs)
+    if sidecar.excluded_outbound_cidrs:
+        raw = pod.annotations.get(sidecar.excluded_outbound_cidrs, "")
+        excluded_cidrs |= _cidrs(sidecar.excluded_outbound_cidrs, raw)
+    return PodOptions(
+        excluded_outbound_ports=_ports(pod, sidecar.excluded_outbound_ports)
+        | frozenset(exclusions.outboundPorts),
+        excluded_inbound_ports=_ports(pod, sidecar.excluded_inbound_ports)
+        | frozenset(exclusions.inboundPorts),
+        excluded_outbound_cidrs=excluded_cidrs,
+        included_outbound_cidrs=included,
+    )
+
+
+def _ports(pod: PodFacts, annotation: str) -> frozenset[int]:
+    ports: set[int] = set()
+    for item in _items(pod.annotations.get(annotation, "")):
+        try:
+            first, _, last = item.partition("-")  # Istio and Kuma accept ranges
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise AnnotationError(
+                Verdict.INVALID_ANNOTATION, f"{annotation}: {item!r} is not a port"
+            ) from None
+        if not 1 <= low <= high <= 65535 or high - low >= 256:
+            raise AnnotationError(
+                Verdict.INVALID_ANNOTATION, f"{annotation}: {item!r} is not a usable port range"
+            )
+        ports.update(range(low, high + 1))
+    return frozenset(ports)
+
+
+def _cidrs(annotation: str, raw: str) -> frozenset[ipaddress.IPv4Network]:
+    networks: set[ipaddress.IPv4Network] = set()
+    for item in _items(raw):
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise AnnotationError(
+                Verdict.INVALID_ANNOTATION, f"{annotation}: {item!r} is not a CIDR"
+            ) from None
+        if isinstance(network, ipaddress.IPv4Network):  # IPv6 ranges concern connect6
+            networks.add(network)
+    return frozenset(networks)
+
+
+def _items(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]

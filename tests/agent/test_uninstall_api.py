@@ -1,0 +1,280 @@
+"""POST /v1/uninstall and the boot id in PUT replies, against the real app over a real datapath.
+
+The datapath is attached to the module's own test cgroup (tests/agent/conftest.py); after an
+uninstall nothing of it may be pinned, and bpftool must show nothing attached to that cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from meshaccel.agent.api_models import (
+    ApplyResult,
+    ErrorReply,
+    HealthReply,
+    StatusReply,
+    UninstallReply,
+)
+from meshaccel.agent.datapath import Datapath, PinLayout
+from meshaccel.agent.reconcile import Reconciler
+from meshaccel.agent.server import create_app, is_uninstalled
+from tests.agent.conftest import TOKEN, PodCgroups, pod_set, pod_spec
+from tests.agent_lifecycle.harness import (
+    PIN_ROOT,
+    AgentProcess,
+    agent_argv,
+    attached_programs,
+    free_port,
+    unload_instance,
+    wait_for,
+)
+from tests.agent_lifecycle.harness import TOKEN as LIFECYCLE_TOKEN
+
+pytestmark = pytest.mark.kernel
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
+    async def make(**kwargs: Any) -> Client:
+        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("retry_interval", None)
+        kwargs.setdefault("drain_seconds", 0)
+        return await aiohttp_client(create_app(reconciler, **kwargs))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+async def put(client: Client, generation: int, *indexes: int) -> tuple[int, dict[str, Any]]:
+    body = pod_set(generation, *(pod_spec(i) for i in indexes)).model_dump_json()
+    response = await client.put(
+        "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    return response.status, await response.json()
+
+
+async def uninstall(client: Client, **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/v1/uninstall", headers={**AUTH, **headers})
+    return response.status, await response.json()
+
+
+def pinned(datapath: Datapath) -> list[str]:
+    return [str(p) for p in datapath.pins.all_pins() if p.exists()]
+
+
+async def test_uninstall_detaches_unpins_and_refuses_sets_afterwards(
+    client: Client, datapath: Datapath, pod_cgroups: PodCgroups, reconciler: Reconciler
+) -> None:
+    assert (await put(client, 3, 0, 1))[0] == 200
+    assert attached_programs(pod_cgroups.cgroup.path), "the fixture's datapath is attached"
+
+    status, payload = await uninstall(client)
+
+    assert status == 200, payload
+    reply = UninstallReply.model_validate(payload)
+    assert reply.uninstalled and not reply.already and reply.boot_id == reconciler.boot_id
+    assert pinned(datapath) == []
+    assert not datapath.pins.root.exists()
+    assert attached_programs(pod_cgroups.cgroup.path) == []
+    assert is_uninstalled(client.app)
+
+    status, payload = await put(client, 4, 0)
+    assert status == 409, payload
+    error = ErrorReply.model_validate(payload)
+    assert "uninstalled" in error.error
+    assert error.applied_generation is None  # not a generation refusal: nothing to retry
+
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "uninstalled" in ErrorReply.model_validate(await ready.json()).error
+
+    response = await client.get("/v1/status", headers=AUTH)
+    assert response.status == 200
+    report = StatusReply.model_validate(await response.json())
+    assert not report.attached and report.uninstalled
+    assert not any(p.attached for p in report.programs)
+
+    # The process keeps serving: the liveness probe and the scrape still answer.
+    assert (await client.get("/healthz")).status == 200
+    metrics = await client.get("/metrics")
+    assert metrics.status == 200
+    assert "meshaccel_datapath_attached 0.0" in await metrics.text()
+
+
+async def test_a_second_uninstall_is_200_already(client: Client, datapath: Datapath) -> None:
+    first = await uninstall(client)
+    second = await uninstall(client)
+
+    assert first[0] == second[0] == 200, (first, second)
+    assert not UninstallReply.model_validate(first[1]).already
+    again = UninstallReply.model_validate(second[1])
+    assert again.already and again.duration_ms == 0
+    assert pinned(datapath) == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, "no Authorization header"),
+        ({"Authorization": "Bearer not-the-token"}, "wrong token"),
+        ({"Authorization": f"Basic {TOKEN}"}, "wrong scheme"),
+    ],
+)
+async def test_uninstall_needs_the_token(
+    client: Client,
+    datapath: Datapath,
+    pod_cgroups: PodCgroups,
+    headers: dict[str, str],
+    reason: str,
+) -> None:
+    response = await client.post("/v1/uninstall", headers=headers)
+
+    assert response.status == 401, reason
+    assert response.headers["WWW-Authenticate"].startswith("Bearer"), reason
+    ErrorReply.model_validate(await response.json())
+    assert len(pinned(datapath)) == len(datapath.pins.all_pins()), reason
+    assert attached_programs(pod_cgroups.cgroup.path), reason
+    assert (await put(client, 1, 0))[0] == 200, reason  # still taking sets
+
+
+async def test_a_standalone_agent_refuses_uninstall(
+    make_client: MakeClient, datapath: Datapath
+) -> None:
+    client = await make_client(pod_set_source="the pods file /etc/meshaccel/pods.yaml")
+
+    status, payload = await uninstall(client)
+
+    assert status == 409, payload
+    assert "pods file" in ErrorReply.model_validate(payload).error
+    assert len(pinned(datapath)) == len(datapath.pins.all_pins())
+    assert not is_uninstalled(client.app)
+
+
+async def test_sets_are_refused_from_the_request_on_while_it_drains(
+    make_client: MakeClient, datapath: Datapath
+) -> None:
+    client = await make_client(drain_seconds=0.4)
+    assert (await put(client, 1, 0))[0] == 200
+
+    pending = asyncio.create_task(uninstall(client))
+    while True:  # until the handler has taken the request (it drains for 0.4 s)
+        ready = await client.get("/readyz")
+        if ready.status == 503:
+            break
+        await asyncio.sleep(0.01)
+    assert "in progress" in ErrorReply.model_validate(await ready.json()).error
+    status, payload = await put(client, 2, 0, 1)
+    assert status == 409 and "uninstalled" in payload["error"], payload
+
+    status, payload = await pending
+    assert status == 200, payload
+    assert UninstallReply.model_validate(payload).duration_ms >= 400  # the drain was waited
+    assert pinned(datapath) == []
+
+
+async def test_a_failed_uninstall_is_500_and_a_repeat_finishes_it(
+    client: Client, datapath: Datapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_unload = datapath.unload
+
+    def failing_unload(drain_seconds: float = 0) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(datapath, "unload", failing_unload)
+    status, payload = await uninstall(client)
+
+    assert status == 500, payload
+    assert "Device or resource busy" in ErrorReply.model_validate(payload).error
+    ready = await client.get("/readyz")
+    assert "failed" in ErrorReply.model_validate(await ready.json()).error
+    assert (await put(client, 1, 0))[0] == 409  # still taking no sets
+
+    monkeypatch.setattr(datapath, "unload", real_unload)
+    status, payload = await uninstall(client)
+    assert status == 200, payload
+    assert not UninstallReply.model_validate(payload).already
+    assert pinned(datapath) == []
+
+
+async def test_put_replies_carry_the_boot_id(client: Client, reconciler: Reconciler) -> None:
+    health = HealthReply.model_validate(await (await client.get("/healthz")).json())
+
+    applied = [await put(client, 1, 0), await put(client, 1, 0)]  # an apply, then a no-op
+
+    for status, payload in applied:
+        assert status == 200, payload
+        assert ApplyResult.model_validate(payload).boot_id == health.boot_id == reconciler.boot_id
+
+
+# -- the agent process ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [([], "plain SIGTERM"), (["--uninstall-on-exit"], "SIGTERM with --uninstall-on-exit")],
+)
+def test_the_process_serves_on_after_an_uninstall_and_stops_cleanly(
+    pod_cgroups: PodCgroups, tmp_path: Path, flags: list[str], reason: str
+) -> None:
+    """What the DaemonSet's deletion does right after the operator's uninstall."""
+    token_file = tmp_path / "token"
+    token_file.write_text(LIFECYCLE_TOKEN + "\n")
+    token_file.chmod(0o600)
+    instance = f"uninstall-api-{tmp_path.name}"
+    port = free_port()
+    argv = [
+        *agent_argv(),
+        "run",
+        f"--attach-cgroup={pod_cgroups.cgroup.path}",
+        f"--pin-root={PIN_ROOT}",
+        f"--instance={instance}",
+        f"--token-file={token_file}",
+        "--listen-address=127.0.0.1",
+        f"--port={port}",
+        "--node-name=test",
+        "--log-format=json",
+        "--drain-seconds=0.2",
+        *flags,
+    ]
+    pins = PinLayout(PIN_ROOT / instance)
+    with ExitStack() as cleanup:
+        cleanup.callback(unload_instance, instance, PIN_ROOT)
+        agent = AgentProcess(argv, workdir=tmp_path, name="agent", port=port)
+        cleanup.callback(agent.stop)
+        wait_for(lambda: agent.status_of("/healthz") == 200, timeout=30, what="the API")
+        status, body = agent.request("PUT", "/v1/pods", {"generation": 1, "pods": []})
+        assert status == 200 and body["boot_id"] == agent.get("/healthz")["boot_id"], body
+
+        status, body = agent.request("POST", "/v1/uninstall")
+
+        assert status == 200, (body, agent.describe())
+        assert UninstallReply.model_validate(body).duration_ms >= 200  # the drain
+        assert not any(p.exists() for p in pins.all_pins()), reason
+        assert attached_programs(pod_cgroups.cgroup.path) == [], reason
+        assert agent.request("GET", "/readyz")[0] == 503
+        assert agent.request("PUT", "/v1/pods", {"generation": 2, "pods": []})[0] == 409
+        assert agent.is_running(), reason
+
+        assert agent.stop() == 0, agent.describe()
+        messages = [r.get("msg") for r in agent.logs()]
+        assert "uninstalled" in messages, messages
+        assert "stopped; the datapath was uninstalled through the API before" in messages
+        errors = [r for r in agent.logs() if r.get("level") in ("error", "critical")]
+        assert errors == [], agent.describe()

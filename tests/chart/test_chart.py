@@ -1,0 +1,514 @@
+"""The Helm chart, rendered by the real helm 3 and helm 4 and checked like an API server would.
+
+Every object is validated with kubernetes-validate (the official OpenAPI schemas, strict: no
+unknown fields) for several Kubernetes versions, the MeshAcceleration against the CRD's own
+schema, and bad values must fail ``helm template`` with a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
+import pytest
+import yaml
+
+from tests.chart import helm
+from tests.chart.helm import HELMS, NAMESPACE, find, template, template_error
+from tests.chart.sync import load_sync
+
+# The chart's kubeVersion floor (1.30: the agents' DaemonSet uses appArmorProfile), and two
+# current releases (kubernetes-validate 1.37 ships schemas for 1.28 to 1.37).
+KUBERNETES_VERSIONS = ("1.30", "1.32", "1.35")
+# Kinds whose schema comes from a CRD, not from Kubernetes: checked by their CRD's schema.
+CUSTOM_KINDS = {"MeshAcceleration", "ClusterKopfPeering"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    values: dict[str, Any]
+    reason: str
+    kinds: set[str] = field(default_factory=set)  # kinds that must be rendered
+
+
+CUSTOM_VALUES: dict[str, Any] = {
+    "fullnameOverride": "accel",
+    "commonLabels": {"team": "platform"},
+    "operator": {
+        "replicas": 3,
+        "image": {
+            "repository": "registry.example.com/mirror/meshaccel-operator",
+            "tag": "0.1.0-rc.1",
+        },
+        "imagePullSecrets": ["registry-credentials"],
+        "logFormat": "text",
+        "logLevel": "debug",
+        "extraArgs": ["--push-window=0.5"],
+        "extraEnv": [{"name": "TZ", "value": "UTC"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [
+            {
+                "key": "node-role.kubernetes.io/control-plane",
+                "operator": "Exists",
+                "effect": "NoSchedule",
+            },
+        ],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "meshaccel"}},
+            },
+        ],
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"prometheus.io/scrape": "true"},
+        "podLabels": {"cost-center": "mesh"},
+        "annotations": {"example.com/owner": "platform"},
+        "terminationGracePeriodSeconds": 60,
+        "ports": {"health": 8081, "metrics": 9091},
+    },
+    "serviceAccount": {"annotations": {"example.com/role": "meshaccel"}},
+    "metrics": {"service": {"enabled": True, "port": 9100, "annotations": {"a": "b"}}},
+    "defaultAcceleration": {
+        "enabled": True,
+        "name": "mesh-wide",
+        "mode": "linkerd",
+        "namespaceSelector": {
+            # null removes the chart's default matchLabels (Helm merges maps with defaults).
+            "matchLabels": None,
+            "matchExpressions": [
+                {"key": "linkerd.io/inject", "operator": "In", "values": ["enabled"]},
+            ],
+        },
+        "podSelector": {"matchLabels": {"accelerate": "yes"}},
+        "agent": {
+            "image": "registry.example.com/mirror/meshaccel-agent:0.1.0-rc.1",
+            "imagePullPolicy": "Always",
+            "port": 9475,
+            "nodeSelector": {"meshaccel.io/node": "yes"},
+            "tolerations": [
+                {
+                    "key": "dedicated",
+                    "operator": "Equal",
+                    "value": "mesh",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 30,
+                }
+            ],
+            "resources": {
+                "requests": {"cpu": "100m", "memory": 128},
+                "limits": {"memory": "512Mi"},
+            },
+            "priorityClassName": "system-node-critical",
+            "logLevel": "debug",
+        },
+        "datapath": {
+            "sameNodeInbound": False,
+            "skMsgRedirect": True,
+            "skMsgToApps": True,
+            "maxPods": 2048,
+            "maxConnections": 131072,
+            "maxPodPorts": 4096,
+            "maxPodCidrs": 1024,
+        },
+        "exclusions": {
+            "outboundPorts": [3306, 5432],
+            "inboundPorts": [9000],
+            "outboundCIDRs": ["169.254.0.0/16"],
+        },
+    },
+}
+
+CASES = [
+    Case(
+        "defaults",
+        {},
+        "what `helm install` with no values creates",
+        {
+            "Deployment",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ClusterKopfPeering",
+        },
+    ),
+    Case(
+        "default-acceleration",
+        {"defaultAcceleration": {"enabled": True}},
+        "the quickstart's one-flag install",
+        {"MeshAcceleration"},
+    ),
+    Case(
+        "custom",
+        CUSTOM_VALUES,
+        "every value set to something other than its default",
+        {"Deployment", "Service", "MeshAcceleration"},
+    ),
+    Case(
+        "digest",
+        {"operator": {"image": {"digest": "sha256:" + "ab" * 32}}},
+        "an image pinned by digest",
+    ),
+    Case(
+        "standalone",
+        {"operator": {"replicas": 1, "peering": ""}},
+        "one replica without peering: no ClusterKopfPeering",
+    ),
+    Case(
+        "existing-service-account",
+        {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}},
+        "RBAC and the ServiceAccount managed outside the chart",
+    ),
+]
+
+
+def _ids(cases: list[Case]) -> list[str]:
+    return [c.name for c in cases]
+
+
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_lint_strict(helm_name: str) -> None:
+    for values in ({}, CUSTOM_VALUES):
+        result = helm.run(
+            helm_name,
+            "lint",
+            "--strict",
+            "{chart}",
+            "--namespace",
+            NAMESPACE,
+            *helm.values_args(values),
+        )
+        assert result.returncode == 0, f"{helm_name} lint --strict failed:\n{result.output}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_rendered_objects_are_valid_kubernetes(helm_name: str, case: Case) -> None:
+    docs = template(helm_name, case.values, crds=True)
+    kinds = {d["kind"] for d in docs}
+    assert case.kinds <= kinds, f"{case.reason}: missing {case.kinds - kinds}"
+    for doc in docs:
+        where = f"{case.name} ({case.reason}): {doc['kind']} {doc['metadata']['name']}"
+        if doc["kind"] in CUSTOM_KINDS:
+            continue  # test_custom_resources_match_their_crds
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                pytest.fail(f"{where} is invalid for Kubernetes {version}: {err}")
+
+
+def test_strict_validation_catches_unknown_fields() -> None:
+    """The validator itself: an unknown field in a Deployment must be refused."""
+    deployment = copy.deepcopy(find(template("helm3"), "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def _crd_schema(name: str) -> dict[str, Any]:
+    crd = yaml.safe_load((helm.ROOT / "crds" / name).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields the API server would prune: the CRD schema does not declare them."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found: list[str] = []
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += _unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, value in obj.items():
+            found += _unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            found += _unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def _check_against_crd(doc: dict[str, Any], crd_file: str) -> None:
+    schema = _crd_schema(crd_file)
+    # metadata is the API server's business: the CRD schema leaves it open.
+    body = {k: v for k, v in doc.items() if k != "metadata"}
+    jsonschema.validate(body, schema, cls=jsonschema.Draft7Validator)
+    # apiVersion and kind are never pruned, whatever the schema says.
+    rest = {k: v for k, v in body.items() if k not in ("apiVersion", "kind")}
+    assert _unknown_fields(rest, schema) == [], "fields the API server would prune"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_custom_resources_match_their_crds(case: Case) -> None:
+    docs = template("helm3", case.values)
+    for doc in docs:
+        if doc["kind"] == "MeshAcceleration":
+            _check_against_crd(doc, "meshaccel.io_meshaccelerations.yaml")
+            assert "namespace" not in doc["metadata"], "MeshAccelerations are cluster-scoped"
+        elif doc["kind"] == "ClusterKopfPeering":
+            _check_against_crd(doc, "kopf.dev_clusterkopfpeerings.yaml")
+
+
+def test_default_acceleration_spec_is_the_values() -> None:
+    spec = find(template("helm3", CUSTOM_VALUES), "MeshAcceleration")["spec"]
+    wanted = {
+        k: v
+        for k, v in CUSTOM_VALUES["defaultAcceleration"].items()
+        if k not in ("enabled", "name")
+    }
+    wanted["namespaceSelector"] = {
+        "matchExpressions": wanted["namespaceSelector"]["matchExpressions"]
+    }
+    assert spec == wanted
+
+
+def test_default_acceleration_uses_the_agent_image_of_the_release() -> None:
+    docs = template("helm3", {"defaultAcceleration": {"enabled": True}})
+    acceleration = find(docs, "MeshAcceleration", "default")
+    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
+    assert acceleration["spec"]["agent"] == {
+        "image": f"ghcr.io/meshaccel/meshaccel-agent:{chart['appVersion']}"
+    }
+    assert acceleration["spec"]["namespaceSelector"] == {
+        "matchLabels": {"meshaccel.io/accelerate": "enabled"}
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_helm3_and_helm4_render_the_same(case: Case) -> None:
+    assert template("helm3", case.values, crds=True) == template("helm4", case.values, crds=True)
+
+
+def test_operator_deployment_is_locked_down() -> None:
+    deployment = find(template("helm3"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 2
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 65532
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not pod.get("hostNetwork") and not pod.get("hostPID")
+    # A writable /tmp on an emptyDir, and nothing else writable.
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    # Kopf's liveness endpoint serves both probes; metrics on their own port.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8080, "metrics": 9090}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["command"] == ["meshaccel-operator"]
+    assert container["args"] == [
+        "--log-format=json",
+        "--log-level=info",
+        "--peering=meshaccel",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=9090",
+    ]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MESHACCEL_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
+
+
+def test_operator_arguments_follow_the_values() -> None:
+    docs = template("helm3", CUSTOM_VALUES)
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/mirror/meshaccel-operator:0.1.0-rc.1"
+    assert container["args"] == [
+        "--log-format=text",
+        "--log-level=debug",
+        "--peering=meshaccel",
+        "--liveness=http://0.0.0.0:8081/healthz",
+        "--metrics-port=9091",
+        "--push-window=0.5",
+    ]
+    standalone = find(template("helm3", {"operator": {"replicas": 1, "peering": ""}}), "Deployment")
+    assert "--standalone" in standalone["spec"]["template"]["spec"]["containers"][0]["args"]
+    digest = find(template("helm3", CASES[3].values), "Deployment")
+    image = digest["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "ghcr.io/meshaccel/meshaccel-operator@sha256:" + "ab" * 32
+
+
+def test_operator_runs_the_main_module_flags() -> None:
+    """The flags the chart passes are flags meshaccel-operator accepts (its own parser)."""
+    main = pytest.importorskip("meshaccel.operator.main")
+    for values in ({}, CUSTOM_VALUES, {"operator": {"replicas": 1, "peering": ""}}):
+        (container,) = find(template("helm3", values), "Deployment")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        args = main.parse_args(container["args"], environ={})
+        assert args.log_format == (values.get("operator", {}).get("logFormat") or "json")
+
+
+def test_peering_object_matches_the_peering_flag() -> None:
+    docs = template("helm3")
+    assert find(docs, "ClusterKopfPeering")["metadata"]["name"] == "meshaccel"
+    standalone = template("helm3", {"operator": {"replicas": 1, "peering": ""}})
+    assert "ClusterKopfPeering" not in {d["kind"] for d in standalone}
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    values: dict[str, Any]
+    reason: str
+    # Every fragment must appear in helm's output (helm 3 and 4 word schema errors differently,
+    # both name the key and what was expected); "a|b" accepts either spelling.
+    says: tuple[str, ...]
+
+
+BAD = [
+    Bad(
+        "replicas-as-text",
+        {"operator": {"replicas": "two"}},
+        "a wrong type",
+        ("replicas", "integer"),
+    ),
+    Bad(
+        "unknown-mode",
+        {"defaultAcceleration": {"enabled": True, "mode": "cilium"}},
+        "a mode meshaccel does not know",
+        ("mode", "istio", "linkerd", "kuma"),
+    ),
+    Bad("unknown-operator-key", {"operator": {"replica": 3}}, "a misspelt key", ("replica",)),
+    Bad(
+        "unknown-spec-key",
+        {"defaultAcceleration": {"datapath": {"skMsg": True}}},
+        "a key the MeshAcceleration spec does not have",
+        ("skMsg",),
+    ),
+    Bad(
+        "bad-log-format",
+        {"operator": {"logFormat": "xml"}},
+        "an unknown log format",
+        ("logFormat", "json", "text"),
+    ),
+    Bad(
+        "port-out-of-range",
+        {"operator": {"ports": {"health": 70000}}},
+        "not a TCP port",
+        ("health", "65535|65,535"),
+    ),
+    Bad(
+        "sk-msg-to-apps-alone",
+        {"defaultAcceleration": {"enabled": True, "datapath": {"skMsgToApps": True}}},
+        "skMsgToApps without skMsgRedirect",
+        (
+            "defaultAcceleration.datapath.skMsgToApps=true needs "
+            "defaultAcceleration.datapath.skMsgRedirect=true",
+        ),
+    ),
+    Bad(
+        "replicas-without-peering",
+        {"operator": {"replicas": 2, "peering": ""}},
+        "two active operators",
+        ("operator.replicas=2 needs operator.peering",),
+    ),
+    Bad(
+        "no-service-account",
+        {"serviceAccount": {"create": False}},
+        "no ServiceAccount at all",
+        ("serviceAccount.create=false needs serviceAccount.name",),
+    ),
+    Bad(
+        "same-ports",
+        {"operator": {"ports": {"health": 9090, "metrics": 9090}}},
+        "two listeners on one port",
+        ("both 9090",),
+    ),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_bad_values_fail_with_a_readable_message(helm_name: str, bad: Bad) -> None:
+    output = template_error(helm_name, bad.values)
+    missing = [f for f in bad.says if not any(alt in output for alt in f.split("|"))]
+    assert not missing, f"{bad.reason}: {helm_name} did not say {missing}:\n{output}"
+    assert "panic" not in output.lower()
+
+
+def test_notes_print_commands_to_paste() -> None:
+    """helm 4 renders NOTES.txt offline (install --dry-run=client); helm 3 needs a cluster."""
+    for values, expected in (
+        (
+            {},
+            [
+                "kubectl get meshaccelerations",
+                "kind: MeshAcceleration",
+                "kubectl label namespace NAMESPACE meshaccel.io/accelerate=enabled",
+            ],
+        ),
+        (
+            {"defaultAcceleration": {"enabled": True}},
+            [
+                "kubectl get meshaccelerations",
+                "kubectl label namespace NAMESPACE meshaccel.io/accelerate=enabled",
+                "kubectl describe meshacceleration default",
+            ],
+        ),
+    ):
+        result = helm.run(
+            "helm4",
+            "install",
+            helm.RELEASE,
+            "{chart}",
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+            *helm.values_args(values),
+        )
+        assert result.returncode == 0, result.output
+        notes = result.stdout.split("NOTES:", 1)[1]
+        for line in expected:
+            assert line in notes, f"NOTES.txt lacks {line!r}:\n{notes}"
+        assert f"kubectl -n {NAMESPACE} rollout status deployment/meshaccel" in notes
+
+
+def test_chart_crds_are_the_repository_crds() -> None:
+    sync = load_sync()
+    assert sync.crd_differences() == [], "run: python charts/sync.py"
+    names = {p.name for p in (helm.CHART / "crds").glob("*.yaml")}
+    assert {"meshaccel.io_meshaccelerations.yaml", "kopf.dev_clusterkopfpeerings.yaml"} <= names
+
+
+def test_peering_crd_is_what_kopf_expects() -> None:
+    crd = yaml.safe_load((helm.ROOT / "crds" / "kopf.dev_clusterkopfpeerings.yaml").read_text())
+    assert crd["metadata"]["name"] == "clusterkopfpeerings.kopf.dev"
+    assert crd["spec"]["scope"] == "Cluster"
+    assert crd["spec"]["names"]["kind"] == "ClusterKopfPeering"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1" and version["served"] and version["storage"]
+    properties = version["schema"]["openAPIV3Schema"]["properties"]
+    for part in ("spec", "status"):
+        assert properties[part] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_kubernetes_older_than_the_floor_is_refused(helm_name: str) -> None:
+    """kubeVersion in Chart.yaml: 1.30 is the floor (the agents use appArmorProfile)."""
+    args = ["template", helm.RELEASE, "{chart}", "--namespace", NAMESPACE]
+    old = helm.run(helm_name, *args, "--kube-version", "1.29.0")
+    assert old.returncode != 0 and "kubeVersion" in old.output, old.output
+    assert helm.run(helm_name, *args, "--kube-version", "1.30.0").returncode == 0

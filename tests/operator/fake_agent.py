@@ -1,0 +1,421 @@
+"""Fake node agents for the operator's tests: real aiohttp servers speaking the agent's contract.
+
+A :class:`FakeAgent` validates bodies with the agent's own models
+(:mod:`meshaccel.agent.api_models`), applies the reconciler's generation rules (lower → 409
+with ``applied_generation``; the same generation with the same set → no-op; with another set →
+409), checks the bearer token, and answers ``PUT /v1/pods`` (ApplyResult with ``boot_id``),
+``GET /v1/pods``, ``GET /healthz``, ``POST /v1/uninstall`` (then refusing sets with a 409 that
+has no ``applied_generation``, as the agent does). It programs nothing: it records every
+accepted set in :attr:`FakeAgent.accepted`, and every request in :attr:`FakeAgent.requests`.
+
+Controls: :meth:`~FakeAgent.fail_next` (N requests to a path answer a status),
+:meth:`~FakeAgent.stop_listening` / :meth:`~FakeAgent.start_listening` (connections refused;
+open keep-alive connections are cut too), :meth:`~FakeAgent.restart` (a fresh process: new boot
+id, no generation, no pods), :attr:`~FakeAgent.delay` (seconds before each reply),
+:meth:`~FakeAgent.preset` (what a previous operator left applied), ``max_pods`` (a 422 above).
+
+:class:`FakeAgentFleet` serves many agents from one aiohttp application: one listening socket
+per agent on its own loopback address (127.1.x.y; all of 127/8 is loopback on Linux), and the
+handlers tell the agents apart by the connection's local address. Use it for hundreds of nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from types import TracebackType
+from typing import Self
+
+from aiohttp import hdrs, web
+from pydantic import BaseModel, ValidationError
+
+from meshaccel.agent.api_models import (
+    AppliedPod,
+    ApplyResult,
+    ErrorReply,
+    HealthReply,
+    PodSet,
+    PodSpec,
+    PodsReply,
+    UninstallReply,
+)
+
+Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
+FLEET_NETWORK = IPv4Address("127.1.0.1")  # the fleet's first agent address
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A set the fake agent took (a no-op repeat included), and when (time.monotonic())."""
+
+    pod_set: PodSet
+    at: float
+    noop: bool
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request the fake agent answered: its status, and when (time.monotonic())."""
+
+    method: str
+    path: str
+    status: int
+    at: float
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, message: str, applied_generation: int | None = None) -> web.Response:
+    return _json(ErrorReply(error=message, applied_generation=applied_generation), status)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class FakeAgent:
+    """One fake agent: its state, its controls, and (alone or in a fleet) its listening socket."""
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "node",
+        max_pods: int = 1024,
+        standalone: bool = False,
+        server: _Server | None = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.max_pods = max_pods
+        self.standalone = standalone
+        self.delay = 0.0
+        self._token_digest = _digest(token)
+        self._server = server
+        self._own_server = server is None
+        self._site: web.BaseSite | None = None
+        self._failures: dict[str, list[int]] = {}
+        self.requests: list[Request] = []
+        self.accepted: list[Accepted] = []
+        self.uninstalls = 0
+        self._new_process()
+
+    def _new_process(self) -> None:
+        self.boot_id = str(uuid.uuid4())
+        self.applied_generation: int | None = None
+        self.pods: dict[str, PodSpec] = {}
+        self.uninstalled = False
+
+    # -- life --------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def listening(self) -> bool:
+        return self._site is not None
+
+    async def start(self) -> None:
+        if self._server is None:
+            self._server = _Server()
+        await self._server.setup()
+        await self.start_listening()
+
+    async def start_listening(self) -> None:
+        """Listen (again: on the same port once it was chosen)."""
+        assert self._server is not None, "start() first"
+        if self._site is not None:
+            return
+        # Our own socket, so that a port 0 is known before the site starts (and kept after).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        site = web.SockSite(self._server.runner, sock)
+        await site.start()
+        self._site = site
+        self._server.agents[(self.host, self.port)] = self
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections, and cut the open ones (clients keep them alive)."""
+        if self._site is None:
+            return
+        site, self._site = self._site, None
+        await site.stop()
+        server = self._server.runner.server if self._server is not None else None
+        for connection in list(server.connections if server is not None else []):
+            sockname = connection.sockname
+            if sockname is not None and tuple(sockname[:2]) == (self.host, self.port):
+                connection.force_close()
+                if connection.transport is not None:
+                    connection.transport.close()
+
+    async def restart(self, *, downtime: float = 0.0) -> None:
+        """A fresh agent process: new boot id, nothing applied (after ``downtime`` refused)."""
+        if downtime:
+            await self.stop_listening()
+            self._new_process()
+            await asyncio.sleep(downtime)
+            await self.start_listening()
+        else:
+            self._new_process()
+
+    async def close(self) -> None:
+        await self.stop_listening()
+        if self._own_server and self._server is not None:
+            await self._server.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- controls ----------------------------------------------------------------------------
+
+    def set_token(self, token: str) -> None:
+        """Take the token the operator made (read from its Secret), as a mounted file would."""
+        self._token_digest = _digest(token)
+
+    def fail_next(self, count: int, status: int = 503, *, path: str = "/v1/pods") -> None:
+        """The next ``count`` requests to ``path`` answer ``status`` (an ErrorReply)."""
+        self._failures.setdefault(path, []).extend([status] * count)
+
+    def heal(self, path: str = "/v1/pods") -> None:
+        """Forget the failures still queued for ``path``."""
+        self._failures.pop(path, None)
+
+    def preset(self, generation: int, pods: list[PodSpec] | None = None) -> None:
+        """What an earlier operator had applied here."""
+        self.applied_generation = generation
+        self.pods = {p.uid: p for p in pods or []}
+
+    def puts(self, status: int | None = None) -> list[Request]:
+        return [
+            r for r in self.requests if r.method == "PUT" and (status is None or r.status == status)
+        ]
+
+    @property
+    def last_set(self) -> PodSet | None:
+        return self.accepted[-1].pod_set if self.accepted else None
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self._site is None:  # "not listening": a request that slipped in is cut off
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=503)  # never arrives: the connection is gone
+        response = await self._answer(request, handler)
+        self.requests.append(
+            Request(request.method, request.path, response.status, time.monotonic())
+        )
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        public = request.path in ("/healthz", "/readyz")
+        if not public:
+            scheme, _, presented = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                _digest(presented.strip()), self._token_digest
+            ):
+                response = _error(401, "invalid token")
+                response.headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="meshaccel-agent"'
+                return response
+        failures = self._failures.get(request.path)
+        if failures:
+            status = failures.pop(0)
+            return _error(status, f"injected failure {status}")
+        return await handler(self, request)
+
+    async def put_pods(self, request: web.Request) -> web.Response:
+        if self.standalone:
+            return _error(409, "this agent takes its pod set from the pods file, not from the API")
+        if self.uninstalled:
+            return _error(409, "this agent was uninstalled (POST /v1/uninstall)")
+        try:
+            pod_set = PodSet.model_validate_json(await request.read())
+        except ValidationError as err:
+            first = err.errors(include_url=False, include_input=False)[0]
+            status = 400 if first["type"] == "json_invalid" else 422
+            return _error(status, f"invalid pod set: {first['loc']}: {first['msg']}")
+        desired = {p.uid: p for p in pod_set.pods}
+        applied = self.applied_generation
+        if applied is not None and pod_set.generation < applied:
+            return _error(
+                409,
+                f"generation {pod_set.generation} is older than the applied generation {applied}",
+                applied,
+            )
+        noop = False
+        if applied is not None and pod_set.generation == applied:
+            if desired != self.pods:
+                return _error(
+                    409,
+                    f"generation {applied} is already applied with a different pod set",
+                    applied,
+                )
+            noop = True
+        if len(desired) > self.max_pods:
+            return _error(422, f"the set has {len(desired)} pods; at most {self.max_pods}", applied)
+        added = 0 if noop else len(desired.keys() - self.pods.keys())
+        removed = 0 if noop else len(self.pods.keys() - desired.keys())
+        updated = (
+            0
+            if noop
+            else sum(1 for u in desired.keys() & self.pods.keys() if desired[u] != self.pods[u])
+        )
+        self.applied_generation, self.pods = pod_set.generation, desired
+        self.accepted.append(Accepted(pod_set, time.monotonic(), noop))
+        return _json(
+            ApplyResult(
+                applied_generation=pod_set.generation,
+                added=added,
+                updated=updated,
+                removed=removed,
+                unresolved=[],
+                duration_ms=0.1,
+                boot_id=self.boot_id,
+            )
+        )
+
+    async def get_pods(self, request: web.Request) -> web.Response:
+        return _json(
+            PodsReply(
+                applied_generation=self.applied_generation,
+                pods=[
+                    AppliedPod(uid=p.uid, namespace=p.namespace, name=p.name, ip=p.ip, cgroup_id=1)
+                    for p in self.pods.values()
+                ],
+                unresolved=[],
+            )
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json(HealthReply(boot_id=self.boot_id))
+
+    async def post_uninstall(self, request: web.Request) -> web.Response:
+        if self.standalone:
+            return _error(409, "this agent takes its pod set from the pods file, not from the API")
+        self.uninstalls += 1
+        already, self.uninstalled = self.uninstalled, True
+        return _json(UninstallReply(already=already, duration_ms=0.1, boot_id=self.boot_id))
+
+
+_AGENTS: web.AppKey[dict[tuple[str, int], FakeAgent]] = web.AppKey("agents")
+
+
+def _route(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A route that finds the agent by the address the connection came in on."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        agent = request.app[_AGENTS].get((local[0], local[1])) if local else None
+        if agent is None:
+            return _error(404, f"no fake agent at {local}")
+        return await agent.handle(request, handler)
+
+    return route
+
+
+class _Server:
+    """One aiohttp application and runner; each agent adds its own TCPSite to it."""
+
+    def __init__(self) -> None:
+        self.agents: dict[tuple[str, int], FakeAgent] = {}
+        app = web.Application()
+        app[_AGENTS] = self.agents
+        app.router.add_routes(
+            [
+                web.put("/v1/pods", _route(FakeAgent.put_pods)),
+                web.get("/v1/pods", _route(FakeAgent.get_pods)),
+                web.get("/healthz", _route(FakeAgent.healthz)),
+                web.post("/v1/uninstall", _route(FakeAgent.post_uninstall)),
+            ]
+        )
+        # shutdown_timeout: cleanup must not wait for the clients' keep-alive connections.
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1, handle_signals=False)
+        self._set_up = False
+
+    async def setup(self) -> None:
+        if not self._set_up:
+            await self.runner.setup()
+            self._set_up = True
+
+    async def cleanup(self) -> None:
+        if self._set_up:
+            await self.runner.cleanup()
+            self._set_up = False
+
+
+class FakeAgentFleet:
+    """``count`` fake agents in one application, agent ``i`` on ``127.1.x.y`` (see module)."""
+
+    def __init__(self, count: int, *, token: str, max_pods: int = 1024, port: int = 0) -> None:
+        if not 0 < count <= 60000:
+            raise ValueError(f"{count} agents do not fit the fleet's addresses")
+        self._server = _Server()
+        self.agents = [
+            FakeAgent(
+                token=token,
+                host=str(FLEET_NETWORK + i),
+                port=port,
+                name=f"node-{i:04d}",
+                max_pods=max_pods,
+                server=self._server,
+            )
+            for i in range(count)
+        ]
+        self.by_name = {agent.name: agent for agent in self.agents}
+
+    async def start(self) -> None:
+        await self._server.setup()
+        await asyncio.gather(*(agent.start_listening() for agent in self.agents))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(agent.stop_listening() for agent in self.agents))
+        await self._server.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __iter__(self) -> Iterator[FakeAgent]:
+        return iter(self.agents)
+
+    def __len__(self) -> int:
+        return len(self.agents)
+
+    def request_counts(self) -> Counter[tuple[str, str, int]]:
+        return Counter((r.method, r.path, r.status) for a in self.agents for r in a.requests)

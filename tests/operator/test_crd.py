@@ -1,0 +1,179 @@
+"""The CRD: generated from the models, committed up to date, structural, and agreeing with them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshaccel.operator import crd
+from meshaccel.operator.models import MeshAccelerationSpec, MeshAccelerationStatus
+from tests.operator.k8s_validation import CrdSchema
+from tests.operator.objects import acceleration
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "crds" / crd.CRD_FILE
+
+
+def openapi() -> dict[str, Any]:
+    document = yaml.safe_load(CRD_PATH.read_text())
+    schema: dict[str, Any] = document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_committed_crd_is_up_to_date(capsys) -> None:
+    assert crd.main(["--check", "--output-dir", str(CRD_PATH.parent)]) == 0, (
+        "crds/ is out of date: run `python -m meshaccel.operator.crd`\n" + capsys.readouterr().out
+    )
+
+
+def test_check_notices_a_stale_file(tmp_path: Path) -> None:
+    (tmp_path / crd.CRD_FILE).write_text(CRD_PATH.read_text().replace("istio", "isteo", 1))
+    assert crd.main(["--check", "--output-dir", str(tmp_path)]) == 1
+
+
+def _walk(node: Any, path: str = "") -> list[str]:
+    """Violations of the structural-schema rules apiextensions/v1 enforces."""
+    if not isinstance(node, dict):
+        return []
+    problems = []
+    for forbidden in ("$ref", "$defs", "definitions", "anyOf", "oneOf", "allOf", "title"):
+        if forbidden in node:
+            problems.append(f"{path}: {forbidden}")
+    typed = (
+        "type" in node
+        or node.get("x-kubernetes-int-or-string")
+        or node.get("x-kubernetes-preserve-unknown-fields")
+    )
+    if not typed:
+        problems.append(f"{path}: no type")
+    if "properties" in node and "additionalProperties" in node:
+        problems.append(f"{path}: properties and additionalProperties together")
+    for name, sub in node.get("properties", {}).items():
+        problems += _walk(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        problems += _walk(node.get(key), f"{path}[{key}]")
+    return problems
+
+
+def test_schema_is_structural() -> None:
+    assert _walk(openapi()) == []
+
+
+def test_status_is_fully_described() -> None:
+    """Nothing the operator writes to .status may be pruned: every field is in the schema."""
+    status = openapi()["properties"]["status"]
+    assert "x-kubernetes-preserve-unknown-fields" not in status
+    assert set(status["properties"]) == set(MeshAccelerationStatus.model_fields)
+
+
+def test_printer_columns_and_names() -> None:
+    document = yaml.safe_load(CRD_PATH.read_text())
+    version = document["spec"]["versions"][0]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:1] == ["Mode"] and "Pods Accelerated" in columns and columns[-1] == "Age"
+    assert version["subresources"] == {"status": {}}
+    assert document["spec"]["scope"] == "Cluster"
+    assert document["spec"]["names"]["shortNames"] == ["meshaccel", "ma"]
+
+
+def test_server_defaults_equal_the_models_defaults() -> None:
+    """A minimal resource, defaulted by the schema, is what the models default it to."""
+    obj = acceleration()
+    CrdSchema(openapi()).default(obj)
+    from_models = MeshAccelerationSpec.model_validate(acceleration()["spec"]).model_dump(
+        mode="json", exclude_none=True
+    )
+    assert obj["spec"] == from_models
+
+
+GOOD: list[tuple[str, dict[str, Any]]] = [
+    ("minimal", {}),
+    ("every mode", {"mode": "kuma"}),
+    (
+        "full selectors",
+        {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/part-of": "shop"},
+                "matchExpressions": [
+                    {"key": "tier", "operator": "NotIn", "values": ["batch"]},
+                    {"key": "legacy", "operator": "DoesNotExist"},
+                ],
+            }
+        },
+    ),
+    (
+        "agent settings",
+        {
+            "agent": {
+                "image": "registry.example/meshaccel-agent:0.1.0",
+                "port": 19474,
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [
+                    {
+                        "key": "dedicated",
+                        "operator": "Equal",
+                        "value": "mesh",
+                        "effect": "NoSchedule",
+                    }
+                ],
+                "resources": {"requests": {"cpu": 1, "memory": "128Mi"}},
+                "priorityClassName": "system-node-critical",
+            }
+        },
+    ),
+    ("datapath", {"datapath": {"skMsgRedirect": True, "maxPods": 4096}}),
+    ("exclusions", {"exclusions": {"outboundPorts": [5432], "outboundCIDRs": ["169.254.0.0/16"]}}),
+]
+
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown mode", {"mode": "cilium"}, "spec.mode"),
+    ("port zero", {"agent": {"port": 0}}, "spec.agent.port"),
+    ("port as text", {"agent": {"port": "9474"}}, "spec.agent.port"),
+    ("unknown field", {"accelerate": True}, "spec"),
+    (
+        "unknown selector operator",
+        {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Contains"}]}},
+        "operator",
+    ),
+    ("bad label value", {"podSelector": {"matchLabels": {"a": "no spaces"}}}, "matchLabels"),
+    ("tolerations not a list", {"agent": {"tolerations": {"operator": "Exists"}}}, "tolerations"),
+    ("maxPods too big", {"datapath": {"maxPods": 10**6}}, "maxPods"),
+    ("not a CIDR", {"exclusions": {"outboundCIDRs": ["everything"]}}, "outboundCIDRs"),
+]
+
+
+@pytest.mark.parametrize(("reason", "spec"), GOOD, ids=[g[0] for g in GOOD])
+def test_valid_resources_pass_both_schema_and_models(reason: str, spec: dict[str, Any]) -> None:
+    obj = acceleration(spec={"namespaceSelector": {}, **spec})
+    schema = CrdSchema(openapi())
+    defaulted = copy.deepcopy(obj)
+    schema.default(defaulted)
+    assert schema.validate(defaulted) is None, reason
+    MeshAccelerationSpec.model_validate_json(json.dumps(obj["spec"]), strict=True)
+
+
+@pytest.mark.parametrize(("reason", "spec", "field"), BAD, ids=[b[0] for b in BAD])
+def test_invalid_resources_are_rejected_by_the_schema(
+    reason: str, spec: dict[str, Any], field: str
+) -> None:
+    obj = acceleration(spec={"namespaceSelector": {}, **spec})
+    schema = CrdSchema(openapi())
+    schema.default(obj)
+    error = schema.validate(obj)
+    assert error is not None, reason
+    assert field in str(error), (reason, str(error))
+    with pytest.raises(ValueError):  # the models agree (strict, as from JSON)
+        MeshAccelerationSpec.model_validate_json(json.dumps(obj["spec"]), strict=True)
+
+
+def test_missing_namespace_selector_is_rejected() -> None:
+    obj = acceleration(spec={"mode": "istio"})
+    schema = CrdSchema(openapi())
+    schema.default(obj)
+    error = schema.validate(obj)
+    assert error is not None and "namespaceSelector" in str(error)

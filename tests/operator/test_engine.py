@@ -1,0 +1,258 @@
+"""The engine: re-selection on every kind of change, per-node sets, conflicts (no Kopf, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from meshaccel.agent.api_models import PodSpec
+from meshaccel.operator.engine import Engine
+from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.selection import Verdict
+from tests.operator.objects import OPERATOR_NAMESPACE, agent_pod, pod
+
+ENABLED = {"meshaccel.io/accelerate": "enabled"}
+
+
+class RecordingSink:
+    """A PodSink that keeps the last set and endpoint per node, and counts pushes."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, list[str]] = {}  # node -> pod names
+        self.endpoints: dict[str, str | None] = {}
+        self.calls = 0
+
+    def set_endpoint(self, node: str, url: str | None) -> None:
+        self.endpoints[node] = url
+
+    def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None:
+        self.calls += 1
+        self.sets[node] = sorted(f"{p.namespace}/{p.name}" for p in pods)
+
+    def drop_node(self, node: str) -> None:
+        self.sets.pop(node, None)
+        self.endpoints.pop(node, None)
+
+
+def spec(**overrides: Any) -> MeshAccelerationSpec:
+    return MeshAccelerationSpec.model_validate(
+        {"namespaceSelector": {"matchLabels": ENABLED}, **overrides}
+    )
+
+
+@pytest.fixture
+def engine() -> Engine:
+    engine = Engine(OPERATOR_NAMESPACE)
+    engine.namespace_changed("shop", ENABLED)
+    engine.namespace_changed("other", {})
+    engine.pod_changed(agent_pod("default", "node-1", "192.0.2.1", uid="agent-1"))
+    engine.pod_changed(agent_pod("default", "node-2", "192.0.2.2", uid="agent-2"))
+    return engine
+
+
+def add(engine: Engine, name: str = "default", created: str = "2026-01-01T00:00:00Z", **kw: Any):
+    sink = RecordingSink()
+    acceleration = engine.acceleration_changed(name, f"uid-{name}", created, spec(**kw), sink)
+    return acceleration, sink
+
+
+def test_pods_reach_their_own_nodes_agent(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    engine.pod_changed(pod("b", "shop", node="node-2", ip="10.1.0.2"))
+    engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
+    _, sink = add(engine)
+    assert sink.sets == {"node-1": ["shop/a"], "node-2": ["shop/b"]}
+    assert sink.endpoints == {"node-1": "http://192.0.2.1:9474", "node-2": "http://192.0.2.2:9474"}
+
+
+def test_labelling_a_namespace_selects_its_pods_and_unlabelling_removes_them(engine) -> None:
+    engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
+    _, sink = add(engine)
+    assert sink.sets["node-1"] == []
+    engine.namespace_changed("other", ENABLED)
+    assert sink.sets["node-1"] == ["other/c"]
+    engine.namespace_changed("other", {"meshaccel.io/accelerate": "disabled"})
+    assert sink.sets["node-1"] == []
+
+
+def test_pod_deleted_leaves_its_nodes_set(engine: Engine) -> None:
+    a = pod("a", "shop", node="node-1", ip="10.1.0.1")
+    engine.pod_changed(a)
+    engine.pod_changed(pod("b", "shop", node="node-1", ip="10.1.0.2"))
+    _, sink = add(engine)
+    engine.pod_changed(a, deleted=True)
+    assert sink.sets["node-1"] == ["shop/b"]
+
+
+def test_an_irrelevant_pod_update_pushes_nothing(engine: Engine) -> None:
+    a = pod("a", "shop", node="node-1", ip="10.1.0.1")
+    engine.pod_changed(a)
+    _, sink = add(engine)
+    calls = sink.calls
+    a["metadata"]["annotations"]["prometheus.io/scrape"] = "true"
+    a["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    engine.pod_changed(a)
+    assert sink.calls == calls
+
+
+def test_pod_running_later_and_moving_ip(engine: Engine) -> None:
+    _, sink = add(engine)
+    pending = pod("a", "shop", node="node-1", ip=None, phase="Pending")
+    engine.pod_changed(pending)
+    assert sink.sets["node-1"] == []
+    running = pod("a", "shop", node="node-1", ip="10.1.0.9", uid=pending["metadata"]["uid"])
+    engine.pod_changed(running)
+    assert sink.sets["node-1"] == ["shop/a"]
+
+
+def test_spec_change_reselects(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1", labels={"tier": "web"}))
+    engine.pod_changed(pod("b", "shop", node="node-1", ip="10.1.0.2", labels={"tier": "db"}))
+    acceleration, sink = add(engine)
+    assert sink.sets["node-1"] == ["shop/a", "shop/b"]
+    engine.acceleration_changed(
+        "default",
+        acceleration.uid,
+        acceleration.created,
+        spec(podSelector={"matchLabels": {"tier": "web"}}),
+        sink,
+    )
+    assert sink.sets["node-1"] == ["shop/a"]
+
+
+def test_agent_leaving_a_node_drops_it_and_its_pods(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-2", ip="10.1.0.2"))
+    acceleration, sink = add(engine)
+    assert sink.sets["node-2"] == ["shop/a"]
+    engine.pod_changed(agent_pod("default", "node-2", "192.0.2.2", uid="agent-2"), deleted=True)
+    assert "node-2" not in sink.sets and "node-2" not in sink.endpoints
+    assert acceleration.skipped_by_reason() == {"NoAgentOnNode": 1}
+
+
+def test_agent_restarting_with_a_new_ip_moves_the_endpoint(engine: Engine) -> None:
+    _, sink = add(engine)
+    old = agent_pod("default", "node-1", "192.0.2.1", uid="agent-1")
+    new = agent_pod("default", "node-1", "192.0.2.11", uid="agent-1b")
+    engine.pod_changed(new)
+    engine.pod_changed(old, deleted=True)
+    assert sink.endpoints["node-1"] == "http://192.0.2.11:9474"
+
+
+def test_a_pod_merely_labelled_like_an_agent_gets_no_sets(engine: Engine) -> None:
+    """The token and pod sets go to the DaemonSet's pods in the operator's namespace only."""
+    _, sink = add(engine)
+    impostor = agent_pod("default", "node-3", "192.0.2.66", namespace="shop")
+    engine.pod_changed(impostor)
+    orphan = agent_pod("default", "node-4", "192.0.2.67")
+    orphan["metadata"]["ownerReferences"] = []
+    engine.pod_changed(orphan)
+    assert set(sink.endpoints) == {"node-1", "node-2"}
+
+
+def test_skipped_pods_are_counted_by_reason(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1", sidecar=False))
+    engine.pod_changed(
+        pod(
+            "b",
+            "shop",
+            node="node-1",
+            ip="10.1.0.2",
+            annotations={"meshaccel.io/accelerate": "false"},
+        )
+    )
+    engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
+    acceleration, _ = add(engine)
+    assert acceleration.skipped_by_reason() == {Verdict.NO_SIDECAR: 1, Verdict.OPTED_OUT: 1}
+
+
+def test_invalid_spec_on_a_new_resource_programs_nothing(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    sink = RecordingSink()
+    bad = spec(agent={"image": "example/agent"})
+    acceleration = engine.acceleration_changed("default", "uid", "t", bad, sink)
+    assert acceleration.problems and "no tag" in acceleration.problems[0]
+    assert not acceleration.active and sink.sets == {} and sink.endpoints == {}
+
+
+def test_invalid_edit_keeps_the_last_good_spec_running(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    acceleration, sink = add(engine)
+    engine.acceleration_changed(
+        "default",
+        acceleration.uid,
+        acceleration.created,
+        spec(namespaceSelector={"matchExpressions": [{"key": "x", "operator": "In"}]}),
+        sink,
+    )
+    assert acceleration.problems and acceleration.active
+    assert sink.sets["node-1"] == ["shop/a"], "nothing half-applied"
+    fixed = spec(namespaceSelector={"matchLabels": {"none": "x"}})
+    engine.acceleration_changed("default", acceleration.uid, acceleration.created, fixed, sink)
+    assert not acceleration.problems and sink.sets["node-1"] == []
+
+
+def test_the_later_of_two_overlapping_resources_conflicts_and_takes_over_later(engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    engine.pod_changed(agent_pod("second", "node-1", "192.0.2.1", uid="agent-second"))
+    first, _ = add(engine, "first", created="2026-01-01T00:00:00Z")
+    second, second_sink = add(engine, "second", created="2026-01-02T00:00:00Z")
+    assert first.active and first.conflict is None
+    assert second.conflict is not None and "'first'" in second.conflict
+    assert second_sink.sets == {} and second_sink.endpoints == {}
+    engine.acceleration_removed("first")
+    assert second.active and second_sink.sets == {"node-1": ["shop/a"]}
+
+
+def test_disjoint_node_pools_do_not_conflict(engine: Engine) -> None:
+    engine.node_changed("node-1", {"pool": "a"})
+    engine.node_changed("node-2", {"zone": "z"})
+    first, _ = add(
+        engine,
+        "first",
+        agent={"nodeSelector": {"pool": "a"}},
+        namespaceSelector={"matchLabels": {"team": "x"}},
+    )
+    second, _ = add(
+        engine, "second", created="2026-02-01T00:00:00Z", agent={"nodeSelector": {"zone": "z"}}
+    )
+    assert first.active and second.active
+    # A node relabelled into both pools makes the later resource conflict, naming the node.
+    engine.node_changed("node-2", {"pool": "a", "zone": "z"})
+    assert first.active
+    assert second.conflict is not None and "node-2" in second.conflict
+
+
+def test_pod_claimed_by_two_resources_on_disjoint_nodes_conflicts(engine: Engine) -> None:
+    engine.node_changed("node-1", {"pool": "a"})
+    engine.node_changed("node-2", {"pool": "b"})
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    first, _ = add(engine, "first", agent={"nodeSelector": {"pool": "a"}})
+    second, _ = add(
+        engine, "second", created="2026-02-01T00:00:00Z", agent={"nodeSelector": {"pool": "b"}}
+    )
+    assert first.active
+    assert second.conflict is not None and "pod shop/a" in second.conflict
+
+
+def test_ten_thousand_pods_select_in_bounded_time(engine: Engine) -> None:
+    """Not a timing test: counts that one pod event publishes one node's set, once."""
+    _, sink = add(engine)
+    for i in range(2000):
+        engine.pod_changed(
+            pod(f"p{i}", "shop", node=f"node-{1 + i % 2}", ip=f"10.2.{i // 250}.{i % 250 + 1}")
+        )
+    calls = sink.calls
+    engine.pod_changed(pod("late", "shop", node="node-1", ip="10.3.0.1"))
+    assert sink.calls == calls + 1
+    assert len(sink.sets["node-1"]) == 1001 and len(sink.sets["node-2"]) == 1000
+
+
+def test_two_running_pods_with_one_ip_are_both_left_out(engine: Engine) -> None:
+    """The agent refuses a set with a repeated IP whole: the engine never sends one."""
+    _, sink = add(engine)
+    engine.pod_changed(pod("old", "shop", node="node-1", ip="10.1.0.7"))
+    engine.pod_changed(pod("new", "shop", node="node-1", ip="10.1.0.7"))
+    engine.pod_changed(pod("other", "shop", node="node-1", ip="10.1.0.8"))
+    assert sink.sets["node-1"] == ["shop/other"]

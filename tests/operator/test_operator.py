@@ -1,0 +1,465 @@
+"""The operator end to end: Kopf (KopfRunner) against the API emulator, real fake agents over HTTP.
+
+No DaemonSet controller runs in the emulator: :func:`schedule_agents` plays it (agent pods on
+each node, host network, the DaemonSet's status), as the real controller would after the
+operator created the DaemonSet. Every write the operator makes is validated by the emulator
+(kubernetes-validate for built-in kinds, the CRD schema for MeshAccelerations); each test ends
+by asserting that nothing was refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+# Before the handlers are imported: Kopf registers the status timer's interval at import.
+os.environ.setdefault("MESHACCEL_STATUS_INTERVAL", "0.3")
+
+
+from meshaccel.operator import handlers, rendering
+from tests.operator.conftest import (
+    ApiError,
+    KubeClient,
+    api_path,
+    kopf_running,
+    wait_for,
+)
+from tests.operator.emulator import ApiServerEmulator
+from tests.operator.fake_agent import FakeAgent
+
+NAMESPACE = "meshaccel-system"
+ENABLED = {"meshaccel.io/accelerate": "enabled"}
+MA = ("meshaccel.io/v1alpha1", "meshaccelerations")
+NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    """A port free on both agents' addresses (their DaemonSet has one port for all nodes)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((NODES["node-1"], 0))
+            port = int(probe.getsockname()[1])
+        with socket.socket() as other:
+            try:
+                other.bind((NODES["node-2"], port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+@dataclass
+class Cluster:
+    emulator: ApiServerEmulator
+    kube: KubeClient
+    agents: dict[str, FakeAgent]
+    port: int
+
+    async def create_acceleration(self, name: str = "default", **spec: Any) -> dict[str, Any]:
+        body = {
+            "apiVersion": "meshaccel.io/v1alpha1",
+            "kind": "MeshAcceleration",
+            "metadata": {"name": name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": ENABLED},
+                "agent": {"port": self.port, **spec.pop("agent", {})},
+                **spec,
+            },
+        }
+        return await self.kube.create(api_path(*MA), body)
+
+    async def acceleration(self, name: str = "default") -> dict[str, Any]:
+        return await self.kube.get(api_path(*MA, name=name))
+
+    async def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        status = (await self.acceleration(name)).get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == kind), None)
+
+    async def read(self, kind_plural: str, name: str, api_version: str = "v1") -> Any:
+        try:
+            return await self.kube.get(api_path(api_version, kind_plural, NAMESPACE, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def schedule_agents(self, name: str = "default") -> None:
+        """Play the DaemonSet controller: an agent pod per node, then the DaemonSet's status."""
+        ds_name = rendering.daemonset_name(name)
+        daemonset = await wait_for(lambda: self.read("daemonsets", ds_name, "apps/v1"))
+        secret = await self.read("secrets", rendering.secret_name(name))
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        for agent in self.agents.values():
+            agent.set_token(token)
+        template = daemonset["spec"]["template"]
+        for node, ip in NODES.items():
+            pod: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"{ds_name}-{node}",
+                    "namespace": NAMESPACE,
+                    "labels": template["metadata"]["labels"],
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "DaemonSet",
+                            "name": ds_name,
+                            "uid": daemonset["metadata"]["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": {**template["spec"], "nodeName": node},
+            }
+            await self.kube.create(api_path("v1", "pods", NAMESPACE), pod)
+            await self.kube.merge(
+                api_path("v1", "pods", NAMESPACE, pod["metadata"]["name"], "status"),
+                {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip}},
+            )
+        await self.kube.merge(
+            api_path("apps/v1", "daemonsets", NAMESPACE, ds_name, "status"),
+            {
+                "status": {
+                    "currentNumberScheduled": len(NODES),
+                    "desiredNumberScheduled": len(NODES),
+                    "numberMisscheduled": 0,
+                    "numberReady": len(NODES),
+                    "updatedNumberScheduled": len(NODES),
+                    "observedGeneration": daemonset["metadata"].get("generation", 1),
+                }
+            },
+        )
+
+    def pods_on(self, node: str) -> list[str] | None:
+        last = self.agents[node].last_set
+        return None if last is None else sorted(f"{p.namespace}/{p.name}" for p in last.pods)
+
+
+@pytest.fixture
+async def cluster(
+    emulator: ApiServerEmulator, kubeconfig: Any, kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Cluster]:
+    monkeypatch.setenv("MESHACCEL_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("MESHACCEL_PUSH_WINDOW", "0.05")
+    monkeypatch.setenv("MESHACCEL_PROBE_INTERVAL", "0.5")
+    monkeypatch.setenv("MESHACCEL_BACKOFF_MAX", "0.5")
+    await kube.create_namespace(NAMESPACE)
+    await kube.create_namespace("shop")
+    for node in NODES:
+        await kube.create_node(node)
+    port = free_port()
+    agents = {
+        node: FakeAgent(token="unknown-yet", host=ip, port=port, name=node)
+        for node, ip in NODES.items()
+    }
+    for agent in agents.values():
+        await agent.start()
+    try:
+        yield Cluster(emulator, kube, agents, port)
+    finally:
+        for agent in agents.values():
+            await agent.close()
+    assert emulator.rejections == [], "the operator wrote something a real API server refuses"
+
+
+def operator(*extra: str, standalone: bool = True) -> Any:
+    return kopf_running(
+        "-A",
+        "-m",
+        handlers.__name__,
+        *extra,
+        registry=handlers.REGISTRY,
+        timeout=20,
+        standalone=standalone,
+    )
+
+
+async def test_lifecycle_from_create_to_uninstall(cluster: Cluster) -> None:
+    kube = cluster.kube
+    await kube.create_pod("shop", "web", node="node-1", pod_ip="198.18.1.10")
+    await kube.create_pod("shop", "db", node="node-2", pod_ip="198.18.1.11")
+    await kube.create_pod("shop", "batch", node="node-1", pod_ip="198.18.1.12", sidecar=False)
+    async with operator() as runner:
+        ma = await cluster.create_acceleration()
+        uid = ma["metadata"]["uid"]
+
+        # Created: the agents' objects, all owned by the resource.
+        await cluster.schedule_agents()
+        for plural, name, version in (
+            ("serviceaccounts", rendering.serviceaccount_name("default"), "v1"),
+            ("secrets", rendering.secret_name("default"), "v1"),
+            ("configmaps", rendering.configmap_name("default"), "v1"),
+            ("daemonsets", rendering.daemonset_name("default"), "apps/v1"),
+        ):
+            obj = await cluster.read(plural, name, version)
+            assert obj is not None, plural
+            owners = obj["metadata"]["ownerReferences"]
+            assert [(o["kind"], o["uid"], o.get("controller")) for o in owners] == [
+                ("MeshAcceleration", uid, True)
+            ], plural
+
+        # Every agent gets its node's set, empty while no namespace is labelled.
+        await wait_for(lambda: all(cluster.pods_on(n) == [] for n in NODES), timeout=10)
+        ready = await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
+        assert ready["reason"] == "Accelerating"
+        status = (await cluster.acceleration())["status"]
+        assert (status["nodesDesired"], status["nodesReady"], status["nodesInSync"]) == (2, 2, 2)
+        assert status["observedGeneration"] == ma["metadata"]["generation"]
+
+        # Labelling the namespace: the right pods reach the right node's agent.
+        await kube.merge(
+            api_path("v1", "namespaces", name="shop"), {"metadata": {"labels": ENABLED}}
+        )
+        await wait_for(lambda: cluster.pods_on("node-1") == ["shop/web"], timeout=10)
+        await wait_for(lambda: cluster.pods_on("node-2") == ["shop/db"], timeout=10)
+        web = cluster.agents["node-1"].last_set
+        assert web is not None and str(web.pods[0].ip) == "198.18.1.10"
+
+        # Options from the pod's annotations; an opt-out removes the pod.
+        await kube.merge(
+            api_path("v1", "pods", "shop", "db"),
+            {
+                "metadata": {
+                    "annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"}
+                }
+            },
+        )
+        await wait_for(
+            lambda: _options(cluster, "node-2") == {5432},
+            timeout=10,
+        )
+        await kube.merge(
+            api_path("v1", "pods", "shop", "db"),
+            {"metadata": {"annotations": {"meshaccel.io/accelerate": "false"}}},
+        )
+        await wait_for(lambda: cluster.pods_on("node-2") == [], timeout=10)
+
+        # A pod deleted is gone from its agent's set.
+        await kube.delete(api_path("v1", "pods", "shop", "web"))
+        await wait_for(lambda: cluster.pods_on("node-1") == [], timeout=10)
+
+        # Status counts what is not accelerated and why.
+        async def counted() -> bool:
+            status = (await cluster.acceleration()).get("status") or {}
+            return status.get("podsNotAccelerated") == {"NoSidecar": 1, "OptedOut": 1}
+
+        await wait_for(counted, timeout=10)
+
+        # Deleted: every agent is told to uninstall, then the resource and its objects go.
+        await kube.delete(api_path(*MA, name="default"))
+        await wait_for(lambda: all(a.uninstalls for a in cluster.agents.values()), timeout=15)
+        await wait_for(lambda: _gone(cluster), timeout=15)
+        assert (
+            await cluster.read("daemonsets", rendering.daemonset_name("default"), "apps/v1") is None
+        )
+        await wait_for(lambda: "Uninstalled" in _event_reasons(cluster, "default"), timeout=10)
+    assert runner.exception is None, runner.output
+
+
+async def test_spec_change_rolls_the_agents(cluster: Cluster) -> None:
+    async with operator():
+        await cluster.create_acceleration()
+        await cluster.schedule_agents()
+        ds_name = rendering.daemonset_name("default")
+        before = await cluster.read("daemonsets", ds_name, "apps/v1")
+        await cluster.kube.merge(
+            api_path(*MA, name="default"), {"spec": {"datapath": {"sameNodeInbound": False}}}
+        )
+
+        async def rolled() -> bool:
+            after = await cluster.read("daemonsets", ds_name, "apps/v1")
+            return _template_hash(after) != _template_hash(before)
+
+        await wait_for(rolled, timeout=10)
+        config = await cluster.read("configmaps", rendering.configmap_name("default"))
+        assert "same_node_inbound: false" in config["data"]["agent.yaml"]
+
+
+async def test_restarted_agent_gets_the_full_set_again(cluster: Cluster) -> None:
+    await cluster.kube.create_namespace("mesh", ENABLED)
+    await cluster.kube.create_pod("mesh", "web", node="node-1", pod_ip="198.18.1.20")
+    async with operator():
+        await cluster.create_acceleration()
+        await cluster.schedule_agents()
+        agent = cluster.agents["node-1"]
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/web"], timeout=10)
+        await agent.restart()  # a new process: new boot id, nothing applied
+        assert agent.applied_generation is None
+        await wait_for(lambda: agent.applied_generation is not None, timeout=10)
+        assert cluster.pods_on("node-1") == ["mesh/web"]
+
+
+async def test_agent_failing_shows_in_status_then_recovers(cluster: Cluster) -> None:
+    await cluster.kube.create_namespace("mesh", ENABLED)
+    async with operator():
+        await cluster.create_acceleration()
+        await cluster.schedule_agents()
+        await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
+        agent = cluster.agents["node-2"]
+        agent.fail_next(1000, 503)
+        await cluster.kube.create_pod("mesh", "late", node="node-2", pod_ip="198.18.1.30")
+
+        async def behind() -> bool:
+            status = (await cluster.acceleration()).get("status") or {}
+            return [lag["node"] for lag in status.get("nodesBehind", [])] == ["node-2"]
+
+        await wait_for(behind, timeout=10)
+        agent.heal()
+        await wait_for(lambda: cluster.pods_on("node-2") == ["mesh/late"], timeout=15)
+        await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
+
+
+async def test_later_conflicting_resource_programs_nothing(cluster: Cluster) -> None:
+    async with operator():
+        await cluster.create_acceleration("first")
+        await cluster.schedule_agents("first")
+        await wait_for(lambda: _true(cluster, "first", "Ready"), timeout=10)
+        await cluster.create_acceleration("second", namespaceSelector={})
+        conflict = await wait_for(lambda: _true(cluster, "second", "Conflict"), timeout=10)
+        assert "'first'" in conflict["message"]
+        ready = await cluster.condition("second", "Ready")
+        assert ready is not None and ready["status"] == "False"
+        assert (
+            await cluster.read("daemonsets", rendering.daemonset_name("second"), "apps/v1") is None
+        )
+        first = await cluster.condition("first", "Conflict")
+        assert first is not None and first["status"] == "False"
+        await wait_for(
+            lambda: "ClaimedByOlderResource" in _event_reasons(cluster, "second", "Warning"),
+            timeout=10,
+        )
+
+
+async def test_sensible_schema_but_senseless_spec_is_degraded(cluster: Cluster) -> None:
+    async with operator():
+        await cluster.create_acceleration(
+            "untagged",
+            agent={"image": "registry.example/meshaccel-agent"},
+            podSelector={
+                "matchLabels": {"tier": "web"},
+                "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}],
+            },
+        )
+        degraded = await wait_for(lambda: _true(cluster, "untagged", "Degraded"), timeout=10)
+        assert degraded["reason"] == "InvalidSpec"
+        assert "has no tag" in degraded["message"]
+        assert "spec.podSelector can never match" in degraded["message"]
+        assert (
+            await cluster.read("daemonsets", rendering.daemonset_name("untagged"), "apps/v1")
+            is None
+        )
+
+
+async def test_invalid_fields_are_refused_by_the_schema(cluster: Cluster) -> None:
+    for spec, field in (
+        ({"namespaceSelector": {}, "mode": "cilium"}, "mode"),
+        ({"namespaceSelector": {}, "agent": {"port": 70000}}, "port"),
+        ({"mode": "istio"}, "namespaceSelector"),
+    ):
+        with pytest.raises(ApiError) as refused:
+            await cluster.kube.create(
+                api_path(*MA),
+                {
+                    "apiVersion": "meshaccel.io/v1alpha1",
+                    "kind": "MeshAcceleration",
+                    "metadata": {"name": "bad"},
+                    "spec": spec,
+                },
+            )
+        assert refused.value.status == 422 and field in str(refused.value.body)
+    cluster.emulator.rejections.clear()  # refused on purpose: not the operator's writes
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _true(cluster: Cluster, name: str, kind: str) -> dict[str, Any] | None:
+    condition = await cluster.condition(name, kind)
+    return condition if condition is not None and condition["status"] == "True" else None
+
+
+def _options(cluster: Cluster, node: str) -> set[int] | None:
+    last = cluster.agents[node].last_set
+    if last is None or not last.pods:
+        return None
+    return set(last.pods[0].options.excluded_outbound_ports)
+
+
+async def _gone(cluster: Cluster) -> bool:
+    try:
+        await cluster.acceleration()
+    except ApiError as err:
+        return err.status == 404
+    return False
+
+
+def _event_reasons(cluster: Cluster, name: str, kind: str | None = None) -> set[str]:
+    return {
+        event.get("reason", "")
+        for event in cluster.emulator.events_for(name)
+        if event["involvedObject"].get("kind") == "MeshAcceleration"
+        and (kind is None or event.get("type") == kind)
+    }
+
+
+def _template_hash(daemonset: dict[str, Any]) -> dict[str, str]:
+    return dict(daemonset["spec"]["template"]["metadata"].get("annotations") or {})
+
+
+async def test_two_replicas_one_active_and_the_other_takes_over(cluster: Cluster) -> None:
+    """Kopf peering: two replicas, one works; when it stops, the other finishes the job."""
+    peering = api_path("kopf.dev/v1", "clusterkopfpeerings")
+    await cluster.kube.create(
+        peering,
+        {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": "meshaccel"},
+        },
+    )
+
+    async def peers() -> dict[str, Any]:
+        return dict((await cluster.kube.get(f"{peering}/meshaccel")).get("status") or {})
+
+    first = operator("--peering=meshaccel", standalone=False)
+    second = operator("--peering=meshaccel", standalone=False)
+    await first.__aenter__()
+    try:
+        await wait_for(lambda: _count(peers, 1), timeout=10)
+        await second.__aenter__()
+        try:
+            registered = await wait_for(lambda: _count(peers, 2), timeout=10)
+            priorities = sorted(p["priority"] for p in registered.values())
+            assert priorities[0] != priorities[1], "equal priorities would pause both"
+
+            await cluster.create_acceleration()
+            await cluster.schedule_agents()
+            await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=15)
+            assert cluster.emulator.conflicts == [], "one writer: no conflicting patches"
+            creates = [r for r in cluster.emulator.rejections if "daemonsets" in str(r)]
+            assert creates == []
+        finally:
+            # Stop the active replica (the higher priority); whichever it is, one remains.
+            await second.__aexit__(None, None, None)
+        await wait_for(lambda: _count(peers, 1), timeout=10)
+        # The remaining replica (paused until now, or active all along) handles the deletion.
+        await cluster.kube.delete(api_path(*MA, name="default"))
+        await wait_for(lambda: all(a.uninstalls for a in cluster.agents.values()), timeout=20)
+        await wait_for(lambda: _gone(cluster), timeout=15)
+    finally:
+        await first.__aexit__(None, None, None)
+
+
+async def _count(peers: Any, wanted: int) -> dict[str, Any] | None:
+    found: dict[str, Any] = await peers()
+    return found if len(found) == wanted else None

@@ -1,0 +1,522 @@
+"""The push channel against fake agents (real aiohttp servers speaking the agent's contract).
+
+Small windows and backoffs keep these fast; every wait polls for the state it expects rather
+than sleeping a fixed time, except where the point is that nothing happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from meshaccel.agent.api_models import PodSpec
+from meshaccel.operator.metrics import PushMetrics
+from meshaccel.operator.pusher import NodeState, Pusher
+from tests.operator.fake_agent import FakeAgent, FakeAgentFleet
+
+TOKEN = "operator-test-token-0123456789"
+NODE = "node-a"
+WINDOW = 0.02
+BACKOFF = 0.02
+BACKOFF_MAX = 0.1
+
+
+def pod(index: int, **changes: Any) -> PodSpec:
+    fields: dict[str, Any] = {
+        "uid": f"uid-{index}",
+        "namespace": "default",
+        "name": f"pod-{index}",
+        "ip": IPv4Address("198.18.0.10") + index,
+    }
+    return PodSpec.model_validate(fields | changes)
+
+
+def pods(*indexes: int) -> list[PodSpec]:
+    return [pod(i) for i in indexes]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Harness:
+    pusher: Pusher
+    registry: CollectorRegistry
+    applied: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def node(self, name: str = NODE) -> NodeState:
+        return self.pusher.nodes()[name]
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, {"acceleration": "mesh", **labels})
+
+    async def in_sync(self, name: str = NODE, timeout: float = 3.0) -> NodeState:
+        await wait_for(lambda: self.node(name).in_sync, timeout, f"{name} in sync")
+        return self.node(name)
+
+
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        yield client
+
+
+@pytest.fixture
+async def make_harness(session: aiohttp.ClientSession) -> AsyncIterator[MakeHarness]:
+    made: list[Pusher] = []
+
+    async def make(**options: Any) -> Harness:
+        registry = CollectorRegistry()
+        applied: list[tuple[str, int, float]] = []
+        settings: dict[str, Any] = {
+            "token": TOKEN,
+            "session": session,
+            "window": WINDOW,
+            "request_timeout": 1.0,
+            "backoff_initial": BACKOFF,
+            "backoff_max": BACKOFF_MAX,
+            "probe_interval": 60.0,
+            "on_applied": lambda *args: applied.append(args),
+            "metrics": PushMetrics(registry),
+        }
+        pusher = Pusher("mesh", **(settings | options))
+        made.append(pusher)
+        return Harness(pusher, registry, applied)
+
+    yield make
+    for pusher in made:
+        await pusher.close()
+
+
+@pytest.fixture
+async def harness(make_harness: MakeHarness) -> Harness:
+    return await make_harness()
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[FakeAgent]:
+    async with FakeAgent(token=TOKEN, host="127.0.0.1", name=NODE) as fake:
+        yield fake
+
+
+def generations(agent: FakeAgent) -> list[int]:
+    return [a.pod_set.generation for a in agent.accepted]
+
+
+# -- batching and generations --------------------------------------------------------------------
+
+
+async def test_a_burst_of_changes_is_one_put_with_the_newest_set(
+    harness: Harness, agent: FakeAgent
+) -> None:
+    harness.pusher.set_endpoint(NODE, agent.url)
+    for last in range(10):
+        harness.pusher.set_pods(NODE, pods(*range(last + 1)))
+
+    state = await harness.in_sync()
+
+    assert len(agent.puts()) == 1
+    assert agent.last_set is not None and agent.last_set.pods == pods(*range(10))
+    assert state.desired_generation == state.applied_generation == 1
+    assert (state.pods_applied, state.pods_desired, state.attempts) == (10, 10, 0)
+
+    # The same set in another order is no change: nothing is sent.
+    harness.pusher.set_pods(NODE, list(reversed(pods(*range(10)))))
+    await asyncio.sleep(WINDOW * 5)
+    assert len(agent.puts()) == 1
+
+
+async def test_every_new_set_gets_a_higher_generation(harness: Harness, agent: FakeAgent) -> None:
+    harness.pusher.set_endpoint(NODE, agent.url)
+    for indexes in ([0], [0, 1], [1]):
+        harness.pusher.set_pods(NODE, pods(*indexes))
+        await harness.in_sync()
+
+    assert generations(agent) == [1, 2, 3]
+    assert [g for _, g, _ in harness.applied] == [1, 2, 3]
+    assert harness.sample("meshaccel_operator_applied_generation", node=NODE) == 3
+
+
+@pytest.mark.parametrize(
+    ("preset_generation", "preset_pods", "expected", "reason"),
+    [
+        (41, [7], 42, "a previous operator got to 41 with another set: stale"),
+        (1, [7], 2, "a previous operator applied generation 1 with another set: conflict"),
+        (5, [0, 1], 6, "the same set at a higher generation: stale, then a no-op apply"),
+    ],
+)
+async def test_a_new_operator_jumps_past_the_agents_generation(
+    harness: Harness,
+    agent: FakeAgent,
+    preset_generation: int,
+    preset_pods: list[int],
+    expected: int,
+    reason: str,
+) -> None:
+    agent.preset(preset_generation, pods(*preset_pods))
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0, 1))
+
+    state = await harness.in_sync()
+
+    assert [r.status for r in agent.puts()] == [409, 200], reason
+    assert state.applied_generation == state.desired_generation == expected, reason
+    assert agent.applied_generation == expected and set(agent.pods) == {"uid-0", "uid-1"}, reason
+    assert harness.sample("meshaccel_operator_push_failures_total", reason="stale_generation") == 1
+    # The next change goes on from there.
+    harness.pusher.set_pods(NODE, pods(0))
+    assert (await harness.in_sync()).applied_generation == expected + 1, reason
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 500, 507])
+async def test_server_errors_are_retried_with_backoff(
+    harness: Harness, agent: FakeAgent, status: int
+) -> None:
+    agent.fail_next(3, status)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+
+    state = await harness.in_sync()
+
+    puts = agent.puts()
+    assert [r.status for r in puts] == [status] * 3 + [200]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(puts)]
+    # Each delay is jittered into the upper half of BACKOFF * 2**n (capped at BACKOFF_MAX).
+    for n, gap in enumerate(gaps):
+        assert gap >= min(BACKOFF_MAX, BACKOFF * 2**n) * 0.5 - 0.002, gaps
+    assert generations(agent) == [1]  # a retry of the same set keeps its generation
+    assert state.attempts == 0 and state.last_error is None
+    failures = harness.sample("meshaccel_operator_push_failures_total", reason=f"http_{status}")
+    assert failures == 3
+
+
+async def test_an_agent_that_refuses_connections_is_retried_until_it_listens(
+    harness: Harness, agent: FakeAgent
+) -> None:
+    await agent.stop_listening()
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0, 1))
+
+    await wait_for(lambda: harness.node().attempts >= 3, what="three failed attempts")
+    state = harness.node()
+    assert not state.in_sync and state.behind_since is not None
+    assert state.last_error is not None and "Connect" in state.last_error, state.last_error
+    assert agent.accepted == []
+
+    await agent.start_listening()
+    state = await harness.in_sync()
+    assert generations(agent) == [1] and state.attempts == 0
+    assert (harness.sample("meshaccel_operator_push_failures_total", reason="connect") or 0) >= 3
+
+
+async def test_a_timeout_is_retried_with_the_same_generation(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(request_timeout=0.1)
+    agent.delay = 0.25
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+
+    await wait_for(lambda: harness.node().attempts >= 1, what="a timeout")
+    assert "no reply" in (harness.node().last_error or "")
+    agent.delay = 0
+
+    await harness.in_sync()
+    # The agent applied the timed-out PUT too: the retry was the same set at the same
+    # generation, which it takes as a no-op.
+    assert set(generations(agent)) == {1}
+    assert agent.accepted[-1].noop == (len(agent.accepted) > 1)
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "reason"),
+    [
+        ({"token": "not-the-agents-token-xyz"}, 401, "a wrong token"),
+        ({"max_pods": 2}, 422, "more pods than the agent holds"),
+        ({"standalone": True}, 409, "a standalone agent (409 without a generation)"),
+    ],
+)
+async def test_a_refused_set_is_recorded_and_sent_again_only_when_it_changes(
+    make_harness: MakeHarness, setup: dict[str, Any], status: int, reason: str
+) -> None:
+    harness = await make_harness(token=setup.get("token", TOKEN))
+    async with FakeAgent(
+        token=TOKEN, max_pods=setup.get("max_pods", 1024), standalone=setup.get("standalone", False)
+    ) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        harness.pusher.set_pods(NODE, pods(0, 1, 2))
+
+        await wait_for(lambda: harness.node().last_error is not None, what=reason)
+        await asyncio.sleep(BACKOFF_MAX * 3)  # time for retries, were there any
+
+        state = harness.node()
+        assert [r.status for r in agent.puts()] == [status], reason
+        assert state.last_error is not None and state.last_error.startswith(f"HTTP {status}")
+        assert not state.in_sync and state.behind_since is not None, reason
+        assert harness.sample("meshaccel_operator_push_failures_total", reason=f"http_{status}")
+
+        harness.pusher.set_pods(NODE, pods(0, 1))  # a changed set is tried again
+        await wait_for(lambda: len(agent.puts()) == 2, what="the changed set")
+        if status == 422:
+            assert (await harness.in_sync()).last_error is None
+
+
+async def test_an_invalid_set_is_refused_by_set_pods(harness: Harness) -> None:
+    with pytest.raises(ValidationError, match="appears twice"):
+        harness.pusher.set_pods(NODE, [pod(0), pod(1, ip="198.18.0.10")])
+
+
+# -- agent restarts, endpoints ---------------------------------------------------------------------
+
+
+async def test_an_agent_restart_seen_by_the_probe_gets_the_full_set_again(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(probe_interval=0.05)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0, 1, 2))
+    first = await harness.in_sync()
+    assert first.boot_id == agent.boot_id
+
+    await agent.restart()
+    assert agent.applied_generation is None and agent.pods == {}
+    await wait_for(lambda: agent.applied_generation == 1, what="the set sent again")
+
+    state = await harness.in_sync()
+    assert state.boot_id == agent.boot_id != first.boot_id
+    assert agent.last_set is not None and agent.last_set.pods == pods(0, 1, 2)
+    assert generations(agent) == [1, 1]  # a fresh agent takes the generation it had
+    assert [g for _, g, _ in harness.applied] == [1, 1]
+    assert any(r.path == "/healthz" for r in agent.requests)
+
+
+async def test_an_agent_back_after_downtime_is_brought_up_to_date(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(probe_interval=0.05)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    await harness.in_sync()
+
+    restart = asyncio.create_task(agent.restart(downtime=0.15))
+    await asyncio.sleep(0.02)
+    harness.pusher.set_pods(NODE, pods(0, 1))  # a change while the agent is away
+    await restart
+
+    state = await harness.in_sync()
+    assert state.boot_id == agent.boot_id
+    assert set(agent.pods) == {"uid-0", "uid-1"}
+
+
+async def test_a_new_endpoint_gets_the_set_and_a_dropped_node_nothing(
+    harness: Harness, agent: FakeAgent
+) -> None:
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    await harness.in_sync()
+
+    async with FakeAgent(token=TOKEN, host="127.0.0.2") as moved:
+        harness.pusher.set_endpoint(NODE, moved.url)  # the agent's pod came back elsewhere
+        state = await harness.in_sync()
+        assert state.url == moved.url and state.boot_id == moved.boot_id
+        assert moved.last_set is not None and moved.last_set.pods == pods(0)
+
+        harness.pusher.set_endpoint(NODE, None)
+        harness.pusher.set_pods(NODE, pods(0, 1))
+        state = harness.node()
+        assert state.url is None and not state.in_sync
+        await asyncio.sleep(WINDOW * 3)
+        assert len(moved.puts()) == 1
+
+        harness.pusher.drop_node(NODE)
+        assert NODE not in harness.pusher.nodes()
+        assert harness.sample("meshaccel_operator_applied_generation", node=NODE) is None
+        assert harness.sample("meshaccel_operator_nodes_behind") == 0
+
+
+# -- state and metrics ---------------------------------------------------------------------------
+
+
+async def test_nodes_reports_sync_and_behind(harness: Harness, agent: FakeAgent) -> None:
+    before = time.monotonic()
+    harness.pusher.set_pods(NODE, pods(0, 1))  # no endpoint yet: behind
+
+    state = harness.node()
+    assert (state.url, state.in_sync, state.desired_generation) == (None, False, None)
+    assert state.behind_since is not None and state.behind_since >= before
+    assert harness.sample("meshaccel_operator_nodes_behind") == 1
+
+    harness.pusher.set_endpoint(NODE, agent.url)
+    state = await harness.in_sync()
+    assert state.behind_since is None and state.pods_applied == 2
+    assert state.boot_id == agent.boot_id and state.url == agent.url
+    assert harness.sample("meshaccel_operator_nodes_behind") == 0
+
+    await agent.stop_listening()
+    changed = time.monotonic()
+    harness.pusher.set_pods(NODE, pods(0))
+    state = harness.node()
+    assert not state.in_sync and state.behind_since is not None
+    assert state.behind_since >= changed
+    assert state.applied_generation == 1  # what the agent has, still
+    assert harness.sample("meshaccel_operator_nodes_behind") == 1
+
+    await agent.start_listening()
+    await harness.in_sync()
+    assert harness.sample("meshaccel_operator_nodes_behind") == 0
+    assert (harness.sample("meshaccel_operator_push_duration_seconds_count") or 0) >= 2
+
+
+async def test_on_applied_gets_the_latency_from_the_change(
+    harness: Harness, agent: FakeAgent
+) -> None:
+    harness.pusher.set_endpoint(NODE, agent.url)
+    await asyncio.sleep(0.01)
+    given = time.monotonic()
+    harness.pusher.set_pods(NODE, pods(0))
+    await harness.in_sync()
+    took = time.monotonic() - given
+
+    [(node, generation, seconds)] = harness.applied
+    assert (node, generation) == (NODE, 1)
+    assert WINDOW * 0.9 <= seconds <= took  # the window, then the round trip
+    assert harness.sample("meshaccel_operator_change_applied_seconds_count") == 1
+
+
+async def test_close_removes_the_metrics(harness: Harness, agent: FakeAgent) -> None:
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    await harness.in_sync()
+    assert harness.sample("meshaccel_operator_applied_generation", node=NODE) == 1
+
+    await harness.pusher.close()
+
+    assert harness.sample("meshaccel_operator_applied_generation", node=NODE) is None
+    assert harness.sample("meshaccel_operator_nodes_behind") is None
+
+
+# -- uninstall -----------------------------------------------------------------------------------
+
+
+async def test_uninstall_reaches_every_agent_and_stops_pushing(harness: Harness) -> None:
+    async with (
+        FakeAgent(token=TOKEN, host="127.0.0.1") as a,
+        FakeAgent(token=TOKEN, host="127.0.0.2") as b,
+        FakeAgent(token=TOKEN, host="127.0.0.3") as gone,
+    ):
+        for name, agent in (("a", a), ("b", b), ("gone", gone)):
+            harness.pusher.set_endpoint(name, agent.url)
+            harness.pusher.set_pods(name, pods(0))
+        harness.pusher.set_pods("no-agent", pods(1))
+        for name in ("a", "b", "gone"):
+            await harness.in_sync(name)
+        await gone.stop_listening()
+
+        result = await harness.pusher.uninstall(timeout=1.0)
+
+        assert set(result) == {"a", "b", "gone"}  # no endpoint, nothing to uninstall
+        assert result["a"] is None and result["b"] is None
+        assert result["gone"] is not None and "Connect" in result["gone"]
+        assert a.uninstalled and b.uninstalled and not gone.uninstalled
+
+        # Pushing has stopped: a change goes nowhere.
+        harness.pusher.set_pods("a", pods(0, 1))
+        await asyncio.sleep(WINDOW * 3)
+        assert len(a.puts()) == 1
+
+        # A repeat reaches the agent that was away; the others answer "already".
+        await gone.start_listening()
+        again = await harness.pusher.uninstall(timeout=1.0)
+        assert again == {"a": None, "b": None, "gone": None}
+        assert gone.uninstalled and a.uninstalls == 2
+
+
+async def test_uninstall_reports_refusals(make_harness: MakeHarness) -> None:
+    harness = await make_harness(token="not-the-agents-token-xyz")
+    async with FakeAgent(token=TOKEN) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        result = await harness.pusher.uninstall(timeout=1.0)
+    assert (result[NODE] or "").startswith("HTTP 401"), result
+    assert not agent.uninstalled
+
+
+# -- scale ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[FakeAgentFleet]:
+    async with FakeAgentFleet(500, token=TOKEN) as agents:
+        yield agents
+
+
+def node_pods(node: int, count: int = 20) -> Iterator[PodSpec]:
+    for i in range(count):
+        index = node * count + i
+        yield PodSpec(
+            uid=f"uid-{index}",
+            namespace="default",
+            name=f"pod-{index}",
+            ip=IPv4Address("198.18.0.0") + 10 + index,
+        )
+
+
+async def test_500_nodes_of_20_pods(make_harness: MakeHarness, fleet: FakeAgentFleet) -> None:
+    harness = await make_harness(window=0.1)
+    started = time.monotonic()
+    for i, agent in enumerate(fleet):
+        harness.pusher.set_endpoint(agent.name, agent.url)
+        harness.pusher.set_pods(agent.name, list(node_pods(i)))
+    calls = time.monotonic() - started
+
+    await wait_for(
+        lambda: all(s.in_sync for s in harness.pusher.nodes().values()), 20, "500 in sync"
+    )
+    first_sync = time.monotonic() - started
+
+    assert calls < 1.0, f"set_endpoint + set_pods for 500 nodes took {calls:.2f} s"
+    assert all(len(agent.puts()) == 1 and len(agent.pods) == 20 for agent in fleet)
+    assert first_sync < 10, first_sync
+
+    # One pod changes on ten nodes: ten PUTs, nothing else.
+    harness.applied.clear()
+    changed = fleet.agents[::50]
+    for agent in changed:
+        i = fleet.agents.index(agent)
+        harness.pusher.set_pods(agent.name, [*node_pods(i, 19), pod(100_000 + i)])
+    await wait_for(lambda: len(harness.applied) == len(changed), 5, "ten confirmations")
+    assert sum(len(agent.puts()) for agent in fleet) == 500 + len(changed)
+    latencies = sorted(seconds for _, _, seconds in harness.applied)
+    assert latencies[-1] < 1.0, latencies
+    print(
+        f"\n500 nodes x 20 pods: calls {calls * 1000:.0f} ms, all in sync {first_sync:.2f} s; "
+        f"one-pod change -> applied: median {latencies[len(latencies) // 2] * 1000:.0f} ms, "
+        f"max {latencies[-1] * 1000:.0f} ms"
+    )
+
+
+async def test_the_sync_calls_refuse_a_worker_thread(harness: Harness) -> None:
+    """Kopf runs plain ``def`` handlers in threads: the pusher is not thread-safe, so say so."""
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        await asyncio.to_thread(harness.pusher.set_pods, NODE, pods(0))
+    assert NODE not in harness.pusher.nodes()
