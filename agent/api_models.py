@@ -23,6 +23,9 @@ PodUid = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9
 
 MAX_PORTS_PER_LIST = 256
 MAX_CIDRS_PER_LIST = 256
+# How an agent process got its datapath (GET /v1/status, the start-up log).
+StartupDecision = Literal["loaded", "adopted", "reloaded"]
+
 MAX_PODS_PER_SET = 65536  # a hard ceiling on the body; the maps' capacity is checked on apply
 # metadata.generation is an int64 in Kubernetes; the agent also exports it as a metric.
 MAX_GENERATION = 2**63 - 1
@@ -203,6 +206,14 @@ class StatusReply(_Strict):
     attach_cgroup: str | None = Field(description="where the programs are attached, if known")
     datapath_features: list[str] | None = Field(
         description=".rodata features the datapath was loaded with, if known"
+    )
+    startup: StartupDecision | None = Field(
+        default=None,
+        description="how this process got its datapath: loaded fresh, adopted the pins, or "
+        "reloaded pins whose settings differed",
+    )
+    startup_reason: str | None = Field(
+        default=None, description="what differed, when the pinned datapath was reloaded or kept"
     )
     attached: bool = Field(description="every program's pin is present and live")
     programs: list[ProgramStatus]

@@ -44,11 +44,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Literal
 
 from aiohttp import web
 
 from meshaccel.agent import config, layout, libbpf, prerequisites
+from meshaccel.agent.api_models import StartupDecision as Decision
 from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
     Datapath,
@@ -75,7 +75,6 @@ class IncompleteDatapathError(DatapathError):
     pass
 
 
-Decision = Literal["loaded", "adopted", "reloaded"]
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def _unload_changed(
     log.info(
         f"the pinned datapath differs from the settings ({describe(differences)}): unloading "
         "it to load it anew; open connections carry on over plain TCP, new ones take the "
-        f"mesh's iptables path until the new one is attached (after a {drain_seconds:g}s drain)",
+        f"mesh's iptables path until the new one has the pods again ({drain_seconds:g}s drain)",
         extra={
             "pins": str(pins.root),
             "changes": [str(d) for d in differences],
@@ -406,6 +405,8 @@ def run(loaded: LoadedSettings) -> int:
                 attach_cgroup=startup.attach_cgroup,
                 # An adopted datapath runs with the features it was loaded with.
                 features=datapath.features,
+                startup=startup.decision,
+                startup_reason=startup.reason,
             ),
             drain_seconds=settings.drain_seconds,
         )

@@ -75,6 +75,7 @@ from meshaccel.agent.api_models import (
     PodsReply,
     ProgramStatus,
     ReadyReply,
+    StartupDecision,
     StatusReply,
     UninstallReply,
 )
@@ -106,6 +107,8 @@ class DatapathInfo:
 
     attach_cgroup: Path | None = None
     features: DatapathFeatures | None = None
+    startup: StartupDecision | None = None
+    startup_reason: str | None = None  # why a pinned datapath was reloaded (or kept)
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,8 @@ def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
         datapath_features=None
         if info.features is None
         else sorted(f.name or str(f.value) for f in DatapathFeatures if f in info.features),
+        startup=info.startup,
+        startup_reason=info.startup_reason,
         attached=all(p.attached for p in programs),
         programs=programs,
         kernel_features=kernel_features(),

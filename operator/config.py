@@ -26,9 +26,25 @@ class OperatorConfig:
     peering_lifetime: int = 60  # seconds without a word before a replica counts as dead
 
 
+# (flag, environment variable, type, default, lowest, highest, help) of the numeric settings.
+_NUMBERS: tuple[tuple[str, str, type[int] | type[float], str, float, float, str], ...] = (
+    ("--metrics-port", "MESHACCEL_METRICS_PORT", int, str(DEFAULT_METRICS_PORT), 0, 65535,
+     "Prometheus metrics port (0 to disable)"),
+    ("--push-window", "MESHACCEL_PUSH_WINDOW", float, "0.1", 0, 10,
+     "seconds within which changes to a node's set go out as one push"),
+    ("--probe-interval", "MESHACCEL_PROBE_INTERVAL", float, "15", 0.1, 3600,
+     "seconds between checks of each agent's boot id (a restarted agent gets its set)"),
+    ("--backoff-max", "MESHACCEL_BACKOFF_MAX", float, "30", 0.1, 3600,
+     "longest wait, in seconds, between retries of a push an agent failed"),
+    ("--peering-lifetime", "MESHACCEL_PEERING_LIFETIME", int, "60", 1, 3600,
+     "seconds a silent replica is still counted alive (failover time)"),
+)  # fmt: skip
+
+
 def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
 ) -> argparse.Namespace:
+    """Flags win over MESHACCEL_* variables, which win over the defaults; bad values exit 2."""
     env = environ.get
     parser = argparse.ArgumentParser(
         prog="meshaccel-operator",
@@ -54,54 +70,20 @@ def parse_args(
         help="Kopf's health endpoint, as a URL to listen on ('' to disable)",
     )
     parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("MESHACCEL_METRICS_PORT", str(DEFAULT_METRICS_PORT))),
-        help="Prometheus metrics port (0 to disable)",
-    )
-    parser.add_argument(
-        "--push-window",
-        type=float,
-        default=float(env("MESHACCEL_PUSH_WINDOW", "0.1")),
-        help="seconds within which changes to a node's set go out as one push",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("json", "text"),
-        default=env("MESHACCEL_LOG_FORMAT", "json"),
+        "--log-format", choices=("json", "text"), default=env("MESHACCEL_LOG_FORMAT", "json")
     )
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
         default=env("MESHACCEL_LOG_LEVEL", "info"),
     )
-    parser.add_argument(
-        "--probe-interval",
-        type=float,
-        default=float(env("MESHACCEL_PROBE_INTERVAL", "15")),
-        help="seconds between checks of each agent's boot id (a restarted agent gets its set)",
-    )
-    parser.add_argument(
-        "--backoff-max",
-        type=float,
-        default=float(env("MESHACCEL_BACKOFF_MAX", "30")),
-        help="longest wait, in seconds, between retries of a push an agent failed",
-    )
-    parser.add_argument(
-        "--peering-lifetime",
-        type=int,
-        default=int(env("MESHACCEL_PEERING_LIFETIME", "60")),
-        help="seconds a silent replica is still counted alive (failover time)",
-    )
+    for flag, variable, kind, default, _, _, text in _NUMBERS:
+        parser.add_argument(flag, type=kind, default=env(variable, default), help=text)
     args = parser.parse_args(argv)
-    if not 0 <= args.push_window <= 10:
-        parser.error("--push-window must be between 0 and 10 seconds")
-    if not 0.1 <= args.probe_interval <= 3600:
-        parser.error("--probe-interval must be between 0.1 and 3600 seconds")
-    if not 0.1 <= args.backoff_max <= 3600:
-        parser.error("--backoff-max must be between 0.1 and 3600 seconds")
-    if not 0 <= args.metrics_port <= 65535:
-        parser.error("--metrics-port must be a TCP port")
+    for flag, variable, _, _, lowest, highest, _ in _NUMBERS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if not lowest <= value <= highest:
+            parser.error(f"{flag} ({variable}) must be between {lowest:g} and {highest:g}")
     return args
 
 

@@ -13,23 +13,30 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from meshaccel.agent.api_models import PodOptions, PodSet, PodSpec
 from meshaccel.agent.datapath import SK_MSG_FEATURES, Capacities, Datapath
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerated_pod
+from meshaccel.agent.server import create_app
 from tests.datapath.conftest import PIN_ROOT
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
 from tests.requirements import require_btf, require_kernel
 
 POD_CGROUPS = 16  # child cgroups made per module: pods 0..15 can be resolved
 TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+MakeClient = Callable[..., Awaitable[Client]]
 _numbers = itertools.count()
 
 
@@ -163,3 +170,19 @@ def reconciler_factory(resolver: FakeResolver) -> Iterator[ReconcilerFactory]:
 @pytest.fixture
 def reconciler(datapath: Datapath, reconciler_factory: ReconcilerFactory) -> Reconciler:
     return reconciler_factory(datapath)
+
+
+@pytest.fixture
+def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
+    """make_client([reconciler], **create_app options) -> a client of the real app.
+
+    Defaults: the test token, no background retries, no drain (an uninstall returns at once).
+    """
+
+    async def make(target: Reconciler = reconciler, **kwargs: object) -> Client:
+        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("retry_interval", None)
+        kwargs.setdefault("drain_seconds", 0)
+        return await aiohttp_client(create_app(target, **kwargs))  # type: ignore[arg-type]
+
+    return make

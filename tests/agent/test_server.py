@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,9 +31,13 @@ from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, accelerated_pod
 from meshaccel.agent.server import DatapathInfo, create_app
 from tests.agent.conftest import (
+    AUTH,
     TOKEN,
+    Client,
+    ClientFactory,
     DatapathFactory,
     FakeResolver,
+    MakeClient,
     ReconcilerFactory,
     expected_pods,
     pod_ip,
@@ -48,22 +50,7 @@ from tests.netlab import ECHO_PORT, EXCLUDED_PORT, Node, Pod
 
 pytestmark = pytest.mark.kernel
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-Client = TestClient[web.Request, web.Application]
-ClientFactory = Callable[..., Awaitable[Client]]
-MakeClient = Callable[..., Awaitable[Client]]
 
-
-@pytest.fixture
-def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
-    """make_client(**create_app options) -> a client of the real app over ``reconciler``."""
-
-    async def make(target: Reconciler = reconciler, **kwargs: Any) -> Client:
-        kwargs.setdefault("token", TOKEN)
-        kwargs.setdefault("retry_interval", None)
-        return await aiohttp_client(create_app(target, **kwargs))
-
-    return make
 
 
 @pytest.fixture

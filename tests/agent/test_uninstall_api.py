@@ -7,14 +7,11 @@ uninstall nothing of it may be pinned, and bpftool must show nothing attached to
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from meshaccel.agent.api_models import (
     ApplyResult,
@@ -25,8 +22,8 @@ from meshaccel.agent.api_models import (
 )
 from meshaccel.agent.datapath import Datapath, PinLayout
 from meshaccel.agent.reconcile import Reconciler
-from meshaccel.agent.server import create_app, is_uninstalled
-from tests.agent.conftest import TOKEN, PodCgroups, pod_set, pod_spec
+from meshaccel.agent.server import is_uninstalled
+from tests.agent.conftest import AUTH, TOKEN, Client, MakeClient, PodCgroups, pod_set, pod_spec
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
     AgentProcess,
@@ -40,21 +37,7 @@ from tests.agent_lifecycle.harness import TOKEN as LIFECYCLE_TOKEN
 
 pytestmark = pytest.mark.kernel
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-Client = TestClient[web.Request, web.Application]
-ClientFactory = Callable[..., Awaitable[Client]]
-MakeClient = Callable[..., Awaitable[Client]]
 
-
-@pytest.fixture
-def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
-    async def make(**kwargs: Any) -> Client:
-        kwargs.setdefault("token", TOKEN)
-        kwargs.setdefault("retry_interval", None)
-        kwargs.setdefault("drain_seconds", 0)
-        return await aiohttp_client(create_app(reconciler, **kwargs))
-
-    return make
 
 
 @pytest.fixture

@@ -116,7 +116,9 @@ def test_same_settings_are_adopted(
     assert first.stop() == 0
     second = standalone.start(*extra)
     assert decisions(second.logs()) == ["adopted"], reason
-    assert program_ids(second.get("/v1/status")) == programs, reason
+    status = second.get("/v1/status")
+    assert program_ids(status) == programs, reason
+    assert (status["startup"], status["startup_reason"]) == ("adopted", None), reason
     assert not logged(second, "the pinned datapath differs"), reason
     assert not logged(second, "the adopted datapath differs"), reason
     assert second.stop() == 0
@@ -142,6 +144,7 @@ def test_a_flipped_feature_reloads(standalone: StandaloneAgents) -> None:
     # New programs from new pins; the old ones are gone from the kernel.
     after = second.get("/v1/status")
     assert after["attached"] and SK_MSG not in after["datapath_features"]
+    assert (after["startup"], after["startup_reason"]) == ("reloaded", "sk_msg_redirect on -> off")
     old, new = program_ids(before), program_ids(after)
     assert set(old) == set(new) and not set(old.values()) & set(new.values()), (old, new)
     wait_for(
@@ -207,6 +210,7 @@ def test_no_reload_on_change_adopts_with_a_warning(standalone: StandaloneAgents)
     assert program_ids(status) == programs, "nothing was loaded again"
     assert SK_MSG in status["datapath_features"], "it keeps what it was loaded with"
     assert {m["name"]: m["max_entries"] for m in status["maps"]}["pods"] == 1024
+    assert status["startup"] == "adopted" and "max_pods 1024 -> 2048" in status["startup_reason"]
     assert second.stop() == 0
 
 
