@@ -8,6 +8,7 @@ log lines are posted as Events only from WARNING up: the operator posts its own 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -19,7 +20,7 @@ from kubernetes.aio import client as k8s
 from kubernetes.aio import config as k8s_config
 from pydantic import ValidationError
 
-from meshaccel.operator import models
+from meshaccel.operator import memory, models
 from meshaccel.operator.config import OperatorConfig, operator_config, parse_args
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.runtime import Runtime
@@ -77,12 +78,24 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         memo.config = operator_config(parse_args([]))
     config: OperatorConfig = memo.config
     configure(settings, config)
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-    memo.runtime = Runtime(config, await _api_client(), aiohttp.ClientSession(timeout=timeout))
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=config.request_timeout),
+        # Pushes to every node at once (aiohttp would queue past 100 connections), and kept
+        # alive between pushes: health probes every 15 s keep them warm.
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+    )
+    runtime = Runtime(config, await _api_client(), session)
+    memo.runtime = runtime
+    memo.compactor = asyncio.create_task(
+        memory.compact_when_settled(lambda: len(runtime.engine.pods))
+    )
 
 
 @kopf.on.cleanup(registry=REGISTRY)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    compactor: asyncio.Task[None] | None = memo.get("compactor")
+    if compactor is not None:
+        compactor.cancel()
     runtime: Runtime | None = memo.get("runtime")
     if runtime is not None:
         await runtime.close()

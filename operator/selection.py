@@ -14,7 +14,9 @@ little memory and a pod update that changes nothing relevant is recognised as su
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +75,10 @@ SIDECARS: dict[MeshModeName, MeshSidecar] = {
     ),
 }
 
+# Annotations whose presence is all selection reads (their values, like Istio's injection
+# status, can be long JSON): kept with an empty value.
+_PRESENCE_ONLY = frozenset(sidecar.injected_annotation for sidecar in SIDECARS.values())
+
 # Annotations selection reads; the rest of a pod's annotations are not kept.
 _KEPT_PREFIXES = (
     "sidecar.istio.io/",
@@ -107,13 +113,19 @@ class PodFacts:
         status = pod.get("status") or {}
         annotations = meta.get("annotations") or {}
         containers = [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]
+        # Keys and the values pods share (labels, container names) are interned: 10,000 pods
+        # of a few hundred workloads then hold one copy of each string, not 10,000.
         return cls(
             uid=meta.get("uid", ""),
-            namespace=meta.get("namespace", ""),
+            namespace=sys.intern(meta.get("namespace", "")),
             name=meta.get("name", ""),
-            labels=dict(meta.get("labels") or {}),
-            annotations={k: v for k, v in annotations.items() if k.startswith(_KEPT_PREFIXES)},
-            containers=frozenset(c.get("name", "") for c in containers),
+            labels={sys.intern(k): sys.intern(v) for k, v in (meta.get("labels") or {}).items()},
+            annotations={
+                sys.intern(k): "" if k in _PRESENCE_ONLY else v
+                for k, v in annotations.items()
+                if k.startswith(_KEPT_PREFIXES)
+            },
+            containers=frozenset(sys.intern(c.get("name", "")) for c in containers),
             node=spec.get("nodeName"),
             ip=status.get("podIP"),
             running=status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
@@ -224,13 +236,27 @@ def pod_options(pod: PodFacts, mode: MeshModeName, exclusions: ExclusionsSpec) -
     if sidecar.excluded_outbound_cidrs:
         raw = pod.annotations.get(sidecar.excluded_outbound_cidrs, "")
         excluded_cidrs |= _cidrs(sidecar.excluded_outbound_cidrs, raw)
+    return _shared_options(
+        _ports(pod, sidecar.excluded_outbound_ports) | frozenset(exclusions.outboundPorts),
+        _ports(pod, sidecar.excluded_inbound_ports) | frozenset(exclusions.inboundPorts),
+        excluded_cidrs,
+        included,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_options(
+    outbound_ports: frozenset[int],
+    inbound_ports: frozenset[int],
+    outbound_cidrs: frozenset[ipaddress.IPv4Network],
+    included_cidrs: frozenset[ipaddress.IPv4Network] | None,
+) -> PodOptions:
+    """One (immutable) PodOptions per distinct set of options: most pods share the default."""
     return PodOptions(
-        excluded_outbound_ports=_ports(pod, sidecar.excluded_outbound_ports)
-        | frozenset(exclusions.outboundPorts),
-        excluded_inbound_ports=_ports(pod, sidecar.excluded_inbound_ports)
-        | frozenset(exclusions.inboundPorts),
-        excluded_outbound_cidrs=excluded_cidrs,
-        included_outbound_cidrs=included,
+        excluded_outbound_ports=outbound_ports,
+        excluded_inbound_ports=inbound_ports,
+        excluded_outbound_cidrs=outbound_cidrs,
+        included_outbound_cidrs=included_cidrs,
     )
 
 

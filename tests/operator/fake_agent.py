@@ -12,7 +12,8 @@ Controls: :meth:`~FakeAgent.fail_next` (N requests to a path answer a status),
 :meth:`~FakeAgent.stop_listening` / :meth:`~FakeAgent.start_listening` (connections refused;
 open keep-alive connections are cut too), :meth:`~FakeAgent.restart` (a fresh process: new boot
 id, no generation, no pods), :attr:`~FakeAgent.delay` (seconds before each reply),
-:meth:`~FakeAgent.preset` (what a previous operator left applied), ``max_pods`` (a 422 above).
+:meth:`~FakeAgent.preset` (what a previous operator left applied), ``max_pods`` (a 422 above),
+:attr:`~FakeAgent.on_accept` (called on the event loop with every set taken, as it is taken).
 
 :class:`FakeAgentFleet` serves many agents from one aiohttp application: one listening socket
 per agent on its own loopback address (127.1.x.y; all of 127/8 is loopback on Linux), and the
@@ -112,6 +113,8 @@ class FakeAgent:
         self._failures: dict[str, list[int]] = {}
         self.requests: list[Request] = []
         self.accepted: list[Accepted] = []
+        # Called with each Accepted as it is recorded (the benchmark times changes by it).
+        self.on_accept: Callable[[FakeAgent, Accepted], None] | None = None
         self.uninstalls = 0
         self._new_process()
 
@@ -291,7 +294,10 @@ class FakeAgent:
             else sum(1 for u in desired.keys() & self.pods.keys() if desired[u] != self.pods[u])
         )
         self.applied_generation, self.pods = pod_set.generation, desired
-        self.accepted.append(Accepted(pod_set, time.monotonic(), noop))
+        accepted = Accepted(pod_set, time.monotonic(), noop)
+        self.accepted.append(accepted)
+        if self.on_accept is not None:
+            self.on_accept(self, accepted)
         return _json(
             ApplyResult(
                 applied_generation=pod_set.generation,
