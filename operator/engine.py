@@ -40,6 +40,12 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 AGENT_COMPONENT = "agent"
 
 
+def agent_url(ip: str, port: int) -> str:
+    """The base URL of an agent's API (agents serve on their node's address)."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}"
+
+
 class PodSink(Protocol):
     """Where a resource's per-node sets go (the :class:`~.pusher.Pusher`)."""
 
@@ -83,8 +89,7 @@ class Acceleration:
         ip = self.agent_ips.get(node)
         if ip is None or self.spec is None:
             return None
-        host = f"[{ip}]" if ":" in ip else ip
-        return f"http://{host}:{self.spec.agent.port}"
+        return agent_url(ip, self.spec.agent.port)
 
     def pods_selected(self) -> int:
         return len(self.placement)
@@ -178,8 +183,8 @@ class Engine:
             self.recheck_conflicts()
             return current
         current.spec = spec
-        self.recheck_conflicts()
-        self._reselect_all(current)
+        if name not in self.recheck_conflicts():
+            self._reselect_all(current)  # its standing did not change: the spec did
         return current
 
     def acceleration_removed(self, name: str) -> Acceleration | None:
@@ -193,8 +198,12 @@ class Engine:
         acceleration.sink = sink
         self._reselect_all(acceleration)
 
-    def recheck_conflicts(self) -> None:
-        """Recompute every resource's conflict; re-select those whose standing changed."""
+    def recheck_conflicts(self) -> set[str]:
+        """Recompute every resource's conflict; re-select those whose standing changed.
+
+        Returns the names of those re-selected.
+        """
+        reselected: set[str] = set()
         by_seniority = sorted(self.accelerations.values(), key=lambda a: a.seniority)
         for index, acceleration in enumerate(by_seniority):
             was_active = acceleration.active
@@ -212,6 +221,8 @@ class Engine:
                             break
             if was_active != acceleration.active:
                 self._reselect_all(acceleration)
+                reselected.add(acceleration.name)
+        return reselected
 
     def _recheck_node_conflicts(self) -> None:
         if len(self.accelerations) > 1:

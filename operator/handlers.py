@@ -55,6 +55,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
         prefix="meshaccel.io", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # A deletion waits for the status timer to exit; Kopf re-checks a timer still running at
+    # that moment only after this many seconds (default 60): the finalizer would wait as long.
+    settings.background.cancellation_polling = 1
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     if not settings.peering.standalone:
@@ -159,9 +162,9 @@ async def reconcile(
 ) -> None:
     runtime: Runtime = memo.runtime
     created = str(meta.get("creationTimestamp") or "")
-    done = await runtime.reconcile(name, uid, created, _spec(spec))
-    log.info("reconciled %s: %s", name, done)
-    await _report(runtime, name, body, meta, status, patch)
+    converged = await runtime.reconcile(name, uid, created, _spec(spec))
+    log.info("reconciled %s: %s", name, converged.done)
+    _report(runtime, name, body, meta, status, patch, converged.daemonset)
 
 
 @kopf.timer(*MESH_ACCELERATIONS, interval=STATUS_INTERVAL, initial_delay=0.5, registry=REGISTRY)
@@ -179,8 +182,8 @@ async def refresh(
     acceleration = runtime.engine.accelerations.get(name)
     if acceleration is None or meta.get("deletionTimestamp"):
         return
-    await runtime.converge(acceleration)
-    await _report(runtime, name, body, meta, status, patch)
+    converged = await runtime.converge(acceleration)
+    _report(runtime, name, body, meta, status, patch, converged.daemonset)
 
 
 @kopf.on.delete(*MESH_ACCELERATIONS, retries=UNINSTALL_ATTEMPTS, backoff=5, registry=REGISTRY)
@@ -208,15 +211,16 @@ async def uninstall(
     await runtime.forget(name)
 
 
-async def _report(
+def _report(
     runtime: Runtime,
     name: str,
     body: kopf.Body,
     meta: kopf.Meta,
     status: kopf.Status,
     patch: kopf.Patch,
+    daemonset: dict[str, Any] | None,
 ) -> None:
-    change, transitions = await runtime.status(name, meta.get("generation"), status)
+    change, transitions = runtime.status(name, meta.get("generation"), status, daemonset)
     if change is not None:
         patch.status.update(change)
     for transition in transitions:

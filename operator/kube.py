@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kubernetes.aio import client as k8s
@@ -128,8 +128,11 @@ class Kube:
         assert patched is not None
         return patched
 
-    async def apply(self, obj: Object) -> str:
-        """Create ``obj`` or bring the live object in step; returns what was done."""
+    async def apply(self, obj: Object) -> tuple[str, Object]:
+        """Create ``obj`` or bring the live object in step.
+
+        Returns what was done (created, updated, unchanged) and the object as stored.
+        """
         meta = obj["metadata"]
         kind, namespace, name = obj["kind"], meta["namespace"], meta["name"]
         rendered = json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -142,17 +145,9 @@ class Kube:
         }
         live = await self.read(kind, namespace, name)
         if live is None:
-            await self.create(wanted)
-            return "created"
+            return "created", await self.create(wanted)
         if contains(live, wanted):
-            return "unchanged"
+            return "unchanged", live
         last_text = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
         last = json.loads(last_text) if last_text else {}
-        await self.patch(kind, namespace, name, removals(last, wanted))
-        return "updated"
-
-    async def apply_all(self, objects: Sequence[Object]) -> dict[str, str]:
-        done: dict[str, str] = {}
-        for obj in objects:
-            done[f"{obj['kind']}/{obj['metadata']['name']}"] = await self.apply(obj)
-        return done
+        return "updated", await self.patch(kind, namespace, name, removals(last, wanted))

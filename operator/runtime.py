@@ -19,13 +19,21 @@ from kubernetes.aio import client as k8s
 
 from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
-from meshaccel.operator.engine import Acceleration, Engine
+from meshaccel.operator.engine import Acceleration, Engine, agent_url
 from meshaccel.operator.kube import Kube, removals
 from meshaccel.operator.models import Condition, MeshAccelerationSpec
 from meshaccel.operator.pusher import Pusher
 from meshaccel.operator.status import Rollout, Transition, compute_status
 
 log = logging.getLogger("meshaccel.operator")
+
+
+@dataclass(frozen=True)
+class Converged:
+    """What :meth:`Runtime.converge` did, and the agents' DaemonSet as it is stored now."""
+
+    done: str
+    daemonset: dict[str, Any] | None = None
 
 
 @dataclass
@@ -36,7 +44,8 @@ class Runtime:
     engine: Engine = field(init=False)
     kube: Kube = field(init=False)
     pushers: dict[str, Pusher] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)  # change -> applied, seconds
+    tokens: dict[str, str] = field(default_factory=dict)  # resource -> the agents' token
+    retired: set[str] = field(default_factory=set)  # conflict losers whose agents are gone
 
     def __post_init__(self) -> None:
         self.engine = Engine(self.config.namespace)
@@ -51,13 +60,22 @@ class Runtime:
 
     # -- a resource's life ------------------------------------------------------------------
 
-    async def token(self, name: str, uid: str) -> str:
-        """The agents' bearer token, from the Secret the operator owns (made on first use)."""
-        secret = await self.kube.read("Secret", self.config.namespace, rendering.secret_name(name))
-        data = (secret or {}).get("data") or {}
-        if "token" in data:
-            return base64.b64decode(data["token"]).decode()
-        return secrets.token_urlsafe(32)
+    async def token(self, name: str) -> str:
+        """The agents' bearer token: the one in the Secret the operator owns, read once, or a
+        new one (the Secret is then created with it)."""
+        token = self.tokens.get(name)
+        if token is None:
+            secret = await self.kube.read(
+                "Secret", self.config.namespace, rendering.secret_name(name)
+            )
+            data = (secret or {}).get("data") or {}
+            token = (
+                base64.b64decode(data["token"]).decode()
+                if "token" in data
+                else secrets.token_urlsafe(32)
+            )
+            self.tokens[name] = token
+        return token
 
     def _pusher(self, name: str, token: str) -> Pusher:
         pusher = self.pushers.get(name)
@@ -70,31 +88,27 @@ class Runtime:
                 request_timeout=self.config.request_timeout,
                 backoff_max=self.config.backoff_max,
                 probe_interval=self.config.probe_interval,
-                on_applied=self._applied,
             )
             self.pushers[name] = pusher
         return pusher
 
-    def _applied(self, node: str, generation: int, seconds: float) -> None:
-        if len(self.latencies) < 1_000_000:  # bounded: the benchmark reads them
-            self.latencies.append(seconds)
-
-    async def reconcile(self, name: str, uid: str, created: str, spec: MeshAccelerationSpec) -> str:
+    async def reconcile(
+        self, name: str, uid: str, created: str, spec: MeshAccelerationSpec
+    ) -> Converged:
         """Take a new or changed spec: select, then create or update the agents' objects."""
-        token = await self.token(name, uid)
-        pusher = self._pusher(name, token)
+        pusher = self._pusher(name, await self.token(name))
         acceleration = self.engine.acceleration_changed(name, uid, created, spec, pusher)
-        return await self.converge(acceleration, token)
+        return await self.converge(acceleration)
 
-    async def converge(self, acceleration: Acceleration, token: str | None = None) -> str:
-        """Bring the agents' objects in line with the engine's verdict; returns what it did."""
+    async def converge(self, acceleration: Acceleration) -> Converged:
+        """Bring the agents' objects in line with the engine's verdict."""
         name = acceleration.name
         if acceleration.conflict is not None:
-            return await self.retire_agents(acceleration)
+            return Converged(await self.retire_agents(acceleration))
         if acceleration.spec is None:
-            return "nothing programmed (invalid spec)"
-        if token is None:
-            token = await self.token(name, acceleration.uid)
+            return Converged("nothing programmed (invalid spec)")
+        token = await self.token(name)
+        self.retired.discard(name)
         if name not in self.pushers:
             # Taking over after a conflict ended: a fresh pusher, the engine re-sends the sets.
             self.engine.replace_sink(acceleration, self._pusher(name, token))
@@ -105,12 +119,20 @@ class Runtime:
             namespace=self.config.namespace,
             token=token,
         )
-        done = await self.kube.apply_all(objects)
-        changed = {key: what for key, what in done.items() if what != "unchanged"}
-        return ", ".join(f"{key} {what}" for key, what in changed.items()) or "unchanged"
+        done: list[str] = []
+        daemonset = None
+        for obj in objects:
+            what, stored = await self.kube.apply(obj)
+            if what != "unchanged":
+                done.append(f"{obj['kind']}/{obj['metadata']['name']} {what}")
+            if obj["kind"] == "DaemonSet":
+                daemonset = stored
+        return Converged(", ".join(done) or "unchanged", daemonset)
 
     async def retire_agents(self, acceleration: Acceleration) -> str:
-        """A resource that lost a conflict: its agents detach and its DaemonSet goes."""
+        """A resource that lost a conflict: its agents detach and its DaemonSet goes (once)."""
+        if acceleration.name in self.retired:
+            return "nothing programmed (conflict)"
         pusher = self.pushers.pop(acceleration.name, None)
         failed: dict[str, str | None] = {}
         if pusher is not None:
@@ -124,6 +146,7 @@ class Runtime:
         errors = {node: err for node, err in failed.items() if err}
         if errors:
             log.warning("agents could not uninstall", extra={"nodes": errors})
+        self.retired.add(acceleration.name)
         return "agents retired" if removed or pusher else "nothing programmed (conflict)"
 
     async def uninstall(self, name: str, uid: str, port: int) -> dict[str, str]:
@@ -134,11 +157,10 @@ class Runtime:
         """
         pusher = self.pushers.get(name)
         if pusher is None:
-            pusher = self._pusher(name, await self.token(name, uid))
+            pusher = self._pusher(name, await self.token(name))
             for agent in self.engine.agents.values():
                 if agent.acceleration == name:
-                    host = f"[{agent.ip}]" if ":" in agent.ip else agent.ip
-                    pusher.set_endpoint(agent.node, f"http://{host}:{port}")
+                    pusher.set_endpoint(agent.node, agent_url(agent.ip, port))
         results = await pusher.uninstall(timeout=self.config.uninstall_timeout)
         failed = {node: error for node, error in results.items() if error}
         daemonset = await self.kube.read(
@@ -151,6 +173,8 @@ class Runtime:
         return failed
 
     async def forget(self, name: str) -> None:
+        self.tokens.pop(name, None)
+        self.retired.discard(name)
         pusher = self.pushers.pop(name, None)
         if pusher is not None:
             await pusher.close()
@@ -158,25 +182,27 @@ class Runtime:
 
     # -- status -----------------------------------------------------------------------------
 
-    async def status(
-        self, name: str, generation: int | None, current: Mapping[str, Any]
+    def status(
+        self,
+        name: str,
+        generation: int | None,
+        current: Mapping[str, Any],
+        daemonset: Mapping[str, Any] | None,
     ) -> tuple[dict[str, Any] | None, list[Transition]]:
-        """A merge patch for ``.status`` (``None`` if nothing changed) and condition changes."""
+        """A merge patch for ``.status`` (``None`` if nothing changed) and condition changes.
+
+        ``daemonset`` is the agents' DaemonSet as :meth:`converge` left it (None: there is none).
+        """
         acceleration = self.engine.accelerations.get(name)
         if acceleration is None:
             return None, []
-        daemonset = None
-        if acceleration.active:
-            daemonset = await self.kube.read(
-                "DaemonSet", self.config.namespace, rendering.daemonset_name(name)
-            )
         pusher = self.pushers.get(name)
         nodes = pusher.nodes() if pusher is not None and acceleration.active else {}
         previous = [Condition.model_validate(c) for c in current.get("conditions") or ()]
         status, transitions = compute_status(
             acceleration,
             nodes,
-            Rollout.from_daemonset(daemonset),
+            Rollout.from_daemonset(daemonset if acceleration.active else None),
             generation=generation,
             previous=previous,
             behind_grace=self.config.failing_after,

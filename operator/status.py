@@ -234,13 +234,14 @@ def _merge(
         status, reason, message = wanted[kind]
         old = before.get(kind)
         changed = old is None or old.status != status
+        since = old.lastTransitionTime if old is not None and not changed else now
         conditions.append(
             Condition(
                 type=kind,
                 status=status,
                 reason=reason,
                 message=message,
-                lastTransitionTime=now if changed or old is None else old.lastTransitionTime,
+                lastTransitionTime=since,
                 observedGeneration=generation,
             )
         )

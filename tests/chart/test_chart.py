@@ -16,6 +16,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 import yaml
 
+from meshaccel.operator.config import parse_args
 from tests.chart import helm
 from tests.chart.helm import HELMS, NAMESPACE, find, template, template_error
 from tests.chart.sync import load_sync
@@ -352,12 +353,11 @@ def test_operator_arguments_follow_the_values() -> None:
 
 def test_operator_runs_the_main_module_flags() -> None:
     """The flags the chart passes are flags meshaccel-operator accepts (its own parser)."""
-    main = pytest.importorskip("meshaccel.operator.main")
     for values in ({}, CUSTOM_VALUES, {"operator": {"replicas": 1, "peering": ""}}):
         (container,) = find(template("helm3", values), "Deployment")["spec"]["template"]["spec"][
             "containers"
         ]
-        args = main.parse_args(container["args"], environ={})
+        args = parse_args(container["args"], environ={})
         assert args.log_format == (values.get("operator", {}).get("logFormat") or "json")
 
 

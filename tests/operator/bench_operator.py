@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import gc
@@ -63,7 +62,16 @@ import kmock
 import yaml
 
 from meshaccel.operator import rendering as operator_rendering
-from tests.operator.conftest import CRDS, REPO, TOKEN, KubeClient, api_path
+from tests.operator.conftest import (
+    CRDS,
+    REPO,
+    TOKEN,
+    KubeClient,
+    agent_token,
+    api_path,
+    report_rollout,
+    run_agent_pod,
+)
 from tests.operator.emulator import ApiServerEmulator, ResourceSpec
 from tests.operator.fake_agent import FLEET_NETWORK, Accepted, FakeAgent, FakeAgentFleet
 
@@ -429,59 +437,13 @@ class Bench:
                 raise TimeoutError(f"no DaemonSet {ds_name} within {timeout} s")
             await asyncio.sleep(0.05)
         seen = time.monotonic()
-        secret = await self.kube.get(
-            api_path("v1", "secrets", NAMESPACE, operator_rendering.secret_name("default"))
-        )
-        token = base64.b64decode(secret["data"]["token"]).decode()
+        token = await agent_token(self.kube, NAMESPACE, "default")
         for agent in self.fleet:
             agent.set_token(token)
-        template = daemonset["spec"]["template"]
-        owner = {
-            "apiVersion": "apps/v1",
-            "kind": "DaemonSet",
-            "name": ds_name,
-            "uid": daemonset["metadata"]["uid"],
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-
-        async def agent_pod(agent: FakeAgent) -> None:
-            name = f"{ds_name}-{agent.name}"
-            await self.kube.create(
-                api_path("v1", "pods", NAMESPACE),
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {
-                        "name": name,
-                        "namespace": NAMESPACE,
-                        "labels": template["metadata"]["labels"],
-                        "ownerReferences": [owner],
-                    },
-                    "spec": {**template["spec"], "nodeName": agent.name},
-                },
-            )
-            ip = agent.host
-            await self.kube.merge(
-                api_path("v1", "pods", NAMESPACE, name, "status"),
-                {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip}},
-            )
-
-        await self._limited([agent_pod(agent) for agent in self.fleet])
-        count = len(self.fleet)
-        await self.kube.merge(
-            api_path("apps/v1", "daemonsets", NAMESPACE, ds_name, "status"),
-            {
-                "status": {
-                    "currentNumberScheduled": count,
-                    "desiredNumberScheduled": count,
-                    "numberMisscheduled": 0,
-                    "numberReady": count,
-                    "updatedNumberScheduled": count,
-                    "observedGeneration": daemonset["metadata"].get("generation", 1),
-                }
-            },
+        await self._limited(
+            [run_agent_pod(self.kube, daemonset, agent.name, agent.host) for agent in self.fleet]
         )
+        await report_rollout(self.kube, daemonset, len(self.fleet))
         return seen
 
     # -- changes ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -322,3 +323,68 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02)
         if loop.time() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+# --- the DaemonSet controller and kubelet, played by the tests (the emulator runs neither) ---
+
+
+async def agent_token(kube: KubeClient, namespace: str, acceleration: str) -> str:
+    """The bearer token the operator made for ``acceleration``'s agents (its Secret)."""
+    from meshaccel.operator.rendering import secret_name
+
+    secret = await kube.get(api_path("v1", "secrets", namespace, secret_name(acceleration)))
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+async def run_agent_pod(kube: KubeClient, daemonset: JsonObj, node: str, ip: str) -> None:
+    """The DaemonSet's pod on ``node``, as its controller makes it, then Running at ``ip``
+    (host network: the pod's IP is the node's)."""
+    meta = daemonset["metadata"]
+    template = daemonset["spec"]["template"]
+    name = f"{meta['name']}-{node}"
+    owner = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    await kube.create(
+        api_path("v1", "pods", meta["namespace"]),
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": template["metadata"]["labels"],
+                "ownerReferences": [owner],
+            },
+            "spec": {**template["spec"], "nodeName": node},
+        },
+    )
+    await kube.merge(
+        api_path("v1", "pods", meta["namespace"], name, "status"),
+        {
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip},
+        },
+    )
+
+
+async def report_rollout(kube: KubeClient, daemonset: JsonObj, nodes: int) -> None:
+    """The DaemonSet's status once ``nodes`` agents run the current template and are ready."""
+    meta = daemonset["metadata"]
+    await kube.merge(
+        api_path("apps/v1", "daemonsets", meta["namespace"], meta["name"], "status"),
+        {
+            "status": {
+                "currentNumberScheduled": nodes,
+                "desiredNumberScheduled": nodes,
+                "numberMisscheduled": 0,
+                "numberReady": nodes,
+                "updatedNumberScheduled": nodes,
+                "observedGeneration": meta.get("generation", 1),
+            },
+        },
+    )
