@@ -75,8 +75,6 @@ class IncompleteDatapathError(DatapathError):
     pass
 
 
-
-
 @dataclass(frozen=True)
 class Startup:
     """What start-up decided, for the logs and the status."""

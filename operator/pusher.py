@@ -31,6 +31,11 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
 * ``on_applied(node, generation, seconds)`` is called on every confirmation; ``seconds`` runs
   from the oldest change (or restart, or new endpoint) the confirmed set includes that was
   not confirmed before. Exceptions it raises are logged.
+* **Time.** Windows, backoffs, probes and latencies are read from ``clock`` (``time.monotonic``
+  by default); the waits themselves run on the event loop's timers, so a clock that stands
+  still only postpones what is due. :class:`NodeState` shows what is due (``next_push``) and
+  whether a PUT is in flight (``pushing``): with neither, nothing is sent until something
+  changes (a set, an endpoint, an agent's boot).
 
 HTTP: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps concurrent
 requests: for hundreds of nodes make it ``limit=0`` or about the node count); bearer token on
@@ -88,12 +93,16 @@ class NodeState:
     in_sync: bool  # the agent confirmed the newest set given to set_pods
     pods_applied: int | None  # pods of the confirmed set the agent programmed
     last_error: str | None  # why the newest set is not applied (cleared on success)
-    behind_since: float | None  # time.monotonic() since when not in sync; None when in sync
+    behind_since: float | None  # the pusher's clock since when not in sync; None when in sync
     boot_id: str | None  # the agent process's, as last heard
     attempts: int  # PUTs of the current set that failed (0 after a success)
     pods_desired: int | None = None  # pods in the newest set (None: set_pods not called yet)
     unresolved: int = 0  # pods of the confirmed set the agent could not find yet
     probe_error: str | None = None  # the last /healthz probe failed, and why
+    # When the next PUT goes out (the pusher's clock: a window or a backoff ends); None: nothing
+    # to send. With no PUT in flight either (pushing), the node is idle until something changes.
+    next_push: float | None = None
+    pushing: bool = False  # a PUT is in flight
 
 
 class _Unreachable(Exception):
@@ -135,6 +144,7 @@ class _Node:
     retries: int = 0  # consecutive retryable failures: the backoff's exponent
     stale_retries: int = 0
     send_due: float | None = None  # when the next PUT goes out (None: nothing to send)
+    pushing: bool = False  # a PUT is in flight
     not_before: float = 0.0  # the backoff: no PUT before this
     probe_due: float = math.inf
     pending_since: float | None = None  # oldest change not yet in a PUT
@@ -160,6 +170,8 @@ class _Node:
             pods_desired=None if self.desired is None else len(self.desired),
             unresolved=self.unresolved,
             probe_error=self.probe_error,
+            next_push=self.send_due,
+            pushing=self.pushing,
         )
 
 
@@ -194,6 +206,7 @@ class Pusher:
         probe_interval: float = 15.0,
         on_applied: OnApplied | None = None,
         metrics: PushMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not token.strip():
             raise ValueError("the agents' API token is empty")
@@ -210,6 +223,7 @@ class Pusher:
         self._probe_interval = probe_interval
         self._on_applied = on_applied
         self._metrics = metrics if metrics is not None else default_metrics()
+        self._clock = clock
         self._auth = {"Authorization": f"Bearer {token.strip()}"}
         self._put_headers = {**self._auth, "Content-Type": "application/json"}
         self._nodes: dict[str, _Node] = {}
@@ -235,7 +249,7 @@ class Pusher:
         url = url.rstrip("/") if url else None
         if url == n.url:
             return
-        now = time.monotonic()
+        now = self._clock()
         n.url = url
         # Another endpoint is another agent process, or one we must assume forgot everything.
         n.confirmed = n.boot_id = n.probe_error = n.blocked = None
@@ -267,7 +281,7 @@ class Pusher:
         if desired == n.desired:
             return
         PodSet(generation=0, pods=list(desired))  # the agent's own checks, before anything
-        now = time.monotonic()
+        now = self._clock()
         n.desired = desired
         n.version += 1
         n.pending_since = _earliest(n.pending_since, now)
@@ -377,12 +391,16 @@ class Pusher:
 
     async def _run(self, n: _Node) -> None:
         while True:
-            now = time.monotonic()
+            now = self._clock()
             try:
                 if n.send_due is not None and n.send_due <= now:
                     n.send_due = None
                     if n.desired is not None and n.blocked != n.version:
-                        await self._push(n)
+                        n.pushing = True
+                        try:
+                            await self._push(n)
+                        finally:
+                            n.pushing = False
                     continue
                 if n.probe_due <= now:
                     await self._probe(n)
@@ -393,7 +411,7 @@ class Pusher:
                     extra={"event": "push_bug", "acceleration": self.acceleration, "node": n.name},
                 )
                 n.last_error = f"operator error: {type(err).__name__}: {err}"
-                n.send_due = time.monotonic() + self._backoff_max
+                n.send_due = self._clock() + self._backoff_max
                 continue
             due = min(n.send_due if n.send_due is not None else math.inf, n.probe_due)
             n.wake.clear()
@@ -431,7 +449,7 @@ class Pusher:
         # The pods were validated by set_pods; model_construct skips doing it again.
         body = PodSet.model_construct(generation=generation, pods=list(pods)).model_dump_json()
         n.inflight_since, n.pending_since = n.pending_since, None
-        started = time.monotonic()
+        started = self._clock()
         try:
             status, raw = await self._request(
                 "PUT", n.pods_url, body=body, headers=self._put_headers
@@ -444,7 +462,7 @@ class Pusher:
         except BaseException:  # cancelled: keep the change's time for whoever comes next
             self._restore_pending(n)
             raise
-        now = time.monotonic()
+        now = self._clock()
         self._metrics.push_duration.labels(self.acceleration).observe(now - started)
         if n.url != url:  # the endpoint changed meanwhile: this reply is another agent's
             self._restore_pending(n)
@@ -529,7 +547,7 @@ class Pusher:
             self._retry_later(n, "stale_generation", f"{text} ({n.stale_retries} times in a row)")
 
     def _retry_later(self, n: _Node, reason: str, text: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         n.attempts += 1
         n.retries += 1
         n.last_error, n.last_failure = text, reason
@@ -557,11 +575,11 @@ class Pusher:
             "agent refused the set: not sent again until it changes",
             extra=self._extra(n, event="push_refused", status=status, error=text),
         )
-        self._refresh(n, time.monotonic())
+        self._refresh(n, self._clock())
 
     async def _probe(self, n: _Node) -> None:
         url = n.url
-        n.probe_due = time.monotonic() + self._probe_interval * self._random.uniform(0.9, 1.1)
+        n.probe_due = self._clock() + self._probe_interval * self._random.uniform(0.9, 1.1)
         try:
             status, raw = await self._request("GET", n.health_url)
         except _Unreachable as err:
@@ -577,7 +595,7 @@ class Pusher:
         except ValidationError as err:
             self._probe_failed(n, url, f"HTTP 200 with an invalid HealthReply: {err}")
             return
-        now = time.monotonic()
+        now = self._clock()
         n.probe_error = None
         if n.boot_id is not None and boot_id != n.boot_id:
             log.info(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ruff and mypy over the Python packages and the tests. Runs both, fails if either fails.
+# ruff (lint and format) and mypy over the Python packages and the tests. Runs all three, fails
+# if any fails. `ruff format` (without --check) rewrites what the format check refuses.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,8 @@ packages=()
 failed=()
 echo "==> ruff check"
 ruff check --output-format concise . || failed+=(ruff)
+echo "==> ruff format --check"
+ruff format --check . || failed+=(ruff-format)
 echo "==> mypy ${packages[*]}"
 # mypy reads the package through the editable link tree under build/: report the real paths.
 mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|operator)/#\1/#' \

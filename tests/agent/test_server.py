@@ -51,8 +51,6 @@ from tests.netlab import ECHO_PORT, EXCLUDED_PORT, Node, Pod
 pytestmark = pytest.mark.kernel
 
 
-
-
 @pytest.fixture
 async def client(make_client: MakeClient) -> Client:
     return await make_client()

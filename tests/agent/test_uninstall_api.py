@@ -38,8 +38,6 @@ from tests.agent_lifecycle.harness import TOKEN as LIFECYCLE_TOKEN
 pytestmark = pytest.mark.kernel
 
 
-
-
 @pytest.fixture
 async def client(make_client: MakeClient) -> Client:
     return await make_client()

@@ -12,9 +12,11 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       Send N deterministic pseudo-random bytes per connection while reading the echo concurrently,
       verify byte-exactness, print one JSON result line. Exit 0 only if every connection was exact.
       --pace-seconds: send the bytes in C (default 50) chunks spread evenly over S seconds, so
-      each connection (each in its own thread) stays open for at least S seconds.
+      each connection (each in its own thread) stays open for at least S seconds; each
+      connection's result counts the "chunks" it sent.
       --reset-after M (M <= N): send M bytes, wait until all M are echoed and verified, then
-      SO_LINGER {1, 0} + close(), i.e. an RST; the result says "reset": true, "verified": bytes.
+      SO_LINGER {1, 0} + close(), i.e. an RST; the result says "reset": true, "verified": bytes,
+      "left_behind": the states of sockets the close left in the netns (an RST leaves none).
       --progress: also print JSON event lines before the result ({"event": "connected", ...},
       {"event": "echoed", "index": i, "received": n}); the result is the last line without "event".
   rr-client --host IP --port P [--connections K] [--duration S] [--size B]
@@ -48,7 +50,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 READ_APIS = ("read", "recv", "recv_into", "recvmsg", "readinto", "readv", "splice")
@@ -258,7 +260,7 @@ def _pace_gap(args: argparse.Namespace) -> float:
     return args.pace_seconds / args.pace_chunks if args.pace_seconds > 0 else 0.0
 
 
-def _send_plan(args: argparse.Namespace, total: int) -> list[tuple[float, int]]:
+def send_plan(args: argparse.Namespace, total: int) -> list[tuple[float, int]]:
     """(offset in seconds from the start, chunk size) for every chunk to send."""
     if args.pace_seconds <= 0:
         plan, remaining = [], total
@@ -275,12 +277,50 @@ def _send_plan(args: argparse.Namespace, total: int) -> list[tuple[float, int]]:
     return [(offset, size) for offset, size in plan if size]
 
 
+def send_on_plan(
+    send: Callable[[int], None],
+    plan: Sequence[tuple[float, int]],
+    *,
+    started: float,
+    hold: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """``send(size)`` each chunk of ``plan`` (see :func:`send_plan`), none before ``started +``
+    its offset on ``clock``; then wait until ``started + hold`` (a paced connection stays open
+    for its whole pace). A sender that runs late sends at once: it never sleeps to catch up."""
+    for offset, size in plan:
+        delay = started + offset - clock()
+        if delay > 0:
+            sleep(delay)
+        send(size)
+    rest = started + hold - clock()
+    if rest > 0:
+        sleep(rest)
+
+
+def _proc_net_address(address: str) -> str:
+    """An "ip:port" as /proc/net/tcp spells it: the 32 address bits in host order, in hex."""
+    ip, _, port = address.rpartition(":")
+    return f"{struct.unpack('=I', socket.inet_aton(ip))[0]:08X}:{int(port):04X}"
+
+
+def _tcp_states(local: str, peer: str) -> list[str]:
+    """States of this netns's TCP sockets from ``local`` to ``peer``, from /proc/net/tcp (hex
+    codes: "04" FIN_WAIT1, "06" TIME_WAIT, ...). After an RST close there are none."""
+    wanted = (_proc_net_address(local), _proc_net_address(peer))
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return [row[3] for row in rows if len(row) > 3 and (row[1], row[2]) == wanted]
+
+
 def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, Any]:
     resetting = args.reset_after is not None
     target = args.reset_after if resetting else args.bytes  # bytes to send (and see echoed)
     result: dict[str, Any] = {
         "index": index,
         "sent": 0,
+        "chunks": 0,
         "received": 0,
         "exact": False,
         "error": None,
@@ -300,15 +340,14 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
 
     def send_all() -> None:
         stream = PseudoRandomStream(args.seed, index)
+
+        def send(size: int) -> None:
+            sock.sendall(stream.take(size))
+            result["sent"] += size
+            result["chunks"] += 1
+
         try:
-            for offset, size in _send_plan(args, target):
-                delay = started + offset - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                sock.sendall(stream.take(size))
-                result["sent"] += size
-            if args.pace_seconds > 0:  # stay open for the whole pace, then finish as usual
-                time.sleep(max(0.0, started + args.pace_seconds - time.monotonic()))
+            send_on_plan(send, send_plan(args, target), started=started, hold=args.pace_seconds)
             if not (args.no_half_close or resetting):
                 sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -341,7 +380,9 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
                 closing = time.monotonic()
                 sock.close()  # linger {1, 0}: the kernel sends an RST instead of a FIN
                 result["reset"] = True
-                result["close_seconds"] = round(time.monotonic() - closing, 4)
+                result["close_seconds"] = round(time.monotonic() - closing, 4)  # a figure
+                # A FIN close would leave the socket behind (FIN_WAIT1, ...); an RST, nothing.
+                result["left_behind"] = _tcp_states(result["local"], result["peer"])
     except OSError as exc:
         result["error"] = f"recv: {type(exc).__name__}: {exc}"
     if send_error and result["error"] is None:
@@ -352,7 +393,7 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
         result["error"] is None
         and mismatch_at is None
         and result["received"] == target
-        and (not resetting or (result.get("reset") is True and result["close_seconds"] < 2.0))
+        and (not resetting or (result.get("reset") is True and result["left_behind"] == []))
     )
     result["seconds"] = round(time.monotonic() - started, 4)
     return result

@@ -6,18 +6,18 @@ Envoy B :15006 -> from 127.0.0.6 -> echo server B :8080.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from .app_handles import NETNS_DEPENDENT_CASES, run_getsockopt_probe_here
-from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS
+from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS, send_on_plan, send_plan
 from .cgroups import cgroup_pids, find_cgroup2_mount
 from .counters import parse_proc_net_counters
 from .envoy import EnvoyBootstrapOptions, find_envoy_binary, path_usable_by, render_envoy_bootstrap
@@ -95,6 +95,58 @@ def test_proc_net_counters_parse() -> None:
         "Tcp.OutSegs": 7,
         "TcpExt.TCPOrigDataSent": 3,
     }
+
+
+class ManualClock:
+    """time.monotonic and time.sleep for :func:`send_on_plan`: sleeping moves the clock."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_paced_sending_spreads_the_chunks_and_holds_the_connection() -> None:
+    args = argparse.Namespace(pace_seconds=1.0, pace_chunks=50, chunk=16384)
+    plan = send_plan(args, 64 * 1024)
+    clock = ManualClock()
+    sent: list[tuple[float, int]] = []
+
+    send_on_plan(
+        lambda size: sent.append((clock.now, size)),
+        plan,
+        started=clock.now,
+        hold=1.0,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+
+    assert len(sent) == 50 and sum(size for _, size in sent) == 64 * 1024
+    assert [at - 100.0 for at, _ in sent] == pytest.approx([i * 0.02 for i in range(50)])
+    assert clock.now == pytest.approx(101.0)  # open for the whole pace after the last chunk
+
+
+def test_a_late_paced_sender_catches_up_without_sleeping() -> None:
+    args = argparse.Namespace(pace_seconds=1.0, pace_chunks=4, chunk=16384)
+    clock = ManualClock()
+    sent: list[float] = []
+
+    def slow_send(size: int) -> None:  # each send takes 0.3 s, longer than the 0.25 s gap
+        sent.append(clock.now)
+        clock.now += 0.3
+
+    send_on_plan(
+        slow_send, send_plan(args, 4096), started=100.0, hold=1.0, clock=clock, sleep=clock.sleep
+    )
+
+    assert sent == pytest.approx([100.0, 100.3, 100.6, 100.9])  # each as soon as it can
+    assert clock.sleeps == []  # and past the pace's end already: no wait after the last
 
 
 def test_path_usable_by_sees_private_parent(tmp_path: Path) -> None:
@@ -293,10 +345,15 @@ def test_paced_background_client_keeps_its_connections_open(
     netlab_node: Node, identity: RunAs | None
 ) -> None:
     a, b = netlab_node.pods["a"], netlab_node.pods["b"]
-    pace, nbytes = 1.0, 64 * 1024
-    started = time.monotonic()
+    pace, chunks, nbytes = 1.0, 50, 64 * 1024
     run = a.start_echo_client(
-        str(b.ip), ECHO_PORT, pace_seconds=pace, nbytes=nbytes, connections=2, run_as=identity
+        str(b.ip),
+        ECHO_PORT,
+        pace_seconds=pace,
+        pace_chunks=chunks,
+        nbytes=nbytes,
+        connections=2,
+        run_as=identity,
     )
     locals_ = run.wait_connected(timeout=10)
     assert len(set(locals_)) == 2
@@ -304,10 +361,11 @@ def test_paced_background_client_keeps_its_connections_open(
     assert run.is_running()  # mid-way: both connections are open and have echoed a quarter
     result = run.wait(timeout=30)
     assert result.ok, result.raw
-    assert time.monotonic() - started >= pace
     assert result.local_addresses == locals_ and result.raw["uid"] == (identity or RunAs(0, 0)).uid
     for connection in result.connections:
-        assert connection["received"] == nbytes and connection["seconds"] >= pace
+        # Every chunk of the pace went out on the one connection; that they were spread over
+        # the pace is send_on_plan's, tested above on a manual clock.
+        assert connection["received"] == nbytes and connection["chunks"] == chunks
     echoed = [e for e in run.events() if e["event"] == "echoed"]
     assert len(echoed) >= 2 * 40  # ~50 chunks per connection, verified as they came back
 
@@ -326,7 +384,7 @@ def test_reset_client_and_the_server_keeps_serving(
     )
     assert result.ok and result.reset, result.raw
     assert result.verified == [reset_after]
-    assert result.connections[0]["close_seconds"] < 1.0
+    assert result.connections[0]["left_behind"] == []  # an RST: no FIN_WAIT, no TIME_WAIT
     if port == EXCLUDED_PORT:  # no sidecar in between: the server itself saw the RST
         served = b.servers[port].wait_closed_from(result.connections[0]["local"])
         assert served["errno"] == errno.ECONNRESET and served["bytes"] == reset_after, served

@@ -310,21 +310,6 @@ async def kopf_running(
         await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate()`` (sync or async) until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 # --- the DaemonSet controller and kubelet, played by the tests (the emulator runs neither) ---
 
 

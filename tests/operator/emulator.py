@@ -14,7 +14,8 @@ What it adds to kmock 0.8 (each has its own test in ``test_emulator.py``):
   the kind; others are a 400 as on a real server) on list, watch and deletecollection;
   typed lists (``kind: PodList``, ``metadata.resourceVersion``); watches resume from a
   ``resourceVersion`` and, like a real server, send ADDED/DELETED when an object starts/stops
-  matching the watch's selectors;
+  matching the watch's selectors, and end after ``timeoutSeconds`` (each such end is recorded
+  in ``watches_timed_out``);
 * cluster-scoped resources, including ``GET /api/v1/namespaces``;
 * discovery of exactly the resources meshaccel's operator and Kopf use (plus any CRD loaded);
 * validation (kubernetes-validate, strict) and CRD defaulting+validation before every store:
@@ -404,6 +405,8 @@ class ApiServerEmulator(KubernetesEmulator):
     rejections: list[Rejection] = attrs.field(factory=list, init=False)
     _served: int = attrs.field(default=0, init=False)
     conflicts: list[str] = attrs.field(factory=list, init=False)
+    # The timeoutSeconds of every watch the emulator ended because that time was up.
+    watches_timed_out: list[float | None] = attrs.field(factory=list, init=False)
     specs: dict[tuple[str, str, str], ResourceSpec] = attrs.field(factory=dict, init=False)
     resource_version: int = attrs.field(default=0, init=False)
     _schemas: BuiltinSchemas = attrs.field(init=False)
@@ -690,13 +693,13 @@ class ApiServerEmulator(KubernetesEmulator):
         loop = asyncio.get_running_loop()
         deadline = None if watcher.timeout is None else loop.time() + watcher.timeout
         while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
                 event = await asyncio.wait_for(watcher.queue.get(), remaining)
             except TimeoutError:
-                return  # timeoutSeconds: the server ends the stream, the client re-watches
+                # timeoutSeconds: the server ends the stream, the client re-watches
+                self.watches_timed_out.append(watcher.timeout)
+                return
             if event is None:
                 return
             translated = watcher.translate(event)

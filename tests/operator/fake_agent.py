@@ -173,15 +173,10 @@ class FakeAgent:
                 if connection.transport is not None:
                     connection.transport.close()
 
-    async def restart(self, *, downtime: float = 0.0) -> None:
-        """A fresh agent process: new boot id, nothing applied (after ``downtime`` refused)."""
-        if downtime:
-            await self.stop_listening()
-            self._new_process()
-            await asyncio.sleep(downtime)
-            await self.start_listening()
-        else:
-            self._new_process()
+    async def restart(self) -> None:
+        """A fresh agent process: new boot id, nothing applied. For downtime in between, call
+        :meth:`stop_listening` before and :meth:`start_listening` when the test is ready."""
+        self._new_process()
 
     async def close(self) -> None:
         await self.stop_listening()

@@ -33,7 +33,7 @@ def test_bench_runs_and_sees_every_change(tmp_path: pathlib.Path) -> None:
     result = json.loads(out.read_text())
     assert result["populate"]["pods"] == 30
     initial = result["initial"]
-    assert 0 < initial["from_operator_start_s"] < 60
+    assert initial["from_operator_start_s"] > 0  # measured (a figure, not a claim)
     assert 0 < initial["rss_mb"] <= initial["hwm_mb"]
     assert [level["concurrency"] for level in result["steady"]] == [1, 2]
     for level in result["steady"]:

@@ -30,10 +30,10 @@ from tests.operator.conftest import (
     kopf_running,
     report_rollout,
     run_agent_pod,
-    wait_for,
 )
 from tests.operator.emulator import ApiServerEmulator
 from tests.operator.fake_agent import FakeAgent
+from tests.waiting import wait_for
 
 NAMESPACE = "meshaccel-system"
 ENABLED = {"meshaccel.io/accelerate": "enabled"}

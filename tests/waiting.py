@@ -1,0 +1,57 @@
+"""Waiting in asyncio tests: poll a condition until it holds.
+
+The timeout only turns a hang into a failure: it claims nothing about speed, so it is generous.
+No test asserts how long something took (figures belong in the benchmarks), and none sleeps to
+show that something did not happen: the code under test offers a state to check instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, overload
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], T], *, timeout: float = ..., interval: float = ..., what: str = ...
+) -> T: ...
+
+
+async def wait_for(
+    predicate: Callable[[], object],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.01,
+    what: str = "",
+) -> object:
+    """Poll ``predicate()`` (plain or async) until it returns something truthy, and return that.
+
+    Raises AssertionError naming ``what`` if it is still falsy after ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
