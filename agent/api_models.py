@@ -36,7 +36,7 @@ class _Strict(BaseModel):
 
 
 class PodOptions(_Strict):
-    """Per-pod opt-outs, from the mesh's own annotations (Istio: traffic.sidecar.istio.io/*)."""
+    """Per-pod options: the mesh's opt-outs (Istio: traffic.sidecar.istio.io/*), sk_msg opt-in."""
 
     excluded_outbound_ports: frozenset[Port] = Field(
         default=frozenset(),
@@ -57,6 +57,12 @@ class PodOptions(_Strict):
         default=None,
         max_length=MAX_CIDRS_PER_LIST,
         description="includeOutboundIPRanges; null (the default) means every destination",
+    )
+    sk_msg_to_app: bool = Field(
+        default=False,
+        description="sk_msg may deliver into this pod's application sockets (opt-in: an app "
+        "reading with splice() or TCP_ZEROCOPY_RECEIVE would stall, as those never see bytes "
+        "sk_msg queued)",
     )
 
 

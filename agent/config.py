@@ -36,7 +36,13 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from meshaccel.agent.datapath import PIN_ROOT, Capacities
+from meshaccel.agent.datapath import (
+    DEFAULT_REDIRECT_BUDGET,
+    MAX_REDIRECT_BUDGET,
+    MIN_REDIRECT_BUDGET,
+    PIN_ROOT,
+    Capacities,
+)
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import LogFormat, LogLevel
 
@@ -123,13 +129,17 @@ class AgentSettings(BaseModel):
         default=True, description="steer sidecars' connects to same-node pods to their 15006"
     )
     sk_msg_redirect: bool = Field(
-        default=False,
-        description="move bytes socket-to-socket between same-node sockets (opt-in: no "
-        "backpressure, see docs/datapath.md)",
+        default=True,
+        description="move bytes socket-to-socket between same-node sockets while the receiver "
+        "keeps up: each direction of a connection falls back to TCP for good once its "
+        "receiver holds more than sk_msg_redirect_budget bytes unread (docs/datapath.md)",
     )
-    sk_msg_to_apps: bool = Field(
-        default=False,
-        description="also deliver into application sockets (only for apps that never splice)",
+    sk_msg_redirect_budget: int = Field(
+        default=DEFAULT_REDIRECT_BUDGET,
+        ge=MIN_REDIRECT_BUDGET,
+        le=MAX_REDIRECT_BUDGET,
+        description="bytes a receiving socket may hold unread before that direction falls "
+        "back to TCP (needs a fresh load)",
     )
     drain_seconds: float = Field(
         default=2.0,
@@ -145,9 +155,9 @@ class AgentSettings(BaseModel):
     )
     reload_on_change: bool = Field(
         default=True,
-        description="at start, replace a pinned datapath whose features or map capacities "
-        "differ from these settings (unload with the drain, load anew) instead of adopting it "
-        "(default: yes; no: adopt it as it is and log a warning)",
+        description="at start, replace a pinned datapath whose features, sk_msg budget or map "
+        "capacities differ from these settings (unload with the drain, load anew) instead of "
+        "adopting it (default: yes; no: adopt it as it is and log a warning)",
     )
     # -- pods --------------------------------------------------------------------------------
     node_name: str = Field(
@@ -242,8 +252,6 @@ class AgentSettings(BaseModel):
             features |= DatapathFeatures.FEATURE_SAME_NODE_INBOUND
         if self.sk_msg_redirect:
             features |= DatapathFeatures.FEATURE_SK_MSG_REDIRECT
-        if self.sk_msg_to_apps:
-            features |= DatapathFeatures.FEATURE_SK_MSG_TO_APPS
         return features
 
     @property

@@ -41,12 +41,19 @@ from meshaccel.agent.prerequisites import DatapathError
 log = logging.getLogger(__name__)
 
 PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
-# sk_msg redirection is opt-in: the kernel applies no backpressure to a socket whose receive
-# queue sk_msg fills, so a fast sender to a slower sidecar grows kernel memory until TCP memory
-# pressure fails sends node-wide (docs/datapath.md, "sk_msg has no backpressure").
-DEFAULT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
-#: Connect-time steering plus socket-to-socket delivery into sidecar sockets.
-SK_MSG_FEATURES = DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+#: Connect-time steering only: every byte takes TCP.
+CONNECT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
+#: Connect-time steering plus socket-to-socket delivery into sidecar sockets (and into the
+#: application sockets of pods that opt in), each direction falling back to TCP when its
+#: receiver falls behind (docs/datapath.md, "Delivery that follows its receiver").
+SK_MSG_FEATURES = CONNECT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+DEFAULT_FEATURES = SK_MSG_FEATURES
+#: Unread bytes a receiving socket may hold before its sender falls back to TCP. Measured
+#: (docs/benchmarks.md): request/response traffic never comes near it, a bulk stream passes it
+#: in well under a millisecond, and it is a fraction of what TCP itself lets a socket queue.
+DEFAULT_REDIRECT_BUDGET = 1 << 20
+MIN_REDIRECT_BUDGET = 64 << 10
+MAX_REDIRECT_BUDGET = 64 << 20
 
 
 class NotLoadedError(DatapathError):
@@ -102,8 +109,10 @@ SHARED_MAPS = (
     "connecting_sockets",
     "handshakes",
     "connections",
-    "sidecar_sockets",
-    "app_sockets",
+    "target_sockets",
+    "sender_sockets",
+    "socket_states",
+    "receive_queues",
     "draining",
     "loaded_config",
     "counters",
@@ -144,8 +153,9 @@ class Capacities:
             "connecting_sockets": self.connections,
             "handshakes": self.connections,
             "connections": self.connections,
-            "sidecar_sockets": self.connections,
-            "app_sockets": self.connections,
+            "target_sockets": self.connections,
+            "sender_sockets": self.connections,
+            "receive_queues": self.connections,
         }
 
 
@@ -169,7 +179,25 @@ class PinLayout:
         return [*self.attachments(), *(self.map(name) for name in SHARED_MAPS)]
 
 
-SOCKHASHES = ("sidecar_sockets", "app_sockets")
+SOCKHASHES = ("target_sockets", "sender_sockets")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """What the programs were loaded with (their ``.rodata``, recorded in ``loaded_config``)."""
+
+    features: DatapathFeatures
+    redirect_budget: int
+
+    def raw(self) -> bytes:
+        return bytes(
+            layout.DatapathConfig(features=int(self.features), redirect_budget=self.redirect_budget)
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LoadedConfig:
+        config = layout.DatapathConfig.from_buffer_copy(raw)
+        return cls(DatapathFeatures(config.features), config.redirect_budget)
 
 
 def default_objects_dir() -> Path:
@@ -196,6 +224,7 @@ class Datapath:
         instance: str = "default",
         objects_dir: Path | None = None,
         features: DatapathFeatures = DEFAULT_FEATURES,
+        redirect_budget: int = DEFAULT_REDIRECT_BUDGET,
         capacities: Capacities = Capacities(),
         pin_root: Path = PIN_ROOT,
     ) -> Datapath:
@@ -203,7 +232,15 @@ class Datapath:
 
         On any failure, everything this call created is removed again.
         """
-        prerequisites.check_privileges()
+        if not MIN_REDIRECT_BUDGET <= redirect_budget <= MAX_REDIRECT_BUDGET:
+            raise ValueError(
+                f"redirect_budget must be {MIN_REDIRECT_BUDGET} to {MAX_REDIRECT_BUDGET} bytes, "
+                f"not {redirect_budget}"
+            )
+        config = LoadedConfig(features, redirect_budget)
+        prerequisites.check_privileges(
+            sk_msg=bool(features & DatapathFeatures.FEATURE_SK_MSG_REDIRECT)
+        )
         prerequisites.check_btf()
         prerequisites.check_kernel_features()
         cgroup = cgroup if cgroup is not None else prerequisites.cgroup2_root()
@@ -223,22 +260,26 @@ class Datapath:
         with contextlib.ExitStack() as undo:
             _make_pin_dirs(pins, undo)
             objects = {path.name: undo.enter_context(libbpf.BpfObject.open(path)) for path in paths}
-            _prepare(objects, paths, pins, features, capacities, undo)
+            _prepare(objects, paths, pins, config, capacities, undo)
             for name, obj in objects.items():
                 log.debug("loading %s", name)
                 obj.load()
             links = _attach(objects, cgroup, pins, undo)
             datapath = cls.adopt(instance=instance, pin_root=pin_root)
-            datapath._map("loaded_config").update(
-                u32(0), bytes(layout.DatapathConfig(features=int(features)))
-            )
+            datapath._map("loaded_config").update(u32(0), config.raw())
             undo.pop_all()  # success: keep what was made
         # The pins hold the kernel objects now: drop this process's handles.
         for link in links:
             link.destroy()
         for obj in objects.values():
             obj.close()
-        log.info("datapath loaded: instance=%s cgroup=%s features=%s", instance, cgroup, features)
+        log.info(
+            "datapath loaded: instance=%s cgroup=%s features=%s redirect_budget=%d",
+            instance,
+            cgroup,
+            features,
+            redirect_budget,
+        )
         return datapath
 
     @classmethod
@@ -260,6 +301,7 @@ class Datapath:
         instance: str = "default",
         objects_dir: Path | None = None,
         features: DatapathFeatures = DEFAULT_FEATURES,
+        redirect_budget: int = DEFAULT_REDIRECT_BUDGET,
         capacities: Capacities = Capacities(),
         pin_root: Path = PIN_ROOT,
     ) -> Datapath:
@@ -271,16 +313,21 @@ class Datapath:
             instance=instance,
             objects_dir=objects_dir,
             features=features,
+            redirect_budget=redirect_budget,
             capacities=capacities,
             pin_root=pin_root,
         )
 
     @property
-    def features(self) -> DatapathFeatures:
-        """The features the programs were loaded with (also after an adopt)."""
+    def loaded_config(self) -> LoadedConfig:
+        """What the programs were loaded with (also after an adopt)."""
         raw = self._map("loaded_config").lookup(u32(0))
         assert raw is not None  # an ARRAY map has every index
-        return DatapathFeatures(layout.DatapathConfig.from_buffer_copy(raw).features)
+        return LoadedConfig.decode(raw)
+
+    @property
+    def features(self) -> DatapathFeatures:
+        return self.loaded_config.features
 
     def close(self) -> None:
         """Let go of the maps; the datapath keeps running from its pins."""
@@ -461,6 +508,7 @@ class Datapath:
                 excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
                 excluded_outbound_cidrs=excluded,
                 included_outbound_cidrs=None if includes_all else included,
+                sk_msg_to_app=bool(info.flags & layout.PodFlags.POD_SK_MSG_TO_APP),
             )
         return ProgrammedPods(pods, orphans)
 
@@ -614,7 +662,7 @@ def _prepare(
     objects: dict[str, libbpf.BpfObject],
     paths: list[Path],
     pins: PinLayout,
-    features: DatapathFeatures,
+    config: LoadedConfig,
     capacities: Capacities,
     undo: contextlib.ExitStack,
 ) -> None:
@@ -624,7 +672,7 @@ def _prepare(
     for name in SHARED_MAPS:
         if name not in preexisting:  # pinned by libbpf at load: remove again on failure
             undo.callback(pins.map(name).unlink, missing_ok=True)
-    config = bytes(layout.DatapathConfig(features=int(features)))
+    rodata = config.raw()
     for path in paths:
         obj = objects[path.name]
         for bpf_map in obj.maps:
@@ -633,7 +681,7 @@ def _prepare(
                 if bpf_map.name in max_entries:
                     bpf_map.set_max_entries(max_entries[bpf_map.name])
             elif bpf_map.name.endswith(".rodata"):
-                _set_config(bpf_map, path, config)
+                _set_config(bpf_map, path, rodata)
 
 
 def _set_config(rodata: libbpf.Map, path: Path, config: bytes) -> None:

@@ -47,8 +47,8 @@ class SockTuple(ctypes.Structure):
 
 class ConnectionFlags(enum.IntFlag):
     CONNECTION_REWRITTEN = 1 << 0
-    CONNECTION_CLIENT_IS_SIDECAR = 1 << 1
-    CONNECTION_SERVER_IS_SIDECAR = 1 << 2
+    CONNECTION_CLIENT_TAKES_MSG = 1 << 1
+    CONNECTION_SERVER_TAKES_MSG = 1 << 2
 
 
 class Connection(ctypes.Structure):
@@ -59,8 +59,22 @@ class HandshakeKey(ctypes.Structure):
     _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
 
 
+class SocketFlags(enum.IntFlag):
+    SOCKET_SENDS_TCP = 1 << 0
+    SOCKET_SENDS_REDIRECTED = 1 << 1
+
+
+class SocketState(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class ReceiveQueue(ctypes.Structure):
+    _fields_ = [("redirected", ctypes.c_uint64), ("consumed", ctypes.c_uint64)]
+
+
 class PodFlags(enum.IntFlag):
     POD_OUTBOUND_INCLUDE_ALL = 1 << 0
+    POD_SK_MSG_TO_APP = 1 << 1
 
 
 class PodInfo(ctypes.Structure):
@@ -103,11 +117,11 @@ class PodCidrKey(ctypes.Structure):
 class DatapathFeatures(enum.IntFlag):
     FEATURE_SAME_NODE_INBOUND = 1 << 0
     FEATURE_SK_MSG_REDIRECT = 1 << 1
-    FEATURE_SK_MSG_TO_APPS = 1 << 2
+    # 1 << 2 was FEATURE_SK_MSG_TO_APPS, now per pod (PodFlags.POD_SK_MSG_TO_APP): never reuse.
 
 
 class DatapathConfig(ctypes.Structure):
-    _fields_ = [("features", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("features", ctypes.c_uint32), ("redirect_budget", ctypes.c_uint32)]
 
 
 class Counter(enum.IntEnum):
@@ -129,6 +143,12 @@ class Counter(enum.IntEnum):
     COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED = 13
     COUNTER_ERROR_MAP_UPDATE = 14
     COUNTER_ERROR_SOCKHASH_UPDATE = 15
+    COUNTER_MSG_PEER_NOT_TARGET = 16
+    COUNTER_FALLBACK_BUDGET = 17
+    COUNTER_FALLBACK_RECEIVER_UNKNOWN = 18
+    COUNTER_FALLBACK_REDIRECT_FAILED = 19
+    COUNTER_FALLBACK_DRAINING = 20
+    COUNTER_ERROR_SOCKET_STATE = 21
 
     @property
     def metric_name(self) -> str:
@@ -147,11 +167,14 @@ SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pod_port_key": PodPortKey,
     "pod_cidr_key": PodCidrKey,
     "datapath_config": DatapathConfig,
+    "socket_state": SocketState,
+    "receive_queue": ReceiveQueue,
 }
 
 #: Every enum shared with C.
 SHARED_ENUMS: tuple[type[enum.IntEnum] | type[enum.IntFlag], ...] = (
     ConnectionFlags,
+    SocketFlags,
     PodFlags,
     TrafficDirection,
     DatapathFeatures,

@@ -10,13 +10,13 @@ Life cycle of ``run``:
    one line. Host prerequisites (privileges, BTF, program and map types, cgroup2, bpffs);
    a missing one exits 1 with its cause and fix.
 2. The datapath: a complete set of pins under ``<pin_root>/<instance>`` loaded with the
-   features and map capacities the settings ask for is **adopted** (the kernel is not touched,
-   so no connection notices the new agent); one loaded with others is **reloaded**: unloaded
-   as by an uninstall (stop redirecting, detach, drain, unpin; open connections carry on over
-   plain TCP) and loaded anew, unless ``reload_on_change`` is off (then adopted as it is, with
-   a warning). Without pins the datapath is **loaded** and attached to the attach cgroup. Pins
-   of a half-made datapath (an agent killed while loading) are refused: ``meshaccel-agent
-   uninstall`` clears them.
+   features, sk_msg budget and map capacities the settings ask for is **adopted** (the kernel
+   is not touched, so no connection notices the new agent); one loaded with others is
+   **reloaded**: unloaded as by an uninstall (stop redirecting, detach, drain, unpin; open
+   connections carry on over plain TCP) and loaded anew, unless ``reload_on_change`` is off
+   (then adopted as it is, with a warning). Without pins the datapath is **loaded** and
+   attached to the attach cgroup. Pins of a half-made datapath (an agent killed while loading)
+   are refused: ``meshaccel-agent uninstall`` clears them.
 3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` and,
    standalone, the pods file watcher. Ready once attached and the first set is applied.
 4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
@@ -47,11 +47,12 @@ from types import FrameType
 
 from aiohttp import web
 
-from meshaccel.agent import config, layout, libbpf, prerequisites
+from meshaccel.agent import config, libbpf, prerequisites
 from meshaccel.agent.api_models import StartupDecision as Decision
 from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
     Datapath,
+    LoadedConfig,
     PinLayout,
     unload_pins,
 )
@@ -124,31 +125,52 @@ CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
         "connecting_sockets",
         "handshakes",
         "connections",
-        "sidecar_sockets",
-        "app_sockets",
+        "target_sockets",
+        "sender_sockets",
+        "receive_queues",
     ),
 }
 # The setting that switches each feature (AgentSettings.features builds them the same way).
 FEATURE_SETTINGS: dict[str, DatapathFeatures] = {
     "same_node_inbound": DatapathFeatures.FEATURE_SAME_NODE_INBOUND,
     "sk_msg_redirect": DatapathFeatures.FEATURE_SK_MSG_REDIRECT,
-    "sk_msg_to_apps": DatapathFeatures.FEATURE_SK_MSG_TO_APPS,
 }
 
 
-def pinned_differences(pins: PinLayout, settings: AgentSettings) -> tuple[Difference, ...]:
-    """How a complete pinned datapath differs from ``settings``: the features it was loaded
-    with (its ``loaded_config`` map) and its maps' max_entries. Reads pins only."""
-    found = []
+def pinned_config(pins: PinLayout) -> LoadedConfig:
+    """What a complete pinned datapath was loaded with (its ``loaded_config`` map). Reads the
+    pin only."""
     with libbpf.Map.from_pin(pins.map("loaded_config")) as loaded_config:
         raw = loaded_config.lookup(u32(0))
-    pinned_features = DatapathFeatures(
-        0 if raw is None else layout.DatapathConfig.from_buffer_copy(raw).features
-    )
+    assert raw is not None  # an ARRAY map has every index
+    return LoadedConfig.decode(raw)
+
+
+def config_differences(pinned: LoadedConfig, settings: AgentSettings) -> tuple[Difference, ...]:
+    """How what a datapath was loaded with differs from ``settings``.
+
+    The budget counts only while sk_msg redirects on both sides: without redirection it is
+    never read, and a switched feature reloads anyway.
+    """
+    found = []
     for setting, feature in FEATURE_SETTINGS.items():
-        pinned, wanted = feature in pinned_features, feature in settings.features
-        if pinned != wanted:
-            found.append(Difference(setting, pinned, wanted))
+        was_on, wanted_on = feature in pinned.features, feature in settings.features
+        if was_on != wanted_on:
+            found.append(Difference(setting, was_on, wanted_on))
+    redirecting = DatapathFeatures.FEATURE_SK_MSG_REDIRECT in pinned.features & settings.features
+    if redirecting and pinned.redirect_budget != settings.sk_msg_redirect_budget:
+        found.append(
+            Difference(
+                "sk_msg_redirect_budget", pinned.redirect_budget, settings.sk_msg_redirect_budget
+            )
+        )
+    return tuple(found)
+
+
+def pinned_differences(pins: PinLayout, settings: AgentSettings) -> tuple[Difference, ...]:
+    """How a complete pinned datapath differs from ``settings``: the configuration it was
+    loaded with (:func:`config_differences`) and its maps' max_entries. Reads pins only."""
+    found = list(config_differences(pinned_config(pins), settings))
     max_entries = settings.capacities.max_entries()
     for setting, maps in CAPACITY_MAPS.items():
         sizes = []
@@ -174,7 +196,7 @@ def _check_host(loaded: LoadedSettings) -> tuple[Path, Path]:
     mount = prerequisites.cgroup2_root()
     config.check_cgroup_settings(loaded, mount)
     attach = settings.attach_cgroup or mount
-    prerequisites.check_privileges()
+    prerequisites.check_privileges(sk_msg=settings.sk_msg_redirect)
     prerequisites.check_btf()
     prerequisites.check_kernel_features()
     prerequisites.check_cgroup(attach)
@@ -212,6 +234,7 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             instance=settings.instance,
             objects_dir=settings.bpf_objects,
             features=settings.features,
+            redirect_budget=settings.sk_msg_redirect_budget,
             capacities=settings.capacities,
             pin_root=settings.pin_root,
         )
@@ -266,7 +289,7 @@ def _signals_deferred() -> Iterator[list[str]]:
 
 
 def _warn_if_adopted_differs(startup: Startup) -> None:
-    """An adopted datapath keeps the features and sizes it was loaded with: say so."""
+    """An adopted datapath keeps the configuration and sizes it was loaded with: say so."""
     if startup.differences:
         log.warning(
             f"the adopted datapath differs from the settings ({startup.reason}) and keeps what "
@@ -374,6 +397,7 @@ def run(loaded: LoadedSettings) -> int:
             "attach_cgroup": str(startup.attach_cgroup),
             "attach_cgroup_id": os.stat(startup.attach_cgroup).st_ino,
             "features": feature_names(datapath.features),
+            "sk_msg_redirect_budget": datapath.loaded_config.redirect_budget,
             "max_pods": datapath.max_entries("pods"),
             "duration_ms": round(startup.duration_ms, 1),
         },
@@ -442,7 +466,7 @@ def run(loaded: LoadedSettings) -> int:
 def uninstall(loaded: LoadedSettings) -> int:
     """Adopt whatever is pinned for this instance, detach it with the drain, remove every pin."""
     settings = loaded.settings
-    prerequisites.check_privileges()
+    prerequisites.check_privileges(sk_msg=False)  # removing needs no program to verify
     prerequisites.check_bpffs(settings.pin_root)
     pins = PinLayout(settings.pin_root / settings.instance)
     present = [p for p in pins.all_pins() if p.exists()]

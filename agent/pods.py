@@ -25,6 +25,8 @@ class AcceleratedPod:
     datapath recognises a pod's processes by it. Port and CIDR sets include the
     mesh's own ports; build from a mesh mode with :meth:`in_mesh`.
     ``included_outbound_cidrs`` of None means every destination is included.
+    ``sk_msg_to_app``: sk_msg may deliver into the pod's application sockets, not only into
+    its sidecar's (``POD_SK_MSG_TO_APP``).
     """
 
     cgroup_id: int
@@ -36,6 +38,7 @@ class AcceleratedPod:
     excluded_inbound_ports: frozenset[int] = frozenset()
     excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset()
     included_outbound_cidrs: frozenset[IPv4Network] | None = field(default=None)
+    sk_msg_to_app: bool = False
 
     def __post_init__(self) -> None:
         if self.cgroup_id <= 0:
@@ -57,6 +60,7 @@ class AcceleratedPod:
         excluded_inbound_ports: frozenset[int] = frozenset(),
         excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset(),
         included_outbound_cidrs: frozenset[IPv4Network] | None = None,
+        sk_msg_to_app: bool = False,
     ) -> AcceleratedPod:
         """A pod of ``mode``'s mesh, with the mesh's own ports always excluded."""
         return cls(
@@ -69,6 +73,7 @@ class AcceleratedPod:
             excluded_inbound_ports=mode.inbound_excluded_ports | excluded_inbound_ports,
             excluded_outbound_cidrs=excluded_outbound_cidrs,
             included_outbound_cidrs=included_outbound_cidrs,
+            sk_msg_to_app=sk_msg_to_app,
         )
 
     # -- encoding ---------------------------------------------------------------------------
@@ -77,6 +82,8 @@ class AcceleratedPod:
         flags = layout.PodFlags(0)
         if self.included_outbound_cidrs is None:
             flags |= layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL
+        if self.sk_msg_to_app:
+            flags |= layout.PodFlags.POD_SK_MSG_TO_APP
         return layout.PodInfo(
             ip=layout.ipv4(self.ip),
             sidecar_uid=self.sidecar_uid,

@@ -12,6 +12,7 @@ VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 # capability(7) numbers
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
 CAP_BPF = 39
 
 
@@ -50,17 +51,33 @@ def effective_capabilities(status: Path = Path("/proc/self/status")) -> int:
     return 0
 
 
-def check_privileges() -> None:
+def check_privileges(*, sk_msg: bool) -> None:
+    """The capabilities the kernel will ask for. With ``sk_msg``, the redirect program reads its
+    own socket's receive queue (``bpf_skc_to_tcp_sock``), which the kernel offers only to
+    loaders with CAP_PERFMON."""
     caps = effective_capabilities()
 
     def has(cap: int) -> bool:
         return bool(caps & (1 << cap))
 
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_NET_ADMIN)):
+    if has(CAP_SYS_ADMIN):
         return
+    needed = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN}
+    if sk_msg:
+        needed["CAP_PERFMON"] = CAP_PERFMON
+    missing = [name for name, cap in needed.items() if not has(cap)]
+    if not missing:
+        return
+    hint = (
+        " (CAP_PERFMON lets the sk_msg program read its socket's receive queue; without "
+        "it, turn socket-to-socket delivery off)"
+        if "CAP_PERFMON" in missing
+        else ""
+    )
     raise NotPrivilegedError(
-        f"loading the datapath needs root, or CAP_BPF and CAP_NET_ADMIN (uid {os.geteuid()}, "
-        f"CapEff {caps:#x}): run the agent as root or grant those capabilities"
+        f"loading the datapath needs root, or {' and '.join(needed)}; missing "
+        f"{', '.join(missing)} (uid {os.geteuid()}, CapEff {caps:#x}): run the agent as root "
+        f"or grant those capabilities{hint}"
     )
 
 
@@ -86,6 +103,7 @@ _MAP_TYPES = {
     libbpf.MapType.LPM_TRIE: "LPM_TRIE (4.11)",
     libbpf.MapType.LRU_HASH: "LRU_HASH (4.10)",
     libbpf.MapType.PERCPU_ARRAY: "PERCPU_ARRAY (4.6)",
+    libbpf.MapType.SK_STORAGE: "SK_STORAGE (5.2)",
 }
 
 

@@ -10,7 +10,7 @@ each pod with the ``cgroup`` that identifies it (relative to the cgroup2 root)::
         name: a
         ip: 198.18.0.10
         cgroup: kubepods/besteffort/pod2f0c8a6e-0001
-        options: {excluded_outbound_ports: [9090]}
+        options: {excluded_outbound_ports: [9090], sk_msg_to_app: true}
 
 The watcher polls the file's identity (device, inode, size, mtime, ctime) every
 ``interval`` seconds, a single ``stat`` that costs nothing and sees edits in place as well as

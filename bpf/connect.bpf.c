@@ -9,8 +9,8 @@
  *  - the sidecar's connect to its own pod (the inbound passthrough) is left
  *    as it is, only marked for socket-to-socket acceleration.
  *
- * What connect4 learns (the original destination, which ends are the
- * sidecar's) is kept by socket cookie until sockops, once the connection is
+ * What connect4 learns (the original destination, which ends may receive
+ * redirected bytes) is kept by socket cookie until sockops, once the connection is
  * established, hands it to the accepting socket.
  */
 #include "helpers.h"
@@ -48,6 +48,12 @@ static __always_inline bool outbound_cidr_included(const struct pod_info *pod, _
 	return bpf_map_lookup_elem(&outbound_included_cidrs, &key) != NULL;
 }
 
+/* An application's socket receives redirected bytes only in a pod that opted in. */
+static __always_inline __u16 app_takes_msg(const struct pod_info *pod, __u16 flag)
+{
+	return pod->flags & POD_SK_MSG_TO_APP ? flag : 0;
+}
+
 static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const struct pod_info *pod,
 					     __u64 pod_cgroup_id)
 {
@@ -68,7 +74,9 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, ip, port, CONNECTION_REWRITTEN | CONNECTION_SERVER_IS_SIDECAR))
+	if (!remember_connect(ctx, ip, port,
+			      CONNECTION_REWRITTEN | CONNECTION_SERVER_TAKES_MSG |
+				      app_takes_msg(pod, CONNECTION_CLIENT_TAKES_MSG)))
 		return ALLOW;
 
 	ctx->user_ip4 = bpf_htonl(0x7f000001); /* 127.0.0.1, as iptables REDIRECT does for OUTPUT */
@@ -77,7 +85,8 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 	return ALLOW;
 }
 
-static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod_cgroup_id)
+static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const struct pod_info *pod,
+					    __u64 pod_cgroup_id)
 {
 	__be32 ip = ctx->user_ip4;
 	__be16 port = (__be16)ctx->user_port;
@@ -92,7 +101,9 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
 		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, ip, port, CONNECTION_CLIENT_IS_SIDECAR);
+			remember_connect(ctx, ip, port,
+					 CONNECTION_CLIENT_TAKES_MSG |
+						 app_takes_msg(pod, CONNECTION_SERVER_TAKES_MSG));
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
 		return ALLOW;
 	}
@@ -110,8 +121,8 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, __u64 pod
 		return ALLOW;
 	}
 	if (!remember_connect(ctx, ip, port,
-			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_IS_SIDECAR |
-				      CONNECTION_SERVER_IS_SIDECAR))
+			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_TAKES_MSG |
+				      CONNECTION_SERVER_TAKES_MSG))
 		return ALLOW;
 
 	ctx->user_port = peer->inbound_port;
@@ -135,7 +146,7 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 	uid_gid = bpf_get_current_uid_gid();
 	/* Istio's OUTPUT rules exempt the proxy by uid and by gid alike. */
 	if ((__u32)uid_gid == pod->sidecar_uid || (__u32)(uid_gid >> 32) == pod->sidecar_uid)
-		return redirect_sidecar(ctx, pod_cgroup_id);
+		return redirect_sidecar(ctx, pod, pod_cgroup_id);
 	return redirect_outbound(ctx, pod, pod_cgroup_id);
 }
 

@@ -1,12 +1,18 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * sk_msg, attached to both sockhashes: hand each message a socket of ours
- * sends straight to the receive queue of the connection's other socket, when
- * that socket is on this node and a redirect target (a sidecar's, or with
- * FEATURE_SK_MSG_TO_APPS any). Otherwise the message takes the ordinary TCP
- * path, so a missing peer costs nothing but speed.
+ * sends straight to the receive queue of the connection's other socket, while
+ * that socket is a redirect target on this node and keeps up with what it is
+ * given. The kernel never makes a redirecting sender wait, so the program
+ * keeps the account: senders add what they redirect into a receiver's
+ * receive_queues entry, and every socket, whenever it sends, records there how
+ * much of it it has read (its own queue is the one socket it may look at).
+ * When a receiver's unread bytes pass the budget, the sender's direction
+ * falls back to TCP, for good: the receiver reads the redirected bytes first,
+ * then TCP's, so going back would reorder them.
  */
 #include "helpers.h"
+#include "kernel.h"
 
 const volatile struct datapath_config config = {};
 
@@ -18,33 +24,100 @@ static __always_inline bool is_draining(void)
 	return value && *value;
 }
 
+/* The socket's own view of its tuple, and its peer's (our remote end is its local end). */
+static __always_inline void tuples_from_msg(struct sk_msg_md *msg, struct sock_tuple *self,
+					    struct sock_tuple *peer)
+{
+	self->local_ip = msg->local_ip4;
+	self->remote_ip = msg->remote_ip4;
+	self->local_port = bpf_htons((__u16)msg->local_port);
+	self->remote_port = ctx_remote_port(msg->remote_port);
+	if (tuple_is_loopback(self))
+		self->netns_cookie = bpf_get_netns_cookie(msg);
+
+	peer->netns_cookie = self->netns_cookie;
+	peer->local_ip = self->remote_ip;
+	peer->remote_ip = self->local_ip;
+	peer->local_port = self->remote_port;
+	peer->remote_port = self->local_port;
+}
+
+/* As a receiver: tell our senders how much of what they redirected we have read. */
+static __always_inline void report_consumed(struct bpf_sock *sk, const struct sock_tuple *self)
+{
+	struct receive_queue *queue = bpf_map_lookup_elem(&receive_queues, self);
+	struct sock___meshaccel *own;
+	__u64 redirected, unread;
+
+	if (!queue)
+		return;
+	own = (struct sock___meshaccel *)bpf_skc_to_tcp_sock(sk);
+	if (!own)
+		return;
+	redirected = queue->redirected;
+	unread = (__u32)own->sk_backlog.rmem_alloc.counter;
+	/* Consumption only grows; an unread figure above what was redirected proves nothing. */
+	if (redirected > unread && redirected - unread > queue->consumed)
+		queue->consumed = redirected - unread;
+}
+
+static __always_inline int take_tcp(struct socket_state *state, enum counter reason)
+{
+	state->flags |= SOCKET_SENDS_TCP;
+	count(reason, 1);
+	count(COUNTER_MSG_PASSED, 1);
+	return SK_PASS;
+}
+
+/*
+ * Redirecting fails or is refused: the first message decides that the
+ * socket's sends take TCP; a socket that has redirected before falls back.
+ */
+static __always_inline int decline(struct socket_state *state, enum counter fallback)
+{
+	if (state->flags & SOCKET_SENDS_REDIRECTED)
+		return take_tcp(state, fallback);
+	return take_tcp(state, COUNTER_MSG_PEER_NOT_TARGET);
+}
+
 SEC("sk_msg")
 int redirect_msg(struct sk_msg_md *msg)
 {
-	struct sock_tuple peer = {};
+	struct sock_tuple self = {}, peer = {};
+	struct bpf_sock *sk = msg->sk;
+	struct socket_state *state;
+	struct receive_queue *queue;
 	__u32 size = msg->size;
 
-	if (is_draining()) {
+	/*
+	 * Without the feature no socket joins a sockhash and this never runs; the check lets
+	 * the verifier drop the rest, and with it the helper that needs CAP_PERFMON.
+	 */
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
+		return SK_PASS;
+	tuples_from_msg(msg, &self, &peer);
+	report_consumed(sk, &self);
+
+	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
+	if (!state || (state->flags & SOCKET_SENDS_TCP)) {
 		count(COUNTER_MSG_PASSED, 1);
 		return SK_PASS;
 	}
+	if (is_draining())
+		return take_tcp(state, COUNTER_FALLBACK_DRAINING);
 
-	/* The peer's own view: our remote end is its local end. */
-	peer.local_ip = msg->remote_ip4;
-	peer.remote_ip = msg->local_ip4;
-	peer.local_port = ctx_remote_port(msg->remote_port);
-	peer.remote_port = bpf_htons((__u16)msg->local_port);
-	if (tuple_is_loopback(&peer))
-		peer.netns_cookie = bpf_get_netns_cookie(msg);
+	queue = bpf_map_lookup_elem(&receive_queues, &peer);
+	if (!queue)
+		return decline(state, COUNTER_FALLBACK_RECEIVER_UNKNOWN);
+	if (queue->redirected - queue->consumed > config.redirect_budget)
+		return take_tcp(state, COUNTER_FALLBACK_BUDGET);
+	if (bpf_msg_redirect_hash(msg, &target_sockets, &peer, BPF_F_INGRESS) != SK_PASS)
+		return decline(state, COUNTER_FALLBACK_REDIRECT_FAILED);
 
-	if (bpf_msg_redirect_hash(msg, &sidecar_sockets, &peer, BPF_F_INGRESS) == SK_PASS ||
-	    ((config.features & FEATURE_SK_MSG_TO_APPS) &&
-	     bpf_msg_redirect_hash(msg, &app_sockets, &peer, BPF_F_INGRESS) == SK_PASS)) {
-		count(COUNTER_MSG_REDIRECTED, 1);
-		count(COUNTER_MSG_BYTES_REDIRECTED, size);
-	} else {
-		count(COUNTER_MSG_PASSED, 1);
-	}
+	state->flags |= SOCKET_SENDS_REDIRECTED;
+	__sync_fetch_and_add(&queue->redirected, size);
+	count(COUNTER_MSG_REDIRECTED, 1);
+	count(COUNTER_MSG_BYTES_REDIRECTED, size);
 	return SK_PASS;
 }
 

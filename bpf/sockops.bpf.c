@@ -2,8 +2,8 @@
 /*
  * sockops: once a connection connect4 steered is established, hand what
  * connect4 knew to the accepting socket, file it under that socket's own
- * tuple for getsockopt, and put both sockets into the sockhash of their owner
- * (sidecar or application) for sk_msg redirection.
+ * tuple for getsockopt, and put both sockets into a sockhash for sk_msg:
+ * target_sockets if they may receive redirected bytes, sender_sockets if not.
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
  * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
@@ -27,17 +27,36 @@ static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
 		tuple->netns_cookie = bpf_get_netns_cookie(skops);
 }
 
-static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self,
-					  bool sidecar)
+/* A redirect target starts with an empty receive queue (a closed socket's entry may remain). */
+static __always_inline bool open_receive_queue(const struct sock_tuple *self)
 {
+	struct receive_queue queue = {};
+
+	return bpf_map_update_elem(&receive_queues, self, &queue, BPF_ANY) == 0;
+}
+
+/*
+ * Give the socket its sending state and put it in its sockhash: from then on
+ * sk_msg runs for every message it sends. A socket that takes redirected
+ * bytes joins target_sockets, any other sender_sockets. Without its state the
+ * socket is left out, and its connection keeps to TCP.
+ */
+static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self,
+					  bool takes_msg)
+{
+	struct bpf_sock *sk = skops->sk;
 	long err;
 
-	if (!(config.features & FEATURE_SK_MSG_REDIRECT))
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
 		return;
-	if (sidecar)
-		err = bpf_sock_hash_update(skops, &sidecar_sockets, self, BPF_ANY);
+	if (!bpf_sk_storage_get(&socket_states, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE)) {
+		count(COUNTER_ERROR_SOCKET_STATE, 1);
+		return;
+	}
+	if (takes_msg && open_receive_queue(self))
+		err = bpf_sock_hash_update(skops, &target_sockets, self, BPF_ANY);
 	else
-		err = bpf_sock_hash_update(skops, &app_sockets, self, BPF_ANY);
+		err = bpf_sock_hash_update(skops, &sender_sockets, self, BPF_ANY);
 	count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
 }
 
@@ -63,7 +82,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		return;
 	}
 	tuple_from_sockops(&self, skops);
-	join_sockhash(skops, &self, conn.flags & CONNECTION_CLIENT_IS_SIDECAR);
+	join_sockhash(skops, &self, conn.flags & CONNECTION_CLIENT_TAKES_MSG);
 }
 
 /* The accepting side: ours if the connecting side filed this handshake. */
@@ -89,7 +108,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	}
 	/* To forget the connection when this socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	join_sockhash(skops, &self, conn.flags & CONNECTION_SERVER_IS_SIDECAR);
+	join_sockhash(skops, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG);
 }
 
 static __always_inline void on_state_change(struct bpf_sock_ops *skops)

@@ -43,13 +43,18 @@ def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
         )
     problems += selector_problems(spec.namespaceSelector, "spec.namespaceSelector")
     problems += selector_problems(spec.podSelector, "spec.podSelector")
+    to_apps = spec.datapath.skMsgToAppsSelector
+    if to_apps is not None:
+        problems += selector_problems(to_apps, "spec.datapath.skMsgToAppsSelector")
+        if not spec.datapath.skMsgRedirect:
+            problems.append(
+                "spec.datapath.skMsgToAppsSelector is set but spec.datapath.skMsgRedirect is "
+                "false: without sk_msg redirection nothing is delivered into application "
+                "sockets; remove the selector or set skMsgRedirect to true"
+            )
     image = image_problem(spec.agent.image)
     if image:
         problems.append(image)
-    if spec.datapath.skMsgToApps and not spec.datapath.skMsgRedirect:
-        problems.append(
-            "spec.datapath.skMsgToApps needs spec.datapath.skMsgRedirect: enable both or neither"
-        )
     for cidr in spec.exclusions.outboundCIDRs:
         try:
             ipaddress.IPv4Network(cidr, strict=True)

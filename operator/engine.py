@@ -26,6 +26,7 @@ from meshaccel.operator.checks import spec_problems
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import (
     PodFacts,
+    PodWarning,
     Verdict,
     has_sidecar,
     matches_selectors,
@@ -76,6 +77,7 @@ class Acceleration:
     placement: dict[str, str] = field(default_factory=dict)  # pod uid -> node
     per_node: dict[str, dict[str, PodSpec]] = field(default_factory=dict)
     skipped: dict[str, Verdict] = field(default_factory=dict)  # matched, not accelerated
+    warned: dict[str, PodWarning] = field(default_factory=dict)  # accelerated, with a warning
 
     @property
     def active(self) -> bool:
@@ -96,6 +98,9 @@ class Acceleration:
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(str(verdict) for verdict in self.skipped.values()))
+
+    def warned_by_reason(self) -> dict[str, int]:
+        return dict(Counter(str(warning) for warning in self.warned.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +290,7 @@ class Engine:
         self._unindex(facts)
         for acceleration in self.accelerations.values():
             acceleration.skipped.pop(uid, None)
+            acceleration.warned.pop(uid, None)
             node = acceleration.placement.pop(uid, None)
             if node is not None:
                 acceleration.per_node[node].pop(uid, None)
@@ -334,6 +340,17 @@ class Engine:
             Verdict.SELECTED,
         ):
             acceleration.skipped[uid] = selection.verdict
+        warned_before = acceleration.warned.pop(uid, None)
+        if selection is not None and selection.warning is not None:
+            acceleration.warned[uid] = selection.warning
+            if selection.warning != warned_before and facts is not None:
+                log.warning(
+                    "pod %s/%s: %s",
+                    facts.namespace,
+                    facts.name,
+                    selection.detail,
+                    extra={"acceleration": acceleration.name, "reason": str(selection.warning)},
+                )
         old_node = acceleration.placement.get(uid)
         old = acceleration.per_node.get(old_node, {}).get(uid) if old_node else None
         new = selection.pod if selection is not None else None

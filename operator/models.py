@@ -14,6 +14,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshaccel.agent.datapath import (
+    DEFAULT_REDIRECT_BUDGET,
+    MAX_REDIRECT_BUDGET,
+    MIN_REDIRECT_BUDGET,
+)
 from meshaccel.agent.modes import MeshModeName
 
 GROUP = "meshaccel.io"
@@ -171,14 +176,25 @@ class DatapathSpec(_Model):
         "pod's inbound listener (skips the iptables PREROUTING hop)",
     )
     skMsgRedirect: bool = Field(
-        default=False,
-        description="move bytes socket-to-socket between same-node sidecar sockets; opt-in, "
-        "the kernel gives this path no backpressure (see docs/datapath.md)",
+        default=True,
+        description="move bytes socket-to-socket between same-node sockets (sidecars', and "
+        "applications' in pods that opt in: see skMsgToAppsSelector) while the receiver keeps "
+        "up: each direction of a connection falls back to TCP for good once its receiver holds "
+        "more than skMsgRedirectBudget bytes unread. The agents then need CAP_PERFMON",
     )
-    skMsgToApps: bool = Field(
-        default=False,
-        description="also deliver into application sockets; only for apps that never use "
-        "splice(); needs skMsgRedirect",
+    skMsgRedirectBudget: int = Field(
+        default=DEFAULT_REDIRECT_BUDGET,
+        ge=MIN_REDIRECT_BUDGET,
+        le=MAX_REDIRECT_BUDGET,
+        description="bytes a receiving socket may hold unread before that direction of the "
+        "connection falls back to TCP",
+    )
+    skMsgToAppsSelector: LabelSelector | None = Field(
+        default=None,
+        description="pods matching this selector (besides the resource's own selectors) get "
+        "sk_msg delivery into their application sockets; only for apps that never read with "
+        "splice() or zero-copy receive. A pod's annotation meshaccel.io/sk-msg-to-app "
+        '"true" or "false" wins over it. Needs skMsgRedirect',
     )
     maxPods: int = Field(default=1024, ge=1, le=65536, description="accelerated pods per node")
     maxConnections: int = Field(
@@ -279,6 +295,12 @@ class MeshAccelerationStatus(_Model):
         description="pods the selectors match that are not accelerated, counted by reason "
         "(NoSidecar, OptedOut, NotRunning, NoAgentOnNode, UnsupportedAnnotation, "
         "InvalidAnnotation)",
+    )
+    podsWithWarnings: dict[str, int] = Field(
+        default_factory=dict,
+        description="accelerated pods that run otherwise than one of their annotations asks, "
+        "counted by reason (InvalidAnnotation: a meshaccel.io/sk-msg-to-app value other than "
+        '"true" or "false", ignored); the operator logs each pod',
     )
 
 

@@ -7,9 +7,10 @@ same input always gives the same output, byte for byte, so the operator can comp
 rendered with what is stored and a spec change shows up as a new pod-template hash.
 
 Why each security setting of the DaemonSet is what it is (and what was measured on a real
-kernel to decide it) is in ``docs/security.md``; the capability set is :data:`AGENT_CAPABILITIES`,
-which ``tests/agent_lifecycle/test_capabilities.py`` proves both sufficient and minimal by
-running the real agent under it.
+kernel to decide it) is in ``docs/security.md``; the capability set is :func:`agent_capabilities`
+(:data:`AGENT_CAPABILITIES`, plus PERFMON with skMsgRedirect), which
+``tests/agent_lifecycle/test_capabilities.py`` proves both sufficient and minimal by running the
+real agent under it.
 """
 
 from __future__ import annotations
@@ -139,9 +140,10 @@ TOKEN_FILE: Final = TOKEN_DIR / TOKEN_KEY
 # Linux capabilities of the agent container (after dropping ALL), with the reason for each.
 # Measured on Linux 6.18 by tests/agent_lifecycle/test_capabilities.py: the agent loads,
 # attaches, serves, applies a pod set, restarts (adopting its pins) and uninstalls with exactly
-# these, and fails without any one of them. Not needed (measured): CAP_SYS_ADMIN, CAP_PERFMON
-# (the verifier accepts the programs without it), CAP_SYS_RESOURCE (BPF memory is charged to
-# the cgroup since 5.11, no RLIMIT_MEMLOCK), CAP_DAC_OVERRIDE (every file it touches is root's).
+# these (PERFMON only with skMsgRedirect), and fails without any one of them. Not needed
+# (measured): CAP_SYS_ADMIN, CAP_PERFMON without skMsgRedirect (the programs then never reach
+# the one helper that needs it), CAP_SYS_RESOURCE (BPF memory is charged to the cgroup since
+# 5.11, no RLIMIT_MEMLOCK), CAP_DAC_OVERRIDE (every file it touches is root's).
 AGENT_CAPABILITIES: Final[Mapping[str, str]] = {
     # map_create and prog_load refuse every map type meshaccel uses (hash, LRU, LPM trie,
     # per-CPU array, sockhash) without CAP_BPF (or CAP_SYS_ADMIN, which is far broader).
@@ -151,14 +153,24 @@ AGENT_CAPABILITIES: Final[Mapping[str, str]] = {
     "NET_ADMIN": "load the cgroup/connect4, cgroup/getsockopt, sockops and sk_msg programs and "
     "create the SOCKHASH",
 }
+# Only with skMsgRedirect (the default): the sk_msg program reads how much its receiving socket
+# holds unread through bpf_skc_to_tcp_sock, which the kernel offers only to loaders with
+# CAP_PERFMON ("program of this type cannot use helper bpf_skc_to_tcp_sock#137" without it).
+PERFMON_REASON: Final = (
+    "let the sk_msg program read how much the receiving socket holds unread "
+    "(bpf_skc_to_tcp_sock), which bounds what skMsgRedirect queues on it"
+)
 # Only when the API port is below 1024 (the default, 9474, is not): binding it needs this.
 NET_BIND_SERVICE_REASON: Final = "bind the API to a port below 1024"
 PRIVILEGED_PORTS_END: Final = 1024
 
 
-def agent_capabilities(port: int) -> tuple[str, ...]:
-    """The capabilities the agent container adds for an API on ``port`` (sorted)."""
+def agent_capabilities(port: int, *, sk_msg_redirect: bool) -> tuple[str, ...]:
+    """The capabilities the agent container adds for an API on ``port`` and a datapath with
+    or without sk_msg redirection (sorted)."""
     names = set(AGENT_CAPABILITIES)
+    if sk_msg_redirect:
+        names.add("PERFMON")
     if port < PRIVILEGED_PORTS_END:
         names.add("NET_BIND_SERVICE")
     return tuple(sorted(names))
@@ -184,7 +196,7 @@ def agent_settings(acceleration: str, spec: MeshAccelerationSpec) -> dict[str, A
         "pin_root": str(PIN_ROOT),
         "same_node_inbound": datapath.sameNodeInbound,
         "sk_msg_redirect": datapath.skMsgRedirect,
-        "sk_msg_to_apps": datapath.skMsgToApps,
+        "sk_msg_redirect_budget": datapath.skMsgRedirectBudget,
         "max_pods": datapath.maxPods,
         "max_connections": datapath.maxConnections,
         "max_pod_ports": datapath.maxPodPorts,
@@ -392,7 +404,10 @@ def _container(spec: MeshAccelerationSpec) -> dict[str, Any]:
             "runAsNonRoot": False,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": list(agent_capabilities(port))},
+            "capabilities": {
+                "drop": ["ALL"],
+                "add": list(agent_capabilities(port, sk_msg_redirect=spec.datapath.skMsgRedirect)),
+            },
             # containerd >= 1.7 (and 1.6 since late 2022) allows bpf() in its default profile
             # when CAP_BPF is in the container's bounding set; docs/security.md has the details
             # and the runtimes whose default profile still wants CAP_SYS_ADMIN.

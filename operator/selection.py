@@ -7,6 +7,12 @@ an IP and not on the host network, it sits on a node where this resource's agent
 mesh annotations are ones the datapath can honour exactly. Anything else would change what
 the mesh's own iptables rules do for that pod, so such a pod is left to iptables.
 
+Whether sk_msg may deliver into an accelerated pod's application sockets is meshaccel's own
+per-pod option: ``spec.datapath.skMsgToAppsSelector``, overridden either way by the pod's
+``meshaccel.io/sk-msg-to-app`` annotation. That annotation only tunes an accelerated pod, so
+a value other than "true" or "false" does not cost the pod its acceleration: it is ignored
+(the selector decides) and the selection carries a :class:`PodWarning`.
+
 Pods are kept as :class:`PodFacts`: only what selection reads, so that 10,000 pods cost
 little memory and a pod update that changes nothing relevant is recognised as such.
 """
@@ -25,10 +31,12 @@ from pydantic import ValidationError
 
 from meshaccel.agent.api_models import PodOptions, PodSpec
 from meshaccel.agent.modes import MeshModeName
-from meshaccel.operator.models import ExclusionsSpec, MeshAccelerationSpec
+from meshaccel.operator.models import DatapathSpec, ExclusionsSpec, MeshAccelerationSpec
 from meshaccel.operator.selectors import matches
 
 OPT_OUT_ANNOTATION = "meshaccel.io/accelerate"
+SK_MSG_TO_APP_ANNOTATION = "meshaccel.io/sk-msg-to-app"
+_ANNOTATION_BOOLEANS = {"true": True, "false": False}
 
 
 @dataclass(frozen=True)
@@ -145,11 +153,18 @@ class Verdict(enum.StrEnum):
     INVALID_ANNOTATION = "InvalidAnnotation"
 
 
+class PodWarning(enum.StrEnum):
+    """Why an accelerated pod runs otherwise than one of its annotations asks."""
+
+    INVALID_ANNOTATION = "InvalidAnnotation"
+
+
 @dataclass(frozen=True, slots=True)
 class Selection:
     verdict: Verdict
     pod: PodSpec | None = None
-    detail: str = ""
+    detail: str = ""  # what the verdict, or the warning, is about
+    warning: PodWarning | None = None  # only with Verdict.SELECTED
 
 
 class AnnotationError(ValueError):
@@ -199,8 +214,9 @@ def select(
         return Selection(Verdict.NOT_RUNNING)
     if pod.node is None or pod.node not in agent_nodes:
         return Selection(Verdict.NO_AGENT, detail=f"node {pod.node}")
+    to_app, ignored = app_takes_sk_msg(pod, spec.datapath)
     try:
-        options = pod_options(pod, spec.mode, spec.exclusions)
+        options = pod_options(pod, spec.mode, spec.exclusions, sk_msg_to_app=to_app)
         accelerated = PodSpec(
             uid=pod.uid,
             namespace=pod.namespace,
@@ -214,11 +230,43 @@ def select(
     except (ValidationError, ValueError) as err:
         # An IPv6-only pod, or a name the agent contract refuses: not ours to accelerate.
         return Selection(Verdict.INVALID_ANNOTATION, detail=str(err).splitlines()[0])
-    return Selection(Verdict.SELECTED, accelerated)
+    warning = PodWarning.INVALID_ANNOTATION if ignored else None
+    return Selection(Verdict.SELECTED, accelerated, detail=ignored, warning=warning)
 
 
-def pod_options(pod: PodFacts, mode: MeshModeName, exclusions: ExclusionsSpec) -> PodOptions:
-    """The pod's mesh annotations plus the cluster-wide exclusions, as the agent takes them."""
+def app_takes_sk_msg(pod: PodFacts, datapath: DatapathSpec) -> tuple[bool, str]:
+    """Whether sk_msg may deliver into the pod's application sockets, and why its annotation
+    was ignored ("" when it was not).
+
+    The annotation, "true" or "false" (any case), wins over ``skMsgToAppsSelector`` either
+    way; any other value is ignored and the selector decides. Without ``skMsgRedirect``
+    nothing is delivered by sk_msg at all: always False.
+    """
+    selector = datapath.skMsgToAppsSelector
+    wanted = selector is not None and matches(selector, pod.labels)
+    ignored = ""
+    raw = pod.annotations.get(SK_MSG_TO_APP_ANNOTATION)
+    if raw is not None:
+        annotated = _ANNOTATION_BOOLEANS.get(raw.strip().lower())
+        if annotated is None:
+            ignored = (
+                f'{SK_MSG_TO_APP_ANNOTATION}: {raw!r} is neither "true" nor "false": ignored, '
+                "spec.datapath.skMsgToAppsSelector decides"
+            )
+        else:
+            wanted = annotated
+    return datapath.skMsgRedirect and wanted, ignored
+
+
+def pod_options(
+    pod: PodFacts,
+    mode: MeshModeName,
+    exclusions: ExclusionsSpec,
+    *,
+    sk_msg_to_app: bool = False,
+) -> PodOptions:
+    """The pod's mesh annotations plus the cluster-wide exclusions, as the agent takes them,
+    and whether sk_msg may deliver into its application sockets (:func:`app_takes_sk_msg`)."""
     sidecar = SIDECARS[mode]
     for annotation, accepted in sidecar.unsupported.items():
         value = pod.annotations.get(annotation)
@@ -241,6 +289,7 @@ def pod_options(pod: PodFacts, mode: MeshModeName, exclusions: ExclusionsSpec) -
         _ports(pod, sidecar.excluded_inbound_ports) | frozenset(exclusions.inboundPorts),
         excluded_cidrs,
         included,
+        sk_msg_to_app,
     )
 
 
@@ -250,6 +299,7 @@ def _shared_options(
     inbound_ports: frozenset[int],
     outbound_cidrs: frozenset[ipaddress.IPv4Network],
     included_cidrs: frozenset[ipaddress.IPv4Network] | None,
+    sk_msg_to_app: bool,
 ) -> PodOptions:
     """One (immutable) PodOptions per distinct set of options: most pods share the default."""
     return PodOptions(
@@ -257,6 +307,7 @@ def _shared_options(
         excluded_inbound_ports=inbound_ports,
         excluded_outbound_cidrs=outbound_cidrs,
         included_outbound_cidrs=included_cidrs,
+        sk_msg_to_app=sk_msg_to_app,
     )
 
 

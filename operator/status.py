@@ -129,6 +129,7 @@ def compute_status(
         podsSelected=acceleration.pods_selected(),
         podsAccelerated=sum(s.pods_applied or 0 for s in nodes.values() if s.in_sync),
         podsNotAccelerated=acceleration.skipped_by_reason(),
+        podsWithWarnings=acceleration.warned_by_reason(),
     )
     return status, transitions
 

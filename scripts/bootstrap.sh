@@ -21,6 +21,7 @@ APT_PACKAGES=(
     # The benchmark (tests/bench): load generators and the server app. nginx-light's package
     # starts no server here (policy-rc.d); the benchmark runs its own nginx in the server pod.
     wrk iperf3 nginx-light
+    golang-go                                  # datapath tests: a Go io.Copy (splice) proxy
 )
 VENV="$ROOT/.venv"
 export DEBIAN_FRONTEND=noninteractive

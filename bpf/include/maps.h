@@ -95,23 +95,45 @@ struct {
 
 /*
  * The sockets of accelerated connections, keyed by each socket's own view,
- * in two sockhashes by owner; the sk_msg program is attached to both, so
- * every one of them can send socket-to-socket, but only sidecar sockets are
- * redirect targets (application sockets too with FEATURE_SK_MSG_TO_APPS).
+ * in two sockhashes; the sk_msg program is attached to both, so every one of
+ * them can send socket-to-socket, but only target_sockets receive redirected
+ * bytes: sidecars' sockets, and applications' in pods with POD_SK_MSG_TO_APP.
+ * Applications' other sockets are in sender_sockets.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sock_tuple);
 	__type(value, __u64);
-} sidecar_sockets SEC(".maps");
+} target_sockets SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sock_tuple);
 	__type(value, __u64);
-} app_sockets SEC(".maps");
+} sender_sockets SEC(".maps");
+
+/* Each tracked socket's sending decision; lives and dies with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
+	__type(key, int);
+	__type(value, struct socket_state);
+} socket_states SEC(".maps");
+
+/*
+ * The receive queue of every socket in target_sockets, keyed by its own
+ * tuple. LRU, so a closed socket's entry needs no callback to go: a live
+ * entry evicted costs its senders only their socket-to-socket path (they
+ * fall back to TCP, which is always safe).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_tuple);
+	__type(value, struct receive_queue);
+} receive_queues SEC(".maps");
 
 /*
  * One __u32, non-zero while the agent unloads: sk_msg stops redirecting so

@@ -34,9 +34,12 @@ _Static_assert(sizeof(struct sock_tuple) == 24, "sock_tuple layout is ABI");
 enum connection_flags {
 	/* connect() was rewritten: SO_ORIGINAL_DST answers original_ip:original_port. */
 	CONNECTION_REWRITTEN = 1 << 0,
-	/* Which ends are the sidecar's: only a sidecar's socket receives redirected bytes. */
-	CONNECTION_CLIENT_IS_SIDECAR = 1 << 1,
-	CONNECTION_SERVER_IS_SIDECAR = 1 << 2,
+	/*
+	 * Which ends may receive redirected bytes: a sidecar's socket always, an
+	 * application's only in a pod with POD_SK_MSG_TO_APP.
+	 */
+	CONNECTION_CLIENT_TAKES_MSG = 1 << 1,
+	CONNECTION_SERVER_TAKES_MSG = 1 << 2,
 };
 
 /* A connection connect4 steered or marked: where it was going and whose its ends are. */
@@ -61,9 +64,43 @@ struct handshake_key {
 };
 _Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI");
 
+/*
+ * One socket's sending decision, in its socket-local storage (created by
+ * sockops when the socket joins a sockhash, freed with the socket). Once a
+ * socket's sends take TCP they never go back: the receiver reads redirected
+ * bytes before TCP ones, so only this one-way switch keeps the byte order.
+ */
+enum socket_flags {
+	SOCKET_SENDS_TCP = 1 << 0,
+	SOCKET_SENDS_REDIRECTED = 1 << 1,
+};
+
+struct socket_state {
+	__u32 flags; /* enum socket_flags */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct socket_state) == 8, "socket_state layout is ABI");
+
+/*
+ * A redirect target's receive queue as its senders know it, keyed by the
+ * receiving socket's own tuple: senders add what they redirect, the receiver
+ * records how much of it it has read whenever it sends (it can read its own
+ * queue; a sender cannot read another socket's).
+ */
+struct receive_queue {
+	__u64 redirected; /* bytes redirected into the socket */
+	__u64 consumed;   /* of which the socket had read, as of its last send */
+};
+_Static_assert(sizeof(struct receive_queue) == 16, "receive_queue layout is ABI");
+
 enum pod_flags {
 	/* No includeOutboundIPRanges list: every outbound CIDR is included. */
 	POD_OUTBOUND_INCLUDE_ALL = 1 << 0,
+	/*
+	 * sk_msg may deliver into this pod's application sockets (opt-in per pod:
+	 * bytes queued by sk_msg are invisible to splice() and TCP_ZEROCOPY_RECEIVE).
+	 */
+	POD_SK_MSG_TO_APP = 1 << 1,
 };
 
 /* An accelerated pod, keyed by its pod-level cgroup id. */
@@ -109,20 +146,22 @@ enum { POD_CIDR_PREFIX_BITS = 96 /* pad + pod_cgroup_id */ };
 enum datapath_features {
 	/* A sidecar's connect to a meshed pod on this node goes straight to that pod's inbound listener. */
 	FEATURE_SAME_NODE_INBOUND = 1 << 0,
-	/* Both ends of steered connections join a sockhash; sk_msg moves bytes socket to socket. */
-	FEATURE_SK_MSG_REDIRECT = 1 << 1,
 	/*
-	 * sk_msg also delivers into application sockets. Off by default: bytes
-	 * queued by sk_msg are invisible to splice() and TCP_ZEROCOPY_RECEIVE, so an
-	 * application reading that way would stall. Sidecars read with readv().
+	 * Both ends of steered connections join a sockhash; sk_msg moves bytes
+	 * socket to socket while the receiver keeps up (see redirect_budget).
 	 */
-	FEATURE_SK_MSG_TO_APPS = 1 << 2,
+	FEATURE_SK_MSG_REDIRECT = 1 << 1,
+	/* 1 << 2 was FEATURE_SK_MSG_TO_APPS, now per pod (POD_SK_MSG_TO_APP): never reuse. */
 };
 
 /* Set in .rodata before load. */
 struct datapath_config {
 	__u32 features; /* enum datapath_features */
-	__u32 pad;
+	/*
+	 * Bytes a receiving socket may hold unread (as far as it last told) before
+	 * that direction of the connection falls back to TCP for good.
+	 */
+	__u32 redirect_budget;
 };
 _Static_assert(sizeof(struct datapath_config) == 8, "datapath_config layout is ABI");
 
@@ -147,6 +186,15 @@ enum counter {
 	COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED = 13,
 	COUNTER_ERROR_MAP_UPDATE = 14,
 	COUNTER_ERROR_SOCKHASH_UPDATE = 15,
+	/* A direction's first message found no redirect target: it takes TCP for good. */
+	COUNTER_MSG_PEER_NOT_TARGET = 16,
+	/* A redirecting direction fell back to TCP for good, by reason (enum fallback_reason). */
+	COUNTER_FALLBACK_BUDGET = 17,
+	COUNTER_FALLBACK_RECEIVER_UNKNOWN = 18,
+	COUNTER_FALLBACK_REDIRECT_FAILED = 19,
+	COUNTER_FALLBACK_DRAINING = 20,
+	/* A socket's state could not be allocated: its connection is left to TCP. */
+	COUNTER_ERROR_SOCKET_STATE = 21,
 	COUNTER_MAX,
 };
 

@@ -13,7 +13,7 @@ import pytest
 from meshaccel.agent import libbpf
 from meshaccel.agent.api_models import PodSpec
 from meshaccel.agent.datapath import Capacities, Datapath, ProgrammedPods
-from meshaccel.agent.layout import TrafficDirection
+from meshaccel.agent.layout import PodFlags, PodInfo, TrafficDirection
 from meshaccel.agent.modes import MeshModeName
 from meshaccel.agent.pods import decode_u64, port_key, u64
 from meshaccel.agent.reconcile import (
@@ -396,10 +396,32 @@ def test_included_cidrs_none_and_empty_are_different_pods(
     assert datapath.pods()[resolver.cgroups[uid(0)]].included_outbound_cidrs is None
 
 
+def test_sk_msg_to_app_is_a_pod_flag_written_and_read_back(
+    datapath: Datapath, reconciler: Reconciler, resolver: FakeResolver
+) -> None:
+    cgroup_id = resolver.cgroups[uid(0)]
+    sidecar_only, to_app = pod_spec(0), pod_spec(0, options=options(sk_msg_to_app=True))
+    reconciler.apply(pod_set(1, sidecar_only))
+
+    result = reconciler.apply(pod_set(2, to_app))
+
+    assert result.updated == 1, "the flag alone is a change"
+    assert datapath.pods() == expected_pods(resolver, to_app)
+    assert datapath.pods()[cgroup_id].sk_msg_to_app
+    with libbpf.Map.from_pin(datapath.pins.map("pods")) as pods:
+        raw = pods.lookup(u64(cgroup_id))
+    assert raw is not None
+    flags = PodFlags(PodInfo.from_buffer_copy(raw).flags)
+    assert flags == PodFlags.POD_SK_MSG_TO_APP | PodFlags.POD_OUTBOUND_INCLUDE_ALL, flags
+    assert reconciler.apply(pod_set(3, sidecar_only)).updated == 1
+    assert not datapath.pods()[cgroup_id].sk_msg_to_app
+
+
 @pytest.mark.parametrize(
     ("other", "reason"),
     [
         (pod_spec(0), "equal, separate objects"),
+        (pod_spec(0, options=options(sk_msg_to_app=True)), "sk_msg into the app differs"),
         (pod_spec(0, mode="istio", options=options(), cgroup=None), "defaults spelled out"),
         (pod_spec(0, options=options(excluded_outbound_ports=[1])), "an option differs"),
         (pod_spec(0, options=options(included_outbound_cidrs=[])), "None vs empty includes"),

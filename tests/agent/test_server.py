@@ -495,6 +495,7 @@ pod_options = st.fixed_dictionaries(
         "excluded_inbound_ports": port_lists,
         "excluded_outbound_cidrs": cidrs,
         "included_outbound_cidrs": cidrs | st.none(),
+        "sk_msg_to_app": st.booleans() | json_values,
         "unknown": json_values,
     },
 )

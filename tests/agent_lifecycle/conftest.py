@@ -91,7 +91,7 @@ class StandaloneAgents:
             f"--port={self.port}",
             "--node-name=netlab",
             "--log-format=json",
-            "--sk-msg-redirect",  # opt-in; the tests watch bytes go socket to socket
+            "--sk-msg-redirect",  # the default, spelled out: the tests watch sk_msg at work
             *extra,
         ]
 

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -51,7 +50,7 @@ from tests.requirements import require, require_tool
 pytestmark = [pytest.mark.kernel]
 
 # capability(7) numbers of the capabilities the renderer may ask for.
-CAPABILITY_BITS = {"BPF": 39, "NET_ADMIN": 12, "NET_BIND_SERVICE": 10}
+CAPABILITY_BITS = {"BPF": 39, "PERFMON": 38, "NET_ADMIN": 12, "NET_BIND_SERVICE": 10}
 EXIT_FAILED = 1
 _numbers = itertools.count()
 
@@ -60,20 +59,32 @@ _numbers = itertools.count()
 UNGATED_AGENT = """\
 import sys
 from meshaccel.agent import main, prerequisites
-prerequisites.check_privileges = lambda: None
+prerequisites.check_privileges = lambda **_: None
 prerequisites.check_kernel_features = lambda: None
 sys.exit(main.main(sys.argv[1:]))
 """
 
 
-def spec(**agent: Any) -> MeshAccelerationSpec:
-    return MeshAccelerationSpec.model_validate({"namespaceSelector": {}, "agent": agent})
+def spec(port: int, sk_msg_redirect: bool) -> MeshAccelerationSpec:
+    return MeshAccelerationSpec.model_validate(
+        {
+            "namespaceSelector": {},
+            "agent": {"port": port},
+            "datapath": {"skMsgRedirect": sk_msg_redirect},
+        }
+    )
 
 
-def rendered_capabilities(port: int = DEFAULT_AGENT_PORT) -> tuple[str, ...]:
+def rendered_capabilities(
+    port: int = DEFAULT_AGENT_PORT, *, sk_msg_redirect: bool = True
+) -> tuple[str, ...]:
     """The capabilities the rendered DaemonSet's container adds (read from the object)."""
     objects = rendering.agent_objects(
-        "caps", "uid-caps", spec(port=port), namespace="meshaccel-system", token=TOKEN
+        "caps",
+        "uid-caps",
+        spec(port, sk_msg_redirect),
+        namespace="meshaccel-system",
+        token=TOKEN,
     )
     (daemon_set,) = [o for o in objects if o["kind"] == "DaemonSet"]
     (container,) = daemon_set["spec"]["template"]["spec"]["containers"]
@@ -110,19 +121,23 @@ class CapsLab:
     def pins(self) -> PinLayout:
         return PinLayout(PIN_ROOT / self.instance)
 
-    def write_config(self, port: int) -> Path:
+    def write_config(self, port: int, sk_msg_redirect: bool) -> Path:
         objects = rendering.agent_objects(
-            "caps", "uid-caps", spec(port=port), namespace="meshaccel-system", token=TOKEN
+            "caps",
+            "uid-caps",
+            spec(port, sk_msg_redirect),
+            namespace="meshaccel-system",
+            token=TOKEN,
         )
         (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-        path = self.workdir / f"agent-{port}.yaml"
+        path = self.workdir / f"agent-{port}-{'sk_msg' if sk_msg_redirect else 'tcp'}.yaml"
         path.write_text(config_map["data"][rendering.CONFIG_KEY])
         return path
 
-    def argv(self, command: str, port: int) -> list[str]:
+    def argv(self, command: str, port: int, sk_msg_redirect: bool) -> list[str]:
         return [
             command,
-            f"--config={self.write_config(port)}",
+            f"--config={self.write_config(port, sk_msg_redirect)}",
             # What differs from a node: pods from a file, our cgroup, our pins, loopback.
             "--mode=standalone",
             f"--pods-file={self.workdir / 'pods.yaml'}",
@@ -135,8 +150,6 @@ class CapsLab:
             f"--port={port}",
             "--node-name=caps",
             "--drain-seconds=0",
-            # The rendered default leaves sk_msg off; on, the sk_msg attach is measured too.
-            "--sk-msg-redirect",
         ]
 
     def start(
@@ -145,6 +158,7 @@ class CapsLab:
         *,
         command: str = "run",
         port: int | None = None,
+        sk_msg_redirect: bool = True,
         ungated: bool = False,
     ) -> AgentProcess:
         port = free_port() if port is None else port
@@ -156,7 +170,7 @@ class CapsLab:
             program = agent_argv()
         name = f"{command}-{next(_numbers)}"
         agent = AgentProcess(
-            [*setpriv(capabilities), *program, *self.argv(command, port)],
+            [*setpriv(capabilities), *program, *self.argv(command, port, sk_msg_redirect)],
             workdir=self.workdir,
             name=name,
             port=port,
@@ -212,12 +226,19 @@ def error_reasons(agent: AgentProcess) -> list[str]:
 # -- enough -----------------------------------------------------------------------------------
 
 
-def test_the_agent_runs_with_exactly_the_rendered_capabilities(lab: CapsLab) -> None:
-    capabilities = rendered_capabilities()
-    assert set(capabilities) == {"BPF", "NET_ADMIN"}
+@pytest.mark.parametrize(
+    ("sk_msg_redirect", "expected"),
+    [(True, {"BPF", "NET_ADMIN", "PERFMON"}), (False, {"BPF", "NET_ADMIN"})],
+    ids=["sk_msg", "tcp"],
+)
+def test_the_agent_runs_with_exactly_the_rendered_capabilities(
+    lab: CapsLab, sk_msg_redirect: bool, expected: set[str]
+) -> None:
+    capabilities = rendered_capabilities(sk_msg_redirect=sk_msg_redirect)
+    assert set(capabilities) == expected
 
     # Load, attach, serve, apply the pod set.
-    first = lab.start(capabilities)
+    first = lab.start(capabilities, sk_msg_redirect=sk_msg_redirect)
     first.wait_ready()
     wanted = sum(1 << CAPABILITY_BITS[name] for name in capabilities)
     assert effective_capabilities(first.pid) == wanted, "the agent ran with more than the set"
@@ -227,18 +248,19 @@ def test_the_agent_runs_with_exactly_the_rendered_capabilities(lab: CapsLab) -> 
     ]
     status = first.get("/v1/status")
     assert status["attached"] and status["attach_cgroup"] == str(lab.cgroup.path)
+    assert ("FEATURE_SK_MSG_REDIRECT" in status["datapath_features"]) == sk_msg_redirect
     assert len(attached_programs(lab.cgroup.path)) >= 3  # connect4, getsockopt, sockops
     assert first.stop() == 0, first.describe()
     assert all(p.exists() for p in lab.pins.all_pins()), "SIGTERM keeps the datapath pinned"
 
     # Restart: adopt the pins (an upgrade), same set.
-    second = lab.start(capabilities)
+    second = lab.start(capabilities, sk_msg_redirect=sk_msg_redirect)
     second.wait_ready()
     assert "adopted" in [r.get("decision") for r in second.logs()], second.describe()
     assert second.stop() == 0, second.describe()
 
     # Uninstall: detach everything and remove every pin, same set.
-    uninstall = lab.start(capabilities, command="uninstall")
+    uninstall = lab.start(capabilities, command="uninstall", sk_msg_redirect=sk_msg_redirect)
     assert wait_exit(uninstall) == 0, uninstall.describe()
     lab.nothing_left()
 
@@ -246,17 +268,30 @@ def test_the_agent_runs_with_exactly_the_rendered_capabilities(lab: CapsLab) -> 
 # -- needed -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dropped", sorted(rendering.AGENT_CAPABILITIES))
+# How the kernel refuses the load without each capability (the agent's check switched off).
+KERNEL_REFUSAL = {
+    # bpf() itself, and the networking map and program types.
+    "BPF": ("Operation not permitted", "lack of privilege"),
+    "NET_ADMIN": ("Operation not permitted", "lack of privilege"),
+    # The verifier: the helper the sk_msg program reads its receiver's queue with.
+    "PERFMON": ("cannot use helper bpf_skc_to_tcp_sock",),
+}
+
+
+@pytest.mark.parametrize("dropped", sorted(KERNEL_REFUSAL))
 def test_each_rendered_capability_is_needed(lab: CapsLab, dropped: str) -> None:
-    capabilities = rendered_capabilities()
-    assert dropped in capabilities
+    capabilities = rendered_capabilities()  # the default spec: sk_msg on
+    assert set(capabilities) == set(KERNEL_REFUSAL), "every capability is tried here"
     remaining = tuple(name for name in capabilities if name != dropped)
 
     # The agent's own check names what is missing, before it touches the kernel.
     gated = lab.start(remaining)
     assert wait_exit(gated) == EXIT_FAILED, gated.describe()
     reasons = error_reasons(gated)
-    assert any("needs root, or CAP_BPF and CAP_NET_ADMIN" in r for r in reasons), reasons
+    assert any(
+        "loading the datapath needs root, or CAP_BPF" in r and f"missing CAP_{dropped} (" in r
+        for r in reasons
+    ), reasons
     lab.nothing_left()
 
     # Without that check the kernel refuses the load itself: the check is not too strict.
@@ -264,9 +299,7 @@ def test_each_rendered_capability_is_needed(lab: CapsLab, dropped: str) -> None:
     assert wait_exit(ungated) == EXIT_FAILED, ungated.describe()
     reasons = error_reasons(ungated)
     assert any(
-        "bpf_object__load() failed" in r
-        and "Operation not permitted" in r
-        and "lack of privilege" in r
+        "bpf_object__load() failed" in r and all(said in r for said in KERNEL_REFUSAL[dropped])
         for r in reasons
     ), reasons
     lab.nothing_left()

@@ -72,7 +72,10 @@ def test_defaults() -> None:
     )
     assert s.attach_cgroup is None  # the cgroup2 mount, found at start
     assert str(s.pin_root) == "/sys/fs/bpf/meshaccel" and s.instance == "default"
-    assert s.features == DatapathFeatures.FEATURE_SAME_NODE_INBOUND  # sk_msg is opt-in
+    assert s.features == (
+        DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+    ), "sk_msg redirection is on by default"
+    assert s.sk_msg_redirect_budget == 1 << 20
     assert not s.uninstall_on_exit and s.drain_seconds == 2.0
     assert loaded.sources == {"token_file": "--token-file"}
 
@@ -92,7 +95,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
         "MESHACCEL_CONFIG": str(config),
         "MESHACCEL_PORT": "1002",
         "MESHACCEL_MAX_PODS": "12",
-        "MESHACCEL_SK_MSG_TO_APPS": "true",
+        "MESHACCEL_SK_MSG_REDIRECT": "false",
     }
     loaded = load_settings(["--port", "1003", "--no-same-node-inbound"], environ=environ)
     s = loaded.settings
@@ -100,7 +103,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
     assert s.max_pods == 12, "env beats the file"
     assert s.log_format == "text" and s.drain_seconds == 7, "the file beats the default"
     assert s.log_level == "info", "the default when nobody says otherwise"
-    assert s.sk_msg_to_apps and not s.same_node_inbound
+    assert not s.sk_msg_redirect and not s.same_node_inbound
     assert loaded.sources["port"] == "--port"
     assert loaded.sources["max_pods"] == "env MESHACCEL_MAX_PODS"
     assert loaded.sources["log_format"] == f"config file {config}"
@@ -132,7 +135,7 @@ SAMPLES = {
     "max_connections": "2048",
     "same_node_inbound": "false",
     "sk_msg_redirect": "false",
-    "sk_msg_to_apps": "true",
+    "sk_msg_redirect_budget": "131072",
     "drain_seconds": "1.5",
     "uninstall_on_exit": "true",
     "reload_on_change": "false",
@@ -190,6 +193,51 @@ def test_show_config_through_the_console_script(tmp_path: Path) -> None:
     assert shown["settings"]["instance"] == "from-file"
     assert shown["sources"]["instance"] == f"config file {config}"
     assert shown["sources"]["log_level"] == "default"
+
+
+@dataclass(frozen=True)
+class BudgetCase:
+    value: str
+    accepted: int | None  # the budget, or None: refused with ``why``
+    why: str = ""
+
+
+BUDGET_CASES = [
+    BudgetCase("65536", 64 << 10),  # 64 KiB, the smallest
+    BudgetCase("1048576", 1 << 20),  # the default, spelled out
+    BudgetCase("67108864", 64 << 20),  # 64 MiB, the largest
+    BudgetCase("65535", None, "must be >= 65536"),
+    BudgetCase("67108865", None, "must be <= 67108864"),
+    BudgetCase("0", None, "must be >= 65536"),
+    BudgetCase("1MiB", None, "must be an integer"),
+]
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=[c.value for c in BUDGET_CASES])
+def test_sk_msg_redirect_budget_bounds(case: BudgetCase) -> None:
+    argv = [*TOKEN_ARGS, f"--sk-msg-redirect-budget={case.value}"]
+    if case.accepted is not None:
+        assert load_settings(argv, environ={}).settings.sk_msg_redirect_budget == case.accepted
+        return
+    with pytest.raises(SettingsError) as refused:
+        load_settings(argv, environ={})
+    assert str(refused.value) == (
+        f"invalid setting sk_msg_redirect_budget={case.value} (from --sk-msg-redirect-budget): "
+        f"{case.why}"
+    )
+
+
+def test_the_retired_sk_msg_to_apps_is_refused(tmp_path: Path) -> None:
+    """Delivery into apps is per pod now: the old switch is refused from the file and the
+    command line, and, like any unknown variable, reported (logged) from the environment."""
+    config = write_config(tmp_path, {"sk_msg_to_apps": True, "token_file": "/f"})
+    with pytest.raises(SettingsError, match=r"sk_msg_to_apps=true \(from config file .*\): not a"):
+        load_settings(["--config", str(config)], environ={})
+    with pytest.raises(SettingsError, match="unrecognized arguments: --sk-msg-to-apps"):
+        load_settings([*TOKEN_ARGS, "--sk-msg-to-apps"], environ={})
+    assert load_settings(TOKEN_ARGS, {"MESHACCEL_SK_MSG_TO_APPS": "true"}).ignored_env == (
+        "MESHACCEL_SK_MSG_TO_APPS",
+    )
 
 
 # -- refusals, through the real process ----------------------------------------------------------

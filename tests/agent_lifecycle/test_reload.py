@@ -1,13 +1,14 @@
 """A changed datapath setting takes effect: the agent replaces pins loaded otherwise.
 
-Same settings: the restarted agent adopts (no kernel change). Another feature or map capacity:
-it unloads the pinned datapath as an uninstall does (drain, detach, unpin) and loads anew, and
-the pods come back with the next set; ``--no-reload-on-change`` adopts it as it is, with a
-warning. Open connections carry on across a reload, byte-exact, and no new one fails.
+Same settings: the restarted agent adopts (no kernel change). Another feature, sk_msg budget or
+map capacity: it unloads the pinned datapath as an uninstall does (drain, detach, unpin) and
+loads anew, and the pods come back with the next set; ``--no-reload-on-change`` adopts it as it
+is, with a warning. Open connections carry on across a reload, byte-exact, and no new one fails.
 
 Real agents on the real kernel, standalone, attached to the node's own test cgroup and pinned
 under /sys/fs/bpf/meshaccel-test-<pid> (see conftest.py). The agents start with
-``--sk-msg-redirect`` (StandaloneAgents.argv); a later ``--no-sk-msg-redirect`` overrides it.
+``--sk-msg-redirect``, the default spelled out (StandaloneAgents.argv); a later
+``--no-sk-msg-redirect`` overrides it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 import pytest
 
 from meshaccel.agent.config import AgentSettings
-from meshaccel.agent.datapath import Capacities, Datapath
+from meshaccel.agent.datapath import Capacities, Datapath, LoadedConfig
 from meshaccel.agent.layout import DatapathFeatures
-from meshaccel.agent.main import CAPACITY_MAPS, FEATURE_SETTINGS
+from meshaccel.agent.main import CAPACITY_MAPS, FEATURE_SETTINGS, config_differences
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
 from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess, wait_for
 from tests.agent_lifecycle.test_agent import (
@@ -70,6 +71,54 @@ def test_feature_settings_build_the_settings_features() -> None:
         for on in (True, False):
             settings = local_settings(**{setting: on})
             assert (feature in settings.features) == on, f"{setting}={on}"
+
+
+ON = DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
+OFF = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("pinned", "settings", "expected", "reason"),
+    [
+        (LoadedConfig(ON, MiB), {}, [], "the defaults, as loaded"),
+        (
+            LoadedConfig(ON, MiB),
+            {"sk_msg_redirect_budget": 2 * MiB},
+            ["sk_msg_redirect_budget 1048576 -> 2097152"],
+            "the budget the sk_msg program runs with changed",
+        ),
+        (
+            LoadedConfig(OFF, MiB),
+            {"sk_msg_redirect": False, "sk_msg_redirect_budget": 2 * MiB},
+            [],
+            "without redirection the budget is never read: no reload for it",
+        ),
+        (
+            LoadedConfig(OFF, MiB),
+            {"sk_msg_redirect_budget": 2 * MiB},
+            ["sk_msg_redirect off -> on"],
+            "switching sk_msg on reloads anyway: the budget is not named twice",
+        ),
+        (
+            LoadedConfig(ON, MiB),
+            {"sk_msg_redirect": False, "same_node_inbound": False},
+            ["same_node_inbound on -> off", "sk_msg_redirect on -> off"],
+            "both features, in the table's order",
+        ),
+        (
+            LoadedConfig(ON | DatapathFeatures(1 << 2), 0),
+            {},
+            ["sk_msg_redirect_budget 0 -> 1048576"],
+            "pins from before the budget (retired FEATURE_SK_MSG_TO_APPS, pad 0): reloaded",
+        ),
+    ],
+)
+def test_config_differences(
+    pinned: LoadedConfig, settings: dict[str, object], expected: list[str], reason: str
+) -> None:
+    found = config_differences(pinned, local_settings(**settings))
+    assert [str(difference) for difference in found] == expected, reason
 
 
 # -- the real agent ----------------------------------------------------------------------------
@@ -190,6 +239,24 @@ def test_a_changed_capacity_reloads(standalone: StandaloneAgents) -> None:
     # A third start with these settings adopts what the second loaded.
     assert second.stop() == 0
     third = standalone.start("--max-pods=2048", "--max-connections=4096")
+    assert decisions(third.logs()) == ["adopted"]
+    assert third.stop() == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_a_changed_sk_msg_budget_reloads(standalone: StandaloneAgents) -> None:
+    first = started_with(standalone)
+    assert first.stop() == 0
+    second = standalone.start("--sk-msg-redirect-budget=262144", "--drain-seconds=0")
+    assert decisions(second.logs()) == ["reloaded"]
+    (startup,) = [r for r in second.logs() if "decision" in r]
+    assert startup["reason"] == "sk_msg_redirect_budget 1048576 -> 262144", startup
+    assert startup["sk_msg_redirect_budget"] == 262144, startup
+    with pinned(standalone) as datapath:
+        assert datapath.loaded_config == LoadedConfig(ON, 262144)
+    assert second.stop() == 0
+    third = standalone.start("--sk-msg-redirect-budget=262144")
     assert decisions(third.logs()) == ["adopted"]
     assert third.stop() == 0
 

@@ -112,7 +112,8 @@ CUSTOM_VALUES: dict[str, Any] = {
         "datapath": {
             "sameNodeInbound": False,
             "skMsgRedirect": True,
-            "skMsgToApps": True,
+            "skMsgRedirectBudget": 4 << 20,
+            "skMsgToAppsSelector": {"matchLabels": {"reads-with": "recv"}},
             "maxPods": 2048,
             "maxConnections": 131072,
             "maxPodPorts": 4096,
@@ -167,6 +168,12 @@ CASES = [
         "existing-service-account",
         {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}},
         "RBAC and the ServiceAccount managed outside the chart",
+    ),
+    Case(
+        "sk-msg-to-every-app",
+        {"defaultAcceleration": {"enabled": True, "datapath": {"skMsgToAppsSelector": {}}}},
+        "an empty selector (every pod) with skMsgRedirect at its default, on: no false alarm",
+        {"MeshAcceleration"},
     ),
 ]
 
@@ -411,13 +418,31 @@ BAD = [
         ("health", "65535|65,535"),
     ),
     Bad(
-        "sk-msg-to-apps-alone",
-        {"defaultAcceleration": {"enabled": True, "datapath": {"skMsgToApps": True}}},
-        "skMsgToApps without skMsgRedirect",
+        "sk-msg-to-apps-selector-without-redirect",
+        {
+            "defaultAcceleration": {
+                "enabled": True,
+                # {} selects every pod: set, although empty.
+                "datapath": {"skMsgRedirect": False, "skMsgToAppsSelector": {}},
+            }
+        },
+        "skMsgToAppsSelector without skMsgRedirect",
         (
-            "defaultAcceleration.datapath.skMsgToApps=true needs "
+            "defaultAcceleration.datapath.skMsgToAppsSelector needs "
             "defaultAcceleration.datapath.skMsgRedirect=true",
         ),
+    ),
+    Bad(
+        "sk-msg-redirect-budget-too-small",
+        {"defaultAcceleration": {"datapath": {"skMsgRedirectBudget": 4096}}},
+        "a budget below the datapath's 64 KiB floor",
+        ("skMsgRedirectBudget", "65536|65,536"),
+    ),
+    Bad(
+        "retired-sk-msg-to-apps",
+        {"defaultAcceleration": {"datapath": {"skMsgToApps": True}}},
+        "the retired cluster-wide switch is refused, not silently ignored",
+        ("skMsgToApps",),
     ),
     Bad(
         "replicas-without-peering",

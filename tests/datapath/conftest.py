@@ -63,6 +63,37 @@ def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
     return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
 
 
+FALLBACKS = (
+    Counter.COUNTER_FALLBACK_BUDGET,
+    Counter.COUNTER_FALLBACK_RECEIVER_UNKNOWN,
+    Counter.COUNTER_FALLBACK_REDIRECT_FAILED,
+    Counter.COUNTER_FALLBACK_DRAINING,
+)
+ERRORS = tuple(c for c in Counter if c.name.startswith("COUNTER_ERROR_"))
+
+
+def shown(counters: dict[Counter, int]) -> dict[str, int]:
+    """The counters that moved, by metric name: for assertion messages."""
+    return {c.metric_name: n for c, n in counters.items() if n}
+
+
+def assert_redirected_until_fallback(
+    counters: dict[Counter, int], *, hops: int, nbytes: int, connections: int = 1
+) -> None:
+    """``nbytes`` in all each way over ``hops`` redirecting hops per connection: every byte was
+    redirected unless a receiver fell behind its budget, which happens at most once per hop
+    and connection (a fallback is for good), and no direction ever failed otherwise."""
+    redirected = counters[Counter.COUNTER_MSG_BYTES_REDIRECTED]
+    assert not any(counters[c] for c in ERRORS), shown(counters)
+    assert counters[Counter.COUNTER_FALLBACK_RECEIVER_UNKNOWN] == 0, shown(counters)
+    assert counters[Counter.COUNTER_FALLBACK_REDIRECT_FAILED] == 0, shown(counters)
+    if counters[Counter.COUNTER_FALLBACK_BUDGET] == 0:
+        assert redirected == hops * nbytes, shown(counters)
+    else:
+        assert counters[Counter.COUNTER_FALLBACK_BUDGET] <= hops * connections, shown(counters)
+        assert 0 < redirected < hops * nbytes, shown(counters)
+
+
 def loopback_tx_bytes(pod: Pod) -> int:
     """Bytes sent over the pod's lo: what crossed the loopback TCP stack."""
     return int(run_in_netns(pod.netns, ["cat", "/sys/class/net/lo/statistics/tx_bytes"]))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshaccel.agent.datapath import DEFAULT_FEATURES, SK_MSG_FEATURES
-from meshaccel.agent.layout import Counter, DatapathFeatures
+from meshaccel.agent.datapath import CONNECT_FEATURES, SK_MSG_FEATURES
+from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath, istio_pod, loopback_tx_bytes
 from tests.netlab import ECHO_PORT, Node, Pod
 
@@ -68,9 +68,9 @@ def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
 
 def test_payload_skips_tcp_entirely_when_apps_are_targets(mesh: Node, datapath_factory) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = datapath_factory(SK_MSG_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
+    datapath = datapath_factory(SK_MSG_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, sk_msg_to_app=True))
     before = datapath.counters()
     b_lo_before = loopback_tx_bytes(b)
 
@@ -112,13 +112,11 @@ def test_call_from_unaccelerated_pod_into_accelerated_pod(path: MeshPath) -> Non
     assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == (1 if path.accelerated else 0)
 
 
-def test_default_features_steer_connections_but_leave_bytes_to_tcp(
-    mesh: Node, datapath_factory
-) -> None:
-    """The defaults (connect-time steering, no sk_msg): both sidecars are reached without
-    netfilter NAT, and every byte still takes TCP with its flow control."""
+def test_connect_time_steering_alone_leaves_bytes_to_tcp(mesh: Node, datapath_factory) -> None:
+    """sk_msg off (connect-time steering only): both sidecars are reached without netfilter
+    NAT, and every byte still takes TCP with its flow control."""
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = datapath_factory(DEFAULT_FEATURES)
+    datapath = datapath_factory(CONNECT_FEATURES)
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
 

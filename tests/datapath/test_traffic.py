@@ -7,8 +7,8 @@ import time
 import pytest
 
 from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
-from meshaccel.agent.layout import Counter, DatapathFeatures
-from tests.datapath.conftest import MeshPath, istio_pod
+from meshaccel.agent.layout import Counter
+from tests.datapath.conftest import MeshPath, assert_redirected_until_fallback, istio_pod
 from tests.netlab import ECHO_PORT, Node
 
 pytestmark = pytest.mark.kernel
@@ -38,7 +38,7 @@ def wait_connections_forgotten(datapath: Datapath | None, timeout: float = 5.0) 
     while datapath.connections() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert datapath.connections() == []
-    assert datapath.sockets() == {"sidecar_sockets": 0, "app_sockets": 0}
+    assert datapath.sockets() == {"target_sockets": 0, "sender_sockets": 0}
 
 
 def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
@@ -46,7 +46,7 @@ def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
     result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 20, timeout=120)
     assert result.ok, result.raw
     if path.accelerated:
-        assert path.counters()[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * (64 << 20)
+        assert_redirected_until_fallback(path.counters(), hops=4, nbytes=64 << 20)
     wait_connections_forgotten(path.datapath)
 
 
@@ -88,20 +88,19 @@ def test_receiving_app_reads_with_any_api(path: MeshPath, read_api: str) -> None
     result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
     if path.accelerated:
-        assert path.counters()[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * (4 << 20)
+        assert_redirected_until_fallback(path.counters(), hops=4, nbytes=4 << 20)
 
 
 @pytest.mark.parametrize("read_api", [api for api in READ_APIS if api != "splice"])
 def test_apps_as_redirect_targets_read_with_copying_apis(
     mesh: Node, datapath_factory, read_api: str
 ) -> None:
-    """FEATURE_SK_MSG_TO_APPS: bytes land in the apps' own sockets too. Not for apps that
-    read with splice(), which cannot see sk_msg's queue (docs/datapath.md)."""
+    """Pods that opt in (sk_msg_to_app): bytes land in the apps' own sockets too. Not for
+    apps that read with splice(), which cannot see sk_msg's queue (docs/datapath.md)."""
     a, b = mesh.pods["a"], mesh.pods["b"]
-    datapath = datapath_factory(SK_MSG_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS)
+    datapath = datapath_factory(SK_MSG_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, sk_msg_to_app=True))
     result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
-    counters = datapath.counters()
-    assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * (4 << 20), counters
+    assert_redirected_until_fallback(datapath.counters(), hops=6, nbytes=4 << 20)

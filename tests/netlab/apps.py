@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 READ_APIS = ("read", "recv", "recv_into", "recvmsg", "readinto", "readv", "splice")
@@ -88,11 +89,19 @@ class EventLog:
 # ---------------------------------------------------------------- echo server
 
 
+def _no_pause() -> None:
+    pass
+
+
 def _echo_with_reads(
-    conn: socket.socket, read: Callable[[], bytes | memoryview | None], echoed: list[int]
+    conn: socket.socket,
+    read: Callable[[], bytes | memoryview | None],
+    echoed: list[int],
+    pause: Callable[[], None],
 ) -> None:
     while True:
         data = read()
+        pause()
         if data is None:  # makefile().readinto returns None on EAGAIN, i.e. our SO_RCVTIMEO
             raise TimeoutError("read timed out")
         if not data:
@@ -101,11 +110,12 @@ def _echo_with_reads(
         echoed[0] += len(data)
 
 
-def _echo_with_splice(conn: socket.socket, echoed: list[int]) -> None:
+def _echo_with_splice(conn: socket.socket, echoed: list[int], pause: Callable[[], None]) -> None:
     pipe_read, pipe_write = os.pipe()
     try:
         while True:
             moved = os.splice(conn.fileno(), pipe_write, BUFFER_SIZE)
+            pause()
             if moved == 0:
                 return
             pending = moved
@@ -118,23 +128,26 @@ def _echo_with_splice(conn: socket.socket, echoed: list[int]) -> None:
         os.close(pipe_write)
 
 
-def _echo(conn: socket.socket, read_api: str, echoed: list[int]) -> None:
-    """Echo until EOF; echoed[0] counts the bytes sent back (also when an error ends it)."""
+def _echo(
+    conn: socket.socket, read_api: str, echoed: list[int], pause: Callable[[], None] = _no_pause
+) -> None:
+    """Echo until EOF; echoed[0] counts the bytes sent back (also when an error ends it).
+    ``pause`` runs after every read (a reader slower than its sender sleeps there)."""
     fd = conn.fileno()
     buffer = bytearray(BUFFER_SIZE)
     view = memoryview(buffer)
     if read_api == "splice":
-        return _echo_with_splice(conn, echoed)
+        return _echo_with_splice(conn, echoed, pause)
     if read_api == "read":
-        return _echo_with_reads(conn, lambda: os.read(fd, BUFFER_SIZE), echoed)
+        return _echo_with_reads(conn, lambda: os.read(fd, BUFFER_SIZE), echoed, pause)
     if read_api == "recv":
-        return _echo_with_reads(conn, lambda: conn.recv(BUFFER_SIZE), echoed)
+        return _echo_with_reads(conn, lambda: conn.recv(BUFFER_SIZE), echoed, pause)
     if read_api == "recv_into":
-        return _echo_with_reads(conn, lambda: view[: conn.recv_into(buffer)], echoed)
+        return _echo_with_reads(conn, lambda: view[: conn.recv_into(buffer)], echoed, pause)
     if read_api == "recvmsg":
-        return _echo_with_reads(conn, lambda: conn.recvmsg(BUFFER_SIZE)[0], echoed)
+        return _echo_with_reads(conn, lambda: conn.recvmsg(BUFFER_SIZE)[0], echoed, pause)
     if read_api == "readv":
-        return _echo_with_reads(conn, lambda: view[: os.readv(fd, [buffer])], echoed)
+        return _echo_with_reads(conn, lambda: view[: os.readv(fd, [buffer])], echoed, pause)
     if read_api == "readinto":
         stream = conn.makefile("rb", buffering=0)
 
@@ -143,7 +156,7 @@ def _echo(conn: socket.socket, read_api: str, echoed: list[int]) -> None:
             return None if count is None else view[:count]
 
         try:
-            return _echo_with_reads(conn, read_into, echoed)
+            return _echo_with_reads(conn, read_into, echoed, pause)
         finally:
             stream.close()
     raise ValueError(f"unknown read API {read_api!r}")
@@ -159,7 +172,8 @@ def serve_connection(
     error, error_errno = None, None
     try:
         _set_io_timeouts(conn, args.io_timeout)
-        _echo(conn, args.read_api, echoed)
+        pause = partial(time.sleep, args.read_pause) if args.read_pause > 0 else _no_pause
+        _echo(conn, args.read_api, echoed, pause)
         conn.shutdown(socket.SHUT_WR)
     except OSError as exc:  # e.g. ECONNRESET from a peer that reset: log it, keep serving others
         error, error_errno = f"{type(exc).__name__}: {exc}", exc.errno
@@ -715,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-timeout", type=float, default=30.0, help="per-connection idle timeout"
     )
     server.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
+    server.add_argument(
+        "--read-pause", type=float, default=0.0, help="sleep after every read: a slow reader"
+    )
     server.add_argument(
         "--lifetime", type=float, default=3600.0, help="exit after this many seconds (0 = never)"
     )

@@ -56,6 +56,7 @@ class StandaloneAgent:
 
     def __init__(self, node: Node, *, apps_too: bool) -> None:
         self.node = node
+        self.apps_too = apps_too
         self.cgroup2 = find_cgroup2_mount()
         self.pods_file = node.workdir / "pods.yaml"
         self.port = free_port()
@@ -68,8 +69,6 @@ class StandaloneAgent:
             "--pin-root", f"/sys/fs/bpf/meshaccel-demo-{os.getpid()}",
             "--listen-address", "127.0.0.1", "--port", str(self.port), "--insecure-no-token",
             "--uninstall-on-exit", "--drain-seconds", "0.5", "--log-format", "text",
-            # sk_msg redirection is opt-in (docs/datapath.md): fine for this request/response load.
-            "--sk-msg-redirect", "--sk-msg-to-apps" if apps_too else "--no-sk-msg-to-apps",
         ]  # fmt: skip
         self.log_path = node.workdir / "agent.log"
         with self.log_path.open("wb") as log:
@@ -89,6 +88,7 @@ class StandaloneAgent:
                     "name": pod.name,
                     "ip": str(pod.ip),
                     "cgroup": str(pod.cgroup_dir.relative_to(self.cgroup2)),
+                    "options": {"sk_msg_to_app": self.apps_too},
                 }
                 for pod in pods
             ],
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument(
         "--apps-too", action="store_true",
-        help="FEATURE_SK_MSG_TO_APPS: also skip TCP on the hops into the apps (docs/datapath.md)",
+        help="opt both pods in to sk_msg delivery into their apps (docs/datapath.md)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -299,14 +299,14 @@ class Pod:
         self.sidecar = sidecar
         return sidecar
 
-    def start_echo_server(self, port: int, *, read_api: str = "recv") -> EchoServer:
+    def start_echo_server(
+        self, port: int, *, read_api: str = "recv", read_pause: float = 0.0
+    ) -> EchoServer:
+        """An echo server reading with ``read_api``, sleeping ``read_pause`` after every read."""
         log_path = self.workdir / f"echo-{port}-{next(self._process_numbers)}.jsonl"
-        process = self.run(
-            apps_argv(
-                "echo-server", "--port", str(port), "--read-api", read_api, "--log", str(log_path)
-            ),
-            name=f"echo-{port}",
-        )
+        argv = ["echo-server", "--port", str(port), "--read-api", read_api]
+        argv += ["--read-pause", str(read_pause), "--log", str(log_path)]
+        process = self.run(apps_argv(*argv), name=f"echo-{port}")
         server = EchoServer(process, port, read_api, log_path)
         server.wait_listening()
         self.servers[port] = server

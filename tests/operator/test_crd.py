@@ -126,7 +126,21 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
             }
         },
     ),
-    ("datapath", {"datapath": {"skMsgRedirect": True, "maxPods": 4096}}),
+    ("datapath", {"datapath": {"skMsgRedirect": False, "maxPods": 4096}}),
+    (
+        "sk_msg budget and the apps that take it",
+        {
+            "datapath": {
+                "skMsgRedirectBudget": 8 << 20,
+                "skMsgToAppsSelector": {
+                    "matchExpressions": [
+                        {"key": "reads-with", "operator": "In", "values": ["recv"]}
+                    ]
+                },
+            }
+        },
+    ),
+    ("an explicitly unset apps selector", {"datapath": {"skMsgToAppsSelector": None}}),
     ("exclusions", {"exclusions": {"outboundPorts": [5432], "outboundCIDRs": ["169.254.0.0/16"]}}),
 ]
 
@@ -143,6 +157,14 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("bad label value", {"podSelector": {"matchLabels": {"a": "no spaces"}}}, "matchLabels"),
     ("tolerations not a list", {"agent": {"tolerations": {"operator": "Exists"}}}, "tolerations"),
     ("maxPods too big", {"datapath": {"maxPods": 10**6}}, "maxPods"),
+    ("budget below 64 KiB", {"datapath": {"skMsgRedirectBudget": 65535}}, "skMsgRedirectBudget"),
+    ("budget above 64 MiB", {"datapath": {"skMsgRedirectBudget": 1 << 30}}, "skMsgRedirectBudget"),
+    ("the retired cluster-wide switch", {"datapath": {"skMsgToApps": True}}, "skMsgToApps"),
+    (
+        "an apps selector that is no selector",
+        {"datapath": {"skMsgToAppsSelector": {"app": "web"}}},
+        "skMsgToAppsSelector",
+    ),
     ("not a CIDR", {"exclusions": {"outboundCIDRs": ["everything"]}}, "outboundCIDRs"),
 ]
 

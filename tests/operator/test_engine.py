@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,10 +11,11 @@ import pytest
 from meshaccel.agent.api_models import PodSpec
 from meshaccel.operator.engine import Engine
 from meshaccel.operator.models import MeshAccelerationSpec
-from meshaccel.operator.selection import Verdict
+from meshaccel.operator.selection import PodWarning, Verdict
 from tests.operator.objects import OPERATOR_NAMESPACE, agent_pod, pod
 
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
+TO_APP = "meshaccel.io/sk-msg-to-app"
 
 
 class RecordingSink:
@@ -165,6 +167,57 @@ def test_skipped_pods_are_counted_by_reason(engine: Engine) -> None:
     engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
     acceleration, _ = add(engine)
     assert acceleration.skipped_by_reason() == {Verdict.NO_SIDECAR: 1, Verdict.OPTED_OUT: 1}
+
+
+def test_an_ignored_annotation_is_a_warning_not_a_skip(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An invalid meshaccel.io/sk-msg-to-app leaves the pod accelerated (the selector decides),
+    counted by reason and logged once; fixing or deleting the pod clears it."""
+    a = pod("a", "shop", node="node-1", ip="10.1.0.1", annotations={TO_APP: "yes"})
+    engine.pod_changed(a)
+    engine.pod_changed(pod("b", "shop", node="node-1", ip="10.1.0.2"))
+    with caplog.at_level(logging.WARNING, logger="meshaccel.operator.engine"):
+        acceleration, sink = add(engine)
+        engine.pod_changed(a)  # the same pod again: no second line
+    uid = a["metadata"]["uid"]
+    assert sink.sets["node-1"] == ["shop/a", "shop/b"]
+    assert acceleration.skipped_by_reason() == {}
+    assert acceleration.warned_by_reason() == {PodWarning.INVALID_ANNOTATION: 1}
+    logged = [r.getMessage() for r in caplog.records if TO_APP in r.getMessage()]
+    assert logged == [
+        f'pod shop/a: {TO_APP}: \'yes\' is neither "true" nor "false": '
+        "ignored, spec.datapath.skMsgToAppsSelector decides"
+    ], logged
+    assert not acceleration.per_node["node-1"][uid].options.sk_msg_to_app
+
+    a["metadata"]["annotations"][TO_APP] = "true"
+    engine.pod_changed(a)
+    assert acceleration.warned_by_reason() == {}
+    assert acceleration.per_node["node-1"][uid].options.sk_msg_to_app, "pushed with the option"
+
+    a["metadata"]["annotations"][TO_APP] = "no"
+    engine.pod_changed(a)
+    assert acceleration.warned_by_reason() == {PodWarning.INVALID_ANNOTATION: 1}
+    engine.pod_changed(a, deleted=True)
+    assert acceleration.warned_by_reason() == {}
+
+
+def test_the_apps_selector_reselects_on_a_spec_change(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1", labels={"tier": "web"}))
+    acceleration, sink = add(engine)
+    (before,) = acceleration.per_node["node-1"].values()
+    assert not before.options.sk_msg_to_app
+    calls = sink.calls
+    engine.acceleration_changed(
+        "default",
+        acceleration.uid,
+        acceleration.created,
+        spec(datapath={"skMsgToAppsSelector": {"matchLabels": {"tier": "web"}}}),
+        sink,
+    )
+    (after,) = acceleration.per_node["node-1"].values()
+    assert after.options.sk_msg_to_app and sink.calls > calls, "the new option is pushed"
 
 
 def test_invalid_spec_on_a_new_resource_programs_nothing(engine: Engine) -> None:

@@ -126,8 +126,9 @@ SECURITY_CASES = [
     FieldCase("securityContext.capabilities.drop", ["ALL"], "start from no capability"),
     FieldCase(
         "securityContext.capabilities.add",
-        ["BPF", "NET_ADMIN"],
-        "exactly the measured set (tests/agent_lifecycle/test_capabilities.py)",
+        ["BPF", "NET_ADMIN", "PERFMON"],
+        "exactly the measured set for the default spec, sk_msg on "
+        "(tests/agent_lifecycle/test_capabilities.py)",
     ),
     FieldCase(
         "securityContext.seccompProfile",
@@ -166,32 +167,46 @@ def test_pod_spec(case: FieldCase) -> None:
 @dataclass(frozen=True)
 class CapsCase:
     port: int
+    sk_msg_redirect: bool
     expected: tuple[str, ...]
     reason: str
 
 
 CAPS_CASES = [
-    CapsCase(9474, ("BPF", "NET_ADMIN"), "the default port needs no bind capability"),
-    CapsCase(1024, ("BPF", "NET_ADMIN"), "1024 is the first unprivileged port"),
-    CapsCase(1023, ("BPF", "NET_ADMIN", "NET_BIND_SERVICE"), "a privileged port needs it"),
-    CapsCase(80, ("BPF", "NET_ADMIN", "NET_BIND_SERVICE"), "a privileged port needs it"),
+    CapsCase(9474, True, ("BPF", "NET_ADMIN", "PERFMON"), "the defaults: sk_msg reads queues"),
+    CapsCase(9474, False, ("BPF", "NET_ADMIN"), "no sk_msg: no PERFMON, no bind capability"),
+    CapsCase(1024, False, ("BPF", "NET_ADMIN"), "1024 is the first unprivileged port"),
+    CapsCase(1023, False, ("BPF", "NET_ADMIN", "NET_BIND_SERVICE"), "a privileged port needs it"),
+    CapsCase(80, True, ("BPF", "NET_ADMIN", "NET_BIND_SERVICE", "PERFMON"), "both reasons at once"),
 ]
 
 
-@pytest.mark.parametrize("case", CAPS_CASES, ids=lambda c: str(c.port))
-def test_capabilities_follow_the_port(case: CapsCase) -> None:
-    objects = render(spec=make_spec(agent={"port": case.port}))
-    caps = container(objects)["securityContext"]["capabilities"]
+@pytest.mark.parametrize(
+    "case", CAPS_CASES, ids=lambda c: f"{c.port}-{'sk_msg' if c.sk_msg_redirect else 'tcp'}"
+)
+def test_capabilities_follow_the_port_and_sk_msg(case: CapsCase) -> None:
+    spec = make_spec(agent={"port": case.port}, datapath={"skMsgRedirect": case.sk_msg_redirect})
+    caps = container(render(spec=spec))["securityContext"]["capabilities"]
     assert tuple(caps["add"]) == case.expected, case.reason
-    assert rendering.agent_capabilities(case.port) == case.expected, case.reason
+    assert (
+        rendering.agent_capabilities(case.port, sk_msg_redirect=case.sk_msg_redirect)
+        == case.expected
+    ), case.reason
     assert caps["drop"] == ["ALL"]
 
 
 def test_every_capability_has_a_reason() -> None:
-    for name, reason in rendering.AGENT_CAPABILITIES.items():
+    reasons = {
+        **rendering.AGENT_CAPABILITIES,
+        "PERFMON": rendering.PERFMON_REASON,
+        "NET_BIND_SERVICE": rendering.NET_BIND_SERVICE_REASON,
+    }
+    for name, reason in reasons.items():
         assert name.isupper() and not name.startswith("CAP_"), name  # Kubernetes spelling
         assert len(reason) > 20, f"{name} needs a stated reason"
-    assert "SYS_ADMIN" not in rendering.agent_capabilities(80)
+    most = rendering.agent_capabilities(80, sk_msg_redirect=True)
+    assert set(most) == set(reasons), "every capability the renderer can add has its reason"
+    assert "SYS_ADMIN" not in most
 
 
 # -- mounts and the agent's settings ----------------------------------------------------------
@@ -239,7 +254,8 @@ def test_config_map_is_what_the_agent_accepts(tmp_path: Path) -> None:
         datapath={
             "sameNodeInbound": False,
             "skMsgRedirect": True,
-            "skMsgToApps": True,
+            "skMsgRedirectBudget": 3 << 20,
+            "skMsgToAppsSelector": {"matchLabels": {"app": "web"}},
             "maxPods": 77,
             "maxConnections": 4096,
             "maxPodPorts": 99,
@@ -256,7 +272,7 @@ def test_config_map_is_what_the_agent_accepts(tmp_path: Path) -> None:
         "node_name": "node-a",  # spec.nodeName
         "same_node_inbound": False,
         "sk_msg_redirect": True,
-        "sk_msg_to_apps": True,
+        "sk_msg_redirect_budget": 3 << 20,
         "max_pods": 77,
         "max_connections": 4096,
         "max_pod_ports": 99,
@@ -266,6 +282,37 @@ def test_config_map_is_what_the_agent_accepts(tmp_path: Path) -> None:
     }
     actual = {key: getattr(settings, key) for key in expected}
     assert actual == expected
+
+
+@dataclass(frozen=True)
+class SkMsgCase:
+    reason: str
+    datapath: dict[str, Any]
+    redirect: bool  # what the agent reads: sk_msg_redirect ...
+    budget: int  # ... and sk_msg_redirect_budget
+
+
+SK_MSG_CASES = [
+    SkMsgCase("the defaults: on, 1 MiB", {}, True, 1 << 20),
+    SkMsgCase("switched off", {"skMsgRedirect": False}, False, 1 << 20),
+    SkMsgCase("the smallest budget", {"skMsgRedirectBudget": 64 << 10}, True, 64 << 10),
+    SkMsgCase("the largest budget", {"skMsgRedirectBudget": 64 << 20}, True, 64 << 20),
+    SkMsgCase(
+        "the selector is the operator's: it does not reach the agent",
+        {"skMsgToAppsSelector": {"matchLabels": {"app": "web"}}},
+        True,
+        1 << 20,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SK_MSG_CASES, ids=lambda c: c.reason)
+def test_sk_msg_settings_reach_the_agent(case: SkMsgCase, tmp_path: Path) -> None:
+    settings = agent_view(render(spec=make_spec(datapath=case.datapath)), tmp_path)
+    assert (settings.sk_msg_redirect, settings.sk_msg_redirect_budget) == (
+        case.redirect,
+        case.budget,
+    ), case.reason
 
 
 def test_every_path_the_agent_reads_is_mounted(tmp_path: Path) -> None:
@@ -443,7 +490,14 @@ BASE_SPEC: dict[str, Any] = {"namespaceSelector": {}}
 HASH_CASES = [
     HashCase("nothing changed", {}, TOKEN, False),
     HashCase("the token rotated", {}, TOKEN + "x", True),
-    HashCase("a datapath switch", {"datapath": {"skMsgRedirect": True}}, TOKEN, True),
+    HashCase("a datapath switch", {"datapath": {"skMsgRedirect": False}}, TOKEN, True),
+    HashCase("the sk_msg budget", {"datapath": {"skMsgRedirectBudget": 2 << 20}}, TOKEN, True),
+    HashCase(
+        "sk_msg into apps travels in the pod set",
+        {"datapath": {"skMsgToAppsSelector": {"matchLabels": {"a": "b"}}}},
+        TOKEN,
+        False,
+    ),
     HashCase("a capacity", {"datapath": {"maxPods": 2048}}, TOKEN, True),
     HashCase("the log level", {"agent": {"logLevel": "debug"}}, TOKEN, True),
     HashCase("the API port", {"agent": {"port": 9475}}, TOKEN, True),
@@ -662,7 +716,7 @@ SCHEMA_SPECS = {
             "priorityClassName": "",
             "logLevel": "error",
         },
-        "datapath": {"skMsgRedirect": True, "maxPods": 65536, "maxConnections": 1 << 22},
+        "datapath": {"skMsgRedirect": False, "maxPods": 65536, "maxConnections": 1 << 22},
     },
 }
 

@@ -10,7 +10,7 @@ import pytest
 
 from meshaccel.agent.modes import MeshModeName
 from meshaccel.operator.models import MeshAccelerationSpec
-from meshaccel.operator.selection import PodFacts, Verdict, select
+from meshaccel.operator.selection import PodFacts, PodWarning, Verdict, select
 from tests.operator.objects import pod
 
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
@@ -202,3 +202,92 @@ def test_facts_keep_only_what_selection_reads() -> None:
     assert facts.annotations == {}, "unrelated annotations are not kept (memory at 10k pods)"
     changed = pod("a", "shop", uid=obj["metadata"]["uid"], annotations={"unrelated": "y"})
     assert PodFacts.from_object(changed) == facts, "an irrelevant change compares equal"
+
+
+# -- sk_msg into the pod's application sockets --------------------------------------------------
+
+TO_APP = "meshaccel.io/sk-msg-to-app"
+RECV_READERS = {"matchLabels": {"reads-with": "recv"}}
+
+
+@dataclass(frozen=True)
+class ToAppCase:
+    reason: str
+    want: bool  # PodOptions.sk_msg_to_app
+    warned: bool = False  # the annotation was ignored, with a warning
+    labels: dict[str, str] = field(default_factory=dict)
+    annotation: str | None = None  # meshaccel.io/sk-msg-to-app
+    datapath: dict[str, Any] = field(default_factory=lambda: {"skMsgToAppsSelector": RECV_READERS})
+
+
+TO_APP_CASES = [
+    ToAppCase("no selector, no annotation: sidecars only", False, datapath={}),
+    ToAppCase("the selector matches", True, labels={"reads-with": "recv"}),
+    ToAppCase("the selector does not match", False, labels={"reads-with": "splice"}),
+    ToAppCase("an empty selector matches every pod", True, datapath={"skMsgToAppsSelector": {}}),
+    ToAppCase("annotation true without a selector", True, annotation="true", datapath={}),
+    ToAppCase("annotation true wins over a selector that does not match", True, annotation="true"),
+    ToAppCase(
+        "annotation false wins over a selector that matches",
+        False,
+        labels={"reads-with": "recv"},
+        annotation="false",
+    ),
+    ToAppCase(
+        "the annotation is case-blind and trimmed, as the opt-out is",
+        False,
+        labels={"reads-with": "recv"},
+        annotation=" FALSE ",
+    ),
+    ToAppCase(
+        "an invalid value is ignored: the matching selector decides",
+        True,
+        warned=True,
+        labels={"reads-with": "recv"},
+        annotation="yes",
+    ),
+    ToAppCase(
+        "an invalid value is ignored: the non-matching selector decides",
+        False,
+        warned=True,
+        annotation="1",
+    ),
+    ToAppCase("an empty value is invalid too", False, warned=True, annotation=""),
+    ToAppCase(
+        "without sk_msg redirection nothing is delivered, whatever the annotation says",
+        False,
+        annotation="true",
+        datapath={"skMsgRedirect": False},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", TO_APP_CASES, ids=[c.reason for c in TO_APP_CASES])
+def test_sk_msg_to_app(case: ToAppCase) -> None:
+    annotations = {} if case.annotation is None else {TO_APP: case.annotation}
+    obj = pod("web-1", "shop", labels=case.labels, annotations=annotations)
+    spec = MeshAccelerationSpec.model_validate({**SPEC, "datapath": case.datapath})
+
+    result = select(PodFacts.from_object(obj), ENABLED, spec, {"node-1"})
+
+    assert result.verdict == Verdict.SELECTED, "the annotation never costs a pod its acceleration"
+    assert result.pod is not None
+    assert result.pod.options.sk_msg_to_app == case.want, case.reason
+    if case.warned:
+        assert result.warning == PodWarning.INVALID_ANNOTATION, case.reason
+        assert TO_APP in result.detail and repr(case.annotation) in result.detail, result.detail
+    else:
+        assert (result.warning, result.detail) == (None, ""), case.reason
+
+
+def test_sk_msg_to_app_does_not_spoil_the_mesh_annotations_checks() -> None:
+    """A pod the mesh's annotations refuse stays refused, with their reason, not the warning."""
+    obj = pod(
+        "web-1",
+        "shop",
+        annotations={TO_APP: "maybe", "traffic.sidecar.istio.io/excludeInboundPorts": "http"},
+    )
+    spec = MeshAccelerationSpec.model_validate(SPEC)
+    result = select(PodFacts.from_object(obj), ENABLED, spec, {"node-1"})
+    assert result.verdict == Verdict.INVALID_ANNOTATION and result.warning is None
+    assert "excludeInboundPorts" in result.detail

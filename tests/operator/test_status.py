@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from meshaccel.operator.engine import Acceleration
 from meshaccel.operator.models import ConditionStatus, ConditionType, MeshAccelerationSpec
+from meshaccel.operator.selection import PodWarning, Verdict
 from meshaccel.operator.status import Rollout, compute_status
 from tests.operator.test_engine import RecordingSink
 
@@ -116,3 +117,16 @@ def test_transition_time_moves_only_with_the_status() -> None:
     moved = {c.type for c in later.conditions if c.lastTransitionTime == "t3"}
     assert moved == {ConditionType.READY, ConditionType.PROGRESSING}
     assert {t.type for t in transitions} == moved
+
+
+def test_pods_are_counted_by_reason_whether_skipped_or_warned() -> None:
+    counted = acceleration(
+        skipped={"u1": Verdict.NO_SIDECAR, "u2": Verdict.NO_SIDECAR},
+        warned={"u3": PodWarning.INVALID_ANNOTATION},
+    )
+    status, _ = compute_status(counted, {}, READY_DS, generation=1, previous=[])
+    assert status.podsNotAccelerated == {"NoSidecar": 2}
+    assert status.podsWithWarnings == {"InvalidAnnotation": 1}
+    assert conditions(status)[ConditionType.DEGRADED] == (F, "AsExpected"), (
+        "a warning degrades nothing"
+    )

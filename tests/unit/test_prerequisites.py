@@ -46,28 +46,41 @@ def test_missing_kernel_features_are_listed(monkeypatch: pytest.MonkeyPatch) -> 
     assert "5.15 or newer" in str(error.value)
 
 
+_BPF_NET_ADMIN = (1 << prerequisites.CAP_BPF) | (1 << prerequisites.CAP_NET_ADMIN)
+
+
 @pytest.mark.parametrize(
-    ("cap_eff", "allowed"),
+    ("cap_eff", "sk_msg", "missing"),
     [
-        pytest.param(0, False, id="no capabilities at all"),
-        pytest.param(1 << prerequisites.CAP_SYS_ADMIN, True, id="CAP_SYS_ADMIN alone is enough"),
+        pytest.param(0, False, "CAP_BPF, CAP_NET_ADMIN", id="no capabilities at all"),
+        pytest.param(1 << prerequisites.CAP_SYS_ADMIN, True, None, id="CAP_SYS_ADMIN is enough"),
+        pytest.param(_BPF_NET_ADMIN, False, None, id="CAP_BPF with CAP_NET_ADMIN, no sk_msg"),
         pytest.param(
-            (1 << prerequisites.CAP_BPF) | (1 << prerequisites.CAP_NET_ADMIN),
-            True,
-            id="CAP_BPF with CAP_NET_ADMIN",
+            1 << prerequisites.CAP_BPF, False, "CAP_NET_ADMIN", id="CAP_BPF alone cannot attach"
         ),
-        pytest.param(1 << prerequisites.CAP_BPF, False, id="CAP_BPF alone cannot attach"),
+        pytest.param(
+            _BPF_NET_ADMIN,
+            True,
+            "CAP_PERFMON",
+            id="sk_msg reads its socket's queue: CAP_PERFMON too",
+        ),
+        pytest.param(
+            _BPF_NET_ADMIN | (1 << prerequisites.CAP_PERFMON),
+            True,
+            None,
+            id="CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON for sk_msg",
+        ),
     ],
 )
 def test_privileges_from_effective_capabilities(
-    monkeypatch: pytest.MonkeyPatch, cap_eff: int, allowed: bool
+    monkeypatch: pytest.MonkeyPatch, cap_eff: int, sk_msg: bool, missing: str | None
 ) -> None:
     monkeypatch.setattr(prerequisites, "effective_capabilities", lambda: cap_eff)
-    if allowed:
-        prerequisites.check_privileges()
+    if missing is None:
+        prerequisites.check_privileges(sk_msg=sk_msg)
     else:
-        with pytest.raises(NotPrivilegedError, match="CAP_BPF and CAP_NET_ADMIN"):
-            prerequisites.check_privileges()
+        with pytest.raises(NotPrivilegedError, match=f"missing {missing} "):
+            prerequisites.check_privileges(sk_msg=sk_msg)
 
 
 def test_effective_capabilities_parses_proc_status(tmp_path: Path) -> None:

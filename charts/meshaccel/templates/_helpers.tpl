@@ -105,7 +105,10 @@ are each valid (values.schema.json checks those) but impossible together.
 {{- fail (printf "operator.ports.health and operator.ports.metrics are both %d: they must differ." (int $op.ports.health)) -}}
 {{- end -}}
 {{- $datapath := .Values.defaultAcceleration.datapath | default dict -}}
-{{- if and $datapath.skMsgToApps (not $datapath.skMsgRedirect) -}}
-{{- fail "defaultAcceleration.datapath.skMsgToApps=true needs defaultAcceleration.datapath.skMsgRedirect=true: application sockets can only be redirect targets when sk_msg redirection is on (docs/datapath.md)." -}}
+{{- /* An empty selector ({}) selects every pod: only a missing or null one is "not set". */ -}}
+{{- $toAppsSelector := and (hasKey $datapath "skMsgToAppsSelector") (not (kindIs "invalid" $datapath.skMsgToAppsSelector)) -}}
+{{- $redirectOff := and (hasKey $datapath "skMsgRedirect") (not $datapath.skMsgRedirect) -}}
+{{- if and $toAppsSelector $redirectOff -}}
+{{- fail "defaultAcceleration.datapath.skMsgToAppsSelector needs defaultAcceleration.datapath.skMsgRedirect=true (its default): without sk_msg redirection nothing is delivered into application sockets. Remove the selector or the skMsgRedirect=false." -}}
 {{- end -}}
 {{- end -}}
