@@ -5,7 +5,7 @@ Everything lives under one bpffs directory per instance::
     /sys/fs/bpf/meshaccel/<instance>/
         maps/<map>          every shared map (pinned by libbpf at load)
         links/<hook>        cgroup links of connect4, sockops and getsockopt
-        progs/redirect_msg  the sk_msg program attached to both sockhashes
+        progs/redirect_msg  the sk_msg program, attached to msg_senders
 
 Pins keep the datapath running without the agent; a new agent adopts them.
 
@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from types import EllipsisType
 
-from meshaccel.agent import layout, libbpf, prerequisites
+from meshaccel.agent import layout, libbpf, prerequisites, probes
 from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
 from meshaccel.agent.pods import AcceleratedPod, decode_cidr_key, decode_u64, u32, u64
 from meshaccel.agent.prerequisites import DatapathError
@@ -109,8 +109,8 @@ SHARED_MAPS = (
     "connecting_sockets",
     "handshakes",
     "connections",
-    "target_sockets",
-    "sender_sockets",
+    "msg_senders",
+    "msg_receivers",
     "socket_states",
     "receive_queues",
     "draining",
@@ -153,8 +153,8 @@ class Capacities:
             "connecting_sockets": self.connections,
             "handshakes": self.connections,
             "connections": self.connections,
-            "target_sockets": self.connections,
-            "sender_sockets": self.connections,
+            "msg_senders": self.connections,
+            "msg_receivers": self.connections,
             "receive_queues": self.connections,
         }
 
@@ -179,7 +179,8 @@ class PinLayout:
         return [*self.attachments(), *(self.map(name) for name in SHARED_MAPS)]
 
 
-SOCKHASHES = ("target_sockets", "sender_sockets")
+SOCKHASHES = ("msg_senders", "msg_receivers")
+SK_MSG_SOCKHASH = "msg_senders"  # the one the sk_msg program is attached to
 
 
 @dataclass(frozen=True)
@@ -227,20 +228,22 @@ class Datapath:
         redirect_budget: int = DEFAULT_REDIRECT_BUDGET,
         capacities: Capacities = Capacities(),
         pin_root: Path = PIN_ROOT,
+        splice_probe: Callable[[Path], bool] = probes.splice_reads_redirected_bytes,
     ) -> Datapath:
         """Load the objects, pin their maps, attach to ``cgroup`` (default: the cgroup2 root).
 
-        On any failure, everything this call created is removed again.
+        With sk_msg on, ``splice_probe`` asks the kernel whether splice() reads redirected
+        bytes; if it does, every application socket is a redirect target
+        (``FEATURE_SK_MSG_TO_EVERY_APP``, never taken from ``features``). On any failure,
+        everything this call created is removed again.
         """
         if not MIN_REDIRECT_BUDGET <= redirect_budget <= MAX_REDIRECT_BUDGET:
             raise ValueError(
                 f"redirect_budget must be {MIN_REDIRECT_BUDGET} to {MAX_REDIRECT_BUDGET} bytes, "
                 f"not {redirect_budget}"
             )
-        config = LoadedConfig(features, redirect_budget)
-        prerequisites.check_privileges(
-            sk_msg=bool(features & DatapathFeatures.FEATURE_SK_MSG_REDIRECT)
-        )
+        sk_msg = bool(features & DatapathFeatures.FEATURE_SK_MSG_REDIRECT)
+        prerequisites.check_privileges(sk_msg=sk_msg)
         prerequisites.check_btf()
         prerequisites.check_kernel_features()
         cgroup = cgroup if cgroup is not None else prerequisites.cgroup2_root()
@@ -249,6 +252,11 @@ class Datapath:
         paths = [objects_dir / name for name in OBJECT_FILES]
         prerequisites.check_objects(paths)
         prerequisites.check_bpffs(pin_root)
+        features &= ~DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP  # the kernel's answer, below
+        if sk_msg and splice_probe(objects_dir):
+            log.info("splice() reads redirected bytes here: every application takes sk_msg")
+            features |= DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP
+        config = LoadedConfig(features, redirect_budget)
 
         pins = PinLayout(pin_root / instance)
         if any(p.exists() for p in pins.attachments()):
@@ -639,12 +647,9 @@ def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
     sk_msg_pin = pins.program(SK_MSG_PROGRAM)
     if sk_msg_pin.exists():
         with libbpf.Program.from_pin(sk_msg_pin) as program:
-            for name in SOCKHASHES:
-                if pins.map(name).exists():
-                    with libbpf.Map.from_pin(pins.map(name)) as sockhash:
-                        libbpf.prog_detach(
-                            program.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT
-                        )
+            if pins.map(SK_MSG_SOCKHASH).exists():
+                with libbpf.Map.from_pin(pins.map(SK_MSG_SOCKHASH)) as sockhash:
+                    libbpf.prog_detach(program.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
         sk_msg_pin.unlink()
     for name in SHARED_MAPS:
         pins.map(name).unlink(missing_ok=True)
@@ -707,10 +712,9 @@ def _attach(
     undo: contextlib.ExitStack,
 ) -> list[libbpf.Link]:
     sk_msg = objects[SK_MSG_OBJECT].program(SK_MSG_PROGRAM)
-    for name in SOCKHASHES:
-        sockhash = objects[SK_MSG_OBJECT].map(name)
-        libbpf.prog_attach(sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
-        undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+    sockhash = objects[SK_MSG_OBJECT].map(SK_MSG_SOCKHASH)
+    libbpf.prog_attach(sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
+    undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
     _pin(undo, sk_msg.pin, pins.program(SK_MSG_PROGRAM))
 
     links = []

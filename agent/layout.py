@@ -62,6 +62,8 @@ class HandshakeKey(ctypes.Structure):
 class SocketFlags(enum.IntFlag):
     SOCKET_SENDS_TCP = 1 << 0
     SOCKET_SENDS_REDIRECTED = 1 << 1
+    SOCKET_IN_SENDERS = 1 << 2
+    SOCKET_IN_RECEIVERS = 1 << 3
 
 
 class SocketState(ctypes.Structure):
@@ -118,6 +120,7 @@ class DatapathFeatures(enum.IntFlag):
     FEATURE_SAME_NODE_INBOUND = 1 << 0
     FEATURE_SK_MSG_REDIRECT = 1 << 1
     # 1 << 2 was FEATURE_SK_MSG_TO_APPS, now per pod (PodFlags.POD_SK_MSG_TO_APP): never reuse.
+    FEATURE_SK_MSG_TO_EVERY_APP = 1 << 3
 
 
 class DatapathConfig(ctypes.Structure):
@@ -149,6 +152,7 @@ class Counter(enum.IntEnum):
     COUNTER_FALLBACK_REDIRECT_FAILED = 19
     COUNTER_FALLBACK_DRAINING = 20
     COUNTER_ERROR_SOCKET_STATE = 21
+    COUNTER_SENDER_LEFT = 22
 
     @property
     def metric_name(self) -> str:

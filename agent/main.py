@@ -125,8 +125,8 @@ CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
         "connecting_sockets",
         "handshakes",
         "connections",
-        "target_sockets",
-        "sender_sockets",
+        "msg_senders",
+        "msg_receivers",
         "receive_queues",
     ),
 }

@@ -48,9 +48,14 @@ static __always_inline bool outbound_cidr_included(const struct pod_info *pod, _
 	return bpf_map_lookup_elem(&outbound_included_cidrs, &key) != NULL;
 }
 
-/* An application's socket receives redirected bytes only in a pod that opted in. */
+/*
+ * An application's socket receives redirected bytes only in a pod that opted
+ * in, or everywhere on a kernel whose splice() reads them.
+ */
 static __always_inline __u16 app_takes_msg(const struct pod_info *pod, __u16 flag)
 {
+	if (config.features & FEATURE_SK_MSG_TO_EVERY_APP)
+		return flag;
 	return pod->flags & POD_SK_MSG_TO_APP ? flag : 0;
 }
 

@@ -1,18 +1,16 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sk_msg, attached to both sockhashes: hand each message a socket of ours
- * sends straight to the receive queue of the connection's other socket, while
- * that socket is a redirect target on this node and keeps up with what it is
- * given. The kernel never makes a redirecting sender wait, so the program
+ * sk_msg, attached to msg_senders: hand each message a socket of ours sends
+ * straight to the receive queue of the connection's other socket, while that
+ * socket is in msg_receivers on this node and keeps up with what it is given. The kernel never makes a redirecting sender wait, so the program
  * keeps the account: senders add what they redirect into a receiver's
- * receive_queues entry, and every socket, whenever it sends, records there how
- * much of it it has read (its own queue is the one socket it may look at).
+ * receive_queues entry, and a receiver records there how much of it it has
+ * read whenever it sends (here, or from sockops when its sends take TCP).
  * When a receiver's unread bytes pass the budget, the sender's direction
  * falls back to TCP, for good: the receiver reads the redirected bytes first,
  * then TCP's, so going back would reorder them.
  */
 #include "helpers.h"
-#include "kernel.h"
 
 const volatile struct datapath_config config = {};
 
@@ -40,25 +38,6 @@ static __always_inline void tuples_from_msg(struct sk_msg_md *msg, struct sock_t
 	peer->remote_ip = self->local_ip;
 	peer->local_port = self->remote_port;
 	peer->remote_port = self->local_port;
-}
-
-/* As a receiver: tell our senders how much of what they redirected we have read. */
-static __always_inline void report_consumed(struct bpf_sock *sk, const struct sock_tuple *self)
-{
-	struct receive_queue *queue = bpf_map_lookup_elem(&receive_queues, self);
-	struct sock___meshaccel *own;
-	__u64 redirected, unread;
-
-	if (!queue)
-		return;
-	own = (struct sock___meshaccel *)bpf_skc_to_tcp_sock(sk);
-	if (!own)
-		return;
-	redirected = queue->redirected;
-	unread = (__u32)own->sk_backlog.rmem_alloc.counter;
-	/* Consumption only grows; an unread figure above what was redirected proves nothing. */
-	if (redirected > unread && redirected - unread > queue->consumed)
-		queue->consumed = redirected - unread;
 }
 
 static __always_inline int take_tcp(struct socket_state *state, enum counter reason)
@@ -111,7 +90,7 @@ int redirect_msg(struct sk_msg_md *msg)
 		return decline(state, COUNTER_FALLBACK_RECEIVER_UNKNOWN);
 	if (queue->redirected - queue->consumed > config.redirect_budget)
 		return take_tcp(state, COUNTER_FALLBACK_BUDGET);
-	if (bpf_msg_redirect_hash(msg, &target_sockets, &peer, BPF_F_INGRESS) != SK_PASS)
+	if (bpf_msg_redirect_hash(msg, &msg_receivers, &peer, BPF_F_INGRESS) != SK_PASS)
 		return decline(state, COUNTER_FALLBACK_REDIRECT_FAILED);
 
 	state->flags |= SOCKET_SENDS_REDIRECTED;

@@ -2,8 +2,8 @@
 /*
  * sockops: once a connection connect4 steered is established, hand what
  * connect4 knew to the accepting socket, file it under that socket's own
- * tuple for getsockopt, and put both sockets into a sockhash for sk_msg:
- * target_sockets if they may receive redirected bytes, sender_sockets if not.
+ * tuple for getsockopt, and put both sockets into the sockhashes of their
+ * roles for sk_msg (msg_senders, msg_receivers).
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
  * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
@@ -27,7 +27,7 @@ static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
 		tuple->netns_cookie = bpf_get_netns_cookie(skops);
 }
 
-/* A redirect target starts with an empty receive queue (a closed socket's entry may remain). */
+/* A socket that takes redirected bytes starts with an empty receive queue. */
 static __always_inline bool open_receive_queue(const struct sock_tuple *self)
 {
 	struct receive_queue queue = {};
@@ -35,29 +35,41 @@ static __always_inline bool open_receive_queue(const struct sock_tuple *self)
 	return bpf_map_update_elem(&receive_queues, self, &queue, BPF_ANY) == 0;
 }
 
+static __always_inline bool join(struct bpf_sock_ops *skops, void *sockhash,
+				 struct sock_tuple *self)
+{
+	long err = bpf_sock_hash_update(skops, sockhash, self, BPF_ANY);
+
+	count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
+	return err == 0;
+}
+
 /*
- * Give the socket its sending state and put it in its sockhash: from then on
- * sk_msg runs for every message it sends. A socket that takes redirected
- * bytes joins target_sockets, any other sender_sockets. Without its state the
- * socket is left out, and its connection keeps to TCP.
+ * Give the socket its sending state and its sockhashes: msg_receivers if it
+ * takes redirected bytes, msg_senders if its peer does (then its sends run
+ * sk_msg). Both ask for RTT callbacks, which come only while TCP carries the
+ * socket's own data: a receiver reports from there what it has read, a sender
+ * whose direction fell back leaves msg_senders. Without its state the socket
+ * is left out, and its connection keeps to TCP.
  */
-static __always_inline void join_sockhash(struct bpf_sock_ops *skops, struct sock_tuple *self,
-					  bool takes_msg)
+static __always_inline void join_sockhashes(struct bpf_sock_ops *skops, struct sock_tuple *self,
+					    bool takes_msg, bool peer_takes_msg)
 {
 	struct bpf_sock *sk = skops->sk;
-	long err;
+	struct socket_state *state;
 
-	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk || !(takes_msg || peer_takes_msg))
 		return;
-	if (!bpf_sk_storage_get(&socket_states, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE)) {
+	state = bpf_sk_storage_get(&socket_states, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
 		count(COUNTER_ERROR_SOCKET_STATE, 1);
 		return;
 	}
-	if (takes_msg && open_receive_queue(self))
-		err = bpf_sock_hash_update(skops, &target_sockets, self, BPF_ANY);
-	else
-		err = bpf_sock_hash_update(skops, &sender_sockets, self, BPF_ANY);
-	count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
+	if (takes_msg && open_receive_queue(self) && join(skops, &msg_receivers, self))
+		state->flags |= SOCKET_IN_RECEIVERS;
+	if (peer_takes_msg && join(skops, &msg_senders, self))
+		state->flags |= SOCKET_IN_SENDERS;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
 /* The connecting side: connect4 left what it knew under the socket cookie. */
@@ -82,7 +94,8 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		return;
 	}
 	tuple_from_sockops(&self, skops);
-	join_sockhash(skops, &self, conn.flags & CONNECTION_CLIENT_TAKES_MSG);
+	join_sockhashes(skops, &self, conn.flags & CONNECTION_CLIENT_TAKES_MSG,
+			conn.flags & CONNECTION_SERVER_TAKES_MSG);
 }
 
 /* The accepting side: ours if the connecting side filed this handshake. */
@@ -108,7 +121,40 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	}
 	/* To forget the connection when this socket closes. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	join_sockhash(skops, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG);
+	join_sockhashes(skops, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG,
+			conn.flags & CONNECTION_CLIENT_TAKES_MSG);
+}
+
+/*
+ * TCP carries this socket's data (an ACK came back): a receiver reports what
+ * it has read, for senders whose own sends run no sk_msg of ours to do it; a
+ * socket that only sends, and whose sends fell back to TCP, leaves
+ * msg_senders, and with it sk_msg's send path (nothing was ever redirected
+ * into it, so nothing waits in its queue).
+ */
+static __always_inline void on_rtt(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct socket_state *state;
+	struct sock_tuple self = {};
+
+	/* Also lets the verifier drop what needs CAP_PERFMON when sk_msg is off. */
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
+		return;
+	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
+	if (!state)
+		return;
+	tuple_from_sockops(&self, skops);
+	if (state->flags & SOCKET_IN_RECEIVERS) {
+		report_consumed(sk, &self);
+		return;
+	}
+	if (!(state->flags & SOCKET_SENDS_TCP) || !(state->flags & SOCKET_IN_SENDERS))
+		return;
+	if (bpf_map_delete_elem(&msg_senders, &self) == 0)
+		count(COUNTER_SENDER_LEFT, 1);
+	state->flags &= ~SOCKET_IN_SENDERS;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
 static __always_inline void on_state_change(struct bpf_sock_ops *skops)
@@ -133,6 +179,9 @@ int track_sockets(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		on_passive_established(skops);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		on_rtt(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		on_state_change(skops);

@@ -8,6 +8,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "kernel.h"
 #include "maps.h"
 #include "meshaccel.h"
 
@@ -87,6 +88,29 @@ static __always_inline bool pod_port_excluded(__u64 pod_cgroup_id, __be16 port,
 	key.port = port;
 	key.direction = direction;
 	return bpf_map_lookup_elem(&pod_ports, &key) != NULL;
+}
+
+/*
+ * As a receiver: tell the socket's senders how much of what they redirected
+ * it has read. Its own queue is the one socket a program may look at
+ * (bpf_skc_to_tcp_sock, for loaders with CAP_PERFMON).
+ */
+static __always_inline void report_consumed(struct bpf_sock *sk, const struct sock_tuple *self)
+{
+	struct receive_queue *queue = bpf_map_lookup_elem(&receive_queues, self);
+	struct sock___meshaccel *own;
+	__u64 redirected, unread;
+
+	if (!queue)
+		return;
+	own = (struct sock___meshaccel *)bpf_skc_to_tcp_sock(sk);
+	if (!own)
+		return;
+	redirected = queue->redirected;
+	unread = (__u32)own->sk_backlog.rmem_alloc.counter;
+	/* Consumption only grows; an unread figure above what was redirected proves nothing. */
+	if (redirected > unread && redirected - unread > queue->consumed)
+		queue->consumed = redirected - unread;
 }
 
 #endif /* MESHACCEL_HELPERS_H */

@@ -73,6 +73,8 @@ _Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI")
 enum socket_flags {
 	SOCKET_SENDS_TCP = 1 << 0,
 	SOCKET_SENDS_REDIRECTED = 1 << 1,
+	SOCKET_IN_SENDERS = 1 << 2,   /* in msg_senders: its sends run sk_msg */
+	SOCKET_IN_RECEIVERS = 1 << 3, /* in msg_receivers: it takes redirected bytes */
 };
 
 struct socket_state {
@@ -152,6 +154,12 @@ enum datapath_features {
 	 */
 	FEATURE_SK_MSG_REDIRECT = 1 << 1,
 	/* 1 << 2 was FEATURE_SK_MSG_TO_APPS, now per pod (POD_SK_MSG_TO_APP): never reuse. */
+	/*
+	 * Every application socket is a redirect target, as if every pod had
+	 * POD_SK_MSG_TO_APP: set by the agent only where splice() reads redirected
+	 * bytes (it asks the kernel at load, agent/probes.py), never by a setting.
+	 */
+	FEATURE_SK_MSG_TO_EVERY_APP = 1 << 3,
 };
 
 /* Set in .rodata before load. */
@@ -195,6 +203,8 @@ enum counter {
 	COUNTER_FALLBACK_DRAINING = 20,
 	/* A socket's state could not be allocated: its connection is left to TCP. */
 	COUNTER_ERROR_SOCKET_STATE = 21,
+	/* A sender that fell back left msg_senders: its sends take the plain TCP path again. */
+	COUNTER_SENDER_LEFT = 22,
 	COUNTER_MAX,
 };
 

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
         description="Side-by-side benchmark: no mesh, Istio iptables, the explicit ceiling, "
-        "meshaccel (connect only, sk_msg, sk_msg into apps). Needs root.",
+        "meshaccel (connect-time only; the default, sk_msg into sidecars; + sk_msg into apps). "
+        "Needs root.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="short smoke variant: fewer workloads, 2 rounds"

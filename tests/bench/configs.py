@@ -5,9 +5,14 @@
 | a | no-mesh | none (nat table deleted) | none: client app -> server app | not loaded |
 | b | iptables | installed | client -> Envoy A 15001 -> Envoy B 15006 -> app | not loaded |
 | e | ceiling | none (nat table deleted) | client -> Envoy A / B explicit listeners -> app | - |
-| c | meshaccel-connect | installed | as (b) | FEATURE_SAME_NODE_INBOUND |
-| d | meshaccel | installed | as (b) | (c) + FEATURE_SK_MSG_REDIRECT (opt-in) |
-| d+ | meshaccel-apps | installed | as (b) | (d) + FEATURE_SK_MSG_TO_APPS (opt-in) |
+| c | meshaccel-connect | installed | as (b) | CONNECT_FEATURES: connect-time steering only |
+| d | meshaccel (default) | installed | as (b) | the default: SK_MSG_FEATURES, default budget |
+| d+ | meshaccel-apps | installed | as (b) | (d) + every pod opted in with sk_msg_to_app |
+
+(d) is what meshaccel does when nothing is configured: connect-time steering plus sk_msg into
+sidecar sockets, each direction of a connection falling back to TCP once its receiver holds more
+than the redirect budget unread. (d+) adds the per-pod opt-in for applications that never read
+with ``splice()``: sk_msg delivers into their sockets too. (c) is the old default, no sk_msg.
 
 meshaccel leaves Istio's rules in place, as it does in a real pod: (c), (d) and (d+) run with
 the same nat table as (b). The ceiling (e) and no-mesh (a) run with no nat table at all (deleted,
@@ -19,7 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from meshaccel.agent.datapath import SK_MSG_FEATURES
+from meshaccel.agent.datapath import (
+    CONNECT_FEATURES,
+    DEFAULT_REDIRECT_BUDGET,
+    SK_MSG_FEATURES,
+)
 from meshaccel.agent.layout import DatapathFeatures
 
 
@@ -39,16 +48,24 @@ class Config:
     iptables: bool
     route: Route
     features: DatapathFeatures | None = None  # None: meshaccel not loaded
+    redirect_budget: int = DEFAULT_REDIRECT_BUDGET  # Datapath.load's; only with features
+    sk_msg_to_app: bool = False  # every pod of the lab opted in (AcceleratedPod.sk_msg_to_app)
+    default: bool = False  # meshaccel as it runs when nothing is configured
 
     @property
     def label(self) -> str:
-        return f"({self.key}) {self.name}"
+        """How tables and the chart name it; the default says so, it is the one that matters."""
+        return f"({self.key}) {self.name}" + (" (default)" if self.default else "")
 
     @property
     def redirects_messages(self) -> bool:
         return self.features is not None and bool(
             self.features & DatapathFeatures.FEATURE_SK_MSG_REDIRECT
         )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
 
 
 CONFIGS: tuple[Config, ...] = (
@@ -76,29 +93,33 @@ CONFIGS: tuple[Config, ...] = (
     Config(
         "c",
         "meshaccel-connect",
-        "meshaccel, connect-time redirection only (FEATURE_SAME_NODE_INBOUND)",
+        "meshaccel, connect-time steering only (FEATURE_SAME_NODE_INBOUND; every byte on TCP)",
         iptables=True,
         route=Route.INTERCEPTED,
-        features=DatapathFeatures.FEATURE_SAME_NODE_INBOUND,
+        features=CONNECT_FEATURES,
     ),
     Config(
         "d",
         "meshaccel",
-        "meshaccel: connect-time redirection + sk_msg into sidecar sockets (opt-in)",
+        "meshaccel's default: connect-time steering + sk_msg into sidecar sockets, a direction "
+        f"falling back to TCP past {_mib(DEFAULT_REDIRECT_BUDGET)} unread at its receiver",
         iptables=True,
         route=Route.INTERCEPTED,
         features=SK_MSG_FEATURES,
+        default=True,
     ),
     Config(
         "d+",
         "meshaccel-apps",
-        "meshaccel + FEATURE_SK_MSG_TO_APPS (opt-in): sk_msg into app sockets too",
+        "the default + the pods opted in with sk_msg_to_app: sk_msg into app sockets too",
         iptables=True,
         route=Route.INTERCEPTED,
-        features=SK_MSG_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_APPS,
+        features=SK_MSG_FEATURES,
+        sk_msg_to_app=True,
     ),
 )
 CONFIGS_BY_KEY = {config.key: config for config in CONFIGS}
+DEFAULT_CONFIG = next(config for config in CONFIGS if config.default)
 
 
 def rotated(configs: tuple[Config, ...], round_index: int) -> list[Config]:

@@ -363,10 +363,17 @@ class BenchLab:
                 self.node.cgroup.path,
                 instance=INSTANCE,
                 features=config.features,
+                redirect_budget=config.redirect_budget,
                 pin_root=PIN_ROOT,
             )
+            # (d+) opts in every pod: client and server, and the micro pod, whose "sidecar"
+            # answers its app over the app's own socket.
             for pod in (self.client, self.server, self.micro):
-                self.datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip))
+                self.datapath.put_pod(
+                    AcceleratedPod.in_mesh(
+                        ISTIO, pod.cgroup_id, pod.ip, sk_msg_to_app=config.sk_msg_to_app
+                    )
+                )
             self.program_ids = bpfstats.program_ids(self.datapath.pins)
         self.config = config
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from meshaccel.agent.layout import Counter
-
 from . import bpfstats
 from .accounting import (
     ClientRun,
@@ -17,7 +15,14 @@ from .accounting import (
     switches_snapshot,
 )
 from .configs import Config
+from .counters import (
+    CONNECT_OUTBOUND_REDIRECTED,
+    ERROR_COUNTERS,
+    FALLBACK_COUNTERS,
+    MSG_REDIRECTED,
+)
 from .lab import ACTIVITY_REGEX, WRK_SCRIPT, BenchLab, envoy_stats, listener_activity
+from .tcpmem import PeakSampler
 from .workloads import LoadResult, Workload, load_argv, parse_load
 
 CLIENT_TIMEOUT_SLACK_S = 30.0
@@ -91,7 +96,8 @@ def measure(
     machine_before = MachineCpu.read()
     started = time.time()
 
-    result, client, target = run_load(lab, workload, config, duration)
+    with PeakSampler() as tcp_mem:
+        result, client, target = run_load(lab, workload, config, duration)
 
     machine_after = MachineCpu.read()
     cpu = cpu_delta(cpu_before, cpu_snapshot(pids))
@@ -137,6 +143,9 @@ def measure(
         ),
         "machine_busy_seconds": round(machine_busy, 3),
         "foreign_cpu_seconds": round(max(0.0, machine_busy - ours), 3),
+        "tcp_mem_pages_before": tcp_mem.before,
+        "tcp_mem_pages_peak": tcp_mem.peak,
+        "tcp_mem_samples": tcp_mem.samples,
         "envoy_activity": activity,
         "datapath_counters": counters,
         "bpf_programs": programs,
@@ -147,6 +156,7 @@ def measure(
             name: round(values["run_time_ns"] / result.ops, 1) for name, values in programs.items()
         }
     record["checks"] = checks(lab, workload, config, record)
+    record["warnings"] = fallback_warnings(workload, config, counters)
     record["valid"] = result.ok and all(check["ok"] for check in record["checks"])
     return record
 
@@ -163,43 +173,63 @@ def _per_op(cpu: dict[str, float], ops: float) -> dict[str, float] | None:
     }
 
 
+def _check(name: str, ok: bool, detail: object) -> dict[str, Any]:
+    return {"name": name, "ok": bool(ok), "detail": detail}
+
+
 def checks(
     lab: BenchLab, workload: Workload, config: Config, record: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """That the measurement took the path its configuration claims (Envoy listeners, counters)."""
     found: list[dict[str, Any]] = []
-
-    def check(name: str, ok: bool, detail: object) -> None:
-        found.append({"name": name, "ok": bool(ok), "detail": detail})
-
     activity = record["envoy_activity"]
     expected = (
         None if workload.kind == "micro" else lab.expected_listeners(workload.service, config)
     )
     if expected is None:
-        check("no sidecar hop", not activity["A"] and not activity["B"], activity)
+        found.append(_check("no sidecar hop", not activity["A"] and not activity["B"], activity))
     else:
         for side, listener in zip(("A", "B"), expected, strict=True):
             others = {k: v for k, v in activity[side].items() if k != listener}
-            check(
-                f"Envoy {side} carried it on {listener} only",
-                activity[side].get(listener, 0) > 0 and not others,
-                activity[side],
+            found.append(
+                _check(
+                    f"Envoy {side} carried it on {listener} only",
+                    activity[side].get(listener, 0) > 0 and not others,
+                    activity[side],
+                )
             )
-    counters: dict[str, int] | None = record["datapath_counters"]
+    return found + counter_checks(config, record["datapath_counters"])
+
+
+def counter_checks(config: Config, counters: dict[str, int] | None) -> list[dict[str, Any]]:
+    """With meshaccel loaded: it steered, sk_msg redirected exactly when the configuration
+    says so, and no COUNTER_ERROR_* moved (`counters`: the measurement's non-zero deltas)."""
     if config.features is None:
-        return found
+        return []
     counters = counters or {}
-    check(
-        "meshaccel steered the client's connects",
-        counters.get(Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED.metric_name, 0) > 0,
-        counters,
-    )
-    redirected = counters.get(Counter.COUNTER_MSG_REDIRECTED.metric_name, 0)
+    steered = counters.get(CONNECT_OUTBOUND_REDIRECTED, 0)
+    redirected = counters.get(MSG_REDIRECTED, 0)
+    errors = {name: counters[name] for name in ERROR_COUNTERS if counters.get(name)}
+    found = [_check("meshaccel steered the client's connects", steered > 0, counters)]
     if config.redirects_messages:
-        check("sk_msg redirected messages", redirected > 0, redirected)
+        found.append(_check("sk_msg redirected messages", redirected > 0, redirected))
     else:
-        check("sk_msg redirected nothing", redirected == 0, redirected)
-    errors = {k: v for k, v in counters.items() if k.startswith("error_")}
-    check("no datapath errors", not errors, errors)
+        found.append(_check("sk_msg redirected nothing", redirected == 0, redirected))
+    found.append(_check("no datapath errors", not errors, errors))
     return found
+
+
+def fallback_warnings(
+    workload: Workload, config: Config, counters: dict[str, int] | None
+) -> list[dict[str, Any]]:
+    """Findings that do not invalidate a measurement: a fallback to TCP on request/response
+    traffic. Such a round still measures what the configuration does (the direction that fell
+    back took TCP from then on), so it stays in the medians: leaving it out would make the
+    configuration look better than it is. On tcp-bulk a fallback is the budget doing its job."""
+    if config.features is None or not workload.request_response:
+        return []
+    moved = counters or {}
+    fallbacks = {name: moved[name] for name in FALLBACK_COUNTERS if moved.get(name)}
+    if not fallbacks:
+        return []
+    return [{"name": "sk_msg fell back to TCP on request/response traffic", "detail": fallbacks}]

@@ -24,6 +24,7 @@ from .configs import CONFIGS, CONFIGS_BY_KEY, Config, rotated
 from .lab import PIN_ROOT, BenchLab, Tools, remove_stale_pins
 from .measure import measure
 from .profile import profile_one
+from .tcpmem import read_tcp_mem_limits
 from .workloads import QUICK_WORKLOADS, WORKLOADS, WORKLOADS_BY_NAME, Workload
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,18 @@ class Results:
         temporary.replace(self.path)
 
 
+def _config_meta(config: Config) -> dict[str, Any]:
+    return {
+        "name": config.name,
+        "label": config.label,
+        "description": config.description,
+        "default": config.default,
+        "features": None if config.features is None else config.features.name,
+        "redirect_budget": None if config.features is None else config.redirect_budget,
+        "sk_msg_to_app": config.sk_msg_to_app,
+    }
+
+
 def _describe(record: dict[str, Any]) -> str:
     latency = (
         f" p50 {record['p50_us']:.0f}us p99 {record['p99_us']:.0f}us"
@@ -165,9 +178,14 @@ def _describe(record: dict[str, Any]) -> str:
     )
     cpu = record.get("cpu_us_per_op") or {}
     status = "ok" if record["valid"] else f"INVALID: {record['error'] or _failed(record)}"
+    for warning in record.get("warnings") or []:
+        status += f"; WARNING: {warning['name']} {warning['detail']}"
+    memory = record.get("tcp_mem_pages_peak")
     return (
         f"{record['workload']} ({record['config']}): {record['rate']:,.0f} {record['unit']}"
-        f"{latency} cpu {cpu.get('total', 0):.1f}us/{record['op']} [{status}]"
+        f"{latency} cpu {cpu.get('total', 0):.1f}us/{record['op']}"
+        + (f" tcp mem peak {memory} pages" if memory is not None else "")
+        + f" [{status}]"
     )
 
 
@@ -197,8 +215,12 @@ def run(plan: Plan, results_root: Path = DEFAULT_RESULTS_DIR) -> Path:
         "versions": versions(tools),
         "host": host_info(),
         "pin_root": str(PIN_ROOT),
-        "configs": {c.key: {"name": c.name, "description": c.description} for c in CONFIGS},
+        "configs": {c.key: _config_meta(c) for c in CONFIGS},
     }
+    limits = read_tcp_mem_limits()
+    meta["tcp_mem_pages"] = None if limits is None else asdict(limits)
+    meta["tcp_mem_pressure_pages"] = None if limits is None else limits.pressure_pages
+    meta["page_size"] = os.sysconf("SC_PAGESIZE")
     results = Results(directory, meta)
     log.info("results in %s; estimated %.0f min", directory, plan.estimate_seconds() / 60)
     try:

@@ -65,9 +65,15 @@ def test_quick_run_measures_every_configuration(tmp_path: Path, netlab_requireme
             assert record["valid"], f"({config.key}) {record['error']} {failed}"
             assert record["ops"] > 0 and record["rate"] > 0, record
             assert record["cpu_us_per_op"]["total"] > 0, record
+            # One keep-alive connection never comes near the redirect budget.
+            assert record["warnings"] == [], f"({config.key}) {record['warnings']}"
+            assert record["tcp_mem_pages_peak"] is not None, "sockstat was not sampled"
         entry = results["summary"][SMALLEST_WORKLOAD][config.key]
         assert entry["rate"] > 0 and entry["rounds"] == QUICK_PLAN.rounds, entry
-    assert "| (d) meshaccel |" in (run_dir / "results.md").read_text()
+    assert results["meta"]["tcp_mem_pressure_pages"] > 0
+    text = (run_dir / "results.md").read_text()
+    assert "| (d) meshaccel (default) |" in text
+    assert "## Node TCP memory" in text and "## Fallbacks" in text
     # Everything the run made is gone: netns, cgroups, processes, pins.
     assert find_leftovers(results["meta"]["node"]) == []
     assert not Path(results["meta"]["pin_root"]).exists()

@@ -9,9 +9,10 @@
 | micro-rr-1 | C rr client -> C rr server, both in the micro pod, no Envoy | none | trans/s |
 
 The micro-benchmark shows the kernel path alone: one connection between two sockets of one pod,
-plain loopback TCP without meshaccel, redirected by sk_msg with it (request only with the default
-features, both directions with FEATURE_SK_MSG_TO_APPS). It runs in the configurations where that
-makes a difference: (a) loopback TCP, (c) steered at connect, bytes on TCP, (d), (d+).
+plain loopback TCP without meshaccel, redirected by sk_msg with it (in the default (d) the
+requests only, into the stand-in sidecar's socket; in (d+), where the pod is opted in with
+sk_msg_to_app, both directions). It runs in the configurations where that makes a difference:
+(a) loopback TCP, (c) steered at connect, bytes on TCP, (d), (d+).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class Workload:
 
     def applies_to(self, config_key: str) -> bool:
         return self.configs is None or config_key in self.configs
+
+    @property
+    def request_response(self) -> bool:
+        """Every workload but the bulk stream: a sender never gets far ahead of its receiver,
+        so sk_msg must never fall back to TCP here."""
+        return self.kind != "tcp-bulk"
 
     @property
     def service(self) -> Literal["http", "rr", "bulk"]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,11 +29,20 @@ PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
 
 
 def load_datapath(
-    node: Node, features: DatapathFeatures = SK_MSG_FEATURES, *, instance: str | None = None
+    node: Node,
+    features: DatapathFeatures = SK_MSG_FEATURES,
+    *,
+    instance: str | None = None,
+    **options: Any,
 ) -> Datapath:
-    """The shipped objects, attached to the node's own test cgroup (never the root cgroup)."""
+    """The shipped objects, attached to the node's own test cgroup (never the root cgroup);
+    ``options`` go to Datapath.load."""
     return Datapath.load(
-        node.cgroup.path, instance=instance or node.token, features=features, pin_root=PIN_ROOT
+        node.cgroup.path,
+        instance=instance or node.token,
+        features=features,
+        pin_root=PIN_ROOT,
+        **options,
     )
 
 
@@ -142,17 +152,20 @@ def mesh(netlab_node: Node) -> Node:
 
 @pytest.fixture
 def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
-    """load(features=..., fresh_conntrack=True) -> a Datapath on the module's node, unloaded
-    after the test."""
+    """load(features=..., fresh_conntrack=True, **Datapath.load options) -> a Datapath on the
+    module's node, unloaded after the test."""
     with ExitStack() as cleanup:
 
         def load(
-            features: DatapathFeatures = SK_MSG_FEATURES, *, fresh_conntrack: bool = True
+            features: DatapathFeatures = SK_MSG_FEATURES,
+            *,
+            fresh_conntrack: bool = True,
+            **options: Any,
         ) -> Datapath:
             if fresh_conntrack:
                 forget_conntrack(mesh)
             cleanup.callback(unload_quietly, mesh)
-            return load_datapath(mesh, features)
+            return load_datapath(mesh, features, **options)
 
         yield load
 

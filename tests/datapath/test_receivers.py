@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent.datapath import DEFAULT_FEATURES
-from meshaccel.agent.layout import Counter
+from meshaccel.agent.datapath import DEFAULT_FEATURES, default_objects_dir
+from meshaccel.agent.layout import Counter, DatapathFeatures
+from meshaccel.agent.probes import probe_splice
 from tests.datapath.conftest import (
     ERRORS,
     FALLBACKS,
@@ -145,3 +146,37 @@ def test_go_io_copy_proxy_as_the_application(
         assert_redirected_until_fallback(
             counters, hops=4, nbytes=connections * (16 << 20), connections=connections
         )
+
+
+def test_the_kernel_is_asked_whether_splice_reads_redirected_bytes() -> None:
+    """The probe sends a real byte through sk_msg into a real socket: it must arrive (or the
+    answer would mean nothing), and on kernels whose tcp_bpf has no splice_read (6.18) splice()
+    must not see it."""
+    probe = probe_splice(default_objects_dir())
+    print(f"\nsplice probe on this kernel: {probe}")
+    assert probe.redirected
+    assert probe.spliced == probe.apps_may_take_msg
+
+
+def test_every_application_takes_msg_where_the_kernel_can_splice(
+    mesh: Node, datapath_factory
+) -> None:
+    """Where the probe says splice() reads redirected bytes, no pod needs to opt in: every
+    application socket is a target, so all six hops of a call skip TCP."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = datapath_factory(DEFAULT_FEATURES, splice_probe=lambda _: True)
+    assert DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP in datapath.features
+    for pod in (a, b):
+        datapath.put_pod(istio_pod(pod))  # no sk_msg_to_app
+    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=1 << 20)
+    assert result.ok, result.raw
+    assert_redirected_until_fallback(datapath.counters(), hops=6, nbytes=1 << 20)
+
+
+def test_no_application_takes_msg_where_the_kernel_cannot_splice(datapath_factory) -> None:
+    """The feature is the kernel's answer, never a caller's: asking for it changes nothing."""
+    datapath = datapath_factory(
+        DEFAULT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP,
+        splice_probe=lambda _: False,
+    )
+    assert DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP not in datapath.features

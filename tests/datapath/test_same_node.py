@@ -56,7 +56,8 @@ def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
     assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1
     assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1
     assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 2  # Envoy a and Envoy b
-    assert counters[Counter.COUNTER_SOCKHASH_ADDED] == 6  # 3 connections, both ends
+    # 3 connections, both ends; the two sidecar-to-sidecar sockets send and take redirects.
+    assert counters[Counter.COUNTER_SOCKHASH_ADDED] == 8
     assert counters[Counter.COUNTER_MSG_REDIRECTED] > 0
     # Into sidecar sockets only (the default): app a -> Envoy a -> Envoy b, app b -> Envoy b
     # -> Envoy a. The two hops into the apps stay on TCP.

@@ -38,7 +38,7 @@ def wait_connections_forgotten(datapath: Datapath | None, timeout: float = 5.0) 
     while datapath.connections() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert datapath.connections() == []
-    assert datapath.sockets() == {"target_sockets": 0, "sender_sockets": 0}
+    assert datapath.sockets() == {"msg_senders": 0, "msg_receivers": 0}
 
 
 def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
