@@ -106,9 +106,7 @@ SHARED_MAPS = (
     "pod_ports",
     "outbound_excluded_cidrs",
     "outbound_included_cidrs",
-    "connecting_sockets",
     "handshakes",
-    "connections",
     "msg_senders",
     "msg_receivers",
     "socket_states",
@@ -150,9 +148,7 @@ class Capacities:
             "pod_ports": self.pod_ports,
             "outbound_excluded_cidrs": self.pod_cidrs,
             "outbound_included_cidrs": self.pod_cidrs,
-            "connecting_sockets": self.connections,
             "handshakes": self.connections,
-            "connections": self.connections,
             "msg_senders": self.connections,
             "msg_receivers": self.connections,
             "receive_queues": self.connections,
@@ -462,13 +458,6 @@ class Datapath:
             counter: sum(decode_u64(v) for v in counters.lookup_percpu(u32(counter)) or ())
             for counter in Counter
         }
-
-    def connections(self) -> list[tuple[layout.SockTuple, layout.Connection]]:
-        """Steered connections still open, by the accepting socket's view of the tuple."""
-        return [
-            (layout.SockTuple.from_buffer_copy(key), layout.Connection.from_buffer_copy(value))
-            for key, value in self._map("connections").items()
-        ]
 
     def sockets(self) -> dict[str, int]:
         """How many sockets each sockhash holds."""

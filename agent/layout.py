@@ -55,6 +55,10 @@ class Connection(ctypes.Structure):
     _fields_ = [("original_ip", Be32), ("original_port", Be16), ("flags", ctypes.c_uint16)]
 
 
+class SocketState(ctypes.Structure):
+    _fields_ = [("conn", Connection), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class HandshakeKey(ctypes.Structure):
     _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
 
@@ -64,10 +68,7 @@ class SocketFlags(enum.IntFlag):
     SOCKET_SENDS_REDIRECTED = 1 << 1
     SOCKET_IN_SENDERS = 1 << 2
     SOCKET_IN_RECEIVERS = 1 << 3
-
-
-class SocketState(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    SOCKET_ACCEPTED = 1 << 4
 
 
 class ReceiveQueue(ctypes.Structure):

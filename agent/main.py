@@ -122,9 +122,7 @@ CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
     "max_pod_ports": ("pod_ports",),
     "max_pod_cidrs": ("outbound_excluded_cidrs", "outbound_included_cidrs"),
     "max_connections": (
-        "connecting_sockets",
         "handshakes",
-        "connections",
         "msg_senders",
         "msg_receivers",
         "receive_queues",

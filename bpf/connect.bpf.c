@@ -10,26 +10,30 @@
  *    as it is, only marked for socket-to-socket acceleration.
  *
  * What connect4 learns (the original destination, which ends may receive
- * redirected bytes) is kept by socket cookie until sockops, once the connection is
- * established, hands it to the accepting socket.
+ * redirected bytes) is kept in the socket's storage until sockops, once the
+ * connection is established, hands it to the accepting socket.
  */
 #include "helpers.h"
 
 const volatile struct datapath_config config = {};
 
+/* What sockops will need once the connection is established, on the socket itself. */
 static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, __be32 ip, __be16 port,
 					     __u16 flags)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct connection conn = {};
+	struct socket_state *state = NULL;
 
-	conn.original_ip = ip;
-	conn.original_port = port;
-	conn.flags = flags;
-	if (bpf_map_update_elem(&connecting_sockets, &cookie, &conn, BPF_ANY)) {
-		count(COUNTER_ERROR_MAP_UPDATE, 1);
+	if (ctx->sk)
+		state = bpf_sk_storage_get(&socket_states, ctx->sk, NULL,
+					   BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		count(COUNTER_ERROR_SOCKET_STATE, 1);
 		return false;
 	}
+	state->conn.original_ip = ip;
+	state->conn.original_port = port;
+	state->conn.flags = flags;
+	state->flags = 0;
 	return true;
 }
 

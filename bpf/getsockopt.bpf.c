@@ -14,8 +14,7 @@ SEC("cgroup/getsockopt")
 int answer_original_dst(struct bpf_sockopt *ctx)
 {
 	struct sockaddr_in *answer = ctx->optval;
-	struct sock_tuple self = {};
-	struct connection *conn;
+	struct socket_state *state;
 	struct bpf_sock *sk;
 
 	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
@@ -24,22 +23,16 @@ int answer_original_dst(struct bpf_sockopt *ctx)
 	if (!sk || sk->family != AF_INET || sk->type != SOCK_STREAM)
 		return ALLOW;
 
-	self.local_ip = sk->src_ip4;
-	self.remote_ip = sk->dst_ip4;
-	self.local_port = bpf_htons((__u16)sk->src_port);
-	self.remote_port = (__be16)sk->dst_port; /* bpf_sock: already network order, not shifted */
-	if (tuple_is_loopback(&self))
-		self.netns_cookie = bpf_get_netns_cookie(ctx);
-
-	conn = bpf_map_lookup_elem(&connections, &self);
-	if (!conn || !(conn->flags & CONNECTION_REWRITTEN))
+	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
+	if (!state || !(state->flags & SOCKET_ACCEPTED) ||
+	    !(state->conn.flags & CONNECTION_REWRITTEN))
 		return ALLOW; /* not ours: netfilter's answer stands */
 	if ((void *)(answer + 1) > ctx->optval_end)
 		return ALLOW; /* caller's buffer too small: keep the kernel's error */
 
 	answer->sin_family = AF_INET;
-	answer->sin_port = conn->original_port;
-	answer->sin_addr.s_addr = conn->original_ip;
+	answer->sin_port = state->conn.original_port;
+	answer->sin_addr.s_addr = state->conn.original_ip;
 	__builtin_memset(answer->__pad, 0, sizeof(answer->__pad));
 	ctx->optlen = sizeof(*answer);
 	/* Keep clang from merging the two 4-byte context stores into one 8-byte store. */

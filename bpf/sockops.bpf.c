@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * sockops: once a connection connect4 steered is established, hand what
- * connect4 knew to the accepting socket, file it under that socket's own
- * tuple for getsockopt, and put both sockets into the sockhashes of their
- * roles for sk_msg (msg_senders, msg_receivers).
+ * connect4 knew to the accepting socket's storage, where getsockopt finds it,
+ * and put both sockets into the sockhashes of their roles for sk_msg
+ * (msg_senders, msg_receivers).
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
  * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
- * active side by socket cookie, the passive side by the handshake the active
- * side just filed (its ACK is what establishes the passive side).
+ * active side in its own storage, the passive side by the handshake the
+ * active side just filed (its ACK is what establishes the passive side).
  */
 #include "helpers.h"
 
@@ -49,22 +49,14 @@ static __always_inline bool join(struct bpf_sock_ops *skops, void *sockhash,
  * takes redirected bytes, msg_senders if its peer does (then its sends run
  * sk_msg). Both ask for RTT callbacks, which come only while TCP carries the
  * socket's own data: a receiver reports from there what it has read, a sender
- * whose direction fell back leaves msg_senders. Without its state the socket
- * is left out, and its connection keeps to TCP.
+ * whose direction fell back leaves msg_senders.
  */
-static __always_inline void join_sockhashes(struct bpf_sock_ops *skops, struct sock_tuple *self,
+static __always_inline void join_sockhashes(struct bpf_sock_ops *skops,
+					    struct socket_state *state, struct sock_tuple *self,
 					    bool takes_msg, bool peer_takes_msg)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct socket_state *state;
-
-	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk || !(takes_msg || peer_takes_msg))
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !(takes_msg || peer_takes_msg))
 		return;
-	state = bpf_sk_storage_get(&socket_states, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!state) {
-		count(COUNTER_ERROR_SOCKET_STATE, 1);
-		return;
-	}
 	if (takes_msg && open_receive_queue(self) && join(skops, &msg_receivers, self))
 		state->flags |= SOCKET_IN_RECEIVERS;
 	if (peer_takes_msg && join(skops, &msg_senders, self))
@@ -72,30 +64,28 @@ static __always_inline void join_sockhashes(struct bpf_sock_ops *skops, struct s
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
-/* The connecting side: connect4 left what it knew under the socket cookie. */
+/* The connecting side: connect4 left what it knew in the socket's storage. */
 static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 {
-	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct handshake_key handshake = {};
 	struct sock_tuple self = {};
-	struct connection *recorded;
-	struct connection conn;
+	struct socket_state *state;
 
-	recorded = bpf_map_lookup_elem(&connecting_sockets, &cookie);
-	if (!recorded)
+	if (!skops->sk)
 		return;
-	conn = *recorded;
-	bpf_map_delete_elem(&connecting_sockets, &cookie);
+	state = bpf_sk_storage_get(&socket_states, skops->sk, NULL, 0);
+	if (!state)
+		return; /* not a connection connect4 steered */
 
 	handshake.client_seq = skops->snd_nxt;
 	handshake.server_seq = skops->rcv_nxt;
-	if (bpf_map_update_elem(&handshakes, &handshake, &conn, BPF_ANY)) {
+	if (bpf_map_update_elem(&handshakes, &handshake, &state->conn, BPF_ANY)) {
 		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return;
 	}
 	tuple_from_sockops(&self, skops);
-	join_sockhashes(skops, &self, conn.flags & CONNECTION_CLIENT_TAKES_MSG,
-			conn.flags & CONNECTION_SERVER_TAKES_MSG);
+	join_sockhashes(skops, state, &self, state->conn.flags & CONNECTION_CLIENT_TAKES_MSG,
+			state->conn.flags & CONNECTION_SERVER_TAKES_MSG);
 }
 
 /* The accepting side: ours if the connecting side filed this handshake. */
@@ -103,6 +93,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 {
 	struct handshake_key handshake = {};
 	struct sock_tuple self = {};
+	struct socket_state *state;
 	struct connection *filed;
 	struct connection conn;
 
@@ -114,14 +105,17 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	conn = *filed;
 	bpf_map_delete_elem(&handshakes, &handshake);
 
-	tuple_from_sockops(&self, skops);
-	if (bpf_map_update_elem(&connections, &self, &conn, BPF_ANY)) {
-		count(COUNTER_ERROR_MAP_UPDATE, 1);
+	if (!skops->sk)
+		return;
+	state = bpf_sk_storage_get(&socket_states, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		count(COUNTER_ERROR_SOCKET_STATE, 1);
 		return;
 	}
-	/* To forget the connection when this socket closes. */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	join_sockhashes(skops, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG,
+	state->conn = conn;
+	state->flags = SOCKET_ACCEPTED;
+	tuple_from_sockops(&self, skops);
+	join_sockhashes(skops, state, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG,
 			conn.flags & CONNECTION_CLIENT_TAKES_MSG);
 }
 
@@ -157,16 +151,6 @@ static __always_inline void on_rtt(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
-static __always_inline void on_state_change(struct bpf_sock_ops *skops)
-{
-	struct sock_tuple self = {};
-
-	if (skops->args[1] != BPF_TCP_CLOSE)
-		return;
-	tuple_from_sockops(&self, skops);
-	bpf_map_delete_elem(&connections, &self);
-}
-
 SEC("sockops")
 int track_sockets(struct bpf_sock_ops *skops)
 {
@@ -182,9 +166,6 @@ int track_sockets(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 		on_rtt(skops);
-		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		on_state_change(skops);
 		break;
 	}
 	return ALLOW;

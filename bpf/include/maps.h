@@ -56,18 +56,6 @@ struct {
 } outbound_included_cidrs SEC(".maps");
 
 /*
- * connect4 -> sockops hand-off, by socket cookie: the tuple is not known
- * until the connection is established. LRU, because a connect that never
- * establishes leaves its entry behind.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64); /* socket cookie */
-	__type(value, struct connection);
-} connecting_sockets SEC(".maps");
-
-/*
  * Active -> passive sockops hand-off: the connecting side files what connect4
  * knew under the handshake's sequence numbers, the accepting side (whose
  * ACK-triggered callback always runs later) takes it. LRU, as a connection can
@@ -79,19 +67,6 @@ struct {
 	__type(key, struct handshake_key);
 	__type(value, struct connection);
 } handshakes SEC(".maps");
-
-/*
- * Connections meshaccel steered, keyed by the accepting socket's own view of
- * the tuple: what getsockopt(SO_ORIGINAL_DST) answers. Written and deleted
- * (when that socket closes) by sockops on the accepting socket; LRU as the
- * backstop.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct sock_tuple);
-	__type(value, struct connection);
-} connections SEC(".maps");
 
 /*
  * The sockets of accelerated connections, keyed by each socket's own view,
@@ -118,7 +93,7 @@ struct {
 	__type(value, __u64);
 } msg_receivers SEC(".maps");
 
-/* Each tracked socket's sending decision; lives and dies with the socket. */
+/* Every socket of a steered connection: what connect4 knew, and its sk_msg roles. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */

@@ -65,23 +65,28 @@ struct handshake_key {
 _Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI");
 
 /*
- * One socket's sending decision, in its socket-local storage (created by
- * sockops when the socket joins a sockhash, freed with the socket). Once a
- * socket's sends take TCP they never go back: the receiver reads redirected
- * bytes before TCP ones, so only this one-way switch keeps the byte order.
+ * What the datapath keeps on a socket of a steered connection, in its
+ * socket-local storage (freed with the socket: no entry outlives it, no
+ * callback has to remove it). connect4 creates it on the connecting socket;
+ * sockops on the accepting socket, from the handshake the connecting side
+ * filed. Once a socket's sends take TCP they never go back: the receiver reads
+ * redirected bytes before TCP ones, so only this one-way switch keeps the order.
  */
 enum socket_flags {
 	SOCKET_SENDS_TCP = 1 << 0,
 	SOCKET_SENDS_REDIRECTED = 1 << 1,
 	SOCKET_IN_SENDERS = 1 << 2,   /* in msg_senders: its sends run sk_msg */
 	SOCKET_IN_RECEIVERS = 1 << 3, /* in msg_receivers: it takes redirected bytes */
+	/* The accepting end of a steered connection: SO_ORIGINAL_DST answers from conn. */
+	SOCKET_ACCEPTED = 1 << 4,
 };
 
 struct socket_state {
-	__u32 flags; /* enum socket_flags */
+	struct connection conn; /* what connect4 knew about the connection */
+	__u32 flags;            /* enum socket_flags */
 	__u32 pad;
 };
-_Static_assert(sizeof(struct socket_state) == 8, "socket_state layout is ABI");
+_Static_assert(sizeof(struct socket_state) == 16, "socket_state layout is ABI");
 
 /*
  * A redirect target's receive queue as its senders know it, keyed by the
