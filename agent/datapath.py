@@ -175,6 +175,10 @@ class PinLayout:
         return [*self.attachments(), *(self.map(name) for name in SHARED_MAPS)]
 
 
+#: Maps an earlier release pinned that this one has no more: an upgrade unloads a datapath that
+#: still has them (its programs are the earlier release's) and loads the current one.
+RETIRED_MAPS = ("connecting_sockets", "connections", "sidecar_sockets", "app_sockets")
+
 SOCKHASHES = ("msg_senders", "msg_receivers")
 SK_MSG_SOCKHASH = "msg_senders"  # the one the sk_msg program is attached to
 
@@ -640,7 +644,7 @@ def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
                 with libbpf.Map.from_pin(pins.map(SK_MSG_SOCKHASH)) as sockhash:
                     libbpf.prog_detach(program.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
         sk_msg_pin.unlink()
-    for name in SHARED_MAPS:
+    for name in (*SHARED_MAPS, *RETIRED_MAPS):
         pins.map(name).unlink(missing_ok=True)
     for directory in (
         pins.root / "maps",

@@ -163,6 +163,14 @@ class Counter(enum.IntEnum):
 
 COUNTER_MAX = len(Counter)
 
+#: Why a redirecting direction fell back to TCP, by its counter (docs/datapath.md).
+FALLBACK_REASONS: dict[Counter, str] = {
+    Counter.COUNTER_FALLBACK_BUDGET: "budget",
+    Counter.COUNTER_FALLBACK_RECEIVER_UNKNOWN: "receiver_unknown",
+    Counter.COUNTER_FALLBACK_REDIRECT_FAILED: "redirect_failed",
+    Counter.COUNTER_FALLBACK_DRAINING: "draining",
+}
+
 #: Every structure shared with C, by its C name (for the layout test and docs).
 SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sock_tuple": SockTuple,

@@ -51,6 +51,7 @@ from meshaccel.agent import config, libbpf, prerequisites
 from meshaccel.agent.api_models import StartupDecision as Decision
 from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
+    RETIRED_MAPS,
     Datapath,
     LoadedConfig,
     PinLayout,
@@ -104,6 +105,10 @@ class Difference:
 
     def __str__(self) -> str:
         return f"{self.setting} {_show(self.pinned)} -> {_show(self.wanted)}"
+
+
+#: What replaces a datapath pinned by an earlier release (datapath.RETIRED_MAPS).
+OLDER_RELEASE = Difference("datapath", "an earlier release's", "this release's")
 
 
 def _show(value: object) -> str:
@@ -208,6 +213,12 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
     started = time.monotonic()
     mount, attach = _check_host(loaded)
     pins = PinLayout(settings.pin_root / settings.instance)
+    replaced: tuple[Difference, ...] = ()
+    if any(pins.map(name).exists() for name in RETIRED_MAPS):
+        # An earlier release's datapath (other maps, other programs): replace it, as on a
+        # change of settings, so that an upgrade needs no uninstall first.
+        replaced = (OLDER_RELEASE,)
+        _unload_changed(pins, replaced, settings.drain_seconds)
     present = [p for p in pins.all_pins() if p.exists()]
     complete = len(present) == len(pins.all_pins())
     if not complete and any(p in present for p in pins.attachments()):
@@ -217,8 +228,8 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             " an agent was stopped while loading it. Remove it with `meshaccel-agent uninstall`"
             " (same --pin-root and --instance), then start again"
         )
-    differences = pinned_differences(pins, settings) if complete else ()
-    decision: Decision = "loaded"
+    differences = pinned_differences(pins, settings) if complete else replaced
+    decision: Decision = "reloaded" if replaced else "loaded"
     if complete and differences and settings.reload_on_change:
         _unload_changed(pins, differences, settings.drain_seconds)
         decision = "reloaded"

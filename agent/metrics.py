@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from meshaccel.agent.layout import Counter
+from meshaccel.agent.layout import FALLBACK_REASONS, Counter
 from meshaccel.agent.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,14 @@ class AgentCollector(Collector):
             for counter in Counter:
                 events.add_metric([counter.metric_name], counters.get(counter, 0))
             yield events
+            fallbacks = CounterMetricFamily(
+                "meshaccel_datapath_fallbacks",
+                "Directions of connections that went from sk_msg back to TCP for good, by reason",
+                labels=["reason"],
+            )
+            for counter, reason in FALLBACK_REASONS.items():
+                fallbacks.add_metric([reason], counters.get(counter, 0))
+            yield fallbacks
 
         yield GaugeMetricFamily(
             "meshaccel_agent_pods_accelerated",

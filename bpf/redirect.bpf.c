@@ -2,8 +2,9 @@
 /*
  * sk_msg, attached to msg_senders: hand each message a socket of ours sends
  * straight to the receive queue of the connection's other socket, while that
- * socket is in msg_receivers on this node and keeps up with what it is given. The kernel never makes a redirecting sender wait, so the program
- * keeps the account: senders add what they redirect into a receiver's
+ * socket is in msg_receivers on this node and keeps up with what it is given.
+ * The kernel never makes a redirecting sender wait, so the program keeps the
+ * account: senders add what they redirect into a receiver's
  * receive_queues entry, and a receiver records there how much of it it has
  * read whenever it sends (here, or from sockops when its sends take TCP).
  * When a receiver's unread bytes pass the budget, the sender's direction
@@ -74,11 +75,15 @@ int redirect_msg(struct sk_msg_md *msg)
 	 */
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
 		return SK_PASS;
-	tuples_from_msg(msg, &self, &peer);
-	report_consumed(sk, &self);
-
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
-	if (!state || (state->flags & SOCKET_SENDS_TCP)) {
+	if (!state) {
+		count(COUNTER_MSG_PASSED, 1);
+		return SK_PASS;
+	}
+	tuples_from_msg(msg, &self, &peer);
+	if (state->flags & SOCKET_IN_RECEIVERS)
+		report_consumed(sk, &self);
+	if (state->flags & SOCKET_SENDS_TCP) {
 		count(COUNTER_MSG_PASSED, 1);
 		return SK_PASS;
 	}

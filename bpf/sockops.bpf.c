@@ -45,9 +45,9 @@ static __always_inline bool join(struct bpf_sock_ops *skops, void *sockhash,
 }
 
 /*
- * Give the socket its sending state and its sockhashes: msg_receivers if it
- * takes redirected bytes, msg_senders if its peer does (then its sends run
- * sk_msg). Both ask for RTT callbacks, which come only while TCP carries the
+ * Put the socket in the sockhashes of its roles: msg_receivers if it takes
+ * redirected bytes, msg_senders if its peer does (then its sends run sk_msg).
+ * Either asks for RTT callbacks, which come only while TCP carries the
  * socket's own data: a receiver reports from there what it has read, a sender
  * whose direction fell back leaves msg_senders.
  */

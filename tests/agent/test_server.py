@@ -445,6 +445,8 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
 
     for counter in Counter:
         assert ("meshaccel_datapath_events_total", (("event", counter.metric_name),)) in samples
+    for reason in ("budget", "receiver_unknown", "redirect_failed", "draining"):
+        assert samples[("meshaccel_datapath_fallbacks_total", (("reason", reason),))] == 0
     assert samples[("meshaccel_datapath_attached", ())] == 1
     assert samples[("meshaccel_agent_pods_accelerated", ())] == 2
     assert samples[("meshaccel_agent_applied_generation", ())] == 9

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from meshaccel.agent import libbpf
 from meshaccel.agent.config import AgentSettings
-from meshaccel.agent.datapath import Capacities, Datapath, LoadedConfig
+from meshaccel.agent.datapath import RETIRED_MAPS, Capacities, Datapath, LoadedConfig, PinLayout
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.main import CAPACITY_MAPS, FEATURE_SETTINGS, config_differences
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
@@ -259,6 +260,29 @@ def test_a_changed_sk_msg_budget_reloads(standalone: StandaloneAgents) -> None:
         assert datapath.loaded_config == LoadedConfig(ON, 262144)
     assert second.stop() == 0
     third = standalone.start("--sk-msg-redirect-budget=262144")
+    assert decisions(third.logs()) == ["adopted"]
+    assert third.stop() == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_an_earlier_releases_datapath_is_replaced(standalone: StandaloneAgents) -> None:
+    """An upgrade: pins an earlier release left (a map this release no longer has) are
+    unloaded and the current datapath is loaded, without an uninstall first."""
+    first = started_with(standalone)
+    assert first.stop() == 0
+    pins = PinLayout(PIN_ROOT / standalone.instance)
+    retired = pins.map(RETIRED_MAPS[0])
+    with libbpf.Map.from_pin(pins.map("handshakes")) as stand_in:
+        stand_in.pin(retired)  # what a v0.1 agent pinned, by name
+    second = standalone.start("--drain-seconds=0")
+    assert decisions(second.logs()) == ["reloaded"]
+    (startup,) = [r for r in second.logs() if "decision" in r]
+    assert startup["reason"] == "datapath an earlier release's -> this release's", startup
+    assert not retired.exists()
+    assert second.get("/v1/status")["attached"]
+    assert second.stop() == 0
+    third = standalone.start()
     assert decisions(third.logs()) == ["adopted"]
     assert third.stop() == 0
 
