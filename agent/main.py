@@ -15,8 +15,9 @@ Life cycle of ``run``:
    **reloaded**: unloaded as by an uninstall (stop redirecting, detach, drain, unpin; open
    connections carry on over plain TCP) and loaded anew, unless ``reload_on_change`` is off
    (then adopted as it is, with a warning). Without pins the datapath is **loaded** and
-   attached to the attach cgroup. Pins of a half-made datapath (an agent killed while loading)
-   are refused: ``meshaccel-agent uninstall`` clears them.
+   attached to the attach cgroup. An earlier release's datapath (maps this one no longer has)
+   is reloaded too. Pins of a half-made datapath (an agent killed while loading) are refused:
+   ``meshaccel-agent uninstall`` clears them.
 3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` and,
    standalone, the pods file watcher. Ready once attached and the first set is applied.
 4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
