@@ -209,14 +209,14 @@ def test_restart_under_load_drops_nothing(standalone: StandaloneAgents) -> None:
     loop.wait_requests(25)
     killed_at = time.time()
     assert first.kill() == -9
-    time.sleep(0.5)  # the node runs without an agent for a while
+    loop.wait_requests(len(loop.records()) + 10)  # requests while the node has no agent
     second = standalone.start()
     second_ready = time.time()
     done = len(loop.records())
     loop.wait_requests(done + 25)
     terminated_at = time.time()
     assert second.stop() == 0
-    time.sleep(0.5)
+    loop.wait_requests(len(loop.records()) + 10)
     third = standalone.start()
     third_ready = time.time()
     records = loop.finish()
