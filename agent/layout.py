@@ -154,6 +154,7 @@ class Counter(enum.IntEnum):
     COUNTER_FALLBACK_DRAINING = 20
     COUNTER_ERROR_SOCKET_STATE = 21
     COUNTER_SENDER_LEFT = 22
+    COUNTER_ERROR_RECEIVE_BUFFER = 23
 
     @property
     def metric_name(self) -> str:

@@ -35,6 +35,24 @@ static __always_inline bool open_receive_queue(const struct sock_tuple *self)
 	return bpf_map_update_elem(&receive_queues, self, &queue, BPF_ANY) == 0;
 }
 
+/*
+ * A receiver holds at most about the budget while bytes come by sk_msg; after
+ * a fallback they come by TCP, whose receive buffer autotuning grew to 15-33
+ * MiB on a sidecar socket behind a slow application here (6-10 MiB under
+ * iptables): the first segments after a long silence seem to arrive in one
+ * round trip. Both ends are on this node, so a fixed buffer of twice the
+ * budget (at least 1 MiB) costs no throughput; it also ends autotuning.
+ */
+static __always_inline void fix_receive_buffer(struct bpf_sock_ops *skops)
+{
+	int size = config.redirect_budget;
+
+	if (size < RECEIVE_BUFFER_FLOOR)
+		size = RECEIVE_BUFFER_FLOOR;
+	if (bpf_setsockopt(skops, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size)))
+		count(COUNTER_ERROR_RECEIVE_BUFFER, 1);
+}
+
 static __always_inline bool join(struct bpf_sock_ops *skops, void *sockhash,
 				 struct sock_tuple *self)
 {
@@ -57,8 +75,10 @@ static __always_inline void join_sockhashes(struct bpf_sock_ops *skops,
 {
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !(takes_msg || peer_takes_msg))
 		return;
-	if (takes_msg && open_receive_queue(self) && join(skops, &msg_receivers, self))
+	if (takes_msg && open_receive_queue(self) && join(skops, &msg_receivers, self)) {
 		state->flags |= SOCKET_IN_RECEIVERS;
+		fix_receive_buffer(skops);
+	}
 	if (peer_takes_msg && join(skops, &msg_senders, self))
 		state->flags |= SOCKET_IN_SENDERS;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);

@@ -210,6 +210,8 @@ enum counter {
 	COUNTER_ERROR_SOCKET_STATE = 21,
 	/* A sender that fell back left msg_senders: its sends take the plain TCP path again. */
 	COUNTER_SENDER_LEFT = 22,
+	/* A receiver's TCP receive buffer could not be fixed (bpf_setsockopt refused). */
+	COUNTER_ERROR_RECEIVE_BUFFER = 23,
 	COUNTER_MAX,
 };
 
