@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tests.netlab.tcpmem import PeakSampler
+
 from . import bpfstats
 from .accounting import (
     ClientRun,
@@ -22,7 +24,6 @@ from .counters import (
     MSG_REDIRECTED,
 )
 from .lab import ACTIVITY_REGEX, WRK_SCRIPT, BenchLab, envoy_stats, listener_activity
-from .tcpmem import PeakSampler
 from .workloads import LoadResult, Workload, load_argv, parse_load
 
 CLIENT_TIMEOUT_SLACK_S = 30.0

@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.netlab import Node, find_envoy_binary, remove_stale_leftovers
 from tests.netlab.requirements import missing_netlab_requirements
+from tests.netlab.tcpmem import read_tcp_mem_limits
 
 from . import report
 from .bpfstats import bpf_stats_enabled
@@ -24,7 +25,6 @@ from .configs import CONFIGS, CONFIGS_BY_KEY, Config, rotated
 from .lab import PIN_ROOT, BenchLab, Tools, remove_stale_pins
 from .measure import measure
 from .profile import profile_one
-from .tcpmem import read_tcp_mem_limits
 from .workloads import QUICK_WORKLOADS, WORKLOADS, WORKLOADS_BY_NAME, Workload
 
 log = logging.getLogger(__name__)

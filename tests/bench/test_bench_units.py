@@ -25,19 +25,19 @@ from tests.bench.configs import CONFIGS, CONFIGS_BY_KEY, DEFAULT_CONFIG, rotated
 from tests.bench.counters import ERROR_COUNTERS, FALLBACK_COUNTERS
 from tests.bench.measure import counter_checks, fallback_warnings
 from tests.bench.profile import bucket_of, parse_report, summarize
-from tests.bench.tcpmem import (
-    PeakSampler,
-    TcpMemLimits,
-    parse_sockstat_tcp_mem,
-    parse_tcp_mem_sysctl,
-    read_tcp_mem_pages,
-)
 from tests.bench.workloads import WORKLOADS_BY_NAME, load_argv, parse_load
 from tests.netlab.envoy import (
     EnvoyBootstrapOptions,
     ExplicitListener,
     find_envoy_binary,
     render_envoy_bootstrap,
+)
+from tests.netlab.tcpmem import (
+    PeakSampler,
+    TcpMemLimits,
+    parse_sockstat_tcp_mem,
+    parse_tcp_mem_sysctl,
+    read_tcp_mem_pages,
 )
 from tests.requirements import require
 

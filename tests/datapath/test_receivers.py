@@ -30,8 +30,8 @@ from tests.datapath.conftest import (
 )
 from tests.netlab import ECHO_PORT, Node
 from tests.netlab.app_handles import apps_argv
-from tests.netlab.memory import TcpMemoryPeak, tcp_memory_pressure_pages
 from tests.netlab.processes import wait_until
+from tests.netlab.tcpmem import PeakSampler, read_tcp_mem_limits
 from tests.requirements import require_tool
 
 pytestmark = pytest.mark.kernel
@@ -76,25 +76,27 @@ def test_slow_reader_costs_the_node_no_more_than_iptables(mesh: Node, datapath_f
     with meshaccel's defaults. No ENOMEM, no EPIPE, every byte echoed; TCP memory stays under
     the node's pressure threshold and at most twice what iptables cost."""
     a, b = mesh.pods["a"], mesh.pods["b"]
-    with TcpMemoryPeak() as iptables:
+    with PeakSampler(interval=0.005) as iptables:
         control = a.echo_client(str(b.ip), SLOW_PORT, nbytes=64 << 20, timeout=180)
     assert control.ok, control.raw
 
     datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (a, b):
         datapath.put_pod(istio_pod(pod))
-    with TcpMemoryPeak() as accelerated:
+    with PeakSampler(interval=0.005) as accelerated:
         result = a.echo_client(str(b.ip), SLOW_PORT, nbytes=64 << 20, timeout=180)
     counters = datapath.counters()
+    limits = read_tcp_mem_limits()
+    assert limits is not None
     print(
         f"\nTCP memory grown (pages): iptables {iptables.grown}, meshaccel {accelerated.grown} "
-        f"(peak {accelerated.peak}, pressure at {tcp_memory_pressure_pages()}); "
+        f"(peak {accelerated.peak}, pressure at {limits.pressure_pages}); "
         f"counters: {shown(counters)}"
     )
     assert result.ok, result.raw
     assert counters[Counter.COUNTER_FALLBACK_BUDGET] >= 1, shown(counters)  # bulk falls back
     assert_redirected_until_fallback(counters, hops=4, nbytes=64 << 20)
-    assert accelerated.peak < tcp_memory_pressure_pages()
+    assert accelerated.peak is not None and accelerated.peak < limits.pressure_pages
     assert accelerated.grown <= 2 * max(iptables.grown, 1)
 
 

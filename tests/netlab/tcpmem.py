@@ -3,7 +3,7 @@
 sk_msg delivery queues bytes on the receiving socket, where they count as TCP memory like any
 other received data. A receiver that falls behind once grew that without limit, up to
 ``net.ipv4.tcp_mem``'s pressure threshold, where every TCP socket of the node is squeezed. The
-redirect budget bounds it; this module is how the benchmark shows that it does.
+redirect budget bounds it; the benchmark and the datapath tests show that it does with this module.
 
 ``/proc/net/sockstat``'s ``TCP: ... mem N`` is the node-wide count (``tcp_memory_allocated``,
 in pages), whichever network namespace reads it. A :class:`PeakSampler` reads it about 20 times a
@@ -92,6 +92,11 @@ class PeakSampler:
         self.before: int | None = None
         self.peak: int | None = None
         self.samples = 0
+
+    @property
+    def grown(self) -> int:
+        """How far the peak rose above ``before``: what the measured work itself cost."""
+        return max(0, (self.peak or 0) - (self.before or 0))
 
     def sample(self) -> None:
         value = self._read()
