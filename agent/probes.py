@@ -35,14 +35,10 @@ class SpliceProbe:
     redirected: bool  # the byte reached the receiver's sk_msg queue (recv read it)
     spliced: bool  # splice() read it: applications may be redirect targets
 
-    @property
-    def apps_may_take_msg(self) -> bool:
-        return self.spliced
-
 
 def splice_reads_redirected_bytes(objects_dir: Path) -> bool:
     """Whether ``splice()`` on this kernel sees bytes sk_msg redirected into a socket."""
-    return probe_splice(objects_dir).apps_may_take_msg
+    return probe_splice(objects_dir).spliced
 
 
 def probe_splice(objects_dir: Path) -> SpliceProbe:

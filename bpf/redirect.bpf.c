@@ -76,9 +76,9 @@ int redirect_msg(struct sk_msg_md *msg)
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
 		return SK_PASS;
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
-	if (!state) {
+	if (!state || (state->flags & (SOCKET_SENDS_TCP | SOCKET_IN_RECEIVERS)) == SOCKET_SENDS_TCP) {
 		count(COUNTER_MSG_PASSED, 1);
-		return SK_PASS;
+		return SK_PASS; /* nothing to decide and nothing to report */
 	}
 	tuples_from_msg(msg, &self, &peer);
 	if (state->flags & SOCKET_IN_RECEIVERS)

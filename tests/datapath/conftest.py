@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
-from meshaccel.agent.layout import Counter, DatapathFeatures
+from meshaccel.agent.layout import FALLBACK_REASONS, Counter, DatapathFeatures
 from meshaccel.agent.modes import ISTIO
 from meshaccel.agent.pods import AcceleratedPod
 from tests.netlab import Node, Pod
@@ -73,12 +73,7 @@ def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
     return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
 
 
-FALLBACKS = (
-    Counter.COUNTER_FALLBACK_BUDGET,
-    Counter.COUNTER_FALLBACK_RECEIVER_UNKNOWN,
-    Counter.COUNTER_FALLBACK_REDIRECT_FAILED,
-    Counter.COUNTER_FALLBACK_DRAINING,
-)
+FALLBACKS = tuple(FALLBACK_REASONS)
 ERRORS = tuple(c for c in Counter if c.name.startswith("COUNTER_ERROR_"))
 
 

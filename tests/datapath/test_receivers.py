@@ -150,14 +150,16 @@ def test_go_io_copy_proxy_as_the_application(
         )
 
 
-def test_the_kernel_is_asked_whether_splice_reads_redirected_bytes() -> None:
+def test_the_kernel_is_asked_whether_splice_reads_redirected_bytes(datapath_factory) -> None:
     """The probe sends a real byte through sk_msg into a real socket: it must arrive (or the
-    answer would mean nothing), and on kernels whose tcp_bpf has no splice_read (6.18) splice()
-    must not see it."""
+    answer would mean nothing), and a datapath loaded here makes every application a target
+    exactly when splice() read it (6.18: it did not, tcp_bpf has no splice_read)."""
     probe = probe_splice(default_objects_dir())
     print(f"\nsplice probe on this kernel: {probe}")
     assert probe.redirected
-    assert probe.spliced == probe.apps_may_take_msg
+    datapath = datapath_factory(DEFAULT_FEATURES)
+    every_app = DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP in datapath.features
+    assert every_app == probe.spliced
 
 
 def test_every_application_takes_msg_where_the_kernel_can_splice(
