@@ -236,6 +236,11 @@ class StatusReply(_Strict):
     )
     apply_errors: int
     apply_errors_by_reason: dict[str, int]
+    pods_vanished: int = Field(
+        default=0,
+        description="programmed pods removed since the agent started because their cgroup was "
+        "gone (listed in unresolved until they resolve again)",
+    )
     uninstalled: bool = Field(
         default=False,
         description="POST /v1/uninstall removed the datapath; the applied set and map usage "

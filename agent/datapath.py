@@ -96,14 +96,18 @@ class CgroupHook:
 SK_MSG_OBJECT, SK_MSG_PROGRAM = "redirect.bpf.o", "redirect_msg"
 CGROUP_HOOKS = (
     CgroupHook("getsockopt.bpf.o", "answer_original_dst", "getsockopt"),
+    CgroupHook("sockname.bpf.o", "restore_peer_address", "getpeername4"),
+    CgroupHook("sockname.bpf.o", "restore_local_address", "getsockname4"),
     CgroupHook("sockops.bpf.o", "track_sockets", "sockops"),
     CgroupHook("connect.bpf.o", "redirect_connect4", "connect4"),
 )
-OBJECT_FILES = (SK_MSG_OBJECT, *(hook.object_file for hook in CGROUP_HOOKS))
+OBJECT_FILES = tuple(dict.fromkeys((SK_MSG_OBJECT, *(hook.object_file for hook in CGROUP_HOOKS))))
 
 SHARED_MAPS = (
     "pods",
     "pod_ips",
+    "inbound_listeners",
+    "listener_pods",
     "pod_ports",
     "outbound_excluded_cidrs",
     "outbound_included_cidrs",
@@ -146,6 +150,7 @@ class Capacities:
         return {
             "pods": self.pods,
             "pod_ips": self.pods,
+            "inbound_listeners": self.pods,
             "pod_ports": self.pod_ports,
             "outbound_excluded_cidrs": self.pod_cidrs,
             "outbound_included_cidrs": self.pod_cidrs,
@@ -179,6 +184,64 @@ class PinLayout:
 #: Maps an earlier release pinned that this one has no more: an upgrade unloads a datapath that
 #: still has them (its programs are the earlier release's) and loads the current one.
 RETIRED_MAPS = ("connecting_sockets", "connections", "sidecar_sockets", "app_sockets")
+
+
+def earlier_release(pins: PinLayout, objects_dir: Path | None = None) -> str | None:
+    """Why the datapath pinned at ``pins`` is an earlier release's, or None if it is not (or
+    nothing is pinned). Such a datapath has other programs or map layouts than this release's
+    objects: an upgrade unloads it and loads the current one. Reads pins and objects only."""
+    retired = [name for name in RETIRED_MAPS if pins.map(name).exists()]
+    if retired:
+        return f"maps this release retired: {', '.join(retired)}"
+    # connect4 is attached last: with its link pinned, the loader attached every hook it had.
+    if pins.link(CGROUP_HOOKS[-1].link).exists():
+        missing = [hook.link for hook in CGROUP_HOOKS if not pins.link(hook.link).exists()]
+        if missing:
+            return f"no {', '.join(missing)} hook"
+    sized_by_settings = Capacities().max_entries()
+    for name, shape in _map_shapes(objects_dir or default_objects_dir()).items():
+        if not pins.map(name).exists():
+            continue
+        with libbpf.Map.from_pin(pins.map(name)) as pinned:
+            found = _MapShape(
+                pinned.map_type,
+                pinned.key_size,
+                pinned.value_size,
+                None if name in sized_by_settings else pinned.max_entries,
+            )
+        if found != shape:
+            return f"map {name} is {found}, this release's is {shape}"
+    return None
+
+
+@dataclass(frozen=True)
+class _MapShape:
+    map_type: libbpf.MapType
+    key_size: int
+    value_size: int
+    max_entries: int | None  # None: set from the settings (Capacities), compared elsewhere
+
+    def __str__(self) -> str:
+        entries = "" if self.max_entries is None else f" x{self.max_entries}"
+        return f"{self.map_type.name} {self.key_size}:{self.value_size}{entries}"
+
+
+def _map_shapes(objects_dir: Path) -> dict[str, _MapShape]:
+    """Each shared map as this release's objects declare it (opened, not loaded)."""
+    sized_by_settings = Capacities().max_entries()
+    shapes: dict[str, _MapShape] = {}
+    for name in OBJECT_FILES:
+        with libbpf.BpfObject.open(objects_dir / name) as obj:
+            for bpf_map in obj.maps:
+                if bpf_map.name in SHARED_MAPS:
+                    shapes[bpf_map.name] = _MapShape(
+                        bpf_map.map_type,
+                        bpf_map.key_size,
+                        bpf_map.value_size,
+                        None if bpf_map.name in sized_by_settings else bpf_map.max_entries,
+                    )
+    return shapes
+
 
 SOCKHASHES = ("msg_senders", "msg_receivers")
 SK_MSG_SOCKHASH = "msg_senders"  # the one the sk_msg program is attached to
@@ -422,6 +485,8 @@ class Datapath:
             self._release_ip(undo, pod)
             for name, keys in _option_keys(pod).items():
                 self._remove(undo, name, keys)
+        # What sockops saw of its inbound listener goes with it ("not seen" again if it returns).
+        self._map("inbound_listeners").delete(u64(cgroup_id))
         return existed
 
     def pod(self, cgroup_id: int) -> AcceleratedPod | None:
@@ -634,10 +699,14 @@ def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
     if pins.map("draining").exists():
         with libbpf.Map.from_pin(pins.map("draining")) as draining:
             draining.update(u32(0), u32(1))
-    _detach_link(pins.link("connect4"))
-    _detach_link(pins.link("sockops"))
+    steering = ("connect4", "sockops")
+    for link in steering:
+        _detach_link(pins.link(link))
     time.sleep(drain_seconds)
-    _detach_link(pins.link("getsockopt"))
+    # What answers the sockets' own queries (SO_ORIGINAL_DST, addresses) goes last.
+    for hook in reversed(CGROUP_HOOKS):
+        if hook.link not in steering:
+            _detach_link(pins.link(hook.link))
     sk_msg_pin = pins.program(SK_MSG_PROGRAM)
     if sk_msg_pin.exists():
         with libbpf.Program.from_pin(sk_msg_pin) as program:

@@ -17,6 +17,10 @@ pod found in more than one place is not guessed at: it stays unresolved.
 
 A standalone agent instead takes the directory from the pod's ``cgroup`` field, relative to the
 cgroup root (``/proc/<pid>/cgroup`` style, a leading ``/`` is allowed), never above it.
+
+Whether a programmed pod's cgroup is still there is told by its id, in the same places
+(:meth:`CgroupResolver.vanished`): cgroup ids are not reused (on 64-bit kernels), so a cgroup
+removed and made again under the same name is another cgroup, and the pod's is gone.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def _within(path: str, directory: str) -> bool:
 
 
 class CgroupResolver:
-    """Implements the reconciler's ``PodResolver``: ``resolve(pod) -> cgroup id``.
+    """Implements the reconciler's ``PodResolver``: ``resolve(pod) -> cgroup id``, and
+    ``vanished(pod, cgroup_id)``: whether that cgroup is gone since.
 
     ``cgroup_root``: the root explicit ``cgroup`` paths are relative to (the agent passes the
     cgroup2 mount). ``kubelet_root``: where kubelet's ``kubepods`` hierarchy starts (default:
@@ -128,6 +133,47 @@ class CgroupResolver:
         """The pod's cgroup directory (checked to be a cgroup, inside the attach cgroup)."""
         return Path(self._find(pod)[0])
 
+    def vanished(self, pod: PodSpec, cgroup_id: int) -> str | None:
+        """Why the cgroup ``pod`` resolved to, ``cgroup_id``, is gone; None while it is there.
+
+        By id, not by name: the cgroup is there while one of the places the pod's cgroup is
+        looked for is a directory of the cgroup filesystem whose inode number is ``cgroup_id``.
+        It is gone when those places hold nothing (the pod was deleted) or only other
+        directories (its cgroup was removed and made again under the same name: a new cgroup
+        has a new id, and the datapath keys on the id). Only that is an answer: a place that
+        cannot be looked at (EACCES, EIO, ...) gives None, for a removal stops the pod's
+        acceleration and must never be a guess. One ``stat`` per place, stopping at the pod's.
+        """
+        if self.explicit_cgroups and pod.cgroup is not None:
+            try:
+                places = [self._explicit_path(pod.cgroup)]
+            except UnresolvedPodError:  # never resolved, so never programmed: not ours to say
+                return None
+        else:
+            places = [path for _, path in self._uid_places(pod.uid)]
+        others: list[str] = []
+        for path in places:
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except (OSError, ValueError):
+                return None
+            if st.st_ino == cgroup_id and st.st_dev == self._device and stat.S_ISDIR(st.st_mode):
+                return None
+            others.append(path)
+        if others:
+            return (
+                f"cgroup {others[0]} was replaced: it is no longer cgroup id {cgroup_id} "
+                "(removed and made again)"
+            )
+        if len(places) == 1:
+            return f"cgroup {places[0]} disappeared (cgroup id {cgroup_id})"
+        return (
+            f"the cgroup of pod uid {pod.uid} (cgroup id {cgroup_id}) disappeared from under "
+            f"{self.kubelet_root}"
+        )
+
     def _find(self, pod: PodSpec) -> tuple[str, os.stat_result]:
         if self.explicit_cgroups and pod.cgroup is not None:
             path, st = self._explicit(pod.cgroup)
@@ -146,7 +192,7 @@ class CgroupResolver:
             raise UnresolvedPodError(f"cannot look at {path}: {err}") from err
         return st
 
-    def _explicit(self, cgroup: str) -> tuple[str, os.stat_result]:
+    def _explicit_path(self, cgroup: str) -> str:
         parts = [part for part in cgroup.split("/") if part not in ("", ".")]
         if ".." in parts:
             raise UnresolvedPodError(
@@ -157,7 +203,10 @@ class CgroupResolver:
                 f"cgroup {cgroup!r} names no directory below {self.cgroup_root} (the root "
                 "cgroup is not a pod)"
             )
-        path = os.path.join(self._root, *parts)
+        return os.path.join(self._root, *parts)
+
+    def _explicit(self, cgroup: str) -> tuple[str, os.stat_result]:
+        path = self._explicit_path(cgroup)
         st = self._stat_cgroup(path)
         if st is None:
             raise UnresolvedPodError(
@@ -173,16 +222,22 @@ class CgroupResolver:
             raise UnresolvedPodError(f"{path} is not a cgroup v2 directory")
         return path, st
 
-    def _by_uid(self, uid: str) -> tuple[str, os.stat_result]:
+    def _uid_places(self, uid: str) -> list[tuple[str, str]]:
+        """Where kubelet may have put pod ``uid``'s cgroup: (relative, absolute) in order."""
         escaped = uid.replace("-", "_")
-        looked: list[str] = []
-        found: list[tuple[str, os.stat_result]] = []
+        places = []
         for driver, template in self._templates:
             relative = template.replace(
                 _UID_MARK, escaped if driver is CgroupDriver.SYSTEMD else uid
             )
+            places.append((relative, os.path.join(self._kubelet_root, relative)))
+        return places
+
+    def _by_uid(self, uid: str) -> tuple[str, os.stat_result]:
+        looked: list[str] = []
+        found: list[tuple[str, os.stat_result]] = []
+        for relative, path in self._uid_places(uid):
             looked.append(relative)
-            path = os.path.join(self._kubelet_root, relative)
             st = self._stat_cgroup(path)
             if st is not None and st.st_dev == self._device and stat.S_ISDIR(st.st_mode):
                 found.append((path, st))

@@ -52,11 +52,16 @@ class ConnectionFlags(enum.IntFlag):
 
 
 class Connection(ctypes.Structure):
-    _fields_ = [("original_ip", Be32), ("original_port", Be16), ("flags", ctypes.c_uint16)]
+    _fields_ = [
+        ("original_ip", Be32),
+        ("original_port", Be16),
+        ("flags", ctypes.c_uint16),
+        ("client_ip", Be32),
+    ]
 
 
 class SocketState(ctypes.Structure):
-    _fields_ = [("conn", Connection), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("conn", Connection), ("flags", ctypes.c_uint32)]
 
 
 class HandshakeKey(ctypes.Structure):
@@ -155,6 +160,9 @@ class Counter(enum.IntEnum):
     COUNTER_ERROR_SOCKET_STATE = 21
     COUNTER_SENDER_LEFT = 22
     COUNTER_ERROR_RECEIVE_BUFFER = 23
+    COUNTER_PEER_ADDRESS_RESTORED = 24
+    COUNTER_LOCAL_ADDRESS_RESTORED = 25
+    COUNTER_BYPASS_NO_INBOUND_LISTENER = 26
 
     @property
     def metric_name(self) -> str:

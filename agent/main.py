@@ -52,10 +52,10 @@ from meshaccel.agent import config, libbpf, prerequisites
 from meshaccel.agent.api_models import StartupDecision as Decision
 from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
-    RETIRED_MAPS,
     Datapath,
     LoadedConfig,
     PinLayout,
+    earlier_release,
     unload_pins,
 )
 from meshaccel.agent.identity import CgroupResolver
@@ -108,7 +108,7 @@ class Difference:
         return f"{self.setting} {_show(self.pinned)} -> {_show(self.wanted)}"
 
 
-#: What replaces a datapath pinned by an earlier release (datapath.RETIRED_MAPS).
+#: What replaces a datapath pinned by an earlier release (datapath.earlier_release).
 OLDER_RELEASE = Difference("datapath", "an earlier release's", "this release's")
 
 
@@ -124,7 +124,7 @@ def describe(differences: Sequence[Difference]) -> str:
 
 # The setting that sizes each map (Capacities.max_entries() names the same maps).
 CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
-    "max_pods": ("pods", "pod_ips"),
+    "max_pods": ("pods", "pod_ips", "inbound_listeners"),
     "max_pod_ports": ("pod_ports",),
     "max_pod_cidrs": ("outbound_excluded_cidrs", "outbound_included_cidrs"),
     "max_connections": (
@@ -215,9 +215,11 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
     mount, attach = _check_host(loaded)
     pins = PinLayout(settings.pin_root / settings.instance)
     replaced: tuple[Difference, ...] = ()
-    if any(pins.map(name).exists() for name in RETIRED_MAPS):
+    earlier = earlier_release(pins, settings.bpf_objects)
+    if earlier is not None:
         # An earlier release's datapath (other maps, other programs): replace it, as on a
         # change of settings, so that an upgrade needs no uninstall first.
+        log.info("the pinned datapath is an earlier release's", extra={"why": earlier})
         replaced = (OLDER_RELEASE,)
         _unload_changed(pins, replaced, settings.drain_seconds)
     present = [p for p in pins.all_pins() if p.exists()]

@@ -118,6 +118,12 @@ class AgentCollector(Collector):
         for reason, count in sorted(snapshot.apply_errors.items()):
             errors.add_metric([reason], count)
         yield errors
+        yield CounterMetricFamily(
+            "meshaccel_agent_pods_vanished",
+            "Programmed pods removed because their cgroup was gone (deleted while no new set "
+            "said so)",
+            value=snapshot.pods_vanished,
+        )
 
         entries = GaugeMetricFamily(
             "meshaccel_agent_map_entries", "Entries the agent programmed per map", labels=["map"]

@@ -10,6 +10,9 @@ complete desired state and applies the difference to the maps, all or nothing:
 * every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
   resolved yet is reported and left out, and programmed by a later apply or by
   :meth:`Reconciler.retry_unresolved`;
+* a programmed pod whose cgroup is gone (the pod was deleted while no new set said so) is
+  removed by :meth:`Reconciler.remove_vanished` and reported unresolved, saying so, until it
+  resolves again: its address must not keep leading to a dead pod, whoever gets it next;
 * pods are written one at a time, journaled with what was programmed before: if a write fails
   (a full map, a kernel error), the datapath undoes that pod's writes, every pod written before
   it is put back in reverse order, and the error is raised (:class:`ApplyFailedError`).
@@ -72,6 +75,11 @@ class PodResolver(Protocol):
 
     def resolve(self, pod: PodSpec) -> int:
         """The pod's cgroup id, or :class:`UnresolvedPodError`."""
+        ...
+
+    def vanished(self, pod: PodSpec, cgroup_id: int) -> str | None:
+        """Why ``cgroup_id``, what ``pod`` resolved to, is gone; None while it is there, and
+        when that cannot be told (a pod is removed on a certainty only)."""
         ...
 
 
@@ -168,6 +176,7 @@ class Snapshot:
     map_entries: Mapping[str, int]
     map_capacity: Mapping[str, int]
     apply_errors: Mapping[str, int]  # by ApplyRefusedError/ApplyFailedError reason
+    pods_vanished: int  # pods removed since the start because their cgroup was gone
 
     @property
     def apply_errors_total(self) -> int:
@@ -306,6 +315,10 @@ class Reconciler:
         self._entries: dict[str, PodEntry] = {}
         self._by_cgroup: dict[int, PodEntry] = {}
         self._unresolved: dict[str, UnresolvedPod] = {}
+        # uid -> (spec, reason) of pods removed because their cgroup was gone: the reason they
+        # are reported by while that spec stays unresolved (the resolver's own says less).
+        self._vanished: dict[str, tuple[PodSpec, str]] = {}
+        self._vanished_total = 0
         self._errors: dict[str, int] = {}
         self._last_apply: datetime | None = None
         self._started = datetime.now(UTC)
@@ -372,6 +385,57 @@ class Reconciler:
                 )
                 raise
 
+    def remove_vanished(self) -> list[UnresolvedPod]:
+        """Remove the programmed pods whose cgroup is gone; they become unresolved. Blocks.
+
+        Asks the resolver about every programmed pod of the applied set (pods adopted after a
+        restart are matched to a set, and resolved afresh, by the first set: until then there
+        is no set to report them in). Those gone are removed all or nothing, as an apply
+        writes, and returned; a retry or a later set programs one again once it resolves.
+        Raises :class:`ApplyFailedError` if a write fails (every removal undone). After a
+        failed rollback, nothing is removed until the next apply or retry has read the maps
+        again: what is programmed is not known until then.
+        """
+        with self._lock:
+            generation = self._generation
+            if generation is None or not self._entries or self._dirty:
+                return []
+            gone: dict[str, str] = {}
+            for uid, entry in self._entries.items():
+                reason = self._vanished_reason(entry)
+                if reason is not None:
+                    gone[uid] = reason
+            if not gone:
+                return []
+            removed = [self._entries[uid] for uid in gone]
+            self._execute(
+                _Plan([e.pod for e in removed], [], []),
+                generation,
+                doing=f"removing {len(removed)} pods whose cgroup is gone",
+            )
+            # Committed: the maps no longer hold them.
+            ids = {e.cgroup_id for e in removed}
+            self._programmed = {c: p for c, p in self._programmed.items() if c not in ids}
+            self._usage_now = _usage(self._programmed.values())
+            self._entries = {u: e for u, e in self._entries.items() if u not in gone}
+            self._by_cgroup = {e.cgroup_id: e for e in self._entries.values()}
+            reported = [_unresolved(e.spec, gone[e.spec.uid]) for e in removed]
+            self._unresolved = {**self._unresolved, **{u.uid: u for u in reported}}
+            self._vanished.update((e.spec.uid, (e.spec, gone[e.spec.uid])) for e in removed)
+            self._vanished_total += len(removed)
+            self._publish()
+            for entry in removed:
+                self._log_pod(
+                    "pod removed: its cgroup is gone",
+                    "pod_vanished",
+                    entry.spec,
+                    entry.cgroup_id,
+                    gone[entry.spec.uid],
+                    generation,
+                    level=logging.WARNING,
+                )
+            return reported
+
     def close(self) -> None:
         """Wait for an apply in progress to finish. The maps are the datapath's: close that
         after this (it keeps running from its pins)."""
@@ -429,7 +493,7 @@ class Reconciler:
             )
         plan = self._plan(target)
         if not plan.empty or self._orphans:
-            self._execute(plan, generation)
+            self._execute(plan, generation, doing=f"applying generation {generation}")
         # Committed: the maps now hold `target`.
         self._programmed = target
         self._usage_now = needed
@@ -439,6 +503,12 @@ class Reconciler:
         self._entries = entries
         self._by_cgroup = {e.cgroup_id: e for e in entries.values()}
         self._unresolved = unresolved
+        if self._vanished:  # kept for pods still unresolved as they were
+            self._vanished = {
+                uid: v
+                for uid, v in self._vanished.items()
+                if uid in unresolved and same_spec(v[0], desired[uid])
+            }
         if not retry:
             self._last_apply = datetime.now(UTC)
         self._publish()
@@ -458,7 +528,7 @@ class Reconciler:
                 try:
                     cgroup_id = self._resolve_one(spec)
                 except UnresolvedPodError as err:
-                    unresolved[uid] = _unresolved(spec, err.reason)
+                    unresolved[uid] = _unresolved(spec, self._reason_for(spec, err.reason))
                     continue
                 try:
                     entry = PodEntry(spec, accelerated_pod(spec, cgroup_id), cgroup_id)
@@ -483,6 +553,13 @@ class Reconciler:
                     )
         return entries, unresolved
 
+    def _reason_for(self, spec: PodSpec, reason: str) -> str:
+        """Why ``spec`` is unresolved: its cgroup vanished, if so (and it did not change)."""
+        vanished = self._vanished.get(spec.uid)
+        if vanished is not None and same_spec(vanished[0], spec):
+            return vanished[1]
+        return reason
+
     def _resolve_one(self, spec: PodSpec) -> int:
         try:
             cgroup_id = self.resolver.resolve(spec)
@@ -494,6 +571,17 @@ class Reconciler:
         if type(cgroup_id) is not int or cgroup_id <= 0:
             raise UnresolvedPodError(f"resolver returned {cgroup_id!r}, not a cgroup id")
         return cgroup_id
+
+    def _vanished_reason(self, entry: PodEntry) -> str | None:
+        try:
+            reason = self.resolver.vanished(entry.spec, entry.cgroup_id)
+        except Exception:  # a resolver bug: the pod stays, as for any answer that is not sure
+            log.exception(
+                "resolver failed to check a cgroup",
+                extra={"event": "resolver_error", **_pod_fields(entry.spec)},
+            )
+            return None
+        return None if reason is None else str(reason)
 
     def _plan(self, target: Mapping[int, AcceleratedPod]) -> _Plan:
         current = self._programmed
@@ -508,9 +596,10 @@ class Reconciler:
                 updates.append((old, pod))
         return _Plan(removes, updates, adds)
 
-    def _execute(self, plan: _Plan, generation: int) -> None:
+    def _execute(self, plan: _Plan, generation: int, *, doing: str) -> None:
         """Write the plan: removals first (they free room and addresses), then changes, then
-        additions. On a failure every write is undone; the maps are as before."""
+        additions. On a failure every write is undone; the maps are as before. ``doing``
+        names the work in the error ("applying generation 7")."""
         journal = _Journal(self.datapath, self._programmed)
         try:
             if self._orphans:
@@ -535,7 +624,7 @@ class Reconciler:
             if not rolled_back:
                 self._dirty = True  # read the maps again before the next apply
             failed = ApplyFailedError(
-                f"applying generation {generation} failed: {err}"
+                f"{doing} failed: {err}"
                 + (
                     "; every change was undone, the previous set stays"
                     if rolled_back
@@ -552,6 +641,7 @@ class Reconciler:
                 extra={
                     "event": "apply_failed",
                     "generation": generation,
+                    "doing": doing,
                     "reason": failed.reason,
                     "error": str(err),
                     "rolled_back": rolled_back,
@@ -614,6 +704,7 @@ class Reconciler:
             map_entries=self._usage_now,
             map_capacity=self._capacity,  # never mutated
             apply_errors=dict(self._errors),
+            pods_vanished=self._vanished_total,
         )
 
     def _publish(self) -> None:

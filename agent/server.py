@@ -37,8 +37,8 @@ authentication off: only for a demo bound to loopback (the caller decides, see `
 
 Blocking work (map writes, counter and pin reads) runs in threads: applies on one dedicated
 thread, behind an asyncio lock, so they run one at a time in arrival order; reads on the
-loop's default executor. A background task retries unresolved pods every ``retry_interval``
-seconds.
+loop's default executor. A background task, every ``retry_interval`` seconds, removes the pods
+whose cgroup is gone (:meth:`Reconciler.remove_vanished`) and retries unresolved pods.
 
 Uninstall (the operator's, when its MeshAcceleration is deleted): POST /v1/uninstall unloads the
 datapath as ``meshaccel-agent uninstall`` does (:meth:`Datapath.unload`: stop redirecting,
@@ -555,43 +555,61 @@ def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
         counters=counters,
         apply_errors=snapshot.apply_errors_total,
         apply_errors_by_reason=dict(snapshot.apply_errors),
+        pods_vanished=snapshot.pods_vanished,
     )
 
 
 # -- background work -----------------------------------------------------------------------------
 
 
-async def _retry_unresolved(app: web.Application) -> None:
+async def _tend_pods(app: web.Application) -> None:
+    """Every ``retry_interval``: remove the pods whose cgroup is gone, then retry the unresolved
+    (in that order: a pod whose cgroup was made again is programmed with its new id at once).
+    Both run on the apply thread, behind the apply lock."""
     reconciler, interval = app[RECONCILER], app[RETRY_INTERVAL]
     executor, lock = app[WORKER].ready()
     loop = asyncio.get_running_loop()
     uninstall = app[UNINSTALL]
     while True:
         await asyncio.sleep(interval)
-        if not reconciler.snapshot.unresolved or uninstall.requested:
+        snapshot = reconciler.snapshot
+        if not (snapshot.entries or snapshot.unresolved) or uninstall.requested:
             continue
+        result = None
         async with lock:
             if uninstall.requested:  # the maps are closed, or about to be
                 continue
             try:
-                result = await loop.run_in_executor(executor, reconciler.retry_unresolved)
-            except (ApplyRefusedError, ApplyFailedError):
-                continue  # the reconciler logged it and counted it
+                await loop.run_in_executor(executor, reconciler.remove_vanished)
+            except ApplyFailedError:
+                pass  # the reconciler logged it and counted it; the unresolved are retried
             except Exception:
-                log.exception("retrying unresolved pods failed", extra={"event": "retry_failed"})
-                continue
+                log.exception(
+                    "removing pods whose cgroup is gone failed", extra={"event": "vanish_failed"}
+                )
+            if reconciler.snapshot.unresolved:
+                try:
+                    result = await loop.run_in_executor(executor, reconciler.retry_unresolved)
+                except (ApplyRefusedError, ApplyFailedError):
+                    continue  # the reconciler logged it and counted it
+                except Exception:
+                    log.exception(
+                        "retrying unresolved pods failed", extra={"event": "retry_failed"}
+                    )
+                    continue
         if result is not None and result.added:
             app[METRICS].observe_apply(result.duration_ms / 1000)
 
 
 async def _apply_worker(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the apply thread, its lock and the retry task, for the app's lifetime."""
+    """cleanup_ctx: the apply thread, its lock and the pod-tending task, for the app's
+    lifetime."""
     worker = app[WORKER]
     worker.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshaccel-apply")
     worker.lock = asyncio.Lock()
     retry = None
     if app[RETRY_INTERVAL] > 0:
-        retry = asyncio.create_task(_retry_unresolved(app), name="meshaccel-retry-unresolved")
+        retry = asyncio.create_task(_tend_pods(app), name="meshaccel-tend-pods")
     try:
         yield
     finally:
@@ -619,10 +637,11 @@ def create_app(
     drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> web.Application:
     """The agent's API over ``reconciler``. ``token=None`` disables authentication (demo on
-    loopback only); ``retry_interval=None`` disables the background retry of unresolved pods;
-    ``pod_set_source`` names where the pod set comes from when it is not the API (standalone
-    mode's file): PUT /v1/pods and POST /v1/uninstall are then refused, so that two writers
-    never fight; ``drain_seconds`` is POST /v1/uninstall's drain (the agent's setting)."""
+    loopback only); ``retry_interval=None`` disables the background work (removing pods whose
+    cgroup is gone, retrying unresolved pods); ``pod_set_source`` names where the pod set
+    comes from when it is not the API (standalone mode's file): PUT /v1/pods and POST
+    /v1/uninstall are then refused, so that two writers never fight; ``drain_seconds`` is
+    POST /v1/uninstall's drain (the agent's setting)."""
     if drain_seconds < 0:
         raise ValueError(f"drain_seconds must not be negative, not {drain_seconds}")
     if token is not None and not token.strip():

@@ -18,8 +18,8 @@
 const volatile struct datapath_config config = {};
 
 /* What sockops will need once the connection is established, on the socket itself. */
-static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, __be32 ip, __be16 port,
-					     __u16 flags)
+static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
+					     __be32 ip, __be16 port, __u16 flags)
 {
 	struct socket_state *state = NULL;
 
@@ -33,6 +33,7 @@ static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, __be32 i
 	state->conn.original_ip = ip;
 	state->conn.original_port = port;
 	state->conn.flags = flags;
+	state->conn.client_ip = pod->ip;
 	state->flags = 0;
 	return true;
 }
@@ -83,7 +84,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, ip, port,
+	if (!remember_connect(ctx, pod, ip, port,
 			      CONNECTION_REWRITTEN | CONNECTION_SERVER_TAKES_MSG |
 				      app_takes_msg(pod, CONNECTION_CLIENT_TAKES_MSG)))
 		return ALLOW;
@@ -92,6 +93,14 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 	ctx->user_port = pod->outbound_port;
 	count(COUNTER_CONNECT_OUTBOUND_REDIRECTED, 1);
 	return ALLOW;
+}
+
+/* Never steer to a listener known to be closed (maps.h, inbound_listeners). */
+static __always_inline bool inbound_listener_may_be_open(__u64 pod_cgroup_id)
+{
+	__u32 *listeners = bpf_map_lookup_elem(&inbound_listeners, &pod_cgroup_id);
+
+	return !listeners || *listeners > 0;
 }
 
 static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const struct pod_info *pod,
@@ -110,7 +119,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
 		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, ip, port,
+			remember_connect(ctx, pod, ip, port,
 					 CONNECTION_CLIENT_TAKES_MSG |
 						 app_takes_msg(pod, CONNECTION_SERVER_TAKES_MSG));
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
@@ -129,7 +138,11 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 		count(COUNTER_BYPASS_INBOUND_PORT_EXCLUDED, 1);
 		return ALLOW;
 	}
-	if (!remember_connect(ctx, ip, port,
+	if (!inbound_listener_may_be_open(*peer_cgroup_id)) {
+		count(COUNTER_BYPASS_NO_INBOUND_LISTENER, 1);
+		return ALLOW;
+	}
+	if (!remember_connect(ctx, pod, ip, port,
 			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_TAKES_MSG |
 				      CONNECTION_SERVER_TAKES_MSG))
 		return ALLOW;

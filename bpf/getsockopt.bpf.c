@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * cgroup/getsockopt: answer SO_ORIGINAL_DST for connections connect4
- * rewrote, as netfilter would have after a REDIRECT. This runs after every
+ * rewrote, on both ends, as netfilter would have after a REDIRECT (the
+ * connecting end's conntrack entry then has the original destination too, so
+ * under iptables it answers the address it connected to). This runs after every
  * getsockopt on the node, so everything else returns at once, untouched:
  * the kernel's answer, length and error stand (also for optlen > PAGE_SIZE,
  * where the program sees only a prefix of the buffer).
@@ -24,8 +26,7 @@ int answer_original_dst(struct bpf_sockopt *ctx)
 		return ALLOW;
 
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
-	if (!state || !(state->flags & SOCKET_ACCEPTED) ||
-	    !(state->conn.flags & CONNECTION_REWRITTEN))
+	if (!state || !(state->conn.flags & CONNECTION_REWRITTEN))
 		return ALLOW; /* not ours: netfilter's answer stands */
 	if ((void *)(answer + 1) > ctx->optval_end)
 		return ALLOW; /* caller's buffer too small: keep the kernel's error */

@@ -171,6 +171,58 @@ static __always_inline void on_rtt(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
+/*
+ * A listener opens (in the listen() call, so the current task is its owner):
+ * count it if it is its pod's inbound listener, and ask to hear when it closes.
+ */
+static __always_inline void on_listen(struct bpf_sock_ops *skops)
+{
+	__u64 pod_cgroup_id = 0;
+	struct pod_info *pod;
+	__u64 *owner;
+	__u32 *listeners;
+	__u32 none = 0;
+
+	pod = current_pod(&pod_cgroup_id);
+	if (!pod || !skops->sk || skops->local_port != bpf_ntohs(pod->inbound_port))
+		return;
+	owner = bpf_sk_storage_get(&listener_pods, skops->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!owner) {
+		count(COUNTER_ERROR_SOCKET_STATE, 1);
+		return;
+	}
+	listeners = bpf_map_lookup_elem(&inbound_listeners, &pod_cgroup_id);
+	if (!listeners) {
+		/* NOEXIST: a listener of the same pod opening at once may have made it. */
+		bpf_map_update_elem(&inbound_listeners, &pod_cgroup_id, &none, BPF_NOEXIST);
+		listeners = bpf_map_lookup_elem(&inbound_listeners, &pod_cgroup_id);
+		if (!listeners) {
+			count(COUNTER_ERROR_MAP_UPDATE, 1); /* full: the pod stays "not seen" */
+			return;
+		}
+	}
+	__sync_fetch_and_add(listeners, 1);
+	*owner = pod_cgroup_id;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* Only counted listeners ask for state callbacks: this is one closing. */
+static __always_inline void on_state_change(struct bpf_sock_ops *skops)
+{
+	__u64 *owner;
+	__u32 *listeners;
+
+	if (skops->args[0] != BPF_TCP_LISTEN || !skops->sk)
+		return;
+	owner = bpf_sk_storage_get(&listener_pods, skops->sk, NULL, 0);
+	if (!owner || !*owner)
+		return;
+	listeners = bpf_map_lookup_elem(&inbound_listeners, owner);
+	if (listeners && *listeners > 0)
+		__sync_fetch_and_add(listeners, -1);
+	*owner = 0;
+}
+
 SEC("sockops")
 int track_sockets(struct bpf_sock_ops *skops)
 {
@@ -186,6 +238,12 @@ int track_sockets(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 		on_rtt(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		on_listen(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		on_state_change(skops);
 		break;
 	}
 	return ALLOW;

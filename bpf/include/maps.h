@@ -29,6 +29,29 @@ struct {
 	__type(value, __u64); /* pod cgroup id */
 } pod_ips SEC(".maps");
 
+/*
+ * Listening sockets on each pod's inbound port, by pod cgroup id, as sockops
+ * saw them open and close. No entry: not seen (the listener predates the
+ * datapath), trusted as the agent's pod set says. Zero: the pod's inbound
+ * listener closed (its sidecar is gone, perhaps the pod and its address too):
+ * a sidecar's connect is not steered there but left to iptables, which never
+ * refuses what the real destination accepts. Entries go with the pod's (agent).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u32);
+} inbound_listeners SEC(".maps");
+
+/* The pod (cgroup id) of each listener counted in inbound_listeners, on the listener. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} listener_pods SEC(".maps");
+
 /* Ports excluded from redirection, per pod and direction (the mesh's own ports and annotations). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

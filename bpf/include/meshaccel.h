@@ -32,7 +32,10 @@ struct sock_tuple {
 _Static_assert(sizeof(struct sock_tuple) == 24, "sock_tuple layout is ABI");
 
 enum connection_flags {
-	/* connect() was rewritten: SO_ORIGINAL_DST answers original_ip:original_port. */
+	/*
+	 * connect() was rewritten: the sockets answer SO_ORIGINAL_DST, and the
+	 * address queries the rewrite changed, as under iptables (sockname.bpf.c).
+	 */
 	CONNECTION_REWRITTEN = 1 << 0,
 	/*
 	 * Which ends may receive redirected bytes: a sidecar's socket always, an
@@ -42,13 +45,18 @@ enum connection_flags {
 	CONNECTION_SERVER_TAKES_MSG = 1 << 2,
 };
 
-/* A connection connect4 steered or marked: where it was going and whose its ends are. */
+/*
+ * A connection connect4 steered or marked: where it was going, whose its ends
+ * are, and the connecting pod's address (what the client's socket would have
+ * as its local address, and the accepting one as its peer, without the rewrite).
+ */
 struct connection {
 	__be32 original_ip;
 	__be16 original_port;
 	__u16 flags; /* enum connection_flags */
+	__be32 client_ip;
 };
-_Static_assert(sizeof(struct connection) == 8, "connection layout is ABI");
+_Static_assert(sizeof(struct connection) == 12, "connection layout is ABI");
 
 /*
  * A connection's identity that survives NAT: the next sequence numbers of
@@ -77,14 +85,13 @@ enum socket_flags {
 	SOCKET_SENDS_REDIRECTED = 1 << 1,
 	SOCKET_IN_SENDERS = 1 << 2,   /* in msg_senders: its sends run sk_msg */
 	SOCKET_IN_RECEIVERS = 1 << 3, /* in msg_receivers: it takes redirected bytes */
-	/* The accepting end of a steered connection: SO_ORIGINAL_DST answers from conn. */
+	/* The accepting end of a steered connection (else the connecting end). */
 	SOCKET_ACCEPTED = 1 << 4,
 };
 
 struct socket_state {
 	struct connection conn; /* what connect4 knew about the connection */
 	__u32 flags;            /* enum socket_flags */
-	__u32 pad;
 };
 _Static_assert(sizeof(struct socket_state) == 16, "socket_state layout is ABI");
 
@@ -212,6 +219,11 @@ enum counter {
 	COUNTER_SENDER_LEFT = 22,
 	/* A receiver's TCP receive buffer could not be fixed (bpf_setsockopt refused). */
 	COUNTER_ERROR_RECEIVE_BUFFER = 23,
+	/* getpeername()/accept() or getsockname() answered as under iptables. */
+	COUNTER_PEER_ADDRESS_RESTORED = 24,
+	COUNTER_LOCAL_ADDRESS_RESTORED = 25,
+	/* A sidecar's connect to a same-node pod whose inbound listener closed: left to iptables. */
+	COUNTER_BYPASS_NO_INBOUND_LISTENER = 26,
 	COUNTER_MAX,
 };
 

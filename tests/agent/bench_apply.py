@@ -68,6 +68,9 @@ class SyntheticResolver:
             raise UnresolvedPodError(f"not a benchmark pod: {pod.uid}")
         return SYNTHETIC_CGROUP_BASE + int(number)
 
+    def vanished(self, pod: PodSpec, cgroup_id: int) -> str | None:
+        return None  # synthetic ids: no cgroup to lose
+
 
 def spec(index: int, *, extra_port: int | None = None) -> PodSpec:
     ports = [extra_port] if extra_port else ([9090] if index % 10 == 0 else [])

@@ -6,7 +6,8 @@ The datapath is the shipped objects, loaded and attached to our own child cgroup
 in that cgroup: these tests check what lands in the maps; the traffic test uses a netlab node.
 
 Pod identity is not what these tests test, so pods resolve through :class:`FakeResolver`, a dict
-from pod uid to the id of a real (empty) child cgroup.
+from pod uid to the id of a real (empty) child cgroup. (test_vanished.py uses the real
+CgroupResolver: a pod's cgroup disappearing is what it tests.)
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ def datapath(datapath_factory: DatapathFactory) -> Datapath:
 
 @dataclass
 class FakeResolver:
-    """uid -> cgroup id; a uid that is missing (or listed in ``failing``) is unresolved."""
+    """uid -> cgroup id; a uid that is missing (or listed in ``failing``) is unresolved.
+
+    A programmed pod's cgroup has vanished when its uid is missing, or maps to another id;
+    ``failing`` makes that question fail too (the reconciler must then keep the pod).
+    """
 
     cgroups: dict[str, int] = field(default_factory=dict)
     failing: dict[str, Exception] = field(default_factory=dict)
@@ -111,6 +116,16 @@ class FakeResolver:
             return self.cgroups[pod.uid]
         except KeyError:
             raise UnresolvedPodError(f"no cgroup for pod uid {pod.uid} (yet)") from None
+
+    def vanished(self, pod: PodSpec, cgroup_id: int) -> str | None:
+        if pod.uid in self.failing:
+            raise self.failing[pod.uid]
+        now = self.cgroups.get(pod.uid)
+        if now is None:
+            return f"the cgroup of pod uid {pod.uid} is gone"
+        if now != cgroup_id:
+            return f"the cgroup of pod uid {pod.uid} is cgroup id {now} now, not {cgroup_id}"
+        return None
 
 
 def uid(index: int) -> str:

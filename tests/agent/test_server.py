@@ -25,7 +25,7 @@ from meshaccel.agent.api_models import (
     PodsReply,
     StatusReply,
 )
-from meshaccel.agent.datapath import Capacities, Datapath
+from meshaccel.agent.datapath import CGROUP_HOOKS, Capacities, Datapath
 from meshaccel.agent.layout import Counter
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, accelerated_pod
@@ -405,7 +405,7 @@ async def test_status_reports_attachments_generation_and_counters(
     status = StatusReply.model_validate(await response.json())
 
     assert status.attached
-    assert {p.hook for p in status.programs} == {"connect4", "sockops", "getsockopt", "sk_msg"}
+    assert {p.hook for p in status.programs} == {h.link for h in CGROUP_HOOKS} | {"sk_msg"}
     assert all(p.attached and p.program_id for p in status.programs)
     assert status.attach_cgroup == str(cgroup)
     assert all(status.kernel_features.values()), status.kernel_features

@@ -9,10 +9,12 @@ Request i starts at start + i * interval (or at once, when the previous one ran 
 at a time). Each: connect, send --size deterministic bytes, shutdown(SHUT_WR), read to EOF,
 compare. One JSON line per request on stdout::
 
-    {"i": 7, "t": 1732662000.123, "ok": true, "local": "127.0.0.1:40312", "ms": 1.9}
+    {"i": 7, "t": 1732662000.123, "ok": true, "local": "198.18.0.10:40312",
+     "kernel_local": "127.0.0.1:40312", "ms": 1.9}
 
-("t" is the wall-clock start, "local" the client's own address: 127.0.0.1 when connect4
-steered it to the sidecar, the pod's address on the iptables path), then a summary line
+("t" is the wall-clock start, "local" the client's own address as getsockname() answers it,
+the pod's address on either path, "kernel_local" the socket's real one from /proc/net/tcp:
+127.0.0.1 when connect4 steered it to the sidecar), then a summary line
 {"done": true, "count": N, "ok": K}. Exit 0 only if every request was exact.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -37,6 +41,20 @@ def payload(index: int, size: int) -> bytes:
     return out[:size]
 
 
+def kernel_local_address(sock: socket.socket) -> str:
+    """The socket's real local address (/proc/net/tcp by inode; apps.py kernel_tuple)."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    with open(
+        "/proc/net/tcp", encoding="utf-8"
+    ) as table:  # loaded: ascii may not be after --run-as
+        for row in (line.split() for line in table.readlines()[1:]):
+            if len(row) > 9 and row[9] == inode:
+                hex_ip, _, hex_port = row[1].partition(":")
+                ip = socket.inet_ntoa(struct.pack("=I", int(hex_ip, 16)))
+                return f"{ip}:{int(hex_port, 16)}"
+    return "?"
+
+
 def one_request(host: str, port: int, index: int, size: int, timeout: float) -> dict[str, Any]:
     record: dict[str, Any] = {"i": index, "t": round(time.time(), 4), "ok": False}
     started = time.monotonic()
@@ -45,6 +63,7 @@ def one_request(host: str, port: int, index: int, size: int, timeout: float) -> 
         with socket.create_connection((host, port), timeout=timeout) as sock:
             local_ip, local_port = sock.getsockname()[:2]
             record["local"] = f"{local_ip}:{local_port}"
+            record["kernel_local"] = kernel_local_address(sock)
             sock.sendall(expected)
             sock.shutdown(socket.SHUT_WR)
             received = b""

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.datapath import Datapath, PinLayout
+from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath, PinLayout
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
 from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess, attached_programs, wait_for
 from tests.netlab import ECHO_PORT, Pod, PodProcess
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 LOOP_SCRIPT = Path(__file__).resolve().with_name("request_loop.py")
 INTERVAL = 0.02  # the issue's "a request every 20 ms"
-PROGRAMS = {"answer_original_dst", "track_sockets", "redirect_connect4"}
+PROGRAMS = {hook.program for hook in CGROUP_HOOKS}
 
 
 class RequestLoop:
@@ -88,7 +88,7 @@ def between(records: list[dict[str, Any]], start: float, end: float) -> list[dic
 
 def accelerated(record: dict[str, Any]) -> bool:
     """connect4 steered it: the app's socket is on loopback, talking to its sidecar."""
-    return str(record.get("local", "")).startswith("127.0.0.1:")
+    return str(record.get("kernel_local", "")).startswith("127.0.0.1:")
 
 
 def pod_names(reply: dict[str, Any]) -> dict[str, int]:
@@ -131,7 +131,7 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
 
     echo = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 10)
     assert echo.ok, echo.raw
-    assert echo.local_addresses[0].startswith("127.0.0.1:"), "connect4 steered it to Envoy a"
+    assert echo.kernel_local_addresses[0].startswith("127.0.0.1:"), "connect4 steered it to Envoy a"
     after = agent.get("/v1/status")["counters"]
     moved = {name: after[name] - before["counters"][name] for name in after}
     assert moved["connect_outbound_redirected"] == 1, moved
@@ -270,7 +270,7 @@ def test_uninstall_on_sigterm_under_load_fails_open(standalone: StandaloneAgents
     assert failures(records) == [], failures(records)[:5]
     assert all(accelerated(r) for r in records if r["t"] < started)
     after = between(records, finished, float("inf"))
-    assert after and all(r["local"].startswith(f"{a.ip}:") for r in after), "iptables path"
+    assert after and all(r["kernel_local"].startswith(f"{a.ip}:") for r in after), "iptables path"
     assert_uninstalled(standalone)
     assert any(r["msg"] == "uninstalled" for r in agent.logs())
 
@@ -329,8 +329,7 @@ def test_incomplete_pins_are_refused_then_uninstalled(standalone: StandaloneAgen
     (error,) = [json.loads(x) for x in refused.stderr.splitlines() if '"error"' in x]
     assert "incomplete datapath" in error["reason"] and "uninstall" in error["reason"]
     assert {p["name"] for p in attached_programs(standalone.node.cgroup.path)} == {
-        "answer_original_dst",
-        "track_sockets",
+        hook.program for hook in CGROUP_HOOKS if hook.link != "connect4"
     }
     result = subprocess.run(
         standalone.argv("--drain-seconds=0", command="uninstall"),

@@ -216,7 +216,7 @@ def test_a_flipped_feature_reloads(standalone: StandaloneAgents) -> None:
     assert applied["added"] == 2, applied
     # New connections are steered by the new datapath, without sk_msg.
     echo = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 10)
-    assert echo.ok and echo.local_addresses[0].startswith("127.0.0.1:"), echo.raw
+    assert echo.ok and echo.kernel_local_addresses[0].startswith("127.0.0.1:"), echo.raw
     counters = second.get("/v1/status")["counters"]
     assert counters["connect_outbound_redirected"] >= 1 and counters["msg_redirected"] == 0
     assert second.stop() == 0

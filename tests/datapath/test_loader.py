@@ -20,6 +20,7 @@ from meshaccel.agent.datapath import (
     MapFullError,
     ProgrammedPods,
     default_objects_dir,
+    earlier_release,
 )
 from meshaccel.agent.layout import TrafficDirection
 from meshaccel.agent.modes import ISTIO, LINKERD
@@ -272,3 +273,31 @@ def test_unprivileged_load_names_the_capabilities(mesh: Node) -> None:
     assert result.returncode != 0
     assert "NotPrivilegedError" in result.stderr
     assert "CAP_BPF and CAP_NET_ADMIN" in result.stderr
+
+
+def test_an_earlier_releases_pins_are_told_apart(datapath: Datapath) -> None:
+    """What the agent replaces on start (an upgrade), and what it does not: this release's own
+    complete datapath, and a half-made one (no connect4 link: a loader that was stopped)."""
+    pins = datapath.pins
+    assert earlier_release(pins) is None
+
+    hook, aside = pins.link("getpeername4"), pins.root / "getpeername4-aside"
+    hook.rename(aside)  # bpffs renames pins: the link stays attached
+    try:
+        assert earlier_release(pins) == "no getpeername4 hook"  # connect4 is attached last
+        connect4, connect4_aside = pins.link("connect4"), pins.root / "connect4-aside"
+        connect4.rename(connect4_aside)
+        try:
+            assert earlier_release(pins) is None, "incomplete, not earlier: left to the agent"
+        finally:
+            connect4_aside.rename(connect4)
+    finally:
+        aside.rename(hook)
+    assert earlier_release(pins) is None
+
+    # A map whose layout changed between releases, under its old name.
+    handshakes = pins.map("handshakes")
+    handshakes.unlink()
+    with libbpf.Map.from_pin(pins.map("pod_ips")) as stand_in:
+        stand_in.pin(handshakes)
+    assert earlier_release(pins) == ("map handshakes is HASH 4:8, this release's is LRU_HASH 8:12")

@@ -76,7 +76,14 @@ class EchoClientResult:
 
     @property
     def local_addresses(self) -> list[str]:
+        """What each connection's getsockname() answered (what the application sees)."""
         return [c["local"] for c in self.connections if "local" in c]
+
+    @property
+    def kernel_local_addresses(self) -> list[str]:
+        """Each connection's real local address (/proc/net/tcp): 127.0.0.1:* when connect4
+        steered it, whatever getsockname() answers."""
+        return [c["kernel_local"] for c in self.connections if "kernel_local" in c]
 
     @property
     def reset(self) -> bool:
@@ -219,7 +226,8 @@ class EchoClientRun:
         return found
 
     def wait_connected(self, timeout: float = 10.0) -> list[str]:
-        """Wait until every connection is established; returns their local addresses."""
+        """Wait until every connection is established; returns their real local addresses
+        (EchoClientResult.kernel_local_addresses)."""
         events = self._wait_events(
             lambda found: (
                 len({e["index"] for e in found if e["event"] == "connected"}) >= self.connections
@@ -230,7 +238,7 @@ class EchoClientRun:
         connected = sorted(
             (e for e in events if e["event"] == "connected"), key=lambda e: e["index"]
         )
-        return [e["local"] for e in connected]
+        return [e["kernel_local"] for e in connected]
 
     def wait_echoed(self, nbytes: int, timeout: float = 10.0) -> None:
         """Wait until every connection has had at least `nbytes` echoed back (and verified)."""

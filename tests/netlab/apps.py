@@ -25,6 +25,10 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       {"requests", "seconds", "rps", "p50_us", "p90_us", "p99_us", "errors"}.
   request --host IP --port P [--message TEXT]
       One-shot: send, half-close, read to EOF, print one JSON line with the response.
+  socket-view-client --host IP --port P --hold-file PATH [--run-as UID:GID]
+      Connect, have one line echoed, print one JSON line {"event": "connected", "view": ...}
+      (what the socket answers: see socket_view), keep the connection open until PATH exists,
+      close, print {"closed": true}. The echo server's "accept" events carry the same view.
   getsockopt-probe [--run-as UID:GID]
       A fixed battery of getsockopt(2) calls (through libc, to see optlen and errno exactly) on
       sockets it makes itself: a loopback TCP pair on 127.0.0.1 in the current netns, a UDP
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -166,7 +171,9 @@ def serve_connection(
     conn: socket.socket, peer: str, args: argparse.Namespace, log: EventLog
 ) -> None:
     local = _addr(conn.getsockname())
-    log.write(event="accept", peer=peer, local=local, read_api=args.read_api)
+    log.write(
+        event="accept", peer=peer, local=local, read_api=args.read_api, view=socket_view(conn)
+    )
     started = time.monotonic()
     echoed: list[int] = [0]
     error, error_errno = None, None
@@ -319,6 +326,25 @@ def _proc_net_address(address: str) -> str:
     return f"{struct.unpack('=I', socket.inet_aton(ip))[0]:08X}:{int(port):04X}"
 
 
+def _from_proc_net(field: str) -> str:
+    hex_ip, _, hex_port = field.partition(":")
+    return f"{socket.inet_ntoa(struct.pack('=I', int(hex_ip, 16)))}:{int(hex_port, 16)}"
+
+
+def kernel_tuple(sock: socket.socket) -> tuple[str, str]:
+    """(local, peer) of a TCP socket as the kernel holds them (/proc/net/tcp, found by the
+    socket's inode), which no socket call shows once meshaccel's address programs answer
+    getsockname/getpeername as under iptables: 127.0.0.1 on both ends when connect4 steered it."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    with open(
+        "/proc/net/tcp", encoding="utf-8"
+    ) as table:  # loaded: ascii may not be after --run-as
+        for row in (line.split() for line in table.readlines()[1:]):
+            if len(row) > 9 and row[9] == inode:
+                return _from_proc_net(row[1]), _from_proc_net(row[2])
+    raise LookupError(f"socket inode {inode} is not in /proc/net/tcp")
+
+
 def _tcp_states(local: str, peer: str) -> list[str]:
     """States of this netns's TCP sockets from ``local`` to ``peer``, from /proc/net/tcp (hex
     codes: "04" FIN_WAIT1, "06" TIME_WAIT, ...). After an RST close there are none."""
@@ -349,7 +375,15 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
     if args.pace_seconds > 0:  # a paced receiver idles up to one gap between chunks
         sock.settimeout(args.timeout + _pace_gap(args))
     result["local"], result["peer"] = _addr(sock.getsockname()), _addr(sock.getpeername())
-    _progress(args, event="connected", index=index, local=result["local"], peer=result["peer"])
+    result["kernel_local"], result["kernel_peer"] = kernel_tuple(sock)
+    _progress(
+        args,
+        event="connected",
+        index=index,
+        local=result["local"],
+        peer=result["peer"],
+        kernel_local=result["kernel_local"],
+    )
     send_error: list[str] = []
 
     def send_all() -> None:
@@ -396,7 +430,7 @@ def run_one_echo_connection(args: argparse.Namespace, index: int) -> dict[str, A
                 result["reset"] = True
                 result["close_seconds"] = round(time.monotonic() - closing, 4)  # a figure
                 # A FIN close would leave the socket behind (FIN_WAIT1, ...); an RST, nothing.
-                result["left_behind"] = _tcp_states(result["local"], result["peer"])
+                result["left_behind"] = _tcp_states(result["kernel_local"], result["kernel_peer"])
     except OSError as exc:
         result["error"] = f"recv: {type(exc).__name__}: {exc}"
     if send_error and result["error"] is None:
@@ -458,6 +492,7 @@ def run_request(args: argparse.Namespace) -> int:
     try:
         with _connect(args) as sock:
             result["local"], result["peer"] = _addr(sock.getsockname()), _addr(sock.getpeername())
+            result["kernel_local"], _ = kernel_tuple(sock)
             sock.sendall(args.message.encode())
             sock.shutdown(socket.SHUT_WR)
             chunks = []
@@ -587,6 +622,48 @@ def _probe_case(
             case["head"] = data[:32].hex()
             case["sha256"] = hashlib.sha256(data).hexdigest()
     return case
+
+
+ORIGINAL_DST_BUFFERS = (8, 16, 8192)  # too small for a sockaddr_in, exact, past a page
+
+
+def original_dst(sock: socket.socket, buflen: int) -> str:
+    """SO_ORIGINAL_DST with a buffer of ``buflen``: "ip:port", or the errno's name."""
+    error, optlen, data = _getsockopt(sock.fileno(), SOL_IP, SO_ORIGINAL_DST, buflen)
+    if error:
+        return errno.errorcode.get(error, str(error))
+    if optlen < 8:
+        return f"short answer ({optlen} bytes)"
+    port, address = struct.unpack("!2xH4s", data[:8])
+    return f"{socket.inet_ntoa(address)}:{port}"
+
+
+def socket_view(sock: socket.socket) -> dict[str, str]:
+    """What a connected socket tells its owner about its connection: the local and peer
+    addresses (getsockname, getpeername) and SO_ORIGINAL_DST at each of ORIGINAL_DST_BUFFERS."""
+    view = {"local": _addr(sock.getsockname()), "peer": _addr(sock.getpeername())}
+    for buflen in ORIGINAL_DST_BUFFERS:
+        view[f"SO_ORIGINAL_DST/{buflen}"] = original_dst(sock, buflen)
+    return view
+
+
+def run_socket_view_client(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
+        sock.sendall(b"view\n")
+        echoed = b""
+        while len(echoed) < 5:
+            chunk = sock.recv(5 - len(echoed))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(echoed)} bytes echoed")
+            echoed += chunk
+        _print_json({"event": "connected", "view": socket_view(sock)})
+        while not os.path.exists(args.hold_file):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{args.hold_file} did not appear within {args.timeout} s")
+            time.sleep(0.02)
+    _print_json({"closed": True})
+    return 0
 
 
 def _loopback_tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -741,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("echo-client", run_echo_client),
         ("rr-client", run_rr_client),
         ("request", run_request),
+        ("socket-view-client", run_socket_view_client),
     )
     for name, handler in clients:
         client = commands.add_parser(name)
@@ -782,6 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("--duration", type=float, default=3.0)
             client.add_argument("--size", type=int, default=1024)
             client.add_argument("--seed", type=int, default=1)
+        elif name == "socket-view-client":
+            client.add_argument("--hold-file", required=True)
         else:
             client.add_argument("--message", default="ping")
 

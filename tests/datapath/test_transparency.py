@@ -1,0 +1,217 @@
+"""What a pod's sockets answer under meshaccel equals what they answer under iptables.
+
+One connection, app a -> 198.18.0.11:8080 (pod b's app) through both Envoys, observed from every
+socket on its way: the application client, both sidecars (their real Envoy's sockets, read
+through copies of its file descriptors) and the application server each answer getsockname,
+getpeername and SO_ORIGINAL_DST with buffers of 8, 16 and 8192 bytes, and both Envoys log the
+addresses they saw. The table under Istio's iptables alone is the reference; meshaccel, in every
+feature set, must produce the same table, ephemeral ports aside.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from itertools import count
+from typing import Any
+
+import pytest
+
+from meshaccel.agent import libbpf
+from meshaccel.agent.datapath import CONNECT_FEATURES, DEFAULT_FEATURES, Datapath
+from meshaccel.agent.layout import Counter
+from tests.datapath.conftest import forget_conntrack, istio_pod, shown
+from tests.netlab import ECHO_PORT, Node, Pod
+from tests.netlab.app_handles import apps_argv
+from tests.netlab.envoy import (
+    ENVOY_ADMIN_PORT,
+    ENVOY_INBOUND_PORT,
+    ENVOY_OUTBOUND_PORT,
+    AccessLogEntry,
+    EnvoySidecar,
+)
+from tests.netlab.peek import tcp_connection_views
+from tests.netlab.processes import wait_until
+
+pytestmark = pytest.mark.kernel
+
+Table = dict[str, dict[str, str]]  # role -> query -> answer
+
+#: Ports that are part of the answer; any other port is ephemeral and differs between runs.
+FIXED_PORTS = frozenset({ECHO_PORT, ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT})
+ACCESS_LOG_FIELDS = ("downstream_remote", "downstream_local", "upstream_host", "upstream_local")
+ADDRESS_HOOKS = ("getpeername4", "getsockname4")
+
+_runs = count()
+
+
+def without_ephemeral_port(answer: str) -> str:
+    ip, sep, port = answer.rpartition(":")
+    if not sep or not port.isdigit() or int(port) in FIXED_PORTS:
+        return answer
+    return f"{ip}:*"
+
+
+def sidecar_sockets(role: str, pod: Pod, listener_port: int) -> Table:
+    """The sidecar's two sockets of the one connection: the one it accepted on its listener
+    (downstream) and the one it opened to the next hop (upstream)."""
+    assert pod.sidecar is not None
+    views = [
+        view
+        for view in tcp_connection_views(pod.sidecar.pid)
+        if not view["local"].endswith(f":{ENVOY_ADMIN_PORT}")
+    ]
+    downstream = [v for v in views if v["local"].endswith(f":{listener_port}")]
+    upstream = [v for v in views if v not in downstream]
+    assert len(downstream) == len(upstream) == 1, views
+    return {f"{role} downstream": downstream[0], f"{role} upstream": upstream[0]}
+
+
+def logged_since(sidecar: EnvoySidecar, before: int) -> list[AccessLogEntry]:
+    """The access-log entries after the first ``before``, once there is one."""
+    wait_until(lambda: len(sidecar.access_log()) > before, timeout=10, what="an access log entry")
+    return sidecar.access_log()[before:]
+
+
+def observe(node: Node) -> Table:
+    """Every answer about one connection from app a to app b, ephemeral ports masked."""
+    a, b = node.pods["a"], node.pods["b"]
+    assert a.sidecar is not None and b.sidecar is not None
+    server = b.servers[ECHO_PORT]
+
+    def accepts() -> list[dict[str, Any]]:
+        return [event for event in server.events() if event["event"] == "accept"]
+
+    accepted_before = len(accepts())
+    logged_before = len(a.sidecar.access_log()), len(b.sidecar.access_log())
+    hold = a.workdir / f"hold-{next(_runs)}"
+    argv = ["--host", str(b.ip), "--port", str(ECHO_PORT), "--hold-file", str(hold)]
+    client = a.run(apps_argv("socket-view-client", *argv, "--timeout", "30"), name="view")
+    table: Table = {}
+    try:
+        connected: list[dict[str, Any]] = []
+
+        def client_connected() -> bool:
+            connected[:] = [r for r in _json_lines(client.stdout()) if r.get("event")]
+            if not connected and not client.is_running():
+                raise RuntimeError(client.describe())
+            return bool(connected)
+
+        wait_until(client_connected, timeout=10, what="the socket-view client's connection")
+        table["app client"] = connected[0]["view"]
+        wait_until(lambda: len(accepts()) > accepted_before, timeout=10, what="the accept")
+        (accepted,) = accepts()[accepted_before:]
+        table["app server"] = accepted["view"]
+        table |= sidecar_sockets("sidecar a", a, ENVOY_OUTBOUND_PORT)
+        table |= sidecar_sockets("sidecar b", b, ENVOY_INBOUND_PORT)
+    finally:
+        hold.touch()
+    assert client.wait(30) == 0, client.describe()
+
+    # tcp_proxy logs a connection when it closes.
+    for role, sidecar, before in (
+        ("a", a.sidecar, logged_before[0]),
+        ("b", b.sidecar, logged_before[1]),
+    ):
+        entries = logged_since(sidecar, before)
+        assert len(entries) == 1, entries
+        table[f"sidecar {role} access log"] = {f: getattr(entries[0], f) for f in ACCESS_LOG_FIELDS}
+    return {
+        role: {query: without_ephemeral_port(answer) for query, answer in answers.items()}
+        for role, answers in table.items()
+    }
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def differences(reference: Table, table: Table) -> list[str]:
+    return [
+        f"{role} {query}: iptables {answer!r}, here {table.get(role, {}).get(query)!r}"
+        for role, answers in reference.items()
+        for query, answer in answers.items()
+        if table.get(role, {}).get(query) != answer
+    ]
+
+
+def show(name: str, table: Table) -> None:
+    print(f"\n[{name}]")
+    for role, answers in table.items():
+        print(f"  {role}: " + ", ".join(f"{q}={a}" for q, a in answers.items()))
+
+
+@pytest.fixture(scope="module")
+def under_iptables(mesh: Node) -> Table:
+    """The reference: Istio's interception alone, nothing of meshaccel loaded."""
+    forget_conntrack(mesh)
+    table = observe(mesh)
+    show("iptables", table)
+    # The reference is what an application expects: its own view is the destination it asked for.
+    assert table["app client"]["peer"] == f"{mesh.pods['b'].ip}:{ECHO_PORT}"
+    assert table["sidecar a downstream"]["peer"] == f"{mesh.pods['a'].ip}:*"
+    return table
+
+
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "connect": {"features": CONNECT_FEATURES},
+    "default": {"features": DEFAULT_FEATURES},
+    "apps": {"features": DEFAULT_FEATURES, "sk_msg_to_app": True},
+}
+
+
+def accelerated(
+    mesh: Node, datapath_factory: Callable[..., Datapath], configuration: str
+) -> Datapath:
+    options = CONFIGURATIONS[configuration]
+    datapath = datapath_factory(options["features"])
+    for name in ("a", "b"):
+        datapath.put_pod(
+            istio_pod(mesh.pods[name], sk_msg_to_app=options.get("sk_msg_to_app", False))
+        )
+    return datapath
+
+
+@pytest.mark.parametrize("configuration", list(CONFIGURATIONS))
+def test_every_socket_answers_as_under_iptables(
+    mesh: Node,
+    datapath_factory: Callable[..., Datapath],
+    under_iptables: Table,
+    configuration: str,
+) -> None:
+    datapath = accelerated(mesh, datapath_factory, configuration)
+    before = datapath.counters()
+
+    table = observe(mesh)
+    show(configuration, table)
+
+    counters = {c: n - before[c] for c, n in datapath.counters().items()}
+    assert differences(under_iptables, table) == [], shown(counters)
+    # The connection was steered, and the programs (not chance) made the answers equal.
+    assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1, shown(counters)
+    assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1, shown(counters)
+    assert counters[Counter.COUNTER_PEER_ADDRESS_RESTORED] > 0, shown(counters)
+    assert counters[Counter.COUNTER_LOCAL_ADDRESS_RESTORED] > 0, shown(counters)
+
+
+def test_without_the_address_hooks_the_rewrite_shows(
+    mesh: Node, datapath_factory: Callable[..., Datapath], under_iptables: Table
+) -> None:
+    """The control: with getpeername4/getsockname4 detached, the battery sees the rewrite (what
+    meshaccel answered before it had them), so the test above can fail."""
+    datapath = accelerated(mesh, datapath_factory, "default")
+    for hook in ADDRESS_HOOKS:
+        with libbpf.Link.open_pinned(datapath.pins.link(hook)) as link:
+            link.detach()
+
+    found = differences(under_iptables, observe(mesh))
+
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    assert found == [
+        f"app client local: iptables '{a.ip}:*', here '127.0.0.1:*'",
+        f"app client peer: iptables '{b.ip}:{ECHO_PORT}', here '127.0.0.1:{ENVOY_OUTBOUND_PORT}'",
+        f"sidecar a downstream peer: iptables '{a.ip}:*', here '127.0.0.1:*'",
+        f"sidecar a upstream peer: iptables '{b.ip}:{ECHO_PORT}', "
+        f"here '{b.ip}:{ENVOY_INBOUND_PORT}'",
+        f"sidecar a access log downstream_remote: iptables '{a.ip}:*', here '127.0.0.1:*'",
+    ], found
