@@ -34,9 +34,14 @@ def ip_of(field: NetworkBytes) -> IPv4Address:
     return IPv4Address(bytes(field))
 
 
+class HandshakeKey(ctypes.Structure):
+    _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
+
+
 class SockTuple(ctypes.Structure):
     _fields_ = [
         ("netns_cookie", ctypes.c_uint64),
+        ("handshake", HandshakeKey),
         ("local_ip", Be32),
         ("remote_ip", Be32),
         ("local_port", Be16),
@@ -61,11 +66,7 @@ class Connection(ctypes.Structure):
 
 
 class SocketState(ctypes.Structure):
-    _fields_ = [("conn", Connection), ("flags", ctypes.c_uint32)]
-
-
-class HandshakeKey(ctypes.Structure):
-    _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
+    _fields_ = [("conn", Connection), ("flags", ctypes.c_uint32), ("handshake", HandshakeKey)]
 
 
 class SocketFlags(enum.IntFlag):
@@ -163,6 +164,7 @@ class Counter(enum.IntEnum):
     COUNTER_PEER_ADDRESS_RESTORED = 24
     COUNTER_LOCAL_ADDRESS_RESTORED = 25
     COUNTER_BYPASS_NO_INBOUND_LISTENER = 26
+    COUNTER_SOCKHASH_KEY_TAKEN = 27
 
     @property
     def metric_name(self) -> str:

@@ -24,9 +24,10 @@ static __always_inline bool is_draining(void)
 }
 
 /* The socket's own view of its tuple, and its peer's (our remote end is its local end). */
-static __always_inline void tuples_from_msg(struct sk_msg_md *msg, struct sock_tuple *self,
-					    struct sock_tuple *peer)
+static __always_inline void tuples_from_msg(struct sk_msg_md *msg, const struct socket_state *state,
+					    struct sock_tuple *self, struct sock_tuple *peer)
 {
+	self->handshake = state->handshake;
 	self->local_ip = msg->local_ip4;
 	self->remote_ip = msg->remote_ip4;
 	self->local_port = bpf_htons((__u16)msg->local_port);
@@ -35,6 +36,7 @@ static __always_inline void tuples_from_msg(struct sk_msg_md *msg, struct sock_t
 		self->netns_cookie = bpf_get_netns_cookie(msg);
 
 	peer->netns_cookie = self->netns_cookie;
+	peer->handshake = self->handshake;
 	peer->local_ip = self->remote_ip;
 	peer->remote_ip = self->local_ip;
 	peer->local_port = self->remote_port;
@@ -80,7 +82,7 @@ int redirect_msg(struct sk_msg_md *msg)
 		count(COUNTER_MSG_PASSED, 1);
 		return SK_PASS; /* nothing to decide and nothing to report */
 	}
-	tuples_from_msg(msg, &self, &peer);
+	tuples_from_msg(msg, state, &self, &peer);
 	if (state->flags & SOCKET_IN_RECEIVERS)
 		report_consumed(sk, &self);
 	if (state->flags & SOCKET_SENDS_TCP) {

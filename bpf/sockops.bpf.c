@@ -15,9 +15,11 @@
 const volatile struct datapath_config config = {};
 
 static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
-					       struct bpf_sock_ops *skops)
+					       struct bpf_sock_ops *skops,
+					       const struct handshake_key *handshake)
 {
 	tuple->netns_cookie = 0;
+	tuple->handshake = *handshake;
 	tuple->local_ip = skops->local_ip4;
 	tuple->remote_ip = skops->remote_ip4;
 	tuple->local_port = bpf_htons((__u16)skops->local_port);
@@ -53,12 +55,20 @@ static __always_inline void fix_receive_buffer(struct bpf_sock_ops *skops)
 		count(COUNTER_ERROR_RECEIVE_BUFFER, 1);
 }
 
+/*
+ * NOEXIST: a key held by a live socket stays its. Entries go when their
+ * socket closes, so only a look-alike tuple in another network namespace
+ * (non-loopback keys carry no netns) can find its key taken.
+ */
 static __always_inline bool join(struct bpf_sock_ops *skops, void *sockhash,
 				 struct sock_tuple *self)
 {
-	long err = bpf_sock_hash_update(skops, sockhash, self, BPF_ANY);
+	long err = bpf_sock_hash_update(skops, sockhash, self, BPF_NOEXIST);
 
-	count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
+	if (err == -EEXIST)
+		count(COUNTER_SOCKHASH_KEY_TAKEN, 1);
+	else
+		count(err ? COUNTER_ERROR_SOCKHASH_UPDATE : COUNTER_SOCKHASH_ADDED, 1);
 	return err == 0;
 }
 
@@ -99,11 +109,12 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 
 	handshake.client_seq = skops->snd_nxt;
 	handshake.server_seq = skops->rcv_nxt;
+	state->handshake = handshake;
 	if (bpf_map_update_elem(&handshakes, &handshake, &state->conn, BPF_ANY)) {
 		count(COUNTER_ERROR_MAP_UPDATE, 1);
 		return;
 	}
-	tuple_from_sockops(&self, skops);
+	tuple_from_sockops(&self, skops, &handshake);
 	join_sockhashes(skops, state, &self, state->conn.flags & CONNECTION_CLIENT_TAKES_MSG,
 			state->conn.flags & CONNECTION_SERVER_TAKES_MSG);
 }
@@ -134,7 +145,8 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	}
 	state->conn = conn;
 	state->flags = SOCKET_ACCEPTED;
-	tuple_from_sockops(&self, skops);
+	state->handshake = handshake;
+	tuple_from_sockops(&self, skops, &handshake);
 	join_sockhashes(skops, state, &self, conn.flags & CONNECTION_SERVER_TAKES_MSG,
 			conn.flags & CONNECTION_CLIENT_TAKES_MSG);
 }
@@ -158,7 +170,7 @@ static __always_inline void on_rtt(struct bpf_sock_ops *skops)
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
 	if (!state)
 		return;
-	tuple_from_sockops(&self, skops);
+	tuple_from_sockops(&self, skops, &state->handshake);
 	if (state->flags & SOCKET_IN_RECEIVERS) {
 		report_consumed(sk, &self);
 		return;

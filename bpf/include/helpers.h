@@ -19,6 +19,7 @@
 #define SO_ORIGINAL_DST 80 /* linux/netfilter_ipv4.h */
 #define SOL_SOCKET 1
 #define SO_RCVBUF 8
+#define EEXIST 17
 
 /* SO_RCVBUF a receiver of redirected bytes gets at least (the kernel doubles it). */
 #define RECEIVE_BUFFER_FLOOR (1 << 20)

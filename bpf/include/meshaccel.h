@@ -13,23 +13,42 @@
 #include <linux/types.h>
 
 /*
- * One TCP connection as seen by one of its sockets. The peer socket's view
- * is the same tuple with local and remote swapped.
+ * A connection's identity that survives NAT: the next sequence numbers of
+ * both directions right after the handshake (each end's ISN + 1). The
+ * connecting side files the connection under it, the accepting side claims it:
+ * Istio's PREROUTING REDIRECT may rewrite the client's port on a conntrack
+ * clash (a recent iptables-path connection left the same reply tuple), so
+ * the two ends of one connection do not always see the same 4-tuple.
+ */
+struct handshake_key {
+	__u32 client_seq;
+	__u32 server_seq;
+};
+_Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI");
+
+/*
+ * One TCP connection as seen by one of its sockets, the key of its sockhash
+ * and receive_queues entries. The peer socket's view is the same tuple with
+ * local and remote swapped.
  *
- * Pod addresses are unique on a node, but loopback tuples repeat in every
- * network namespace (127.0.0.1:41000 -> 127.0.0.1:15001 can exist in each
- * pod at once), so tuples that touch 127.0.0.0/8 carry the netns cookie and
- * all others carry 0: both ends of a connection always compute the same key.
+ * Loopback tuples repeat in every network namespace (127.0.0.1:41000 ->
+ * 127.0.0.1:15001 can exist in each pod at once), so tuples that touch
+ * 127.0.0.0/8 carry the netns cookie; others carry 0, because a sender cannot
+ * know its peer's namespace. Every key carries the connection's handshake,
+ * which both ends know and nobody else can make: a look-alike tuple in another
+ * namespace (a pod that can make one with another pod's addresses) never has
+ * the key of a real connection, so no socket can take another's bytes.
  */
 struct sock_tuple {
 	__u64 netns_cookie;
+	struct handshake_key handshake;
 	__be32 local_ip;
 	__be32 remote_ip;
 	__be16 local_port;
 	__be16 remote_port;
 	__u32 pad;
 };
-_Static_assert(sizeof(struct sock_tuple) == 24, "sock_tuple layout is ABI");
+_Static_assert(sizeof(struct sock_tuple) == 32, "sock_tuple layout is ABI");
 
 enum connection_flags {
 	/*
@@ -59,20 +78,6 @@ struct connection {
 _Static_assert(sizeof(struct connection) == 12, "connection layout is ABI");
 
 /*
- * A connection's identity that survives NAT: the next sequence numbers of
- * both directions right after the handshake (each end's ISN + 1). The
- * connecting side files the connection under it, the accepting side claims it:
- * Istio's PREROUTING REDIRECT may rewrite the client's port on a conntrack
- * clash (a recent iptables-path connection left the same reply tuple), so
- * the two ends of one connection do not always see the same 4-tuple.
- */
-struct handshake_key {
-	__u32 client_seq;
-	__u32 server_seq;
-};
-_Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI");
-
-/*
  * What the datapath keeps on a socket of a steered connection, in its
  * socket-local storage (freed with the socket: no entry outlives it, no
  * callback has to remove it). connect4 creates it on the connecting socket;
@@ -92,8 +97,9 @@ enum socket_flags {
 struct socket_state {
 	struct connection conn; /* what connect4 knew about the connection */
 	__u32 flags;            /* enum socket_flags */
+	struct handshake_key handshake; /* the connection's, for its sock_tuple keys */
 };
-_Static_assert(sizeof(struct socket_state) == 16, "socket_state layout is ABI");
+_Static_assert(sizeof(struct socket_state) == 24, "socket_state layout is ABI");
 
 /*
  * A redirect target's receive queue as its senders know it, keyed by the
@@ -224,6 +230,8 @@ enum counter {
 	COUNTER_LOCAL_ADDRESS_RESTORED = 25,
 	/* A sidecar's connect to a same-node pod whose inbound listener closed: left to iptables. */
 	COUNTER_BYPASS_NO_INBOUND_LISTENER = 26,
+	/* A socket did not join a sockhash: a live socket already has its key. */
+	COUNTER_SOCKHASH_KEY_TAKEN = 27,
 	COUNTER_MAX,
 };
 
