@@ -450,9 +450,9 @@ def test_update_and_attach_flags_match_header() -> None:
 @pytest.mark.parametrize(
     ("c_struct", "mirror"),
     [
-        ("bpf_map_info", libbpf._BpfMapInfo),
-        ("bpf_prog_info", libbpf._BpfProgInfo),
-        ("bpf_link_info", libbpf._BpfLinkInfo),
+        ("bpf_map_info", libbpf.info._BpfMapInfo),
+        ("bpf_prog_info", libbpf.info._BpfProgInfo),
+        ("bpf_link_info", libbpf.info._BpfLinkInfo),
     ],
 )
 def test_info_structs_are_a_prefix_of_the_kernel_layout(
