@@ -365,31 +365,6 @@ class Datapath:
             )
         return cls(pins, {name: libbpf.Map.from_pin(pins.map(name)) for name in SHARED_MAPS})
 
-    @classmethod
-    def load_or_adopt(
-        cls,
-        cgroup: Path | None = None,
-        *,
-        instance: str = "default",
-        objects_dir: Path | None = None,
-        features: DatapathFeatures = DEFAULT_FEATURES,
-        redirect_budget: int = DEFAULT_REDIRECT_BUDGET,
-        capacities: Capacities = Capacities(),
-        pin_root: Path = PIN_ROOT,
-    ) -> Datapath:
-        """What an agent does at start: adopt a complete pinned datapath, else load one."""
-        if all(p.exists() for p in PinLayout(pin_root / instance).all_pins()):
-            return cls.adopt(instance=instance, pin_root=pin_root)
-        return cls.load(
-            cgroup,
-            instance=instance,
-            objects_dir=objects_dir,
-            features=features,
-            redirect_budget=redirect_budget,
-            capacities=capacities,
-            pin_root=pin_root,
-        )
-
     @property
     def loaded_config(self) -> LoadedConfig:
         """What the programs were loaded with (also after an adopt)."""

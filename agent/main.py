@@ -61,7 +61,6 @@ from meshaccel.agent.datapath import (
 from meshaccel.agent.identity import CgroupResolver
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import configure_logging
-from meshaccel.agent.pods import u32
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled
@@ -141,15 +140,6 @@ FEATURE_SETTINGS: dict[str, DatapathFeatures] = {
 }
 
 
-def pinned_config(pins: PinLayout) -> LoadedConfig:
-    """What a complete pinned datapath was loaded with (its ``loaded_config`` map). Reads the
-    pin only."""
-    with libbpf.Map.from_pin(pins.map("loaded_config")) as loaded_config:
-        raw = loaded_config.lookup(u32(0))
-    assert raw is not None  # an ARRAY map has every index
-    return LoadedConfig.decode(raw)
-
-
 def config_differences(pinned: LoadedConfig, settings: AgentSettings) -> tuple[Difference, ...]:
     """How what a datapath was loaded with differs from ``settings``.
 
@@ -171,16 +161,18 @@ def config_differences(pinned: LoadedConfig, settings: AgentSettings) -> tuple[D
     return tuple(found)
 
 
-def pinned_differences(pins: PinLayout, settings: AgentSettings) -> tuple[Difference, ...]:
-    """How a complete pinned datapath differs from ``settings``: the configuration it was
-    loaded with (:func:`config_differences`) and its maps' max_entries. Reads pins only."""
-    found = list(config_differences(pinned_config(pins), settings))
+def pinned_differences(settings: AgentSettings) -> tuple[Difference, ...]:
+    """How the complete datapath pinned for ``settings`` differs from them: the configuration
+    it was loaded with (:func:`config_differences`) and its maps' max_entries, as the datapath
+    reads them from its pins (nothing in the kernel changes)."""
+    with Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root) as pinned:
+        found = list(config_differences(pinned.loaded_config, settings))
+        pinned_sizes = {
+            name: pinned.max_entries(name) for maps in CAPACITY_MAPS.values() for name in maps
+        }
     max_entries = settings.capacities.max_entries()
     for setting, maps in CAPACITY_MAPS.items():
-        sizes = []
-        for name in maps:
-            with libbpf.Map.from_pin(pins.map(name)) as pinned_map:
-                sizes.append(pinned_map.max_entries)
+        sizes = [pinned_sizes[name] for name in maps]
         wanted_size = max_entries[maps[0]]
         if any(size != wanted_size for size in sizes):
             pinned_size = sizes[0] if len(set(sizes)) == 1 else "/".join(map(str, sizes))
@@ -231,7 +223,7 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             " an agent was stopped while loading it. Remove it with `meshaccel-agent uninstall`"
             " (same --pin-root and --instance), then start again"
         )
-    differences = pinned_differences(pins, settings) if complete else replaced
+    differences = pinned_differences(settings) if complete else replaced
     decision: Decision = "reloaded" if replaced else "loaded"
     if complete and differences and settings.reload_on_change:
         _unload_changed(pins, differences, settings.drain_seconds)

@@ -112,7 +112,7 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
             mesh,
             (
                 "import json\n"
-                "with Datapath.load_or_adopt(cgroup, instance=instance, pin_root=pin_root) as d:\n"
+                "with Datapath.adopt(instance=instance, pin_root=pin_root) as d:\n"
                 "    redirected = d.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]\n"
                 "    print(json.dumps({'pods': sorted(d.pods()), 'redirected': redirected}))\n"
             ),
