@@ -45,6 +45,7 @@ from meshaccel.agent.datapath import (
 )
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import LogFormat, LogLevel
+from meshaccel.agent.version import VERSION
 
 EXIT_INVALID_SETTINGS = 2
 ENV_PREFIX = "MESHACCEL_"
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the drain and remove every pin; show-config: print the effective settings and exit",
     )
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file (also {CONFIG_ENV})")
+    parser.add_argument("--version", action="version", version=f"meshaccel-agent {VERSION}")
     for name, info in AgentSettings.model_fields.items():
         help_text = info.description or ""
         if "(default" not in help_text:

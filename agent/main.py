@@ -65,6 +65,7 @@ from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled
 from meshaccel.agent.standalone import PodsFileWatcher
+from meshaccel.agent.version import VERSION
 
 log = logging.getLogger("meshaccel.agent")
 
@@ -517,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "meshaccel-agent starting",
         extra={
+            "version": VERSION,
             "command": loaded.command,
             "pid": os.getpid(),
             "node": settings.node_name,

@@ -11,6 +11,7 @@ Labels carry no pod names, uids or addresses: only aggregate numbers leave throu
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from meshaccel.agent.layout import FALLBACK_REASONS, Counter
 from meshaccel.agent.reconcile import Reconciler
+from meshaccel.agent.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,14 @@ class AgentCollector(Collector):
         )
         info.add_metric([snapshot.boot_id], 1)
         yield info
+
+        build = GaugeMetricFamily(
+            "meshaccel_build_info",
+            "The running build: always 1, its labels say which",
+            labels=["component", "version", "python"],
+        )
+        build.add_metric(["agent", VERSION, platform.python_version()], 1)
+        yield build
 
         attached = GaugeMetricFamily(
             "meshaccel_datapath_attached", "1 when every program's pin is present, else 0"
