@@ -727,7 +727,7 @@ def _prepare(
                 _set_config(bpf_map, path, rodata)
 
 
-def _set_config(rodata: libbpf.Map, path: Path, config: bytes) -> None:
+def _set_config(rodata: libbpf.ObjectMap, path: Path, config: bytes) -> None:
     with libbpf.Btf.parse(path) as btf:
         variables = {name: (offset, size) for name, offset, size in btf.datasec_vars(".rodata")}
     if "config" not in variables:
@@ -750,7 +750,7 @@ def _attach(
     undo: contextlib.ExitStack,
 ) -> list[libbpf.Link]:
     sk_msg = objects[SK_MSG_OBJECT].program(SK_MSG_PROGRAM)
-    sockhash = objects[SK_MSG_OBJECT].map(SK_MSG_SOCKHASH)
+    sockhash = objects[SK_MSG_OBJECT].map(SK_MSG_SOCKHASH).handle()  # borrows the object's fd
     libbpf.prog_attach(sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
     undo.callback(libbpf.prog_detach, sk_msg.fd, sockhash.fd, libbpf.AttachType.SK_MSG_VERDICT)
     _pin(undo, sk_msg.pin, pins.program(SK_MSG_PROGRAM))

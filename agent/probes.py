@@ -53,7 +53,8 @@ def probe_splice(objects_dir: Path) -> SpliceProbe:
     try:
         with libbpf.BpfObject.open(objects_dir / SPLICE_PROBE_OBJECT) as probe:
             probe.load()
-            sockets, program = probe.map("probe_sockets"), probe.program("redirect_to_receiver")
+            sockets = probe.map("probe_sockets").handle()
+            program = probe.program("redirect_to_receiver")
             libbpf.prog_attach(program.fd, sockets.fd, libbpf.AttachType.SK_MSG_VERDICT)
             with _loopback_pair() as (sender, receiver):
                 sockets.update(u32(0), u64(sender.fileno()))

@@ -1,8 +1,10 @@
 """Thin, typed ctypes binding over the system libbpf (``libbpf.so.1``, libbpf 1.x).
 
 This is the only package that touches libbpf through ctypes. It mirrors libbpf's
-object model: :class:`BpfObject` (open -> set rodata / pin paths -> load),
-:class:`Map`, :class:`Program`, :class:`Link`, plus :class:`Btf` for layout checks.
+object model, with a type for each side of load: :class:`BpfObject` (open -> set rodata /
+pin paths -> load) and its :class:`ObjectMap` and :class:`ObjectProgram`; the kernel objects
+reached through an fd, :class:`Map` (from a pin, or :meth:`ObjectMap.handle` after load) and
+:class:`Program` (from a pin); :class:`Link`; plus :class:`Btf` for layout checks.
 
 libbpf 1.x reports failure as a negative errno (or NULL with ``errno`` set); every
 failure becomes a :class:`BpfError` subclass carrying ``errno``, the libbpf
@@ -12,8 +14,9 @@ the call ran (for a rejected program: the verifier log).
 All calls block; callers that live on an event loop run them in a thread.
 
 Modules: ``native`` (the library, its log, the calls everything shares), ``errors``,
-``constants``, ``objects`` (BpfObject, Program, legacy attach), ``maps``, ``links``,
-``info`` and ``btf``. Callers import from the package.
+``constants``, ``objects`` (BpfObject, ObjectMap, ObjectProgram), ``handles`` (what an
+fd-backed map or program shares), ``maps`` (Map), ``programs`` (Program, legacy attach),
+``links``, ``info`` and ``btf``. Callers import from the package.
 """
 
 from .btf import BitfieldLayout, Btf, DatasecVar, FieldLayout, StructLayout
@@ -28,6 +31,7 @@ from .errors import (
     PinError,
     VerifierError,
 )
+from .handles import FdHandle
 from .info import LinkInfo, MapInfo, ProgInfo
 from .links import Link
 from .maps import Map
@@ -38,7 +42,8 @@ from .native import (
     probe_map_type,
     probe_prog_type,
 )
-from .objects import BpfObject, Program, prog_attach, prog_detach
+from .objects import BpfObject, ObjectMap, ObjectProgram
+from .programs import Program, prog_attach, prog_detach
 
 __all__ = [
     "LIBBPF_SONAME",
@@ -52,6 +57,7 @@ __all__ = [
     "BtfError",
     "BtfKind",
     "DatasecVar",
+    "FdHandle",
     "FieldLayout",
     "Link",
     "LinkInfo",
@@ -60,7 +66,9 @@ __all__ = [
     "MapError",
     "MapInfo",
     "MapType",
+    "ObjectMap",
     "ObjectOpenError",
+    "ObjectProgram",
     "PinError",
     "ProgInfo",
     "ProgType",

@@ -17,7 +17,8 @@ class Link:
     """A BPF link (``struct bpf_link *``): the attachment lives while a handle or a pin holds it."""
 
     def __init__(self, ptr: int) -> None:
-        """Wrap a ``struct bpf_link *``; use :meth:`Program.attach_cgroup`, :meth:`open_pinned`."""
+        """Wrap a ``struct bpf_link *``; use :meth:`ObjectProgram.attach_cgroup` or
+        :meth:`open_pinned`."""
         self._ptr: int | None = ptr
 
     @classmethod

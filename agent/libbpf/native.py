@@ -122,8 +122,6 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "bpf_map__set_max_entries": (_c_int, (_c_void_p, _c_u32)),
     "bpf_map__set_pin_path": (_c_int, (_c_void_p, _c_char_p)),
     "bpf_map__pin_path": (_c_char_p, (_c_void_p,)),
-    "bpf_map__pin": (_c_int, (_c_void_p, _c_char_p)),
-    "bpf_map__unpin": (_c_int, (_c_void_p, _c_char_p)),
     "bpf_map__initial_value": (_c_void_p, (_c_void_p, ctypes.POINTER(ctypes.c_size_t))),
     "bpf_map__set_initial_value": (_c_int, (_c_void_p, _c_void_p, ctypes.c_size_t)),
     "bpf_map__is_internal": (ctypes.c_bool, (_c_void_p,)),

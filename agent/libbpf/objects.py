@@ -1,15 +1,21 @@
-"""A ``.bpf.o`` object and its programs: open, prepare, load, attach, pin."""
+"""A ``.bpf.o`` object as libbpf opens it, with its maps and programs: open, prepare, load.
+
+Before load, :class:`ObjectMap` and :class:`ObjectProgram` set what the kernel will get; after
+load, a program attaches and pins, and a map's elements are reached through the :class:`Map`
+its :meth:`ObjectMap.handle` lends.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from . import btf as _btf
-from .constants import _LIBBPF_ERRNO_START, AttachType, ProgType
+from .constants import _LIBBPF_ERRNO_START, _PERCPU_MAP_TYPES, MapType, ProgType
 from .errors import (
     AttachError,
     BpfError,
@@ -19,7 +25,7 @@ from .errors import (
     PinError,
     VerifierError,
 )
-from .info import _prog_info
+from .info import _map_info, _prog_info
 from .links import Link
 from .maps import Map
 from .native import (
@@ -29,7 +35,6 @@ from .native import (
     _decode,
     _error,
     _lib,
-    _obj_get,
     _path_arg,
     _pin_hints,
     _tls,
@@ -38,9 +43,7 @@ from .native import (
 if TYPE_CHECKING:
     from .btf import Btf
     from .info import ProgInfo
-
-
-# --- objects ---
+    from .native import _Hints
 
 
 class BpfObject:
@@ -51,17 +54,17 @@ class BpfObject:
         self._ptr: int | None = ptr
         self.path = path
         self._loaded = False
-        self._maps: dict[str, Map] = {}
-        self._programs: dict[str, Program] = {}
+        self._maps: dict[str, ObjectMap] = {}
+        self._programs: dict[str, ObjectProgram] = {}
         lib = _lib()
         cur = lib.bpf_object__next_map(ptr, None)
         while cur:
-            m = Map(_ptr=int(cur), _owner=self)
+            m = ObjectMap(int(cur), self)
             self._maps[m.name] = m
             cur = lib.bpf_object__next_map(ptr, cur)
         cur = lib.bpf_object__next_program(ptr, None)
         while cur:
-            p = Program(_ptr=int(cur), _owner=self)
+            p = ObjectProgram(int(cur), self)
             self._programs[p.name] = p
             cur = lib.bpf_object__next_program(ptr, cur)
 
@@ -123,12 +126,12 @@ class BpfObject:
         return self._ptr is None
 
     @property
-    def maps(self) -> list[Map]:
+    def maps(self) -> list[ObjectMap]:
         """All maps in object order, including internal ones (``.rodata`` ...)."""
         self._checked()
         return list(self._maps.values())
 
-    def map(self, name: str) -> Map:
+    def map(self, name: str) -> ObjectMap:
         """The map called ``name``; ``".rodata"`` etc. also find libbpf's prefixed internal map."""
         self._checked()
         found = self._maps.get(name)
@@ -147,12 +150,12 @@ class BpfObject:
         return found
 
     @property
-    def programs(self) -> list[Program]:
+    def programs(self) -> list[ObjectProgram]:
         """All programs in object order."""
         self._checked()
         return list(self._programs.values())
 
-    def program(self, name: str) -> Program:
+    def program(self, name: str) -> ObjectProgram:
         """The program whose C function is called ``name``."""
         self._checked()
         found = self._programs.get(name)
@@ -229,59 +232,182 @@ class BpfObject:
         return f"<BpfObject {self.path} {state}>"
 
 
-class Program:
-    """A BPF program: one of a :class:`BpfObject` (``struct bpf_program *``) or an owned fd."""
+class _ObjectPart:
+    """A map or program of a :class:`BpfObject`: a libbpf pointer valid while it is open."""
 
-    def __init__(
-        self,
-        *,
-        _ptr: int | None = None,
-        _owner: BpfObject | None = None,
-        _fd: int | None = None,
-        _pin_path: Path | None = None,
-    ) -> None:
-        """Internal; use :meth:`BpfObject.program` or :meth:`Program.from_pin`."""
-        self._ptr = _ptr
-        self._owner = _owner
-        self._fd = _fd
-        self._pin_path = _pin_path
+    _error_type: ClassVar[type[BpfError]] = BpfError
+    _kind: ClassVar[str] = ""
 
-    @classmethod
-    def from_pin(cls, path: Path | str) -> Program:
-        """Open a pinned program (``bpf_obj_get``); the returned Program owns the fd: close it."""
-        return cls(_fd=_obj_get(path, "bpf-prog", "program"), _pin_path=Path(path))
+    def __init__(self, ptr: int, owner: BpfObject) -> None:
+        """Internal; use :meth:`BpfObject.map` or :meth:`BpfObject.program`."""
+        self._raw = ptr
+        self._owner = owner
 
-    def _checked_ptr(self, func: str) -> int:
-        if self._ptr is None or self._owner is None:
-            raise BpfError(
-                f"{func}: this program was opened from a pin and has no libbpf object; "
-                "fix: use prog_attach() with its fd",
-                errno=_errno.EINVAL,
-                func=func,
-            )
+    def _ptr(self, func: str) -> int:
         if self._owner.closed:
-            raise BpfError(
-                f"program of closed object {self._owner.path}; fix: keep the BpfObject open",
+            raise self._error_type(
+                f"{self._kind} of closed object {self._owner.path}; fix: keep the BpfObject open",
                 errno=_errno.EBADF,
                 func=func,
             )
-        return self._ptr
+        return self._raw
+
+
+class ObjectMap(_ObjectPart):
+    """A map of an opened :class:`BpfObject` (``struct bpf_map *``): its declared shape, what is
+    set before load (capacity, pin path, a data section's bytes) and, after load,
+    :meth:`handle` for its elements."""
+
+    _error_type = MapError
+    _kind = "map"
 
     @property
     def name(self) -> str:
-        """The C function name (for pins: the kernel's 15-character name)."""
-        if self._ptr is None:
-            return self.info().name
-        return _decode(_lib().bpf_program__name(self._checked_ptr("bpf_program__name")))
+        """libbpf's map name (internal maps: ``<object prefix>.rodata`` ...)."""
+        return _decode(_lib().bpf_map__name(self._ptr("bpf_map__name")))
+
+    @property
+    def map_type(self) -> MapType:
+        """``enum bpf_map_type``."""
+        return MapType(int(_lib().bpf_map__type(self._ptr("bpf_map__type"))))
+
+    @property
+    def key_size(self) -> int:
+        """Key size in bytes."""
+        return int(_lib().bpf_map__key_size(self._ptr("bpf_map__key_size")))
+
+    @property
+    def value_size(self) -> int:
+        """Value size in bytes (of one CPU's slot for per-CPU maps)."""
+        return int(_lib().bpf_map__value_size(self._ptr("bpf_map__value_size")))
+
+    @property
+    def max_entries(self) -> int:
+        """Capacity (as set by :meth:`set_max_entries`, or declared)."""
+        return int(_lib().bpf_map__max_entries(self._ptr("bpf_map__max_entries")))
+
+    @property
+    def is_percpu(self) -> bool:
+        """Whether values have one slot per possible CPU."""
+        return self.map_type in _PERCPU_MAP_TYPES
+
+    @property
+    def is_internal(self) -> bool:
+        """Whether libbpf made this map for a data section (``.rodata``, ``.data``, ``.bss``)."""
+        return bool(_lib().bpf_map__is_internal(self._ptr("bpf_map__is_internal")))
+
+    def set_max_entries(self, n: int) -> None:
+        """``bpf_map__set_max_entries``; before load only."""
+        rc, log = _call_int("bpf_map__set_max_entries", self._ptr("bpf_map__set_max_entries"), n)
+        if rc < 0:
+            raise _error(
+                MapError,
+                "bpf_map__set_max_entries",
+                -rc,
+                f"set max_entries of map {self.name!r} to {n}",
+                {
+                    _errno.EBUSY: (
+                        "the object is already loaded",
+                        "call set_max_entries() before BpfObject.load()",
+                    )
+                },
+                log,
+            )
+
+    def set_pin_path(self, path: Path | str | None) -> None:
+        """``bpf_map__set_pin_path`` before load: reuse a compatible pin there, or pin there."""
+        ptr = self._ptr("bpf_map__set_pin_path")
+        rc, log = _call_int("bpf_map__set_pin_path", ptr, None if path is None else _path_arg(path))
+        if rc < 0:
+            raise _error(
+                PinError,
+                "bpf_map__set_pin_path",
+                -rc,
+                f"set pin path of map {self.name!r}",
+                None,
+                log,
+            )
+
+    @property
+    def pin_path(self) -> Path | None:
+        """Where libbpf reuses or pins the map at load (:meth:`set_pin_path`), if anywhere."""
+        raw = _lib().bpf_map__pin_path(self._ptr("bpf_map__pin_path"))
+        return Path(os.fsdecode(raw)) if raw else None
+
+    @property
+    def initial_value(self) -> bytes:
+        """``bpf_map__initial_value``: a data section's bytes (after load: what the kernel got)."""
+        size = ctypes.c_size_t(0)
+        ptr = _lib().bpf_map__initial_value(self._ptr("bpf_map__initial_value"), ctypes.byref(size))
+        if not ptr:
+            raise MapError(
+                f"map {self.name!r} has no initial value; fix: use it on .rodata/.data/.bss maps",
+                errno=_errno.EINVAL,
+                func="bpf_map__initial_value",
+            )
+        return ctypes.string_at(ptr, size.value)
+
+    @initial_value.setter
+    def initial_value(self, data: bytes) -> None:
+        ptr = self._ptr("bpf_map__set_initial_value")
+        what = f"set initial value of map {self.name!r} ({len(data)} bytes)"
+        hints: _Hints = {
+            _errno.EBUSY: ("the object is already loaded", "set .rodata before BpfObject.load()"),
+            _errno.EINVAL: (
+                f"the data must be exactly the section size ({self.value_size} bytes)",
+                "start from the current initial_value and patch it",
+            ),
+        }
+        # libbpf 1.1 answers EINVAL for both causes: tell them apart here.
+        if self._owner.loaded:
+            raise _error(MapError, "bpf_map__set_initial_value", _errno.EBUSY, what, hints)
+        buf = ctypes.create_string_buffer(data, len(data))
+        rc, log = _call_int("bpf_map__set_initial_value", ptr, buf, len(data))
+        if rc < 0:
+            raise _error(MapError, "bpf_map__set_initial_value", -rc, what, hints, log)
+
+    def handle(self) -> Map:
+        """After load: the kernel map as a :class:`Map` that borrows the object's fd, for its
+        elements and pins. Valid while the object is open; closing it leaves the fd alone."""
+        fd = int(_lib().bpf_map__fd(self._ptr("bpf_map__fd")))
+        if fd < 0:
+            raise MapError(
+                f"map {self.name!r} has no fd: its object is not loaded; "
+                "fix: load() the object first, then take handle()",
+                errno=_errno.EINVAL,
+                func="bpf_map__fd",
+            )
+        name = self.name
+        return Map(fd, _map_info(fd, f"read info of map {name!r}"), name=name, lender=self._owner)
+
+    def __repr__(self) -> str:
+        try:
+            name = self.name
+        except BpfError:
+            name = "?"  # its object is closed
+        return f"<ObjectMap {name!r} of {self._owner.path}>"
+
+
+class ObjectProgram(_ObjectPart):
+    """A program of an opened :class:`BpfObject` (``struct bpf_program *``): its name and type;
+    after load its fd, attachment to a cgroup and pins."""
+
+    _kind = "program"
+
+    @property
+    def name(self) -> str:
+        """The C function name."""
+        return _decode(_lib().bpf_program__name(self._ptr("bpf_program__name")))
+
+    @property
+    def prog_type(self) -> ProgType:
+        """``enum bpf_prog_type`` (from the section name)."""
+        return ProgType(int(_lib().bpf_program__type(self._ptr("bpf_program__type"))))
 
     @property
     def fd(self) -> int:
-        """The program fd; object programs have one only after load."""
-        if self._ptr is None:
-            if self._fd is None:
-                raise BpfError("program is closed", errno=_errno.EBADF, func="close")
-            return self._fd
-        fd = int(_lib().bpf_program__fd(self._checked_ptr("bpf_program__fd")))
+        """The program fd, after load; libbpf owns it (it closes with the object)."""
+        fd = int(_lib().bpf_program__fd(self._ptr("bpf_program__fd")))
         if fd < 0:
             raise BpfError(
                 f"program {self.name!r} has no fd: its object is not loaded; fix: load() first",
@@ -290,21 +416,14 @@ class Program:
             )
         return fd
 
-    @property
-    def prog_type(self) -> ProgType:
-        """``enum bpf_prog_type`` (from the section name before load)."""
-        if self._ptr is None:
-            return self.info().prog_type
-        return ProgType(int(_lib().bpf_program__type(self._checked_ptr("bpf_program__type"))))
-
     def info(self) -> ProgInfo:
-        """``bpf_obj_get_info_by_fd``: type, id, tag, kernel name."""
-        return _prog_info(self.fd, "read program info")
+        """After load, ``bpf_obj_get_info_by_fd``: type, id, tag, kernel name."""
+        return _prog_info(self.fd, f"read info of program {self.name!r}")
 
     def attach_cgroup(self, cgroup_fd: int) -> Link:
         """``bpf_program__attach_cgroup``: a BPF link (multi-attach) to the cgroup dir fd."""
         ptr, err, log = _call_ptr(
-            "bpf_program__attach_cgroup", self._checked_ptr("bpf_program__attach_cgroup"), cgroup_fd
+            "bpf_program__attach_cgroup", self._ptr("bpf_program__attach_cgroup"), cgroup_fd
         )
         if ptr is None:
             raise _error(
@@ -327,93 +446,34 @@ class Program:
         return Link(ptr)
 
     def pin(self, path: Path | str) -> None:
-        """Pin the loaded program at ``path`` on bpffs."""
-        if self._ptr is None:
-            rc, log = _call_int("bpf_obj_pin", self.fd, _path_arg(path))
-            func = "bpf_obj_pin"
-        else:
-            rc, log = _call_int(
-                "bpf_program__pin", self._checked_ptr("bpf_program__pin"), _path_arg(path)
-            )
-            func = "bpf_program__pin"
+        """``bpf_program__pin``: pin the loaded program at ``path`` on bpffs."""
+        rc, log = _call_int("bpf_program__pin", self._ptr("bpf_program__pin"), _path_arg(path))
         if rc < 0:
             raise _error(
-                PinError, func, -rc, f"pin program {self.name!r} at {path}", _pin_hints(path), log
+                PinError,
+                "bpf_program__pin",
+                -rc,
+                f"pin program {self.name!r} at {path}",
+                _pin_hints(path),
+                log,
             )
-        self._pin_path = Path(path)
 
-    def unpin(self, path: Path | str | None = None) -> None:
-        """Remove the pin at ``path`` (default: where this program was pinned or opened)."""
-        target = path if path is not None else self._pin_path
-        if target is None:
-            raise PinError(
-                "program has no pin path; fix: pass the path to unpin()",
-                errno=_errno.EINVAL,
-                func="unlink",
-            )
-        if self._ptr is not None:
-            ptr = self._checked_ptr("bpf_program__unpin")
-            rc, log = _call_int("bpf_program__unpin", ptr, _path_arg(target))
-            if rc < 0:
-                raise _error(
-                    PinError, "bpf_program__unpin", -rc, f"unpin program at {target}", None, log
-                )
-            return
-        try:
-            os.unlink(target)
-        except OSError as exc:
+    def unpin(self, path: Path | str) -> None:
+        """``bpf_program__unpin``: remove the pin at ``path``."""
+        rc, log = _call_int("bpf_program__unpin", self._ptr("bpf_program__unpin"), _path_arg(path))
+        if rc < 0:
             raise _error(
-                PinError, "unlink", exc.errno or _errno.EIO, f"unpin program at {target}"
-            ) from exc
+                PinError,
+                "bpf_program__unpin",
+                -rc,
+                f"unpin program {self.name!r} at {path}",
+                None,
+                log,
+            )
 
-    def close(self) -> None:
-        """Close an owned fd (programs from :meth:`from_pin`)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def prog_attach(prog_fd: int, target_fd: int, attach_type: AttachType, flags: int = 0) -> None:
-    """``bpf_prog_attach``: legacy attach, e.g. sk_msg to a SOCKHASH map fd with SK_MSG_VERDICT."""
-    rc, log = _call_int("bpf_prog_attach", prog_fd, target_fd, int(attach_type), int(flags))
-    if rc < 0:
-        raise _error(
-            AttachError,
-            "bpf_prog_attach",
-            -rc,
-            f"attach program fd {prog_fd} to fd {target_fd} as {AttachType(attach_type).name}",
-            {
-                _errno.EINVAL: (
-                    "the program type does not match the attach type or target",
-                    "sk_msg programs attach to a SOCKMAP/SOCKHASH fd with SK_MSG_VERDICT",
-                ),
-                _errno.EEXIST: ("another program is already attached there", "detach it first"),
-                _errno.EBUSY: ("another program is already attached there", "detach it first"),
-            },
-            log,
-        )
-
-
-def prog_detach(prog_fd: int, target_fd: int, attach_type: AttachType) -> None:
-    """``bpf_prog_detach2``: undo :func:`prog_attach`."""
-    rc, log = _call_int("bpf_prog_detach2", prog_fd, target_fd, int(attach_type))
-    if rc < 0:
-        raise _error(
-            AttachError,
-            "bpf_prog_detach2",
-            -rc,
-            f"detach program fd {prog_fd} from fd {target_fd} ({AttachType(attach_type).name})",
-            {_errno.ENOENT: ("this program is not attached there", "nothing to detach")},
-            log,
-        )
+    def __repr__(self) -> str:
+        try:
+            name = self.name
+        except BpfError:
+            name = "?"  # its object is closed
+        return f"<ObjectProgram {name!r} of {self._owner.path}>"

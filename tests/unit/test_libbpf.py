@@ -126,7 +126,7 @@ def set_config(obj: libbpf.BpfObject, config: ProbeConfig) -> None:
 
 
 def counter_total(obj: libbpf.BpfObject, counter: Counter) -> int:
-    slots = obj.map("probe_counters").lookup_percpu(u32(counter))
+    slots = obj.map("probe_counters").handle().lookup_percpu(u32(counter))
     assert slots is not None
     return sum(struct.unpack("=Q", slot)[0] for slot in slots)
 
@@ -293,8 +293,12 @@ def test_object_lists_maps_and_programs_before_load(probes: Probes) -> None:
         assert info.value.errno == errno.ENOENT and "probe_flows" in str(info.value)
         with pytest.raises(libbpf.BpfError):
             obj.program("no_such_program")
-        with pytest.raises(libbpf.MapError, match="not loaded"):
-            _ = flows.fd
+        # Elements belong to the loaded map: an object's map has no element operations, and
+        # the handle that has them exists only after load.
+        assert not hasattr(flows, "lookup") and not hasattr(flows, "fd")
+        with pytest.raises(libbpf.MapError, match="not loaded") as info:
+            flows.handle()
+        assert info.value.errno == errno.EINVAL and "fix: load()" in str(info.value)
         with pytest.raises(libbpf.BpfError, match="not loaded"):
             _ = obj.program("probe_msg").fd
 
@@ -491,7 +495,7 @@ def test_load_freezes_the_rodata_that_was_set(probes: Probes) -> None:
         obj.load()
         assert obj.loaded
         rodata = obj.map(".rodata")
-        in_kernel = rodata.lookup(u32(0))  # the kernel's copy of the section
+        in_kernel = rodata.handle().lookup(u32(0))  # the kernel's copy of the section
         assert in_kernel is not None
         assert in_kernel[:16] == bytes(config)
         assert rodata.initial_value[:16] == bytes(config)
@@ -511,8 +515,8 @@ def test_hash_map_element_operations(probes: Probes) -> None:
     with libbpf.BpfObject.open(probes.probe) as obj:
         obj.map("probe_flows").set_max_entries(3)
         obj.load()
-        flows = obj.map("probe_flows")
-        assert flows.info().max_entries == 3
+        flows = obj.map("probe_flows").handle()
+        assert flows.max_entries == flows.info().max_entries == 3
         keys = [flow_key("127.0.0.1", port) for port in (1, 2, 3)]
         values = [bytes(ProbeFlowValue(calls=i, magic=0x100 + i)) for i in range(3)]
 
@@ -547,8 +551,29 @@ def test_hash_map_element_operations(probes: Probes) -> None:
 
 
 @pytest.mark.kernel
+def test_a_borrowed_map_lives_with_its_object(probes: Probes) -> None:
+    require_root_kernel()
+    key, value = flow_key("127.0.0.4", 22), bytes(ProbeFlowValue(calls=5))
+    obj = libbpf.BpfObject.open(probes.probe)
+    try:
+        obj.load()
+        with obj.map("probe_flows").handle() as flows:
+            flows.update(key, value)
+        with pytest.raises(libbpf.MapError) as info:
+            flows.lookup(key)  # this handle is closed ...
+        assert info.value.errno == errno.EBADF
+        again = obj.map("probe_flows").handle()
+        assert again.lookup(key) == value  # ... the object's fd is not
+    finally:
+        obj.close()
+    with pytest.raises(libbpf.MapError) as info:
+        again.lookup(key)  # the fd went with its object: refused, never reused
+    assert info.value.errno == errno.EBADF and "keep the BpfObject open" in str(info.value)
+
+
+@pytest.mark.kernel
 def test_percpu_array_has_one_slot_per_possible_cpu(loaded: libbpf.BpfObject) -> None:
-    counters = loaded.map("probe_counters")
+    counters = loaded.map("probe_counters").handle()
     cpus = libbpf.possible_cpus()
     slots = counters.lookup_percpu(u32(Counter.MSG))
     assert slots == [bytes(8)] * cpus
@@ -562,22 +587,18 @@ def test_percpu_array_has_one_slot_per_possible_cpu(loaded: libbpf.BpfObject) ->
     with pytest.raises(libbpf.MapError, match="possible"):
         counters.update_percpu(u32(0), wanted[:1] * (cpus + 1))
     with pytest.raises(libbpf.MapError, match="lookup\\(\\)"):
-        loaded.map("probe_flows").lookup_percpu(flow_key("127.0.0.1", 1))
+        loaded.map("probe_flows").handle().lookup_percpu(flow_key("127.0.0.1", 1))
 
 
 @pytest.mark.kernel
 def test_pin_open_pinned_and_unpin(loaded: libbpf.BpfObject, bpffs_dir: Path) -> None:
-    flows = loaded.map("probe_flows")
+    flows = loaded.map("probe_flows").handle()
     map_pin = bpffs_dir / "flows"
     flows.pin(map_pin)
     assert map_pin.exists() and flows.pin_path == map_pin
-    flows.pin(map_pin)  # libbpf: already pinned there, a no-op
     with pytest.raises(libbpf.PinError) as info:
-        flows.pin(bpffs_dir / "elsewhere")  # libbpf keeps one pin path per map
-    assert info.value.errno == errno.EINVAL
-    with pytest.raises(libbpf.PinError) as info:
-        loaded.map("probe_counters").pin(map_pin)
-    assert info.value.errno == errno.EEXIST
+        loaded.map("probe_counters").handle().pin(map_pin)
+    assert info.value.errno == errno.EEXIST and "unpin the old object" in str(info.value)
 
     with libbpf.Map.from_pin(map_pin) as pinned:
         assert pinned.info().id == flows.info().id
@@ -603,7 +624,6 @@ def test_pin_open_pinned_and_unpin(loaded: libbpf.BpfObject, bpffs_dir: Path) ->
             "probe_connect4",
             libbpf.ProgType.CGROUP_SOCK_ADDR,
         )
-        assert pinned_prog.prog_type == libbpf.ProgType.CGROUP_SOCK_ADDR
     with pytest.raises(libbpf.PinError, match="bpf-prog, not a bpf-map"):
         libbpf.Map.from_pin(prog_pin)
     program.unpin(prog_pin)
@@ -627,14 +647,16 @@ def test_set_pin_path_reuses_the_pinned_map(probes: Probes, bpffs_dir: Path) -> 
         assert first.map("probe_flows").pin_path == shared
         first.load()
         assert shared.exists()  # pinned by libbpf at load
-        first.map("probe_flows").update(key, value)
-        first_id = first.map("probe_flows").info().id
+        first_flows = first.map("probe_flows").handle()
+        first_flows.update(key, value)
+        first_id = first_flows.info().id
 
     with libbpf.BpfObject.open(probes.probe) as second:
         second.map("probe_flows").set_pin_path(shared)
         second.load()
-        assert second.map("probe_flows").info().id == first_id
-        assert second.map("probe_flows").lookup(key) == value  # survived the first object
+        second_flows = second.map("probe_flows").handle()
+        assert second_flows.info().id == first_id
+        assert second_flows.lookup(key) == value  # survived the first object
 
     with libbpf.BpfObject.open(probes.probe) as incompatible:
         flows = incompatible.map("probe_flows")
@@ -707,7 +729,7 @@ def test_connect4_link_counts_only_processes_in_its_cgroup(
             connect_from(test_cgroup, listener, times=2)
             assert counter_total(obj, Counter.CONNECT) == 2
             assert counter_total(obj, Counter.MATCHED) == 2 * config.weight
-            raw = obj.map("probe_flows").lookup(flow_key("127.0.0.1", port))
+            raw = obj.map("probe_flows").handle().lookup(flow_key("127.0.0.1", port))
             assert raw is not None
             flow = ProbeFlowValue.from_buffer_copy(raw)
             assert (flow.calls, flow.magic) == (2, config.magic)  # rodata reached the program
@@ -765,7 +787,7 @@ def test_attach_to_a_non_cgroup_fd_is_an_attach_error(
 def test_sk_msg_attaches_to_sockhash_with_prog_attach(
     loaded: libbpf.BpfObject, listener: socket.socket
 ) -> None:
-    socks = loaded.map("probe_socks")
+    socks = loaded.map("probe_socks").handle()
     msg = loaded.program("probe_msg")
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(socket.create_connection(listener.getsockname(), timeout=5))
