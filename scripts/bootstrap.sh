@@ -84,19 +84,20 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "python3 is $(python3 -V 2>&1); meshaccel needs 3.11 or newer"
     step "venv: creating $VENV with $(python3 -V 2>&1)"
+    # Its pip (23.0 on Debian 12) is replaced by requirements/build.txt's below.
     python3 -m venv "$VENV"
-    # Debian 12 ships pip 23.0; the editable install below wants a current pip.
-    quietly "$VENV/bin/python" -P -m pip install --upgrade pip
 fi
 
-# The install is redone only when what it depends on changed: pyproject.toml, and the set of
-# files in the package folders (the strict editable install links files one by one, so a new
-# module or a new object needs a relink; edits to existing files are seen at once).
+# The install is redone only when what it depends on changed: pyproject.toml, the pins in
+# requirements/*.txt, and the set of files in the package folders (the strict editable install
+# links files one by one, so a new module or a new object needs a relink; edits to existing
+# files are seen at once).
 fingerprint() {
     local dirs=() d
     for d in agent operator; do [[ -d "$d" ]] && dirs+=("$d"); done
     {
-        sha256sum pyproject.toml
+        sha256sum pyproject.toml requirements/build.txt requirements/runtime.txt \
+            requirements/test.txt
         if ((${#dirs[@]})); then
             find "${dirs[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' | LC_ALL=C sort
         fi
@@ -108,17 +109,31 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" == "$(fingerprint)" ]] \
     step "python: meshaccel and its test extra already installed in .venv"
 else
     if [[ -f "$STAMP" ]]; then
-        step "python: pyproject.toml or the package files changed, reinstalling into .venv"
+        step "python: pyproject.toml, requirements/ or the package files changed, reinstalling"
     else
-        step "python: pip install -e '.[test]' into .venv (the first time takes a minute)"
+        step "python: requirements/*.txt and meshaccel into .venv (the first time takes a minute)"
     fi
+    rm -f "$STAMP"  # an install that stops halfway is redone by the next run
+    # The same pinned, hash-checked versions the images install (requirements/freeze.py writes
+    # them): pip and setuptools first, then the runtime dependencies and the test tools, wheels
+    # only; then the project itself with --no-deps, built with that setuptools (no build
+    # isolation, so nothing is fetched unchecked).
     # -P: `python -m`/`-c` would put the repository first on sys.path, where the operator/
     # folder shadows the stdlib's `operator` module and breaks pip before it starts.
+    hashed=(--require-hashes --only-binary=:all:)
+    quietly "$VENV/bin/python" -P -m pip install "${hashed[@]}" -r requirements/build.txt
+    quietly "$VENV/bin/python" -P -m pip install "${hashed[@]}" \
+        -r requirements/runtime.txt -r requirements/test.txt
     # strict: a link tree under build/ that a .pth adds to sys.path. The default ("lenient")
     # mode uses an import hook for our folder->package mapping, which mypy cannot follow.
-    quietly "$VENV/bin/python" -P -m pip install -e ".[test]" --config-settings editable_mode=strict
+    quietly "$VENV/bin/python" -P -m pip install --no-deps --no-build-isolation -e . \
+        --config-settings editable_mode=strict
     "$VENV/bin/python" -P -c 'import meshaccel.agent' \
         || die "meshaccel.agent is not importable after the install"
+    # Offline: everything meshaccel[test] needs is pinned, at the installed version.
+    "$VENV/bin/python" -P requirements/freeze.py --verify \
+        || die "requirements/*.txt do not match pyproject.toml (above): requirements/freeze.py's
+    docstring says how to pin a new or changed dependency"
     fingerprint >"$STAMP"
 fi
 
