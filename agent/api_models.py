@@ -4,15 +4,28 @@ The operator imports these models as its client contract, so a field renamed her
 breaking change for both sides. Everything is strict about shape (unknown fields are refused)
 and explicit about limits, so a malformed or hostile body is refused whole with a 4xx naming
 the field at fault, before anything is applied.
+
+Compatibility: a field added to a reply after the first release is left out of the JSON while it
+holds its default (:class:`_Reply`), so that an operator or a tool that predates it, whose models
+refuse unknown fields too, still parses the reply. A field added to a request has a default
+meaning what an older client meant by sending nothing (``PodSet.epoch``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from meshaccel.agent.modes import MeshModeName
 
@@ -29,10 +42,29 @@ StartupDecision = Literal["loaded", "adopted", "reloaded"]
 MAX_PODS_PER_SET = 65536  # a hard ceiling on the body; the maps' capacity is checked on apply
 # metadata.generation is an int64 in Kubernetes; the agent also exports it as a metric.
 MAX_GENERATION = 2**63 - 1
+# A writer's leader epoch is the leaseTransitions of the operator's Lease: an int32.
+MAX_EPOCH = 2**31 - 1
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Reply(_Strict):
+    """A reply whose fields named in ``_added`` (added after the first release) are left out
+    of the JSON while they hold their default: see the module's docstring."""
+
+    _added: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_added_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            fields = type(self).model_fields
+            for name in self._added:
+                if getattr(self, name) == fields[name].default:
+                    data.pop(name, None)
+        return data
 
 
 class PodOptions(_Strict):
@@ -91,10 +123,25 @@ class PodSpec(_Strict):
 
 
 class PodSet(_Strict):
-    """PUT /v1/pods: the node's complete desired set, replacing the previous one."""
+    """PUT /v1/pods: the node's complete desired set, replacing the previous one.
 
+    Sets are ordered by ``(epoch, generation)``: a set from a lower epoch than the applied one
+    is refused whatever its generation (its writer no longer leads), a higher epoch is taken
+    with any generation (a new leader counts its generations afresh), and within one epoch the
+    generation rules hold (lower: refused; equal: a no-op if the same set, else refused).
+    """
+
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_EPOCH,
+        description="the writer's leader epoch (its term in the operator's Lease); 0, what an "
+        "operator that predates epochs sends by leaving it out, comes before every term",
+    )
     generation: int = Field(
-        ge=0, le=MAX_GENERATION, description="increases with every set the operator sends"
+        ge=0,
+        le=MAX_GENERATION,
+        description="increases with every set the operator sends within its epoch",
     )
     pods: list[PodSpec] = Field(max_length=MAX_PODS_PER_SET)
 
@@ -125,8 +172,10 @@ class UnresolvedPod(_Strict):
     reason: str
 
 
-class ApplyResult(_Strict):
+class ApplyResult(_Reply):
     """The reply to PUT /v1/pods."""
+
+    _added = frozenset({"applied_epoch"})
 
     applied_generation: int
     added: int
@@ -138,6 +187,7 @@ class ApplyResult(_Strict):
         description="the agent process's boot id, as /healthz gives it: a new one means the "
         "agent restarted (its maps were adopted, its memory of sets is gone)"
     )
+    applied_epoch: int = Field(default=0, description="the epoch of the applied set")
 
 
 class UninstallReply(_Strict):
@@ -157,24 +207,40 @@ class PodsReply(_Strict):
     unresolved: list[UnresolvedPod]
 
 
-class ErrorReply(_Strict):
+class ErrorReply(_Reply):
     """Every 4xx/5xx body.
 
     On a 409, ``applied_generation`` is set only when the generation was refused (lower than
-    the applied one, or equal to it with another set): a client then sends its set again with
-    a higher generation. A 409 without it (a standalone or uninstalled agent) is final.
+    the applied one, or equal to it with another set) within the applied set's epoch: a client
+    then sends its set again with a higher generation. ``applied_epoch`` is set when the set's
+    epoch was refused (lower than the applied set's): another writer leads, and sending again
+    cannot help (an operator that predates epochs cannot parse the reply, and so takes it as
+    final). A 409 with neither (a standalone or uninstalled agent) is final too.
     """
+
+    _added = frozenset({"applied_epoch"})
 
     error: str
     detail: list[dict[str, object]] | None = None
     applied_generation: int | None = None
+    applied_epoch: int = 0
 
 
-class HealthReply(_Strict):
-    """GET /healthz: the process is alive and serving (nothing else is checked)."""
+class HealthReply(_Reply):
+    """GET /healthz: the process is alive and serving (nothing else is checked).
+
+    ``GET /healthz?applied=true`` (the operator's probe) also names the applied set; a plain
+    request (the kubelet, an operator that predates it) gets the reply without them.
+    """
+
+    _added = frozenset({"applied_generation", "applied_epoch"})
 
     status: Literal["ok"] = "ok"
     boot_id: str
+    applied_generation: int | None = Field(
+        default=None, description="the applied set's generation (None: no set since the start)"
+    )
+    applied_epoch: int = Field(default=0, description="the applied set's epoch")
 
 
 class ReadyReply(_Strict):
@@ -203,8 +269,10 @@ class MapUsage(_Strict):
     max_entries: int
 
 
-class StatusReply(_Strict):
+class StatusReply(_Reply):
     """GET /v1/status."""
+
+    _added = frozenset({"applied_epoch"})
 
     boot_id: str = Field(description="a new uuid4 on every start of the agent process")
     started_at: datetime
@@ -227,6 +295,7 @@ class StatusReply(_Strict):
         description="program types, map types and BTF the datapath needs, as probed here"
     )
     applied_generation: int | None
+    applied_epoch: int = Field(default=0, description="the epoch of the applied set")
     last_apply_time: datetime | None
     pods_accelerated: int
     unresolved: list[UnresolvedPod]

@@ -113,6 +113,12 @@ class AgentCollector(Collector):
                 "Generation of the pod set applied last (absent before the first)",
                 value=snapshot.applied_generation,
             )
+            yield GaugeMetricFamily(
+                "meshaccel_agent_applied_epoch",
+                "Epoch (the operator's term) of the pod set applied last (absent before the "
+                "first; 0 from an operator that predates epochs)",
+                value=snapshot.applied_epoch,
+            )
         if snapshot.last_apply_time is not None:
             yield GaugeMetricFamily(
                 "meshaccel_agent_last_apply_timestamp_seconds",

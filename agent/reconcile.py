@@ -3,8 +3,12 @@
 A :class:`Reconciler` takes each :class:`~meshaccel.agent.api_models.PodSet` as the node's
 complete desired state and applies the difference to the maps, all or nothing:
 
-* a set with a lower generation than the applied one is refused (:class:`StaleGenerationError`);
-  the same generation again is a no-op if the set is identical and a conflict otherwise;
+* sets are ordered by ``(epoch, generation)``: a set from a lower epoch than the applied one is
+  refused whatever its generation (:class:`StaleEpochError`: another operator replica leads),
+  a higher epoch is taken with any generation; within the applied epoch, a lower generation is
+  refused (:class:`StaleGenerationError`), the same generation again is a no-op if the set is
+  identical and a conflict otherwise. The epoch lives in memory: a restarted agent takes the
+  first set it gets (the leading operator sees the new boot id and sends its set again);
 * a set larger than the maps can hold is refused before anything is touched
   (:class:`CapacityError`);
 * every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
@@ -94,6 +98,21 @@ class ApplyRefusedError(Exception):
         self.applied_generation = applied_generation
 
 
+class StaleEpochError(ApplyRefusedError):
+    """The set comes from a writer whose term ended: nothing to retry (no applied generation)."""
+
+    reason = "stale_epoch"
+
+    def __init__(self, requested: int, applied: int) -> None:
+        super().__init__(
+            f"epoch {requested} is older than the applied set's epoch {applied}: another "
+            "operator replica leads, and this set is refused whatever its generation",
+            applied_generation=None,
+        )
+        self.requested = requested
+        self.applied = applied
+
+
 class StaleGenerationError(ApplyRefusedError):
     reason = "stale_generation"
 
@@ -169,6 +188,7 @@ class Snapshot:
     boot_id: str
     started_at: datetime
     applied_generation: int | None
+    applied_epoch: int  # of the applied set (0: none yet, or from an operator without epochs)
     last_apply_time: datetime | None
     entries: Mapping[str, PodEntry]  # uid -> programmed pod of the applied set
     unresolved: tuple[UnresolvedPod, ...]
@@ -311,6 +331,7 @@ class Reconciler:
         self._usage_now = _usage(self._programmed.values())
         self._dirty = False  # the maps may differ from _programmed (a rollback failed): read again
         self._generation: int | None = None
+        self._epoch = 0  # the applied set's; meaningful once _generation is not None
         self._desired: dict[str, PodSpec] = {}  # the applied set, unresolved pods included
         self._entries: dict[str, PodEntry] = {}
         self._by_cgroup: dict[int, PodEntry] = {}
@@ -344,6 +365,10 @@ class Reconciler:
         return self._snapshot.applied_generation
 
     @property
+    def applied_epoch(self) -> int:
+        return self._snapshot.applied_epoch
+
+    @property
     def snapshot(self) -> Snapshot:
         """The latest state; safe to read from any thread without blocking."""
         return self._snapshot
@@ -357,13 +382,15 @@ class Reconciler:
             started = time.perf_counter()
             try:
                 desired = self._admit(pod_set)
-                if desired is None:  # the same set at the same generation again
+                if desired is None:  # the same set at the same epoch and generation again
                     self._last_apply = datetime.now(UTC)
                     self._publish()
                     return self._result(pod_set.generation, _Plan([], [], []), started)
-                return self._reconcile(pod_set.generation, desired, started, retry=False)
+                return self._reconcile(
+                    pod_set.generation, desired, started, retry=False, epoch=pod_set.epoch
+                )
             except ApplyRefusedError as err:
-                self._refused(err, pod_set.generation)
+                self._refused(err, pod_set)
                 raise
 
     def retry_unresolved(self) -> ApplyResult | None:
@@ -376,7 +403,11 @@ class Reconciler:
                 return None
             try:
                 return self._reconcile(
-                    self._generation, self._desired, time.perf_counter(), retry=True
+                    self._generation,
+                    self._desired,
+                    time.perf_counter(),
+                    retry=True,
+                    epoch=self._epoch,
                 )
             except ApplyRefusedError as err:  # not counted: the set itself was accepted
                 log.warning(
@@ -454,6 +485,10 @@ class Reconciler:
         """The set by uid, None for an idempotent repeat; raises if it must be refused."""
         desired = {pod.uid: pod for pod in pod_set.pods}
         applied = self._generation
+        if applied is not None and pod_set.epoch < self._epoch:
+            raise StaleEpochError(pod_set.epoch, self._epoch)
+        if applied is not None and pod_set.epoch > self._epoch:
+            applied = None  # a new leader: its generations start afresh
         if applied is not None and pod_set.generation < applied:
             raise StaleGenerationError(pod_set.generation, applied)
         if applied is not None and pod_set.generation == applied:
@@ -467,12 +502,18 @@ class Reconciler:
             raise CapacityError(
                 f"the set has {len(desired)} pods; this agent holds at most {self.max_pods} "
                 "(raise the pods capacity of the datapath, or run fewer meshed pods on the node)",
-                applied_generation=applied,
+                applied_generation=self._generation,
             )
         return desired
 
     def _reconcile(
-        self, generation: int, desired: dict[str, PodSpec], started: float, *, retry: bool
+        self,
+        generation: int,
+        desired: dict[str, PodSpec],
+        started: float,
+        *,
+        retry: bool,
+        epoch: int,
     ) -> ApplyResult:
         if self._dirty:
             self._resync()
@@ -498,6 +539,7 @@ class Reconciler:
         self._programmed = target
         self._usage_now = needed
         self._generation = generation
+        self._epoch = epoch
         self._desired = desired
         previous_entries, previous_unresolved = self._by_cgroup, self._unresolved
         self._entries = entries
@@ -663,13 +705,14 @@ class Reconciler:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _refused(self, err: ApplyRefusedError, generation: int) -> None:
+    def _refused(self, err: ApplyRefusedError, pod_set: PodSet) -> None:
         self._count_error(err.reason)
         log.warning(
             "set refused",
             extra={
                 "event": "apply_refused",
-                "generation": generation,
+                "epoch": pod_set.epoch,
+                "generation": pod_set.generation,
                 "reason": err.reason,
                 "error": err.message,
             },
@@ -688,6 +731,7 @@ class Reconciler:
             unresolved=sorted(self._unresolved.values(), key=lambda u: (u.namespace, u.name)),
             duration_ms=(time.perf_counter() - started) * 1000,
             boot_id=BOOT_ID,
+            applied_epoch=self._epoch,
         )
 
     def _make_snapshot(self) -> Snapshot:
@@ -695,6 +739,7 @@ class Reconciler:
             boot_id=BOOT_ID,
             started_at=self._started,
             applied_generation=self._generation,
+            applied_epoch=self._epoch,
             last_apply_time=self._last_apply,
             entries=self._entries,  # replaced, never mutated, by every apply
             unresolved=tuple(
@@ -766,6 +811,7 @@ class Reconciler:
                 "set applied",
                 extra={
                     "event": "set_applied",
+                    "epoch": self._epoch,
                     "generation": generation,
                     "added": len(plan.adds),
                     "updated": len(plan.updates),

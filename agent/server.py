@@ -3,8 +3,9 @@
 ======  ============  =====  ==================================================================
 method  path          auth   replies
 ======  ============  =====  ==================================================================
-PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 401; 409 stale generation, or the
-                             applied generation with another set; 413 body too large; 415 not
+PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 401; 409 stale epoch (another writer
+                             leads), stale generation, or the applied generation with another
+                             set; 413 body too large; 415 not
                              JSON content; 422 invalid set (pydantic's ``loc`` in ``detail``)
                              or more pods/entries than the maps hold; 500 datapath error (the
                              apply was rolled back); 507 a map filled up during the apply
@@ -13,7 +14,8 @@ POST    /v1/uninstall yes    200 UninstallReply (``already`` on a repeat); 401; 
                              500 the unload failed (a repeat tries again)
 GET     /v1/pods      yes    200 PodsReply; 401
 GET     /v1/status    yes    200 StatusReply; 401
-GET     /healthz      no     200 HealthReply (the process serves requests)
+GET     /healthz      no     200 HealthReply (the process serves requests; ``?applied=true``
+                             adds the applied set's epoch and generation)
 GET     /readyz       no     200 ReadyReply when every program is attached and a first set was
                              applied; 503 otherwise, saying which (or that it was uninstalled)
 GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
@@ -88,6 +90,7 @@ from meshaccel.agent.reconcile import (
     ApplyRefusedError,
     GenerationConflictError,
     Reconciler,
+    StaleEpochError,
     StaleGenerationError,
 )
 
@@ -169,9 +172,15 @@ def error_reply(
     *,
     detail: list[dict[str, object]] | None = None,
     applied_generation: int | None = None,
+    applied_epoch: int = 0,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    reply = ErrorReply(error=message, detail=detail, applied_generation=applied_generation)
+    reply = ErrorReply(
+        error=message,
+        detail=detail,
+        applied_generation=applied_generation,
+        applied_epoch=applied_epoch,
+    )
     response = json_reply(reply, status)
     response.headers.update(headers or {})
     return response
@@ -310,6 +319,8 @@ async def put_pods(request: web.Request) -> web.Response:
             result = await asyncio.get_running_loop().run_in_executor(
                 executor, reconciler.apply, pod_set
             )
+        except StaleEpochError as err:  # no applied_generation: nothing to retry
+            return error_reply(409, err.message, applied_epoch=err.applied)
         except (StaleGenerationError, GenerationConflictError) as err:
             return error_reply(409, err.message, applied_generation=err.applied_generation)
         except ApplyRefusedError as err:
@@ -409,7 +420,18 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_reply(HealthReply(boot_id=request.app[RECONCILER].boot_id))
+    """GET /healthz; with ``?applied=true`` (the operator's probe) the applied set too."""
+    reconciler = request.app[RECONCILER]
+    if request.query.get("applied") not in ("true", "1"):
+        return json_reply(HealthReply(boot_id=reconciler.boot_id))
+    snapshot = reconciler.snapshot
+    return json_reply(
+        HealthReply(
+            boot_id=snapshot.boot_id,
+            applied_generation=snapshot.applied_generation,
+            applied_epoch=snapshot.applied_epoch,
+        )
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -541,6 +563,7 @@ def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
         programs=programs,
         kernel_features=kernel_features(),
         applied_generation=snapshot.applied_generation,
+        applied_epoch=snapshot.applied_epoch,
         last_apply_time=snapshot.last_apply_time,
         pods_accelerated=snapshot.programmed,
         unresolved=list(snapshot.unresolved),

@@ -7,31 +7,32 @@ problem gets ``Degraded=True`` (reason ``InvalidSpec``) and programs nothing unt
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 
-from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
 from meshaccel.operator.selectors import selector_problems
 
 # The agent names its pinned datapath after the resource (agent setting `instance`).
 _INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-# repository[:tag][@digest]; the tag is what follows the last ":" after the last "/".
-_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+_REMOVE_IMAGE = json.dumps([{"op": "remove", "path": "/spec/agent/image"}])
 
 
-def image_problem(image: str) -> str | None:
-    if any(ch.isspace() for ch in image):
-        return f"spec.agent.image {image!r} contains whitespace"
-    if _DIGEST.search(image):
+def retired_image_problem(name: str, image: str | None) -> str | None:
+    """``spec.agent.image`` is retired: the agents' image is the operator's setting.
+
+    A value is refused, not ignored, so that nobody finds their agents running another image
+    than the one they wrote; the value the 0.1 CRD defaulted it to is ignored (the API server
+    wrote it, nobody chose it).
+    """
+    if image is None or image == LEGACY_DEFAULT_AGENT_IMAGE:
         return None
-    last = image.rsplit("/", 1)[-1]
-    if ":" not in last:
-        return (
-            f"spec.agent.image {image!r} has no tag: name a version (for example "
-            f"{image}:0.1.0) or a digest, so every node runs the same agent"
-        )
-    if last.endswith(":latest"):
-        return f"spec.agent.image {image!r} uses the moving tag 'latest': pin a version"
-    return None
+    return (
+        f"spec.agent.image is set ({image!r}) but no longer read: the agents run the image the "
+        "operator is configured with (Helm value agent.image), never one a MeshAcceleration "
+        f"names. If {image!r} is the image you want, set it there; then remove the field: "
+        f"kubectl patch meshacceleration {name} --type=json -p '{_REMOVE_IMAGE}'"
+    )
 
 
 def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
@@ -52,7 +53,7 @@ def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
                 "false: without sk_msg redirection nothing is delivered into application "
                 "sockets; remove the selector or set skMsgRedirect to true"
             )
-    image = image_problem(spec.agent.image)
+    image = retired_image_problem(name, spec.agent.image)
     if image:
         problems.append(image)
     for cidr in spec.exclusions.outboundCIDRs:

@@ -11,13 +11,20 @@ overlapping on a known node) or their selectors claim one pod. The resource crea
 (ties broken by name) gets ``Conflict`` and programs nothing; when the earlier one goes away
 the later one takes over. Pod-level claims are re-checked on resource and namespace changes
 and by :meth:`Engine.recheck_conflicts` (called periodically), not on every pod event.
+
+Deletions nobody reported: after a watch gap Kopf lists again without DELETED events, so a
+resync (:mod:`.resync`) lists the cluster and hands the engine what is there; between
+:meth:`Engine.begin_census` and :meth:`Engine.end_census` the engine drops what it knew when
+the census began, that the list does not have and that no event touched meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,6 +117,30 @@ class AgentPod:
     ip: str
 
 
+@dataclass(eq=False)
+class Census:
+    """What the engine knew when a full list began (:meth:`Engine.begin_census`), and which of
+    those objects events touched since (an event is at least as new as the list)."""
+
+    pods: frozenset[str]  # uids, agent pods included
+    namespaces: frozenset[str]
+    nodes: frozenset[str]
+    touched: set[tuple[str, str]] = field(default_factory=set)  # (kind, uid or name)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What a census dropped: pods as ``namespace/name`` (agents as ``agent <resource> on
+    <node>``), namespaces and nodes by name."""
+
+    pods: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pods or self.namespaces or self.nodes)
+
+
 class Engine:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace  # where the agents run (the operator's namespace)
@@ -120,11 +151,13 @@ class Engine:
         self.pods_by_node: defaultdict[str, set[str]] = defaultdict(set)
         self.agents: dict[str, AgentPod] = {}  # agent pod uid -> where it serves
         self.accelerations: dict[str, Acceleration] = {}
+        self._censuses: list[Census] = []  # open ones (a resync's list is on its way)
 
     # -- cluster objects --------------------------------------------------------------------
 
     def namespace_changed(self, name: str, labels: Mapping[str, str] | None) -> None:
         """A namespace was added, relabelled (``labels``) or deleted (``None``)."""
+        self._touch("namespace", name)
         before = self.namespaces.get(name)
         if labels is None:
             self.namespaces.pop(name, None)
@@ -137,6 +170,7 @@ class Engine:
         self.recheck_conflicts()
 
     def node_changed(self, name: str, labels: Mapping[str, str] | None) -> None:
+        self._touch("node", name)
         before = self.nodes.get(name)
         if labels is None:
             self.nodes.pop(name, None)
@@ -150,6 +184,7 @@ class Engine:
         facts = PodFacts.from_object(pod)
         if not facts.uid:
             return
+        self._touch("pod", facts.uid)
         if self._is_agent(pod):
             self._agent_changed(facts, pod, deleted=deleted)
             return
@@ -166,6 +201,70 @@ class Engine:
         if facts.node:
             self.pods_by_node[facts.node].add(facts.uid)
         self._reselect_pod(facts.uid)
+
+    def knows_pod(self, uid: str) -> bool:
+        return uid in self.pods or uid in self.agents
+
+    # -- what a full list found ---------------------------------------------------------------
+
+    def begin_census(self) -> Census:
+        """Before a full list is requested: what the engine knows now. End it with
+        :meth:`end_census` or :meth:`abandon_census`."""
+        census = Census(
+            pods=frozenset(self.pods) | frozenset(self.agents),
+            namespaces=frozenset(self.namespaces),
+            nodes=frozenset(self.nodes),
+        )
+        self._censuses.append(census)
+        return census
+
+    def abandon_census(self, census: Census) -> None:
+        with contextlib.suppress(ValueError):
+            self._censuses.remove(census)
+
+    def end_census(
+        self,
+        census: Census,
+        *,
+        pods: AbstractSet[str],
+        namespaces: AbstractSet[str],
+        nodes: AbstractSet[str],
+    ) -> Dropped:
+        """The list came back (``pods`` by uid, ``namespaces`` and ``nodes`` by name): drop
+        what the engine knew at :meth:`begin_census`, the list lacks and no event touched
+        since. (A pod uid never comes back; a name may, and then its event touches it.)"""
+        self.abandon_census(census)
+        gone_pods: list[str] = []
+        for uid in sorted(census.pods - pods):
+            if ("pod", uid) in census.touched:
+                continue
+            agent = self.agents.get(uid)
+            facts = self.pods.get(uid)
+            if agent is not None:
+                gone_pods.append(f"agent {agent.acceleration} on {agent.node}")
+                self._forget_agent(uid)
+            elif facts is not None:
+                gone_pods.append(f"{facts.namespace}/{facts.name}")
+                self._forget_pod(uid)
+        gone_namespaces = [
+            name
+            for name in sorted(census.namespaces - namespaces)
+            if ("namespace", name) not in census.touched and name in self.namespaces
+        ]
+        for name in gone_namespaces:
+            self.namespace_changed(name, None)
+        gone_nodes = [
+            name
+            for name in sorted(census.nodes - nodes)
+            if ("node", name) not in census.touched and name in self.nodes
+        ]
+        for name in gone_nodes:
+            self.node_changed(name, None)
+        return Dropped(tuple(gone_pods), tuple(gone_namespaces), tuple(gone_nodes))
+
+    def _touch(self, kind: str, key: str) -> None:
+        for census in self._censuses:
+            census.touched.add((kind, key))
 
     # -- MeshAccelerations ------------------------------------------------------------------
 
@@ -252,7 +351,14 @@ class Engine:
         before = self.agents.pop(facts.uid, None)
         if not deleted and facts.running and facts.ip and facts.node:
             self.agents[facts.uid] = AgentPod(name, facts.node, facts.ip)
-        after = self.agents.get(facts.uid)
+        self._agent_moved(name, before, self.agents.get(facts.uid))
+
+    def _forget_agent(self, uid: str) -> None:
+        before = self.agents.pop(uid, None)
+        if before is not None:
+            self._agent_moved(before.acceleration, before, None)
+
+    def _agent_moved(self, name: str, before: AgentPod | None, after: AgentPod | None) -> None:
         acceleration = self.accelerations.get(name)
         if acceleration is None or before == after:
             return

@@ -1,5 +1,11 @@
 """Kopf handlers: thin, each translating one kind of event into :class:`~.runtime.Runtime` calls.
 
+Which replica writes to the agents follows Kopf's peering: :func:`writer`, a daemon per
+MeshAcceleration, runs only while Kopf keeps this replica active (Kopf stops every daemon when
+peering pauses the replica, and starts them again when it resumes), and while one runs the
+replica takes the writer's Lease (:mod:`.leadership`). Kopf marks the objects of a listing with
+no event type: the watch handlers pass it on, so that a re-list after a watch gap is noticed.
+
 Kopf keeps its bookkeeping in annotations under ``meshaccel.io`` (never in ``.status``, whose
 schema the CRD defines completely), the finalizer is ``meshaccel.io/uninstall``, and its own
 log lines are posted as Events only from WARNING up: the operator posts its own Events
@@ -88,6 +94,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
     )
     runtime = Runtime(config, await _api_client(), session)
+    runtime.start()
     memo.runtime = runtime
     memo.compactor = asyncio.create_task(
         memory.compact_when_settled(lambda: len(runtime.engine.pods))
@@ -105,11 +112,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="accelerations", registry=REGISTRY)
-def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+def probe(memo: kopf.Memo, **_: Any) -> dict[str, int | None]:
     runtime: Runtime = memo.runtime
     return {
         "accelerations": len(runtime.engine.accelerations),
         "pods_known": len(runtime.engine.pods),
+        "epoch": runtime.epoch,  # the term this replica writes in; None: it does not write
     }
 
 
@@ -120,19 +128,21 @@ def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 
 @kopf.on.event("", "v1", "namespaces", registry=REGISTRY)
 async def namespace_event(
-    name: str, labels: kopf.Labels, type: str, memo: kopf.Memo, **_: Any
+    name: str, labels: kopf.Labels, type: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
-    memo.runtime.engine.namespace_changed(name, None if type == "DELETED" else dict(labels))
+    memo.runtime.namespace_event(name, dict(labels), type)
 
 
 @kopf.on.event("", "v1", "nodes", registry=REGISTRY)
-async def node_event(name: str, labels: kopf.Labels, type: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.runtime.engine.node_changed(name, None if type == "DELETED" else dict(labels))
+async def node_event(
+    name: str, labels: kopf.Labels, type: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    memo.runtime.node_event(name, dict(labels), type)
 
 
 @kopf.on.event("", "v1", "pods", registry=REGISTRY)
-async def pod_event(body: kopf.Body, type: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.runtime.engine.pod_changed(body, deleted=type == "DELETED")
+async def pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.pod_event(body, type)
 
 
 # -- MeshAccelerations -------------------------------------------------------------------------
@@ -184,6 +194,18 @@ async def refresh(
         return
     converged = await runtime.converge(acceleration)
     _report(runtime, name, body, meta, status, patch, converged.daemonset)
+
+
+@kopf.daemon(*MESH_ACCELERATIONS, cancellation_timeout=5, registry=REGISTRY)
+async def writer(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    """Kopf runs this only while the replica is active: while any runs, it may write."""
+    runtime: Runtime = memo.runtime
+    reason = f"MeshAcceleration {name}"
+    runtime.want(reason)
+    try:
+        await stopped.wait()
+    finally:
+        runtime.unwant(reason)
 
 
 @kopf.on.delete(*MESH_ACCELERATIONS, retries=UNINSTALL_ATTEMPTS, backoff=5, registry=REGISTRY)

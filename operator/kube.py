@@ -1,29 +1,42 @@
 """The operator's writes to the Kubernetes API: the agents' objects, kept as rendered.
 
 Requests go through the official client's asyncio flavour (``kubernetes.aio``: its
-configuration, authentication and TLS) and stay plain dicts: the operator renders dicts and
-compares dicts, and 10,000 pods never pass through here anyway (Kopf watches them).
+configuration, authentication and TLS) and stay plain dicts: the operator renders dicts, and
+10,000 pods never pass through here anyway (Kopf watches them).
 
-Objects are kept in step like ``kubectl apply``: the last rendered object is remembered in an
-annotation, and a JSON merge patch sets every rendered field and removes (``null``) the
-fields rendered last time and not any more. A live object that already contains everything
-rendered is left alone, so the periodic re-check costs one GET per object.
+Objects are kept in step by server-side apply, as the field manager ``meshaccel-operator``:
+the operator sends every field it renders and only those; the API server records them as the
+operator's (``metadata.managedFields``) and removes the ones it rendered last time and not
+any more. Fields other managers set (``kubectl rollout restart``, an admission controller's
+annotation) stay theirs and stay put; ``force=true`` only takes back fields the operator
+renders. An apply that changes nothing writes nothing, so its resourceVersion tells.
+
+Releases before server-side apply merge-patched the objects and kept the rendered object,
+the agents' token included, in a ``meshaccel.io/last-applied`` annotation: the next apply
+first removes it and makes the fields it lists the operator's (:func:`legacy_migration`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from kubernetes.aio import client as k8s
 
 log = logging.getLogger("meshaccel.operator.kube")
 
-LAST_APPLIED: Final = "meshaccel.io/last-applied"
-MERGE_PATCH: Final = "application/merge-patch+json"
+FIELD_MANAGER: Final = "meshaccel-operator"
+APPLY_PATCH: Final = "application/apply-patch+yaml"
+JSON_PATCH: Final = "application/json-patch+json"
+# What releases before server-side apply left on every object they wrote (see the docstring).
+LEGACY_ANNOTATION: Final = "meshaccel.io/last-applied"
+# Their writes named no fieldManager: the API server named them after the client's User-Agent
+# ("OpenAPI-Generator/<version>/python") up to its first "/".
+LEGACY_MANAGER: Final = "OpenAPI-Generator"
 
 Object = dict[str, Any]
 
@@ -61,19 +74,140 @@ def removals(old: Any, new: Any) -> Any:
     return patch
 
 
-def contains(live: Any, wanted: Any) -> bool:
-    """Whether ``live`` already holds everything in ``wanted`` (server defaults aside)."""
-    if isinstance(wanted, Mapping):
-        return isinstance(live, Mapping) and all(
-            key in live and contains(live[key], value) for key, value in wanted.items()
+# --- taking over from releases before server-side apply ------------------------------------------
+
+
+def legacy_migration(live: Mapping[str, Any]) -> list[Object]:
+    """A JSON patch for an object an earlier release wrote, or ``[]`` if none did.
+
+    It removes the ``last-applied`` annotation, and hands the fields that annotation lists
+    from :data:`LEGACY_MANAGER` to the operator's apply entry in ``managedFields`` (as
+    ``kubectl apply --server-side`` does when it takes over from client-side apply): the
+    next apply then removes the fields the earlier release rendered and this one does not.
+    Fields :data:`LEGACY_MANAGER` owns that the annotation does not list stay its own. The
+    patch first tests the resourceVersion: a concurrent write makes it fail (422, nothing
+    changed), and the next apply tries again.
+    """
+    meta = live.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    if LEGACY_ANNOTATION not in annotations:
+        return []
+    try:
+        last = json.loads(annotations[LEGACY_ANNOTATION])
+    except ValueError:
+        last = {}  # unreadable: the annotation still goes, no field changes hands
+    escaped = LEGACY_ANNOTATION.replace("~", "~0").replace("/", "~1")  # RFC 6901
+    ops: list[Object] = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")},
+        {"op": "remove", "path": f"/metadata/annotations/{escaped}"},
+    ]
+    managed = list(meta.get("managedFields") or [])
+    handed = _hand_over(managed, last, str(live.get("apiVersion", "")))
+    if handed != managed:
+        ops.append({"op": "replace", "path": "/metadata/managedFields", "value": handed})
+    return ops
+
+
+def _hand_over(managed: list[Object], last: Any, api_version: str) -> list[Object]:
+    """``managedFields`` with the fields in ``last`` moved from the legacy manager to ours."""
+    kept: list[Object] = []
+    taken: Object = {}
+    time: Any = None
+    for entry in managed:
+        fields = entry.get("fieldsV1") or {}
+        legacy = (
+            entry.get("manager") == LEGACY_MANAGER
+            and entry.get("operation") == "Update"
+            and not entry.get("subresource")
         )
-    if isinstance(wanted, list):
-        return (
-            isinstance(live, list)
-            and len(live) == len(wanted)
-            and all(contains(a, b) for a, b in zip(live, wanted, strict=True))
-        )
-    return bool(live == wanted)
+        ours = _within(fields, last) if legacy else {}
+        if not ours:
+            kept.append(entry)
+            continue
+        _union(taken, ours)
+        time = entry.get("time", time)
+        rest = _without(fields, ours)
+        if rest:
+            kept.append({**entry, "fieldsV1": rest})
+    if not taken:
+        return managed
+    for index, entry in enumerate(kept):
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply":
+            fields = copy.deepcopy(entry.get("fieldsV1") or {})
+            _union(fields, taken)
+            kept[index] = {**entry, "fieldsV1": fields}
+            return kept
+    entry = {"manager": FIELD_MANAGER, "operation": "Apply", "apiVersion": api_version}
+    if time is not None:
+        entry["time"] = time
+    kept.append({**entry, "fieldsType": "FieldsV1", "fieldsV1": taken})
+    return kept
+
+
+def _step(value: Any, element: str) -> tuple[bool, Any]:
+    """Follow one fieldsV1 element (``f:name``, ``k:{...}``, ``v:...``, ``i:n``) into ``value``."""
+    kind, _, text = element.partition(":")
+    if kind == "f":
+        found = isinstance(value, Mapping) and text in value
+        return found, value[text] if found else None
+    if not isinstance(value, list):
+        return False, None
+    try:
+        wanted = json.loads(text)
+    except ValueError:
+        return False, None
+    for index, item in enumerate(value):
+        if (
+            (
+                kind == "k"
+                and isinstance(item, Mapping)
+                and isinstance(wanted, Mapping)
+                and all(item.get(key) == key_value for key, key_value in wanted.items())
+            )
+            or (kind == "v" and item == wanted)
+            or (kind == "i" and index == wanted)
+        ):
+            return True, item
+    return False, None
+
+
+def _within(fields: Mapping[str, Any], value: Any) -> Object:
+    """The part of a fieldsV1 tree that names fields ``value`` has."""
+    kept: Object = {}
+    for element, inner in fields.items():
+        if element == ".":  # the node itself, which ``value`` is
+            kept["."] = {}
+            continue
+        found, child = _step(value, element)
+        if not found:
+            continue
+        if not inner:
+            kept[element] = {}
+        elif below := _within(inner, child):
+            kept[element] = below
+    return kept
+
+
+def _without(fields: Mapping[str, Any], taken: Mapping[str, Any]) -> Object:
+    """A fieldsV1 tree minus the fields of another."""
+    rest: Object = {}
+    for element, inner in fields.items():
+        if element not in taken:
+            rest[element] = inner
+        elif inner and (below := _without(inner, taken[element])):
+            rest[element] = below
+    return rest
+
+
+def _union(into: Object, more: Mapping[str, Any]) -> None:
+    for element, inner in more.items():
+        if element in into:
+            _union(into[element], inner)
+        else:
+            into[element] = copy.deepcopy(inner)
+
+
+# --- the client ---------------------------------------------------------------------------------
 
 
 class Kube:
@@ -82,72 +216,79 @@ class Kube:
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self._client = api_client
 
-    async def _call(
+    async def _request(
         self,
         method: str,
         kind: str,
         namespace: str,
         name: str | None = None,
-        body: Object | None = None,
+        body: Any = None,
         content_type: str = "application/json",
-    ) -> Object | None:
-        """One request; ``None`` for a 404 on a read or a delete."""
+        query: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, Object]:
+        """One request: its HTTP status and body (``{}`` for a 404 on a read or a delete)."""
         prefix, plural = _KINDS[kind]
         path = f"{prefix}/namespaces/{{namespace}}/{plural}" + ("/{name}" if name else "")
         params = await self._client.param_serialize(
             method=method,
             resource_path=path,
             path_params={"namespace": namespace, **({"name": name} if name else {})},
+            query_params=list(query) or None,
             header_params={"Accept": "application/json", "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
         )
         response = await self._client.call_api(*params)
         data = await response.read()  # type: ignore[no-untyped-call]
-        what = name or (body or {}).get("metadata", {}).get("name", "")
         if response.status == 404 and method in ("GET", "DELETE"):
-            return None
+            return response.status, {}
+        text = data.decode(errors="replace")
         if response.status >= 400:
-            raise KubeError(method, kind, what, response.status, data.decode(errors="replace"))
-        parsed: Object = json.loads(data) if data else {}
-        return parsed
+            raise KubeError(method, kind, name or "", response.status, text)
+        parsed = json.loads(data) if data else {}
+        if not isinstance(parsed, dict):
+            raise KubeError(method, kind, name or "", response.status, f"not an object: {text}")
+        return response.status, parsed
 
     async def read(self, kind: str, namespace: str, name: str) -> Object | None:
-        return await self._call("GET", kind, namespace, name)
+        status, found = await self._request("GET", kind, namespace, name)
+        return None if status == 404 else found
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        return await self._call("DELETE", kind, namespace, name) is not None
-
-    async def create(self, obj: Object) -> Object:
-        created = await self._call("POST", obj["kind"], obj["metadata"]["namespace"], body=obj)
-        assert created is not None
-        return created
-
-    async def patch(self, kind: str, namespace: str, name: str, patch: Object) -> Object:
-        patched = await self._call("PATCH", kind, namespace, name, patch, MERGE_PATCH)
-        assert patched is not None
-        return patched
+        status, _ = await self._request("DELETE", kind, namespace, name)
+        return status != 404
 
     async def apply(self, obj: Object) -> tuple[str, Object]:
-        """Create ``obj`` or bring the live object in step.
+        """Server-side apply ``obj`` as :data:`FIELD_MANAGER`, creating it if it is missing.
 
-        Returns what was done (created, updated, unchanged) and the object as stored.
+        Returns what was done (created, updated, unchanged) and the object as stored:
+        unchanged when the resourceVersion did not move.
         """
         meta = obj["metadata"]
         kind, namespace, name = obj["kind"], meta["namespace"], meta["name"]
-        rendered = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-        wanted = {
-            **obj,
-            "metadata": {
-                **meta,
-                "annotations": {**meta.get("annotations", {}), LAST_APPLIED: rendered},
-            },
-        }
         live = await self.read(kind, namespace, name)
-        if live is None:
-            return "created", await self.create(wanted)
-        if contains(live, wanted):
-            return "unchanged", live
-        last_text = (live.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
-        last = json.loads(last_text) if last_text else {}
-        return "updated", await self.patch(kind, namespace, name, removals(last, wanted))
+        if live is not None and (migration := legacy_migration(live)):
+            log.info("%s %s/%s: dropping the last-applied annotation", kind, namespace, name)
+            await self._request(
+                "PATCH",
+                kind,
+                namespace,
+                name,
+                migration,
+                JSON_PATCH,
+                query=(("fieldManager", FIELD_MANAGER),),
+            )
+        status, stored = await self._request(
+            "PATCH",
+            kind,
+            namespace,
+            name,
+            obj,
+            APPLY_PATCH,
+            query=(("fieldManager", FIELD_MANAGER), ("force", "true")),
+        )
+        if status == 201:
+            return "created", stored
+        before = (live or {}).get("metadata", {}).get("resourceVersion")
+        after = stored.get("metadata", {}).get("resourceVersion")
+        return ("unchanged" if before is not None and before == after else "updated"), stored

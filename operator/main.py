@@ -1,17 +1,21 @@
 """``meshaccel-operator``: the cluster-level operator process.
 
     meshaccel-operator [--namespace NS] [--peering NAME | --standalone] [--liveness URL]
+                       [--agent-image IMAGE] [--agent-image-pull-secrets NAME,...]
                        [--metrics-port PORT] [--push-window SECONDS] [--log-format json|text]
 
 Watches MeshAccelerations, namespaces, nodes and pods cluster-wide (Kopf), keeps each
 resource's agents (a DaemonSet in ``--namespace``) as rendered, and pushes every node's pod
-set to that node's agent. Run two replicas: with ``--peering`` (the default) Kopf's peering
+set to that node's agent. Every agent runs ``--agent-image``, whatever a MeshAcceleration
+says. Run two replicas: with ``--peering`` (the default) Kopf's peering
 keeps exactly one of them working; each replica picks a random priority, because replicas of
 equal priority would all pause.
 
 Every flag has an environment variable: MESHACCEL_NAMESPACE, MESHACCEL_PEERING,
-MESHACCEL_LIVENESS, MESHACCEL_METRICS_PORT, MESHACCEL_PUSH_WINDOW, MESHACCEL_LOG_FORMAT,
-MESHACCEL_LOG_LEVEL, MESHACCEL_PEERING_LIFETIME (see :mod:`.config`).
+MESHACCEL_LIVENESS, MESHACCEL_AGENT_IMAGE, MESHACCEL_AGENT_IMAGE_PULL_SECRETS,
+MESHACCEL_METRICS_PORT, MESHACCEL_PUSH_WINDOW, MESHACCEL_LOG_FORMAT, MESHACCEL_LOG_LEVEL,
+MESHACCEL_PEERING_LIFETIME, MESHACCEL_LEASE_DURATION, MESHACCEL_RESYNC_INTERVAL (see
+:mod:`.config`).
 Exit codes: 0 stopped as asked, 1 failed, 2 invalid arguments.
 """
 

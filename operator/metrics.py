@@ -34,6 +34,7 @@ FAILURE_REASONS = (
     "connect",  # refused, reset, unreachable: the agent is not there (yet)
     "timeout",  # no reply within request_timeout
     "stale_generation",  # a 409 naming a higher applied generation: sent again, higher
+    "superseded",  # a 409 (or a probe) naming a higher epoch: another replica writes
     "bad_reply",  # a 2xx whose body is not the contract's reply
 )
 
@@ -63,7 +64,7 @@ class PushMetrics:
         self.push_failures = Counter(
             "meshaccel_operator_push_failures",
             "PUT /v1/pods attempts that did not apply, by reason (connect, timeout, "
-            "stale_generation, bad_reply, http_<status>)",
+            "stale_generation, superseded, bad_reply, http_<status>)",
             ["acceleration", "reason"],
             registry=registry,
         )

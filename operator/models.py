@@ -3,8 +3,12 @@
 ``python -m meshaccel.operator.crd`` turns these models into ``crds/*.yaml``; a test fails
 when the committed files are out of date. Field names are the resource's camelCase keys.
 What the schema can check (types, enums, ranges, patterns, required fields) is checked here;
-what only makes sense together (a selector that can never match, an image without a tag) is
+what only makes sense together (a selector that can never match, a retired field still set) is
 reported by :mod:`.checks` as a Degraded condition.
+
+The agents' image is not part of the resource: it is the operator's setting
+(:class:`~.config.AgentImage`). ``spec.agent.image`` stays in the schema, retired, so that the
+API server keeps showing it to the operator instead of dropping it unseen (docs/security.md).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ SINGULAR = "meshacceleration"
 SHORT_NAMES = ("meshaccel", "ma")
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DEFAULT_AGENT_IMAGE = "ghcr.io/meshaccel/meshaccel-agent:0.1.0"
+# What the 0.1 CRD defaulted spec.agent.image to: the API server wrote it into every resource
+# created then. Such a resource chose nothing, so the value is ignored rather than refused.
+LEGACY_DEFAULT_AGENT_IMAGE = "ghcr.io/meshaccel/meshaccel-agent:0.1.0"
 DEFAULT_AGENT_PORT = 9474
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -139,13 +145,18 @@ def _default_resources() -> ResourceRequirements:
 class AgentSpec(_Model):
     """Where the node agents run and how their DaemonSet looks."""
 
-    image: str = Field(
-        default=DEFAULT_AGENT_IMAGE,
-        min_length=1,
+    image: str | None = Field(
+        default=None,
         max_length=512,
-        description="the agent's container image, with a tag or digest",
+        description="retired: the agents run the image the operator is configured with (Helm "
+        "value agent.image), never one a MeshAcceleration names. Leave it unset: any value other "
+        "than " + LEGACY_DEFAULT_AGENT_IMAGE + " (the old default) makes the resource Degraded "
+        "(InvalidSpec) until it is removed",
     )
-    imagePullPolicy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    imagePullPolicy: PullPolicy = Field(
+        default=PullPolicy.IF_NOT_PRESENT,
+        description="when the kubelet pulls the agents' image (the operator's setting)",
+    )
     port: Port = Field(
         default=DEFAULT_AGENT_PORT,
         description="the agent's API port on each node (agents use the host network)",

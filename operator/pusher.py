@@ -11,23 +11,38 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
 
 * **Batching.** The first change after a quiet spell starts a ``window``; the set sent when it
   ends is the newest one, so a burst of pod events costs one PUT per node.
-* **Generations.** Every new set gets a generation above both the last one sent and the
-  agent's applied generation as last heard. An operator starts with no memory (a restart, a
-  failover to the other replica): the first PUT may be refused with a 409 naming the agent's
-  applied generation (lower than it, or equal with another set); the same set is sent again at
-  once with that generation + 1. A retry of an unchanged set keeps its generation: if the
-  agent applied it before the reply was lost, the repeat is a no-op there.
+* **Leading.** Only a replica that leads writes: :meth:`Pusher.lead` gives the pusher its
+  leader epoch (this replica's term in the operator's Lease, :mod:`.leadership`), and ``None``
+  stops it: no PUT and no probe goes out until an epoch comes back (the node tasks end; the
+  sets keep being tracked). Every set carries the epoch; agents order sets by ``(epoch,
+  generation)`` and refuse a lower epoch whatever its generation. A new epoch sends every
+  node's set again at once: the agents then hold this term's sets, and no other.
+* **Generations** count the sets of one epoch, from 1: every new set gets a generation above
+  both the last one sent and the agent's applied generation in this epoch as last heard. A 409
+  naming an applied generation of *this* epoch (a pusher made again within the term: it has
+  no memory) sends the same set again at once with that generation + 1. A retry of an
+  unchanged set keeps its generation: if the agent applied it before the reply was lost, the
+  repeat is a no-op there.
+* **Another writer.** A 409 naming a higher applied epoch means another replica leads: the
+  node is left alone (``superseded_by``, ``last_error`` say so; never a generation jump, so a
+  stale set cannot win), and ``on_superseded(epoch)`` tells the caller, whose term is over.
+  An agent that predates epochs refuses the field (422 on ``epoch``): its sets go without one,
+  unfenced as before, until its boot id changes (an upgrade).
 * **Failures.** Unreachable, timeout, 5xx (507 included), 408 and 429: retried with exponential
   backoff (``backoff_initial`` doubling to ``backoff_max``, each delay jittered into its upper
   half). New sets during a backoff wait for it. Any other 4xx is the operator's bug or a set
   the agent cannot take (401 token, 422 capacity, 409 standalone/uninstalled agent): recorded
-  in ``last_error`` and not sent again until the set (or the endpoint, or the agent's boot)
-  changes.
-* **Agent restarts.** Every PUT reply and a ``GET /healthz`` probe (every ``probe_interval``
-  per node, each node's first one at a random point of the interval, so 500 nodes are not
-  probed at once) carry the agent's ``boot_id``; a new one means a fresh process that holds
-  none of our sets: the full set is sent again, at once. A probe that reaches an agent the
-  pushes could not reach also ends the backoff.
+  in ``last_error`` and not sent again until the set (or the endpoint, or the agent's boot, or
+  the epoch) changes.
+* **Agent restarts and other writers.** Every PUT reply and a ``GET /healthz?applied=true``
+  probe (every ``probe_interval`` per node, each node's first one at a random point of the
+  interval, so 500 nodes are not probed at once) carry the agent's ``boot_id`` and its applied
+  epoch and generation. A new boot id means a fresh process that holds none of our sets: the
+  full set is sent again, at once. A higher epoch means another writer leads (as above); any
+  other applied epoch or generation than the one last heard means the agent holds a set that
+  is not the one it confirmed: the node is behind and its set is sent again, at once, above
+  the agent's generation. A probe that reaches an agent the pushes could not reach also ends
+  the backoff.
 * ``on_applied(node, generation, seconds)`` is called on every confirmation; ``seconds`` runs
   from the oldest change (or restart, or new endpoint) the confirmed set includes that was
   not confirmed before. Exceptions it raises are logged.
@@ -35,7 +50,7 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
   by default); the waits themselves run on the event loop's timers, so a clock that stands
   still only postpones what is due. :class:`NodeState` shows what is due (``next_push``) and
   whether a PUT is in flight (``pushing``): with neither, nothing is sent until something
-  changes (a set, an endpoint, an agent's boot).
+  changes (a set, an endpoint, an agent's boot, the epoch).
 
 HTTP: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps concurrent
 requests: for hundreds of nodes make it ``limit=0`` or about the node count); bearer token on
@@ -72,6 +87,7 @@ from meshaccel.operator.metrics import PushMetrics, default_metrics
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[str, int, float], None]
+OnSuperseded = Callable[[int], None]
 
 # Statuses worth retrying unchanged: the agent (or something before it) is busy or broken now.
 _RETRYABLE_4XX = frozenset({408, 429})
@@ -88,7 +104,7 @@ class NodeState:
 
     node: str
     url: str | None  # the agent's base URL; None: no agent known
-    desired_generation: int | None  # given to the newest set sent so far (None: nothing sent)
+    desired_generation: int | None  # given to the newest set sent in this epoch (None: none)
     applied_generation: int | None  # the agent's, as last heard (from any operator)
     in_sync: bool  # the agent confirmed the newest set given to set_pods
     pods_applied: int | None  # pods of the confirmed set the agent programmed
@@ -103,6 +119,9 @@ class NodeState:
     # to send. With no PUT in flight either (pushing), the node is idle until something changes.
     next_push: float | None = None
     pushing: bool = False  # a PUT is in flight
+    epoch: int | None = None  # this replica's, which its sets carry; None: not leading
+    applied_epoch: int | None = None  # the epoch of the agent's applied set, as last heard
+    superseded_by: int | None = None  # an agent's higher epoch: another writer leads
 
 
 class _Unreachable(Exception):
@@ -130,9 +149,12 @@ class _Node:
     desired: tuple[PodSpec, ...] | None = None
     version: int = 0
     confirmed: int | None = None  # version the agent confirmed; None: nothing (since a restart)
-    generation: int = 0  # the last generation given to a set
+    generation: int = 0  # the last generation given to a set, in this epoch
     generation_version: int | None = None  # the version it was given to
     agent_generation: int | None = None
+    agent_epoch: int | None = None
+    superseded: int | None = None  # the higher epoch an agent answered with
+    legacy: bool = False  # the agent predates epochs (refused the field)
     boot_id: str | None = None
     pods_applied: int | None = None
     unresolved: int = 0
@@ -155,7 +177,7 @@ class _Node:
     def in_sync(self) -> bool:
         return self.desired is not None and self.confirmed == self.version
 
-    def state(self) -> NodeState:
+    def state(self, epoch: int | None) -> NodeState:
         return NodeState(
             node=self.name,
             url=self.url,
@@ -172,6 +194,9 @@ class _Node:
             probe_error=self.probe_error,
             next_push=self.send_due,
             pushing=self.pushing,
+            epoch=epoch,
+            applied_epoch=self.agent_epoch,
+            superseded_by=self.superseded,
         )
 
 
@@ -183,6 +208,14 @@ def _error_text(status: int, raw: bytes) -> tuple[str, ErrorReply | None]:
         excerpt = raw[:_REPLY_EXCERPT].decode("utf-8", "replace").strip()
         return f"HTTP {status}: {excerpt or '(empty body)'}", None
     return f"HTTP {status}: {reply.error}", reply
+
+
+def _refuses_epochs(reply: ErrorReply | None) -> bool:
+    """A 422 from an agent that predates epochs: its strict model refused the field."""
+    return reply is not None and any(
+        item.get("type") == "extra_forbidden" and item.get("loc") in (["epoch"], ("epoch",))
+        for item in reply.detail or ()
+    )
 
 
 def _earliest(*times: float | None) -> float | None:
@@ -199,12 +232,14 @@ class Pusher:
         *,
         token: str,
         session: aiohttp.ClientSession,
+        epoch: int | None,
         window: float = 0.1,
         request_timeout: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         probe_interval: float = 15.0,
         on_applied: OnApplied | None = None,
+        on_superseded: OnSuperseded | None = None,
         metrics: PushMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -222,6 +257,8 @@ class Pusher:
         self._backoff_max = backoff_max
         self._probe_interval = probe_interval
         self._on_applied = on_applied
+        self._on_superseded = on_superseded
+        self._epoch = epoch
         self._metrics = metrics if metrics is not None else default_metrics()
         self._clock = clock
         self._auth = {"Authorization": f"Bearer {token.strip()}"}
@@ -235,6 +272,48 @@ class Pusher:
         self._metrics.nodes_behind.labels(acceleration).set(0)
 
     # -- what the handlers call ------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the sets go out with; None: not leading, nothing is sent."""
+        return self._epoch
+
+    def lead(self, epoch: int | None) -> None:
+        """Write with ``epoch`` (this replica's term) from now on, or stop writing (None).
+
+        None ends every node's task (a PUT in flight is cancelled; no probe either) until an
+        epoch comes back. A new epoch sends every node's set again at once, from generation 1.
+        """
+        if self._closed or epoch == self._epoch:
+            return
+        asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
+        previous, self._epoch = self._epoch, epoch
+        log.info(
+            "not leading: nothing is sent" if epoch is None else "leading: sets carry the epoch",
+            extra={
+                "event": "push_epoch",
+                "acceleration": self.acceleration,
+                "epoch": epoch,
+                "previous": previous,
+            },
+        )
+        now = self._clock()
+        for n in self._nodes.values():
+            if epoch is None:
+                self._stop_task(n)
+                n.send_due = None
+                continue
+            n.generation, n.generation_version = 0, None
+            n.confirmed = n.superseded = n.blocked = None
+            n.retries = n.stale_retries = 0
+            n.not_before = 0.0
+            if n.url is not None and not self._stopped:
+                if n.desired is not None:
+                    n.pending_since = _earliest(n.pending_since, now)
+                    self._schedule(n, now)
+                n.probe_due = now + self._random.uniform(0, self._probe_interval)
+                self._start_task(n)
+            self._refresh(n, now)
 
     def set_endpoint(self, node: str, url: str | None) -> None:
         """The agent of ``node`` listens at ``url`` (``http://10.0.0.5:9474``); None: no agent.
@@ -252,17 +331,19 @@ class Pusher:
         now = self._clock()
         n.url = url
         # Another endpoint is another agent process, or one we must assume forgot everything.
-        n.confirmed = n.boot_id = n.probe_error = n.blocked = None
+        n.confirmed = n.boot_id = n.probe_error = n.blocked = n.superseded = None
+        n.agent_epoch = n.agent_generation = None
+        n.legacy = False
         n.retries = n.stale_retries = 0
         n.not_before = 0.0
         if url is None:
             n.send_due, n.probe_due = None, math.inf
             self._stop_task(n)
         else:
-            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/healthz"
+            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/healthz?applied=true"
             n.uninstall_url = f"{url}/v1/uninstall"
             n.probe_due = now + self._random.uniform(0, self._probe_interval)
-            if not self._stopped:
+            if self._writing:
                 if n.desired is not None:
                     n.pending_since = _earliest(n.pending_since, now)
                     self._schedule(n, now + self._window)
@@ -285,7 +366,7 @@ class Pusher:
         n.desired = desired
         n.version += 1
         n.pending_since = _earliest(n.pending_since, now)
-        if n.url is not None and not self._stopped:
+        if n.url is not None and self._writing:
             self._schedule(n, now + self._window)
         self._refresh(n, now)
 
@@ -302,7 +383,8 @@ class Pusher:
 
     def nodes(self) -> Mapping[str, NodeState]:
         """Every node's state now (a read-only snapshot)."""
-        return types.MappingProxyType({name: n.state() for name, n in self._nodes.items()})
+        epoch = self._epoch
+        return types.MappingProxyType({name: n.state(epoch) for name, n in self._nodes.items()})
 
     async def uninstall(self, *, timeout: float) -> dict[str, str | None]:
         """Stop pushing; ``POST /v1/uninstall`` to every node with an endpoint, concurrently.
@@ -340,6 +422,10 @@ class Pusher:
 
     # -- scheduling ------------------------------------------------------------------------
 
+    @property
+    def _writing(self) -> bool:
+        return self._epoch is not None and not self._stopped
+
     def _node(self, name: str) -> _Node:
         n = self._nodes.get(name)
         if n is None:
@@ -348,7 +434,10 @@ class Pusher:
 
     def _schedule(self, n: _Node, at: float) -> None:
         """A PUT at ``at`` (not before the backoff), unless one is due earlier already: a
-        burst of changes rides on the first one's window."""
+        burst of changes rides on the first one's window. None while another writer leads
+        the node's agent (only a new epoch ends that, even after the agent restarts)."""
+        if n.superseded is not None:
+            return
         at = max(at, n.not_before)
         if n.send_due is None or at < n.send_due:
             n.send_due = at
@@ -395,7 +484,12 @@ class Pusher:
             try:
                 if n.send_due is not None and n.send_due <= now:
                     n.send_due = None
-                    if n.desired is not None and n.blocked != n.version:
+                    if (
+                        n.desired is not None
+                        and n.blocked != n.version
+                        and n.superseded is None
+                        and self._epoch is not None
+                    ):
                         n.pushing = True
                         try:
                             await self._push(n)
@@ -440,14 +534,18 @@ class Pusher:
             raise _Unreachable("connect", f"{url}: {type(err).__name__}: {err}") from err
 
     async def _push(self, n: _Node) -> None:
-        assert n.desired is not None
-        url, version, pods = n.url, n.version, n.desired
+        assert n.desired is not None and self._epoch is not None
+        url, version, pods, epoch = n.url, n.version, n.desired, self._epoch
+        sent_epoch = 0 if n.legacy else epoch
         if version != n.generation_version:  # a new set: a new generation, above all we know
-            n.generation = max(n.generation, n.agent_generation or 0) + 1
+            heard = n.agent_generation if n.agent_epoch == sent_epoch else None
+            n.generation = max(n.generation, heard or 0) + 1
             n.generation_version = version
         generation = n.generation
         # The pods were validated by set_pods; model_construct skips doing it again.
-        body = PodSet.model_construct(generation=generation, pods=list(pods)).model_dump_json()
+        pod_set = PodSet.model_construct(epoch=sent_epoch, generation=generation, pods=list(pods))
+        # An agent that predates epochs refuses the field (its model forbids unknown ones).
+        body = pod_set.model_dump_json(exclude={"epoch"} if n.legacy else None)
         n.inflight_since, n.pending_since = n.pending_since, None
         started = self._clock()
         try:
@@ -456,7 +554,7 @@ class Pusher:
             )
         except _Unreachable as err:
             self._restore_pending(n)
-            if n.url == url:
+            if n.url == url and self._epoch == epoch:
                 self._retry_later(n, err.reason, err.text)
             return
         except BaseException:  # cancelled: keep the change's time for whoever comes next
@@ -464,7 +562,7 @@ class Pusher:
             raise
         now = self._clock()
         self._metrics.push_duration.labels(self.acceleration).observe(now - started)
-        if n.url != url:  # the endpoint changed meanwhile: this reply is another agent's
+        if n.url != url or self._epoch != epoch:  # another agent's reply, or another term's
             self._restore_pending(n)
             return
         if status == 200:
@@ -478,8 +576,17 @@ class Pusher:
             return
         self._restore_pending(n)
         text, reply = _error_text(status, raw)
-        if status == 409 and reply is not None and reply.applied_generation is not None:
-            self._jump_past(n, reply.applied_generation, text, now)
+        if status == 409 and reply is not None and reply.applied_epoch > sent_epoch:
+            self._superseded(n, reply.applied_epoch, text, now)
+        elif status == 409 and reply is not None and reply.applied_generation is not None:
+            self._jump_past(n, reply.applied_generation, reply.applied_epoch, text, now)
+        elif status == 422 and not n.legacy and _refuses_epochs(reply):
+            n.legacy = True
+            log.warning(
+                "agent predates epochs: its sets go without one (not fenced) until it restarts",
+                extra=self._extra(n, event="agent_without_epochs"),
+            )
+            self._schedule(n, now)
         elif status >= 500 or status in _RETRYABLE_4XX or status < 400:
             self._retry_later(n, f"http_{status}", text)
         else:
@@ -509,8 +616,12 @@ class Pusher:
                 "agent reached again: set applied",
                 extra=self._extra(n, event="push_recovered", generation=generation),
             )
+        if n.legacy and n.boot_id is not None and n.boot_id != result.boot_id:
+            n.legacy = False  # another agent process, maybe one that knows epochs
+            self._schedule(n, now)
         n.boot_id = result.boot_id
         n.agent_generation = result.applied_generation
+        n.agent_epoch = result.applied_epoch
         n.confirmed = version
         n.pods_applied = pods - len(result.unresolved)
         n.unresolved = len(result.unresolved)
@@ -530,9 +641,10 @@ class Pusher:
             except Exception:
                 log.exception("on_applied failed", extra=self._extra(n, event="callback_error"))
 
-    def _jump_past(self, n: _Node, applied: int, text: str, now: float) -> None:
-        """A 409 naming the agent's generation: the same set again, above it."""
+    def _jump_past(self, n: _Node, applied: int, applied_epoch: int, text: str, now: float) -> None:
+        """A 409 naming the agent's generation in our epoch: the same set again, above it."""
         n.agent_generation = applied
+        n.agent_epoch = applied_epoch
         n.generation = max(n.generation, applied) + 1
         n.stale_retries += 1
         n.attempts += 1
@@ -545,6 +657,30 @@ class Pusher:
             self._schedule(n, now)
         else:  # someone else keeps raising it (a second operator?): do not race them flat out
             self._retry_later(n, "stale_generation", f"{text} ({n.stale_retries} times in a row)")
+
+    def _superseded(self, n: _Node, epoch: int, text: str, now: float) -> None:
+        """An agent holds a set of a higher epoch: another writer leads. Leave the node alone."""
+        first = n.superseded is None
+        n.superseded = n.agent_epoch = epoch
+        n.confirmed = n.send_due = None
+        n.attempts += 1
+        n.last_failure = "superseded"
+        n.last_error = (
+            f"another writer leads: the agent applied a set of epoch {epoch}, this replica "
+            f"writes epoch {self._epoch}; nothing is sent until this replica leads again ({text})"
+        )
+        self._metrics.count_failure(self.acceleration, "superseded")
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "another writer leads: not pushing to this agent",
+            extra=self._extra(n, event="push_superseded", epoch=self._epoch, applied_epoch=epoch),
+        )
+        self._refresh(n, now)
+        if self._on_superseded is not None:
+            try:
+                self._on_superseded(epoch)
+            except Exception:
+                log.exception("on_superseded failed", extra=self._extra(n, event="callback_error"))
 
     def _retry_later(self, n: _Node, reason: str, text: str) -> None:
         now = self._clock()
@@ -591,28 +727,62 @@ class Pusher:
             self._probe_failed(n, url, _error_text(status, raw)[0])
             return
         try:
-            boot_id = HealthReply.model_validate_json(raw).boot_id
+            health = HealthReply.model_validate_json(raw)
         except ValidationError as err:
             self._probe_failed(n, url, f"HTTP 200 with an invalid HealthReply: {err}")
             return
         now = self._clock()
         n.probe_error = None
+        boot_id, applied = health.boot_id, (health.applied_epoch, health.applied_generation)
         if n.boot_id is not None and boot_id != n.boot_id:
             log.info(
                 "agent restarted: sending its full set again",
                 extra=self._extra(n, event="agent_restarted", boot_id=boot_id),
             )
-            n.confirmed = n.agent_generation = n.blocked = None
-            n.retries = n.stale_retries = 0
-            n.not_before = 0.0
-            if n.desired is not None:
-                n.pending_since = _earliest(n.pending_since, now)
-                self._schedule(n, now)
-            self._refresh(n, now)
+            n.confirmed = n.agent_generation = n.agent_epoch = n.blocked = None
+            n.legacy = False  # maybe upgraded: sets carry the epoch again
+            self._resend(n, now)
+        elif (
+            health.applied_generation is not None
+            and self._epoch is not None
+            and not n.legacy
+            and health.applied_epoch > self._epoch
+        ):
+            self._superseded(n, health.applied_epoch, "seen by the health probe", now)
+        elif (
+            health.applied_generation is not None
+            and n.agent_generation is not None
+            and applied != (n.agent_epoch, n.agent_generation)
+            and n.superseded is None
+        ):
+            log.warning(
+                "agent holds another set than it confirmed: sending the set again",
+                extra=self._extra(
+                    n,
+                    event="agent_diverged",
+                    applied_epoch=health.applied_epoch,
+                    applied_generation=health.applied_generation,
+                    heard_epoch=n.agent_epoch,
+                    heard_generation=n.agent_generation,
+                ),
+            )
+            n.agent_epoch, n.agent_generation = applied
+            n.confirmed = None
+            n.generation_version = None  # a new generation, above the agent's
+            self._resend(n, now)
         elif n.last_failure in ("connect", "timeout") and n.send_due is not None:
             n.not_before = 0.0  # it answers again: no need to wait out the backoff
             self._schedule(n, now)
         n.boot_id = boot_id
+
+    def _resend(self, n: _Node, now: float) -> None:
+        """The agent does not hold our set (any more): send it again, at once."""
+        n.retries = n.stale_retries = 0
+        n.not_before = 0.0
+        if n.desired is not None:
+            n.pending_since = _earliest(n.pending_since, now)
+            self._schedule(n, now)
+        self._refresh(n, now)
 
     def _probe_failed(self, n: _Node, url: str | None, text: str) -> None:
         if n.url != url:

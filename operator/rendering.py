@@ -1,16 +1,21 @@
 """The node agents' objects for one MeshAcceleration: pure functions, no I/O.
 
-:func:`agent_objects` turns a MeshAcceleration's name, uid and spec into the four objects the
-operator applies in its namespace: a ServiceAccount, the Secret holding the API's bearer token,
-the ConfigMap holding the agent's settings file (``agent.yaml``) and the agents' DaemonSet. The
-same input always gives the same output, byte for byte, so the operator can compare what it
-rendered with what is stored and a spec change shows up as a new pod-template hash.
+:func:`agent_objects` turns a MeshAcceleration's name, uid and spec, and the agents' image from
+the operator's settings (:class:`~.config.AgentImage`, never from the spec), into the four
+objects the operator applies in its namespace: a ServiceAccount, the Secret holding the API's
+bearer token, the ConfigMap holding the agent's settings file (``agent.yaml``) and the agents'
+DaemonSet. The same input always gives the same output, byte for byte, so the operator can
+compare what it rendered with what is stored and a spec change shows up as a new pod-template
+hash.
 
 Why each security setting of the DaemonSet is what it is (and what was measured on a real
 kernel to decide it) is in ``docs/security.md``; the capability set is :func:`agent_capabilities`
 (:data:`AGENT_CAPABILITIES`, plus PERFMON with skMsgRedirect), which
 ``tests/agent_lifecycle/test_capabilities.py`` proves both sufficient and minimal by running the
-real agent under it.
+real agent under it. The chart's ValidatingAdmissionPolicy
+(``charts/meshaccel/templates/agent-admission-policy.yaml``) allows the operator's ServiceAccount
+no DaemonSet beyond what this module renders; ``tests/chart/test_admission_policy.py`` holds
+the two together.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Final
 import yaml
 
 from meshaccel.agent.config import AgentSettings
+from meshaccel.operator.config import AgentImage
 from meshaccel.operator.models import API_VERSION, KIND, MeshAccelerationSpec
 
 # -- names ------------------------------------------------------------------------------------
@@ -35,6 +41,7 @@ MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 CONFIG_HASH_ANNOTATION: Final = "meshaccel.io/config-hash"
 
 CONTAINER_NAME: Final = "agent"
+AGENT_COMMAND: Final = ("meshaccel-agent", "run")
 CONFIG_KEY: Final = "agent.yaml"
 TOKEN_KEY: Final = "token"
 
@@ -255,10 +262,12 @@ def agent_objects(
     *,
     namespace: str,
     token: str,
+    image: AgentImage,
 ) -> list[dict[str, Any]]:
     """[ServiceAccount, Secret, ConfigMap, DaemonSet] of the agents of ``acceleration``.
 
     ``token`` is the bearer token the operator sends to the agents (the Secret holds it).
+    ``image`` is the operator's agent image; ``spec.agent.image`` is never read.
     Raises ValueError (pydantic's ValidationError) when the agent would refuse its settings.
     """
     config = render_agent_config(acceleration, spec)
@@ -294,13 +303,15 @@ def agent_objects(
                 # the same pinned datapath and both write its maps.
                 "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
             },
-            "template": _pod_template(acceleration, spec, config_hash(config, token)),
+            "template": _pod_template(acceleration, spec, image, config_hash(config, token)),
         },
     }
     return [service_account, secret, config_map, daemon_set]
 
 
-def _pod_template(acceleration: str, spec: MeshAccelerationSpec, hash_: str) -> dict[str, Any]:
+def _pod_template(
+    acceleration: str, spec: MeshAccelerationSpec, image: AgentImage, hash_: str
+) -> dict[str, Any]:
     agent = spec.agent
     pod: dict[str, Any] = {
         "serviceAccountName": serviceaccount_name(acceleration),
@@ -319,7 +330,7 @@ def _pod_template(acceleration: str, spec: MeshAccelerationSpec, hash_: str) -> 
         "terminationGracePeriodSeconds": 30,
         "nodeSelector": {"kubernetes.io/os": "linux", **agent.nodeSelector},
         "tolerations": [t.model_dump(mode="json", exclude_none=True) for t in agent.tolerations],
-        "containers": [_container(spec)],
+        "containers": [_container(spec, image)],
         "volumes": [
             {"name": "bpffs", "hostPath": {"path": str(BPFFS_PATH), "type": "Directory"}},
             {"name": "cgroup", "hostPath": {"path": str(CGROUP_PATH), "type": "Directory"}},
@@ -340,6 +351,9 @@ def _pod_template(acceleration: str, spec: MeshAccelerationSpec, hash_: str) -> 
             },
         ],
     }
+    if image.pull_secrets:
+        # Secrets in this namespace (the operator's settings name them, the chart's values).
+        pod["imagePullSecrets"] = [{"name": name} for name in image.pull_secrets]
     if agent.priorityClassName:
         pod["priorityClassName"] = agent.priorityClassName
     return {
@@ -364,14 +378,16 @@ def _probe(path: str, port: int, *, period: int, failures: int) -> dict[str, Any
     }
 
 
-def _container(spec: MeshAccelerationSpec) -> dict[str, Any]:
+def _container(spec: MeshAccelerationSpec, image: AgentImage) -> dict[str, Any]:
     agent = spec.agent
     port = agent.port
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": agent.image,
+        # The operator's image, whatever spec.agent.image says: this container gets uid 0,
+        # BPF and NET_ADMIN and the host's bpffs on every node.
+        "image": image.reference,
         "imagePullPolicy": str(agent.imagePullPolicy),
-        "command": ["meshaccel-agent", "run"],
+        "command": list(AGENT_COMMAND),
         "env": [
             {"name": "MESHACCEL_CONFIG", "value": str(CONFIG_FILE)},
             # The agent binds the node's IP (status.podIP under hostNetwork), not 0.0.0.0:

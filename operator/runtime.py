@@ -1,16 +1,25 @@
 """What the operator does for one MeshAcceleration, apart from Kopf: plain async functions.
 
 The Kopf handlers (:mod:`.handlers`) only translate events into calls on :class:`Runtime`,
-which owns the engine, the API client and one :class:`~.pusher.Pusher` per resource.
+which owns the engine, the API client, one :class:`~.pusher.Pusher` per resource, the
+writer's Lease (:mod:`.leadership`) and the resyncs (:mod:`.resync`).
+
+Writing to the agents: while Kopf keeps this replica active, the handlers say so
+(:meth:`Runtime.want`) and the replica takes the Lease. A term starts with a resync (the engine
+was not fed while the replica was paused), then every pusher writes with the term's epoch;
+when the term ends (paused, the Lease lost, an agent naming a higher epoch) every pusher stops
+at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +30,10 @@ from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
 from meshaccel.operator.engine import Acceleration, Engine, agent_url
 from meshaccel.operator.kube import Kube, removals
+from meshaccel.operator.leadership import KubeLeases, Leadership, LeaseStore
 from meshaccel.operator.models import Condition, MeshAccelerationSpec
 from meshaccel.operator.pusher import Pusher
+from meshaccel.operator.resync import Lister, Listing, RelistDetector, Resyncer, list_cluster
 from meshaccel.operator.status import Rollout, Transition, compute_status
 
 log = logging.getLogger("meshaccel.operator")
@@ -41,22 +52,120 @@ class Runtime:
     config: OperatorConfig
     api: k8s.ApiClient
     session: aiohttp.ClientSession
+    # Tests replace these: the Lease's store, what a resync lists, the clock of both.
+    leases: LeaseStore | None = None
+    lister: Lister | None = None
+    clock: Callable[[], float] = time.monotonic
     engine: Engine = field(init=False)
     kube: Kube = field(init=False)
+    leadership: Leadership = field(init=False)
+    resyncer: Resyncer = field(init=False)
+    relists: RelistDetector = field(default_factory=RelistDetector)
     pushers: dict[str, Pusher] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)  # resource -> the agents' token
     retired: set[str] = field(default_factory=set)  # conflict losers whose agents are gone
+    epoch: int | None = None  # the pushers' (a term whose resync finished); None: not writing
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _term: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.engine = Engine(self.config.namespace)
         self.kube = Kube(self.api)
+        self.leadership = Leadership(
+            self.leases or KubeLeases(self.api, self.config.namespace),
+            duration=self.config.lease_duration,
+            on_change=self._term_changed,
+            clock=self.clock,
+        )
+        self.resyncer = Resyncer(
+            self.engine,
+            self.lister or self._list_cluster,
+            interval=self.config.resync_interval,
+            active=lambda: self.epoch is not None,
+            clock=self.clock,
+        )
+
+    def start(self) -> None:
+        """Start the Lease's and the resyncs' loops (on the event loop)."""
+        loop = asyncio.get_running_loop()
+        self.leadership.start()
+        self._tasks.append(loop.create_task(self.resyncer.run(), name="meshaccel-resync"))
 
     async def close(self) -> None:
+        await self.leadership.close()  # stops writing, releases the Lease
+        for task in [*self._tasks, *([self._term] if self._term else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         for pusher in self.pushers.values():
             await pusher.close()
         self.pushers.clear()
         await self.session.close()
         await self.api.close()  # type: ignore[no-untyped-call]
+
+    # -- leading ------------------------------------------------------------------------------
+
+    def want(self, reason: str) -> None:
+        """Kopf keeps this replica active (``reason``: a daemon that runs only then)."""
+        self.leadership.want(reason)
+
+    def unwant(self, reason: str) -> None:
+        self.leadership.unwant(reason)
+
+    def _term_changed(self, epoch: int | None) -> None:
+        if self._term is not None:
+            self._term.cancel()
+            self._term = None
+        if epoch is None:
+            self._lead(None)
+            return
+        self._term = asyncio.get_running_loop().create_task(
+            self._start_term(epoch), name=f"meshaccel-term-{epoch}"
+        )
+
+    async def _start_term(self, epoch: int) -> None:
+        """A new term: resync first (what was deleted while this replica did not watch), then
+        every pusher writes with the epoch. A failed list does not hold the term up."""
+        try:
+            await self.resyncer.resync("a new term")
+        except Exception as err:
+            log.warning(
+                "resync at the start of the term failed: writing anyway",
+                extra={"event": "resync_failed", "epoch": epoch, "error": str(err)},
+            )
+        if self.leadership.epoch == epoch:
+            self._lead(epoch)
+
+    def _lead(self, epoch: int | None) -> None:
+        self.epoch = epoch
+        for pusher in self.pushers.values():
+            pusher.lead(epoch)
+        self.resyncer.wake()
+
+    # -- what the watches say -------------------------------------------------------------------
+
+    def namespace_event(self, name: str, labels: Mapping[str, str], kind: str | None) -> None:
+        """A namespace event; ``kind`` is its type (None: listed, DELETED: gone)."""
+        self._relisted("namespaces", typed=kind is not None, known=name in self.engine.namespaces)
+        self.engine.namespace_changed(name, None if kind == "DELETED" else labels)
+
+    def node_event(self, name: str, labels: Mapping[str, str], kind: str | None) -> None:
+        self._relisted("nodes", typed=kind is not None, known=name in self.engine.nodes)
+        self.engine.node_changed(name, None if kind == "DELETED" else labels)
+
+    def pod_event(self, body: Mapping[str, Any], kind: str | None) -> None:
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        self._relisted("pods", typed=kind is not None, known=self.engine.knows_pod(uid))
+        self.engine.pod_changed(body, deleted=kind == "DELETED")
+
+    def _relisted(self, kind: str, *, typed: bool, known: bool) -> None:
+        if self.relists.saw(kind, typed=typed, known=known):
+            log.info("Kopf lists %s again: a resync follows", kind, extra={"event": "relist"})
+            self.resyncer.request(f"{kind} listed again")
+
+    async def _list_cluster(self) -> Listing:
+        return await list_cluster(self.api)
 
     # -- a resource's life ------------------------------------------------------------------
 
@@ -84,6 +193,8 @@ class Runtime:
                 name,
                 token=token,
                 session=self.session,
+                epoch=self.epoch,
+                on_superseded=self.leadership.superseded,
                 window=self.config.push_window,
                 request_timeout=self.config.request_timeout,
                 backoff_max=self.config.backoff_max,
@@ -118,6 +229,7 @@ class Runtime:
             acceleration.spec,
             namespace=self.config.namespace,
             token=token,
+            image=self.config.agent_image,
         )
         done: list[str] = []
         daemonset = None

@@ -11,16 +11,18 @@ from ipaddress import IPv4Address
 import pytest
 
 from meshaccel.agent import libbpf
-from meshaccel.agent.api_models import PodSpec
+from meshaccel.agent.api_models import PodSet, PodSpec
 from meshaccel.agent.datapath import Capacities, Datapath, ProgrammedPods
 from meshaccel.agent.layout import PodFlags, PodInfo, TrafficDirection
 from meshaccel.agent.modes import MeshModeName
 from meshaccel.agent.pods import decode_u64, port_key, u64
 from meshaccel.agent.reconcile import (
     ApplyFailedError,
+    ApplyRefusedError,
     CapacityError,
     GenerationConflictError,
     Reconciler,
+    StaleEpochError,
     StaleGenerationError,
     UnresolvedPodError,
     same_spec,
@@ -160,6 +162,59 @@ def test_max_pods_is_capped_by_the_pods_map(
 ) -> None:
     datapath = datapath_factory(Capacities(pods=4))
     assert reconciler_factory(datapath, max_pods=1000).max_pods == 4
+
+
+@pytest.mark.parametrize(
+    ("epoch", "generation", "pods", "outcome", "reason"),
+    [
+        (1, 9, [2], StaleEpochError, "a lower epoch, whatever its generation"),
+        (0, 9, [2], StaleEpochError, "an operator that predates epochs (epoch 0), after one"),
+        (2, 4, [0, 1], StaleGenerationError, "the applied epoch: a lower generation"),
+        (2, 5, [2], GenerationConflictError, "the applied epoch and generation, another set"),
+        (2, 5, [0, 1], (2, 5), "the applied epoch and generation, the same set: a no-op"),
+        (3, 1, [2], (3, 1), "a higher epoch with a lower generation: a new term counts afresh"),
+        (3, 1, [0, 1], (3, 1), "a higher epoch, the same set: taken, nothing written"),
+    ],
+)
+def test_sets_are_ordered_by_epoch_then_generation(
+    datapath: Datapath,
+    reconciler: Reconciler,
+    resolver: FakeResolver,
+    epoch: int,
+    generation: int,
+    pods: list[int],
+    outcome: type[Exception] | tuple[int, int],
+    reason: str,
+) -> None:
+    applied = [pod_spec(0), pod_spec(1)]
+    reconciler.apply(PodSet(epoch=2, generation=5, pods=applied))
+    offered = PodSet(epoch=epoch, generation=generation, pods=[pod_spec(i) for i in pods])
+
+    if isinstance(outcome, tuple):
+        result = reconciler.apply(offered)
+        assert (result.applied_epoch, result.applied_generation) == outcome, reason
+        assert datapath.pods() == expected_pods(resolver, *offered.pods), reason
+        assert (reconciler.applied_epoch, reconciler.applied_generation) == outcome, reason
+        return
+    with pytest.raises(outcome) as raised:
+        reconciler.apply(offered)
+    assert datapath.pods() == expected_pods(resolver, *applied), reason
+    assert (reconciler.applied_epoch, reconciler.applied_generation) == (2, 5), reason
+    assert isinstance(raised.value, ApplyRefusedError)
+    assert reconciler.snapshot.apply_errors == {raised.value.reason: 1}, reason
+    if isinstance(raised.value, StaleEpochError):
+        assert raised.value.applied_generation is None, "nothing to retry: no generation"
+        assert (raised.value.requested, raised.value.applied) == (epoch, 2), reason
+
+
+def test_a_fresh_agent_takes_any_epoch(reconciler: Reconciler) -> None:
+    """The epoch lives in memory: after a restart the first set is taken (the leader sees the
+    new boot id and sends its own at once)."""
+    result = reconciler.apply(PodSet(epoch=7, generation=3, pods=[pod_spec(0)]))
+    assert (result.applied_epoch, result.applied_generation) == (7, 3)
+    retried = reconciler.retry_unresolved()
+    assert retried is None  # nothing unresolved; the epoch stays
+    assert reconciler.snapshot.applied_epoch == 7
 
 
 def test_a_set_needing_more_option_entries_than_the_maps_hold_is_refused(

@@ -17,10 +17,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshaccel.agent.api_models import (
     ApplyResult,
     ErrorReply,
+    HealthReply,
     PodSet,
     PodsReply,
     StatusReply,
@@ -115,7 +117,7 @@ async def test_stale_or_conflicting_generation_is_409(
 
     assert status == 409, reason
     error = ErrorReply.model_validate(payload)
-    assert error.applied_generation == 5, reason
+    assert error.applied_generation == 5 and error.applied_epoch == 0, reason
     assert datapath.pods() == expected_pods(resolver, pod_spec(0), pod_spec(1)), reason
     # The identical set at the applied generation is a success that changes nothing.
     status, payload = await put(client, body_of(5, 1, 0))
@@ -393,6 +395,85 @@ async def test_healthz_names_the_boot(client: Client, reconciler: Reconciler) ->
     assert (await response.json()) == {"status": "ok", "boot_id": reconciler.boot_id}
 
 
+async def test_healthz_names_the_applied_set_when_asked(
+    client: Client, reconciler: Reconciler
+) -> None:
+    """The operator's probe asks; the kubelet and older operators get the reply as before."""
+    applied = await client.get("/healthz", params={"applied": "true"})
+    assert await applied.json() == {"status": "ok", "boot_id": reconciler.boot_id}  # none yet
+    body = PodSet(epoch=4, generation=2, pods=[pod_spec(0)]).model_dump_json()
+    assert (await put(client, body))[0] == 200
+
+    applied = await client.get("/healthz", params={"applied": "true"})
+    health = HealthReply.model_validate(await applied.json())
+    assert (health.applied_epoch, health.applied_generation) == (4, 2)
+    plain = await client.get("/healthz")
+    assert await plain.json() == {"status": "ok", "boot_id": reconciler.boot_id}
+
+
+# -- two writers: epochs ---------------------------------------------------------------------------
+
+
+class _PreEpochErrorReply(BaseModel):
+    """ErrorReply as an operator that predates epochs has it: strict, no applied_epoch."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: str
+    detail: list[dict[str, object]] | None = None
+    applied_generation: int | None = None
+
+
+class _PreEpochApplyResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    applied_generation: int
+    added: int
+    updated: int
+    removed: int
+    unresolved: list[dict[str, object]]
+    duration_ms: float
+    boot_id: str
+
+
+async def test_a_set_from_an_ended_term_is_409_with_the_applied_epoch_only(
+    client: Client, datapath: Datapath, resolver: FakeResolver
+) -> None:
+    leader = PodSet(epoch=3, generation=1, pods=[pod_spec(0)]).model_dump_json()
+    assert (await put(client, leader))[0] == 200
+
+    stale = PodSet(epoch=2, generation=99, pods=[pod_spec(1)]).model_dump_json()
+    status, payload = await put(client, stale)
+
+    assert status == 409
+    error = ErrorReply.model_validate(payload)
+    assert error.applied_epoch == 3 and "another operator replica leads" in error.error
+    # No generation to go above: a client must not retry (see ErrorReply).
+    assert error.applied_generation is None
+    # An operator that predates epochs cannot parse it, and so takes the 409 as final.
+    with pytest.raises(ValidationError, match="applied_epoch"):
+        _PreEpochErrorReply.model_validate(payload)
+    assert datapath.pods() == expected_pods(resolver, pod_spec(0))
+
+
+async def test_an_operator_that_predates_epochs_still_works(client: Client) -> None:
+    """Its sets carry no epoch (epoch 0) and its strict models parse every reply."""
+
+    def old_body(generation: int, index: int) -> str:
+        return pod_set(generation, pod_spec(index)).model_dump_json(exclude={"epoch"})
+
+    status, payload = await put(client, old_body(7, 0))
+    assert status == 200 and "applied_epoch" not in payload
+    _PreEpochApplyResult.model_validate(payload)
+    status, payload = await put(client, old_body(6, 1))
+    assert status == 409 and set(payload) == {"error", "detail", "applied_generation"}
+    assert _PreEpochErrorReply.model_validate(payload).applied_generation == 7
+
+    # A leader's set (any epoch above 0) ends that: the old operator is refused from then on.
+    leader = PodSet(epoch=1, generation=1, pods=[pod_spec(0)]).model_dump_json()
+    assert (await put(client, leader))[0] == 200
+    status, payload = await put(client, old_body(8, 1))
+    assert status == 409 and payload["applied_epoch"] == 1
+
+
 async def test_status_reports_attachments_generation_and_counters(
     make_client: MakeClient, datapath: Datapath, reconciler: Reconciler, resolver: FakeResolver
 ) -> None:
@@ -450,6 +531,7 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
     assert samples[("meshaccel_datapath_attached", ())] == 1
     assert samples[("meshaccel_agent_pods_accelerated", ())] == 2
     assert samples[("meshaccel_agent_applied_generation", ())] == 9
+    assert samples[("meshaccel_agent_applied_epoch", ())] == 0  # an operator without epochs
     assert samples[("meshaccel_agent_last_apply_timestamp_seconds", ())] > 1.7e9
     assert samples[("meshaccel_agent_apply_errors_total", (("reason", "stale_generation"),))] == 1
     assert samples[("meshaccel_agent_apply_duration_seconds_count", ())] == 1

@@ -32,6 +32,7 @@ import pytest
 
 from meshaccel.agent.datapath import PinLayout
 from meshaccel.operator import rendering
+from meshaccel.operator.config import AgentImage
 from meshaccel.operator.models import DEFAULT_AGENT_PORT, MeshAccelerationSpec
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
@@ -85,6 +86,7 @@ def rendered_capabilities(
         spec(port, sk_msg_redirect),
         namespace="meshaccel-system",
         token=TOKEN,
+        image=AgentImage(),
     )
     (daemon_set,) = [o for o in objects if o["kind"] == "DaemonSet"]
     (container,) = daemon_set["spec"]["template"]["spec"]["containers"]
@@ -128,6 +130,7 @@ class CapsLab:
             spec(port, sk_msg_redirect),
             namespace="meshaccel-system",
             token=TOKEN,
+            image=AgentImage(),
         )
         (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
         path = self.workdir / f"agent-{port}-{'sk_msg' if sk_msg_redirect else 'tcp'}.yaml"

@@ -16,7 +16,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 import yaml
 
-from meshaccel.operator.config import parse_args
+from meshaccel.operator.config import DEFAULT_AGENT_IMAGE, AgentImage, operator_config, parse_args
 from tests.chart import helm
 from tests.chart.helm import HELMS, NAMESPACE, find, template, template_error
 from tests.chart.sync import load_sync
@@ -74,6 +74,11 @@ CUSTOM_VALUES: dict[str, Any] = {
         "terminationGracePeriodSeconds": 60,
         "ports": {"health": 8081, "metrics": 9091},
     },
+    "agent": {
+        "image": {"repository": "registry.example.com/mirror/meshaccel-agent", "tag": "0.1.0-rc.1"},
+        "imagePullSecrets": ["registry-credentials", "second-registry"],
+    },
+    "admissionPolicy": {"enabled": True, "validationActions": ["Deny", "Audit"]},
     "serviceAccount": {"annotations": {"example.com/role": "meshaccel"}},
     "metrics": {"service": {"enabled": True, "port": 9100, "annotations": {"a": "b"}}},
     "defaultAcceleration": {
@@ -89,7 +94,6 @@ CUSTOM_VALUES: dict[str, Any] = {
         },
         "podSelector": {"matchLabels": {"accelerate": "yes"}},
         "agent": {
-            "image": "registry.example.com/mirror/meshaccel-agent:0.1.0-rc.1",
             "imagePullPolicy": "Always",
             "port": 9475,
             "nodeSelector": {"meshaccel.io/node": "yes"},
@@ -140,6 +144,8 @@ CASES = [
             "Role",
             "RoleBinding",
             "ClusterKopfPeering",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         },
     ),
     Case(
@@ -158,6 +164,17 @@ CASES = [
         "digest",
         {"operator": {"image": {"digest": "sha256:" + "ab" * 32}}},
         "an image pinned by digest",
+    ),
+    Case(
+        "agent-digest",
+        {"agent": {"image": {"digest": "sha256:" + "cd" * 32}}},
+        "the agents' image pinned by digest",
+        {"ValidatingAdmissionPolicy"},
+    ),
+    Case(
+        "no-admission-policy",
+        {"admissionPolicy": {"enabled": False}},
+        "the admission policies turned off (a cluster that enforces its own)",
     ),
     Case(
         "standalone",
@@ -283,13 +300,70 @@ def test_default_acceleration_spec_is_the_values() -> None:
     assert spec == wanted
 
 
-def test_default_acceleration_uses_the_agent_image_of_the_release() -> None:
+def _operator_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    reason: str
+    values: dict[str, Any]
+    image: AgentImage
+
+
+APP_VERSION = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())["appVersion"]
+IMAGE_CASES = [
+    ImageCase(
+        "the release's own agent",
+        {},
+        AgentImage(f"ghcr.io/meshaccel/meshaccel-agent:{APP_VERSION}"),
+    ),
+    ImageCase(
+        "a mirror, a tag and pull secrets",
+        CUSTOM_VALUES,
+        AgentImage(
+            "registry.example.com/mirror/meshaccel-agent:0.1.0-rc.1",
+            ("registry-credentials", "second-registry"),
+        ),
+    ),
+    ImageCase(
+        "a digest wins over the tag",
+        {"agent": {"image": {"tag": "0.1.0", "digest": "sha256:" + "cd" * 32}}},
+        AgentImage("ghcr.io/meshaccel/meshaccel-agent@sha256:" + "cd" * 32),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.reason for c in IMAGE_CASES])
+def test_the_agent_image_is_the_operators_setting(case: ImageCase) -> None:
+    """agent.image reaches the operator (MESHACCEL_AGENT_IMAGE*, read by its own parser) and
+    the admission policy; no MeshAcceleration carries an image (issue 12)."""
+    values = {**case.values, "defaultAcceleration": {"enabled": True}}
+    docs = template("helm3", values)
+    config = operator_config(parse_args([], environ=_operator_environment(docs)))
+    assert config.agent_image == case.image, case.reason
+    assert "image" not in (find(docs, "MeshAcceleration")["spec"].get("agent") or {})
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicy"
+        and d["metadata"]["name"].endswith("-agent-daemonsets")
+    ]
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["agentImage"] == f"'{case.image.reference}'", case.reason
+
+
+def test_the_operators_default_agent_image_is_the_charts() -> None:
+    """Started without MESHACCEL_AGENT_IMAGE, the operator runs the agent of its release."""
+    release = f"ghcr.io/meshaccel/meshaccel-agent:{APP_VERSION}"
+    assert release == DEFAULT_AGENT_IMAGE
+
+
+def test_default_acceleration_is_the_quickstarts() -> None:
     docs = template("helm3", {"defaultAcceleration": {"enabled": True}})
     acceleration = find(docs, "MeshAcceleration", "default")
-    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
-    assert acceleration["spec"]["agent"] == {
-        "image": f"ghcr.io/meshaccel/meshaccel-agent:{chart['appVersion']}"
-    }
+    assert "agent" not in acceleration["spec"], "the CRD's defaults, and no image"
     assert acceleration["spec"]["namespaceSelector"] == {
         "matchLabels": {"meshaccel.io/accelerate": "enabled"}
     }
@@ -443,6 +517,45 @@ BAD = [
         {"defaultAcceleration": {"datapath": {"skMsgToApps": True}}},
         "the retired cluster-wide switch is refused, not silently ignored",
         ("skMsgToApps",),
+    ),
+    Bad(
+        "retired-default-acceleration-image",
+        {"defaultAcceleration": {"agent": {"image": "registry.example/agent:1"}}},
+        "the image a MeshAcceleration used to choose: refused, saying where it went",
+        (
+            "defaultAcceleration.agent.image (registry.example/agent:1) is no longer read",
+            "agent.image.repository",
+        ),
+    ),
+    Bad(
+        "agent-image-latest",
+        {"agent": {"image": {"tag": "latest"}}},
+        "a moving tag, which the operator refuses at start",
+        ("agent.image.tag=latest is a moving tag",),
+    ),
+    Bad(
+        "agent-repository-not-a-reference",
+        {"agent": {"image": {"repository": "registry.example/agent' || true || '"}}},
+        "a repository that is no image name (it is written into the policy's CEL)",
+        ("repository",),
+    ),
+    Bad(
+        "agent-pull-secret-not-a-name",
+        {"agent": {"imagePullSecrets": ["Registry Credentials"]}},
+        "a pull secret that is no Secret name",
+        ("imagePullSecrets",),
+    ),
+    Bad(
+        "deny-and-warn",
+        {"admissionPolicy": {"validationActions": ["Deny", "Warn"]}},
+        "two actions the API server refuses together",
+        ("Deny and Warn cannot be used together",),
+    ),
+    Bad(
+        "unknown-validation-action",
+        {"admissionPolicy": {"validationActions": ["Block"]}},
+        "an action the API does not know",
+        ("validationActions", "Deny"),
     ),
     Bad(
         "replicas-without-peering",

@@ -10,6 +10,11 @@ What it adds to kmock 0.8 (each has its own test in ``test_emulator.py``):
   strategic merge patch treated as a plain merge patch (lists are replaced, never merged by key);
   PUT honours ``resourceVersion`` (409 on mismatch), so does a patch that carries one;
 * status subresource separation for kinds that have one (``status`` on create is dropped);
+* field ownership: ``metadata.managedFields`` recorded on every write, and server-side apply
+  (``application/apply-patch+yaml`` with a required ``fieldManager``: creates a missing
+  object, removes what its manager stopped applying unless another owns it, 409 on another
+  manager's field unless ``force=true``): see ``fieldmanager.py``, tested in
+  ``test_emulator_apply.py``;
 * ``labelSelector`` (full syntax) and ``fieldSelector`` (the fields the real server supports for
   the kind; others are a 400 as on a real server) on list, watch and deletecollection;
   typed lists (``kind: PodList``, ``metadata.resourceVersion``); watches resume from a
@@ -36,8 +41,10 @@ Deliberate differences from a real server (do not rely on them in integration te
 * garbage collection and namespace cleanup run synchronously within the deleting request;
   ``Foreground`` propagation behaves as ``Background``;
 * no admission (no webhooks, no quota, no RBAC: every token is accepted), no CEL
-  (``x-kubernetes-validations``), no ``format`` checks, no ``managedFields``/server-side apply
-  (an apply patch is a 415), no ``dryRun``, no ``limit``/``continue`` pagination, no BOOKMARKs.
+  (``x-kubernetes-validations``), no ``format`` checks, no ``dryRun``, no
+  ``limit``/``continue`` pagination, no BOOKMARKs;
+* server-side apply to a subresource is a 415; the server's own writes (garbage collection
+  removing an ownerReference, a deletion's timestamp) change no managedFields.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import aiohttp.web
 import attrs
@@ -63,11 +70,13 @@ import yaml
 from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, resource
 from kmock._internal import enums, rendering
 
+from tests.operator.fieldmanager import ApplyConflict, FieldManager, kind_shape
 from tests.operator.k8s_validation import BuiltinSchemas, CrdSchema, FieldError, check_metadata
 
 JsonObj = dict[str, Any]
 ObjKey = tuple[resource, str | None, str]
 
+APPLY_PATCH = "application/apply-patch+yaml"
 VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what the apiserver's generateName draws from
@@ -190,6 +199,12 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", False),
     ResourceSpec("kopf.dev", "v1", "kopfpeerings", "KopfPeering", True),
 )
+# --- Leases (issue 12: the operator's writer Lease, operator/leadership.py) ----------------------
+# Kept apart from the tuple above so that edits there and here do not collide.
+LEASES = ResourceSpec("coordination.k8s.io", "v1", "leases", "Lease", True)
+BUILTIN_RESOURCES = (*BUILTIN_RESOURCES, LEASES)
+# --- end of Leases --------------------------------------------------------------------------------
+
 # Kopf watches CRDs to notice resources that appear at run time; creating one here serves it.
 CRDS = ResourceSpec(
     "apiextensions.k8s.io",
@@ -388,6 +403,13 @@ class Watcher:
         return {"type": "DELETED", "object": obj} if was_known else None
 
 
+def _content_type(request: rendering.Request) -> str:
+    header = next(
+        (v for k, v in request.headers.items() if k.lower() == "content-type"), "application/json"
+    )
+    return header.split(";")[0].strip()
+
+
 # --- the emulator --------------------------------------------------------------------------------
 
 
@@ -414,6 +436,9 @@ class ApiServerEmulator(KubernetesEmulator):
     _watchers: set[Watcher] = attrs.field(factory=set, init=False)
     _results: dict[int, Any] = attrs.field(factory=dict, init=False)
     _orphaning: set[str] = attrs.field(factory=set, init=False)  # uids deleted with Orphan
+    _field_managers: dict[tuple[str, str, str], FieldManager] = attrs.field(
+        factory=dict, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -428,6 +453,7 @@ class ApiServerEmulator(KubernetesEmulator):
 
     def add_resource(self, spec: ResourceSpec) -> None:
         self.specs[spec.group, spec.version, spec.plural] = spec
+        self._field_managers.pop((spec.group, spec.version, spec.plural), None)
         self.resources[spec.ref] = ResourceInfo(
             namespaced=spec.namespaced,
             kind=spec.kind,
@@ -677,7 +703,11 @@ class ApiServerEmulator(KubernetesEmulator):
         return self._results.get(request.id)
 
     async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
-        return self._results.get(request.id)
+        # Always with a status: kmock keeps the last one on its reaction (an apply's 201).
+        result = self._results.get(request.id)
+        if isinstance(result, rendering.Response):
+            return result
+        return rendering.Response(status=200, payload=result)
 
     async def _serve_delete(self, request: rendering.Request) -> rendering.Payload:
         return self._results.get(request.id)
@@ -731,7 +761,10 @@ class ApiServerEmulator(KubernetesEmulator):
         if method == "POST" and name is None:
             if spec.namespaced and namespace is None:
                 raise api_error(405, "MethodNotAllowed", "create needs a namespace in the URL")
-            return self._create(spec, namespace, request.data, verb="create")
+            manager = self._manager_name(request)
+            return self._create(spec, namespace, request.data, verb="create", manager=manager)
+        if method == "PATCH" and name is not None and _content_type(request) == APPLY_PATCH:
+            return self._apply(spec, namespace, name, request)
         if method in ("PATCH", "PUT") and name is not None:
             return self._update(spec, namespace, name, request)
         if method == "DELETE" and name is not None:
@@ -866,8 +899,17 @@ class ApiServerEmulator(KubernetesEmulator):
         )
 
     def _create(
-        self, spec: ResourceSpec, namespace: str | None, body: Any, *, verb: str
+        self,
+        spec: ResourceSpec,
+        namespace: str | None,
+        body: Any,
+        *,
+        verb: str,
+        manager: str = "kube-apiserver",
+        managed: list[JsonObj] | None = None,
     ) -> JsonObj:
+        """Store a new object; ``managed``: its managedFields (an apply's), else ``manager``
+        owns every field it set."""
         if not isinstance(body, Mapping) or not isinstance(body.get("metadata", {}), Mapping):
             raise api_error(400, "BadRequest", "the body must be a JSON object with metadata")
         # apiVersion and kind first: the order a reader (and kubectl) expects.
@@ -933,6 +975,10 @@ class ApiServerEmulator(KubernetesEmulator):
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
         if spec.status:  # status is written through /status only
             obj.pop("status", None)
+        if managed is None:
+            managed = self._fields(spec).update(None, obj, manager)
+        if managed:
+            meta["managedFields"] = managed
         if spec.initial_status is not None:
             obj["status"] = copy.deepcopy(dict(spec.initial_status))
         self._admit(spec, obj, verb)
@@ -951,21 +997,99 @@ class ApiServerEmulator(KubernetesEmulator):
             self._collect_garbage()  # an owner that is already gone takes this one along
         return obj
 
+    def _fields(self, spec: ResourceSpec) -> FieldManager:
+        key = (spec.group, spec.version, spec.plural)
+        manager = self._field_managers.get(key)
+        if manager is None:
+            shape = kind_shape(
+                self._schemas.version,
+                spec.group,
+                spec.version,
+                spec.kind,
+                spec.crd.openapi if spec.crd is not None else None,
+            )
+            manager = self._field_managers[key] = FieldManager(
+                shape, spec.api_version, status_subresource=spec.status, clock=now_rfc3339
+            )
+        return manager
+
+    @staticmethod
+    def _manager_name(request: rendering.Request) -> str:
+        """The request's fieldManager, else its User-Agent up to the first "/" (as the
+        apiserver names a client that gives none: "OpenAPI-Generator" for the Python client)."""
+        given = request.params.get("fieldManager")
+        if given:
+            return given
+        agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+        return agent.split("/")[0][:128]
+
+    def _apply(
+        self, spec: ResourceSpec, namespace: str | None, name: str, request: rendering.Request
+    ) -> Any:
+        """Server-side apply (see fieldmanager.py): creates the object if it is missing."""
+        manager = request.params.get("fieldManager", "")
+        if not manager:
+            raise api_error(
+                422,
+                "Invalid",
+                'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: '
+                "is required for apply patch",
+            )
+        if request.subresource is not None:
+            raise api_error(
+                415, "UnsupportedMediaType", "the emulator does not apply to subresources"
+            )
+        config = request.data
+        if config is None and request.text.strip():
+            try:
+                config = yaml.safe_load(request.text)
+            except yaml.YAMLError as e:
+                raise api_error(400, "BadRequest", f"error decoding YAML: {e}") from None
+        if not isinstance(config, Mapping) or not isinstance(config.get("metadata", {}), Mapping):
+            raise api_error(400, "BadRequest", "an apply patch must be an object with metadata")
+        for field_name, expected in (("apiVersion", spec.api_version), ("kind", spec.kind)):
+            if config.get(field_name) != expected:
+                raise api_error(
+                    400, "BadRequest", f"{field_name} must be {expected!r} in an apply patch"
+                )
+        meta = config.get("metadata") or {}
+        if meta.get("name", name) != name:
+            raise api_error(
+                400,
+                "BadRequest",
+                f"the name of the object ({meta['name']}) does not match the name on the URL "
+                f"({name})",
+            )
+        if meta.get("managedFields") is not None:
+            raise api_error(400, "BadRequest", "metadata.managedFields must be nil")
+        live = self._find(spec, namespace, name)
+        try:
+            new, managed = self._fields(spec).apply(
+                live, config, manager, force=request.params.get("force") == "true"
+            )
+        except ApplyConflict as e:
+            self.conflicts.append(f"apply {spec.group_resource}/{name}: {e.message}")
+            raise api_error(409, "Conflict", e.message, causes=e.causes) from None
+        if live is None:
+            new.setdefault("metadata", {})["name"] = name
+            created = self._create(spec, namespace, new, verb="patch", managed=managed)
+            return rendering.Response(status=201, payload=created)
+        return self._commit(spec, live, new, request, verb="patch", managed=managed)
+
     def _update(
         self, spec: ResourceSpec, namespace: str | None, name: str, request: rendering.Request
     ) -> JsonObj:
         old = self._get_or_404(spec, namespace, name)
         verb = "patch" if request.method.value == "PATCH" else "update"
         body = request.data
-        content_type = (
-            next(
-                (v for k, v in request.headers.items() if k.lower() == "content-type"),
-                "application/json",
+        content_type = _content_type(request)
+        if verb == "patch" and "force" in request.params:
+            raise api_error(
+                422,
+                "Invalid",
+                'PatchOptions.meta.k8s.io "" is invalid: force: Forbidden: '
+                "may not be specified for non-apply patch",
             )
-            .split(";")[0]
-            .strip()
-        )
-        old_rv = old["metadata"]["resourceVersion"]
         new: Any
         if verb == "update":
             if not isinstance(body, Mapping):
@@ -987,6 +1111,26 @@ class ApiServerEmulator(KubernetesEmulator):
             )
         if not isinstance(new, dict) or not isinstance(new.get("metadata", {}), dict):
             raise api_error(422, "Invalid", "the patched object must stay a JSON object")
+        requested = new.get("metadata", {}).get("managedFields")
+        return self._commit(spec, old, new, request, verb=verb, requested=requested)
+
+    def _commit(
+        self,
+        spec: ResourceSpec,
+        old: JsonObj,
+        new: JsonObj,
+        request: rendering.Request,
+        *,
+        verb: str,
+        managed: list[JsonObj] | None = None,
+        requested: Any = None,
+    ) -> JsonObj:
+        """Store ``new`` over ``old`` (what a PUT, a patch or an apply made of it).
+
+        ``managed``: the managedFields an apply computed; otherwise the request's manager
+        owns what it changed (``requested``: managedFields the request itself carried)."""
+        namespace, name = old["metadata"].get("namespace"), old["metadata"]["name"]
+        old_rv = old["metadata"]["resourceVersion"]
         meta = new.setdefault("metadata", {})
         # A resourceVersion in a PUT body or a patch is a precondition (optimistic concurrency).
         given_rv = meta.get("resourceVersion")
@@ -1046,6 +1190,19 @@ class ApiServerEmulator(KubernetesEmulator):
                 else:
                     new.pop("status", None)
         meta = new["metadata"]
+        if managed is None:
+            subresource = request.subresource or ""
+            managed = self._fields(spec).update(
+                old,
+                new,
+                self._manager_name(request),
+                subresource=subresource,
+                requested=None if subresource else requested,
+            )
+        if managed:
+            meta["managedFields"] = managed
+        else:
+            meta.pop("managedFields", None)
         if old["metadata"].get("deletionTimestamp"):
             added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
             if added:
@@ -1078,7 +1235,7 @@ class ApiServerEmulator(KubernetesEmulator):
             self._remove(spec, new)  # the last finalizer is gone: the deletion completes
         elif meta.get("ownerReferences") != old["metadata"].get("ownerReferences"):
             self._collect_garbage()
-        return cast(JsonObj, new)
+        return new
 
     def _json_patch(self, spec: ResourceSpec, old: JsonObj, ops: Any) -> Any:
         if not isinstance(ops, list):

@@ -1,18 +1,23 @@
 """Fake node agents for the operator's tests: real aiohttp servers speaking the agent's contract.
 
 A :class:`FakeAgent` validates bodies with the agent's own models
-(:mod:`meshaccel.agent.api_models`), applies the reconciler's generation rules (lower → 409
-with ``applied_generation``; the same generation with the same set → no-op; with another set →
-409), checks the bearer token, and answers ``PUT /v1/pods`` (ApplyResult with ``boot_id``),
-``GET /v1/pods``, ``GET /healthz``, ``POST /v1/uninstall`` (then refusing sets with a 409 that
-has no ``applied_generation``, as the agent does). It programs nothing: it records every
+(:mod:`meshaccel.agent.api_models`), applies the reconciler's epoch and generation rules (a
+lower epoch → 409 with ``applied_epoch`` only; a higher one is taken with any generation;
+within the epoch, a lower generation → 409 with ``applied_generation``; the same generation with
+the same set → no-op; with another set → 409), checks the bearer token, and answers ``PUT
+/v1/pods`` (ApplyResult with ``boot_id``), ``GET /v1/pods``, ``GET /healthz`` (``?applied=true``
+adds the applied set's epoch and generation), ``POST /v1/uninstall`` (then refusing sets with a
+409 that has no ``applied_generation``, as the agent does). ``epochs=False`` plays an agent
+that predates epochs: a set naming one is a 422 on the field ``epoch``, as its strict model
+answers. It programs nothing: it records every
 accepted set in :attr:`FakeAgent.accepted`, and every request in :attr:`FakeAgent.requests`.
 
 Controls: :meth:`~FakeAgent.fail_next` (N requests to a path answer a status),
 :meth:`~FakeAgent.stop_listening` / :meth:`~FakeAgent.start_listening` (connections refused;
 open keep-alive connections are cut too), :meth:`~FakeAgent.restart` (a fresh process: new boot
 id, no generation, no pods), :attr:`~FakeAgent.delay` (seconds before each reply),
-:meth:`~FakeAgent.preset` (what a previous operator left applied), ``max_pods`` (a 422 above),
+:meth:`~FakeAgent.preset` (what a previous operator, or another writer, left applied),
+``max_pods`` (a 422 above),
 :attr:`~FakeAgent.on_accept` (called on the event loop with every set taken, as it is taken).
 
 :class:`FakeAgentFleet` serves many agents from one aiohttp application: one listening socket
@@ -51,6 +56,7 @@ from meshaccel.agent.api_models import (
 
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
 FLEET_NETWORK = IPv4Address("127.1.0.1")  # the fleet's first agent address
+_EXTRA = "Extra inputs are not permitted"  # pydantic's message for an unknown field
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,21 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
     )
 
 
-def _error(status: int, message: str, applied_generation: int | None = None) -> web.Response:
-    return _json(ErrorReply(error=message, applied_generation=applied_generation), status)
+def _error(
+    status: int,
+    message: str,
+    applied_generation: int | None = None,
+    *,
+    applied_epoch: int = 0,
+    detail: list[dict[str, object]] | None = None,
+) -> web.Response:
+    reply = ErrorReply(
+        error=message,
+        detail=detail,
+        applied_generation=applied_generation,
+        applied_epoch=applied_epoch,
+    )
+    return _json(reply, status)
 
 
 def _digest(token: str) -> bytes:
@@ -98,9 +117,11 @@ class FakeAgent:
         name: str = "node",
         max_pods: int = 1024,
         standalone: bool = False,
+        epochs: bool = True,
         server: _Server | None = None,
     ) -> None:
         self.name = name
+        self.epochs = epochs
         self.host = host
         self.port = port
         self.max_pods = max_pods
@@ -121,6 +142,7 @@ class FakeAgent:
     def _new_process(self) -> None:
         self.boot_id = str(uuid.uuid4())
         self.applied_generation: int | None = None
+        self.applied_epoch = 0
         self.pods: dict[str, PodSpec] = {}
         self.uninstalled = False
 
@@ -206,9 +228,10 @@ class FakeAgent:
         """Forget the failures still queued for ``path``."""
         self._failures.pop(path, None)
 
-    def preset(self, generation: int, pods: list[PodSpec] | None = None) -> None:
-        """What an earlier operator had applied here."""
+    def preset(self, generation: int, pods: list[PodSpec] | None = None, *, epoch: int = 0) -> None:
+        """What an earlier operator (or another writer) had applied here."""
         self.applied_generation = generation
+        self.applied_epoch = epoch
         self.pods = {p.uid: p for p in pods or []}
 
     def puts(self, status: int | None = None) -> list[Request]:
@@ -256,14 +279,30 @@ class FakeAgent:
             return _error(409, "this agent takes its pod set from the pods file, not from the API")
         if self.uninstalled:
             return _error(409, "this agent was uninstalled (POST /v1/uninstall)")
+        body = await request.read()
         try:
-            pod_set = PodSet.model_validate_json(await request.read())
+            pod_set = PodSet.model_validate_json(body)
         except ValidationError as err:
             first = err.errors(include_url=False, include_input=False)[0]
             status = 400 if first["type"] == "json_invalid" else 422
             return _error(status, f"invalid pod set: {first['loc']}: {first['msg']}")
+        if not self.epochs and b'"epoch"' in body:
+            return _error(
+                422,
+                "invalid pod set (1 error): epoch: Extra inputs are not permitted",
+                detail=[{"type": "extra_forbidden", "loc": ["epoch"], "msg": _EXTRA}],
+            )
         desired = {p.uid: p for p in pod_set.pods}
         applied = self.applied_generation
+        if applied is not None and pod_set.epoch < self.applied_epoch:
+            return _error(
+                409,
+                f"epoch {pod_set.epoch} is older than the applied set's epoch "
+                f"{self.applied_epoch}: another operator replica leads",
+                applied_epoch=self.applied_epoch,
+            )
+        if applied is not None and pod_set.epoch > self.applied_epoch:
+            applied = None  # a new leader: its generations start afresh
         if applied is not None and pod_set.generation < applied:
             return _error(
                 409,
@@ -289,6 +328,7 @@ class FakeAgent:
             else sum(1 for u in desired.keys() & self.pods.keys() if desired[u] != self.pods[u])
         )
         self.applied_generation, self.pods = pod_set.generation, desired
+        self.applied_epoch = pod_set.epoch
         accepted = Accepted(pod_set, time.monotonic(), noop)
         self.accepted.append(accepted)
         if self.on_accept is not None:
@@ -302,6 +342,7 @@ class FakeAgent:
                 unresolved=[],
                 duration_ms=0.1,
                 boot_id=self.boot_id,
+                applied_epoch=pod_set.epoch,
             )
         )
 
@@ -318,7 +359,15 @@ class FakeAgent:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json(HealthReply(boot_id=self.boot_id))
+        if not self.epochs or request.query.get("applied") not in ("true", "1"):
+            return _json(HealthReply(boot_id=self.boot_id))
+        return _json(
+            HealthReply(
+                boot_id=self.boot_id,
+                applied_generation=self.applied_generation,
+                applied_epoch=self.applied_epoch,
+            )
+        )
 
     async def post_uninstall(self, request: web.Request) -> web.Response:
         if self.standalone:

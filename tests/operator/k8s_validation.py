@@ -100,13 +100,25 @@ def _read_json(version: str, filename: str) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _registry(version: str) -> referencing.Registry[Any]:
-    # Shared by every emulator of the session: the definitions are the expensive part.
+def _definitions_file(version: str) -> dict[str, Any]:
     definitions = _read_json(version, "_definitions.json")
     if definitions is None:
         raise ValueError(f"kubernetes-validate {version} has no _definitions.json")
+    return definitions
+
+
+def definitions(version: str) -> Mapping[str, Any]:
+    """The bundled OpenAPI definitions by name (``$defs``): how the emulator's server-side
+    apply learns which lists merge by key. Read once per version, shared with validation."""
+    defs: Mapping[str, Any] = _definitions_file(version)["$defs"]
+    return defs
+
+
+@functools.lru_cache(maxsize=4)
+def _registry(version: str) -> referencing.Registry[Any]:
+    # Shared by every emulator of the session: the definitions are the expensive part.
     registry: referencing.Registry[Any] = referencing.Registry().with_resource(
-        _DEFINITIONS_ID, referencing.Resource.from_contents(definitions)
+        _DEFINITIONS_ID, referencing.Resource.from_contents(_definitions_file(version))
     )
     return registry
 

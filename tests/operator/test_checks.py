@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from meshaccel.operator.checks import spec_problems
-from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
 
 NEVER = {"matchExpressions": [{"key": "reads-with", "operator": "In", "values": []}]}
 
@@ -74,3 +74,47 @@ def test_spec_problems(case: CheckCase) -> None:
     assert len(problems) == len(case.problems), (case.reason, problems)
     for problem, fragment in zip(problems, case.problems, strict=True):
         assert fragment in problem, (case.reason, problem)
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    reason: str
+    image: str | None
+    refused: bool
+
+
+IMAGE_CASES = [
+    ImageCase("unset: the agents run the operator's image", None, False),
+    ImageCase(
+        "the 0.1 CRD's default, which the API server wrote", LEGACY_DEFAULT_AGENT_IMAGE, False
+    ),
+    ImageCase("any other image: refused, never run", "attacker.example/root-shell:1", True),
+    ImageCase(
+        "the old default's repository at another tag", "ghcr.io/meshaccel/meshaccel-agent:9", True
+    ),
+    ImageCase(
+        "pinned by digest: still not the resource's to choose",
+        "r.example/a@sha256:" + "a" * 64,
+        True,
+    ),
+    ImageCase("empty", "", True),
+]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.reason for c in IMAGE_CASES])
+def test_the_retired_agent_image(case: ImageCase) -> None:
+    """spec.agent.image is retired (issue 12): a value is refused with what to do instead."""
+    spec = MeshAccelerationSpec.model_validate(
+        {"namespaceSelector": {}, "agent": {"image": case.image}}
+    )
+    problems = spec_problems("mesh", spec)
+    if not case.refused:
+        assert problems == [], case.reason
+        return
+    (problem,) = problems
+    assert f"spec.agent.image is set ({case.image!r}) but no longer read" in problem, case.reason
+    assert "Helm value agent.image" in problem
+    assert (
+        "kubectl patch meshacceleration mesh --type=json "
+        """-p '[{"op": "remove", "path": "/spec/agent/image"}]'"""
+    ) in problem

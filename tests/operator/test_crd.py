@@ -91,6 +91,16 @@ def test_server_defaults_equal_the_models_defaults() -> None:
     assert obj["spec"] == from_models
 
 
+def test_the_agent_image_is_retired_not_defaulted() -> None:
+    """Issue 12: the image is the operator's. The API server must write none into new resources
+    (the 0.1 CRD's default is in every resource created then), and must keep showing an old
+    value to the operator: a field missing from the schema is pruned, unseen, on every read."""
+    agent = openapi()["properties"]["spec"]["properties"]["agent"]
+    image = agent["properties"]["image"]
+    assert "default" not in image and "image" not in agent["default"]
+    assert image["nullable"] is True and image["description"].startswith("retired:")
+
+
 GOOD: list[tuple[str, dict[str, Any]]] = [
     ("minimal", {}),
     ("every mode", {"mode": "kuma"}),
@@ -110,7 +120,7 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
         "agent settings",
         {
             "agent": {
-                "image": "registry.example/meshaccel-agent:0.1.0",
+                "imagePullPolicy": "Always",
                 "port": 19474,
                 "nodeSelector": {"kubernetes.io/os": "linux"},
                 "tolerations": [
@@ -141,6 +151,9 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("an explicitly unset apps selector", {"datapath": {"skMsgToAppsSelector": None}}),
+    # Retired, kept in the schema so the API server does not drop it unseen (the operator
+    # refuses a value: tests/operator/test_checks.py).
+    ("the retired agent image", {"agent": {"image": "registry.example/meshaccel-agent:0.1.0"}}),
     ("exclusions", {"exclusions": {"outboundPorts": [5432], "outboundCIDRs": ["169.254.0.0/16"]}}),
 ]
 

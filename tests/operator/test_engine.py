@@ -223,9 +223,9 @@ def test_the_apps_selector_reselects_on_a_spec_change(engine: Engine) -> None:
 def test_invalid_spec_on_a_new_resource_programs_nothing(engine: Engine) -> None:
     engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
     sink = RecordingSink()
-    bad = spec(agent={"image": "example/agent"})
+    bad = spec(agent={"image": "example/agent:1"})
     acceleration = engine.acceleration_changed("default", "uid", "t", bad, sink)
-    assert acceleration.problems and "no tag" in acceleration.problems[0]
+    assert acceleration.problems and "no longer read" in acceleration.problems[0]
     assert not acceleration.active and sink.sets == {} and sink.endpoints == {}
 
 
@@ -309,3 +309,75 @@ def test_two_running_pods_with_one_ip_are_both_left_out(engine: Engine) -> None:
     engine.pod_changed(pod("new", "shop", node="node-1", ip="10.1.0.7"))
     engine.pod_changed(pod("other", "shop", node="node-1", ip="10.1.0.8"))
     assert sink.sets["node-1"] == ["shop/other"]
+
+
+# -- a full list: what the watches missed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("during", "kept", "reason"),
+    [
+        (None, False, "known before the list, missing from it: deleted while unwatched"),
+        ("modified", True, "an event touched it meanwhile: newer than the list, kept"),
+        ("deleted", False, "its DELETED event came meanwhile: gone either way"),
+    ],
+)
+def test_a_census_drops_pods_the_list_no_longer_has(
+    engine: Engine, during: str | None, kept: bool, reason: str
+) -> None:
+    web = pod("web", "shop", node="node-1", ip="10.1.0.1")
+    engine.pod_changed(web)
+    engine.pod_changed(pod("api", "shop", node="node-1", ip="10.1.0.2", uid="uid-api"))
+    _, sink = add(engine)
+    census = engine.begin_census()
+    listed = {"uid-api", "agent-1", "agent-2"}  # the list: web is gone
+    if during == "modified":
+        web["metadata"]["labels"] = {"tier": "web"}
+        engine.pod_changed(web)
+    elif during == "deleted":
+        engine.pod_changed(web, deleted=True)
+
+    dropped = engine.end_census(census, pods=listed, namespaces={"shop", "other"}, nodes=set())
+
+    expected = ["shop/api", "shop/web"] if kept else ["shop/api"]
+    assert sink.sets["node-1"] == expected, reason
+    assert dropped.pods == (() if kept or during == "deleted" else ("shop/web",)), reason
+    assert not engine.begin_census().touched, "the census is closed: events are not recorded"
+
+
+def test_a_census_keeps_what_appeared_after_it_began(engine: Engine) -> None:
+    """A pod created after the list was taken is not in it, and must stay."""
+    _, sink = add(engine)
+    census = engine.begin_census()
+    engine.pod_changed(pod("late", "shop", node="node-1", ip="10.1.0.7"))
+    dropped = engine.end_census(
+        census, pods={"agent-1", "agent-2"}, namespaces={"shop", "other"}, nodes=set()
+    )
+    assert not dropped and sink.sets["node-1"] == ["shop/late"]
+
+
+def test_a_census_drops_agents_namespaces_and_nodes(engine: Engine) -> None:
+    engine.node_changed("node-1", {})
+    engine.node_changed("node-9", {})
+    engine.pod_changed(pod("a", "shop", node="node-2", ip="10.1.0.1", uid="uid-a"))
+    _, sink = add(engine)
+    census = engine.begin_census()
+    engine.namespace_changed("fresh", {})  # appeared after the list began: kept
+
+    dropped = engine.end_census(
+        census, pods={"uid-a", "agent-1"}, namespaces={"other"}, nodes={"node-1"}
+    )
+
+    assert dropped.pods == ("agent default on node-2",)
+    assert (dropped.namespaces, dropped.nodes) == (("shop",), ("node-9",))
+    assert "node-2" not in sink.endpoints and "node-2" not in sink.sets  # its agent is gone
+    assert set(engine.namespaces) == {"other", "fresh"} and set(engine.nodes) == {"node-1"}
+
+
+def test_an_abandoned_census_drops_nothing(engine: Engine) -> None:
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+    _, sink = add(engine)
+    census = engine.begin_census()
+    engine.abandon_census(census)
+    engine.abandon_census(census)  # twice is fine
+    assert sink.sets["node-1"] == ["shop/a"]

@@ -13,8 +13,10 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import kmock
 import pytest
 
 # Before the handlers are imported: Kopf registers the status timer's interval at import.
@@ -22,7 +24,10 @@ os.environ.setdefault("MESHACCEL_STATUS_INTERVAL", "0.3")
 
 
 from meshaccel.operator import handlers, rendering
+from meshaccel.operator.leadership import LEASE_NAME
+from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE
 from tests.operator.conftest import (
+    CRDS,
     ApiError,
     KubeClient,
     agent_token,
@@ -31,14 +36,18 @@ from tests.operator.conftest import (
     report_rollout,
     run_agent_pod,
 )
-from tests.operator.emulator import ApiServerEmulator
 from tests.operator.fake_agent import FakeAgent
+from tests.operator.watch_gap import WatchGapEmulator
 from tests.waiting import wait_for
 
 NAMESPACE = "meshaccel-system"
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
 MA = ("meshaccel.io/v1alpha1", "meshaccelerations")
 NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
+# The operator's settings (MESHACCEL_AGENT_IMAGE*), as the chart passes them.
+AGENT_IMAGE = "registry.example/mirror/meshaccel-agent:0.2.0"
+PULL_SECRET = "mirror-credentials"
+FOREIGN_IMAGE = "attacker.example/root-shell:1"
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +67,18 @@ def free_port() -> int:
     raise RuntimeError("no common free port")
 
 
+@pytest.fixture
+async def emulator() -> AsyncIterator[WatchGapEmulator]:
+    """conftest's emulator, whose watches can be cut (tests/operator/watch_gap.py)."""
+    emu = WatchGapEmulator()
+    emu.load_crds(CRDS)
+    async with emu, kmock.Server(emu):
+        yield emu
+
+
 @dataclass
 class Cluster:
-    emulator: ApiServerEmulator
+    emulator: WatchGapEmulator
     kube: KubeClient
     agents: dict[str, FakeAgent]
     port: int
@@ -104,6 +122,12 @@ class Cluster:
             await run_agent_pod(self.kube, daemonset, node, ip)
         await report_rollout(self.kube, daemonset, len(NODES))
 
+    async def lease(self) -> dict[str, Any]:
+        """The writer's Lease (operator/leadership.py)."""
+        return await self.kube.get(
+            api_path("coordination.k8s.io/v1", "leases", NAMESPACE, LEASE_NAME)
+        )
+
     def pods_on(self, node: str) -> list[str] | None:
         last = self.agents[node].last_set
         return None if last is None else sorted(f"{p.namespace}/{p.name}" for p in last.pods)
@@ -111,12 +135,14 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(
-    emulator: ApiServerEmulator, kubeconfig: Any, kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+    emulator: WatchGapEmulator, kubeconfig: Any, kube: KubeClient, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Cluster]:
     monkeypatch.setenv("MESHACCEL_NAMESPACE", NAMESPACE)
     monkeypatch.setenv("MESHACCEL_PUSH_WINDOW", "0.05")
     monkeypatch.setenv("MESHACCEL_PROBE_INTERVAL", "0.5")
     monkeypatch.setenv("MESHACCEL_BACKOFF_MAX", "0.5")
+    monkeypatch.setenv("MESHACCEL_AGENT_IMAGE", AGENT_IMAGE)
+    monkeypatch.setenv("MESHACCEL_AGENT_IMAGE_PULL_SECRETS", PULL_SECRET)
     await kube.create_namespace(NAMESPACE)
     await kube.create_namespace("shop")
     for node in NODES:
@@ -307,21 +333,52 @@ async def test_later_conflicting_resource_programs_nothing(cluster: Cluster) -> 
 async def test_sensible_schema_but_senseless_spec_is_degraded(cluster: Cluster) -> None:
     async with operator():
         await cluster.create_acceleration(
-            "untagged",
-            agent={"image": "registry.example/meshaccel-agent"},
+            "senseless",
+            agent={"image": FOREIGN_IMAGE},
             podSelector={
                 "matchLabels": {"tier": "web"},
                 "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}],
             },
         )
-        degraded = await wait_for(lambda: _true(cluster, "untagged", "Degraded"), timeout=10)
+        degraded = await wait_for(lambda: _true(cluster, "senseless", "Degraded"), timeout=10)
         assert degraded["reason"] == "InvalidSpec"
-        assert "has no tag" in degraded["message"]
-        assert "spec.podSelector can never match" in degraded["message"]
+        message = degraded["message"]
+        assert f"spec.agent.image is set ('{FOREIGN_IMAGE}') but no longer read" in message
+        assert "spec.podSelector can never match" in message
         assert (
-            await cluster.read("daemonsets", rendering.daemonset_name("untagged"), "apps/v1")
+            await cluster.read("daemonsets", rendering.daemonset_name("senseless"), "apps/v1")
             is None
         )
+
+
+async def test_a_resource_cannot_choose_its_agents_image(cluster: Cluster) -> None:
+    """Issue 12's finding: spec.agent.image was the agents' image, so "create MeshAcceleration"
+    meant any image as uid 0 with BPF and NET_ADMIN on every node. The agents run the
+    operator's image; a resource that names another is refused and its DaemonSet left as is."""
+    ds_name = rendering.daemonset_name("default")
+    async with operator():
+        # What the 0.1 CRD wrote into every resource: nobody chose it, so it is ignored.
+        await cluster.create_acceleration(agent={"image": LEGACY_DEFAULT_AGENT_IMAGE})
+        await cluster.schedule_agents()
+        rendered = await cluster.read("daemonsets", ds_name, "apps/v1")
+        template = rendered["spec"]["template"]
+        assert template["spec"]["containers"][0]["image"] == AGENT_IMAGE
+        assert template["spec"]["imagePullSecrets"] == [{"name": PULL_SECRET}]
+        await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
+
+        path = api_path(*MA, name="default")
+        await cluster.kube.merge(path, {"spec": {"agent": {"image": FOREIGN_IMAGE}}})
+        degraded = await wait_for(lambda: _true(cluster, "default", "Degraded"), timeout=10)
+        assert degraded["reason"] == "InvalidSpec"
+        assert "set it there; then remove the field" in degraded["message"]
+        # Decided (the condition says so) and nothing rolled: the same agents, same image.
+        stored = await cluster.read("daemonsets", ds_name, "apps/v1")
+        assert stored["spec"]["template"] == template
+
+        await cluster.kube.json_patch(path, [{"op": "remove", "path": "/spec/agent/image"}])
+        await wait_for(lambda: _false(cluster, "default", "Degraded"), timeout=10)
+        stored = await cluster.read("daemonsets", ds_name, "apps/v1")
+        assert stored["spec"]["template"] == template
 
 
 async def test_invalid_fields_are_refused_by_the_schema(cluster: Cluster) -> None:
@@ -350,6 +407,11 @@ async def test_invalid_fields_are_refused_by_the_schema(cluster: Cluster) -> Non
 async def _true(cluster: Cluster, name: str, kind: str) -> dict[str, Any] | None:
     condition = await cluster.condition(name, kind)
     return condition if condition is not None and condition["status"] == "True" else None
+
+
+async def _false(cluster: Cluster, name: str, kind: str) -> dict[str, Any] | None:
+    condition = await cluster.condition(name, kind)
+    return condition if condition is not None and condition["status"] == "False" else None
 
 
 def _options(cluster: Cluster, node: str) -> set[int] | None:
@@ -425,3 +487,80 @@ async def test_two_replicas_one_active_and_the_other_takes_over(cluster: Cluster
 async def _count(peers: Any, wanted: int) -> dict[str, Any] | None:
     found: dict[str, Any] = await peers()
     return found if len(found) == wanted else None
+
+
+async def test_a_pod_deleted_while_the_watch_was_down_leaves_its_nodes_set(
+    cluster: Cluster,
+) -> None:
+    """After a watch gap the API answers 410 Gone and Kopf lists again: a pod deleted meanwhile
+    is only missing from that list (no DELETED event); it must leave its node's set."""
+    await cluster.kube.create_namespace("mesh", ENABLED)
+    await cluster.kube.create_pod("mesh", "web", node="node-1", pod_ip="198.18.1.40")
+    await cluster.kube.create_pod("mesh", "api", node="node-1", pod_ip="198.18.1.41")
+    async with operator():
+        await cluster.create_acceleration()
+        await cluster.schedule_agents()
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/api", "mesh/web"], timeout=10)
+
+        with cluster.emulator.watch_gap("pods"):
+            # The operator's pod watch is down (it came back and is held) ...
+            await wait_for(lambda: cluster.emulator.held.get("pods"), timeout=10)
+            await cluster.kube.delete(api_path("v1", "pods", "mesh", "web"))
+        # ... and answered 410 Gone: the operator lists the pods again.
+        await wait_for(lambda: cluster.emulator.expired.get("pods"), timeout=10)
+
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/api"], timeout=15)
+
+
+async def test_a_paused_replica_stops_writing_and_resumes_in_a_new_term(cluster: Cluster) -> None:
+    """Issue 12: the pushers were plain tasks that Kopf's peering pause did not stop. Paused,
+    the replica now stops writing and releases the writer's Lease; resumed, it takes a new
+    term (a higher epoch), resyncs, and only then writes."""
+    kube, agent = cluster.kube, cluster.agents["node-1"]
+    peering = api_path("kopf.dev/v1", "clusterkopfpeerings")
+    await kube.create(
+        peering,
+        {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": "meshaccel"},
+        },
+    )
+    await kube.create_namespace("mesh", ENABLED)
+    await kube.create_pod("mesh", "web", node="node-1", pod_ip="198.18.1.50")
+    await kube.create_pod("mesh", "api", node="node-1", pod_ip="198.18.1.51")
+    async with operator("--peering=meshaccel", standalone=False):
+        await cluster.create_acceleration()
+        await cluster.schedule_agents()
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/api", "mesh/web"], timeout=10)
+        assert agent.applied_epoch == 1
+        assert (await cluster.lease())["spec"]["leaseTransitions"] == 1
+
+        # A replica with a higher priority shows up: Kopf pauses this one.
+        intruder = {
+            "priority": 10**7,
+            "lifetime": 60,
+            "lastseen": datetime.now(UTC).isoformat(),
+        }
+        await kube.merge(f"{peering}/meshaccel", {"status": {"intruder": intruder}})
+        await wait_for(lambda: _released(cluster), timeout=10, what="the Lease released")
+
+        # While it is paused, a pod goes (no event reaches it) and the agent restarts empty.
+        await kube.delete(api_path("v1", "pods", "mesh", "web"))
+        await agent.restart()
+        since_restart = len(agent.accepted)
+
+        # The other replica leaves: this one resumes, in a new term.
+        await kube.merge(f"{peering}/meshaccel", {"status": {"intruder": None}})
+        await wait_for(lambda: agent.applied_epoch == 2, timeout=15, what="a set of the new term")
+
+        sets = [a.pod_set for a in agent.accepted[since_restart:]]
+        assert sets and all(s.epoch == 2 for s in sets), "nothing was written while paused"
+        assert sorted(p.name for p in sets[0].pods) == ["api"], "resynced before writing"
+        lease = await cluster.lease()
+        assert lease["spec"]["leaseTransitions"] == 2 and lease["spec"]["holderIdentity"]
+        await wait_for(lambda: cluster.agents["node-2"].applied_epoch == 2, timeout=10)
+
+
+async def _released(cluster: Cluster) -> bool:
+    return "holderIdentity" not in (await cluster.lease())["spec"]

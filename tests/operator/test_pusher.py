@@ -32,6 +32,7 @@ NODE = "node-a"
 WINDOW = 0.02
 BACKOFF = 0.02
 BACKOFF_MAX = 0.1
+EPOCH = 3  # this replica's term, unless a test gives another
 ROUNDING = 1e-9  # a time read back from a clock sum (1000.02 + 0.04 - 1000.02) is not exact
 
 
@@ -101,6 +102,7 @@ async def make_harness(session: aiohttp.ClientSession) -> AsyncIterator[MakeHarn
         settings: dict[str, Any] = {
             "token": TOKEN,
             "session": session,
+            "epoch": EPOCH,
             "window": WINDOW,
             "request_timeout": 10.0,  # only a hang guard: a slow reply must not become a retry
             "backoff_initial": BACKOFF,
@@ -168,34 +170,42 @@ async def test_every_new_set_gets_a_higher_generation(harness: Harness, agent: F
 
 
 @pytest.mark.parametrize(
-    ("preset_generation", "preset_pods", "expected", "reason"),
+    ("preset", "statuses", "expected", "reason"),
     [
-        (41, [7], 42, "a previous operator got to 41 with another set: stale"),
-        (1, [7], 2, "a previous operator applied generation 1 with another set: conflict"),
-        (5, [0, 1], 6, "the same set at a higher generation: stale, then a no-op apply"),
+        ((0, 41, [7]), [200], (EPOCH, 1), "an operator that predates epochs got to 41: epoch 0"),
+        ((EPOCH - 1, 41, [7]), [200], (EPOCH, 1), "the previous term got to 41: a new count"),
+        ((EPOCH, 41, [7]), [409, 200], (EPOCH, 42), "this term, made again, got to 41"),
+        ((EPOCH, 5, [0, 1]), [409, 200], (EPOCH, 6), "this term had the same set at 5"),
+        ((EPOCH, 1, [7]), [409, 200], (EPOCH, 2), "this term applied 1 with another set"),
     ],
 )
-async def test_a_new_operator_jumps_past_the_agents_generation(
+async def test_a_term_counts_its_own_generations(
     harness: Harness,
     agent: FakeAgent,
-    preset_generation: int,
-    preset_pods: list[int],
-    expected: int,
+    preset: tuple[int, int, list[int]],
+    statuses: list[int],
+    expected: tuple[int, int],
     reason: str,
 ) -> None:
-    agent.preset(preset_generation, pods(*preset_pods))
+    """Agents order sets by (epoch, generation): a term's first set beats every earlier term's
+    at generation 1; only a set of this very term makes the pusher go above it."""
+    epoch, generation, preset_pods = preset
+    agent.preset(generation, pods(*preset_pods), epoch=epoch)
     harness.pusher.set_endpoint(NODE, agent.url)
     harness.pusher.set_pods(NODE, pods(0, 1))
 
     state = await harness.in_sync()
 
-    assert [r.status for r in agent.puts()] == [409, 200], reason
-    assert state.applied_generation == state.desired_generation == expected, reason
-    assert agent.applied_generation == expected and set(agent.pods) == {"uid-0", "uid-1"}, reason
-    assert harness.sample("meshaccel_operator_push_failures_total", reason="stale_generation") == 1
+    assert [r.status for r in agent.puts()] == statuses, reason
+    assert (state.applied_epoch, state.applied_generation) == expected, reason
+    assert state.desired_generation == expected[1], reason
+    assert (agent.applied_epoch, agent.applied_generation) == expected, reason
+    assert set(agent.pods) == {"uid-0", "uid-1"}, reason
+    jumps = harness.sample("meshaccel_operator_push_failures_total", reason="stale_generation")
+    assert jumps == (1 if len(statuses) > 1 else None), reason
     # The next change goes on from there.
     harness.pusher.set_pods(NODE, pods(0))
-    assert (await harness.in_sync()).applied_generation == expected + 1, reason
+    assert (await harness.in_sync()).applied_generation == expected[1] + 1, reason
 
 
 # -- failures ------------------------------------------------------------------------------------
@@ -547,3 +557,150 @@ async def test_the_sync_calls_refuse_a_worker_thread(harness: Harness) -> None:
     with pytest.raises(RuntimeError, match="no running event loop"):
         await asyncio.to_thread(harness.pusher.set_pods, NODE, pods(0))
     assert NODE not in harness.pusher.nodes()
+
+
+# -- two writers -------------------------------------------------------------------------------
+
+
+async def test_a_stale_writer_stops_and_its_set_never_wins(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    """Issue 12: a replica whose term ended kept pushing and, on the 409, jumped past the
+    agent's generation: its stale set won, while the leader reported in_sync."""
+    leader = await make_harness(epoch=EPOCH + 1)
+    superseded: list[int] = []
+    stale = await make_harness(epoch=EPOCH, on_superseded=superseded.append)
+    leader.pusher.set_endpoint(NODE, agent.url)
+    leader.pusher.set_pods(NODE, pods(0, 1))
+    await leader.in_sync()
+
+    stale.pusher.set_endpoint(NODE, agent.url)
+    stale.pusher.set_pods(NODE, pods(7))
+    await wait_for(lambda: stale.node().superseded_by is not None, what="the refusal")
+
+    assert set(agent.pods) == {"uid-0", "uid-1"}
+    assert (agent.applied_epoch, agent.applied_generation) == (EPOCH + 1, 1)
+    assert [r.status for r in agent.puts()] == [200, 409]  # one try, no jump
+    assert superseded == [EPOCH + 1]
+    state = stale.node()
+    assert state.superseded_by == EPOCH + 1 and not state.in_sync and idle(state), state
+    assert state.last_error is not None and "another writer leads" in state.last_error
+    assert stale.sample("meshaccel_operator_push_failures_total", reason="superseded") == 1
+    # A change does not send it again: the node waits for a new epoch.
+    stale.pusher.set_pods(NODE, pods(7, 8))
+    assert idle(stale.node()) and len(agent.puts()) == 2
+    assert leader.node().in_sync
+
+
+@pytest.mark.parametrize(
+    ("written", "outcome", "reason"),
+    [
+        ((EPOCH, 9), "resent", "a set of this epoch it did not confirm: sent again, above it"),
+        ((EPOCH - 1, 9), "resent", "an older epoch's set (an agent cannot take it, but say so)"),
+        ((EPOCH + 1, 1), "superseded", "a later term's set: another writer leads"),
+    ],
+)
+async def test_the_probe_compares_the_applied_epoch_and_generation(
+    make_harness: MakeHarness,
+    agent: FakeAgent,
+    written: tuple[int, int],
+    outcome: str,
+    reason: str,
+) -> None:
+    """The agent's process stays the same (its boot id does not tell): what it applied does."""
+    superseded: list[int] = []
+    harness = await make_harness(probe_interval=0.05, on_superseded=superseded.append)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0, 1))
+    await harness.in_sync()
+
+    epoch, generation = written
+    agent.preset(generation, pods(7), epoch=epoch)  # another writer's set, same process
+
+    if outcome == "resent":
+        state = await harness.in_sync()
+        await wait_for(lambda: set(agent.pods) == {"uid-0", "uid-1"}, what=reason)
+        assert agent.applied_epoch == EPOCH, reason
+        assert agent.applied_generation == (generation + 1 if epoch == EPOCH else 2), reason
+        assert state.superseded_by is None and superseded == [], reason
+    else:
+        await wait_for(lambda: harness.node().superseded_by == epoch, what=reason)
+        assert set(agent.pods) == {"uid-7"} and superseded == [epoch], reason
+        assert not harness.node().in_sync, reason
+
+
+# -- leading ------------------------------------------------------------------------------------
+
+
+async def test_a_pusher_that_does_not_lead_sends_nothing(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(epoch=None, probe_interval=0.05)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    state = harness.node()
+    assert idle(state) and state.epoch is None and not state.in_sync, state
+
+    harness.pusher.lead(EPOCH)
+    state = await harness.in_sync()
+    assert [(a.pod_set.epoch, a.pod_set.generation) for a in agent.accepted] == [(EPOCH, 1)]
+
+    harness.pusher.lead(None)  # paused: the node's task ends, no PUT and no probe
+    requests = len(agent.requests)
+    harness.pusher.set_pods(NODE, pods(0, 1))
+    await agent.restart()  # not even a restart is noticed
+    state = harness.node()
+    assert idle(state) and state.epoch is None and not state.in_sync, state
+    assert len(agent.requests) == requests
+
+    harness.pusher.lead(EPOCH + 1)  # leading again: the set goes out in the new term
+    await harness.in_sync()
+    assert agent.applied_epoch == EPOCH + 1 and set(agent.pods) == {"uid-0", "uid-1"}
+
+
+async def test_a_new_epoch_sends_every_set_again_from_generation_1(
+    harness: Harness, fleet_of_3: list[FakeAgent]
+) -> None:
+    for agent in fleet_of_3:
+        harness.pusher.set_endpoint(agent.name, agent.url)
+        harness.pusher.set_pods(agent.name, pods(0))
+        harness.pusher.set_pods(agent.name, pods(0, 1))  # (one PUT: the window)
+        await harness.in_sync(agent.name)
+        harness.pusher.set_pods(agent.name, pods(0, 1, 2))
+        await harness.in_sync(agent.name)
+        assert (agent.applied_epoch, agent.applied_generation) == (EPOCH, 2)
+
+    harness.pusher.lead(EPOCH + 2)
+
+    for agent in fleet_of_3:
+        state = await harness.in_sync(agent.name)
+        assert (state.epoch, state.applied_epoch, state.applied_generation) == (EPOCH + 2,) * 2 + (
+            1,
+        )
+        assert (agent.applied_epoch, agent.applied_generation) == (EPOCH + 2, 1)
+        assert agent.accepted[-1].pod_set.pods == pods(0, 1, 2)
+
+
+async def test_an_agent_that_predates_epochs_gets_sets_without_one(
+    make_harness: MakeHarness,
+) -> None:
+    """During an upgrade a new operator meets old agents, whose strict model refuses the
+    field: they get their sets as before (unfenced) until they restart as new agents."""
+    harness = await make_harness(probe_interval=0.05)
+    async with FakeAgent(token=TOKEN, epochs=False) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        harness.pusher.set_pods(NODE, pods(0))
+        await harness.in_sync()
+        assert [r.status for r in agent.puts()] == [422, 200]
+        assert agent.applied_epoch == 0 and agent.last_set is not None
+
+        agent.epochs = True  # upgraded: a new process
+        await agent.restart()
+        await wait_for(lambda: agent.applied_epoch == EPOCH, what="a set with the epoch")
+        assert set(agent.pods) == {"uid-0"}
+
+
+@pytest.fixture
+async def fleet_of_3() -> AsyncIterator[list[FakeAgent]]:
+    async with FakeAgentFleet(3, token=TOKEN) as fleet:
+        yield fleet.agents

@@ -21,11 +21,14 @@ import yaml
 
 from meshaccel.agent.config import AgentSettings, load_settings
 from meshaccel.operator import rendering
-from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.config import AgentImage
+from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
 
 NAMESPACE = "meshaccel-system"
 UID = "6f1b7a4e-2d4c-4f55-9a0e-6c1d0b1f2a3c"
 TOKEN = "rendering-test-token-0123456789abcdef"
+# The operator's setting (not the CRD's old default, so a test can tell the two apart).
+IMAGE = AgentImage("registry.example/mirror/meshaccel-agent:0.2.0")
 # 1.30: the first release whose schema has securityContext.appArmorProfile (GA); 1.33: current.
 KUBERNETES_VERSIONS = ("1.30", "1.33")
 
@@ -41,10 +44,13 @@ def make_spec(**overrides: Any) -> MeshAccelerationSpec:
 
 
 def render(
-    name: str = "demo", spec: MeshAccelerationSpec | None = None, token: str = TOKEN
+    name: str = "demo",
+    spec: MeshAccelerationSpec | None = None,
+    token: str = TOKEN,
+    image: AgentImage = IMAGE,
 ) -> dict[str, dict[str, Any]]:
     objects = rendering.agent_objects(
-        name, UID, spec or make_spec(), namespace=NAMESPACE, token=token
+        name, UID, spec or make_spec(), namespace=NAMESPACE, token=token, image=image
     )
     return {obj["kind"]: obj for obj in objects}
 
@@ -80,7 +86,9 @@ MISSING = object()
 
 
 def test_renders_the_four_objects_in_order() -> None:
-    objects = rendering.agent_objects("demo", UID, make_spec(), namespace=NAMESPACE, token=TOKEN)
+    objects = rendering.agent_objects(
+        "demo", UID, make_spec(), namespace=NAMESPACE, token=TOKEN, image=IMAGE
+    )
     assert [o["kind"] for o in objects] == ["ServiceAccount", "Secret", "ConfigMap", "DaemonSet"]
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in objects)
 
@@ -88,8 +96,12 @@ def test_renders_the_four_objects_in_order() -> None:
 def test_pure_same_input_same_output_and_spec_untouched() -> None:
     spec = make_spec(agent={"tolerations": [{"key": "k", "operator": "Exists"}]})
     before = spec.model_dump()
-    first = rendering.agent_objects("demo", UID, spec, namespace=NAMESPACE, token=TOKEN)
-    second = rendering.agent_objects("demo", UID, spec, namespace=NAMESPACE, token=TOKEN)
+    first = rendering.agent_objects(
+        "demo", UID, spec, namespace=NAMESPACE, token=TOKEN, image=IMAGE
+    )
+    second = rendering.agent_objects(
+        "demo", UID, spec, namespace=NAMESPACE, token=TOKEN, image=IMAGE
+    )
     assert first == second
     assert spec.model_dump() == before
 
@@ -511,7 +523,12 @@ HASH_CASES = [
     HashCase(
         "exclusions travel in the pod set", {"exclusions": {"outboundPorts": [5432]}}, TOKEN, False
     ),
-    HashCase("the image rolls the pods by itself", {"agent": {"image": "x/agent:2"}}, TOKEN, False),
+    HashCase(
+        "the pull policy rolls the pods by itself",
+        {"agent": {"imagePullPolicy": "Always"}},
+        TOKEN,
+        False,
+    ),
     HashCase("a default written out is no change", {"datapath": {"maxPods": 1024}}, TOKEN, False),
 ]
 
@@ -597,12 +614,14 @@ PASS_CASES = [
         lambda pod: "priorityClassName" not in pod,
     ),
     PassCase(
-        "image and pull policy",
-        {"image": "registry.example/agent@sha256:" + "a" * 64, "imagePullPolicy": "Always"},
-        lambda pod: (
-            pod["containers"][0]["image"] == "registry.example/agent@sha256:" + "a" * 64
-            and pod["containers"][0]["imagePullPolicy"] == "Always"
-        ),
+        "pull policy copied",
+        {"imagePullPolicy": "Always"},
+        lambda pod: pod["containers"][0]["imagePullPolicy"] == "Always",
+    ),
+    PassCase(
+        "default pull policy",
+        {},
+        lambda pod: pod["containers"][0]["imagePullPolicy"] == "IfNotPresent",
     ),
     PassCase(
         "resources copied",
@@ -632,6 +651,63 @@ PASS_CASES = [
 def test_agent_spec_passthrough(case: PassCase) -> None:
     pod = pod_spec(render(spec=make_spec(agent=case.agent)))
     assert case.check(pod), f"{case.reason}: {pod}"
+
+
+# -- the image: the operator's, never the resource's -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    reason: str
+    image: AgentImage
+    reference: str
+    pull_secrets: list[dict[str, str]] | None  # None: no imagePullSecrets field at all
+
+
+IMAGE_CASES = [
+    ImageCase("a tag", IMAGE, IMAGE.reference, None),
+    ImageCase(
+        "pinned by digest",
+        AgentImage("registry.example/agent@sha256:" + "b" * 64),
+        "registry.example/agent@sha256:" + "b" * 64,
+        None,
+    ),
+    ImageCase(
+        "a tag and a digest (the runtime pulls the digest)",
+        AgentImage("registry.example:5000/agent:1.0@sha256:" + "c" * 64),
+        "registry.example:5000/agent:1.0@sha256:" + "c" * 64,
+        None,
+    ),
+    ImageCase(
+        "pull secrets, in order",
+        AgentImage(IMAGE.reference, ("registry-a", "registry-b")),
+        IMAGE.reference,
+        [{"name": "registry-a"}, {"name": "registry-b"}],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=lambda c: c.reason)
+def test_the_image_and_pull_secrets_are_the_operators(case: ImageCase) -> None:
+    pod = pod_spec(render(image=case.image))
+    assert pod["containers"][0]["image"] == case.reference, case.reason
+    assert pod.get("imagePullSecrets") == case.pull_secrets, case.reason
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        ("attacker.example/root-shell:1", "the review finding: a resource named any image"),
+        (LEGACY_DEFAULT_AGENT_IMAGE, "the value the 0.1 CRD wrote into every resource"),
+    ],
+)
+def test_spec_agent_image_never_reaches_the_daemonset(image: str, reason: str) -> None:
+    """Before issue 12, spec.agent.image was the container's image: whoever could create a
+    MeshAcceleration ran any image as uid 0 with BPF and NET_ADMIN on every node."""
+    objects = render(spec=make_spec(agent={"image": image}))
+    assert container(objects)["image"] == IMAGE.reference, reason
+    assert image not in yaml.safe_dump(list(objects.values())), reason
+    assert objects == render(), "the field changes nothing at all"
 
 
 # -- long names -------------------------------------------------------------------------------
@@ -699,7 +775,6 @@ SCHEMA_SPECS = {
     "defaults": {},
     "everything set": {
         "agent": {
-            "image": "registry.example/agent:1.2.3",
             "imagePullPolicy": "Never",
             "port": 443,
             "nodeSelector": {"pool": "mesh"},
@@ -725,8 +800,14 @@ SCHEMA_SPECS = {
 @pytest.mark.parametrize("name", ["demo", "n" * 253])
 @pytest.mark.parametrize("spec_name", list(SCHEMA_SPECS))
 def test_objects_pass_the_official_schema(version: str, name: str, spec_name: str) -> None:
+    image = AgentImage("registry.example/agent@sha256:" + "a" * 64, ("pull-one", "pull-two"))
     for obj in rendering.agent_objects(
-        name, UID, make_spec(**SCHEMA_SPECS[spec_name]), namespace=NAMESPACE, token=TOKEN
+        name,
+        UID,
+        make_spec(**SCHEMA_SPECS[spec_name]),
+        namespace=NAMESPACE,
+        token=TOKEN,
+        image=image,
     ):
         kubernetes_validate.validate(obj, version, strict=True)
 

@@ -81,12 +81,25 @@ meshaccel.operatorImage: "<repository>@<digest>" when a digest is given, else
 {{- end -}}
 
 {{/*
-meshaccel.agentImage: the default MeshAcceleration's agent image: defaultAcceleration.agent.image,
-else the agent image of this chart's appVersion (operator and agents from one release).
+meshaccel.agentImage: the image every node agent runs (the operator's MESHACCEL_AGENT_IMAGE and
+the admission policy's only allowed image): "<repository>@<digest>" when a digest is given, else
+"<repository>:<tag or appVersion>" (operator and agents from one release).
 */}}
 {{- define "meshaccel.agentImage" -}}
-{{- $agent := .Values.defaultAcceleration.agent | default dict -}}
-{{- default (printf "ghcr.io/meshaccel/meshaccel-agent:%s" .Chart.AppVersion) $agent.image -}}
+{{- $image := .Values.agent.image -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+meshaccel.operatorUser: the user name the API server gives the operator's ServiceAccount
+(request.userInfo.username), which the admission policies match.
+*/}}
+{{- define "meshaccel.operatorUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "meshaccel.serviceAccountName" .) -}}
 {{- end -}}
 
 {{/*
@@ -103,6 +116,18 @@ are each valid (values.schema.json checks those) but impossible together.
 {{- end -}}
 {{- if eq (int $op.ports.health) (int $op.ports.metrics) -}}
 {{- fail (printf "operator.ports.health and operator.ports.metrics are both %d: they must differ." (int $op.ports.health)) -}}
+{{- end -}}
+{{- $agent := .Values.defaultAcceleration.agent | default dict -}}
+{{- if and (hasKey $agent "image") (not (kindIs "invalid" $agent.image)) -}}
+{{- fail (printf "defaultAcceleration.agent.image (%v) is no longer read: the agents' image is the operator's setting, not the MeshAcceleration's. Set agent.image.repository and agent.image.tag (or agent.image.digest) instead, and remove defaultAcceleration.agent.image." $agent.image) -}}
+{{- end -}}
+{{- $image := .Values.agent.image -}}
+{{- if and (eq $image.tag "latest") (not $image.digest) -}}
+{{- fail "agent.image.tag=latest is a moving tag: nodes pulling at different times would run different agents (the operator refuses it). Pin a version, or set agent.image.digest." -}}
+{{- end -}}
+{{- $actions := .Values.admissionPolicy.validationActions -}}
+{{- if and (has "Deny" $actions) (has "Warn" $actions) -}}
+{{- fail "admissionPolicy.validationActions: Deny and Warn cannot be used together (the API server refuses such a binding). Use [Deny], [Deny, Audit], [Warn] or [Warn, Audit]." -}}
 {{- end -}}
 {{- $datapath := .Values.defaultAcceleration.datapath | default dict -}}
 {{- /* An empty selector ({}) selects every pod: only a missing or null one is "not set". */ -}}
