@@ -1,6 +1,6 @@
 # Shortcuts for developers. The scripts are the source of truth (and what CI runs);
 # nothing here is needed to build or test the project.
-.PHONY: all bootstrap bpf lint test demo bench bench-quick clean
+.PHONY: all bootstrap bpf lint test demo bench bench-quick clean images
 
 all: test
 
@@ -25,6 +25,11 @@ bench:
 
 bench-quick:
 	bash scripts/bench.sh --quick
+
+# Both images built with buildah (offline: a debootstrap stand-in for the Python base), then
+# tested as the chart runs them (about 2-3 minutes; scripts/test.sh runs it too).
+images:
+	bash scripts/images.sh
 
 clean:
 	-$(MAKE) -C bpf clean

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole check: bootstrap, lint (ruff, mypy), then every test under tests/.
+# The whole check: bootstrap, lint (ruff, mypy), every test under tests/, then the images built
+# and tested (scripts/images.sh: about 2-3 minutes here).
 # Exits non-zero if anything fails, or if pytest ran no test at all.
-# Extra arguments go to pytest (for example: bash scripts/test.sh -k getsockopt -x).
+# Extra arguments go to pytest (for example: bash scripts/test.sh -k getsockopt -x); with
+# arguments, the images are left out (a developer's partial run).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,5 +29,9 @@ if ((pytest_rc == 5)); then
 fi
 if ((pytest_rc)); then
     exit "$pytest_rc"
+fi
+if (($# == 0)); then
+    echo "==> images: scripts/images.sh (build both Dockerfiles, test what was built)"
+    bash scripts/images.sh
 fi
 exit "$lint_rc"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -20,6 +22,9 @@ from typing import Any
 import yaml
 
 from meshaccel.agent.datapath import Datapath, PinLayout, unload_pins
+from meshaccel.operator.models import DEFAULT_AGENT_PORT
+from meshaccel.operator.rendering import BPFFS_PATH, CGROUP_PATH, agent_capabilities
+from tests.images.runtime import ImageRoot
 
 # The console script the package installs, next to this interpreter; `python -m` as a fallback.
 CONSOLE_SCRIPT = Path(sys.executable).with_name("meshaccel-agent")
@@ -28,8 +33,37 @@ PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
 TOKEN = "lifecycle-test-token-0123456789abcdef"
 
 
-def agent_argv() -> list[str]:
-    return [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else list(MODULE_ARGV)
+#: Set by scripts/images.sh: the agents of these tests then run from that built image, as the
+#: DaemonSet runs them (tests/images/runtime.py), instead of from the source tree.
+AGENT_IMAGE = os.environ.get("MESHACCEL_AGENT_IMAGE", "")
+
+
+def agent_argv(capabilities: Sequence[str] | None = None) -> list[str]:
+    """The agent's command: with ``capabilities``, limited to them as a container runtime
+    limits a container (from the image: always, the DaemonSet's set by default)."""
+    if AGENT_IMAGE:
+        return _image_root().argv(
+            [],
+            capabilities=agent_capabilities(DEFAULT_AGENT_PORT, sk_msg_redirect=True)
+            if capabilities is None
+            else capabilities,
+            mounts=[f"{BPFFS_PATH}:{BPFFS_PATH}", f"{CGROUP_PATH}:{CGROUP_PATH}:ro", "/tmp:/tmp"],
+        )
+    program = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else list(MODULE_ARGV)
+    return program if capabilities is None else [*setpriv(capabilities), *program]
+
+
+def setpriv(capabilities: Sequence[str]) -> list[str]:
+    """uid 0 limited to ``capabilities``, as a container runtime starts the agent."""
+    keep = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
+    return ["setpriv", "--inh-caps=-all", f"--bounding-set={keep}", "--no-new-privs", "--"]
+
+
+@functools.cache
+def _image_root() -> ImageRoot:
+    root = ImageRoot(AGENT_IMAGE).__enter__()
+    atexit.register(root.__exit__, None, None, None)
+    return root
 
 
 def free_port() -> int:

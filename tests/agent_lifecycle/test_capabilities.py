@@ -41,6 +41,7 @@ from tests.agent_lifecycle.harness import (
     agent_argv,
     attached_programs,
     free_port,
+    setpriv,
     unload_instance,
     wait_for,
     write_yaml,
@@ -94,12 +95,6 @@ def rendered_capabilities(
     assert context["capabilities"]["drop"] == ["ALL"]
     assert context["allowPrivilegeEscalation"] is False and context["runAsUser"] == 0
     return tuple(context["capabilities"]["add"])
-
-
-def setpriv(capabilities: tuple[str, ...]) -> list[str]:
-    """uid 0 limited to ``capabilities``, as a container runtime starts the agent."""
-    keep = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
-    return ["setpriv", "--inh-caps=-all", f"--bounding-set={keep}", "--no-new-privs", "--"]
 
 
 def effective_capabilities(pid: int) -> int:
@@ -168,12 +163,12 @@ class CapsLab:
         if ungated:
             script = self.workdir / "ungated_agent.py"
             script.write_text(UNGATED_AGENT)
-            program = [sys.executable, str(script)]
+            program = [*setpriv(capabilities), sys.executable, str(script)]
         else:
-            program = agent_argv()
+            program = agent_argv(capabilities)
         name = f"{command}-{next(_numbers)}"
         agent = AgentProcess(
-            [*setpriv(capabilities), *program, *self.argv(command, port, sk_msg_redirect)],
+            [*program, *self.argv(command, port, sk_msg_redirect)],
             workdir=self.workdir,
             name=name,
             port=port,
