@@ -184,7 +184,7 @@ class ApplyResult(_Reply):
     unresolved: list[UnresolvedPod]
     duration_ms: float
     boot_id: str = Field(
-        description="the agent process's boot id, as /healthz gives it: a new one means the "
+        description="the agent process's boot id, as /v1/health gives it: a new one means the "
         "agent restarted (its maps were adopted, its memory of sets is gone)"
     )
     applied_epoch: int = Field(default=0, description="the epoch of the applied set")
@@ -226,14 +226,16 @@ class ErrorReply(_Reply):
     applied_epoch: int = 0
 
 
+class ProbeReply(_Strict):
+    """GET /healthz, and GET /readyz when ready (otherwise 503 ErrorReply): open, so no more."""
+
+    status: Literal["ok"] = "ok"
+
+
 class HealthReply(_Reply):
-    """GET /healthz: the process is alive and serving (nothing else is checked).
+    """GET /v1/health (the operator's probe): the process, the set it holds, what it trusts."""
 
-    ``GET /healthz?applied=true`` (the operator's probe) also names the applied set; a plain
-    request (the kubelet, an operator that predates it) gets the reply without them.
-    """
-
-    _added = frozenset({"applied_generation", "applied_epoch"})
+    _added = frozenset({"applied_generation", "applied_epoch", "trust_bundle"})
 
     status: Literal["ok"] = "ok"
     boot_id: str
@@ -241,13 +243,11 @@ class HealthReply(_Reply):
         default=None, description="the applied set's generation (None: no set since the start)"
     )
     applied_epoch: int = Field(default=0, description="the applied set's epoch")
-
-
-class ReadyReply(_Strict):
-    """GET /readyz when ready (attached and a first set applied); otherwise 503 ErrorReply."""
-
-    ready: Literal[True] = True
-    applied_generation: int
+    trust_bundle: str | None = Field(
+        default=None,
+        description="sha256 fingerprint of the CA bundle the agent accepts client certificates "
+        "from (None: serving without TLS); the operator's CA rotation waits for it",
+    )
 
 
 class ProgramStatus(_Strict):
@@ -272,7 +272,7 @@ class MapUsage(_Strict):
 class StatusReply(_Reply):
     """GET /v1/status."""
 
-    _added = frozenset({"applied_epoch"})
+    _added = frozenset({"applied_epoch", "not_ready"})
 
     boot_id: str = Field(description="a new uuid4 on every start of the agent process")
     started_at: datetime
@@ -314,4 +314,7 @@ class StatusReply(_Reply):
         default=False,
         description="POST /v1/uninstall removed the datapath; the applied set and map usage "
         "are what was applied before it",
+    )
+    not_ready: str | None = Field(
+        default=None, description="why GET /readyz answers 503 (None: it answers 200)"
     )

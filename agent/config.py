@@ -20,7 +20,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args, get_origin
 
@@ -45,6 +45,7 @@ from meshaccel.agent.datapath import (
 )
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import LogFormat, LogLevel
+from meshaccel.agent.tls import ServerTLS, TLSError, TLSFiles
 from meshaccel.agent.version import VERSION
 
 EXIT_INVALID_SETTINGS = 2
@@ -56,7 +57,6 @@ _KNOWN_OTHER_ENV = frozenset({CONFIG_ENV, f"{ENV_PREFIX}BOOTSTRAPPED"})
 # 9474: unassigned by IANA and clear of what usually listens on a node's host network
 # (kubelet 10250, 9443 controller-runtime webhooks, 9100 node-exporter, Istio's 150xx).
 DEFAULT_PORT = 9474
-MIN_TOKEN_LENGTH = 16
 MAX_PODS_LIMIT = 65536
 
 Command = Literal["run", "uninstall", "show-config"]
@@ -80,13 +80,22 @@ class AgentSettings(BaseModel):
     # -- API ---------------------------------------------------------------------------------
     listen_address: str = Field(default="0.0.0.0", description="IP address the HTTP API listens on")
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535, description="TCP port of the API")
-    token_file: Path | None = Field(
+    tls_cert_file: Path | None = Field(
         default=None,
-        description="file holding the bearer token the operator sends (a mounted Secret)",
+        description="the API's TLS server certificate, PEM (the operator's Secret, mounted)",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="the private key of tls_cert_file, PEM"
+    )
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="the CA bundle, PEM, that the operator's client certificate must chain to; "
+        "the three files are read again when they change",
     )
     insecure_no_token: bool = Field(
         default=False,
-        description="serve without authentication; only allowed on a loopback listen address",
+        description="serve plain HTTP without authentication (no TLS, no client certificate); "
+        "only allowed on a loopback listen address",
     )
     # -- datapath ----------------------------------------------------------------------------
     attach_cgroup: Path | None = Field(
@@ -217,13 +226,26 @@ class AgentSettings(BaseModel):
                 f"{self.listen_address}: an unauthenticated API must not be reachable "
                 "from the network",
             )
-        if self.insecure_no_token and self.token_file is not None:
-            raise SettingConflict("insecure_no_token", "token_file is set too: choose one of them")
-        if serving and self.token_file is None and not self.insecure_no_token:
+        tls = {
+            name: getattr(self, name)
+            for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+        }
+        given = [name for name, path in tls.items() if path is not None]
+        if self.insecure_no_token and given:
             raise SettingConflict(
-                "token_file",
-                "the API needs a bearer token: give --token-file (the operator's Secret), or "
-                "--insecure-no-token with --listen-address 127.0.0.1 for a local demo",
+                "insecure_no_token", f"{given[0]} is set too: choose TLS or no authentication"
+            )
+        if given and len(given) < len(tls):
+            missing = next(name for name in tls if name not in given)
+            raise SettingConflict(
+                missing, f"{given[0]} is set: TLS needs the certificate, its key and the CA bundle"
+            )
+        if serving and not given and not self.insecure_no_token:
+            raise SettingConflict(
+                "tls_cert_file",
+                "the API needs TLS: give --tls-cert-file, --tls-key-file and "
+                "--tls-client-ca-file (the operator's Secret), or --insecure-no-token with "
+                "--listen-address 127.0.0.1 for a local demo",
             )
         if serving and self.mode == "standalone" and self.pods_file is None:
             raise SettingConflict(
@@ -259,6 +281,15 @@ class AgentSettings(BaseModel):
     def api_is_loopback(self) -> bool:
         return ipaddress.ip_address(self.listen_address).is_loopback
 
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The API's TLS files; None: plain HTTP (insecure_no_token)."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        if self.tls_client_ca_file is None:
+            return None
+        return TLSFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
 
 FIELDS: tuple[str, ...] = tuple(AgentSettings.model_fields)
 BOOLEAN_FIELDS = frozenset(
@@ -287,10 +318,9 @@ class LoadedSettings:
     sources: dict[str, str]
     config_file: Path | None = None
     ignored_env: tuple[str, ...] = ()
-    token: str | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        """Effective settings and their sources, JSON-ready (never the token itself)."""
+        """Effective settings and their sources, JSON-ready (paths, never the keys)."""
         values = self.settings.model_dump(mode="json")
         return {
             "command": self.command,
@@ -487,36 +517,25 @@ def _defaults() -> Any:
     return AgentSettings.model_construct()
 
 
-def read_token(loaded: LoadedSettings) -> LoadedSettings:
-    """Read the bearer token (run and uninstall need no token; only the server does)."""
-    path = loaded.settings.token_file
-    if path is None:
-        return loaded
-    source = loaded.sources.get("token_file", "default")
+def read_tls(loaded: LoadedSettings) -> ServerTLS | None:
+    """The API's TLS material, read and checked (None: plain HTTP, insecure_no_token)."""
+    files = loaded.settings.tls_files
+    if files is None:
+        return None
+    named = {"tls_cert_file": files.cert, "tls_key_file": files.key}
+    named["tls_client_ca_file"] = files.client_ca
+    for name, path in named.items():
+        try:
+            path.read_bytes()
+        except OSError as err:
+            source = loaded.sources.get(name, "default")
+            raise _invalid(name, path, source, f"cannot read it: {err.strerror}") from err
     try:
-        token = path.read_text().strip()
-    except OSError as err:
-        raise _invalid("token_file", path, source, f"cannot read it: {err.strerror}") from err
-    except UnicodeDecodeError as err:
-        raise _invalid("token_file", path, source, "it is not text") from err
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise _invalid(
-            "token_file",
-            path,
-            source,
-            f"the token is {len(token)} characters long, at least {MIN_TOKEN_LENGTH} are "
-            "needed (for example: head -c 32 /dev/urandom | base64)",
-        )
-    if any(c.isspace() or not c.isprintable() for c in token):
-        raise _invalid("token_file", path, source, "the token must be one printable word")
-    return LoadedSettings(
-        settings=loaded.settings,
-        command=loaded.command,
-        sources=loaded.sources,
-        config_file=loaded.config_file,
-        ignored_env=loaded.ignored_env,
-        token=token,
-    )
+        return ServerTLS(files)
+    except TLSError as err:
+        name = "tls_client_ca_file" if err.file == "client_ca" else "tls_cert_file"
+        source = loaded.sources.get(name, "default")
+        raise _invalid(name, named[name], source, str(err)) from err
 
 
 def check_cgroup_settings(loaded: LoadedSettings, cgroup2_mount: Path) -> None:

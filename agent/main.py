@@ -18,8 +18,10 @@ Life cycle of ``run``:
    attached to the attach cgroup. An earlier release's datapath (maps this one no longer has)
    is reloaded too. Pins of a half-made datapath (an agent killed while loading) are refused:
    ``meshaccel-agent uninstall`` clears them.
-3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` and,
-   standalone, the pods file watcher. Ready once attached and the first set is applied.
+3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` (mutual
+   TLS with the files of the operator's Secret, re-read when they change; plain HTTP only on
+   loopback with ``insecure_no_token``) and, standalone, the pods file watcher. Ready once
+   attached and the first set is applied.
 4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
    **keep every pin**: the programs go on working without the agent (a restart or an upgrade
    drops nothing). With ``--uninstall-on-exit`` the agent instead unloads: it stops
@@ -63,8 +65,9 @@ from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.logs import configure_logging
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
-from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled
+from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled, serving
 from meshaccel.agent.standalone import PodsFileWatcher
+from meshaccel.agent.tls import ServerTLS
 from meshaccel.agent.version import VERSION
 
 log = logging.getLogger("meshaccel.agent")
@@ -337,31 +340,32 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    runner = web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
-    await runner.setup()
     tasks: list[asyncio.Task[None]] = []
     try:
-        site = web.TCPSite(runner, settings.listen_address, settings.port)
-        await site.start()
-        log.info(
-            "serving the API",
-            extra={
+        async with serving(
+            app, settings.listen_address, settings.port, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS
+        ) as listener:
+            tls = listener.tls
+            extra: dict[str, object] = {
                 "address": settings.listen_address,
                 "port": settings.port,
-                "auth": "bearer token" if loaded.token else "none (loopback only)",
-            },
-        )
-        if watcher is not None:
-            tasks.append(asyncio.create_task(watcher.run(stop), name="pods-file"))
-        await stop.wait()
+                "auth": "mutual TLS" if tls is not None else "none, plain HTTP (loopback only)",
+            }
+            if tls is not None:
+                extra["trust_bundle"] = tls.trust_bundle
+            log.info("serving the API", extra=extra)
+            if watcher is not None:
+                tasks.append(asyncio.create_task(watcher.run(stop), name="pods-file"))
+            try:
+                await stop.wait()
+            finally:
+                stop.set()
+                # The watcher finishes the apply it may be in (before the API stops).
+                if tasks:
+                    _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_SECONDS)
+                    for task in pending:
+                        task.cancel()
     finally:
-        stop.set()
-        # The watcher finishes the apply it may be in; nothing is left half-applied.
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_SECONDS)
-            for task in pending:
-                task.cancel()
-        await runner.cleanup()
         log.info("API stopped")
     return received[0] if received else "none"
 
@@ -384,7 +388,7 @@ def _stop_during_startup(signum: int, _frame: FrameType | None) -> None:
     raise StopDuringStartup(signal.Signals(signum).name)
 
 
-def run(loaded: LoadedSettings) -> int:
+def run(loaded: LoadedSettings, tls: ServerTLS | None) -> int:
     settings = loaded.settings
     # Until the event loop takes the signals over: a SIGTERM in the middle of a load must not
     # kill the process between two pins (that would leave half a datapath), but unwind it.
@@ -426,7 +430,7 @@ def run(loaded: LoadedSettings) -> int:
             )
         app = create_app(
             reconciler,
-            token=loaded.token,
+            tls=tls,
             pod_set_source=f"the pods file {settings.pods_file}" if watcher is not None else None,
             datapath_info=DatapathInfo(
                 attach_cgroup=startup.attach_cgroup,
@@ -502,8 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``meshaccel-agent`` console script."""
     try:
         loaded = config.load_settings(argv)
-        if loaded.command == "run":
-            loaded = config.read_token(loaded)
+        tls = config.read_tls(loaded) if loaded.command == "run" else None
     except SettingsError as err:
         print(err, file=sys.stderr)
         return config.EXIT_INVALID_SETTINGS
@@ -530,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if loaded.command == "uninstall":
             return uninstall(loaded)
-        return run(loaded)
+        return run(loaded, tls)
     except SettingsError as err:
         print(err, file=sys.stderr)
         return config.EXIT_INVALID_SETTINGS

@@ -9,8 +9,11 @@ complete desired state and applies the difference to the maps, all or nothing:
   refused (:class:`StaleGenerationError`), the same generation again is a no-op if the set is
   identical and a conflict otherwise. The epoch lives in memory: a restarted agent takes the
   first set it gets (the leading operator sees the new boot id and sends its set again);
-* a set larger than the maps can hold is refused before anything is touched
-  (:class:`CapacityError`);
+* a set larger than the maps can hold is refused (:class:`CapacityError`), its pods are not
+  written, but the pods of the applied set that it no longer names are removed all the same
+  (a deleted pod's address must not keep leading to it): the applied generation stays, the
+  applied set shrinks to what is left of it. (The operator never sends such a set: it cuts
+  each node's set to the maps, and the refusal is the defence behind that.)
 * every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
   resolved yet is reported and left out, and programmed by a later apply or by
   :meth:`Reconciler.retry_unresolved`;
@@ -267,8 +270,9 @@ class _Journal:
         return failures
 
 
-def _usage(pods: Iterable[AcceleratedPod]) -> dict[str, int]:
-    """Entries each per-pod map needs for these pods (counted, not encoded: cheap)."""
+def map_usage(pods: Iterable[AcceleratedPod]) -> dict[str, int]:
+    """Entries each per-pod map needs for these pods (counted, not encoded: cheap). The
+    operator counts a pod's the same way (``meshaccel.operator.budget``)."""
     usage = dict.fromkeys(POD_MAPS, 0)
     for pod in pods:
         usage["pods"] += 1
@@ -328,7 +332,7 @@ class Reconciler:
         self._programmed = read.pods  # cgroup id -> what the maps hold (never mutated)
         self._orphans = read.orphans  # map name -> entries of no pod, for the next apply
         self.max_pods = min(max_pods, self._capacity["pods"], self._capacity["pod_ips"])
-        self._usage_now = _usage(self._programmed.values())
+        self._usage_now = map_usage(self._programmed.values())
         self._dirty = False  # the maps may differ from _programmed (a rollback failed): read again
         self._generation: int | None = None
         self._epoch = 0  # the applied set's; meaningful once _generation is not None
@@ -390,6 +394,14 @@ class Reconciler:
                     pod_set.generation, desired, started, retry=False, epoch=pod_set.epoch
                 )
             except ApplyRefusedError as err:
+                if isinstance(err, CapacityError):
+                    removed = self._remove_unnamed({pod.uid for pod in pod_set.pods})
+                    if removed:
+                        err.message += (
+                            f"; the {removed} pod(s) of the applied set it no longer names "
+                            "were removed"
+                        )
+                        err.args = (err.message,)
                 self._refused(err, pod_set)
                 raise
 
@@ -447,7 +459,7 @@ class Reconciler:
             # Committed: the maps no longer hold them.
             ids = {e.cgroup_id for e in removed}
             self._programmed = {c: p for c, p in self._programmed.items() if c not in ids}
-            self._usage_now = _usage(self._programmed.values())
+            self._usage_now = map_usage(self._programmed.values())
             self._entries = {u: e for u, e in self._entries.items() if u not in gone}
             self._by_cgroup = {e.cgroup_id: e for e in self._entries.values()}
             reported = [_unresolved(e.spec, gone[e.spec.uid]) for e in removed]
@@ -480,6 +492,46 @@ class Reconciler:
         self.close()
 
     # -- steps ---------------------------------------------------------------------------------
+
+    def _remove_unnamed(self, named: set[str]) -> int:
+        """A set was refused for capacity: remove the programmed pods of the applied set it
+        does not name (all or nothing, as an apply writes), keep the rest as applied. Returns
+        how many went. Nothing before a first set (pods adopted after a restart are matched by
+        the first set applied), nor while the maps must be read again."""
+        generation = self._generation
+        if generation is None or self._dirty:
+            return 0
+        kept = {uid: entry for uid, entry in self._entries.items() if uid in named}
+        gone = [entry for uid, entry in self._entries.items() if uid not in named]
+        if not gone:
+            return 0
+        try:
+            self._execute(
+                _Plan([entry.pod for entry in gone], [], []),
+                generation,
+                doing=f"removing {len(gone)} pods a refused set no longer names",
+            )
+        except ApplyFailedError:
+            return 0  # logged and counted; every removal undone, the applied set stays
+        # Committed: the maps no longer hold them, and the applied set no longer names them.
+        ids = {entry.cgroup_id for entry in gone}
+        self._programmed = {c: p for c, p in self._programmed.items() if c not in ids}
+        self._usage_now = map_usage(self._programmed.values())
+        self._entries = kept
+        self._by_cgroup = {e.cgroup_id: e for e in kept.values()}
+        self._desired = {uid: spec for uid, spec in self._desired.items() if uid in named}
+        self._unresolved = {u: item for u, item in self._unresolved.items() if u in named}
+        self._vanished = {u: v for u, v in self._vanished.items() if u in named}
+        for entry in gone:
+            self._log_pod(
+                "pod removed",
+                "pod_removed",
+                entry.spec,
+                entry.cgroup_id,
+                "not in a set refused for capacity",
+                generation,
+            )
+        return len(gone)
 
     def _admit(self, pod_set: PodSet) -> dict[str, PodSpec] | None:
         """The set by uid, None for an idempotent repeat; raises if it must be refused."""
@@ -519,7 +571,7 @@ class Reconciler:
             self._resync()
         entries, unresolved = self._resolve(desired)
         target: dict[int, AcceleratedPod] = {e.cgroup_id: e.pod for e in entries.values()}
-        needed = _usage(target.values())
+        needed = map_usage(target.values())
         over = {
             name: (n, self._capacity[name])
             for name, n in needed.items()
@@ -695,7 +747,7 @@ class Reconciler:
     def _resync(self) -> None:
         read = self.datapath.read_pods()
         self._programmed, self._orphans = read.pods, read.orphans
-        self._usage_now = _usage(self._programmed.values())
+        self._usage_now = map_usage(self._programmed.values())
         self._dirty = False
         # Entries whose pod is no longer in the maps as cached must be encoded again.
         self._entries = {

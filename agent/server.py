@@ -3,21 +3,23 @@
 ======  ============  =====  ==================================================================
 method  path          auth   replies
 ======  ============  =====  ==================================================================
-PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 401; 409 stale epoch (another writer
-                             leads), stale generation, or the applied generation with another
-                             set; 413 body too large; 415 not
+PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 403; 408 the body came too slowly;
+                             409 stale epoch (another writer leads), stale generation, or the
+                             applied generation with another set; 413 body too large; 415 not
                              JSON content; 422 invalid set (pydantic's ``loc`` in ``detail``)
                              or more pods/entries than the maps hold; 500 datapath error (the
                              apply was rolled back); 507 a map filled up during the apply
                              (rolled back); 409 after POST /v1/uninstall
-POST    /v1/uninstall yes    200 UninstallReply (``already`` on a repeat); 401; 409 standalone;
+POST    /v1/uninstall yes    200 UninstallReply (``already`` on a repeat); 403; 409 standalone;
                              500 the unload failed (a repeat tries again)
-GET     /v1/pods      yes    200 PodsReply; 401
-GET     /v1/status    yes    200 StatusReply; 401
-GET     /healthz      no     200 HealthReply (the process serves requests; ``?applied=true``
-                             adds the applied set's epoch and generation)
-GET     /readyz       no     200 ReadyReply when every program is attached and a first set was
-                             applied; 503 otherwise, saying which (or that it was uninstalled)
+GET     /v1/pods      yes    200 PodsReply; 403
+GET     /v1/status    yes    200 StatusReply (``not_ready`` says why /readyz is 503); 403
+GET     /v1/health    yes    200 HealthReply: boot id, the applied set's epoch and generation,
+                             the fingerprint of the client CA bundle in force (the operator's
+                             probe); 403
+GET     /healthz      no     200 ``{"status": "ok"}``: the process serves requests
+GET     /readyz       no     200 ``{"status": "ok"}`` when every program is attached and a first
+                             set was applied; 503 ``not ready`` otherwise (why: /v1/status)
 GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
 ======  ============  =====  ==================================================================
 
@@ -25,22 +27,27 @@ Every 4xx and 5xx body is an :class:`~meshaccel.agent.api_models.ErrorReply` (JS
 unknown paths and methods; a refused request changes nothing. Unexpected errors give a 500
 whose body says to look in the log; the traceback is logged, never sent.
 
-Authentication: ``Authorization: Bearer <token>``, compared with :func:`hmac.compare_digest`
-over SHA-256 digests (equal length, so neither the content nor the length of the token leaks
-through timing). Failures get 401 with ``WWW-Authenticate: Bearer``. ``token=None`` turns
-authentication off: only for a demo bound to loopback (the caller decides, see ``main.py``).
+Authentication is mutual TLS (:mod:`.tls`, served by :mod:`.listener`): a request under /v1
+must come over a connection whose client certificate chained to the agent's CA bundle and names
+the operator (:data:`~.tls.OPERATOR_IDENTITY`); otherwise 403. ``tls=None`` turns
+authentication off (plain HTTP): only for a demo bound to loopback (``main`` checks).
 
-* /healthz and /readyz are open: kubelet's probes carry no credentials.
-* /metrics is open by default (``metrics_require_token=True`` closes it). It exposes only
+* /healthz and /readyz are open (kubelet's probes carry no certificate) and say ok or not ok,
+  nothing an attacker could use: the boot id, generations and reasons are behind /v1.
+* /metrics is open by default (``metrics_require_auth=True`` closes it). It exposes only
   aggregate numbers (event counters, pod counts, the generation, map usage), never a pod's
-  name, uid or address, and it changes nothing. Closing it would mean handing the scraper the
-  same token that can rewrite the node's pod set, which is the greater risk.
-* Everything under /v1 needs the token: GET replies name pods and their addresses.
+  name, uid or address, and it changes nothing. Closing it would mean giving the scraper the
+  operator's identity, which can rewrite the node's pod set: the greater risk.
+* Everything under /v1 needs the operator: GET replies name pods and their addresses.
+
+Limits (:class:`~.listener.Limits`): connections in all and per client address, the TLS
+handshake's, the headers' and the body's time, the body's size.
 
 Blocking work (map writes, counter and pin reads) runs in threads: applies on one dedicated
 thread, behind an asyncio lock, so they run one at a time in arrival order; reads on the
 loop's default executor. A background task, every ``retry_interval`` seconds, removes the pods
-whose cgroup is gone (:meth:`Reconciler.remove_vanished`) and retries unresolved pods.
+whose cgroup is gone (:meth:`Reconciler.remove_vanished`) and retries unresolved pods; another,
+every ``tls_reload_interval`` seconds, re-reads the TLS files if they changed.
 
 Uninstall (the operator's, when its MeshAcceleration is deleted): POST /v1/uninstall unloads the
 datapath as ``meshaccel-agent uninstall`` does (:meth:`Datapath.unload`: stop redirecting,
@@ -55,8 +62,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -75,14 +80,15 @@ from meshaccel.agent.api_models import (
     MapUsage,
     PodSet,
     PodsReply,
+    ProbeReply,
     ProgramStatus,
-    ReadyReply,
     StartupDecision,
     StatusReply,
     UninstallReply,
 )
 from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, Datapath, PinLayout
 from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.agent.listener import Limits, Listener
 from meshaccel.agent.metrics import AgentMetrics
 from meshaccel.agent.reconcile import (
     POD_MAPS,
@@ -93,13 +99,12 @@ from meshaccel.agent.reconcile import (
     StaleEpochError,
     StaleGenerationError,
 )
+from meshaccel.agent.tls import ServerTLS, is_operator
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_SECONDS = 5.0
-# A thousand pods are ~75 KB; a pod with every option list full is ~15 KB.
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-REALM = "meshaccel-agent"
+TLS_RELOAD_SECONDS = 5.0  # kubelet takes up to a minute or so to update a mounted Secret
 DEFAULT_DRAIN_SECONDS = 2.0  # as the agent's drain_seconds setting
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -116,8 +121,8 @@ class DatapathInfo:
 
 @dataclass(frozen=True)
 class _Auth:
-    token_digest: bytes | None
-    metrics_require_token: bool
+    required: bool  # serving TLS: /v1 needs the operator's client certificate
+    metrics_require_auth: bool
 
 
 @dataclass
@@ -152,6 +157,8 @@ AUTH = web.AppKey("auth", _Auth)
 WORKER = web.AppKey("worker", _Worker)
 UNINSTALL = web.AppKey("uninstall", _Uninstall)
 RETRY_INTERVAL = web.AppKey("retry_interval", float)
+LISTENER = web.AppKey("listener", Listener)
+TLS_RELOAD_INTERVAL = web.AppKey("tls_reload_interval", float)
 POD_SET_SOURCE: web.AppKey[str | None] = web.AppKey("pod_set_source")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -210,38 +217,45 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_reply(500, "internal error: the agent's log has the details")
 
 
+@web.middleware
+async def connection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the listener a request's headers are in (its header deadline is off), and done."""
+    listener = request.app[LISTENER]
+    listener.request_started(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        listener.request_finished(request.transport)
+
+
 def _is_public(request: web.Request) -> bool:
     resource = request.match_info.route.resource
     path = resource.canonical if resource is not None else None
     if path in PUBLIC_PATHS:
         return True
-    return path == "/metrics" and not request.app[AUTH].metrics_require_token
-
-
-def _unauthorized(message: str, *, invalid: bool) -> web.HTTPUnauthorized:
-    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if invalid else "")
-    return web.HTTPUnauthorized(text=message, headers={hdrs.WWW_AUTHENTICATE: challenge})
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    return path == "/metrics" and not request.app[AUTH].metrics_require_auth
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    expected = request.app[AUTH].token_digest
-    if expected is None or _is_public(request):
+    """Past the open paths, only the operator: its verified client certificate names it."""
+    if not request.app[AUTH].required or _is_public(request):
         return await handler(request)
-    scheme, _, presented = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        raise _unauthorized("authentication required: Authorization: Bearer <token>", invalid=False)
-    # Digests of equal length: the comparison's time says nothing about the token.
-    if not hmac.compare_digest(_digest(presented.strip()), expected):
+    transport = request.transport
+    peercert = transport.get_extra_info("peercert") if transport is not None else None
+    if not peercert:
+        raise web.HTTPForbidden(text="the operator's client certificate is required")
+    if not is_operator(peercert):
         log.warning(
-            "invalid token",
-            extra={"event": "auth_failed", "remote": request.remote, "path": request.path},
+            "client certificate refused: not the operator's",
+            extra={
+                "event": "auth_failed",
+                "remote": request.remote,
+                "path": request.path,
+                "subject_alt_name": [list(n) for n in peercert.get("subjectAltName", ())],
+            },
         )
-        raise _unauthorized("invalid token", invalid=True)
+        raise web.HTTPForbidden(text="this client certificate does not name the operator")
     return await handler(request)
 
 
@@ -304,7 +318,14 @@ async def put_pods(request: web.Request) -> web.Response:
         return refused
     if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.headers[hdrs.CONTENT_TYPE]):
         return error_reply(415, "send the pod set as application/json")
-    body = await request.read()  # 413 beyond client_max_size
+    seconds = request.app[LISTENER].limits.body_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            body = await request.read()  # 413 beyond client_max_size
+    except TimeoutError:
+        response = error_reply(408, f"the body did not arrive within {seconds:g} s")
+        response.force_close()
+        return response
     try:
         pod_set = await asyncio.to_thread(PodSet.model_validate_json, body)  # big bodies take ms
     except ValidationError as err:
@@ -414,41 +435,53 @@ async def get_status(request: web.Request) -> web.Response:
     status = await asyncio.to_thread(
         build_status, request.app[RECONCILER], request.app[DATAPATH_INFO]
     )
+    update: dict[str, object] = {"not_ready": not_ready(request.app)}
     if request.app[UNINSTALL].done:
-        status = status.model_copy(update={"uninstalled": True})
-    return json_reply(status)
+        update["uninstalled"] = True
+    return json_reply(status.model_copy(update=update))
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz; with ``?applied=true`` (the operator's probe) the applied set too."""
-    reconciler = request.app[RECONCILER]
-    if request.query.get("applied") not in ("true", "1"):
-        return json_reply(HealthReply(boot_id=reconciler.boot_id))
-    snapshot = reconciler.snapshot
+async def get_health(request: web.Request) -> web.Response:
+    """GET /v1/health: the operator's probe (its process, its set, its trust)."""
+    snapshot = request.app[RECONCILER].snapshot
+    tls = request.app[LISTENER].tls
     return json_reply(
         HealthReply(
             boot_id=snapshot.boot_id,
             applied_generation=snapshot.applied_generation,
             applied_epoch=snapshot.applied_epoch,
+            trust_bundle=tls.trust_bundle if tls is not None else None,
         )
     )
 
 
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[UNINSTALL]
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process serves requests; nothing else."""
+    return json_reply(ProbeReply())
+
+
+def not_ready(app: web.Application) -> str | None:
+    """Why /readyz says 503 (None: ready)."""
+    state = app[UNINSTALL]
     if state.done:
-        return error_reply(503, "not ready: uninstalled (POST /v1/uninstall), nothing is attached")
+        return "uninstalled (POST /v1/uninstall): nothing is attached"
     if state.requested:
         why = f"it failed: {state.error}" if state.error else "in progress"
-        return error_reply(503, f"not ready: an uninstall was requested ({why})")
-    reconciler = request.app[RECONCILER]
+        return f"an uninstall was requested ({why})"
+    reconciler = app[RECONCILER]
     missing = missing_attachments(reconciler.datapath.pins)
     if missing:
-        return error_reply(503, f"not ready: not attached, missing pins {', '.join(missing)}")
-    generation = reconciler.snapshot.applied_generation
-    if generation is None:
-        return error_reply(503, "not ready: no pod set has been applied yet")
-    return json_reply(ReadyReply(applied_generation=generation))
+        return f"not attached: missing pins {', '.join(missing)}"
+    if reconciler.snapshot.applied_generation is None:
+        return "no pod set has been applied yet"
+    return None
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: ok or not; why not is behind /v1/status."""
+    if not_ready(request.app) is not None:
+        return error_reply(503, "not ready")
+    return json_reply(ProbeReply())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -463,6 +496,7 @@ ROUTES = [
     web.get("/v1/pods", get_pods),
     web.post("/v1/uninstall", post_uninstall),
     web.get("/v1/status", get_status),
+    web.get("/v1/health", get_health),
     web.get("/healthz", healthz),
     web.get("/readyz", readyz),
     web.get("/metrics", metrics),
@@ -645,48 +679,96 @@ async def _apply_worker(app: web.Application) -> AsyncIterator[None]:
         worker.executor = worker.lock = None
 
 
-# -- the factory ---------------------------------------------------------------------------------
+async def _reload_tls(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: every ``tls_reload_interval``, the TLS files again if they changed."""
+    tls, interval = app[LISTENER].tls, app[TLS_RELOAD_INTERVAL]
+
+    async def watch(tls: ServerTLS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                tls.reload_if_changed()  # a few small files: read on the loop
+            except Exception:  # a bug here must not end the reloads for good
+                log.exception("TLS reload failed", extra={"event": "tls_reload_failed"})
+
+    task = None
+    if tls is not None and interval > 0:
+        task = asyncio.create_task(watch(tls), name="meshaccel-tls-reload")
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# -- the factory, and serving --------------------------------------------------------------------
 
 
 def create_app(
     reconciler: Reconciler,
     *,
-    token: str | None,
+    tls: ServerTLS | None,
+    limits: Limits | None = None,
     datapath_info: DatapathInfo | None = None,
-    metrics_require_token: bool = False,
+    metrics_require_auth: bool = False,
     retry_interval: float | None = RETRY_INTERVAL_SECONDS,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tls_reload_interval: float | None = TLS_RELOAD_SECONDS,
     pod_set_source: str | None = None,
     drain_seconds: float = DEFAULT_DRAIN_SECONDS,
 ) -> web.Application:
-    """The agent's API over ``reconciler``. ``token=None`` disables authentication (demo on
-    loopback only); ``retry_interval=None`` disables the background work (removing pods whose
-    cgroup is gone, retrying unresolved pods); ``pod_set_source`` names where the pod set
-    comes from when it is not the API (standalone mode's file): PUT /v1/pods and POST
-    /v1/uninstall are then refused, so that two writers never fight; ``drain_seconds`` is
-    POST /v1/uninstall's drain (the agent's setting)."""
+    """The agent's API over ``reconciler``. ``tls=None`` disables authentication (plain HTTP,
+    a demo on loopback only); ``limits`` bound what clients may hold (the app's
+    :data:`LISTENER` serves it with them: ``main``); ``retry_interval=None`` disables the
+    background work (removing pods whose cgroup is gone, retrying unresolved pods), and
+    ``tls_reload_interval=None`` the TLS files' reload; ``pod_set_source`` names where the pod
+    set comes from when it is not the API (standalone mode's file): PUT /v1/pods and POST
+    /v1/uninstall are then refused, so that two writers never fight; ``drain_seconds`` is POST
+    /v1/uninstall's drain (the agent's setting)."""
     if drain_seconds < 0:
         raise ValueError(f"drain_seconds must not be negative, not {drain_seconds}")
-    if token is not None and not token.strip():
-        raise ValueError("the API token is empty: give a token, or None to run without one")
-    if max_body_bytes < 1024:
-        raise ValueError(f"max_body_bytes={max_body_bytes} cannot hold even a small pod set")
+    limits = limits or Limits()
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes
+        middlewares=[connection_middleware, error_middleware, auth_middleware],
+        client_max_size=limits.max_body_bytes,
     )
     app[RECONCILER] = reconciler
     app[DATAPATH_INFO] = datapath_info or DatapathInfo()
-    app[AUTH] = _Auth(
-        token_digest=None if token is None else _digest(token.strip()),
-        metrics_require_token=metrics_require_token,
-    )
+    app[AUTH] = _Auth(required=tls is not None, metrics_require_auth=metrics_require_auth)
+    app[LISTENER] = Listener(limits, tls)
     app[METRICS] = AgentMetrics(
         reconciler, attached=lambda: not missing_attachments(reconciler.datapath.pins)
     )
     app[WORKER] = _Worker()
     app[RETRY_INTERVAL] = float(retry_interval or 0)
+    app[TLS_RELOAD_INTERVAL] = float(tls_reload_interval or 0)
     app[POD_SET_SOURCE] = pod_set_source
     app[UNINSTALL] = _Uninstall(drain_seconds=drain_seconds)
     app.router.add_routes(ROUTES)
     app.cleanup_ctx.append(_apply_worker)
+    app.cleanup_ctx.append(_reload_tls)
     return app
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float
+) -> AsyncIterator[Listener]:
+    """``app`` served on ``host:port`` by its :data:`LISTENER` (limits, TLS) until the block
+    ends; then no new connection is taken and the open ones get ``shutdown_timeout``."""
+    listener = app[LISTENER]
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=listener.limits.keepalive_timeout,
+        handle_signals=False,
+    )
+    await runner.setup()
+    try:
+        assert runner.server is not None  # made by setup()
+        await listener.start(runner.server, host, port)
+        yield listener
+    finally:
+        await listener.stop()
+        await runner.cleanup()

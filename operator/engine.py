@@ -2,15 +2,34 @@
 
 :class:`Engine` is plain, synchronous and free of Kopf and I/O: handlers feed it namespaces,
 nodes, pods and MeshAccelerations as they change; it re-selects only what a change can affect
-(a pod: that pod; a namespace: its pods; a resource: all pods) and hands each node's complete
-new set to the resource's :class:`PodSink` (the :class:`~.pusher.Pusher`) when, and only
-when, that set changed.
+(a pod: that pod; a namespace or a node: its pods; a resource: all pods) and hands each node's
+complete new set to the resource's :class:`PodSink` (the :class:`~.pusher.Pusher`) when, and
+only when, that set changed.
 
-Conflicts: two resources conflict when their agents could run on one node (node selectors
-overlapping on a known node) or their selectors claim one pod. The resource created later
-(ties broken by name) gets ``Conflict`` and programs nothing; when the earlier one goes away
-the later one takes over. Pod-level claims are re-checked on resource and namespace changes
-and by :meth:`Engine.recheck_conflicts` (called periodically), not on every pod event.
+A complete picture first. The engine hands no set to any sink, and judges no conflict, until it
+is *settled*: by the first census that lists the nodes (with their labels) and the
+MeshAccelerations (:mod:`.resync`, which runs when the operator's first term starts, before any
+set is pushed). Resources that census lists and no handler has fed yet are kept as *listed*:
+they claim their nodes and pods like any other, and program nothing until their handler (or
+the status timer) gives them a sink. So neither the order in which Kopf delivers nodes and
+resources at start nor a resource's handler running late can hand a node to the wrong resource.
+
+Conflicts are resolved per node and per pod, the older resource (``creationTimestamp``, then
+the name) winning each; nothing is ever uninstalled for a conflict:
+
+* a node both resources' agents select (``spec.agent.nodeSelector``) is the older one's; the
+  younger one's agent there gets an empty set, its pods there count as
+  ``NodeClaimedByOlderResource``, and it keeps every other node it selects;
+* a pod both resources' selectors claim (namespace, pod selector, the mesh's sidecar) is the
+  older one's, wherever it runs: the younger one counts it as ``PodClaimedByOlderResource``.
+
+They are judged on every change that can move them (a node's labels or agents, a resource
+added, changed or removed: the resources younger than it are re-selected; pods and namespaces
+as they are re-selected), and all over again after every census (:meth:`Engine.recheck_conflicts`:
+each resync, at a term's start, after a re-list, and every ``--resync-interval``).
+
+Budgets: each node's set is cut to what the agent's maps hold (:mod:`.budget`); the pods left
+out are counted as ``OverBudget`` and the rest of the set goes out.
 
 Deletions nobody reported: after a watch gap Kopf lists again without DELETED events, so a
 resync (:mod:`.resync`) lists the cluster and hands the engine what is there; between
@@ -29,17 +48,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshaccel.agent.api_models import PodSpec
+from meshaccel.operator.budget import Budget, LeftOut
 from meshaccel.operator.checks import spec_problems
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import (
     PodFacts,
     PodWarning,
+    Selection,
     Verdict,
     has_sidecar,
     matches_selectors,
     select,
 )
-from meshaccel.operator.selectors import overlap_possible
 
 log = logging.getLogger("meshaccel.operator.engine")
 
@@ -47,11 +67,26 @@ ACCELERATION_LABEL = "meshaccel.io/acceleration"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 AGENT_COMPONENT = "agent"
 
+# Verdicts that come before another resource's claims: such a pod is nobody's to dispute.
+_BEFORE_CLAIMS = frozenset(
+    {
+        Verdict.NAMESPACE_NOT_SELECTED,
+        Verdict.POD_NOT_SELECTED,
+        Verdict.OPTED_OUT,
+        Verdict.NO_SIDECAR,
+        Verdict.NOT_RUNNING,
+    }
+)
+# Verdicts that are not counted as "matched, not accelerated".
+_NOT_COUNTED = frozenset(
+    {Verdict.NAMESPACE_NOT_SELECTED, Verdict.POD_NOT_SELECTED, Verdict.SELECTED}
+)
+
 
 def agent_url(ip: str, port: int) -> str:
     """The base URL of an agent's API (agents serve on their node's address)."""
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
+    return f"https://{host}:{port}"
 
 
 class PodSink(Protocol):
@@ -62,6 +97,22 @@ class PodSink(Protocol):
     def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None: ...
 
     def drop_node(self, node: str) -> None: ...
+
+
+class _Withheld:
+    """The sink of a resource a census listed and no handler has fed yet: it takes nothing."""
+
+    def set_endpoint(self, node: str, url: str | None) -> None:
+        pass
+
+    def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None:
+        pass
+
+    def drop_node(self, node: str) -> None:
+        pass
+
+
+WITHHELD: PodSink = _Withheld()
 
 
 @dataclass
@@ -78,17 +129,31 @@ class Acceleration:
     created: str  # metadata.creationTimestamp: RFC 3339 in UTC sorts as time
     sink: PodSink
     spec: MeshAccelerationSpec | None = None
+    budget: Budget | None = None  # of the spec
     problems: list[str] = field(default_factory=list)
-    conflict: str | None = None  # why this resource is not programming anything
     agent_ips: dict[str, str] = field(default_factory=dict)  # node -> its agent's IP
     placement: dict[str, str] = field(default_factory=dict)  # pod uid -> node
     per_node: dict[str, dict[str, PodSpec]] = field(default_factory=dict)
     skipped: dict[str, Verdict] = field(default_factory=dict)  # matched, not accelerated
     warned: dict[str, PodWarning] = field(default_factory=dict)  # accelerated, with a warning
+    # What older resources keep of what this one selects: node -> the older resource, and pod
+    # uid -> (the older resource, namespace/name).
+    nodes_held: dict[str, str] = field(default_factory=dict)
+    pods_held: dict[str, tuple[str, str]] = field(default_factory=dict)
+    nodes_kept: int = 0  # nodes this resource selects that no older one keeps
+    # Placed pods the node's maps do not take: node -> pod uid -> why (see .budget).
+    over_budget: dict[str, dict[str, LeftOut]] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
-        return self.spec is not None and self.conflict is None
+        """It has a valid spec: it selects pods and claims nodes (a conflict leaves it active
+        on what no older resource keeps)."""
+        return self.spec is not None
+
+    @property
+    def listed(self) -> bool:
+        """Known from a census only: no handler has given it a sink yet."""
+        return self.sink is WITHHELD
 
     @property
     def seniority(self) -> tuple[str, str]:
@@ -101,13 +166,51 @@ class Acceleration:
         return agent_url(ip, self.spec.agent.port)
 
     def pods_selected(self) -> int:
-        return len(self.placement)
+        """Pods its agents are sent."""
+        return len(self.placement) - self.pods_over_budget()
+
+    def pods_over_budget(self) -> int:
+        return sum(len(pods) for pods in self.over_budget.values())
+
+    def left_out(self) -> list[LeftOut]:
+        """The pods over budget, by node and name."""
+        return sorted(
+            (item for pods in self.over_budget.values() for item in pods.values()),
+            key=lambda item: (item.node, item.pod),
+        )
 
     def skipped_by_reason(self) -> dict[str, int]:
-        return dict(Counter(str(verdict) for verdict in self.skipped.values()))
+        counted = Counter(str(verdict) for verdict in self.skipped.values())
+        if over := self.pods_over_budget():
+            counted[str(Verdict.OVER_BUDGET)] = over
+        return dict(counted)
 
     def warned_by_reason(self) -> dict[str, int]:
         return dict(Counter(str(warning) for warning in self.warned.values()))
+
+    def held_by(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Older resource -> (the nodes, the pods as namespace/name) it keeps of this one's;
+        resources and names sorted."""
+        held: dict[str, tuple[list[str], list[str]]] = {}
+        for node, elder in self.nodes_held.items():
+            held.setdefault(elder, ([], []))[0].append(node)
+        for elder, pod in self.pods_held.values():
+            held.setdefault(elder, ([], []))[1].append(pod)
+        for nodes, pods in held.values():
+            nodes.sort()
+            pods.sort()
+        return dict(sorted(held.items()))
+
+
+@dataclass(frozen=True)
+class ListedAcceleration:
+    """A MeshAcceleration as a census lists it; ``spec`` None when it does not parse (its
+    handler refuses it too: it claims nothing)."""
+
+    name: str
+    uid: str
+    created: str
+    spec: MeshAccelerationSpec | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,18 +234,19 @@ class Census:
 @dataclass(frozen=True)
 class Dropped:
     """What a census dropped: pods as ``namespace/name`` (agents as ``agent <resource> on
-    <node>``), namespaces and nodes by name."""
+    <node>``), namespaces, nodes and listed-only MeshAccelerations by name."""
 
     pods: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
+    accelerations: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.pods or self.namespaces or self.nodes)
+        return bool(self.pods or self.namespaces or self.nodes or self.accelerations)
 
 
 class Engine:
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, *, settled: bool = False) -> None:
         self.namespace = namespace  # where the agents run (the operator's namespace)
         self.namespaces: dict[str, dict[str, str]] = {}
         self.nodes: dict[str, dict[str, str]] = {}
@@ -151,6 +255,11 @@ class Engine:
         self.pods_by_node: defaultdict[str, set[str]] = defaultdict(set)
         self.agents: dict[str, AgentPod] = {}  # agent pod uid -> where it serves
         self.accelerations: dict[str, Acceleration] = {}
+        self.owners: dict[str, str] = {}  # node -> the resource that keeps it (settled only)
+        # settled: the picture is complete (see the module); rechecks: full re-judgements.
+        self.settled = settled
+        self.rechecks = 0
+        self._ranked: list[Acceleration] = []  # self.accelerations, the oldest first
         self._censuses: list[Census] = []  # open ones (a resync's list is on its way)
 
     # -- cluster objects --------------------------------------------------------------------
@@ -167,7 +276,6 @@ class Engine:
             return
         for uid in list(self.pods_by_namespace.get(name, ())):
             self._reselect_pod(uid)
-        self.recheck_conflicts()
 
     def node_changed(self, name: str, labels: Mapping[str, str] | None) -> None:
         self._touch("node", name)
@@ -177,7 +285,7 @@ class Engine:
         else:
             self.nodes[name] = dict(labels)
         if before != self.nodes.get(name):
-            self._recheck_node_conflicts()
+            self._rejudge_node(name)
 
     def pod_changed(self, pod: Mapping[str, Any], *, deleted: bool = False) -> None:
         """Any pod event: application pods and this operator's agent pods alike."""
@@ -229,10 +337,17 @@ class Engine:
         pods: AbstractSet[str],
         namespaces: AbstractSet[str],
         nodes: AbstractSet[str],
+        labels: Mapping[str, Mapping[str, str]] | None = None,
+        accelerations: Sequence[ListedAcceleration] | None = None,
     ) -> Dropped:
         """The list came back (``pods`` by uid, ``namespaces`` and ``nodes`` by name): drop
         what the engine knew at :meth:`begin_census`, the list lacks and no event touched
-        since. (A pod uid never comes back; a name may, and then its event touches it.)"""
+        since. (A pod uid never comes back; a name may, and then its event touches it.)
+
+        ``labels`` (node -> labels) and ``accelerations``, when listed, are taken where no
+        event touched them since; with ``accelerations`` the picture is complete and the
+        engine settles. Conflicts are then judged all over again.
+        """
         self.abandon_census(census)
         gone_pods: list[str] = []
         for uid in sorted(census.pods - pods):
@@ -260,7 +375,42 @@ class Engine:
         ]
         for name in gone_nodes:
             self.node_changed(name, None)
-        return Dropped(tuple(gone_pods), tuple(gone_namespaces), tuple(gone_nodes))
+        for name, listed_labels in sorted((labels or {}).items()):
+            if ("node", name) not in census.touched and self.nodes.get(name) != listed_labels:
+                self.node_changed(name, listed_labels)
+        gone_accelerations: list[str] = []
+        if accelerations is not None:
+            gone_accelerations = self._take_listed(census, accelerations)
+            self.settle()
+        else:
+            self.recheck_conflicts()
+        return Dropped(
+            tuple(gone_pods), tuple(gone_namespaces), tuple(gone_nodes), tuple(gone_accelerations)
+        )
+
+    def _take_listed(
+        self, census: Census, accelerations: Sequence[ListedAcceleration]
+    ) -> list[str]:
+        """Listed resources no handler fed yet join as listed; listed-only ones the list lacks
+        go. Returns those that went. (Kopf's handlers see every change of a resource they
+        fed: the list is not needed for those.)"""
+        listed = {item.name: item for item in accelerations if item.spec is not None}
+        gone = sorted(
+            name
+            for name, acceleration in self.accelerations.items()
+            if acceleration.listed
+            and name not in listed
+            and ("acceleration", name) not in census.touched
+        )
+        for name in gone:
+            self.acceleration_removed(name)
+        for name, item in sorted(listed.items()):
+            current = self.accelerations.get(name)
+            if ("acceleration", name) in census.touched or (current and not current.listed):
+                continue
+            assert item.spec is not None
+            self.acceleration_changed(name, item.uid, item.created, item.spec, WITHHELD)
+        return gone
 
     def _touch(self, kind: str, key: str) -> None:
         for census in self._censuses:
@@ -271,7 +421,11 @@ class Engine:
     def acceleration_changed(
         self, name: str, uid: str, created: str, spec: MeshAccelerationSpec, sink: PodSink
     ) -> Acceleration:
-        """A MeshAcceleration was created or its spec changed: re-select everything for it."""
+        """A MeshAcceleration was created or its spec changed: re-select everything for it,
+        and for the resources younger than it (what it claims may have changed). A new
+        ``sink`` (a listed resource's handler ran) receives every node's set afresh."""
+        if sink is not WITHHELD:
+            self._touch("acceleration", name)
         current = self.accelerations.get(name)
         if current is not None and current.uid != uid:
             self.acceleration_removed(name)  # deleted and re-created under the same name
@@ -279,22 +433,26 @@ class Engine:
         if current is None:
             current = Acceleration(name=name, uid=uid, created=created, sink=sink)
             self.accelerations[name] = current
+            self._ranked = sorted(self.accelerations.values(), key=lambda a: a.seniority)
             for agent in self.agents.values():
                 if agent.acceleration == name:
                     current.agent_ips[agent.node] = agent.ip
+        elif current.sink is not sink and sink is not WITHHELD:
+            self.replace_sink(current, sink)
         current.problems = spec_problems(name, spec)
         if current.problems or current.spec == spec:
-            self.recheck_conflicts()
             return current
         current.spec = spec
-        if name not in self.recheck_conflicts():
-            self._reselect_all(current)  # its standing did not change: the spec did
+        current.budget = Budget.of(spec)
+        self._standing_changed(current)
         return current
 
     def acceleration_removed(self, name: str) -> Acceleration | None:
         removed = self.accelerations.pop(name, None)
         if removed is not None:
-            self.recheck_conflicts()  # a later resource may now take over
+            self._touch("acceleration", name)
+            self._ranked = [a for a in self._ranked if a is not removed]
+            self._standing_changed(removed)  # the younger ones may take over
         return removed
 
     def replace_sink(self, acceleration: Acceleration, sink: PodSink) -> None:
@@ -302,35 +460,118 @@ class Engine:
         acceleration.sink = sink
         self._reselect_all(acceleration)
 
-    def recheck_conflicts(self) -> set[str]:
-        """Recompute every resource's conflict; re-select those whose standing changed.
+    def settle(self) -> None:
+        """The picture is complete: judge conflicts, and hand every set to its sink."""
+        if not self.settled:
+            self.settled = True
+            log.info(
+                "the picture is complete: conflicts judged, sets handed out",
+                extra={"event": "settled", "accelerations": len(self.accelerations)},
+            )
+        self.recheck_conflicts()
 
-        Returns the names of those re-selected.
-        """
-        reselected: set[str] = set()
-        by_seniority = sorted(self.accelerations.values(), key=lambda a: a.seniority)
-        for index, acceleration in enumerate(by_seniority):
-            was_active = acceleration.active
-            acceleration.conflict = None
-            if acceleration.spec is not None:
-                for elder in by_seniority[:index]:
-                    if elder.active:
-                        reason = self._claims_overlap(elder, acceleration)
-                        if reason:
-                            acceleration.conflict = (
-                                f"{reason} already claimed by MeshAcceleration "
-                                f"{elder.name!r} (created earlier): change this resource's "
-                                "selectors so that they claim neither its pods nor its nodes"
-                            )
-                            break
-            if was_active != acceleration.active:
+    def recheck_conflicts(self) -> None:
+        """Judge every node and re-select every resource's pods (after every census: the
+        periodic backstop). Sets that did not change are handed out again: sinks ignore them."""
+        if not self.settled:
+            return
+        self.rechecks += 1
+        for node in self._known_nodes():
+            self._judge_node(node)
+        for acceleration in self._ranked:
+            self._reselect_all(acceleration)
+
+    # -- conflicts --------------------------------------------------------------------------
+
+    def _standing_changed(self, changed: Acceleration) -> None:
+        """``changed`` came, went or changed its spec: what it claims moved. Re-judge every
+        node, and re-select it (if still there) and every resource younger than it."""
+        if not self.settled:  # nothing is judged yet: only its own pods changed
+            if changed in self._ranked:
+                self._reselect_all(changed)
+            return
+        for node in self._known_nodes():
+            self._judge_node(node)
+        for acceleration in self._ranked:
+            if acceleration is changed or acceleration.seniority > changed.seniority:
                 self._reselect_all(acceleration)
-                reselected.add(acceleration.name)
-        return reselected
 
-    def _recheck_node_conflicts(self) -> None:
-        if len(self.accelerations) > 1:
-            self.recheck_conflicts()
+    def _known_nodes(self) -> set[str]:
+        return set(self.nodes) | {agent.node for agent in self.agents.values()}
+
+    def _selects_node(self, acceleration: Acceleration, node: str) -> bool:
+        spec = acceleration.spec
+        return spec is not None and _node_matches(
+            self.nodes.get(node), spec.agent.nodeSelector, node in acceleration.agent_ips
+        )
+
+    def _judge_node(self, node: str) -> set[str]:
+        """Who keeps ``node``: the oldest resource whose agents select it. Returns the
+        resources whose standing on it changed (kept by another now, or no longer)."""
+        selecting = [a for a in self._ranked if self._selects_node(a, node)]
+        owner = selecting[0] if selecting else None
+        before = self.owners.get(node)
+        if before != (owner.name if owner else None):
+            if before is not None and before in self.accelerations:
+                self.accelerations[before].nodes_kept -= 1
+            if owner is None:
+                self.owners.pop(node, None)
+            else:
+                self.owners[node] = owner.name
+                owner.nodes_kept += 1
+        changed: set[str] = set()
+        younger = {a.name for a in selecting[1:]}
+        for acceleration in self._ranked:
+            holder = owner.name if owner is not None and acceleration.name in younger else None
+            if acceleration.nodes_held.get(node) == holder:
+                continue
+            if holder is None:
+                del acceleration.nodes_held[node]
+            else:
+                acceleration.nodes_held[node] = holder
+            changed.add(acceleration.name)
+        return changed
+
+    def _rejudge_node(self, node: str) -> None:
+        """A node's labels or agents changed: re-select its pods for those whose standing on
+        it changed."""
+        if not self.settled:
+            return
+        for name in self._judge_node(node):
+            acceleration = self.accelerations[name]
+            for uid in list(self.pods_by_node.get(node, ())):
+                self._reselect_for(acceleration, uid, publish=False)
+            self._publish(acceleration, node)
+
+    def _elder_claiming(self, acceleration: Acceleration, facts: PodFacts) -> Acceleration | None:
+        """The oldest resource older than ``acceleration`` whose selectors claim the pod."""
+        labels = self.namespaces.get(facts.namespace)
+        for elder in self._ranked:
+            if elder is acceleration:
+                return None
+            spec = elder.spec
+            if (
+                spec is not None
+                and matches_selectors(facts, labels, spec) is None
+                and has_sidecar(facts, spec.mode)
+            ):
+                return elder
+        return None
+
+    def _judged(
+        self, acceleration: Acceleration, facts: PodFacts, selection: Selection
+    ) -> Selection:
+        """``selection`` as other resources' claims leave it (settled only)."""
+        if not self.settled or selection.verdict in _BEFORE_CLAIMS:
+            return selection
+        elder = self._elder_claiming(acceleration, facts)
+        if elder is not None:
+            acceleration.pods_held[facts.uid] = (elder.name, f"{facts.namespace}/{facts.name}")
+            return Selection(Verdict.POD_CLAIMED, detail=f"kept by {elder.name!r}")
+        holder = acceleration.nodes_held.get(facts.node) if facts.node else None
+        if holder is not None:
+            return Selection(Verdict.NODE_CLAIMED, detail=f"node {facts.node} kept by {holder!r}")
+        return selection
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -368,6 +609,8 @@ class Engine:
                 a.ip for a in self.agents.values() if a.acceleration == name and a.node == node
             ]
             self._set_agent(acceleration, node, serving[-1] if serving else None)
+            if node not in self.nodes:
+                self._rejudge_node(node)  # known from agents only: they are its selectors
 
     def _set_agent(self, acceleration: Acceleration, node: str, ip: str | None) -> None:
         had = node in acceleration.agent_ips
@@ -384,6 +627,7 @@ class Engine:
             self._reselect_for(acceleration, uid, publish=False)
         if ip is None:
             acceleration.per_node.pop(node, None)
+            acceleration.over_budget.pop(node, None)
             if acceleration.active:
                 acceleration.sink.drop_node(node)
         else:
@@ -397,6 +641,7 @@ class Engine:
         for acceleration in self.accelerations.values():
             acceleration.skipped.pop(uid, None)
             acceleration.warned.pop(uid, None)
+            acceleration.pods_held.pop(uid, None)
             node = acceleration.placement.pop(uid, None)
             if node is not None:
                 acceleration.per_node[node].pop(uid, None)
@@ -413,10 +658,12 @@ class Engine:
                     del index[key]
 
     def _reselect_pod(self, uid: str) -> None:
-        for acceleration in self.accelerations.values():
+        for acceleration in self._ranked:
             self._reselect_for(acceleration, uid)
 
     def _reselect_all(self, acceleration: Acceleration) -> None:
+        """Re-decide every pod for ``acceleration``; hand every node's set to its sink (an
+        unchanged one is a no-op there)."""
         if acceleration.active:
             for node in acceleration.agent_ips:
                 acceleration.sink.set_endpoint(node, acceleration.endpoint(node))
@@ -432,19 +679,20 @@ class Engine:
         """Re-decide one pod for one resource; returns the nodes whose sets changed."""
         facts = self.pods.get(uid)
         selection = None
-        if facts is not None and acceleration.active and acceleration.spec is not None:
-            selection = select(
+        acceleration.pods_held.pop(uid, None)
+        if facts is not None and acceleration.spec is not None:
+            selection = self._judged(
+                acceleration,
                 facts,
-                self.namespaces.get(facts.namespace),
-                acceleration.spec,
-                acceleration.agent_ips,
+                select(
+                    facts,
+                    self.namespaces.get(facts.namespace),
+                    acceleration.spec,
+                    acceleration.agent_ips,
+                ),
             )
         acceleration.skipped.pop(uid, None)
-        if selection is not None and selection.verdict not in (
-            Verdict.NAMESPACE_NOT_SELECTED,
-            Verdict.POD_NOT_SELECTED,
-            Verdict.SELECTED,
-        ):
+        if selection is not None and selection.verdict not in _NOT_COUNTED:
             acceleration.skipped[uid] = selection.verdict
         warned_before = acceleration.warned.pop(uid, None)
         if selection is not None and selection.warning is not None:
@@ -478,56 +726,41 @@ class Engine:
         return changed
 
     def _publish(self, acceleration: Acceleration, node: str) -> None:
-        if not acceleration.active or node not in acceleration.agent_ips:
+        """Hand ``node``'s set to the sink: its placed pods, less those that share an address
+        and those the node's maps do not take (oldest pods first, see .budget)."""
+        budget = acceleration.budget
+        if not self.settled or budget is None or node not in acceleration.agent_ips:
             return
-        pods = sorted(acceleration.per_node.get(node, {}).values(), key=lambda p: p.uid)
-        owners = Counter(pod.ip for pod in pods)
+        placed = acceleration.per_node.get(node, {})
+        owners = Counter(pod.ip for pod in placed.values())
         clashes = {ip for ip, count in owners.items() if count > 1}
         if clashes:
             # Two running pods with one IP: a deletion not seen yet. The agent refuses such a
             # set whole, so neither pod is accelerated until the watch catches up.
             log.warning("pods on %s share addresses %s: left out", node, sorted(map(str, clashes)))
-        acceleration.sink.set_pods(node, [pod for pod in pods if pod.ip not in clashes])
+        oldest_first = sorted(
+            (pod for pod in placed.values() if pod.ip not in clashes), key=self._age
+        )
+        pods, left_out = budget.fit(node, oldest_first)
+        before = acceleration.over_budget.get(node, {})
+        for uid in sorted(left_out.keys() - before.keys()):  # each pod once, as it is left out
+            item = left_out[uid]
+            log.warning(
+                "pod %s on %s is over budget: left out of the node's set (%s)",
+                item.pod,
+                node,
+                item.reason,
+                extra={"acceleration": acceleration.name, "reason": str(Verdict.OVER_BUDGET)},
+            )
+        if left_out:
+            acceleration.over_budget[node] = left_out
+        else:
+            acceleration.over_budget.pop(node, None)
+        acceleration.sink.set_pods(node, pods)
 
-    def _claims_overlap(self, elder: Acceleration, younger: Acceleration) -> str | None:
-        nodes = self._shared_nodes(elder, younger)
-        if nodes:
-            shown = ", ".join(sorted(nodes)[:3]) + (" ..." if len(nodes) > 3 else "")
-            return f"nodes {shown} are"
-        shared = self._shared_pod(elder, younger)
-        if shared is not None:
-            return f"pod {shared.namespace}/{shared.name} is"
-        return None
-
-    def _shared_nodes(self, a: Acceleration, b: Acceleration) -> set[str]:
-        assert a.spec is not None and b.spec is not None
-        a_sel, b_sel = a.spec.agent.nodeSelector, b.spec.agent.nodeSelector
-        known = set(self.nodes) | set(a.agent_ips) | set(b.agent_ips)
-        if not known:
-            # No node seen yet: judge by the selectors alone.
-            return {"(any node)"} if overlap_possible(a_sel, b_sel) else set()
-        return {
-            node
-            for node in known
-            if _node_matches(self.nodes.get(node), a_sel, node in a.agent_ips)
-            and _node_matches(self.nodes.get(node), b_sel, node in b.agent_ips)
-        }
-
-    def _shared_pod(self, a: Acceleration, b: Acceleration) -> PodFacts | None:
-        for namespace, uids in self.pods_by_namespace.items():
-            labels = self.namespaces.get(namespace)
-            if labels is None:
-                continue
-            for uid in uids:
-                facts = self.pods[uid]
-                if all(
-                    x.spec is not None
-                    and matches_selectors(facts, labels, x.spec) is None
-                    and has_sidecar(facts, x.spec.mode)
-                    for x in (a, b)
-                ):
-                    return facts
-        return None
+    def _age(self, pod: PodSpec) -> tuple[str, str, str]:
+        facts = self.pods.get(pod.uid)
+        return (facts.created if facts is not None else "", pod.namespace, pod.name)
 
 
 def _node_matches(

@@ -31,7 +31,8 @@ CHANGE_APPLIED_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 #: Push failure reasons besides ``http_<status>`` (a 5xx, 507, or a refusing 4xx).
 FAILURE_REASONS = (
-    "connect",  # refused, reset, unreachable: the agent is not there (yet)
+    "connect",  # refused, reset, unreachable: the agent is not there (yet), or refused us
+    "tls",  # the agent's certificate was refused: not of our CA, or not for the agents' name
     "timeout",  # no reply within request_timeout
     "stale_generation",  # a 409 naming a higher applied generation: sent again, higher
     "superseded",  # a 409 (or a probe) naming a higher epoch: another replica writes
@@ -63,14 +64,14 @@ class PushMetrics:
         )
         self.push_failures = Counter(
             "meshaccel_operator_push_failures",
-            "PUT /v1/pods attempts that did not apply, by reason (connect, timeout, "
+            "PUT /v1/pods attempts that did not apply, by reason (connect, tls, timeout, "
             "stale_generation, superseded, bad_reply, http_<status>)",
             ["acceleration", "reason"],
             registry=registry,
         )
         self.probe_failures = Counter(
             "meshaccel_operator_probe_failures",
-            "GET /healthz probes of agents that failed",
+            "GET /v1/health probes of agents that failed",
             ["acceleration"],
             registry=registry,
         )

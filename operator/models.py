@@ -283,6 +283,29 @@ class NodeLag(_Model):
 
 
 MAX_NODES_LISTED = 20
+MAX_CONFLICTS_LISTED = 10
+
+
+class HeldByOlder(_Model):
+    """What an older MeshAcceleration keeps of the nodes and pods this one selects."""
+
+    heldBy: str = Field(
+        description="the older MeshAcceleration (earlier creationTimestamp, then name)"
+    )
+    nodes: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_NODES_LISTED,
+        description=f"up to {MAX_NODES_LISTED} nodes both resources' agents select, sorted: "
+        "the older one keeps them, this one's agents there get an empty set",
+    )
+    nodeCount: int = Field(default=0, description="how many such nodes")
+    pods: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_NODES_LISTED,
+        description=f"up to {MAX_NODES_LISTED} pods (namespace/name) both resources' selectors "
+        "claim, sorted: the older one keeps them wherever they run",
+    )
+    podCount: int = Field(default=0, description="how many such pods")
 
 
 class MeshAccelerationStatus(_Model):
@@ -299,19 +322,29 @@ class MeshAccelerationStatus(_Model):
         max_length=MAX_NODES_LISTED,
         description=f"up to {MAX_NODES_LISTED} nodes that are behind, the longest waiting first",
     )
-    podsSelected: int = Field(default=0, description="pods that match, on nodes with an agent")
+    podsSelected: int = Field(
+        default=0, description="pods that match, on nodes with an agent, sent to the agents"
+    )
     podsAccelerated: int = Field(default=0, description="pods the agents report as programmed")
     podsNotAccelerated: dict[str, int] = Field(
         default_factory=dict,
         description="pods the selectors match that are not accelerated, counted by reason "
         "(NoSidecar, OptedOut, NotRunning, NoAgentOnNode, UnsupportedAnnotation, "
-        "InvalidAnnotation)",
+        "InvalidAnnotation; PodClaimedByOlderResource, NodeClaimedByOlderResource: an older "
+        "MeshAcceleration keeps the pod, or its node; OverBudget: the node's datapath maps do "
+        "not take it, see the Degraded condition)",
     )
     podsWithWarnings: dict[str, int] = Field(
         default_factory=dict,
         description="accelerated pods that run otherwise than one of their annotations asks, "
         "counted by reason (InvalidAnnotation: a meshaccel.io/sk-msg-to-app value other than "
         '"true" or "false", ignored); the operator logs each pod',
+    )
+    conflicts: list[HeldByOlder] = Field(
+        default_factory=list,
+        max_length=MAX_CONFLICTS_LISTED,
+        description=f"up to {MAX_CONFLICTS_LISTED} older MeshAccelerations that keep some of the "
+        "nodes or pods this one selects (by name); see the Conflict condition",
     )
 
 

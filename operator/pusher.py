@@ -28,21 +28,22 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
   stale set cannot win), and ``on_superseded(epoch)`` tells the caller, whose term is over.
   An agent that predates epochs refuses the field (422 on ``epoch``): its sets go without one,
   unfenced as before, until its boot id changes (an upgrade).
-* **Failures.** Unreachable, timeout, 5xx (507 included), 408 and 429: retried with exponential
-  backoff (``backoff_initial`` doubling to ``backoff_max``, each delay jittered into its upper
-  half). New sets during a backoff wait for it. Any other 4xx is the operator's bug or a set
-  the agent cannot take (401 token, 422 capacity, 409 standalone/uninstalled agent): recorded
-  in ``last_error`` and not sent again until the set (or the endpoint, or the agent's boot, or
-  the epoch) changes.
-* **Agent restarts and other writers.** Every PUT reply and a ``GET /healthz?applied=true``
-  probe (every ``probe_interval`` per node, each node's first one at a random point of the
-  interval, so 500 nodes are not probed at once) carry the agent's ``boot_id`` and its applied
-  epoch and generation. A new boot id means a fresh process that holds none of our sets: the
-  full set is sent again, at once. A higher epoch means another writer leads (as above); any
-  other applied epoch or generation than the one last heard means the agent holds a set that
-  is not the one it confirmed: the node is behind and its set is sent again, at once, above
-  the agent's generation. A probe that reaches an agent the pushes could not reach also ends
-  the backoff.
+* **Failures.** Unreachable, timeout, a failed TLS handshake, 5xx (507 included), 408 and 429:
+  retried with exponential backoff (``backoff_initial`` doubling to ``backoff_max``, each delay
+  jittered into its upper half). New sets during a backoff wait for it. Any other 4xx is the
+  operator's bug or a set the agent cannot take (403 certificate, 422 capacity, 409
+  standalone/uninstalled agent): recorded in ``last_error`` and not sent again until the set
+  (or the endpoint, or the agent's boot, or the epoch) changes.
+* **Agent restarts and other writers.** Every PUT reply and a ``GET /v1/health`` probe (every
+  ``probe_interval`` per node, each node's first one at a random point of the interval, so 500
+  nodes are not probed at once) carry the agent's ``boot_id`` and its applied epoch and
+  generation; the probe also the fingerprint of the CA bundle the agent trusts
+  (``NodeState.trust_bundle``: the CA rotation waits for it, :mod:`.credentials`). A new boot
+  id means a fresh process that holds none of our sets: the full set is sent again, at once.
+  A higher epoch means another writer leads (as above); any other applied epoch or generation
+  than the one last heard means the agent holds a set that is not the one it confirmed: the
+  node is behind and its set is sent again, at once, above the agent's generation. A probe
+  that reaches an agent the pushes could not reach also ends the backoff.
 * ``on_applied(node, generation, seconds)`` is called on every confirmation; ``seconds`` runs
   from the oldest change (or restart, or new endpoint) the confirmed set includes that was
   not confirmed before. Exceptions it raises are logged.
@@ -52,10 +53,13 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
   whether a PUT is in flight (``pushing``): with neither, nothing is sent until something
   changes (a set, an endpoint, an agent's boot, the epoch).
 
-HTTP: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps concurrent
-requests: for hundreds of nodes make it ``limit=0`` or about the node count); bearer token on
-PUT and uninstall, none on the open /healthz. Bodies are built and parsed with the agent's own
-models, so the contract is checked on both ends by the same code.
+HTTPS only, mutual TLS: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps
+concurrent requests: for hundreds of nodes make it ``limit=0`` or about the node count); every
+request takes the context ``tls()`` returns then (the operator's client certificate, renewed by
+its owner, and the CAs the agent's server certificate must chain to) and checks the server's
+name, :data:`~meshaccel.agent.tls.AGENT_SERVER_NAME` (node addresses are in no certificate).
+An endpoint given as ``http://`` is reached over https all the same. Bodies are built and
+parsed with the agent's own models, so the contract is checked on both ends by the same code.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import contextlib
 import logging
 import math
 import random
+import ssl
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -82,12 +87,14 @@ from meshaccel.agent.api_models import (
     PodSpec,
     UninstallReply,
 )
+from meshaccel.agent.tls import AGENT_SERVER_NAME
 from meshaccel.operator.metrics import PushMetrics, default_metrics
 
 log = logging.getLogger(__name__)
 
 OnApplied = Callable[[str, int, float], None]
 OnSuperseded = Callable[[int], None]
+ClientTLS = Callable[[], ssl.SSLContext]
 
 # Statuses worth retrying unchanged: the agent (or something before it) is busy or broken now.
 _RETRYABLE_4XX = frozenset({408, 429})
@@ -114,7 +121,7 @@ class NodeState:
     attempts: int  # PUTs of the current set that failed (0 after a success)
     pods_desired: int | None = None  # pods in the newest set (None: set_pods not called yet)
     unresolved: int = 0  # pods of the confirmed set the agent could not find yet
-    probe_error: str | None = None  # the last /healthz probe failed, and why
+    probe_error: str | None = None  # the last /v1/health probe failed, and why
     # When the next PUT goes out (the pusher's clock: a window or a backoff ends); None: nothing
     # to send. With no PUT in flight either (pushing), the node is idle until something changes.
     next_push: float | None = None
@@ -122,10 +129,11 @@ class NodeState:
     epoch: int | None = None  # this replica's, which its sets carry; None: not leading
     applied_epoch: int | None = None  # the epoch of the agent's applied set, as last heard
     superseded_by: int | None = None  # an agent's higher epoch: another writer leads
+    trust_bundle: str | None = None  # the agent's CA bundle fingerprint, as last probed
 
 
 class _Unreachable(Exception):
-    """No HTTP reply: ``reason`` is a metrics label (connect, timeout)."""
+    """No HTTP reply: ``reason`` is a metrics label (connect, tls, timeout)."""
 
     def __init__(self, reason: str, text: str) -> None:
         super().__init__(text)
@@ -161,6 +169,7 @@ class _Node:
     last_error: str | None = None
     last_failure: str | None = None  # reason of the last failed PUT
     probe_error: str | None = None
+    trust_bundle: str | None = None
     blocked: int | None = None  # version refused for good (a 4xx): sent again only when changed
     attempts: int = 0
     retries: int = 0  # consecutive retryable failures: the backoff's exponent
@@ -197,6 +206,7 @@ class _Node:
             epoch=epoch,
             applied_epoch=self.agent_epoch,
             superseded_by=self.superseded,
+            trust_bundle=self.trust_bundle,
         )
 
 
@@ -218,6 +228,15 @@ def _refuses_epochs(reply: ErrorReply | None) -> bool:
     )
 
 
+def _https(url: str) -> str:
+    """``url`` without a trailing slash, over https (agents serve nothing else)."""
+    url = url.rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return f"https://{rest}"
+
+
 def _earliest(*times: float | None) -> float | None:
     present = [t for t in times if t is not None]
     return min(present) if present else None
@@ -230,7 +249,7 @@ class Pusher:
         self,
         acceleration: str,
         *,
-        token: str,
+        tls: ClientTLS,
         session: aiohttp.ClientSession,
         epoch: int | None,
         window: float = 0.1,
@@ -243,8 +262,6 @@ class Pusher:
         metrics: PushMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not token.strip():
-            raise ValueError("the agents' API token is empty")
         if window < 0 or request_timeout <= 0 or probe_interval <= 0:
             raise ValueError("window must be >= 0, request_timeout and probe_interval > 0")
         if not 0 < backoff_initial <= backoff_max:
@@ -261,8 +278,8 @@ class Pusher:
         self._epoch = epoch
         self._metrics = metrics if metrics is not None else default_metrics()
         self._clock = clock
-        self._auth = {"Authorization": f"Bearer {token.strip()}"}
-        self._put_headers = {**self._auth, "Content-Type": "application/json"}
+        self._tls = tls
+        self._put_headers = {"Content-Type": "application/json"}
         self._nodes: dict[str, _Node] = {}
         self._behind: set[str] = set()
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet awaited
@@ -316,7 +333,8 @@ class Pusher:
             self._refresh(n, now)
 
     def set_endpoint(self, node: str, url: str | None) -> None:
-        """The agent of ``node`` listens at ``url`` (``http://10.0.0.5:9474``); None: no agent.
+        """The agent of ``node`` listens at ``url`` (``https://10.0.0.5:9474``; ``http://`` is
+        read as https: agents speak nothing else); None: no agent.
 
         Call it once the agent's pod has an IP and runs, not when it is Ready: the agent is
         ready only after its first set, which comes from here.
@@ -325,13 +343,14 @@ class Pusher:
             return
         asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
         n = self._node(node)
-        url = url.rstrip("/") if url else None
+        url = _https(url) if url else None
         if url == n.url:
             return
         now = self._clock()
         n.url = url
         # Another endpoint is another agent process, or one we must assume forgot everything.
         n.confirmed = n.boot_id = n.probe_error = n.blocked = n.superseded = None
+        n.trust_bundle = None
         n.agent_epoch = n.agent_generation = None
         n.legacy = False
         n.retries = n.stale_retries = 0
@@ -340,7 +359,7 @@ class Pusher:
             n.send_due, n.probe_due = None, math.inf
             self._stop_task(n)
         else:
-            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/healthz?applied=true"
+            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/v1/health"
             n.uninstall_url = f"{url}/v1/uninstall"
             n.probe_due = now + self._random.uniform(0, self._probe_interval)
             if self._writing:
@@ -524,13 +543,21 @@ class Pusher:
     ) -> tuple[int, bytes]:
         try:
             async with self._session.request(
-                method, url, data=body, headers=headers, timeout=timeout or self._timeout
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=timeout or self._timeout,
+                ssl=self._tls(),
+                server_hostname=AGENT_SERVER_NAME,
             ) as response:
                 return response.status, await response.read()
         except TimeoutError as err:  # before ClientError: ServerTimeoutError is both
             total = (timeout or self._timeout).total
             raise _Unreachable("timeout", f"no reply from {url} within {total:g} s") from err
-        except (aiohttp.ClientError, OSError) as err:
+        except aiohttp.ClientSSLError as err:  # the agent's certificate was refused
+            raise _Unreachable("tls", f"{url}: {type(err).__name__}: {err}") from err
+        except (aiohttp.ClientError, OSError) as err:  # (also: the agent refused ours)
             raise _Unreachable("connect", f"{url}: {type(err).__name__}: {err}") from err
 
     async def _push(self, n: _Node) -> None:
@@ -733,6 +760,7 @@ class Pusher:
             return
         now = self._clock()
         n.probe_error = None
+        n.trust_bundle = health.trust_bundle
         boot_id, applied = health.boot_id, (health.applied_epoch, health.applied_generation)
         if n.boot_id is not None and boot_id != n.boot_id:
             log.info(
@@ -770,7 +798,7 @@ class Pusher:
             n.confirmed = None
             n.generation_version = None  # a new generation, above the agent's
             self._resend(n, now)
-        elif n.last_failure in ("connect", "timeout") and n.send_due is not None:
+        elif n.last_failure in ("connect", "tls", "timeout") and n.send_due is not None:
             n.not_before = 0.0  # it answers again: no need to wait out the backoff
             self._schedule(n, now)
         n.boot_id = boot_id
@@ -793,7 +821,7 @@ class Pusher:
 
     async def _uninstall_one(self, url: str, timeout: aiohttp.ClientTimeout) -> str | None:
         try:
-            status, raw = await self._request("POST", url, headers=self._auth, timeout=timeout)
+            status, raw = await self._request("POST", url, timeout=timeout)
         except _Unreachable as err:
             return err.text
         if status != 200:

@@ -1,12 +1,15 @@
 """The node agents' objects for one MeshAcceleration: pure functions, no I/O.
 
-:func:`agent_objects` turns a MeshAcceleration's name, uid and spec, and the agents' image from
-the operator's settings (:class:`~.config.AgentImage`, never from the spec), into the four
-objects the operator applies in its namespace: a ServiceAccount, the Secret holding the API's
-bearer token, the ConfigMap holding the agent's settings file (``agent.yaml``) and the agents'
-DaemonSet. The same input always gives the same output, byte for byte, so the operator can
-compare what it rendered with what is stored and a spec change shows up as a new pod-template
-hash.
+:func:`agent_objects` turns a MeshAcceleration's name, uid and spec, the agents' image from
+the operator's settings (:class:`~.config.AgentImage`, never from the spec) and their TLS
+material (:class:`~.credentials.AgentTLS`), into the four objects the operator applies in its
+namespace: a ServiceAccount, the Secret holding the API's TLS server certificate, its key and
+the CA bundle the operator's client certificate must chain to, the ConfigMap holding the
+agent's settings file (``agent.yaml``) and the agents' DaemonSet. The same input always gives
+the same output, byte for byte, so the operator can compare what it rendered with what is
+stored and a spec change shows up as a new pod-template hash. The TLS material is not in that
+hash: agents re-read it when kubelet updates the mounted Secret, and a rotation restarts
+nothing (docs/security.md).
 
 Why each security setting of the DaemonSet is what it is (and what was measured on a real
 kernel to decide it) is in ``docs/security.md``; the capability set is :func:`agent_capabilities`
@@ -30,6 +33,7 @@ import yaml
 
 from meshaccel.agent.config import AgentSettings
 from meshaccel.operator.config import AgentImage
+from meshaccel.operator.credentials import TLS_CA, TLS_CERT, TLS_KEY, AgentTLS
 from meshaccel.operator.models import API_VERSION, KIND, MeshAccelerationSpec
 
 # -- names ------------------------------------------------------------------------------------
@@ -43,7 +47,7 @@ CONFIG_HASH_ANNOTATION: Final = "meshaccel.io/config-hash"
 CONTAINER_NAME: Final = "agent"
 AGENT_COMMAND: Final = ("meshaccel-agent", "run")
 CONFIG_KEY: Final = "agent.yaml"
-TOKEN_KEY: Final = "token"
+TLS_KEYS: Final = (TLS_CERT, TLS_KEY, TLS_CA)  # the Secret's keys, the files of its volume
 
 # A DNS subdomain (ServiceAccount, Secret, ConfigMap, DaemonSet names).
 MAX_RESOURCE_NAME: Final = 253
@@ -80,6 +84,12 @@ def serviceaccount_name(acceleration: str) -> str:
 
 
 def secret_name(acceleration: str) -> str:
+    return _named("meshaccel-agent-tls-", acceleration)
+
+
+def legacy_secret_name(acceleration: str) -> str:
+    """The Secret that held the agents' bearer token before mutual TLS (the operator deletes
+    it: no agent accepts a token any more)."""
     return _named("meshaccel-agent-token-", acceleration)
 
 
@@ -141,8 +151,7 @@ PIN_ROOT: Final = BPFFS_PATH / "meshaccel"
 CGROUP_PATH: Final = PurePosixPath("/sys/fs/cgroup")
 CONFIG_DIR: Final = PurePosixPath("/etc/meshaccel")
 CONFIG_FILE: Final = CONFIG_DIR / CONFIG_KEY
-TOKEN_DIR: Final = PurePosixPath("/var/run/meshaccel/token")
-TOKEN_FILE: Final = TOKEN_DIR / TOKEN_KEY
+TLS_DIR: Final = PurePosixPath("/var/run/meshaccel/tls")
 
 # Linux capabilities of the agent container (after dropping ALL), with the reason for each.
 # Measured on Linux 6.18 by tests/agent_lifecycle/test_capabilities.py: the agent loads,
@@ -199,7 +208,9 @@ def agent_settings(acceleration: str, spec: MeshAccelerationSpec) -> dict[str, A
         "mode": "kubernetes",
         "instance": agent_instance(acceleration),
         "port": spec.agent.port,
-        "token_file": str(TOKEN_FILE),
+        "tls_cert_file": str(TLS_DIR / TLS_CERT),
+        "tls_key_file": str(TLS_DIR / TLS_KEY),
+        "tls_client_ca_file": str(TLS_DIR / TLS_CA),
         "pin_root": str(PIN_ROOT),
         "same_node_inbound": datapath.sameNodeInbound,
         "sk_msg_redirect": datapath.skMsgRedirect,
@@ -224,13 +235,10 @@ def render_agent_config(acceleration: str, spec: MeshAccelerationSpec) -> str:
     return yaml.safe_dump(settings, sort_keys=False)
 
 
-def config_hash(config: str, token: str) -> str:
-    """The pod-template annotation: changes when the settings or the token do, and only then."""
-    digest = hashlib.sha256()
-    for part in (config, token):
-        digest.update(part.encode())
-        digest.update(b"\0")  # ("ab", "c") and ("a", "bc") must not hash alike
-    return digest.hexdigest()
+def config_hash(config: str) -> str:
+    """The pod-template annotation: changes when the settings do, and only then (not with the
+    TLS material, which the agents reload)."""
+    return hashlib.sha256(config.encode()).hexdigest()
 
 
 def _owner_reference(acceleration: str, uid: str) -> dict[str, Any]:
@@ -261,12 +269,13 @@ def agent_objects(
     spec: MeshAccelerationSpec,
     *,
     namespace: str,
-    token: str,
+    tls: AgentTLS,
     image: AgentImage,
 ) -> list[dict[str, Any]]:
     """[ServiceAccount, Secret, ConfigMap, DaemonSet] of the agents of ``acceleration``.
 
-    ``token`` is the bearer token the operator sends to the agents (the Secret holds it).
+    ``tls`` is the agents' server certificate and key and the CA bundle they accept the
+    operator's client certificate from (the Secret holds them).
     ``image`` is the operator's agent image; ``spec.agent.image`` is never read.
     Raises ValueError (pydantic's ValidationError) when the agent would refuse its settings.
     """
@@ -283,7 +292,12 @@ def agent_objects(
         "kind": "Secret",
         "metadata": _metadata(secret_name(acceleration), acceleration, uid, namespace),
         "type": "Opaque",
-        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        "data": {
+            key: base64.b64encode(value.encode()).decode()
+            for key, value in zip(
+                TLS_KEYS, (tls.cert_pem, tls.key_pem, tls.bundle_pem), strict=True
+            )
+        },
     }
     config_map = {
         "apiVersion": "v1",
@@ -303,7 +317,7 @@ def agent_objects(
                 # the same pinned datapath and both write its maps.
                 "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
             },
-            "template": _pod_template(acceleration, spec, image, config_hash(config, token)),
+            "template": _pod_template(acceleration, spec, image, config_hash(config)),
         },
     }
     return [service_account, secret, config_map, daemon_set]
@@ -316,7 +330,7 @@ def _pod_template(
     pod: dict[str, Any] = {
         "serviceAccountName": serviceaccount_name(acceleration),
         "automountServiceAccountToken": False,
-        # The API on the node's own address: the operator reaches http://<node IP>:<port>
+        # The API on the node's own address: the operator reaches https://<node IP>:<port>
         # without a Service, and the agent sees the node's network namespace it serves.
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
@@ -335,11 +349,12 @@ def _pod_template(
             {"name": "bpffs", "hostPath": {"path": str(BPFFS_PATH), "type": "Directory"}},
             {"name": "cgroup", "hostPath": {"path": str(CGROUP_PATH), "type": "Directory"}},
             {
-                "name": "token",
+                # Not a subPath mount: kubelet updates the files in place (a rotation).
+                "name": "tls",
                 "secret": {
                     "secretName": secret_name(acceleration),
                     "defaultMode": 0o400,
-                    "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}],
+                    "items": [{"key": key, "path": key} for key in TLS_KEYS],
                 },
             },
             {
@@ -369,9 +384,11 @@ def _pod_template(
 
 
 def _probe(path: str, port: int, *, period: int, failures: int) -> dict[str, Any]:
-    # With hostNetwork the pod's IP is the node's: kubelet probes the address the agent binds.
+    # With hostNetwork the pod's IP is the node's: kubelet probes the address the agent binds,
+    # over TLS without a client certificate (it verifies nothing; /healthz and /readyz are open
+    # and say only ok or not ok).
     return {
-        "httpGet": {"path": path, "port": port, "scheme": "HTTP"},
+        "httpGet": {"path": path, "port": port, "scheme": "HTTPS"},
         "periodSeconds": period,
         "timeoutSeconds": 2,
         "failureThreshold": failures,
@@ -443,7 +460,7 @@ def _container(spec: MeshAccelerationSpec, image: AgentImage) -> dict[str, Any]:
             },
             # Read-only: the agent opens cgroups O_RDONLY to attach and stats pod cgroups.
             {"name": "cgroup", "mountPath": str(CGROUP_PATH), "readOnly": True},
-            {"name": "token", "mountPath": str(TOKEN_DIR), "readOnly": True},
+            {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
             {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
         ],
     }

@@ -8,6 +8,10 @@ a pod that is not meshed. A resync lists the three kinds (:func:`list_cluster`: 
 page by page) and drops from the engine what it knew when the listing began and the list no
 longer has (:meth:`~.engine.Engine.begin_census`).
 
+It lists the MeshAccelerations too, and the nodes' labels: the first resync gives the engine its
+complete picture (every node and every resource, whatever order Kopf's handlers deliver them
+in), and only then does it judge conflicts and hand out sets (it runs before any set is pushed).
+
 :class:`Resyncer` runs them one at a time, while this replica leads:
 
 * when its term starts, before its pushers write (Kopf does not feed the engine while peering
@@ -25,13 +29,15 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.aio import client as k8s
+from pydantic import ValidationError
 
-from meshaccel.operator.engine import Dropped, Engine
+from meshaccel.operator.engine import Dropped, Engine, ListedAcceleration
+from meshaccel.operator.models import GROUP, PLURAL, VERSION, MeshAccelerationSpec
 
 log = logging.getLogger("meshaccel.operator.resync")
 
@@ -42,23 +48,30 @@ _METADATA_ONLY = (
     "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
 )
 EXAMPLES = 10  # names of dropped objects in a log line
+ACCELERATIONS = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
 
 
 @dataclass(frozen=True)
 class Listing:
-    """What the API has now: pod uids, namespace names, node names."""
+    """What the API has now: pod uids, namespace names, node names; each node's labels and
+    the MeshAccelerations when they were listed (None: not listed)."""
 
     pods: frozenset[str]
     namespaces: frozenset[str]
     nodes: frozenset[str]
+    labels: Mapping[str, Mapping[str, str]] | None = None
+    accelerations: tuple[ListedAcceleration, ...] | None = None
 
 
 Lister = Callable[[], Awaitable[Listing]]
 
 
-async def list_keys(api: k8s.ApiClient, path: str, key: str) -> frozenset[str]:
-    """``metadata[key]`` of every object at ``path`` (``/api/v1/pods``), page by page."""
-    found: set[str] = set()
+async def list_items(
+    api: k8s.ApiClient, path: str, *, metadata_only: bool = True
+) -> list[dict[str, Any]]:
+    """Every object at ``path`` (``/api/v1/pods``), page by page; with ``metadata_only``
+    (the default), as much of it as a PartialObjectMetadataList holds."""
+    found: list[dict[str, Any]] = []
     token: str | None = None
     while True:
         query = [("limit", str(PAGE))] + ([("continue", token)] if token else [])
@@ -66,7 +79,7 @@ async def list_keys(api: k8s.ApiClient, path: str, key: str) -> frozenset[str]:
             method="GET",
             resource_path=path,
             query_params=query,
-            header_params={"Accept": _METADATA_ONLY},
+            header_params={"Accept": _METADATA_ONLY if metadata_only else "application/json"},
             auth_settings=["BearerToken"],
         )
         response = await api.call_api(*params)
@@ -75,20 +88,52 @@ async def list_keys(api: k8s.ApiClient, path: str, key: str) -> frozenset[str]:
             text = data.decode(errors="replace")[:300]
             raise RuntimeError(f"GET {path}: HTTP {response.status}: {text}")
         page: dict[str, Any] = json.loads(data)
-        found.update(str(item["metadata"][key]) for item in page.get("items") or ())
+        found.extend(page.get("items") or ())
         token = (page.get("metadata") or {}).get("continue") or None
         if token is None:
-            return frozenset(found)
+            return found
+
+
+async def list_keys(api: k8s.ApiClient, path: str, key: str) -> frozenset[str]:
+    """``metadata[key]`` of every object at ``path``."""
+    return frozenset(str(item["metadata"][key]) for item in await list_items(api, path))
+
+
+def listed_acceleration(item: Mapping[str, Any]) -> ListedAcceleration:
+    meta = item.get("metadata") or {}
+    try:
+        spec: MeshAccelerationSpec | None = MeshAccelerationSpec.model_validate(
+            item.get("spec") or {}
+        )
+    except ValidationError:
+        spec = None  # its handler refuses it too
+    return ListedAcceleration(
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        created=str(meta.get("creationTimestamp") or ""),
+        spec=spec,
+    )
 
 
 async def list_cluster(api: k8s.ApiClient) -> Listing:
-    """Pods (by uid), namespaces and nodes (by name), cluster-wide."""
-    pods, namespaces, nodes = await asyncio.gather(
+    """Pods (by uid), namespaces, nodes (by name, with their labels) and MeshAccelerations,
+    cluster-wide."""
+    pods, namespaces, nodes, accelerations = await asyncio.gather(
         list_keys(api, "/api/v1/pods", "uid"),
         list_keys(api, "/api/v1/namespaces", "name"),
-        list_keys(api, "/api/v1/nodes", "name"),
+        list_items(api, "/api/v1/nodes"),
+        list_items(api, ACCELERATIONS, metadata_only=False),
     )
-    return Listing(pods, namespaces, nodes)
+    labels = {
+        str(node["metadata"]["name"]): dict(node["metadata"].get("labels") or {}) for node in nodes
+    }
+    return Listing(
+        pods,
+        namespaces,
+        frozenset(labels),
+        labels=labels,
+        accelerations=tuple(listed_acceleration(item) for item in accelerations),
+    )
 
 
 class RelistDetector:
@@ -159,7 +204,12 @@ class Resyncer:
                 self._engine.abandon_census(census)
                 raise
             dropped = self._engine.end_census(
-                census, pods=listing.pods, namespaces=listing.namespaces, nodes=listing.nodes
+                census,
+                pods=listing.pods,
+                namespaces=listing.namespaces,
+                nodes=listing.nodes,
+                labels=listing.labels,
+                accelerations=listing.accelerations,
             )
             self.next_due = self._clock() + self.interval
             self.passes += 1
@@ -173,7 +223,10 @@ class Resyncer:
                     "pods": len(dropped.pods),
                     "namespaces": len(dropped.namespaces),
                     "nodes": len(dropped.nodes),
-                    "examples": _examples(dropped.pods, dropped.namespaces, dropped.nodes),
+                    "accelerations": len(dropped.accelerations),
+                    "examples": _examples(
+                        dropped.pods, dropped.namespaces, dropped.nodes, dropped.accelerations
+                    ),
                 },
             )
         else:

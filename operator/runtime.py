@@ -14,10 +14,8 @@ at once.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from kubernetes.aio import client as k8s
 
 from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
+from meshaccel.operator.credentials import AgentTLS, Credentials, KubeSecrets
 from meshaccel.operator.engine import Acceleration, Engine, agent_url
 from meshaccel.operator.kube import Kube, removals
 from meshaccel.operator.leadership import KubeLeases, Leadership, LeaseStore
@@ -62,8 +61,8 @@ class Runtime:
     resyncer: Resyncer = field(init=False)
     relists: RelistDetector = field(default_factory=RelistDetector)
     pushers: dict[str, Pusher] = field(default_factory=dict)
-    tokens: dict[str, str] = field(default_factory=dict)  # resource -> the agents' token
-    retired: set[str] = field(default_factory=set)  # conflict losers whose agents are gone
+    credentials: Credentials = field(init=False)  # the CA, the agents' and our certificates
+    _legacy_gone: set[str] = field(default_factory=set, init=False)  # token Secrets deleted
     epoch: int | None = None  # the pushers' (a term whose resync finished); None: not writing
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _term: asyncio.Task[None] | None = field(default=None, init=False)
@@ -71,6 +70,9 @@ class Runtime:
     def __post_init__(self) -> None:
         self.engine = Engine(self.config.namespace)
         self.kube = Kube(self.api)
+        self.credentials = Credentials(
+            KubeSecrets(self.api, self.config.namespace), self.config.namespace
+        )
         self.leadership = Leadership(
             self.leases or KubeLeases(self.api, self.config.namespace),
             duration=self.config.lease_duration,
@@ -169,29 +171,31 @@ class Runtime:
 
     # -- a resource's life ------------------------------------------------------------------
 
-    async def token(self, name: str) -> str:
-        """The agents' bearer token: the one in the Secret the operator owns, read once, or a
-        new one (the Secret is then created with it)."""
-        token = self.tokens.get(name)
-        if token is None:
-            secret = await self.kube.read(
-                "Secret", self.config.namespace, rendering.secret_name(name)
-            )
-            data = (secret or {}).get("data") or {}
-            token = (
-                base64.b64decode(data["token"]).decode()
-                if "token" in data
-                else secrets.token_urlsafe(32)
-            )
-            self.tokens[name] = token
-        return token
+    async def agent_tls(self, name: str) -> AgentTLS:
+        """The agents' TLS material (:mod:`.credentials`); on first use, the rotation's next
+        step if one is due, and the Secret of their former bearer token deleted."""
+        await self.credentials.tend(self._trust_reports, writing=self.epoch is not None)
+        if name not in self._legacy_gone:
+            ns = self.config.namespace
+            await self.kube.delete("Secret", ns, rendering.legacy_secret_name(name))
+            self._legacy_gone.add(name)
+        return await self.credentials.agent_tls(name, rendering.secret_name(name))
 
-    def _pusher(self, name: str, token: str) -> Pusher:
+    def _trust_reports(self) -> dict[str, str | None]:
+        """Every agent the pushers reach, with the CA bundle it last reported."""
+        return {
+            f"{name}/{node}": state.trust_bundle
+            for name, pusher in self.pushers.items()
+            for node, state in pusher.nodes().items()
+            if state.url is not None and state.probe_error is None
+        }
+
+    def _pusher(self, name: str) -> Pusher:
         pusher = self.pushers.get(name)
         if pusher is None:
             pusher = Pusher(
                 name,
-                token=token,
+                tls=self.credentials.client_context,
                 session=self.session,
                 epoch=self.epoch,
                 on_superseded=self.leadership.superseded,
@@ -207,28 +211,27 @@ class Runtime:
         self, name: str, uid: str, created: str, spec: MeshAccelerationSpec
     ) -> Converged:
         """Take a new or changed spec: select, then create or update the agents' objects."""
-        pusher = self._pusher(name, await self.token(name))
+        await self.credentials.load()
+        pusher = self._pusher(name)
         acceleration = self.engine.acceleration_changed(name, uid, created, spec, pusher)
         return await self.converge(acceleration)
 
     async def converge(self, acceleration: Acceleration) -> Converged:
-        """Bring the agents' objects in line with the engine's verdict."""
+        """Bring the agents' objects in line with the engine's verdict. A conflict changes
+        nothing here: the engine sends empty sets to the nodes an older resource keeps."""
         name = acceleration.name
-        if acceleration.conflict is not None:
-            return Converged(await self.retire_agents(acceleration))
         if acceleration.spec is None:
             return Converged("nothing programmed (invalid spec)")
-        token = await self.token(name)
-        self.retired.discard(name)
+        tls = await self.agent_tls(name)
         if name not in self.pushers:
-            # Taking over after a conflict ended: a fresh pusher, the engine re-sends the sets.
-            self.engine.replace_sink(acceleration, self._pusher(name, token))
+            # Known from a census only (its handler has not run yet): the sets go out now.
+            self.engine.replace_sink(acceleration, self._pusher(name))
         objects = rendering.agent_objects(
             name,
             acceleration.uid,
             acceleration.spec,
             namespace=self.config.namespace,
-            token=token,
+            tls=tls,
             image=self.config.agent_image,
         )
         done: list[str] = []
@@ -241,26 +244,6 @@ class Runtime:
                 daemonset = stored
         return Converged(", ".join(done) or "unchanged", daemonset)
 
-    async def retire_agents(self, acceleration: Acceleration) -> str:
-        """A resource that lost a conflict: its agents detach and its DaemonSet goes (once)."""
-        if acceleration.name in self.retired:
-            return "nothing programmed (conflict)"
-        pusher = self.pushers.pop(acceleration.name, None)
-        failed: dict[str, str | None] = {}
-        if pusher is not None:
-            failed = await pusher.uninstall(timeout=self.config.uninstall_timeout)
-            await pusher.close()
-        ns = self.config.namespace
-        removed = await self.kube.delete(
-            "DaemonSet", ns, rendering.daemonset_name(acceleration.name)
-        )
-        await self.kube.delete("ConfigMap", ns, rendering.configmap_name(acceleration.name))
-        errors = {node: err for node, err in failed.items() if err}
-        if errors:
-            log.warning("agents could not uninstall", extra={"nodes": errors})
-        self.retired.add(acceleration.name)
-        return "agents retired" if removed or pusher else "nothing programmed (conflict)"
-
     async def uninstall(self, name: str, uid: str, port: int) -> dict[str, str]:
         """The resource is being deleted: every agent detaches. Returns the nodes that failed.
 
@@ -269,7 +252,8 @@ class Runtime:
         """
         pusher = self.pushers.get(name)
         if pusher is None:
-            pusher = self._pusher(name, await self.token(name))
+            await self.credentials.load()
+            pusher = self._pusher(name)
             for agent in self.engine.agents.values():
                 if agent.acceleration == name:
                     pusher.set_endpoint(agent.node, agent_url(agent.ip, port))
@@ -285,8 +269,7 @@ class Runtime:
         return failed
 
     async def forget(self, name: str) -> None:
-        self.tokens.pop(name, None)
-        self.retired.discard(name)
+        self.credentials.forget(name)
         pusher = self.pushers.pop(name, None)
         if pusher is not None:
             await pusher.close()
@@ -319,6 +302,7 @@ class Runtime:
             previous=previous,
             behind_grace=self.config.failing_after,
             clock_now=time.monotonic(),
+            judged=self.engine.settled,
         )
         wanted = status.model_dump(mode="json", exclude_none=True)
         if _same(current, wanted):

@@ -5,7 +5,9 @@ its namespace matches ``namespaceSelector``, it matches ``podSelector``, it has 
 out (``meshaccel.io/accelerate: "false"``), it carries the mesh's sidecar, it is running with
 an IP and not on the host network, it sits on a node where this resource's agent runs, and its
 mesh annotations are ones the datapath can honour exactly. Anything else would change what
-the mesh's own iptables rules do for that pod, so such a pod is left to iptables.
+the mesh's own iptables rules do for that pod, so such a pod is left to iptables. The engine then
+adds verdicts of its own: an older resource keeps the pod or its node (:mod:`.engine`), or the
+node's maps do not take it (:mod:`.budget`).
 
 Whether sk_msg may deliver into an accelerated pod's application sockets is meshaccel's own
 per-pod option: ``spec.datapath.skMsgToAppsSelector``, overridden either way by the pod's
@@ -113,6 +115,7 @@ class PodFacts:
     ip: str | None
     running: bool
     host_network: bool
+    created: str = ""  # metadata.creationTimestamp: RFC 3339 in UTC sorts as time
 
     @classmethod
     def from_object(cls, pod: Mapping[str, Any]) -> PodFacts:
@@ -138,6 +141,7 @@ class PodFacts:
             ip=status.get("podIP"),
             running=status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
             host_network=bool(spec.get("hostNetwork")),
+            created=str(meta.get("creationTimestamp") or ""),
         )
 
 
@@ -151,6 +155,10 @@ class Verdict(enum.StrEnum):
     NO_AGENT = "NoAgentOnNode"
     UNSUPPORTED_ANNOTATION = "UnsupportedAnnotation"
     INVALID_ANNOTATION = "InvalidAnnotation"
+    # Decided by the engine, not by select(): another resource, or the node's maps.
+    POD_CLAIMED = "PodClaimedByOlderResource"
+    NODE_CLAIMED = "NodeClaimedByOlderResource"
+    OVER_BUDGET = "OverBudget"
 
 
 class PodWarning(enum.StrEnum):

@@ -3,9 +3,12 @@
 Conditions follow the Kubernetes conventions: one entry per type, ``lastTransitionTime``
 changes only when ``status`` does, reasons are CamelCase words, messages say what to do.
 
-* ``Conflict`` True: another, older resource claims these pods or nodes; nothing is programmed.
+* ``Conflict`` True: older resources keep some of the nodes or pods this one selects (it runs
+  on the rest; ``status.conflicts`` says which, and whose); Unknown until the operator has
+  listed nodes and resources after its start (the last judgement stays meanwhile).
 * ``Degraded`` True: the spec makes no sense (``InvalidSpec``, the last good spec keeps
-  running) or agents cannot be reached or refuse their sets (``AgentsFailing``).
+  running), agents cannot be reached or refuse their sets (``AgentsFailing``), or pods do not
+  fit their node's maps and stay on iptables (``PodsOverBudget``, naming a few).
 * ``Progressing`` True: agents are being rolled out or pod sets are on their way.
 * ``Ready`` True: every desired agent is ready and has applied its node's newest set.
 """
@@ -19,13 +22,17 @@ from typing import Any, Protocol
 
 from meshaccel.operator.engine import Acceleration
 from meshaccel.operator.models import (
+    MAX_CONFLICTS_LISTED,
     MAX_NODES_LISTED,
     Condition,
     ConditionStatus,
     ConditionType,
+    HeldByOlder,
     MeshAccelerationStatus,
     NodeLag,
 )
+
+EXAMPLES = 5  # names in a condition's message
 
 
 class NodeView(Protocol):
@@ -100,8 +107,13 @@ def compute_status(
     now: str | None = None,
     behind_grace: float = 0.0,
     clock_now: float = 0.0,
+    judged: bool = True,
 ) -> tuple[MeshAccelerationStatus, list[Transition]]:
-    """The new status and the conditions whose status changed since ``previous``."""
+    """The new status and the conditions whose status changed since ``previous``.
+
+    ``judged``: the engine has settled (conflicts are judged); until then the ``Conflict``
+    condition stays as ``previous`` has it.
+    """
     behind = sorted(
         (state for state in nodes.values() if not state.in_sync),
         key=lambda s: (s.behind_since if s.behind_since is not None else float("inf"), s.node),
@@ -109,6 +121,8 @@ def compute_status(
     failing = [s for s in behind if s.last_error and _waited(s, clock_now) > behind_grace]
     in_sync = len(nodes) - len(behind)
     wanted = _conditions(acceleration, rollout, len(nodes), behind, failing)
+    if not judged:
+        wanted[ConditionType.CONFLICT] = _unjudged(previous)
     conditions, transitions = _merge(wanted, previous, generation, now or now_rfc3339())
     status = MeshAccelerationStatus(
         observedGeneration=generation,
@@ -130,8 +144,58 @@ def compute_status(
         podsAccelerated=sum(s.pods_applied or 0 for s in nodes.values() if s.in_sync),
         podsNotAccelerated=acceleration.skipped_by_reason(),
         podsWithWarnings=acceleration.warned_by_reason(),
+        conflicts=[
+            HeldByOlder(
+                heldBy=elder,
+                nodes=held_nodes[:MAX_NODES_LISTED],
+                nodeCount=len(held_nodes),
+                pods=held_pods[:MAX_NODES_LISTED],
+                podCount=len(held_pods),
+            )
+            for elder, (held_nodes, held_pods) in list(acceleration.held_by().items())[
+                :MAX_CONFLICTS_LISTED
+            ]
+        ]
+        if judged
+        else [],
     )
     return status, transitions
+
+
+def _unjudged(previous: Sequence[Condition]) -> tuple[ConditionStatus, str, str]:
+    old = next((c for c in previous if c.type == ConditionType.CONFLICT), None)
+    if old is not None:
+        return old.status, old.reason, old.message
+    return (
+        ConditionStatus.UNKNOWN,
+        "NotJudgedYet",
+        "conflicts with other MeshAccelerations are judged once the operator has listed the "
+        "nodes and MeshAccelerations",
+    )
+
+
+def _examples(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:EXAMPLES])
+    return shown + (f" and {len(names) - EXAMPLES} more" if len(names) > EXAMPLES else "")
+
+
+def _conflict_message(held: Mapping[str, tuple[list[str], list[str]]]) -> str:
+    parts = []
+    for elder, (nodes, pods) in held.items():
+        kept = []
+        if nodes:
+            kept.append(f"node(s) {_examples(nodes)}")
+        if pods:
+            kept.append(f"pod(s) {_examples(pods)}")
+        parts.append(f"MeshAcceleration {elder!r} (created earlier) keeps " + " and ".join(kept))
+    nodes_held = any(nodes for nodes, _ in held.values())
+    return (
+        "; ".join(parts)
+        + ", which this resource selects too"
+        + (": its agents on those nodes get an empty set" if nodes_held else "")
+        + ". It accelerates the rest of its nodes and pods. To end the conflict, narrow "
+        "spec.agent.nodeSelector or the pod selectors so that the resources do not overlap"
+    )
 
 
 def _waited(state: NodeView, clock_now: float) -> float:
@@ -150,10 +214,14 @@ def _conditions(
 ) -> Wanted:
     T, F = ConditionStatus.TRUE, ConditionStatus.FALSE
     wanted: Wanted = {}
-    if acceleration.conflict:
-        wanted[ConditionType.CONFLICT] = (T, "ClaimedByOlderResource", acceleration.conflict)
+    held = acceleration.held_by()
+    if held:
+        wanted[ConditionType.CONFLICT] = (T, "ClaimedByOlderResource", _conflict_message(held))
     else:
         wanted[ConditionType.CONFLICT] = (F, "NoConflict", "")
+    # Every node it selects is kept by an older resource: it accelerates nothing.
+    crowded_out = bool(acceleration.nodes_held) and acceleration.nodes_kept == 0
+    left_out = acceleration.left_out()
 
     if acceleration.problems:
         kept = (
@@ -170,6 +238,15 @@ def _conditions(
             T,
             "AgentsFailing",
             f"{len(failing)} node(s) cannot take their pod set ({names}); first error: {first}",
+        )
+    elif left_out:
+        pods = _examples([f"{item.pod} on {item.node} ({item.reason})" for item in left_out])
+        wanted[ConditionType.DEGRADED] = (
+            T,
+            "PodsOverBudget",
+            f"{len(left_out)} pod(s) do not fit their node's datapath maps and stay on the mesh's "
+            f"iptables path: {pods}. Raise spec.datapath.maxPodPorts, maxPodCidrs or maxPods, or "
+            "have those pods exclude fewer ports and ranges (docs/operator.md, Budgets)",
         )
     else:
         wanted[ConditionType.DEGRADED] = (F, "AsExpected", "")
@@ -194,8 +271,13 @@ def _conditions(
     else:
         wanted[ConditionType.PROGRESSING] = (F, "AllApplied", "")
 
-    if acceleration.conflict:
-        wanted[ConditionType.READY] = (F, "Conflict", "see the Conflict condition")
+    if crowded_out:
+        wanted[ConditionType.READY] = (
+            F,
+            "Conflict",
+            "every node this resource selects is kept by an older MeshAcceleration: see the "
+            "Conflict condition",
+        )
     elif acceleration.spec is None:
         wanted[ConditionType.READY] = (F, "InvalidSpec", "see the Degraded condition")
     elif rollout.desired == 0:

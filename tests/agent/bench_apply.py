@@ -56,7 +56,6 @@ from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
 PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
 SYNTHETIC_CGROUP_BASE = 1 << 40
 FIRST_IP = IPv4Address("198.18.0.0") + 256
-TOKEN = "bench-token"
 
 
 class SyntheticResolver:
@@ -157,8 +156,8 @@ async def run_http(
     """Times (ms) of PUT /v1/pods per scenario (bodies serialised before the clock starts)."""
     from aiohttp.test_utils import TestClient, TestServer  # not in the memory child
 
-    app = create_app(reconciler, token=TOKEN, retry_interval=None)
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    app = create_app(reconciler, tls=None, retry_interval=None)  # the apply, not TLS, is timed
+    headers = {"Content-Type": "application/json"}
     bodies = [(name, s.model_dump_json().encode()) for name, s in steps(pods, runs, generations)]
     timings: dict[str, list[float]] = {name: [] for name in SCENARIOS}
     async with TestClient(TestServer(app)) as client:
@@ -207,7 +206,7 @@ def pod_set_body(pods: int, generation: int) -> bytes:
 def http_call(port: int, method: str, path: str, body: bytes | None = None) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"}
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         response.read()
@@ -217,7 +216,7 @@ def http_call(port: int, method: str, path: str, body: bytes | None = None) -> i
 
 
 async def serve_and_apply(reconciler: Reconciler, pods: int) -> dict[str, int]:
-    runner = web.AppRunner(create_app(reconciler, token=TOKEN))
+    runner = web.AppRunner(create_app(reconciler, tls=None))
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -19,22 +19,24 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from meshaccel.agent.api_models import PodOptions, PodSet, PodSpec
 from meshaccel.agent.datapath import SK_MSG_FEATURES, Capacities, Datapath
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerated_pod
 from meshaccel.agent.server import create_app
+from meshaccel.agent.tls import ServerTLS
 from tests.datapath.conftest import PIN_ROOT
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
+from tests.pki import make_pki
 from tests.requirements import require_btf, require_kernel
 
 POD_CGROUPS = 16  # child cgroups made per module: pods 0..15 can be resolved
-TOKEN = "test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PKI = make_pki()  # the operator's CA, the agents' server certificate, the operator's own
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -187,17 +189,39 @@ def reconciler(datapath: Datapath, reconciler_factory: ReconcilerFactory) -> Rec
     return reconciler_factory(datapath)
 
 
+@pytest.fixture(scope="session")
+def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ServerTLS:
+    """The agent's TLS material, from files as kubelet mounts the agents' Secret."""
+    return ServerTLS(PKI.write_agent_files(tmp_path_factory.mktemp("agent-tls")))
+
+
 @pytest.fixture
-def make_client(aiohttp_client: ClientFactory, reconciler: Reconciler) -> MakeClient:
+def make_client(
+    aiohttp_client: ClientFactory, reconciler: Reconciler, server_tls: ServerTLS
+) -> MakeClient:
     """make_client([reconciler], **create_app options) -> a client of the real app.
 
-    Defaults: the test token, no background retries, no drain (an uninstall returns at once).
+    Defaults: served over TLS with the agent's certificate, the client presenting the
+    operator's (a request's ``ssl=`` takes another: ``PKI.anonymous_context()``, ...); no
+    background work; no drain (an uninstall returns at once). ``tls=None``: plain HTTP, no
+    authentication. The test client cannot send the agents' server name, so it checks the
+    chain, not the name (the pusher's tests check both).
     """
 
     async def make(target: Reconciler = reconciler, **kwargs: object) -> Client:
-        kwargs.setdefault("token", TOKEN)
+        kwargs.setdefault("tls", server_tls)
         kwargs.setdefault("retry_interval", None)
+        kwargs.setdefault("tls_reload_interval", None)
         kwargs.setdefault("drain_seconds", 0)
-        return await aiohttp_client(create_app(target, **kwargs))  # type: ignore[arg-type]
+        app = create_app(target, **kwargs)  # type: ignore[arg-type]
+        tls = kwargs["tls"]
+        if tls is None:
+            return await aiohttp_client(app)
+        assert isinstance(tls, ServerTLS)
+        server = TestServer(app)
+        await server.start_server(ssl=tls.context)
+        client_context = PKI.client_context(check_hostname=False)
+        connector = aiohttp.TCPConnector(ssl=client_context)
+        return await aiohttp_client(server, connector=connector)
 
     return make

@@ -234,6 +234,34 @@ def test_a_set_needing_more_option_entries_than_the_maps_hold_is_refused(
     assert reconciler.snapshot.apply_errors == {"capacity": 1}
 
 
+def test_a_set_refused_for_capacity_still_removes_the_pods_it_no_longer_names(
+    datapath_factory: DatapathFactory,
+    reconciler_factory: ReconcilerFactory,
+    resolver: FakeResolver,
+) -> None:
+    """Issue 12, item 7: a refused set left every pod of the applied set programmed, those it
+    no longer named too (a deleted pod's address kept leading to it). The refusal now writes
+    none of the new set's pods but removes the ones it dropped; the generation stays."""
+    datapath = datapath_factory(Capacities(pod_ports=30))  # an Istio pod takes 13
+    reconciler = reconciler_factory(datapath)
+    reconciler.apply(pod_set(1, pod_spec(0), pod_spec(1)))
+    hog = pod_spec(2, options=options(excluded_outbound_ports=list(range(20000, 20010))))
+
+    with pytest.raises(CapacityError) as refused:
+        reconciler.apply(pod_set(2, pod_spec(1), hog))  # pod 0 deleted, a hog came
+
+    assert datapath.pods() == expected_pods(resolver, pod_spec(1)), "pod 0 went all the same"
+    assert "the 1 pod(s) of the applied set it no longer names were removed" in str(refused.value)
+    assert set(reconciler.snapshot.entries) == {uid(1)}
+    assert reconciler.applied_generation == 1
+    assert reconciler.snapshot.map_entries["pod_ports"] == 13
+    assert reconciler.snapshot.apply_errors == {"capacity": 1}
+    # The next set that fits is applied as ever.
+    result = reconciler.apply(pod_set(2, pod_spec(1), pod_spec(3)))
+    assert (result.added, result.removed) == (1, 0)
+    assert datapath.pods() == expected_pods(resolver, pod_spec(1), pod_spec(3))
+
+
 def test_a_map_filling_up_mid_apply_rolls_everything_back(
     datapath_factory: DatapathFactory,
     reconciler_factory: ReconcilerFactory,

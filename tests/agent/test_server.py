@@ -8,8 +8,8 @@ with Envoy sidecars and checks that the applied set decides which of them are ac
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import ssl
 from typing import Any
 
 import pytest
@@ -29,12 +29,13 @@ from meshaccel.agent.api_models import (
 )
 from meshaccel.agent.datapath import CGROUP_HOOKS, Capacities, Datapath
 from meshaccel.agent.layout import Counter
+from meshaccel.agent.listener import Limits
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, accelerated_pod
 from meshaccel.agent.server import DatapathInfo, create_app
+from meshaccel.agent.tls import ServerTLS, bundle_fingerprint
 from tests.agent.conftest import (
-    AUTH,
-    TOKEN,
+    PKI,
     Client,
     ClientFactory,
     DatapathFactory,
@@ -64,7 +65,7 @@ def body_of(specs_generation: int, *indexes: int) -> str:
 
 async def put(client: Client, body: str | bytes, **headers: str) -> tuple[int, dict[str, Any]]:
     response = await client.put(
-        "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json", **headers}
+        "/v1/pods", data=body, headers={"Content-Type": "application/json", **headers}
     )
     payload = await response.json()
     return response.status, payload
@@ -88,7 +89,7 @@ async def test_put_applies_the_set_and_get_lists_it(
     assert (result.applied_generation, result.added) == (3, 3)
     assert datapath.pods() == expected_pods(resolver, *(pod_spec(i) for i in range(3)))
 
-    response = await client.get("/v1/pods", headers=AUTH)
+    response = await client.get("/v1/pods")
     listed = PodsReply.model_validate(await response.json())
     assert listed.applied_generation == 3
     assert [(p.uid, p.ip, p.cgroup_id) for p in listed.pods] == [
@@ -205,7 +206,7 @@ async def test_non_json_content_type_is_415(client: Client) -> None:
 
 
 async def test_a_body_over_the_limit_is_413(make_client: MakeClient, datapath: Datapath) -> None:
-    client = await make_client(max_body_bytes=4096)
+    client = await make_client(limits=Limits(max_body_bytes=4096))
     status, payload = await put(client, body_of(1, *range(16)) + " " * 8192)
 
     assert status == 413
@@ -248,11 +249,11 @@ async def test_a_map_full_during_the_apply_is_507_and_rolled_back(
 
 
 async def test_unknown_paths_and_methods_get_json_errors(client: Client) -> None:
-    missing = await client.get("/v2/pods", headers=AUTH)
+    missing = await client.get("/v2/pods")
     assert missing.status == 404
     await error_of(missing)
 
-    wrong = await client.post("/v1/pods", headers=AUTH)
+    wrong = await client.post("/v1/pods")
     assert wrong.status == 405
     assert "PUT" in wrong.headers["Allow"]
     await error_of(wrong)
@@ -261,7 +262,7 @@ async def test_unknown_paths_and_methods_get_json_errors(client: Client) -> None
 async def test_unexpected_errors_are_500_without_a_traceback(
     aiohttp_client: ClientFactory, reconciler: Reconciler
 ) -> None:
-    app = create_app(reconciler, token=TOKEN, retry_interval=None)
+    app = create_app(reconciler, tls=None, retry_interval=None)
 
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("secret internals")
@@ -269,7 +270,7 @@ async def test_unexpected_errors_are_500_without_a_traceback(
     app.router.add_get("/v1/broken", broken)
     client = await aiohttp_client(app)
 
-    response = await client.get("/v1/broken", headers=AUTH)
+    response = await client.get("/v1/broken")
 
     assert response.status == 500
     text = await response.text()
@@ -287,7 +288,7 @@ async def test_the_retry_task_programs_pods_resolved_later(
 
     resolver.cgroups[uid(1)] = late
     for _ in range(100):  # up to 5 s
-        listed = PodsReply.model_validate(await (await client.get("/v1/pods", headers=AUTH)).json())
+        listed = PodsReply.model_validate(await (await client.get("/v1/pods")).json())
         if not listed.unresolved:
             break
         await asyncio.sleep(0.05)
@@ -298,74 +299,53 @@ async def test_the_retry_task_programs_pods_resolved_later(
 
 # -- authentication --------------------------------------------------------------------------------
 
+OTHER_IDENTITY = PKI.client_context(
+    PKI.issue_client("urn:meshaccel:someone-else"), check_hostname=False
+)
+
 
 @pytest.mark.parametrize(
-    ("headers", "invalid", "reason"),
+    ("context", "reason"),
     [
-        ({}, False, "no Authorization header"),
-        ({"Authorization": TOKEN}, False, "no scheme"),
-        ({"Authorization": "Basic dXNlcjpwYXNz"}, False, "another scheme"),
-        ({"Authorization": "Bearer "}, False, "empty token"),
-        ({"Authorization": f"Bearer {TOKEN}x"}, True, "wrong token"),
-        ({"Authorization": f"Bearer {TOKEN[:-1]}"}, True, "a prefix of the token"),
-        ({"Authorization": "Bearer \u00e9\u00e9"}, True, "non-ASCII token"),
+        (PKI.anonymous_context(), "no client certificate (a pod, kubelet)"),
+        (OTHER_IDENTITY, "a certificate of the CA that does not name the operator"),
     ],
 )
-@pytest.mark.parametrize(
-    ("method", "path"), [("PUT", "/v1/pods"), ("GET", "/v1/pods"), ("GET", "/v1/status")]
-)
-async def test_api_requires_the_token(
-    client: Client,
-    datapath: Datapath,
-    method: str,
-    path: str,
-    headers: dict[str, str],
-    invalid: bool,
-    reason: str,
+async def test_api_requires_the_operators_certificate(
+    client: Client, datapath: Datapath, context: ssl.SSLContext, reason: str
 ) -> None:
-    response = await client.request(method, path, data=body_of(1, 0), headers=headers)
-
-    assert response.status == 401, reason
-    challenge = response.headers["WWW-Authenticate"]
-    assert challenge.startswith("Bearer "), reason
-    assert ('error="invalid_token"' in challenge) == invalid, reason
-    await error_of(response)
+    for method, path in (("PUT", "/v1/pods"), ("GET", "/v1/pods"), ("GET", "/v1/status")):
+        response = await client.request(
+            method,
+            path,
+            data=body_of(1, 0),
+            ssl=context,
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status == 403, (method, path, reason)
+        assert "operator" in (await error_of(response)).error, reason
     assert datapath.pods() == {}, reason
-
-
-async def test_the_right_token_is_accepted_and_compared_in_constant_time(
-    client: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    compared: list[tuple[int, int]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        compared.append((len(a), len(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
-
-    assert (await client.get("/v1/pods", headers=AUTH)).status == 200
-    assert (await client.get("/v1/pods", headers={"Authorization": "Bearer nope"})).status == 401
-    # Digests are compared, so even a short wrong token takes the same path and time.
-    assert compared == [(32, 32), (32, 32)]
 
 
 async def test_probes_and_metrics_are_open_the_rest_is_not(make_client: MakeClient) -> None:
     client = await make_client()
-    assert (await client.get("/healthz")).status == 200
-    assert (await client.get("/readyz")).status in (200, 503)
-    assert (await client.get("/metrics")).status == 200
-    assert (await client.get("/v1/status")).status == 401
+    anonymous = PKI.anonymous_context()
+    assert (await client.get("/healthz", ssl=anonymous)).status == 200
+    assert (await client.get("/readyz", ssl=anonymous)).status in (200, 503)
+    assert (await client.get("/metrics", ssl=anonymous)).status == 200
+    assert (await client.get("/v1/status", ssl=anonymous)).status == 403
+    assert (await client.get("/v1/health", ssl=anonymous)).status == 403
 
-    closed = await make_client(metrics_require_token=True)
-    assert (await closed.get("/metrics")).status == 401
-    assert (await closed.get("/metrics", headers=AUTH)).status == 200
+    closed = await make_client(metrics_require_auth=True)
+    assert (await closed.get("/metrics", ssl=anonymous)).status == 403
+    assert (await closed.get("/metrics")).status == 200
 
 
-async def test_without_a_token_nothing_is_asked(make_client: MakeClient) -> None:
-    client = await make_client(token=None)
+async def test_without_tls_nothing_is_asked(make_client: MakeClient) -> None:
+    client = await make_client(tls=None)
     assert (await client.get("/v1/pods")).status == 200
+    health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
+    assert health.trust_bundle is None
 
 
 # -- probes, status, metrics ---------------------------------------------------------------------
@@ -374,41 +354,49 @@ async def test_without_a_token_nothing_is_asked(make_client: MakeClient) -> None
 async def test_readyz_waits_for_the_first_set_and_the_attachments(
     client: Client, datapath: Datapath
 ) -> None:
+    """Open, it says ready or not and nothing else; why not is /v1/status's."""
+
+    async def why() -> str | None:
+        status = StatusReply.model_validate(await (await client.get("/v1/status")).json())
+        return status.not_ready
+
     before = await client.get("/readyz")
     assert before.status == 503
-    assert "no pod set" in (await error_of(before)).error
+    assert await before.json() == {"error": "not ready", "detail": None, "applied_generation": None}
+    assert "no pod set" in (await why() or "")
 
     await put(client, body_of(1))  # an empty set is a set
 
     after = await client.get("/readyz")
     assert after.status == 200
-    assert (await after.json()) == {"ready": True, "applied_generation": 1}
+    assert (await after.json()) == {"status": "ok"}
+    assert await why() is None
 
     Datapath.adopt(instance=datapath.pins.root.name, pin_root=datapath.pins.root.parent).unload(0)
     gone = await client.get("/readyz")
     assert gone.status == 503
-    assert "not attached" in (await error_of(gone)).error
+    assert (await error_of(gone)).error == "not ready"
+    assert "not attached" in (await why() or "")
 
 
-async def test_healthz_names_the_boot(client: Client, reconciler: Reconciler) -> None:
-    response = await client.get("/healthz")
-    assert (await response.json()) == {"status": "ok", "boot_id": reconciler.boot_id}
+async def test_healthz_says_only_ok(client: Client, reconciler: Reconciler) -> None:
+    response = await client.get("/healthz", ssl=PKI.anonymous_context())
+    assert (await response.json()) == {"status": "ok"}
+    assert reconciler.boot_id not in await response.text()
 
 
-async def test_healthz_names_the_applied_set_when_asked(
-    client: Client, reconciler: Reconciler
+async def test_the_operators_probe_names_the_boot_the_set_and_the_trust(
+    client: Client, reconciler: Reconciler, server_tls: ServerTLS
 ) -> None:
-    """The operator's probe asks; the kubelet and older operators get the reply as before."""
-    applied = await client.get("/healthz", params={"applied": "true"})
-    assert await applied.json() == {"status": "ok", "boot_id": reconciler.boot_id}  # none yet
+    health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
+    assert health.boot_id == reconciler.boot_id
+    assert (health.applied_epoch, health.applied_generation) == (0, None)  # none yet
+    assert health.trust_bundle == server_tls.trust_bundle == bundle_fingerprint(PKI.ca.pem)
     body = PodSet(epoch=4, generation=2, pods=[pod_spec(0)]).model_dump_json()
     assert (await put(client, body))[0] == 200
 
-    applied = await client.get("/healthz", params={"applied": "true"})
-    health = HealthReply.model_validate(await applied.json())
+    health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
     assert (health.applied_epoch, health.applied_generation) == (4, 2)
-    plain = await client.get("/healthz")
-    assert await plain.json() == {"status": "ok", "boot_id": reconciler.boot_id}
 
 
 # -- two writers: epochs ---------------------------------------------------------------------------
@@ -482,7 +470,7 @@ async def test_status_reports_attachments_generation_and_counters(
     resolver.cgroups.pop(uid(2))
     await put(client, body_of(4, 0, 1, 2))
 
-    response = await client.get("/v1/status", headers=AUTH)
+    response = await client.get("/v1/status")
     status = StatusReply.model_validate(await response.json())
 
     assert status.attached
@@ -672,7 +660,7 @@ class FuzzCheck:
 
     async def send(self, body: bytes, resolver: FakeResolver) -> None:
         response = await self.client.put(
-            "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json"}
+            "/v1/pods", data=body, headers={"Content-Type": "application/json"}
         )
         assert response.status < 500, await response.text()
         event(f"HTTP {response.status}")  # --hypothesis-show-statistics shows the mix
@@ -768,7 +756,7 @@ async def test_the_applied_set_decides_which_pods_are_accelerated(
     resolver = FakeResolver({f"uid-{p.name}": p.cgroup_id for p in (a, b)})
     reconciler = Reconciler(datapath, resolver, max_pods=64)
     try:
-        client = await aiohttp_client(create_app(reconciler, token=TOKEN, retry_interval=None))
+        client = await aiohttp_client(create_app(reconciler, tls=None, retry_interval=None))
 
         async def apply(generation: int, *members: Pod) -> None:
             body = json.dumps(

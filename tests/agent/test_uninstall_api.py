@@ -23,17 +23,17 @@ from meshaccel.agent.api_models import (
 from meshaccel.agent.datapath import Datapath, PinLayout
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import is_uninstalled
-from tests.agent.conftest import AUTH, TOKEN, Client, MakeClient, PodCgroups, pod_set, pod_spec
+from tests.agent.conftest import PKI, Client, MakeClient, PodCgroups, pod_set, pod_spec
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
     AgentProcess,
     agent_argv,
     attached_programs,
     free_port,
+    tls_args,
     unload_instance,
     wait_for,
 )
-from tests.agent_lifecycle.harness import TOKEN as LIFECYCLE_TOKEN
 
 pytestmark = pytest.mark.kernel
 
@@ -45,14 +45,12 @@ async def client(make_client: MakeClient) -> Client:
 
 async def put(client: Client, generation: int, *indexes: int) -> tuple[int, dict[str, Any]]:
     body = pod_set(generation, *(pod_spec(i) for i in indexes)).model_dump_json()
-    response = await client.put(
-        "/v1/pods", data=body, headers={**AUTH, "Content-Type": "application/json"}
-    )
+    response = await client.put("/v1/pods", data=body, headers={"Content-Type": "application/json"})
     return response.status, await response.json()
 
 
-async def uninstall(client: Client, **headers: str) -> tuple[int, dict[str, Any]]:
-    response = await client.post("/v1/uninstall", headers={**AUTH, **headers})
+async def uninstall(client: Client) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/v1/uninstall")
     return response.status, await response.json()
 
 
@@ -84,12 +82,13 @@ async def test_uninstall_detaches_unpins_and_refuses_sets_afterwards(
 
     ready = await client.get("/readyz")
     assert ready.status == 503
-    assert "uninstalled" in ErrorReply.model_validate(await ready.json()).error
+    assert ErrorReply.model_validate(await ready.json()).error == "not ready"
 
-    response = await client.get("/v1/status", headers=AUTH)
+    response = await client.get("/v1/status")
     assert response.status == 200
     report = StatusReply.model_validate(await response.json())
     assert not report.attached and report.uninstalled
+    assert report.not_ready is not None and "uninstalled" in report.not_ready
     assert not any(p.attached for p in report.programs)
 
     # The process keeps serving: the liveness probe and the scrape still answer.
@@ -111,24 +110,24 @@ async def test_a_second_uninstall_is_200_already(client: Client, datapath: Datap
 
 
 @pytest.mark.parametrize(
-    ("headers", "reason"),
-    [
-        ({}, "no Authorization header"),
-        ({"Authorization": "Bearer not-the-token"}, "wrong token"),
-        ({"Authorization": f"Basic {TOKEN}"}, "wrong scheme"),
-    ],
+    ("identity", "reason"),
+    [(None, "no client certificate"), ("urn:meshaccel:someone-else", "not the operator's")],
 )
-async def test_uninstall_needs_the_token(
+async def test_uninstall_needs_the_operator(
     client: Client,
     datapath: Datapath,
     pod_cgroups: PodCgroups,
-    headers: dict[str, str],
+    identity: str | None,
     reason: str,
 ) -> None:
-    response = await client.post("/v1/uninstall", headers=headers)
+    context = (
+        PKI.anonymous_context()
+        if identity is None
+        else PKI.client_context(PKI.issue_client(identity), check_hostname=False)
+    )
+    response = await client.post("/v1/uninstall", ssl=context)
 
-    assert response.status == 401, reason
-    assert response.headers["WWW-Authenticate"].startswith("Bearer"), reason
+    assert response.status == 403, reason
     ErrorReply.model_validate(await response.json())
     assert len(pinned(datapath)) == len(datapath.pins.all_pins()), reason
     assert attached_programs(pod_cgroups.cgroup.path), reason
@@ -168,7 +167,9 @@ async def test_sets_are_refused_from_the_request_on_while_it_drains(
         if ready.status == 503:
             break
         await asyncio.sleep(0.01)
-    assert "in progress" in ErrorReply.model_validate(await ready.json()).error
+    assert ErrorReply.model_validate(await ready.json()).error == "not ready"
+    report = StatusReply.model_validate(await (await client.get("/v1/status")).json())
+    assert report.not_ready is not None and "in progress" in report.not_ready
     status, payload = await put(client, 2, 0, 1)
     assert status == 409 and "uninstalled" in payload["error"], payload
 
@@ -192,8 +193,8 @@ async def test_a_failed_uninstall_is_500_and_a_repeat_finishes_it(
 
     assert status == 500, payload
     assert "Device or resource busy" in ErrorReply.model_validate(payload).error
-    ready = await client.get("/readyz")
-    assert "failed" in ErrorReply.model_validate(await ready.json()).error
+    status_reply = StatusReply.model_validate(await (await client.get("/v1/status")).json())
+    assert status_reply.not_ready is not None and "failed" in status_reply.not_ready
     assert (await put(client, 1, 0))[0] == 409  # still taking no sets
 
     monkeypatch.setattr(datapath, "unload", real_unload)
@@ -204,7 +205,7 @@ async def test_a_failed_uninstall_is_500_and_a_repeat_finishes_it(
 
 
 async def test_put_replies_carry_the_boot_id(client: Client, reconciler: Reconciler) -> None:
-    health = HealthReply.model_validate(await (await client.get("/healthz")).json())
+    health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
 
     applied = [await put(client, 1, 0), await put(client, 1, 0)]  # an apply, then a no-op
 
@@ -224,9 +225,6 @@ def test_the_process_serves_on_after_an_uninstall_and_stops_cleanly(
     pod_cgroups: PodCgroups, tmp_path: Path, flags: list[str], reason: str
 ) -> None:
     """What the DaemonSet's deletion does right after the operator's uninstall."""
-    token_file = tmp_path / "token"
-    token_file.write_text(LIFECYCLE_TOKEN + "\n")
-    token_file.chmod(0o600)
     instance = f"uninstall-api-{tmp_path.name}"
     port = free_port()
     argv = [
@@ -235,7 +233,7 @@ def test_the_process_serves_on_after_an_uninstall_and_stops_cleanly(
         f"--attach-cgroup={pod_cgroups.cgroup.path}",
         f"--pin-root={PIN_ROOT}",
         f"--instance={instance}",
-        f"--token-file={token_file}",
+        *tls_args(tmp_path / "tls"),
         "--listen-address=127.0.0.1",
         f"--port={port}",
         "--node-name=test",
@@ -250,7 +248,7 @@ def test_the_process_serves_on_after_an_uninstall_and_stops_cleanly(
         cleanup.callback(agent.stop)
         wait_for(lambda: agent.status_of("/healthz") == 200, timeout=30, what="the API")
         status, body = agent.request("PUT", "/v1/pods", {"generation": 1, "pods": []})
-        assert status == 200 and body["boot_id"] == agent.get("/healthz")["boot_id"], body
+        assert status == 200 and body["boot_id"] == agent.get("/v1/health")["boot_id"], body
 
         status, body = agent.request("POST", "/v1/uninstall")
 

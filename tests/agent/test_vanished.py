@@ -28,7 +28,6 @@ from meshaccel.agent.identity import CgroupDriver, CgroupResolver, QosClass, kub
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import ApplyFailedError, Reconciler, accelerated_pod
 from tests.agent.conftest import (
-    AUTH,
     FakeResolver,
     MakeClient,
     expected_pods,
@@ -420,12 +419,12 @@ async def test_the_background_task_removes_pods_whose_cgroup_is_gone(
     response = await client.put(
         "/v1/pods",
         data=pod_set(1, *specs).model_dump_json(),
-        headers={**AUTH, "Content-Type": "application/json"},
+        headers={"Content-Type": "application/json"},
     )
     assert response.status == 200, await response.text()
 
     async def listed() -> PodsReply:
-        return PodsReply.model_validate(await (await client.get("/v1/pods", headers=AUTH)).json())
+        return PodsReply.model_validate(await (await client.get("/v1/pods")).json())
 
     async def unresolved() -> PodsReply | None:
         reply = await listed()
@@ -439,7 +438,7 @@ async def test_the_background_task_removes_pods_whose_cgroup_is_gone(
     assert [u.uid for u in reply.unresolved] == [uid(1)]
     assert cgroups.layout.gone(cgroups.root, 1, ids[1]) in reply.unresolved[0].reason
     assert datapath.pods() == programmed([(specs[0], ids[0])])
-    status = StatusReply.model_validate(await (await client.get("/v1/status", headers=AUTH)).json())
+    status = StatusReply.model_validate(await (await client.get("/v1/status")).json())
     assert status.pods_vanished == 1 and status.pods_accelerated == 1
     metrics = {
         sample.name: sample.value

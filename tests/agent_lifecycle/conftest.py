@@ -18,10 +18,10 @@ import pytest
 
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
-    TOKEN,
     AgentProcess,
     agent_argv,
     free_port,
+    tls_args,
     unload_instance,
     write_yaml,
 )
@@ -65,7 +65,7 @@ class StandaloneAgents:
     workdir: Path
     instance: str
     pods_file: Path
-    token_file: Path
+    tls: list[str]  # the agent's TLS flags (files under workdir)
     port: int
     stack: ExitStack
     started: list[AgentProcess] = field(default_factory=list)
@@ -86,7 +86,7 @@ class StandaloneAgents:
             f"--attach-cgroup={self.node.cgroup.path}",
             f"--pin-root={PIN_ROOT}",
             f"--instance={self.instance}",
-            f"--token-file={self.token_file}",
+            *self.tls,
             "--listen-address=127.0.0.1",
             f"--port={self.port}",
             "--node-name=netlab",
@@ -108,9 +108,6 @@ class StandaloneAgents:
 @pytest.fixture
 def standalone(mesh: Node, tmp_path: Path) -> Iterator[StandaloneAgents]:
     instance = f"{mesh.token}-{next(_instances)}"
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
     with ExitStack() as stack:
         # LIFO: agents are stopped (registered later) before the datapath is unloaded.
         stack.callback(unload_instance, instance)
@@ -119,7 +116,7 @@ def standalone(mesh: Node, tmp_path: Path) -> Iterator[StandaloneAgents]:
             workdir=tmp_path,
             instance=instance,
             pods_file=tmp_path / "pods.yaml",
-            token_file=token_file,
+            tls=tls_args(tmp_path / "tls"),
             port=free_port(),
             stack=stack,
         )

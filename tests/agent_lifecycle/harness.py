@@ -1,4 +1,9 @@
-"""The agent as a real process: start it, talk to its API, stop it by PID, read its logs."""
+"""The agent as a real process: start it, talk to its API, stop it by PID, read its logs.
+
+Its API is mutual TLS with the test PKI's files (:func:`tls_args`), as the agents' Secret gives
+them; requests present the operator's certificate unless told otherwise (``context=``). The
+client checks the agent's chain, not its name: urllib sends the address it connects to.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,12 +31,14 @@ from meshaccel.agent.datapath import Datapath, PinLayout, unload_pins
 from meshaccel.operator.models import DEFAULT_AGENT_PORT
 from meshaccel.operator.rendering import BPFFS_PATH, CGROUP_PATH, agent_capabilities
 from tests.images.runtime import ImageRoot
+from tests.pki import make_pki
 
 # The console script the package installs, next to this interpreter; `python -m` as a fallback.
 CONSOLE_SCRIPT = Path(sys.executable).with_name("meshaccel-agent")
 MODULE_ARGV = [sys.executable, "-m", "meshaccel.agent.main"]
 PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")
-TOKEN = "lifecycle-test-token-0123456789abcdef"
+PKI = make_pki()
+OPERATOR = PKI.client_context(check_hostname=False)
 
 
 #: Set by scripts/images.sh: the agents of these tests then run from that built image, as the
@@ -66,6 +74,16 @@ def _image_root() -> ImageRoot:
     return root
 
 
+def tls_args(directory: Path) -> list[str]:
+    """The agent's TLS flags, for files written in ``directory`` as kubelet mounts a Secret."""
+    files = PKI.write_agent_files(directory)
+    return [
+        f"--tls-cert-file={files.cert}",
+        f"--tls-key-file={files.key}",
+        f"--tls-client-ca-file={files.client_ca}",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -95,12 +113,12 @@ class AgentProcess:
         workdir: Path,
         name: str,
         port: int | None = None,
-        token: str | None = TOKEN,
+        tls: bool = True,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.port = port
-        self.token = token
+        self.tls = tls
         self.stdout_path = workdir / f"{name}.stdout"
         self.stderr_path = workdir / f"{name}.stderr"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESHACCEL_")}
@@ -174,23 +192,23 @@ class AgentProcess:
         path: str,
         body: Any = None,
         *,
-        token: str | EllipsisType | None = ...,
+        context: ssl.SSLContext | EllipsisType = ...,
         timeout: float = 5.0,
     ) -> tuple[int, Any]:
-        """(status, parsed JSON or text) of one API call; ``token=None`` sends none."""
+        """(status, parsed JSON or text) of one API call, with the operator's certificate or
+        ``context`` (``PKI.anonymous_context()``: none)."""
         if self.port is None:
             raise RuntimeError("this agent serves no API")
-        use_token = self.token if isinstance(token, EllipsisType) else token
+        scheme = "https" if self.tls else "http"
+        use = None if not self.tls else OPERATOR if isinstance(context, EllipsisType) else context
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+            f"{scheme}://127.0.0.1:{self.port}{path}", data=data, method=method
         )
-        if use_token:
-            request.add_header("Authorization", f"Bearer {use_token}")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=use) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as err:
             status, raw = err.code, err.read()

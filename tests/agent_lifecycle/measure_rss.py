@@ -21,10 +21,10 @@ from typing import Any
 
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
-    TOKEN,
     AgentProcess,
     agent_argv,
     free_port,
+    tls_args,
     unload_instance,
     wait_for,
     write_yaml,
@@ -53,8 +53,6 @@ def main() -> int:
     instance = f"rss-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix=f"meshaccel-{os.getpid()}-990-") as tmp, cgroup:
         workdir = Path(tmp)
-        token_file = workdir / "token"
-        token_file.write_text(TOKEN)
         pods = []
         for i in range(args.pods):
             directory = cgroup.child(f"kubepods/besteffort/pod-{i:05d}")
@@ -78,7 +76,7 @@ def main() -> int:
             f"--attach-cgroup={cgroup.path}",
             f"--pin-root={PIN_ROOT}",
             f"--instance={instance}",
-            f"--token-file={token_file}",
+            *tls_args(workdir / "tls"),
             "--listen-address=127.0.0.1",
             f"--port={port}",
             f"--max-pods={max(1024, args.pods)}",

@@ -1,7 +1,7 @@
 """The real agent process on the real kernel, against netlab pods with real Envoy sidecars.
 
 Every agent here runs standalone (pods from a YAML file), attached to the node's own test
-cgroup, pinned under /sys/fs/bpf/meshaccel-test-<pid>, serving on 127.0.0.1 with a token.
+cgroup, pinned under /sys/fs/bpf/meshaccel-test-<pid>, serving mutual TLS on 127.0.0.1.
 The load tests send a request every 20 ms from pod a to pod b:8080 (a new connection each,
 through both Envoys, 64 bytes echoed and compared) while the agent is killed, restarted or
 uninstalls, and require every single request to succeed.
@@ -20,8 +20,9 @@ import pytest
 
 from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath, PinLayout
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
-from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess, attached_programs, wait_for
+from tests.agent_lifecycle.harness import PIN_ROOT, PKI, AgentProcess, attached_programs, wait_for
 from tests.netlab import ECHO_PORT, Pod, PodProcess
+from tests.pki import make_pki
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -118,7 +119,8 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
     # No file yet: alive, not ready.
     wait_for(lambda: agent.status_of("/healthz") == 200, timeout=15, what="healthz")
     status, body = agent.request("GET", "/readyz")
-    assert status == 503 and "no pod set has been applied" in body["error"], body
+    assert status == 503 and body["error"] == "not ready", body  # open: no more than that
+    assert "no pod set has been applied" in agent.get("/v1/status")["not_ready"]
 
     standalone.write_pods([pod_entry(a), pod_entry(b)])
     agent.wait_ready(timeout=10)
@@ -139,9 +141,13 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
     assert moved["original_dst_answered"] >= 2, moved  # both Envoys asked
     assert moved["msg_redirected"] > 0, moved  # bytes went socket to socket
 
-    # The API wants the token.
-    assert agent.request("GET", "/v1/pods", token=None)[0] == 401
-    assert agent.request("GET", "/v1/pods", token="wrong-token-wrong-token")[0] == 401
+    # The API wants the operator's certificate; a certificate of another CA gets no answer.
+    assert agent.request("GET", "/v1/pods", context=PKI.anonymous_context())[0] == 403
+    someone = PKI.client_context(PKI.issue_client("urn:meshaccel:someone"), check_hostname=False)
+    assert agent.request("GET", "/v1/pods", context=someone)[0] == 403
+    stranger = make_pki()
+    with pytest.raises(OSError):
+        agent.request("GET", "/v1/pods", context=stranger.client_context(check_hostname=False))
 
     # b leaves the file: it leaves the maps.
     standalone.write_pods([pod_entry(a)])
@@ -176,18 +182,18 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
 
 def test_insecure_loopback_demo_serves_without_token(standalone: StandaloneAgents) -> None:
     standalone.write_pods([])
-    argv = [arg for arg in standalone.argv() if not arg.startswith("--token-file")]
+    argv = [arg for arg in standalone.argv() if not arg.startswith("--tls-")]
     agent = AgentProcess(
         [*argv, "--insecure-no-token"],
         workdir=standalone.workdir,
         name="insecure",
         port=standalone.port,
-        token=None,
+        tls=False,
     )
     standalone.stack.callback(agent.stop)
     agent.wait_ready()
-    assert agent.request("GET", "/v1/status", token=None)[0] == 200
-    assert any(r.get("auth") == "none (loopback only)" for r in agent.logs())
+    assert agent.request("GET", "/v1/status")[0] == 200
+    assert any(r.get("auth") == "none, plain HTTP (loopback only)" for r in agent.logs())
     assert agent.stop() == 0
 
 

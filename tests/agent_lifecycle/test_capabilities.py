@@ -36,12 +36,13 @@ from meshaccel.operator.config import AgentImage
 from meshaccel.operator.models import DEFAULT_AGENT_PORT, MeshAccelerationSpec
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,
-    TOKEN,
+    PKI,
     AgentProcess,
     agent_argv,
     attached_programs,
     free_port,
     setpriv,
+    tls_args,
     unload_instance,
     wait_for,
     write_yaml,
@@ -86,7 +87,7 @@ def rendered_capabilities(
         "uid-caps",
         spec(port, sk_msg_redirect),
         namespace="meshaccel-system",
-        token=TOKEN,
+        tls=PKI.agent_tls(),
         image=AgentImage(),
     )
     (daemon_set,) = [o for o in objects if o["kind"] == "DaemonSet"]
@@ -106,13 +107,14 @@ def effective_capabilities(pid: int) -> int:
 
 @dataclass
 class CapsLab:
-    """A test cgroup with one pod cgroup, a pods file, the rendered config and a token."""
+    """A test cgroup with one pod cgroup, a pods file, the rendered config and TLS files."""
 
     cgroup: TestCgroup
     pod_cgroup: Path
     workdir: Path
     instance: str
     stack: ExitStack
+    tls: list[str]  # the agent's TLS flags (files in workdir)
 
     @property
     def pins(self) -> PinLayout:
@@ -124,7 +126,7 @@ class CapsLab:
             "uid-caps",
             spec(port, sk_msg_redirect),
             namespace="meshaccel-system",
-            token=TOKEN,
+            tls=PKI.agent_tls(),
             image=AgentImage(),
         )
         (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
@@ -143,7 +145,7 @@ class CapsLab:
             f"--attach-cgroup={self.cgroup.path}",
             f"--pin-root={PIN_ROOT}",
             f"--instance={self.instance}",
-            f"--token-file={self.workdir / 'token'}",
+            *self.tls,  # over the rendered paths (a Secret volume there)
             "--listen-address=127.0.0.1",
             f"--port={port}",
             "--node-name=caps",
@@ -189,8 +191,7 @@ def lab(tmp_path: Path) -> Iterator[CapsLab]:
     require_tool("bpftool")
     mount = find_cgroup2_mount()
     instance = f"caps-{os.getpid()}-{next(_numbers)}"
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "token").chmod(0o600)
+    tls = tls_args(tmp_path / "tls")
     with TestCgroup(f"{TEST_CGROUP_PREFIX}{os.getpid()}-caps-{next(_numbers)}") as cgroup:
         pod = cgroup.child("pod-a")
         write_yaml(
@@ -210,7 +211,7 @@ def lab(tmp_path: Path) -> Iterator[CapsLab]:
         with ExitStack() as stack:
             # LIFO: agents (registered later) are stopped before the datapath is unloaded.
             stack.callback(unload_instance, instance)
-            yield CapsLab(cgroup, pod, tmp_path, instance, stack)
+            yield CapsLab(cgroup, pod, tmp_path, instance, stack, tls)
 
 
 def wait_exit(agent: AgentProcess, timeout: float = 30.0) -> int:

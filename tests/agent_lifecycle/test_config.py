@@ -23,12 +23,20 @@ from meshaccel.agent.config import (
     env_name,
     flag_name,
     load_settings,
-    read_token,
+    read_tls,
 )
 from meshaccel.agent.layout import DatapathFeatures
-from tests.agent_lifecycle.harness import MODULE_ARGV, PIN_ROOT, TOKEN, agent_argv
+from meshaccel.agent.tls import bundle_fingerprint
+from meshaccel.operator.credentials import AgentTLS
+from tests.agent_lifecycle.harness import MODULE_ARGV, PIN_ROOT, PKI, agent_argv
+from tests.pki import make_pki, write_secret_volume
 
-TOKEN_ARGS = ["--token-file", "/run/secrets/token"]
+TLS_CONFIG = {
+    "tls_cert_file": "/run/tls/tls.crt",
+    "tls_key_file": "/run/tls/tls.key",
+    "tls_client_ca_file": "/run/tls/ca.crt",
+}
+TLS_ARGS = [f"--{name.replace('_', '-')}={path}" for name, path in TLS_CONFIG.items()]
 
 
 def write_config(tmp_path: Path, document: dict[str, object]) -> Path:
@@ -61,7 +69,7 @@ def run_agent(
 
 
 def test_defaults() -> None:
-    loaded = load_settings(TOKEN_ARGS, environ={})
+    loaded = load_settings(TLS_ARGS, environ={})
     s = loaded.settings
     assert loaded.command == "run"
     assert (s.listen_address, s.port, s.mode, s.cgroup_driver) == (
@@ -77,7 +85,11 @@ def test_defaults() -> None:
     ), "sk_msg redirection is on by default"
     assert s.sk_msg_redirect_budget == 1 << 20
     assert not s.uninstall_on_exit and s.drain_seconds == 2.0
-    assert loaded.sources == {"token_file": "--token-file"}
+    assert loaded.sources == {
+        "tls_cert_file": "--tls-cert-file",
+        "tls_key_file": "--tls-key-file",
+        "tls_client_ca_file": "--tls-client-ca-file",
+    }
 
 
 def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
@@ -88,7 +100,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
             "max_pods": 11,
             "log_format": "text",
             "drain_seconds": 7,
-            "token_file": "/f",
+            **TLS_CONFIG,
         },
     )
     environ = {
@@ -112,9 +124,9 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_config_flag_beats_config_env(tmp_path: Path) -> None:
-    one = write_config(tmp_path, {"port": 1, "token_file": "/f"})
+    one = write_config(tmp_path, {"port": 1, **TLS_CONFIG})
     two = tmp_path / "two.yaml"
-    two.write_text("port: 2\ntoken_file: /f\n")
+    two.write_text(yaml.safe_dump({"port": 2, **TLS_CONFIG}))
     loaded = load_settings(["--config", str(two)], environ={"MESHACCEL_CONFIG": str(one)})
     assert loaded.settings.port == 2
 
@@ -123,7 +135,7 @@ def test_config_flag_beats_config_env(tmp_path: Path) -> None:
 SAMPLES = {
     "listen_address": "127.0.0.1",
     "port": "1",
-    "token_file": "/run/token",
+    **TLS_CONFIG,
     "insecure_no_token": "false",
     "attach_cgroup": "/sys/fs/cgroup/x",
     "pin_root": "/sys/fs/bpf/x",
@@ -173,7 +185,7 @@ def test_every_setting_has_an_env_variable_and_a_flag() -> None:
 
 def test_empty_env_is_unset_and_unknown_env_is_reported() -> None:
     loaded = load_settings(
-        TOKEN_ARGS, environ={"MESHACCEL_PORT": "", "MESHACCEL_PROT": "1", "MESHACCEL_CONFIG": ""}
+        TLS_ARGS, environ={"MESHACCEL_PORT": "", "MESHACCEL_PROT": "1", "MESHACCEL_CONFIG": ""}
     )
     assert loaded.settings.port == DEFAULT_PORT
     assert loaded.ignored_env == ("MESHACCEL_PROT",)
@@ -182,7 +194,7 @@ def test_empty_env_is_unset_and_unknown_env_is_reported() -> None:
 def test_show_config_through_the_console_script(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"port": 1001, "max_pods": 11, "instance": "from-file"})
     result = run_agent(
-        ["show-config", "--port", "1003", "--token-file", "/run/token"],
+        ["show-config", "--port", "1003", *TLS_ARGS],
         {"MESHACCEL_CONFIG": str(config), "MESHACCEL_MAX_PODS": "12"},
     )
     assert result.returncode == 0, result.stderr
@@ -215,7 +227,7 @@ BUDGET_CASES = [
 
 @pytest.mark.parametrize("case", BUDGET_CASES, ids=[c.value for c in BUDGET_CASES])
 def test_sk_msg_redirect_budget_bounds(case: BudgetCase) -> None:
-    argv = [*TOKEN_ARGS, f"--sk-msg-redirect-budget={case.value}"]
+    argv = [*TLS_ARGS, f"--sk-msg-redirect-budget={case.value}"]
     if case.accepted is not None:
         assert load_settings(argv, environ={}).settings.sk_msg_redirect_budget == case.accepted
         return
@@ -230,12 +242,12 @@ def test_sk_msg_redirect_budget_bounds(case: BudgetCase) -> None:
 def test_the_retired_sk_msg_to_apps_is_refused(tmp_path: Path) -> None:
     """Delivery into apps is per pod now: the old switch is refused from the file and the
     command line, and, like any unknown variable, reported (logged) from the environment."""
-    config = write_config(tmp_path, {"sk_msg_to_apps": True, "token_file": "/f"})
+    config = write_config(tmp_path, {"sk_msg_to_apps": True, **TLS_CONFIG})
     with pytest.raises(SettingsError, match=r"sk_msg_to_apps=true \(from config file .*\): not a"):
         load_settings(["--config", str(config)], environ={})
     with pytest.raises(SettingsError, match="unrecognized arguments: --sk-msg-to-apps"):
-        load_settings([*TOKEN_ARGS, "--sk-msg-to-apps"], environ={})
-    assert load_settings(TOKEN_ARGS, {"MESHACCEL_SK_MSG_TO_APPS": "true"}).ignored_env == (
+        load_settings([*TLS_ARGS, "--sk-msg-to-apps"], environ={})
+    assert load_settings(TLS_ARGS, {"MESHACCEL_SK_MSG_TO_APPS": "true"}).ignored_env == (
         "MESHACCEL_SK_MSG_TO_APPS",
     )
 
@@ -253,20 +265,30 @@ class Refusal:
 
 
 def refusals(tmp_path: Path) -> list[Refusal]:
-    bad_file = write_config(tmp_path, {"port": 70000, "token_file": "/f"})
+    bad_file = write_config(tmp_path, {"port": 70000, **TLS_CONFIG})
     unknown_key = tmp_path / "unknown.yaml"
     unknown_key.write_text("prot: 9000\n")
-    short_token = tmp_path / "short"
-    short_token.write_text("abc\n")
+    good = PKI.write_agent_files(tmp_path / "good")
+    other = make_pki()
+    mismatched = write_secret_volume(
+        tmp_path / "mismatched", AgentTLS(PKI.server.cert_pem, other.server.key_pem, PKI.ca.pem)
+    )
+    no_ca = write_secret_volume(
+        tmp_path / "no-ca", AgentTLS(PKI.server.cert_pem, PKI.server.key_pem, "no CA here\n")
+    )
+
+    def tls(cert: Path, key: Path, ca: Path) -> list[str]:
+        return [f"--tls-cert-file={cert}", f"--tls-key-file={key}", f"--tls-client-ca-file={ca}"]
+
     return [
         Refusal(
-            ["--port", "70000", *TOKEN_ARGS],
+            ["--port", "70000", *TLS_ARGS],
             {},
             "invalid setting port=70000 (from --port): must be <= 65535",
             "a flag out of range",
         ),
         Refusal(
-            TOKEN_ARGS,
+            TLS_ARGS,
             {"MESHACCEL_PORT": "70000"},
             "invalid setting port=70000 (from env MESHACCEL_PORT): must be <= 65535",
             "the same from the environment names the variable",
@@ -279,19 +301,19 @@ def refusals(tmp_path: Path) -> list[Refusal]:
             "the same from the file names the file",
         ),
         Refusal(
-            ["--config", str(unknown_key), *TOKEN_ARGS],
+            ["--config", str(unknown_key), *TLS_ARGS],
             {},
             f"invalid setting prot=9000 (from config file {unknown_key}): not a known setting",
             "a misspelt key is refused, not ignored",
         ),
         Refusal(
-            ["--mode", "swarm", *TOKEN_ARGS],
+            ["--mode", "swarm", *TLS_ARGS],
             {},
             "invalid setting mode=swarm (from --mode): must be one of 'kubernetes' or 'standalone'",
             "an enum",
         ),
         Refusal(
-            ["--drain-seconds", "soon", *TOKEN_ARGS],
+            ["--drain-seconds", "soon", *TLS_ARGS],
             {},
             "invalid setting drain_seconds=soon (from --drain-seconds): must be a number",
             "not a number",
@@ -299,10 +321,24 @@ def refusals(tmp_path: Path) -> list[Refusal]:
         Refusal(
             [],
             {},
-            "invalid setting token_file=null (from default): the API needs a bearer token: give "
-            "--token-file (the operator's Secret), or --insecure-no-token with --listen-address "
-            "127.0.0.1 for a local demo",
-            "no token and not told to run without one",
+            "invalid setting tls_cert_file=null (from default): the API needs TLS: give "
+            "--tls-cert-file, --tls-key-file and --tls-client-ca-file (the operator's Secret), "
+            "or --insecure-no-token with --listen-address 127.0.0.1 for a local demo",
+            "no TLS and not told to run without",
+        ),
+        Refusal(
+            ["--tls-cert-file=/run/tls/tls.crt"],
+            {},
+            "invalid setting tls_key_file=null (from default): tls_cert_file is set: TLS needs "
+            "the certificate, its key and the CA bundle",
+            "half the TLS settings",
+        ),
+        Refusal(
+            ["--insecure-no-token", "--listen-address=127.0.0.1", *TLS_ARGS],
+            {},
+            "invalid setting insecure_no_token=true (from --insecure-no-token): tls_cert_file "
+            "is set too: choose TLS or no authentication",
+            "TLS and no authentication at once",
         ),
         Refusal(
             ["--insecure-no-token"],
@@ -321,29 +357,39 @@ def refusals(tmp_path: Path) -> list[Refusal]:
             "no token on any other address either",
         ),
         Refusal(
-            ["--token-file", str(tmp_path / "missing")],
+            tls(good.cert, tmp_path / "missing", good.client_ca),
             {},
-            f"invalid setting token_file={tmp_path / 'missing'} (from --token-file): cannot "
+            f"invalid setting tls_key_file={tmp_path / 'missing'} (from --tls-key-file): cannot "
             "read it: No such file or directory",
-            "a token file that is not there",
+            "a key file that is not there",
+        ),
+        Refusal(
+            tls(mismatched.cert, mismatched.key, mismatched.client_ca),
+            {},
+            f"invalid setting tls_cert_file={mismatched.cert} (from --tls-cert-file): "
+            "certificate and key: KEY_VALUES_MISMATCH",
+            "a key that is not the certificate's",
         ),
         Refusal(
             [],
-            {"MESHACCEL_TOKEN_FILE": str(short_token)},
-            f"invalid setting token_file={short_token} (from env MESHACCEL_TOKEN_FILE): the "
-            "token is 3 characters long, at least 16 are needed (for example: head -c 32 "
-            "/dev/urandom | base64)",
-            "a token too short to be a secret",
+            {
+                "MESHACCEL_TLS_CERT_FILE": str(no_ca.cert),
+                "MESHACCEL_TLS_KEY_FILE": str(no_ca.key),
+                "MESHACCEL_TLS_CLIENT_CA_FILE": str(no_ca.client_ca),
+            },
+            f"invalid setting tls_client_ca_file={no_ca.client_ca} (from env "
+            "MESHACCEL_TLS_CLIENT_CA_FILE): the client CA bundle: no PEM certificate in it",
+            "a CA bundle without a certificate",
         ),
         Refusal(
-            ["--mode", "standalone", *TOKEN_ARGS],
+            ["--mode", "standalone", *TLS_ARGS],
             {},
             "invalid setting pods_file=null (from default): standalone mode reads its pod set "
             "from this file: give --pods-file",
             "standalone without its file",
         ),
         Refusal(
-            ["--bogus", *TOKEN_ARGS],
+            ["--bogus", *TLS_ARGS],
             {},
             "invalid command line: unrecognized arguments: --bogus (see meshaccel-agent --help)",
             "an unknown flag is one line and exit 2 too",
@@ -362,19 +408,25 @@ def test_invalid_settings_stop_start_up_with_one_line(tmp_path: Path) -> None:
 def test_loopback_without_token_is_accepted() -> None:
     for address in ("127.0.0.1", "::1"):
         loaded = load_settings(["--insecure-no-token", "--listen-address", address], environ={})
-        assert read_token(loaded).token is None
+        assert read_tls(loaded) is None
         assert loaded.settings.api_is_loopback
 
 
-def test_token_is_read_stripped(tmp_path: Path) -> None:
-    path = tmp_path / "token"
-    path.write_text(f"  {TOKEN}\n")
-    loaded = read_token(load_settings(["--token-file", str(path)], environ={}))
-    assert loaded.token == TOKEN
-    assert TOKEN not in repr(loaded) and TOKEN not in json.dumps(loaded.describe())
+def test_tls_is_read_and_only_paths_are_shown(tmp_path: Path) -> None:
+    files = PKI.write_agent_files(tmp_path / "tls")
+    argv = [
+        f"--tls-cert-file={files.cert}",
+        f"--tls-key-file={files.key}",
+        f"--tls-client-ca-file={files.client_ca}",
+    ]
+    loaded = load_settings(argv, environ={})
+    tls = read_tls(loaded)
+    assert tls is not None and tls.trust_bundle == bundle_fingerprint(PKI.ca.pem)
+    shown = json.dumps(loaded.describe())
+    assert str(files.key) in shown and "PRIVATE KEY" not in shown
 
 
-def test_uninstall_needs_no_token() -> None:
+def test_uninstall_needs_no_tls() -> None:
     loaded = load_settings(["uninstall"], environ={})
     assert loaded.command == "uninstall"
     with pytest.raises(SettingsError):

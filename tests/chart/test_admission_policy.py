@@ -37,6 +37,7 @@ from meshaccel.operator import rendering
 from meshaccel.operator.config import AgentImage, operator_config, parse_args
 from meshaccel.operator.models import DEFAULT_AGENT_PORT, MeshAccelerationSpec
 from tests.chart.helm import NAMESPACE, find, template
+from tests.pki import make_pki
 from tests.requirements import require
 
 try:
@@ -136,13 +137,16 @@ def _operator_image(docs: list[Doc]) -> AgentImage:
     return operator_config(parse_args(container["args"], environ=environ)).agent_image
 
 
+TLS = make_pki().agent_tls()
+
+
 def rendered_daemonset(image: AgentImage, name: str = "demo", **spec: Any) -> Doc:
     objects = rendering.agent_objects(
         name,
         "6f1b7a4e-2d4c-4f55-9a0e-6c1d0b1f2a3c",
         MeshAccelerationSpec.model_validate({"namespaceSelector": {}, **spec}),
         namespace=NAMESPACE,
-        token="admission-policy-test-token",
+        tls=TLS,
         image=image,
     )
     (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]

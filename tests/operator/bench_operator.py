@@ -13,9 +13,10 @@ repository's CRDs loaded), a kubeconfig file pointing at it, and a
    ``meshaccel.io/accelerate: enabled``, the nodes, and ``--pods`` meshed pods (an
    ``istio-proxy`` container, Running with a unique IP in 10.0.0.0/8), spread evenly over the
    nodes; concurrent requests through the API.
-2. Start the operator, create a MeshAcceleration, wait for its DaemonSet, give its Secret's
-   token to every fake agent, and play the DaemonSet controller (as ``Cluster.schedule_agents``
-   in ``test_operator.py``): an agent pod per node, Running with the node's fake agent address.
+2. Start the operator, create a MeshAcceleration, wait for its DaemonSet, give its Secret
+   (TLS certificate, key, CA bundle) to every fake agent, and play the DaemonSet controller (as
+   ``Cluster.schedule_agents`` in ``test_operator.py``): an agent pod per node, Running with the
+   node's fake agent address.
    Initial convergence: until every agent has accepted a set with exactly its node's pods.
 3. Steady state, per ``--concurrency`` level: ``--warmup`` discarded changes then ``--changes``
    measured ones, at most ``concurrency`` in flight. Each change is one pod change through the
@@ -67,7 +68,7 @@ from tests.operator.conftest import (
     REPO,
     TOKEN,
     KubeClient,
-    agent_token,
+    agent_tls,
     api_path,
     report_rollout,
     run_agent_pod,
@@ -338,7 +339,7 @@ async def fleet_on_one_port(count: int) -> AsyncIterator[FakeAgentFleet]:
         with socket.socket() as probe:
             probe.bind((str(FLEET_NETWORK), 0))
             port = int(probe.getsockname()[1])
-        fleet = FakeAgentFleet(count, token="unknown-yet", port=port, max_pods=4096)
+        fleet = FakeAgentFleet(count, tls=None, port=port, max_pods=4096)
         try:
             await fleet.start()
         except OSError:  # taken on some other address: another port
@@ -437,9 +438,7 @@ class Bench:
                 raise TimeoutError(f"no DaemonSet {ds_name} within {timeout} s")
             await asyncio.sleep(0.05)
         seen = time.monotonic()
-        token = await agent_token(self.kube, NAMESPACE, "default")
-        for agent in self.fleet:
-            agent.set_token(token)
+        await self.fleet.use_tls(await agent_tls(self.kube, NAMESPACE, "default"))
         await self._limited(
             [run_agent_pod(self.kube, daemonset, agent.name, agent.host) for agent in self.fleet]
         )

@@ -25,6 +25,7 @@ import kmock
 import pytest
 import yaml
 
+from meshaccel.operator.credentials import AgentTLS
 from tests.operator.emulator import ApiServerEmulator, JsonObj
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -313,12 +314,17 @@ async def kopf_running(
 # --- the DaemonSet controller and kubelet, played by the tests (the emulator runs neither) ---
 
 
-async def agent_token(kube: KubeClient, namespace: str, acceleration: str) -> str:
-    """The bearer token the operator made for ``acceleration``'s agents (its Secret)."""
-    from meshaccel.operator.rendering import secret_name
+async def agent_tls(kube: KubeClient, namespace: str, acceleration: str) -> AgentTLS:
+    """What kubelet would mount for ``acceleration``'s agents: their Secret, as the operator
+    wrote it (server certificate, key, the CA bundle the operator's certificate chains to)."""
+    from meshaccel.operator.credentials import TLS_CA, TLS_CERT, TLS_KEY
+    from meshaccel.operator.rendering import secret_name  # (imports the models: late)
 
     secret = await kube.get(api_path("v1", "secrets", namespace, secret_name(acceleration)))
-    return base64.b64decode(secret["data"]["token"]).decode()
+    cert, key, bundle = (
+        base64.b64decode(secret["data"][k]).decode() for k in (TLS_CERT, TLS_KEY, TLS_CA)
+    )
+    return AgentTLS(cert, key, bundle)
 
 
 async def run_agent_pod(kube: KubeClient, daemonset: JsonObj, node: str, ip: str) -> None:

@@ -1,18 +1,23 @@
 """Fake node agents for the operator's tests: real aiohttp servers speaking the agent's contract.
 
-A :class:`FakeAgent` validates bodies with the agent's own models
-(:mod:`meshaccel.agent.api_models`), applies the reconciler's epoch and generation rules (a
-lower epoch → 409 with ``applied_epoch`` only; a higher one is taken with any generation;
-within the epoch, a lower generation → 409 with ``applied_generation``; the same generation with
-the same set → no-op; with another set → 409), checks the bearer token, and answers ``PUT
-/v1/pods`` (ApplyResult with ``boot_id``), ``GET /v1/pods``, ``GET /healthz`` (``?applied=true``
-adds the applied set's epoch and generation), ``POST /v1/uninstall`` (then refusing sets with a
-409 that has no ``applied_generation``, as the agent does). ``epochs=False`` plays an agent
-that predates epochs: a set naming one is a 422 on the field ``epoch``, as its strict model
-answers. It programs nothing: it records every
-accepted set in :attr:`FakeAgent.accepted`, and every request in :attr:`FakeAgent.requests`.
+A :class:`FakeAgent` serves TLS with the agents' Secret (:class:`AgentTLS`: server certificate,
+key, and the CA bundle client certificates must chain to, with the agent's own TLS profile,
+:mod:`meshaccel.agent.tls`), lets only the operator's identity past the open paths (403, as the
+agent), validates bodies with the agent's own models (:mod:`meshaccel.agent.api_models`),
+applies the reconciler's epoch and generation rules (a lower epoch → 409 with
+``applied_epoch`` only; a higher one is taken with any generation; within the epoch, a lower
+generation → 409 with ``applied_generation``; the same generation with the same set → no-op;
+with another set → 409), and answers ``PUT /v1/pods`` (ApplyResult with ``boot_id``), ``GET
+/v1/pods``, ``GET /v1/health`` (the applied set's epoch and generation, the CA bundle's
+fingerprint), ``GET /healthz``, ``POST /v1/uninstall`` (then refusing sets with a 409 that has
+no ``applied_generation``, as the agent does). ``tls=None`` plays a plain-HTTP server (what an
+agent before TLS was). ``epochs=False`` plays an agent that predates epochs: a set naming one
+is a 422 on the field ``epoch``, as its strict model answers. It programs nothing: it records
+every accepted set in :attr:`FakeAgent.accepted`, and every request in
+:attr:`FakeAgent.requests`.
 
-Controls: :meth:`~FakeAgent.fail_next` (N requests to a path answer a status),
+Controls: :meth:`~FakeAgent.use_tls` (the Secret kubelet would mount now),
+:meth:`~FakeAgent.fail_next` (N requests to a path answer a status),
 :meth:`~FakeAgent.stop_listening` / :meth:`~FakeAgent.start_listening` (connections refused;
 open keep-alive connections are cut too), :meth:`~FakeAgent.restart` (a fresh process: new boot
 id, no generation, no pods), :attr:`~FakeAgent.delay` (seconds before each reply),
@@ -28,9 +33,8 @@ handlers tell the agents apart by the connection's local address. Use it for hun
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import socket
+import ssl
 import time
 import uuid
 from collections import Counter
@@ -40,7 +44,7 @@ from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Self
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from meshaccel.agent.api_models import (
@@ -51,8 +55,11 @@ from meshaccel.agent.api_models import (
     PodSet,
     PodSpec,
     PodsReply,
+    ProbeReply,
     UninstallReply,
 )
+from meshaccel.agent.tls import bundle_fingerprint, is_operator, server_context_pem
+from meshaccel.operator.credentials import AgentTLS
 
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
 FLEET_NETWORK = IPv4Address("127.1.0.1")  # the fleet's first agent address
@@ -70,12 +77,14 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Request:
-    """A request the fake agent answered: its status, and when (time.monotonic())."""
+    """A request the fake agent answered: its status, when (time.monotonic()), and the serial
+    number of the client certificate it came with (None: none, or plain HTTP)."""
 
     method: str
     path: str
     status: int
     at: float
+    client: str | None = None
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -101,17 +110,13 @@ def _error(
     return _json(reply, status)
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
 class FakeAgent:
     """One fake agent: its state, its controls, and (alone or in a fleet) its listening socket."""
 
     def __init__(
         self,
         *,
-        token: str,
+        tls: AgentTLS | None,
         host: str = "127.0.0.1",
         port: int = 0,
         name: str = "node",
@@ -127,7 +132,9 @@ class FakeAgent:
         self.max_pods = max_pods
         self.standalone = standalone
         self.delay = 0.0
-        self._token_digest = _digest(token)
+        self._context: ssl.SSLContext | None = None
+        self.trust_bundle: str | None = None
+        self._take_tls(tls)
         self._server = server
         self._own_server = server is None
         self._site: web.BaseSite | None = None
@@ -150,7 +157,7 @@ class FakeAgent:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._context else 'http'}://{self.host}:{self.port}"
 
     @property
     def listening(self) -> bool:
@@ -176,7 +183,7 @@ class FakeAgent:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
-        site = web.SockSite(self._server.runner, sock)
+        site = web.SockSite(self._server.runner, sock, ssl_context=self._context)
         await site.start()
         self._site = site
         self._server.agents[(self.host, self.port)] = self
@@ -216,9 +223,20 @@ class FakeAgent:
 
     # -- controls ----------------------------------------------------------------------------
 
-    def set_token(self, token: str) -> None:
-        """Take the token the operator made (read from its Secret), as a mounted file would."""
-        self._token_digest = _digest(token)
+    async def use_tls(self, tls: AgentTLS | None) -> None:
+        """Take the TLS material the operator made (its Secret), as the agent does when kubelet
+        updates the mounted files: new connections use it (open ones are cut here)."""
+        self._take_tls(tls)
+        if self._site is not None:
+            await self.stop_listening()
+            await self.start_listening()
+
+    def _take_tls(self, tls: AgentTLS | None) -> None:
+        if tls is None:
+            self._context = self.trust_bundle = None
+            return
+        self._context = server_context_pem(tls.cert_pem, tls.key_pem, tls.bundle_pem)
+        self.trust_bundle = bundle_fingerprint(tls.bundle_pem)
 
     def fail_next(self, count: int, status: int = 503, *, path: str = "/v1/pods") -> None:
         """The next ``count`` requests to ``path`` answer ``status`` (an ErrorReply)."""
@@ -253,21 +271,21 @@ class FakeAgent:
                 request.transport.close()
             return web.Response(status=503)  # never arrives: the connection is gone
         response = await self._answer(request, handler)
+        transport = request.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        serial = str(peercert["serialNumber"]) if peercert else None
         self.requests.append(
-            Request(request.method, request.path, response.status, time.monotonic())
+            Request(request.method, request.path, response.status, time.monotonic(), serial)
         )
         return response
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         public = request.path in ("/healthz", "/readyz")
-        if not public:
-            scheme, _, presented = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                _digest(presented.strip()), self._token_digest
-            ):
-                response = _error(401, "invalid token")
-                response.headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="meshaccel-agent"'
-                return response
+        if not public and self._context is not None:
+            transport = request.transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
+            if not is_operator(peercert):
+                return _error(403, "this client certificate does not name the operator")
         failures = self._failures.get(request.path)
         if failures:
             status = failures.pop(0)
@@ -359,13 +377,17 @@ class FakeAgent:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if not self.epochs or request.query.get("applied") not in ("true", "1"):
+        return _json(ProbeReply())
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.epochs:
             return _json(HealthReply(boot_id=self.boot_id))
         return _json(
             HealthReply(
                 boot_id=self.boot_id,
                 applied_generation=self.applied_generation,
                 applied_epoch=self.applied_epoch,
+                trust_bundle=self.trust_bundle,
             )
         )
 
@@ -406,6 +428,7 @@ class _Server:
                 web.put("/v1/pods", _route(FakeAgent.put_pods)),
                 web.get("/v1/pods", _route(FakeAgent.get_pods)),
                 web.get("/healthz", _route(FakeAgent.healthz)),
+                web.get("/v1/health", _route(FakeAgent.health)),
                 web.post("/v1/uninstall", _route(FakeAgent.post_uninstall)),
             ]
         )
@@ -427,13 +450,15 @@ class _Server:
 class FakeAgentFleet:
     """``count`` fake agents in one application, agent ``i`` on ``127.1.x.y`` (see module)."""
 
-    def __init__(self, count: int, *, token: str, max_pods: int = 1024, port: int = 0) -> None:
+    def __init__(
+        self, count: int, *, tls: AgentTLS | None, max_pods: int = 1024, port: int = 0
+    ) -> None:
         if not 0 < count <= 60000:
             raise ValueError(f"{count} agents do not fit the fleet's addresses")
         self._server = _Server()
         self.agents = [
             FakeAgent(
-                token=token,
+                tls=tls,
                 host=str(FLEET_NETWORK + i),
                 port=port,
                 name=f"node-{i:04d}",
@@ -447,6 +472,9 @@ class FakeAgentFleet:
     async def start(self) -> None:
         await self._server.setup()
         await asyncio.gather(*(agent.start_listening() for agent in self.agents))
+
+    async def use_tls(self, tls: AgentTLS | None) -> None:
+        await asyncio.gather(*(agent.use_tls(tls) for agent in self.agents))
 
     async def close(self) -> None:
         await asyncio.gather(*(agent.stop_listening() for agent in self.agents))

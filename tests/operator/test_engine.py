@@ -1,4 +1,5 @@
-"""The engine: re-selection on every kind of change, per-node sets, conflicts (no Kopf, no I/O)."""
+"""The engine: re-selection on every kind of change, per-node sets, conflicts per node and per
+pod, the complete picture before any judgement, budgets (no Kopf, no I/O)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import pytest
 
 from meshaccel.agent.api_models import PodSpec
-from meshaccel.operator.engine import Engine
+from meshaccel.operator.budget import Budget, usage
+from meshaccel.operator.engine import Engine, ListedAcceleration
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import PodWarning, Verdict
 from tests.operator.objects import OPERATOR_NAMESPACE, agent_pod, pod
@@ -46,7 +48,7 @@ def spec(**overrides: Any) -> MeshAccelerationSpec:
 
 @pytest.fixture
 def engine() -> Engine:
-    engine = Engine(OPERATOR_NAMESPACE)
+    engine = Engine(OPERATOR_NAMESPACE, settled=True)
     engine.namespace_changed("shop", ENABLED)
     engine.namespace_changed("other", {})
     engine.pod_changed(agent_pod("default", "node-1", "192.0.2.1", uid="agent-1"))
@@ -66,7 +68,7 @@ def test_pods_reach_their_own_nodes_agent(engine: Engine) -> None:
     engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
     _, sink = add(engine)
     assert sink.sets == {"node-1": ["shop/a"], "node-2": ["shop/b"]}
-    assert sink.endpoints == {"node-1": "http://192.0.2.1:9474", "node-2": "http://192.0.2.2:9474"}
+    assert sink.endpoints == {"node-1": "https://192.0.2.1:9474", "node-2": "https://192.0.2.2:9474"}
 
 
 def test_labelling_a_namespace_selects_its_pods_and_unlabelling_removes_them(engine) -> None:
@@ -139,7 +141,7 @@ def test_agent_restarting_with_a_new_ip_moves_the_endpoint(engine: Engine) -> No
     new = agent_pod("default", "node-1", "192.0.2.11", uid="agent-1b")
     engine.pod_changed(new)
     engine.pod_changed(old, deleted=True)
-    assert sink.endpoints["node-1"] == "http://192.0.2.11:9474"
+    assert sink.endpoints["node-1"] == "https://192.0.2.11:9474"
 
 
 def test_a_pod_merely_labelled_like_an_agent_gets_no_sets(engine: Engine) -> None:
@@ -246,47 +248,136 @@ def test_invalid_edit_keeps_the_last_good_spec_running(engine: Engine) -> None:
     assert not acceleration.problems and sink.sets["node-1"] == []
 
 
-def test_the_later_of_two_overlapping_resources_conflicts_and_takes_over_later(engine) -> None:
-    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
+def test_a_pod_both_claim_is_the_older_ones_and_the_younger_takes_over_later(engine) -> None:
+    """Pod-level: the younger resource leaves the pod the older one claims (even where the
+    older one has no agent) and keeps its other pods; it takes the pod once the older goes."""
+    engine.pod_changed(pod("web", "shop", node="node-1", ip="10.1.0.1", labels={"tier": "web"}))
+    engine.pod_changed(pod("db", "shop", node="node-1", ip="10.1.0.2", labels={"tier": "db"}))
     engine.pod_changed(agent_pod("second", "node-1", "192.0.2.1", uid="agent-second"))
-    first, _ = add(engine, "first", created="2026-01-01T00:00:00Z")
+    first, _ = add(engine, "first", podSelector={"matchLabels": {"tier": "web"}})
     second, second_sink = add(engine, "second", created="2026-01-02T00:00:00Z")
-    assert first.active and first.conflict is None
-    assert second.conflict is not None and "'first'" in second.conflict
-    assert second_sink.sets == {} and second_sink.endpoints == {}
+    assert second_sink.sets == {"node-1": ["shop/db"]}, "the rest of its pods are its own"
+    assert first.held_by() == {}
+    assert second.held_by() == {"first": ([], ["shop/web"])}
+    assert second.skipped_by_reason() == {Verdict.POD_CLAIMED: 1}
+
     engine.acceleration_removed("first")
-    assert second.active and second_sink.sets == {"node-1": ["shop/a"]}
+    assert second.held_by() == {} and second_sink.sets == {"node-1": ["shop/db", "shop/web"]}
 
 
-def test_disjoint_node_pools_do_not_conflict(engine: Engine) -> None:
-    engine.node_changed("node-1", {"pool": "a"})
-    engine.node_changed("node-2", {"zone": "z"})
+def test_relabelling_one_node_moves_that_node_only(engine: Engine) -> None:
+    """Issue 12, item 6: a node relabelled into an older resource's pool put the younger
+    resource in Conflict everywhere. Now the older one keeps that node, the younger one's
+    agent there gets an empty set, and its other nodes carry on; relabelled back, it returns."""
+    engine.node_changed("node-1", {"pool-a": "yes"})
+    engine.node_changed("node-2", {"pool-b": "yes"})
+    engine.node_changed("node-3", {"pool-b": "yes"})
+    for node, ip in (("node-2", "192.0.2.12"), ("node-3", "192.0.2.13")):
+        engine.pod_changed(agent_pod("second", node, ip, uid=f"second-{node}"))
+    engine.pod_changed(pod("b2", "shop", node="node-2", ip="10.1.0.2"))
+    engine.pod_changed(pod("b3", "shop", node="node-3", ip="10.1.0.3"))
     first, _ = add(
         engine,
         "first",
-        agent={"nodeSelector": {"pool": "a"}},
+        agent={"nodeSelector": {"pool-a": "yes"}},
         namespaceSelector={"matchLabels": {"team": "x"}},
     )
-    second, _ = add(
-        engine, "second", created="2026-02-01T00:00:00Z", agent={"nodeSelector": {"zone": "z"}}
+    second, sink = add(
+        engine, "second", created="2026-02-01T00:00:00Z", agent={"nodeSelector": {"pool-b": "yes"}}
     )
-    assert first.active and second.active
-    # A node relabelled into both pools makes the later resource conflict, naming the node.
-    engine.node_changed("node-2", {"pool": "a", "zone": "z"})
-    assert first.active
-    assert second.conflict is not None and "node-2" in second.conflict
+    assert sink.sets == {"node-2": ["shop/b2"], "node-3": ["shop/b3"]}
+
+    engine.node_changed("node-3", {"pool-a": "yes", "pool-b": "yes"})
+
+    assert second.active
+    assert sink.sets == {"node-2": ["shop/b2"], "node-3": []}, "only node-3 moved"
+    assert first.held_by() == {} and first.nodes_kept == 2
+    assert second.held_by() == {"first": (["node-3"], [])}
+    assert second.skipped_by_reason() == {Verdict.NODE_CLAIMED: 1}
+    assert second.nodes_kept == 1
+
+    engine.node_changed("node-3", {"pool-b": "yes"})
+    assert second.held_by() == {} and sink.sets["node-3"] == ["shop/b3"]
 
 
-def test_pod_claimed_by_two_resources_on_disjoint_nodes_conflicts(engine: Engine) -> None:
-    engine.node_changed("node-1", {"pool": "a"})
-    engine.node_changed("node-2", {"pool": "b"})
-    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1"))
-    first, _ = add(engine, "first", agent={"nodeSelector": {"pool": "a"}})
-    second, _ = add(
-        engine, "second", created="2026-02-01T00:00:00Z", agent={"nodeSelector": {"pool": "b"}}
+def test_the_older_resource_wins_by_creation_time_then_name(engine: Engine) -> None:
+    engine.pod_changed(agent_pod("b", "node-1", "192.0.2.21", uid="agent-b"))
+    engine.pod_changed(agent_pod("a", "node-1", "192.0.2.22", uid="agent-a"))
+    engine.pod_changed(pod("web", "shop", node="node-1", ip="10.1.0.1"))
+    b, b_sink = add(engine, "b", created="2026-01-01T00:00:00Z")
+    _, a_sink = add(engine, "a", created="2026-01-01T00:00:00Z")  # same second: the name
+    assert (a_sink.sets, b_sink.sets) == ({"node-1": ["shop/web"]}, {"node-1": []})
+    assert b.held_by() == {"a": (["node-1"], ["shop/web"])}
+    assert engine.owners["node-1"] == "a"
+
+
+def test_nothing_is_judged_or_handed_out_before_the_picture_is_complete() -> None:
+    """Issue 12, item 6: at start, resources met before the nodes were judged on the
+    selectors alone ("any node") and the younger one was retired everywhere. An unsettled
+    engine hands out nothing and judges nothing; the first census with nodes and resources
+    settles it, and each node goes to the older resource that selects it."""
+    engine = Engine(OPERATOR_NAMESPACE)
+    engine.namespace_changed("shop", ENABLED)
+    # Kopf's order: the younger resource first, the older one's handler not run yet, no node.
+    engine.pod_changed(agent_pod("second", "node-1", "192.0.2.1", uid="second-1"))
+    engine.pod_changed(agent_pod("second", "node-2", "192.0.2.2", uid="second-2"))
+    engine.pod_changed(pod("a", "shop", node="node-1", ip="10.1.0.1", labels={"team": "a"}))
+    engine.pod_changed(pod("b", "shop", node="node-2", ip="10.1.0.2", labels={"team": "b"}))
+    second, sink = add(engine, "second", created="2026-02-01T00:00:00Z")
+    assert sink.sets == {} and second.held_by() == {} and not engine.settled
+
+    older = spec(agent={"nodeSelector": {"pool": "a"}}, podSelector={"matchLabels": {"team": "a"}})
+    census = engine.begin_census()
+    engine.end_census(
+        census,
+        pods=set(engine.pods) | set(engine.agents),
+        namespaces={"shop"},
+        nodes={"node-1", "node-2"},
+        labels={"node-1": {"pool": "a"}, "node-2": {"pool": "b"}},
+        accelerations=[
+            ListedAcceleration("first", "uid-first", "2026-01-01T00:00:00Z", older),
+            ListedAcceleration("second", "uid-second", "2026-02-01T00:00:00Z", spec()),
+            ListedAcceleration("broken", "uid-broken", "2025-01-01T00:00:00Z", None),
+        ],
     )
-    assert first.active
-    assert second.conflict is not None and "pod shop/a" in second.conflict
+
+    assert engine.settled and "broken" not in engine.accelerations
+    first = engine.accelerations["first"]
+    assert first.listed, "known from the list: it claims, and programs nothing yet"
+    assert second.held_by() == {"first": (["node-1"], ["shop/a"])}
+    assert sink.sets == {"node-1": [], "node-2": ["shop/b"]}
+
+    # Its handler runs: the sets go to its sink.
+    first_sink = RecordingSink()
+    engine.acceleration_changed("first", "uid-first", "2026-01-01T00:00:00Z", older, first_sink)
+    assert not first.listed and first_sink.sets == {}, "no agent of its own yet"
+    engine.pod_changed(agent_pod("first", "node-1", "192.0.2.11", uid="first-1"))
+    assert first_sink.sets == {"node-1": ["shop/a"]}
+
+
+def test_a_listed_resource_the_next_list_lacks_is_dropped() -> None:
+    engine = Engine(OPERATOR_NAMESPACE)
+    listed = ListedAcceleration("gone", "uid-gone", "2026-01-01T00:00:00Z", spec())
+    for accelerations, kept in (([listed], True), ([], False)):
+        census = engine.begin_census()
+        dropped = engine.end_census(
+            census, pods=set(), namespaces=set(), nodes=set(), accelerations=accelerations
+        )
+        assert ("gone" in engine.accelerations) == kept
+    assert dropped.accelerations == ("gone",)
+
+
+def test_every_census_rechecks_every_conflict(engine: Engine) -> None:
+    """The periodic re-check the engine promises: every census (each resync) judges again."""
+    rechecks = engine.rechecks
+    census = engine.begin_census()
+    engine.end_census(
+        census,
+        pods=set(engine.pods) | set(engine.agents),
+        namespaces={"shop", "other"},
+        nodes=set(),
+    )
+    assert engine.rechecks == rechecks + 1
 
 
 def test_one_pod_event_publishes_one_nodes_set_once(engine: Engine) -> None:
@@ -381,3 +472,101 @@ def test_an_abandoned_census_drops_nothing(engine: Engine) -> None:
     engine.abandon_census(census)
     engine.abandon_census(census)  # twice is fine
     assert sink.sets["node-1"] == ["shop/a"]
+
+
+# -- budgets: what a node's maps hold ------------------------------------------------------------
+
+SMALL = {"maxPods": 4, "maxPodPorts": 128, "maxPodCidrs": 8}  # shares: 32 ports, 2 CIDRs
+EXCLUDE_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
+
+
+def created(obj: dict[str, Any], at: str) -> dict[str, Any]:
+    obj["metadata"]["creationTimestamp"] = at
+    return obj
+
+
+def fits(sets: dict[str, list[PodSpec]], budget: Budget) -> bool:
+    for pods in sets.values():
+        needed = [sum(usage(p)[i] for p in pods) for i in range(len(budget.capacity))]
+        if len(pods) > budget.max_pods or any(
+            n > c for n, c in zip(needed, budget.capacity, strict=True)
+        ):
+            return False
+    return True
+
+
+class KeepingSink(RecordingSink):
+    """A RecordingSink that keeps the pods themselves too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pods: dict[str, list[PodSpec]] = {}
+
+    def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None:
+        super().set_pods(node, pods)
+        self.pods[node] = list(pods)
+
+
+def test_pods_that_overflow_the_maps_are_left_out_never_the_node(engine: Engine) -> None:
+    """Issue 12, item 7: pods whose annotations exclude many ports overflowed the node's
+    pod_ports map, and the agent refused the whole node's set. Each pod now has a budget:
+    those that do not fit are left out (OverBudget), the rest of the node's set goes out, and
+    the pods within their share (the plain meshed pods) always fit."""
+    # An Istio pod takes 13 pod_ports entries (the mesh's own ports); each hog 13 + 50. Oldest
+    # first, two hogs would leave the plain pod no room.
+    hogs = [
+        created(
+            pod(
+                f"hog{i}", "shop", ip=f"10.1.0.{10 + i}", annotations={EXCLUDE_PORTS: "20000-20049"}
+            ),
+            f"2026-01-01T00:00:0{i}Z",
+        )
+        for i in range(3)
+    ]
+    for hog in hogs:
+        engine.pod_changed(hog)
+    engine.pod_changed(
+        created(pod("web", "shop", node="node-1", ip="10.1.0.1"), "2026-01-02T00:00:00Z")
+    )
+    sink = KeepingSink()
+    small = spec(datapath=SMALL)
+    acceleration = engine.acceleration_changed(
+        "default", "uid-default", "2026-01-01T00:00:00Z", small, sink
+    )
+    assert fits(sink.pods, Budget.of(small)), "never a set the agent refuses"
+    assert sink.sets["node-1"] == ["shop/hog0", "shop/web"], "the plain pod first, then the oldest"
+    assert acceleration.skipped_by_reason() == {Verdict.OVER_BUDGET: 2}
+    assert [(item.pod, item.reason) for item in acceleration.left_out()] == [
+        ("shop/hog1", "pod_ports needs 63, 52 left on the node"),
+        ("shop/hog2", "pod_ports needs 63, 52 left on the node"),
+    ]
+    assert acceleration.pods_selected() == 2
+
+    # The oldest hog goes: the next one takes its room.
+    engine.pod_changed(hogs[0], deleted=True)
+    assert sink.sets["node-1"] == ["shop/hog1", "shop/web"]
+    assert [item.pod for item in acceleration.left_out()] == ["shop/hog2"]
+
+
+def test_a_pod_over_its_limit_is_left_out_wherever_there_is_room(engine: Engine) -> None:
+    """A pod may take 8 shares beyond what every pod of the resource needs: 0 + 8 x 4
+    excluded CIDRs here, though the node's map has room for 64."""
+    roomy = {"maxPods": 16, "maxPodPorts": 4096, "maxPodCidrs": 64}  # shares: 256, 4
+    engine.pod_changed(
+        pod(
+            "wide",
+            "shop",
+            node="node-1",
+            ip="10.1.0.1",
+            annotations={
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges": ",".join(
+                    f"10.{i}.0.0/16" for i in range(40)
+                )
+            },
+        )
+    )
+    acceleration, sink = add(engine, datapath=roomy)
+    assert sink.sets["node-1"] == []
+    assert [item.reason for item in acceleration.left_out()] == [
+        "outbound_excluded_cidrs needs 40, a pod may take 32"
+    ]

@@ -15,6 +15,7 @@ from kubernetes.aio import config as k8s_config
 
 from meshaccel.operator import rendering
 from meshaccel.operator.config import AgentImage
+from meshaccel.operator.credentials import AgentTLS
 from meshaccel.operator.kube import (
     FIELD_MANAGER,
     LEGACY_ANNOTATION,
@@ -26,9 +27,11 @@ from meshaccel.operator.kube import (
 from meshaccel.operator.models import MeshAccelerationSpec
 from tests.operator.conftest import KubeClient, api_path
 from tests.operator.emulator import ApiServerEmulator, JsonObj
+from tests.pki import make_pki
 
 NAMESPACE = "meshaccel-system"
-TOKEN = "kube-test-token-0123456789abcdef0123456789"
+TLS = make_pki().agent_tls()
+KEY = TLS.key_pem.strip().splitlines()[1]  # a line of the agents' private key
 IMAGE = AgentImage("registry.example/mirror/meshaccel-agent:0.2.0")
 PLURALS = {
     "ServiceAccount": ("v1", "serviceaccounts"),
@@ -80,11 +83,11 @@ async def owner_uid(kube: KubeClient) -> str:
     return str(owner["metadata"]["uid"])
 
 
-def render(uid: str, token: str = TOKEN, **spec: Any) -> dict[str, JsonObj]:
+def render(uid: str, tls: AgentTLS = TLS, **spec: Any) -> dict[str, JsonObj]:
     """The operator's objects for MeshAcceleration "default", by kind."""
     model = MeshAccelerationSpec.model_validate({"namespaceSelector": {}, **spec})
     objects = rendering.agent_objects(
-        "default", uid, model, namespace=NAMESPACE, token=token, image=IMAGE
+        "default", uid, model, namespace=NAMESPACE, tls=tls, image=IMAGE
     )
     return {obj["kind"]: obj for obj in objects}
 
@@ -147,32 +150,33 @@ async def test_created_unchanged_updated(
     assert {kind: stored for kind, (_, stored) in again.items()} == {
         kind: stored for kind, (_, stored) in first.items()
     }
-    # A new token: the Secret and (through the config hash) the DaemonSet change, nothing else.
-    changed = {kind: (await kube.apply(obj))[0] for kind, obj in render(owner_uid, "t2").items()}
+    # New TLS material: the Secret changes, nothing else (the agents reload it, no restart).
+    renewed = render(owner_uid, make_pki().agent_tls())
+    changed = {kind: (await kube.apply(obj))[0] for kind, obj in renewed.items()}
     assert changed == {
         "ServiceAccount": "unchanged",
         "Secret": "updated",
         "ConfigMap": "unchanged",
-        "DaemonSet": "updated",
+        "DaemonSet": "unchanged",
     }
     assert emulator.rejections == []
 
 
-async def test_the_token_is_in_no_annotation(
+async def test_the_key_is_in_no_annotation(
     api: k8s.ApiClient, owner_uid: str, kube: KubeClient
 ) -> None:
-    """Issue 12: the Secret's last-applied annotation held the token in clear."""
+    """Issue 12: the Secret's last-applied annotation held the agents' token in clear."""
     for obj in render(owner_uid).values():
         await Kube(api).apply(obj)
     secret = await kube.get(path_of(render(owner_uid)["Secret"]))
-    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
-    encoded = base64.b64encode(TOKEN.encode()).decode()
+    assert base64.b64decode(secret["data"]["tls.key"]).decode() == TLS.key_pem
+    encoded = secret["data"]["tls.key"]
     for obj in render(owner_uid).values():
         stored = await kube.get(path_of(obj))
         for value in annotation_values(stored):
-            assert TOKEN not in value and encoded not in value, (obj["kind"], value)
+            assert KEY not in value and encoded not in value, (obj["kind"], value)
         assert LEGACY_ANNOTATION not in (stored["metadata"].get("annotations") or {})
-        # managedFields name the fields (f:token), never their values.
+        # managedFields name the fields (f:tls.key), never their values.
         assert encoded not in json.dumps(stored["metadata"]["managedFields"])
 
 
@@ -275,7 +279,7 @@ async def test_an_earlier_releases_object_loses_its_last_applied_annotation(
     await earlier_release_wrote(api, older)
     legacy = await kube.get(path_of(older))
     annotation = legacy["metadata"]["annotations"][LEGACY_ANNOTATION]
-    assert TOKEN in base64.b64decode(json.loads(annotation)["data"]["token"]).decode()
+    assert KEY in base64.b64decode(json.loads(annotation)["data"]["tls.key"]).decode()
     assert [(e["manager"], e["operation"]) for e in legacy["metadata"]["managedFields"]] == [
         (LEGACY_MANAGER, "Update")
     ]

@@ -24,13 +24,14 @@ os.environ.setdefault("MESHACCEL_STATUS_INTERVAL", "0.3")
 
 
 from meshaccel.operator import handlers, rendering
+from meshaccel.operator.budget import usage
 from meshaccel.operator.leadership import LEASE_NAME
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE
 from tests.operator.conftest import (
     CRDS,
     ApiError,
     KubeClient,
-    agent_token,
+    agent_tls,
     api_path,
     kopf_running,
     report_rollout,
@@ -115,9 +116,9 @@ class Cluster:
         """Play the DaemonSet controller: an agent pod per node, then the DaemonSet's status."""
         ds_name = rendering.daemonset_name(name)
         daemonset = await wait_for(lambda: self.read("daemonsets", ds_name, "apps/v1"))
-        token = await agent_token(self.kube, NAMESPACE, name)
+        tls = await agent_tls(self.kube, NAMESPACE, name)
         for agent in self.agents.values():
-            agent.set_token(token)
+            await agent.use_tls(tls)
         for node, ip in NODES.items():
             await run_agent_pod(self.kube, daemonset, node, ip)
         await report_rollout(self.kube, daemonset, len(NODES))
@@ -149,8 +150,7 @@ async def cluster(
         await kube.create_node(node)
     port = free_port()
     agents = {
-        node: FakeAgent(token="unknown-yet", host=ip, port=port, name=node)
-        for node, ip in NODES.items()
+        node: FakeAgent(tls=None, host=ip, port=port, name=node) for node, ip in NODES.items()
     }
     for agent in agents.values():
         await agent.start()
@@ -309,25 +309,74 @@ async def test_agent_failing_shows_in_status_then_recovers(cluster: Cluster) -> 
         await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
 
 
-async def test_later_conflicting_resource_programs_nothing(cluster: Cluster) -> None:
+async def test_a_younger_resource_on_the_same_nodes_keeps_none_and_is_not_retired(
+    cluster: Cluster,
+) -> None:
+    """Conflicts per node (issue 12, item 6): the older resource's agents select every node,
+    so the younger one keeps none of them (Conflict, Ready False, its agents there would get
+    empty sets). Nothing is uninstalled and its DaemonSet stays, ready for when the older
+    resource goes or narrows."""
     async with operator():
         await cluster.create_acceleration("first")
         await cluster.schedule_agents("first")
         await wait_for(lambda: _true(cluster, "first", "Ready"), timeout=10)
         await cluster.create_acceleration("second", namespaceSelector={})
         conflict = await wait_for(lambda: _true(cluster, "second", "Conflict"), timeout=10)
-        assert "'first'" in conflict["message"]
-        ready = await cluster.condition("second", "Ready")
-        assert ready is not None and ready["status"] == "False"
-        assert (
-            await cluster.read("daemonsets", rendering.daemonset_name("second"), "apps/v1") is None
+        assert "'first' (created earlier) keeps node(s) node-1, node-2" in conflict["message"]
+        [held] = (await cluster.acceleration("second"))["status"]["conflicts"]
+        assert (held["heldBy"], held["nodes"], held["nodeCount"]) == (
+            "first",
+            ["node-1", "node-2"],
+            2,
         )
+        ready = await cluster.condition("second", "Ready")
+        assert ready is not None and (ready["status"], ready["reason"]) == ("False", "Conflict")
+        daemonset = rendering.daemonset_name("second")
+        assert await cluster.read("daemonsets", daemonset, "apps/v1") is not None
+        assert [agent.uninstalls for agent in cluster.agents.values()] == [0, 0]
         first = await cluster.condition("first", "Conflict")
         assert first is not None and first["status"] == "False"
         await wait_for(
             lambda: "ClaimedByOlderResource" in _event_reasons(cluster, "second", "Warning"),
             timeout=10,
         )
+
+
+async def test_pods_over_budget_stay_on_iptables_and_the_rest_is_pushed(cluster: Cluster) -> None:
+    """Budgets (issue 12, item 7): pods excluding many ports would overflow node-1's pod_ports
+    map (128 entries here) and the agent would refuse the node's whole set. The operator
+    pushes what fits, the plain pod first, and says which pods stay on iptables."""
+    kube = cluster.kube
+    await kube.create_namespace("mesh", ENABLED)
+    ports = {"traffic.sidecar.istio.io/excludeOutboundPorts": "20000-20049"}  # 63 entries each
+    for i in range(3):
+        await kube.create_pod(
+            "mesh", f"hog{i}", node="node-1", pod_ip=f"198.18.1.{60 + i}", annotations=ports
+        )
+    await kube.create_pod("mesh", "web", node="node-1", pod_ip="198.18.1.70")
+    async with operator():
+        await cluster.create_acceleration(
+            datapath={"maxPods": 4, "maxPodPorts": 128, "maxPodCidrs": 8}
+        )
+        await cluster.schedule_agents()
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/hog0", "mesh/web"], timeout=10)
+        degraded = await wait_for(lambda: _true(cluster, "default", "Degraded"), timeout=10)
+        assert degraded["reason"] == "PodsOverBudget"
+        assert (
+            "mesh/hog1 on node-1 (pod_ports needs 63, 52 left on the node)" in (degraded["message"])
+        )
+        status = (await cluster.acceleration())["status"]
+        assert status["podsNotAccelerated"] == {"OverBudget": 2}
+        await wait_for(
+            lambda: "PodsOverBudget" in _event_reasons(cluster, "default", "Warning"), timeout=10
+        )
+        sent = [a.pod_set.pods for a in cluster.agents["node-1"].accepted]
+        assert all(sum(usage(p)[0] for p in pods) <= 128 for pods in sent), "none overflows"
+
+        for i in range(3):
+            await kube.delete(api_path("v1", "pods", "mesh", f"hog{i}"))
+        await wait_for(lambda: cluster.pods_on("node-1") == ["mesh/web"], timeout=10)
+        await wait_for(lambda: _false(cluster, "default", "Degraded"), timeout=10)
 
 
 async def test_sensible_schema_but_senseless_spec_is_degraded(cluster: Cluster) -> None:

@@ -10,6 +10,7 @@ in flight). Speed figures come from the operator benchmark (docs/operator-benchm
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,16 +19,23 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from meshaccel.agent.api_models import PodSpec
+from meshaccel.agent.tls import AGENT_SERVER_NAME, bundle_fingerprint
+from meshaccel.operator.credentials import AgentTLS, issue
 from meshaccel.operator.metrics import PushMetrics
 from meshaccel.operator.pusher import NodeState, Pusher
 from tests.operator.fake_agent import FakeAgent, FakeAgentFleet
+from tests.pki import make_pki
 from tests.waiting import wait_for
 
-TOKEN = "operator-test-token-0123456789"
+PKI = make_pki()
+AGENT_TLS = PKI.agent_tls()  # the agents' Secret
+OPERATOR = PKI.client_context()  # the operator's client certificate, the CA, the agents' name
 NODE = "node-a"
 WINDOW = 0.02
 BACKOFF = 0.02
@@ -100,7 +108,7 @@ async def make_harness(session: aiohttp.ClientSession) -> AsyncIterator[MakeHarn
         registry = CollectorRegistry()
         applied: list[tuple[str, int, float]] = []
         settings: dict[str, Any] = {
-            "token": TOKEN,
+            "tls": lambda: OPERATOR,
             "session": session,
             "epoch": EPOCH,
             "window": WINDOW,
@@ -127,7 +135,7 @@ async def harness(make_harness: MakeHarness) -> Harness:
 
 @pytest.fixture
 async def agent() -> AsyncIterator[FakeAgent]:
-    async with FakeAgent(token=TOKEN, host="127.0.0.1", name=NODE) as fake:
+    async with FakeAgent(tls=AGENT_TLS, host="127.0.0.1", name=NODE) as fake:
         yield fake
 
 
@@ -289,7 +297,7 @@ async def test_a_timeout_is_retried_with_the_same_generation(
 @pytest.mark.parametrize(
     ("setup", "status", "reason"),
     [
-        ({"token": "not-the-agents-token-xyz"}, 401, "a wrong token"),
+        ({"identity": "urn:meshaccel:someone-else"}, 403, "a certificate of the CA, not ours"),
         ({"max_pods": 2}, 422, "more pods than the agent holds"),
         ({"standalone": True}, 409, "a standalone agent (409 without a generation)"),
     ],
@@ -297,9 +305,13 @@ async def test_a_timeout_is_retried_with_the_same_generation(
 async def test_a_refused_set_is_recorded_and_sent_again_only_when_it_changes(
     make_harness: MakeHarness, setup: dict[str, Any], status: int, reason: str
 ) -> None:
-    harness = await make_harness(token=setup.get("token", TOKEN))
+    identity = setup.get("identity")
+    client = OPERATOR if identity is None else PKI.client_context(PKI.issue_client(identity))
+    harness = await make_harness(tls=lambda: client)
     async with FakeAgent(
-        token=TOKEN, max_pods=setup.get("max_pods", 1024), standalone=setup.get("standalone", False)
+        tls=AGENT_TLS,
+        max_pods=setup.get("max_pods", 1024),
+        standalone=setup.get("standalone", False),
     ) as agent:
         harness.pusher.set_endpoint(NODE, agent.url)
         harness.pusher.set_pods(NODE, pods(0, 1, 2))
@@ -345,7 +357,7 @@ async def test_an_agent_restart_seen_by_the_probe_gets_the_full_set_again(
     assert agent.last_set is not None and agent.last_set.pods == pods(0, 1, 2)
     assert generations(agent) == [1, 1]  # a fresh agent takes the generation it had
     assert [g for _, g, _ in harness.applied] == [1, 1]
-    assert any(r.path == "/healthz" for r in agent.requests)
+    assert any(r.path == "/v1/health" for r in agent.requests)
 
 
 async def test_an_agent_back_after_downtime_is_brought_up_to_date(
@@ -374,7 +386,7 @@ async def test_a_new_endpoint_gets_the_set_and_a_dropped_node_nothing(
     harness.pusher.set_pods(NODE, pods(0))
     await harness.in_sync()
 
-    async with FakeAgent(token=TOKEN, host="127.0.0.2") as moved:
+    async with FakeAgent(tls=AGENT_TLS, host="127.0.0.2") as moved:
         harness.pusher.set_endpoint(NODE, moved.url)  # the agent's pod came back elsewhere
         state = await harness.in_sync()
         assert state.url == moved.url and state.boot_id == moved.boot_id
@@ -464,9 +476,9 @@ async def test_close_removes_the_metrics(harness: Harness, agent: FakeAgent) -> 
 
 async def test_uninstall_reaches_every_agent_and_stops_pushing(harness: Harness) -> None:
     async with (
-        FakeAgent(token=TOKEN, host="127.0.0.1") as a,
-        FakeAgent(token=TOKEN, host="127.0.0.2") as b,
-        FakeAgent(token=TOKEN, host="127.0.0.3") as gone,
+        FakeAgent(tls=AGENT_TLS, host="127.0.0.1") as a,
+        FakeAgent(tls=AGENT_TLS, host="127.0.0.2") as b,
+        FakeAgent(tls=AGENT_TLS, host="127.0.0.3") as gone,
     ):
         for name, agent in (("a", a), ("b", b), ("gone", gone)):
             harness.pusher.set_endpoint(name, agent.url)
@@ -496,11 +508,12 @@ async def test_uninstall_reaches_every_agent_and_stops_pushing(harness: Harness)
 
 
 async def test_uninstall_reports_refusals(make_harness: MakeHarness) -> None:
-    harness = await make_harness(token="not-the-agents-token-xyz")
-    async with FakeAgent(token=TOKEN) as agent:
+    other = PKI.client_context(PKI.issue_client("urn:meshaccel:someone-else"))
+    harness = await make_harness(tls=lambda: other)
+    async with FakeAgent(tls=AGENT_TLS) as agent:
         harness.pusher.set_endpoint(NODE, agent.url)
         result = await harness.pusher.uninstall(timeout=1.0)
-    assert (result[NODE] or "").startswith("HTTP 401"), result
+    assert (result[NODE] or "").startswith("HTTP 403"), result
     assert not agent.uninstalled
 
 
@@ -509,7 +522,7 @@ async def test_uninstall_reports_refusals(make_harness: MakeHarness) -> None:
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[FakeAgentFleet]:
-    async with FakeAgentFleet(500, token=TOKEN) as agents:
+    async with FakeAgentFleet(500, tls=AGENT_TLS) as agents:
         yield agents
 
 
@@ -687,7 +700,7 @@ async def test_an_agent_that_predates_epochs_gets_sets_without_one(
     """During an upgrade a new operator meets old agents, whose strict model refuses the
     field: they get their sets as before (unfenced) until they restart as new agents."""
     harness = await make_harness(probe_interval=0.05)
-    async with FakeAgent(token=TOKEN, epochs=False) as agent:
+    async with FakeAgent(tls=AGENT_TLS, epochs=False) as agent:
         harness.pusher.set_endpoint(NODE, agent.url)
         harness.pusher.set_pods(NODE, pods(0))
         await harness.in_sync()
@@ -702,5 +715,82 @@ async def test_an_agent_that_predates_epochs_gets_sets_without_one(
 
 @pytest.fixture
 async def fleet_of_3() -> AsyncIterator[list[FakeAgent]]:
-    async with FakeAgentFleet(3, token=TOKEN) as fleet:
+    async with FakeAgentFleet(3, tls=AGENT_TLS) as fleet:
         yield fleet.agents
+
+
+# -- mutual TLS ------------------------------------------------------------------------------------
+
+OTHER = make_pki()  # another installation's CA
+
+
+def _wrong_name() -> AgentTLS:
+    issued = issue(
+        PKI.ca,
+        common_name="meshaccel-agent",
+        san=x509.DNSName("agent.elsewhere.example"),
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        now=PKI.now,
+        validity=dt.timedelta(days=1),
+    )
+    return AgentTLS(issued.cert_pem, issued.key_pem, PKI.ca.pem)
+
+
+@pytest.mark.parametrize(
+    ("agent_tls", "reason", "why"),
+    [
+        (OTHER.agent_tls(PKI.ca.pem), "tls", "the agent's certificate is another CA's"),
+        (_wrong_name(), "tls", f"the agent's certificate is not for {AGENT_SERVER_NAME}"),
+        (PKI.agent_tls(OTHER.ca.pem), "connect", "the agent does not accept our CA"),
+        (None, "tls", "plain HTTP: no agent of ours"),
+    ],
+)
+async def test_only_an_agent_of_this_ca_gets_a_set(
+    harness: Harness, agent_tls: AgentTLS | None, reason: str, why: str
+) -> None:
+    async with FakeAgent(tls=agent_tls, name=NODE) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        harness.pusher.set_pods(NODE, pods(0))
+        await wait_for(lambda: harness.node().attempts >= 2, what=why)
+
+        assert agent.requests == [] and agent.accepted == [], why  # no request got through
+        assert (harness.sample("meshaccel_operator_push_failures_total", reason=reason) or 0) >= 2
+        assert harness.node().url == f"https://127.0.0.1:{agent.port}", "TLS only, ever"
+
+        await agent.use_tls(AGENT_TLS)  # the operator's Secret, mounted at last
+        state = await harness.in_sync()
+    assert state.last_error is None and generations(agent) == [1], why
+
+
+async def test_every_request_takes_the_client_certificate_in_force(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    """The operator renews its certificate in memory: the next request presents the new one."""
+    first, renewed = PKI.issue_client(), PKI.issue_client()
+    contexts = {"now": PKI.client_context(first)}
+    harness = await make_harness(tls=lambda: contexts["now"])
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    await harness.in_sync()
+
+    contexts["now"] = PKI.client_context(renewed)
+    harness.pusher.set_pods(NODE, pods(0, 1))
+    await harness.in_sync()
+
+    serials = [int(r.client or "0", 16) for r in agent.puts(200)]
+    assert serials == [c.cert.serial_number for c in (first, renewed)], serials
+
+
+async def test_the_probe_reads_the_agents_trust_bundle(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(probe_interval=0.05)
+    harness.pusher.set_endpoint(NODE, agent.url)
+    expected = bundle_fingerprint(AGENT_TLS.bundle_pem)
+    await wait_for(lambda: harness.node().trust_bundle == expected, what="the probe")
+
+    rotating = PKI.agent_tls(PKI.ca.pem + OTHER.ca.pem)  # a new CA joins
+    await agent.use_tls(rotating)
+    joined = bundle_fingerprint(rotating.bundle_pem)
+    assert joined != expected
+    await wait_for(lambda: harness.node().trust_bundle == joined, what="the new bundle")

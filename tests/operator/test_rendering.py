@@ -22,11 +22,13 @@ import yaml
 from meshaccel.agent.config import AgentSettings, load_settings
 from meshaccel.operator import rendering
 from meshaccel.operator.config import AgentImage
+from meshaccel.operator.credentials import AgentTLS
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
+from tests.pki import make_pki
 
 NAMESPACE = "meshaccel-system"
 UID = "6f1b7a4e-2d4c-4f55-9a0e-6c1d0b1f2a3c"
-TOKEN = "rendering-test-token-0123456789abcdef"
+TLS = make_pki().agent_tls()
 # The operator's setting (not the CRD's old default, so a test can tell the two apart).
 IMAGE = AgentImage("registry.example/mirror/meshaccel-agent:0.2.0")
 # 1.30: the first release whose schema has securityContext.appArmorProfile (GA); 1.33: current.
@@ -46,11 +48,11 @@ def make_spec(**overrides: Any) -> MeshAccelerationSpec:
 def render(
     name: str = "demo",
     spec: MeshAccelerationSpec | None = None,
-    token: str = TOKEN,
+    tls: AgentTLS = TLS,
     image: AgentImage = IMAGE,
 ) -> dict[str, dict[str, Any]]:
     objects = rendering.agent_objects(
-        name, UID, spec or make_spec(), namespace=NAMESPACE, token=token, image=image
+        name, UID, spec or make_spec(), namespace=NAMESPACE, tls=tls, image=image
     )
     return {obj["kind"]: obj for obj in objects}
 
@@ -87,7 +89,7 @@ MISSING = object()
 
 def test_renders_the_four_objects_in_order() -> None:
     objects = rendering.agent_objects(
-        "demo", UID, make_spec(), namespace=NAMESPACE, token=TOKEN, image=IMAGE
+        "demo", UID, make_spec(), namespace=NAMESPACE, tls=TLS, image=IMAGE
     )
     assert [o["kind"] for o in objects] == ["ServiceAccount", "Secret", "ConfigMap", "DaemonSet"]
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in objects)
@@ -96,20 +98,18 @@ def test_renders_the_four_objects_in_order() -> None:
 def test_pure_same_input_same_output_and_spec_untouched() -> None:
     spec = make_spec(agent={"tolerations": [{"key": "k", "operator": "Exists"}]})
     before = spec.model_dump()
-    first = rendering.agent_objects(
-        "demo", UID, spec, namespace=NAMESPACE, token=TOKEN, image=IMAGE
-    )
-    second = rendering.agent_objects(
-        "demo", UID, spec, namespace=NAMESPACE, token=TOKEN, image=IMAGE
-    )
+    first = rendering.agent_objects("demo", UID, spec, namespace=NAMESPACE, tls=TLS, image=IMAGE)
+    second = rendering.agent_objects("demo", UID, spec, namespace=NAMESPACE, tls=TLS, image=IMAGE)
     assert first == second
     assert spec.model_dump() == before
 
 
-def test_secret_holds_the_token() -> None:
+def test_secret_holds_the_tls_material_and_no_token() -> None:
     secret = render()["Secret"]
     assert secret["type"] == "Opaque"
-    assert base64.b64decode(secret["data"][rendering.TOKEN_KEY]).decode() == TOKEN
+    assert secret["metadata"]["name"] == "meshaccel-agent-tls-demo"
+    data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    assert data == {"tls.crt": TLS.cert_pem, "tls.key": TLS.key_pem, "ca.crt": TLS.bundle_pem}
 
 
 def test_service_account_mounts_no_api_credentials() -> None:
@@ -335,18 +335,21 @@ def test_every_path_the_agent_reads_is_mounted(tmp_path: Path) -> None:
         for name, value in settings.model_dump().items()
         if isinstance(value, Path)
     }
-    assert set(named) >= {"token_file", "pin_root"}, named
+    tls_files = {"tls_cert_file", "tls_key_file", "tls_client_ca_file"}
+    assert set(named) >= {*tls_files, "pin_root"}, named
     for name, path in named.items():
         assert mount_of(objects, path) is not None, f"{name}={path} is on no volume"
 
-    # The token file is the Secret's item, where the Secret volume puts it.
-    token_mount = mount_of(objects, named["token_file"])
-    assert token_mount is not None and token_mount["name"] == "token"
-    token_volume = volume(objects, "token")["secret"]
-    assert token_volume["secretName"] == objects["Secret"]["metadata"]["name"]
-    item_path = PurePosixPath(token_mount["mountPath"]) / token_volume["items"][0]["path"]
-    assert item_path == named["token_file"]
-    assert token_volume["items"][0]["key"] in objects["Secret"]["data"]
+    # The TLS files are the Secret's items, where the Secret volume puts them, whole (no
+    # subPath: kubelet then updates them in place, which a rotation relies on).
+    tls_volume = volume(objects, "tls")["secret"]
+    assert tls_volume["secretName"] == objects["Secret"]["metadata"]["name"]
+    for name in sorted(tls_files):
+        mount = mount_of(objects, named[name])
+        assert mount is not None and mount["name"] == "tls" and "subPath" not in mount, name
+        [item] = [i for i in tls_volume["items"] if i["path"] == named[name].name]
+        assert PurePosixPath(mount["mountPath"]) / item["path"] == named[name], name
+        assert item["key"] in objects["Secret"]["data"], name
 
     # The config file is the ConfigMap's item.
     config_mount = mount_of(objects, rendering.CONFIG_FILE)
@@ -384,7 +387,7 @@ MOUNT_CASES = [
     FieldCase("0.readOnly", MISSING, "pins are created and removed"),
     FieldCase("1.readOnly", True, "cgroups are only opened and stat'ed"),
     FieldCase("1.mountPropagation", MISSING, "nothing is mounted below the cgroup root"),
-    FieldCase("2.readOnly", True, "the token is only read"),
+    FieldCase("2.readOnly", True, "the TLS files are only read"),
     FieldCase("3.readOnly", True, "the config is only read"),
 ]
 
@@ -392,7 +395,7 @@ MOUNT_CASES = [
 @pytest.mark.parametrize("case", MOUNT_CASES, ids=lambda c: c.path)
 def test_volume_mounts(case: FieldCase) -> None:
     mounts = container(render())["volumeMounts"]
-    assert [m["name"] for m in mounts] == ["bpffs", "cgroup", "token", "config"]
+    assert [m["name"] for m in mounts] == ["bpffs", "cgroup", "tls", "config"]
     assert dig(mounts, case.path) is case.expected or dig(mounts, case.path) == case.expected, (
         f"{case.path}: {case.reason}"
     )
@@ -431,6 +434,7 @@ def test_probes_hit_the_agent_port(case: ProbeCase, port: int) -> None:
     probe = agent[case.probe]
     assert probe["httpGet"]["path"] == case.path, case.reason
     assert probe["httpGet"]["port"] == port, "hostNetwork: the probe hits the node IP:port"
+    assert probe["httpGet"]["scheme"] == "HTTPS", "the agent serves nothing but TLS"
     assert "host" not in probe["httpGet"], "the pod IP is the node IP the agent binds"
     assert agent["ports"] == [
         {"name": "api", "containerPort": port, "hostPort": port, "protocol": "TCP"}
@@ -494,47 +498,40 @@ def test_update_strategy_never_runs_two_agents_on_a_node() -> None:
 class HashCase:
     reason: str
     spec: dict[str, Any]
-    token: str
     changes: bool
+    tls: AgentTLS = TLS
 
 
 BASE_SPEC: dict[str, Any] = {"namespaceSelector": {}}
 HASH_CASES = [
-    HashCase("nothing changed", {}, TOKEN, False),
-    HashCase("the token rotated", {}, TOKEN + "x", True),
-    HashCase("a datapath switch", {"datapath": {"skMsgRedirect": False}}, TOKEN, True),
-    HashCase("the sk_msg budget", {"datapath": {"skMsgRedirectBudget": 2 << 20}}, TOKEN, True),
+    HashCase("nothing changed", {}, False),
+    HashCase(
+        "new TLS material: the agents reload it, no restart", {}, False, make_pki().agent_tls()
+    ),
+    HashCase("a datapath switch", {"datapath": {"skMsgRedirect": False}}, True),
+    HashCase("the sk_msg budget", {"datapath": {"skMsgRedirectBudget": 2 << 20}}, True),
     HashCase(
         "sk_msg into apps travels in the pod set",
         {"datapath": {"skMsgToAppsSelector": {"matchLabels": {"a": "b"}}}},
-        TOKEN,
         False,
     ),
-    HashCase("a capacity", {"datapath": {"maxPods": 2048}}, TOKEN, True),
-    HashCase("the log level", {"agent": {"logLevel": "debug"}}, TOKEN, True),
-    HashCase("the API port", {"agent": {"port": 9475}}, TOKEN, True),
-    HashCase("a field that is not the agent's", {"mode": "linkerd"}, TOKEN, False),
+    HashCase("a capacity", {"datapath": {"maxPods": 2048}}, True),
+    HashCase("the log level", {"agent": {"logLevel": "debug"}}, True),
+    HashCase("the API port", {"agent": {"port": 9475}}, True),
+    HashCase("a field that is not the agent's", {"mode": "linkerd"}, False),
     HashCase(
-        "pod selection is the operator's",
-        {"podSelector": {"matchLabels": {"a": "b"}}},
-        TOKEN,
-        False,
+        "pod selection is the operator's", {"podSelector": {"matchLabels": {"a": "b"}}}, False
     ),
+    HashCase("exclusions travel in the pod set", {"exclusions": {"outboundPorts": [5432]}}, False),
     HashCase(
-        "exclusions travel in the pod set", {"exclusions": {"outboundPorts": [5432]}}, TOKEN, False
+        "the pull policy rolls the pods by itself", {"agent": {"imagePullPolicy": "Always"}}, False
     ),
-    HashCase(
-        "the pull policy rolls the pods by itself",
-        {"agent": {"imagePullPolicy": "Always"}},
-        TOKEN,
-        False,
-    ),
-    HashCase("a default written out is no change", {"datapath": {"maxPods": 1024}}, TOKEN, False),
+    HashCase("a default written out is no change", {"datapath": {"maxPods": 1024}}, False),
 ]
 
 
-def template_hash(spec: dict[str, Any], token: str) -> str:
-    objects = render(spec=make_spec(**spec), token=token)
+def template_hash(spec: dict[str, Any], tls: AgentTLS) -> str:
+    objects = render(spec=make_spec(**spec), tls=tls)
     annotations = objects["DaemonSet"]["spec"]["template"]["metadata"]["annotations"]
     value: str = annotations[rendering.CONFIG_HASH_ANNOTATION]
     return value
@@ -542,15 +539,15 @@ def template_hash(spec: dict[str, Any], token: str) -> str:
 
 @pytest.mark.parametrize("case", HASH_CASES, ids=lambda c: c.reason)
 def test_config_hash(case: HashCase) -> None:
-    base = template_hash({}, TOKEN)
-    changed = template_hash(case.spec, case.token) != base
+    base = template_hash({}, TLS)
+    changed = template_hash(case.spec, case.tls) != base
     assert changed is case.changes, case.reason
 
 
-def test_config_hash_does_not_leak_the_token() -> None:
+def test_the_key_is_only_in_the_secret() -> None:
     objects = render()
     rendered = yaml.safe_dump(objects["DaemonSet"]) + yaml.safe_dump(objects["ConfigMap"])
-    assert TOKEN not in rendered
+    assert "PRIVATE KEY" not in rendered and TLS.key_pem not in rendered
 
 
 # -- passthrough from spec.agent --------------------------------------------------------------
@@ -806,7 +803,7 @@ def test_objects_pass_the_official_schema(version: str, name: str, spec_name: st
         UID,
         make_spec(**SCHEMA_SPECS[spec_name]),
         namespace=NAMESPACE,
-        token=TOKEN,
+        tls=TLS,
         image=image,
     ):
         kubernetes_validate.validate(obj, version, strict=True)

@@ -16,7 +16,7 @@ from kubernetes.aio import client as k8s
 from meshaccel.operator.engine import Engine
 from meshaccel.operator.handlers import _api_client
 from meshaccel.operator.resync import Listing, RelistDetector, Resyncer, list_cluster
-from tests.operator.conftest import KubeClient
+from tests.operator.conftest import KubeClient, api_path
 from tests.operator.objects import OPERATOR_NAMESPACE, pod
 from tests.waiting import wait_for
 
@@ -120,12 +120,21 @@ async def test_a_requested_resync_runs_at_once_and_a_failed_one_changes_nothing(
     assert set(engine.pods) == {"uid-api"}
 
 
-async def test_list_cluster_lists_pods_namespaces_and_nodes(
+async def test_list_cluster_lists_pods_namespaces_nodes_and_accelerations(
     kubeconfig: object, kube: KubeClient
 ) -> None:
     await kube.create_namespace("shop")
-    await kube.create_node("node-1")
+    await kube.create_node("node-1", labels={"pool": "a"})
     created = await kube.create_pod("shop", "web")
+    resource = await kube.create(
+        api_path("meshaccel.io/v1alpha1", "meshaccelerations"),
+        {
+            "apiVersion": "meshaccel.io/v1alpha1",
+            "kind": "MeshAcceleration",
+            "metadata": {"name": "default"},
+            "spec": {"namespaceSelector": {}, "agent": {"nodeSelector": {"pool": "a"}}},
+        },
+    )
     api: k8s.ApiClient = await _api_client()
     try:
         listing = await list_cluster(api)
@@ -134,3 +143,13 @@ async def test_list_cluster_lists_pods_namespaces_and_nodes(
     assert listing.pods == {created["metadata"]["uid"]}
     assert {"shop", "default", "kube-system"} <= listing.namespaces
     assert listing.nodes == {"node-1"}
+    assert listing.labels is not None and listing.labels["node-1"]["pool"] == "a"
+    assert listing.accelerations is not None
+    [listed] = listing.accelerations
+    meta = resource["metadata"]
+    assert (listed.name, listed.uid, listed.created) == (
+        "default",
+        meta["uid"],
+        meta["creationTimestamp"],
+    )
+    assert listed.spec is not None and listed.spec.agent.nodeSelector == {"pool": "a"}

@@ -21,7 +21,7 @@ from meshaccel.operator.config import OperatorConfig
 from meshaccel.operator.handlers import _api_client
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.runtime import Runtime
-from tests.operator.conftest import KubeClient, api_path, run_agent_pod
+from tests.operator.conftest import KubeClient, agent_tls, api_path, run_agent_pod
 from tests.operator.fake_agent import FakeAgent
 from tests.operator.objects import OPERATOR_NAMESPACE
 from tests.waiting import wait_for
@@ -73,7 +73,7 @@ async def setup(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[Setup]:
     runtime.start()
     port = free_port()
     try:
-        async with FakeAgent(token="unknown-yet", host=AGENT_IP, port=port) as agent:
+        async with FakeAgent(tls=None, host=AGENT_IP, port=port) as agent:
             # Kopf's first listing, then the handlers' work.
             runtime.namespace_event("shop", ENABLED, None)
             for body in pods:
@@ -96,7 +96,7 @@ async def setup(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[Setup]:
                 "default", meta["uid"], meta["creationTimestamp"], spec
             )
             assert converged.daemonset is not None
-            agent.set_token(runtime.tokens["default"])
+            await agent.use_tls(await agent_tls(kube, OPERATOR_NAMESPACE, "default"))
             await run_agent_pod(kube, converged.daemonset, "node-1", AGENT_IP)
             name = f"{rendering.daemonset_name('default')}-node-1"
             body = await kube.get(api_path("v1", "pods", OPERATOR_NAMESPACE, name))
@@ -159,3 +159,125 @@ async def test_an_agent_with_a_higher_epoch_ends_the_term(setup: Setup) -> None:
     await wait_for(lambda: agent.applied_epoch == 8, what="the set in that term")
     assert setup.applied() == ["shop/api", "shop/late", "shop/web"]
     assert pusher.nodes()["node-1"].superseded_by is None
+
+
+# -- two resources: conflicts per node, judged on the complete picture ---------------------------
+
+
+def pods_of(agent: FakeAgent) -> list[str] | None:
+    last = agent.last_set
+    return None if last is None else sorted(f"{p.namespace}/{p.name}" for p in last.pods)
+
+
+async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: KubeClient) -> None:
+    """Issue 12, item 6: at start Kopf may hand the operator the younger resource, its agents
+    and the older resource before any node; the engine then judged on the selectors alone,
+    put the younger resource in Conflict and uninstalled its agents on every node. Now the
+    first resync's list is the complete picture: the older resource keeps node-1, the younger
+    one node-2, and nothing is uninstalled."""
+    await kube.create_namespace(OPERATOR_NAMESPACE)
+    await kube.create_namespace("shop", ENABLED)
+    await kube.create_node("node-1", labels={"pool": "a"})
+    await kube.create_node("node-2", labels={"pool": "b"})
+    pods = [
+        await kube.create_pod(
+            "shop", "a", node="node-1", pod_ip="198.18.1.10", labels={"team": "a"}
+        ),
+        await kube.create_pod(
+            "shop", "b", node="node-2", pod_ip="198.18.1.11", labels={"team": "b"}
+        ),
+    ]
+    with socket.socket() as one, socket.socket() as two:  # ports free on both addresses
+        one.bind((AGENT_IP, 0))
+        two.bind(("127.0.0.3", 0))
+        first_port, second_port = int(one.getsockname()[1]), int(two.getsockname()[1])
+    raw = {
+        "first": {
+            "namespaceSelector": {"matchLabels": ENABLED},
+            "podSelector": {"matchLabels": {"team": "a"}},
+            "agent": {"port": first_port, "nodeSelector": {"pool": "a"}},
+        },
+        "second": {"namespaceSelector": {"matchLabels": ENABLED}, "agent": {"port": second_port}},
+    }
+    made = {}
+    for name in ("first", "second"):  # "first" is the older (by time, or else by name)
+        made[name] = await kube.create(
+            api_path("meshaccel.io/v1alpha1", "meshaccelerations"),
+            {
+                "apiVersion": "meshaccel.io/v1alpha1",
+                "kind": "MeshAcceleration",
+                "metadata": {"name": name},
+                "spec": raw[name],
+            },
+        )
+    config = OperatorConfig(namespace=OPERATOR_NAMESPACE, push_window=0.01, probe_interval=3600)
+    runtime = Runtime(config, await _api_client(), aiohttp.ClientSession(), clock=StoppedClock())
+    runtime.start()
+    agents = {
+        ("first", "node-1"): FakeAgent(tls=None, host=AGENT_IP, port=first_port),
+        ("second", "node-1"): FakeAgent(tls=None, host=AGENT_IP, port=second_port),
+        ("second", "node-2"): FakeAgent(tls=None, host="127.0.0.3", port=second_port),
+    }
+    try:
+        for agent in agents.values():
+            await agent.start()
+
+        async def reconcile(name: str) -> None:
+            meta = made[name]["metadata"]
+            spec = MeshAccelerationSpec.model_validate(raw[name])
+            converged = await runtime.reconcile(name, meta["uid"], meta["creationTimestamp"], spec)
+            assert converged.daemonset is not None
+            for (owner, node), agent in agents.items():
+                if owner == name:
+                    await agent.use_tls(await agent_tls(kube, OPERATOR_NAMESPACE, name))
+                    await run_agent_pod(kube, converged.daemonset, node, agent.host)
+                    pod_name = f"{rendering.daemonset_name(name)}-{node}"
+                    body = await kube.get(api_path("v1", "pods", OPERATOR_NAMESPACE, pod_name))
+                    runtime.pod_event(body, None)
+
+        # Kopf's order at start, as it may come: the writer daemon, the younger resource, the
+        # older one, pods, nodes last; then the younger one's status timer.
+        runtime.want("test")
+        await reconcile("second")
+        await reconcile("first")
+        runtime.namespace_event("shop", ENABLED, None)
+        for body in pods:
+            runtime.pod_event(body, None)
+        for node, pool in (("node-1", "a"), ("node-2", "b")):
+            labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux", "pool": pool}
+            runtime.node_event(node, labels, None)
+        await runtime.converge(runtime.engine.accelerations["second"])
+        assert [agent.uninstalls for agent in agents.values()] == [0, 0, 0], "none retired"
+
+        await wait_for(lambda: pods_of(agents["second", "node-2"]) == ["shop/b"], what="node-2")
+        await wait_for(lambda: pods_of(agents["first", "node-1"]) == ["shop/a"], what="node-1")
+        await wait_for(lambda: pods_of(agents["second", "node-1"]) == [], what="an empty set")
+        assert [agent.uninstalls for agent in agents.values()] == [0, 0, 0]
+        second = runtime.engine.accelerations["second"]
+        assert second.held_by() == {"first": (["node-1"], ["shop/a"])}
+        status, _ = runtime.status("second", 1, {}, None)
+        assert status is not None and status["conflicts"] == [
+            {
+                "heldBy": "first",
+                "nodes": ["node-1"],
+                "nodeCount": 1,
+                "pods": ["shop/a"],
+                "podCount": 1,
+            }
+        ]
+        conflict = next(c for c in status["conditions"] if c["type"] == "Conflict")
+        assert conflict["status"] == "True" and "'first'" in conflict["message"]
+    finally:
+        await runtime.close()
+        for agent in agents.values():
+            await agent.close()
+
+
+async def test_the_periodic_resync_rechecks_the_conflicts(setup: Setup) -> None:
+    """The periodic re-check the engine's docstring promises runs with every resync: here
+    the periodic one, on the runtime's stopped clock."""
+    resyncer, engine = setup.runtime.resyncer, setup.runtime.engine
+    rechecks = engine.rechecks
+    setup.clock.now = resyncer.next_due
+    resyncer.wake()
+    await wait_for(lambda: engine.rechecks == rechecks + 1, what="the periodic re-check")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshaccel.operator.budget import LeftOut
 from meshaccel.operator.engine import Acceleration
 from meshaccel.operator.models import ConditionStatus, ConditionType, MeshAccelerationSpec
 from meshaccel.operator.selection import PodWarning, Verdict
@@ -73,19 +74,73 @@ def test_a_node_failing_past_the_grace_degrades_with_its_error() -> None:
     assert "b" in degraded.message and "connect: refused" in degraded.message
 
 
-def test_conflict_and_invalid_spec_say_what_to_do() -> None:
-    conflicted = acceleration(conflict="nodes n1 are already claimed by 'first'")
-    status, transitions = compute_status(conflicted, {}, Rollout(), generation=1, previous=[])
+def test_conflict_names_what_older_resources_keep_and_invalid_spec_says_what_to_do() -> None:
+    conflicted = acceleration(
+        nodes_held={"n2": "first", "n1": "first"},
+        pods_held={"u1": ("first", "shop/web"), "u2": ("zeta", "shop/db")},
+        nodes_kept=3,
+    )
+    status, transitions = compute_status(conflicted, {}, READY_DS, generation=1, previous=[])
     got = conditions(status)
     assert got[ConditionType.CONFLICT] == (T, "ClaimedByOlderResource")
-    assert got[ConditionType.READY] == (F, "Conflict")
+    assert got[ConditionType.READY] == (T, "Accelerating"), "it runs on the nodes it keeps"
     assert [t.type for t in transitions] == [ConditionType.CONFLICT] and transitions[0].warning
+    message = next(c.message for c in status.conditions if c.type == ConditionType.CONFLICT)
+    assert "'first' (created earlier) keeps node(s) n1, n2 and pod(s) shop/web" in message
+    assert "'zeta' (created earlier) keeps pod(s) shop/db" in message
+    assert [c.model_dump(exclude_defaults=True) for c in status.conflicts] == [
+        {
+            "heldBy": "first",
+            "nodes": ["n1", "n2"],
+            "nodeCount": 2,
+            "pods": ["shop/web"],
+            "podCount": 1,
+        },
+        {"heldBy": "zeta", "pods": ["shop/db"], "podCount": 1},
+    ]
+
+    crowded_out = acceleration(nodes_held={"n1": "first"}, nodes_kept=0)
+    status, _ = compute_status(crowded_out, {}, READY_DS, generation=1, previous=[])
+    assert conditions(status)[ConditionType.READY] == (F, "Conflict"), "it keeps no node"
 
     invalid = acceleration(problems=["spec.agent.image 'x' has no tag: name a version"])
     status, _ = compute_status(invalid, {}, Rollout(), generation=1, previous=[])
     degraded = next(c for c in status.conditions if c.type == ConditionType.DEGRADED)
     assert degraded.reason == "InvalidSpec" and "has no tag" in degraded.message
     assert "keeps running" in degraded.message, "an edit that fails keeps the last good spec"
+
+
+def test_no_conflict_is_judged_before_the_picture_is_complete() -> None:
+    """Until the engine settles, the Conflict condition stays as it was (Unknown at first)."""
+    status, transitions = compute_status(
+        acceleration(), {}, READY_DS, generation=1, previous=[], judged=False
+    )
+    assert conditions(status)[ConditionType.CONFLICT] == (ConditionStatus.UNKNOWN, "NotJudgedYet")
+    assert transitions == []
+    before = acceleration(nodes_held={"n1": "first"}, nodes_kept=1)
+    judged, _ = compute_status(before, {}, READY_DS, generation=1, previous=[], now="t1")
+    kept, transitions = compute_status(
+        acceleration(), {}, READY_DS, generation=1, previous=judged.conditions, judged=False
+    )
+    assert conditions(kept)[ConditionType.CONFLICT] == (T, "ClaimedByOlderResource")
+    assert transitions == [] and kept.conflicts == []
+
+
+def test_pods_over_budget_degrade_naming_a_few() -> None:
+    over = {
+        f"u{i}": LeftOut(f"shop/hog{i}", "n1", "pod_ports needs 63, 52 left on the node")
+        for i in range(7)
+    }
+    counted = acceleration(over_budget={"n1": over}, placement={f"u{i}": "n1" for i in range(9)})
+    status, transitions = compute_status(counted, {}, READY_DS, generation=1, previous=[])
+    assert status.podsNotAccelerated == {"OverBudget": 7}
+    assert status.podsSelected == 2
+    degraded = next(c for c in status.conditions if c.type == ConditionType.DEGRADED)
+    assert (degraded.status, degraded.reason) == (T, "PodsOverBudget")
+    assert degraded.message.startswith("7 pod(s) do not fit their node's datapath maps")
+    assert "shop/hog0 on n1 (pod_ports needs 63, 52 left on the node)" in degraded.message
+    assert "and 2 more" in degraded.message
+    assert [t.reason for t in transitions] == ["PodsOverBudget"], "a Warning event"
 
 
 def test_rollout_in_progress_and_no_nodes() -> None:
