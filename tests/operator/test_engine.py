@@ -68,7 +68,10 @@ def test_pods_reach_their_own_nodes_agent(engine: Engine) -> None:
     engine.pod_changed(pod("c", "other", node="node-1", ip="10.1.0.3"))
     _, sink = add(engine)
     assert sink.sets == {"node-1": ["shop/a"], "node-2": ["shop/b"]}
-    assert sink.endpoints == {"node-1": "https://192.0.2.1:9474", "node-2": "https://192.0.2.2:9474"}
+    assert sink.endpoints == {
+        "node-1": "https://192.0.2.1:9474",
+        "node-2": "https://192.0.2.2:9474",
+    }
 
 
 def test_labelling_a_namespace_selects_its_pods_and_unlabelling_removes_them(engine) -> None:
