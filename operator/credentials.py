@@ -33,9 +33,7 @@ MeshAcceleration is enough.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
-import json
 import logging
 import ssl
 import time
@@ -56,6 +54,7 @@ from meshaccel.agent.tls import (
     bundle_fingerprint,
     client_context,
 )
+from meshaccel.operator.kube import Kube, KubeError
 
 log = logging.getLogger("meshaccel.operator.credentials")
 
@@ -426,7 +425,7 @@ class KubeSecrets:
     :mod:`.kube` uses it)."""
 
     def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
-        self._client = api
+        self._kube = Kube(api)
         self.namespace = namespace
 
     async def read(self, name: str) -> dict[str, Any] | None:
@@ -447,29 +446,14 @@ class KubeSecrets:
         body: Mapping[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, dict[str, Any]]:
-        path = "/api/v1/namespaces/{namespace}/secrets"
-        params = await self._client.param_serialize(
-            method=method,
-            resource_path=path + ("/{name}" if name else ""),
-            path_params={"namespace": self.namespace, **({"name": name} if name else {})},
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = await self._client.call_api(*params)
-        data = await response.read()  # type: ignore[no-untyped-call]
-        what = f"{method} Secret {self.namespace}/{name or (body or {}).get('metadata', {})}"
-        if response.status == 404 and method == "GET":
-            return 404, {}
-        if response.status == 409:
-            raise SecretConflict(f"{what}: conflict")
-        if response.status >= 400:
-            text = data.decode(errors="replace")
-            with contextlib.suppress(ValueError, AttributeError):
-                text = json.loads(text).get("message", text)
-            raise CredentialsError(f"{what}: HTTP {response.status}: {text}")
-        parsed: dict[str, Any] = json.loads(data) if data else {}
-        return response.status, parsed
+        try:
+            return await self._kube.request(
+                method, "Secret", self.namespace, name, body, content_type
+            )
+        except KubeError as err:
+            if err.status == 409:
+                raise SecretConflict(str(err)) from err
+            raise CredentialsError(str(err)) from err
 
 
 # -- what the runtime uses ------------------------------------------------------------------------

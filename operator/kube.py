@@ -58,6 +58,7 @@ _KINDS: Final[dict[str, tuple[str, str]]] = {
     "Secret": ("/api/v1", "secrets"),
     "ConfigMap": ("/api/v1", "configmaps"),
     "DaemonSet": ("/apis/apps/v1", "daemonsets"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -216,7 +217,7 @@ class Kube:
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self._client = api_client
 
-    async def _request(
+    async def request(
         self,
         method: str,
         kind: str,
@@ -226,7 +227,8 @@ class Kube:
         content_type: str = "application/json",
         query: Sequence[tuple[str, str]] = (),
     ) -> tuple[int, Object]:
-        """One request: its HTTP status and body (``{}`` for a 404 on a read or a delete)."""
+        """One request: its HTTP status and body (``{}`` for a 404 on a read or a delete);
+        :class:`KubeError` for any other status of 400 or more."""
         prefix, plural = _KINDS[kind]
         path = f"{prefix}/namespaces/{{namespace}}/{plural}" + ("/{name}" if name else "")
         params = await self._client.param_serialize(
@@ -251,11 +253,11 @@ class Kube:
         return response.status, parsed
 
     async def read(self, kind: str, namespace: str, name: str) -> Object | None:
-        status, found = await self._request("GET", kind, namespace, name)
+        status, found = await self.request("GET", kind, namespace, name)
         return None if status == 404 else found
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        status, _ = await self._request("DELETE", kind, namespace, name)
+        status, _ = await self.request("DELETE", kind, namespace, name)
         return status != 404
 
     async def apply(self, obj: Object) -> tuple[str, Object]:
@@ -269,7 +271,7 @@ class Kube:
         live = await self.read(kind, namespace, name)
         if live is not None and (migration := legacy_migration(live)):
             log.info("%s %s/%s: dropping the last-applied annotation", kind, namespace, name)
-            await self._request(
+            await self.request(
                 "PATCH",
                 kind,
                 namespace,
@@ -278,7 +280,7 @@ class Kube:
                 JSON_PATCH,
                 query=(("fieldManager", FIELD_MANAGER),),
             )
-        status, stored = await self._request(
+        status, stored = await self.request(
             "PATCH",
             kind,
             namespace,

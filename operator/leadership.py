@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -42,6 +41,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from kubernetes.aio import client as k8s
+
+from meshaccel.operator.kube import Kube, KubeError
 
 log = logging.getLogger("meshaccel.operator.leadership")
 
@@ -373,7 +374,7 @@ class KubeLeases:
     :mod:`.kube` uses it: no generated model classes)."""
 
     def __init__(self, api: k8s.ApiClient, namespace: str, name: str = LEASE_NAME) -> None:
-        self._client = api
+        self._kube = Kube(api)
         self.namespace = namespace
         self.name = name
 
@@ -406,26 +407,11 @@ class KubeLeases:
         body: Mapping[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, dict[str, Any]]:
-        path = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-        params = await self._client.param_serialize(
-            method=method,
-            resource_path=path + ("/{name}" if name else ""),
-            path_params={"namespace": self.namespace, **({"name": name} if name else {})},
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = await self._client.call_api(*params)
-        data = await response.read()  # type: ignore[no-untyped-call]
-        if response.status == 404 and method == "GET":
-            return 404, {}
-        if response.status == 409:
-            raise LeaseConflict(f"{method} Lease {self.namespace}/{self.name}: conflict")
-        if response.status >= 400:
-            text = data.decode(errors="replace")
-            with contextlib.suppress(ValueError, AttributeError):
-                text = json.loads(text).get("message", text)
-            what = f"{method} Lease {self.namespace}/{self.name}"
-            raise LeaseError(f"{what}: HTTP {response.status}: {text}")
-        parsed: dict[str, Any] = json.loads(data) if data else {}
-        return response.status, parsed
+        try:
+            return await self._kube.request(
+                method, "Lease", self.namespace, name, body, content_type
+            )
+        except KubeError as err:
+            if err.status == 409:
+                raise LeaseConflict(str(err)) from err
+            raise LeaseError(str(err)) from err
