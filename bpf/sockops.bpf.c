@@ -3,12 +3,15 @@
  * sockops: once a connection connect4 steered is established, hand what
  * connect4 knew to the accepting socket's storage, where getsockopt finds it,
  * and put both sockets into the sockhashes of their roles for sk_msg
- * (msg_senders, msg_receivers).
+ * (msg_senders, msg_receivers). Also count each pod's inbound listeners as
+ * they open and close, for connect4 (maps.h, inbound_listeners).
  *
  * sockops cannot ask for the socket's cgroup (the verifier refuses
- * bpf_sk_cgroup_id here), so it trusts only what connect4 recorded: the
- * active side in its own storage, the passive side by the handshake the
- * active side just filed (its ACK is what establishes the passive side).
+ * bpf_sk_cgroup_id here), so for connections it trusts only what connect4
+ * recorded: the active side in its own storage, the passive side by the
+ * handshake the active side just filed (its ACK is what establishes the
+ * passive side). Only the listen() callback runs in its owner's task, where
+ * the task's cgroup names the pod.
  */
 #include "helpers.h"
 
