@@ -5,10 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import objects
+from .closing import Closing
 from .constants import BtfKind
 from .errors import BtfError, ObjectOpenError
 from .native import _call_ptr, _decode, _error, _lib, _path_arg
@@ -90,7 +90,7 @@ class DatasecVar(NamedTuple):
 _ELF_MAGIC = b"\x7fELF"
 
 
-class Btf:
+class Btf(Closing):
     """BTF type information, read-only; from :meth:`parse` or :attr:`BpfObject.btf`."""
 
     def __init__(
@@ -164,17 +164,6 @@ class Btf:
             _lib().btf__free(ptr)
         elif self._owns_owner:
             self._owner.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def find(self, name: str, kind: BtfKind) -> int | None:
         """Type id of ``name`` with ``kind``, or None."""

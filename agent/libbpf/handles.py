@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno as _errno
 import os
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar
 
+from .closing import Closing
 from .errors import BpfError, PinError
 from .native import _call_int, _error, _path_arg, _pin_hints
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .objects import BpfObject
 
 
-class FdHandle:
+class FdHandle(Closing):
     """A kernel map or program reached through an fd: owned (from a pin; closed by
     :meth:`close`) or borrowed from a loaded :class:`BpfObject` (valid while it is open;
     :meth:`close` lets go without closing the object's fd)."""
@@ -96,14 +96,3 @@ class FdHandle:
         fd, self._fd = self._fd, None
         if fd is not None and self._lender is None:
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -5,15 +5,14 @@ from __future__ import annotations
 import errno as _errno
 import os
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from .closing import Closing
 from .errors import AttachError, PinError
 from .info import LinkInfo, _BpfLinkInfo, _get_info
 from .native import _call_int, _call_ptr, _error, _lib, _path_arg, _pin_hints
 
 
-class Link:
+class Link(Closing):
     """A BPF link (``struct bpf_link *``): the attachment lives while a handle or a pin holds it."""
 
     def __init__(self, ptr: int) -> None:
@@ -107,13 +106,6 @@ class Link:
         """True after :meth:`destroy`."""
         return self._ptr is None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """The same as :meth:`destroy` (what ``with`` calls)."""
         self.destroy()

@@ -11,10 +11,10 @@ import ctypes
 import errno as _errno
 import os
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar
 
 from . import btf as _btf
+from .closing import Closing
 from .constants import _LIBBPF_ERRNO_START, _PERCPU_MAP_TYPES, MapType, ProgType
 from .errors import (
     AttachError,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .native import _Hints
 
 
-class BpfObject:
+class BpfObject(Closing):
     """An opened ``.bpf.o`` (``struct bpf_object``); close it (or use ``with``) exactly once."""
 
     def __init__(self, ptr: int, path: Path) -> None:
@@ -215,17 +215,6 @@ class BpfObject:
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             _lib().bpf_object__close(ptr)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._ptr is None else ("loaded" if self._loaded else "opened")
