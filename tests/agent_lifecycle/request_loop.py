@@ -1,9 +1,9 @@
 """Requests at a fixed pace, one new TCP connection each, every echo checked byte for byte.
 
-Standard library only; run by path inside a netlab pod (its netns and cgroup), so that its
-connects are the ones meshaccel steers:
+Run as a module from the repository root, inside a netlab pod (its netns and cgroup), so that
+its connects are the ones meshaccel steers:
 
-    python request_loop.py --host 198.18.0.11 --port 8080 --count 400 --interval 0.02
+    python -m tests.agent_lifecycle.request_loop --host 198.18.0.11 --port 8080 --count 400
 
 Request i starts at start + i * interval (or at once, when the previous one ran late; never two
 at a time). Each: connect, send --size deterministic bytes, shutdown(SHUT_WR), read to EOF,
@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import socket
-import struct
 import sys
 import time
 from typing import Any
+
+from tests.netlab.apps import kernel_tuple
 
 
 def payload(index: int, size: int) -> bytes:
@@ -41,20 +41,6 @@ def payload(index: int, size: int) -> bytes:
     return out[:size]
 
 
-def kernel_local_address(sock: socket.socket) -> str:
-    """The socket's real local address (/proc/net/tcp by inode; apps.py kernel_tuple)."""
-    inode = str(os.fstat(sock.fileno()).st_ino)
-    with open(
-        "/proc/net/tcp", encoding="utf-8"
-    ) as table:  # loaded: ascii may not be after --run-as
-        for row in (line.split() for line in table.readlines()[1:]):
-            if len(row) > 9 and row[9] == inode:
-                hex_ip, _, hex_port = row[1].partition(":")
-                ip = socket.inet_ntoa(struct.pack("=I", int(hex_ip, 16)))
-                return f"{ip}:{int(hex_port, 16)}"
-    return "?"
-
-
 def one_request(host: str, port: int, index: int, size: int, timeout: float) -> dict[str, Any]:
     record: dict[str, Any] = {"i": index, "t": round(time.time(), 4), "ok": False}
     started = time.monotonic()
@@ -63,7 +49,7 @@ def one_request(host: str, port: int, index: int, size: int, timeout: float) -> 
         with socket.create_connection((host, port), timeout=timeout) as sock:
             local_ip, local_port = sock.getsockname()[:2]
             record["local"] = f"{local_ip}:{local_port}"
-            record["kernel_local"] = kernel_local_address(sock)
+            record["kernel_local"], _ = kernel_tuple(sock)
             sock.sendall(expected)
             sock.shutdown(socket.SHUT_WR)
             received = b""

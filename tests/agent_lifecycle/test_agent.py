@@ -26,7 +26,8 @@ from tests.pki import make_pki
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-LOOP_SCRIPT = Path(__file__).resolve().with_name("request_loop.py")
+LOOP_MODULE = "tests.agent_lifecycle.request_loop"
+REPO = Path(__file__).resolve().parents[2]
 INTERVAL = 0.02  # the "a request every 20 ms"
 PROGRAMS = {hook.program for hook in CGROUP_HOOKS}
 
@@ -40,7 +41,8 @@ class RequestLoop:
             [
                 sys.executable,
                 "-u",
-                str(LOOP_SCRIPT),
+                "-m",
+                LOOP_MODULE,
                 "--host",
                 str(server.ip),
                 "--port",
@@ -51,6 +53,7 @@ class RequestLoop:
                 str(INTERVAL),
             ],
             name="request-loop",
+            cwd=REPO,  # for -m
         )
 
     def records(self) -> list[dict[str, Any]]:
