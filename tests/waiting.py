@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar, overload
 
 T = TypeVar("T")
@@ -55,3 +56,14 @@ async def wait_for(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+@dataclass
+class StoppedClock:
+    """A clock for code that takes one (``clock=``), moved only by the test: windows, backoffs,
+    leases and intervals read exactly. Real timers still run; while it stands, nothing falls due."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

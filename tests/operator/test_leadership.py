@@ -22,16 +22,9 @@ from meshaccel.operator.leadership import (
     LeaseError,
     LeaseRecord,
 )
+from tests.waiting import StoppedClock
 
 DURATION = 15.0
-
-
-@dataclass
-class StoppedClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -31,7 +31,7 @@ from meshaccel.operator.metrics import PushMetrics
 from meshaccel.operator.pusher import NodeState, Pusher
 from tests.operator.fake_agent import FakeAgent, FakeAgentFleet
 from tests.pki import make_pki
-from tests.waiting import wait_for
+from tests.waiting import StoppedClock, wait_for
 
 PKI = make_pki()
 AGENT_TLS = PKI.agent_tls()  # the agents' Secret
@@ -56,17 +56,6 @@ def pod(index: int, **changes: Any) -> PodSpec:
 
 def pods(*indexes: int) -> list[PodSpec]:
     return [pod(i) for i in indexes]
-
-
-@dataclass
-class StoppedClock:
-    """The pusher's clock, moved only by the test: windows, backoffs and latencies read exactly.
-    (The pusher's task still waits on real timers; while this clock stands, nothing falls due.)"""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def idle(state: NodeState) -> bool:

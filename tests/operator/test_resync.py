@@ -18,17 +18,9 @@ from meshaccel.operator.handlers import _api_client
 from meshaccel.operator.resync import Listing, RelistDetector, Resyncer, list_cluster
 from tests.operator.conftest import KubeClient, api_path
 from tests.operator.objects import OPERATOR_NAMESPACE, pod
-from tests.waiting import wait_for
+from tests.waiting import StoppedClock, wait_for
 
 INTERVAL = 300.0
-
-
-@dataclass
-class StoppedClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize(

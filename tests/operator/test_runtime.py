@@ -24,19 +24,11 @@ from meshaccel.operator.runtime import Runtime
 from tests.operator.conftest import KubeClient, agent_tls, api_path, run_agent_pod
 from tests.operator.fake_agent import FakeAgent
 from tests.operator.objects import OPERATOR_NAMESPACE
-from tests.waiting import wait_for
+from tests.waiting import StoppedClock, wait_for
 
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
 AGENT_IP = "127.0.0.2"
 PODS = api_path("v1", "pods", "shop")
-
-
-@dataclass
-class StoppedClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
