@@ -86,11 +86,11 @@ def test_the_agent_image_is_this_version_with_its_objects_and_libbpf(agent_root:
     assert set(OBJECT_FILES) <= set(shipped), shipped
 
 
-def test_the_agent_needs_no_more_than_the_daemonsets_capabilities(
+def test_a_program_in_the_agent_image_has_exactly_the_daemonsets_capabilities(
     agent_root: ImageRoot,
 ) -> None:
-    """Its entry point's own privilege check, in the image, with the DaemonSet's set: the full
-    load is the lifecycle tests' (run from the image by scripts/images.sh)."""
+    """What the lifecycle tests started from the image rely on: inside the image, with the
+    DaemonSet's mounts, a program holds the DaemonSet's capabilities and no other."""
     capabilities = agent_capabilities(DEFAULT_AGENT_PORT, sk_msg_redirect=True)
     mounts = [f"{BPFFS_PATH}:{BPFFS_PATH}", f"{CGROUP_PATH}:{CGROUP_PATH}:ro"]
     probe = ["sh", "-c", "grep CapEff /proc/self/status"]
