@@ -37,10 +37,17 @@ from meshaccel.agent import layout, libbpf, prerequisites, probes
 from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
 from meshaccel.agent.pods import AcceleratedPod, decode_cidr_key, decode_u64, u32, u64
 from meshaccel.agent.prerequisites import DatapathError
+from meshaccel.contract.settings import (
+    DEFAULT_CAPACITIES,
+    DEFAULT_REDIRECT_BUDGET,
+    MAX_REDIRECT_BUDGET,
+    MIN_REDIRECT_BUDGET,
+    PIN_ROOT,
+    Capacities,
+)
 
 log = logging.getLogger(__name__)
 
-PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
 #: Connect-time steering only: every byte takes TCP.
 CONNECT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
 #: Connect-time steering plus socket-to-socket delivery into sidecar sockets (and into the
@@ -48,13 +55,6 @@ CONNECT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
 #: receiver falls behind (docs/datapath.md, "Delivery that follows its receiver").
 SK_MSG_FEATURES = CONNECT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
 DEFAULT_FEATURES = SK_MSG_FEATURES
-#: Unread bytes a receiving socket may hold before its sender falls back to TCP. Measured
-#: (docs/benchmarks.md): request/response traffic never reached it, a bulk stream falls back
-#: after about this much, and 64 KiB to 4 MiB changed no workload's rate; a single response
-#: larger than it, on a connection whose receiver sends nothing meanwhile, takes TCP.
-DEFAULT_REDIRECT_BUDGET = 1 << 20
-MIN_REDIRECT_BUDGET = 64 << 10
-MAX_REDIRECT_BUDGET = 64 << 20
 
 
 class NotLoadedError(DatapathError):
@@ -135,30 +135,6 @@ class ProgrammedPods:
 
     pods: dict[int, AcceleratedPod]
     orphans: dict[str, set[bytes]]
-
-
-@dataclass(frozen=True)
-class Capacities:
-    """max_entries of the maps; every object must agree, so they are set in one place."""
-
-    pods: int = 1024
-    pod_ports: int = 16384
-    pod_cidrs: int = 4096
-    connections: int = 65536
-
-    def max_entries(self) -> dict[str, int]:
-        return {
-            "pods": self.pods,
-            "pod_ips": self.pods,
-            "inbound_listeners": self.pods,
-            "pod_ports": self.pod_ports,
-            "outbound_excluded_cidrs": self.pod_cidrs,
-            "outbound_included_cidrs": self.pod_cidrs,
-            "handshakes": self.connections,
-            "msg_senders": self.connections,
-            "msg_receivers": self.connections,
-            "receive_queues": self.connections,
-        }
 
 
 @dataclass(frozen=True)
@@ -290,7 +266,7 @@ class Datapath:
         objects_dir: Path | None = None,
         features: DatapathFeatures = DEFAULT_FEATURES,
         redirect_budget: int = DEFAULT_REDIRECT_BUDGET,
-        capacities: Capacities = Capacities(),
+        capacities: Capacities = DEFAULT_CAPACITIES,
         pin_root: Path = PIN_ROOT,
         splice_probe: Callable[[Path], bool] = probes.splice_reads_redirected_bytes,
     ) -> Datapath:

@@ -30,8 +30,8 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from meshaccel.agent.api_models import PodSpec
 from meshaccel.agent.reconcile import UnresolvedPodError
+from meshaccel.contract.api import PodSpec
 
 # connect4 looks for the pod among the current task's cgroup ancestors at levels 1..8
 # (bpf/include/helpers.h MAX_CGROUP_LEVEL): a pod cgroup deeper than that is never found.

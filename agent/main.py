@@ -51,8 +51,7 @@ from types import FrameType
 from aiohttp import web
 
 from meshaccel.agent import config, libbpf, prerequisites
-from meshaccel.agent.api_models import StartupDecision as Decision
-from meshaccel.agent.config import AgentSettings, LoadedSettings, SettingsError
+from meshaccel.agent.config import LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
     Datapath,
     LoadedConfig,
@@ -62,13 +61,15 @@ from meshaccel.agent.datapath import (
 )
 from meshaccel.agent.identity import CgroupResolver
 from meshaccel.agent.layout import DatapathFeatures
-from meshaccel.agent.logs import configure_logging
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled, serving
 from meshaccel.agent.standalone import PodsFileWatcher
 from meshaccel.agent.tls import ServerTLS
-from meshaccel.agent.version import VERSION
+from meshaccel.contract.api import StartupDecision as Decision
+from meshaccel.contract.logs import configure_logging
+from meshaccel.contract.settings import AgentSettings
+from meshaccel.contract.version import VERSION
 
 log = logging.getLogger("meshaccel.agent")
 
@@ -137,7 +138,7 @@ CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
         "receive_queues",
     ),
 }
-# The setting that switches each feature (AgentSettings.features builds them the same way).
+# The setting that switches each feature (config.datapath_features builds them the same way).
 FEATURE_SETTINGS: dict[str, DatapathFeatures] = {
     "same_node_inbound": DatapathFeatures.FEATURE_SAME_NODE_INBOUND,
     "sk_msg_redirect": DatapathFeatures.FEATURE_SK_MSG_REDIRECT,
@@ -151,11 +152,12 @@ def config_differences(pinned: LoadedConfig, settings: AgentSettings) -> tuple[D
     never read, and a switched feature reloads anyway.
     """
     found = []
+    wanted = config.datapath_features(settings)
     for setting, feature in FEATURE_SETTINGS.items():
-        was_on, wanted_on = feature in pinned.features, feature in settings.features
+        was_on, wanted_on = feature in pinned.features, feature in wanted
         if was_on != wanted_on:
             found.append(Difference(setting, was_on, wanted_on))
-    redirecting = DatapathFeatures.FEATURE_SK_MSG_REDIRECT in pinned.features & settings.features
+    redirecting = DatapathFeatures.FEATURE_SK_MSG_REDIRECT in pinned.features & wanted
     if redirecting and pinned.redirect_budget != settings.sk_msg_redirect_budget:
         found.append(
             Difference(
@@ -241,7 +243,7 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             attach,
             instance=settings.instance,
             objects_dir=settings.bpf_objects,
-            features=settings.features,
+            features=config.datapath_features(settings),
             redirect_budget=settings.sk_msg_redirect_budget,
             capacities=settings.capacities,
             pin_root=settings.pin_root,

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from meshaccel.agent.layout import FALLBACK_REASONS, Counter
 from meshaccel.agent.reconcile import Reconciler
-from meshaccel.agent.version import VERSION
+from meshaccel.contract.version import VERSION
 
 log = logging.getLogger(__name__)
 

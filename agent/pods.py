@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from meshaccel.agent import layout
 from meshaccel.agent.layout import TrafficDirection
-from meshaccel.agent.modes import MeshMode
+from meshaccel.contract.modes import MeshMode
 
 
 def _check_ports(ports: frozenset[int], what: str) -> None:

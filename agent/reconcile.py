@@ -1,6 +1,6 @@
 """Keep the datapath's pod maps equal to the node's desired pod set.
 
-A :class:`Reconciler` takes each :class:`~meshaccel.agent.api_models.PodSet` as the node's
+A :class:`Reconciler` takes each :class:`~meshaccel.contract.api.PodSet` as the node's
 complete desired state and applies the difference to the maps, all or nothing:
 
 * sets are ordered by ``(epoch, generation)``: a set from a lower epoch than the applied one is
@@ -54,11 +54,11 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Protocol
 
-from meshaccel.agent.api_models import ApplyResult, PodSet, PodSpec, UnresolvedPod
 from meshaccel.agent.datapath import POD_MAPS as POD_MAPS  # the server lists them
 from meshaccel.agent.datapath import Datapath, MapFullError, UndoFailedError
-from meshaccel.agent.modes import MESH_MODES
 from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.contract.api import ApplyResult, PodSet, PodSpec, UnresolvedPod
+from meshaccel.contract.modes import MESH_MODES
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,8 @@ class _Plan:
 
 
 def _pod_fields(spec: PodSpec | None) -> dict[str, object]:
-    """The ``extra=`` fields naming a pod (see ``logs.py``); None for a pod programmed before
-    a restart that no set has named yet."""
+    """The ``extra=`` fields naming a pod (``contract/logs.py``); None for a pod programmed
+    before a restart that no set has named yet."""
     if spec is None:
         return {"pod": None, "uid": None}
     return {"pod": f"{spec.namespace}/{spec.name}", "uid": spec.uid}

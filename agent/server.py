@@ -23,7 +23,7 @@ GET     /readyz       no     200 ``{"status": "ok"}`` when every program is atta
 GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
 ======  ============  =====  ==================================================================
 
-Every 4xx and 5xx body is an :class:`~meshaccel.agent.api_models.ErrorReply` (JSON), also for
+Every 4xx and 5xx body is an :class:`~meshaccel.contract.api.ErrorReply` (JSON), also for
 unknown paths and methods; a refused request changes nothing. Unexpected errors give a 500
 whose body says to look in the log; the traceback is logged, never sent.
 
@@ -73,19 +73,6 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from meshaccel.agent import libbpf, prerequisites
-from meshaccel.agent.api_models import (
-    AppliedPod,
-    ErrorReply,
-    HealthReply,
-    MapUsage,
-    PodSet,
-    PodsReply,
-    ProbeReply,
-    ProgramStatus,
-    StartupDecision,
-    StatusReply,
-    UninstallReply,
-)
 from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, Datapath, PinLayout
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.listener import Limits, Listener
@@ -99,7 +86,21 @@ from meshaccel.agent.reconcile import (
     StaleEpochError,
     StaleGenerationError,
 )
-from meshaccel.agent.tls import ServerTLS, is_operator
+from meshaccel.agent.tls import ServerTLS
+from meshaccel.contract.api import (
+    AppliedPod,
+    ErrorReply,
+    HealthReply,
+    MapUsage,
+    PodSet,
+    PodsReply,
+    ProbeReply,
+    ProgramStatus,
+    StartupDecision,
+    StatusReply,
+    UninstallReply,
+)
+from meshaccel.contract.tls import is_operator
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Standalone mode: the node's pod set comes from a YAML file, watched for changes.
 
-The file has the shape of ``PUT /v1/pods`` (:class:`~meshaccel.agent.api_models.PodSet`),
+The file has the shape of ``PUT /v1/pods`` (:class:`~meshaccel.contract.api.PodSet`),
 each pod with the ``cgroup`` that identifies it (relative to the cgroup2 root)::
 
     generation: 7            # optional: without it, each new version gets the next number
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
-from meshaccel.agent.api_models import ApplyResult, PodSet
+from meshaccel.contract.api import ApplyResult, PodSet
 
 log = logging.getLogger(__name__)
 

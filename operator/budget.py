@@ -22,8 +22,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshaccel.agent.api_models import PodOptions, PodSpec
-from meshaccel.agent.modes import MESH_MODES, MeshModeName
+from meshaccel.contract.api import PodOptions, PodSpec
+from meshaccel.contract.modes import MESH_MODES, MeshModeName
 from meshaccel.operator.models import MeshAccelerationSpec
 
 # The agent's per-pod maps an option fills, in the order of a usage tuple (agent/reconcile.py

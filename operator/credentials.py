@@ -5,10 +5,10 @@ kept in the Secret :data:`CA_SECRET` of the operator's namespace: its key never 
 Secret and the operator's memory. It issues
 
 * the operator's **client certificate** (URI SAN
-  :data:`~meshaccel.agent.tls.OPERATOR_IDENTITY`, clientAuth only), valid a day, renewed after
+  :data:`~meshaccel.contract.tls.OPERATOR_IDENTITY`, clientAuth only), valid a day, renewed after
   half of it and only ever in memory (:meth:`Credentials.client_context`);
 * per MeshAcceleration, the agents' **server certificate** (DNS SAN
-  :data:`~meshaccel.agent.tls.AGENT_SERVER_NAME`, serverAuth only), valid 90 days and renewed
+  :data:`~meshaccel.contract.tls.AGENT_SERVER_NAME`, serverAuth only), valid 90 days and renewed
   after 60, which the agents' Secret carries with the **bundle** of CAs the agents accept client
   certificates from (:meth:`Credentials.agent_tls`).
 
@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes.aio import client as k8s
 
-from meshaccel.agent.tls import (
+from meshaccel.contract.tls import (
     AGENT_SERVER_NAME,
     OPERATOR_IDENTITY,
     bundle_fingerprint,

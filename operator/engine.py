@@ -47,7 +47,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshaccel.agent.api_models import PodSpec
+from meshaccel.contract.api import PodSpec
 from meshaccel.operator.budget import Budget, LeftOut
 from meshaccel.operator.checks import spec_problems
 from meshaccel.operator.models import MeshAccelerationSpec

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import kopf
 import prometheus_client
 
-from meshaccel.agent.logs import configure_logging
+from meshaccel.contract.logs import configure_logging
 from meshaccel.operator import handlers, metrics
 from meshaccel.operator.config import operator_config, parse_args
 

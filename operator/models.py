@@ -18,12 +18,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from meshaccel.agent.datapath import (
+from meshaccel.contract.modes import MeshModeName
+from meshaccel.contract.settings import (
     DEFAULT_REDIRECT_BUDGET,
     MAX_REDIRECT_BUDGET,
     MIN_REDIRECT_BUDGET,
 )
-from meshaccel.agent.modes import MeshModeName
 
 GROUP = "meshaccel.io"
 VERSION = "v1alpha1"

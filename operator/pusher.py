@@ -4,7 +4,7 @@ One :class:`Pusher` per MeshAcceleration. Kopf handlers tell it where each node'
 listens (:meth:`Pusher.set_endpoint`) and what each node's set is (:meth:`Pusher.set_pods`);
 both are synchronous and cheap, and must be called on the event loop's thread: from
 ``async def`` handlers (Kopf runs plain ``def`` handlers in worker threads). The pusher
-sends ``PUT /v1/pods`` (:class:`~meshaccel.agent.api_models.PodSet`) and tracks what every
+sends ``PUT /v1/pods`` (:class:`~meshaccel.contract.api.PodSet`) and tracks what every
 agent confirmed (:meth:`Pusher.nodes`).
 
 Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next health probe:
@@ -57,7 +57,7 @@ HTTPS only, mutual TLS: the caller's :class:`aiohttp.ClientSession` (its connect
 concurrent requests: for hundreds of nodes make it ``limit=0`` or about the node count); every
 request takes the context ``tls()`` returns then (the operator's client certificate, renewed by
 its owner, and the CAs the agent's server certificate must chain to) and checks the server's
-name, :data:`~meshaccel.agent.tls.AGENT_SERVER_NAME` (node addresses are in no certificate).
+name, :data:`~meshaccel.contract.tls.AGENT_SERVER_NAME` (node addresses are in no certificate).
 An endpoint given as ``http://`` is reached over https all the same. Bodies are built and
 parsed with the agent's own models, so the contract is checked on both ends by the same code.
 """
@@ -79,7 +79,7 @@ from operator import attrgetter
 import aiohttp
 from pydantic import ValidationError
 
-from meshaccel.agent.api_models import (
+from meshaccel.contract.api import (
     ApplyResult,
     ErrorReply,
     HealthReply,
@@ -87,7 +87,7 @@ from meshaccel.agent.api_models import (
     PodSpec,
     UninstallReply,
 )
-from meshaccel.agent.tls import AGENT_SERVER_NAME
+from meshaccel.contract.tls import AGENT_SERVER_NAME
 from meshaccel.operator.metrics import PushMetrics, default_metrics
 
 log = logging.getLogger(__name__)

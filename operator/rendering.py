@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import yaml
 
-from meshaccel.agent.config import AgentSettings
+from meshaccel.contract.settings import AgentSettings
 from meshaccel.operator.config import AgentImage
 from meshaccel.operator.credentials import TLS_CA, TLS_CERT, TLS_KEY, AgentTLS
 from meshaccel.operator.models import API_VERSION, KIND, MeshAccelerationSpec

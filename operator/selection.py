@@ -31,8 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meshaccel.agent.api_models import PodOptions, PodSpec
-from meshaccel.agent.modes import MeshModeName
+from meshaccel.contract.api import PodOptions, PodSpec
+from meshaccel.contract.modes import MeshModeName
 from meshaccel.operator.models import DatapathSpec, ExclusionsSpec, MeshAccelerationSpec
 from meshaccel.operator.selectors import matches
 

@@ -11,6 +11,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 # The import packages that exist in this tree (folder -> import name, as in pyproject.toml).
 packages=()
 [[ -f agent/__init__.py ]] && packages+=(-p meshaccel.agent)
+[[ -f contract/__init__.py ]] && packages+=(-p meshaccel.contract)
 [[ -d operator ]] && packages+=(-p meshaccel.operator)
 [[ -f tests/__init__.py ]] && packages+=(-p tests)
 
@@ -21,7 +22,7 @@ echo "==> ruff format --check"
 ruff format --check . || failed+=(ruff-format)
 echo "==> mypy ${packages[*]}"
 # mypy reads the package through the editable link tree under build/: report the real paths.
-mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|operator)/#\1/#' \
+mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|contract|operator)/#\1/#' \
     || failed+=(mypy)
 
 if ((${#failed[@]})); then

@@ -14,7 +14,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshaccel.agent.tls import AGENT_SERVER_NAME, TLSFiles, client_context
+from meshaccel.contract.tls import AGENT_SERVER_NAME, TLSFiles, client_context
 from meshaccel.operator.credentials import (
     TLS_CA,
     TLS_CERT,

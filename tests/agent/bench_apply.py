@@ -47,10 +47,10 @@ from typing import Any
 
 from aiohttp import web
 
-from meshaccel.agent.api_models import PodSet, PodSpec
 from meshaccel.agent.datapath import Datapath
 from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError
 from meshaccel.agent.server import create_app
+from meshaccel.contract.api import PodSet, PodSpec
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
 
 PIN_ROOT = Path(f"/sys/fs/bpf/meshaccel-test-{os.getpid()}")

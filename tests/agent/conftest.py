@@ -24,12 +24,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from meshaccel.agent.api_models import PodOptions, PodSet, PodSpec
-from meshaccel.agent.datapath import SK_MSG_FEATURES, Capacities, Datapath
+from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerated_pod
 from meshaccel.agent.server import create_app
 from meshaccel.agent.tls import ServerTLS
+from meshaccel.contract.api import PodOptions, PodSet, PodSpec
+from meshaccel.contract.settings import Capacities
 from tests.datapath.conftest import PIN_ROOT
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
 from tests.pki import make_pki

@@ -21,12 +21,13 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from meshaccel.agent.api_models import HealthReply
 from meshaccel.agent.datapath import Datapath, PinLayout
 from meshaccel.agent.listener import Limits, Listener
 from meshaccel.agent.reconcile import Reconciler, Snapshot
 from meshaccel.agent.server import create_app, serving
-from meshaccel.agent.tls import AGENT_SERVER_NAME, ServerTLS, bundle_fingerprint
+from meshaccel.agent.tls import ServerTLS
+from meshaccel.contract.api import HealthReply
+from meshaccel.contract.tls import AGENT_SERVER_NAME, bundle_fingerprint
 from meshaccel.operator.credentials import AgentTLS, issue_server, new_authority
 from meshaccel.operator.pusher import Pusher
 from tests.agent.conftest import FakeResolver, expected_pods, pod_spec

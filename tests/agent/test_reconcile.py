@@ -11,10 +11,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from meshaccel.agent import libbpf
-from meshaccel.agent.api_models import PodSet, PodSpec
-from meshaccel.agent.datapath import Capacities, Datapath, ProgrammedPods
+from meshaccel.agent.datapath import Datapath, ProgrammedPods
 from meshaccel.agent.layout import PodFlags, PodInfo, TrafficDirection
-from meshaccel.agent.modes import MeshModeName
 from meshaccel.agent.pods import decode_u64, port_key, u64
 from meshaccel.agent.reconcile import (
     ApplyFailedError,
@@ -27,6 +25,9 @@ from meshaccel.agent.reconcile import (
     UnresolvedPodError,
     same_spec,
 )
+from meshaccel.contract.api import PodSet, PodSpec
+from meshaccel.contract.modes import MeshModeName
+from meshaccel.contract.settings import Capacities
 from tests.agent.conftest import (
     DatapathFactory,
     FakeResolver,

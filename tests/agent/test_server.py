@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from meshaccel.agent.api_models import (
+from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath
+from meshaccel.agent.layout import Counter
+from meshaccel.agent.listener import Limits
+from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.reconcile import Reconciler, accelerated_pod
+from meshaccel.agent.server import DatapathInfo, create_app
+from meshaccel.agent.tls import ServerTLS
+from meshaccel.contract.api import (
     ApplyResult,
     ErrorReply,
     HealthReply,
@@ -27,13 +34,8 @@ from meshaccel.agent.api_models import (
     PodsReply,
     StatusReply,
 )
-from meshaccel.agent.datapath import CGROUP_HOOKS, Capacities, Datapath
-from meshaccel.agent.layout import Counter
-from meshaccel.agent.listener import Limits
-from meshaccel.agent.pods import AcceleratedPod
-from meshaccel.agent.reconcile import Reconciler, accelerated_pod
-from meshaccel.agent.server import DatapathInfo, create_app
-from meshaccel.agent.tls import ServerTLS, bundle_fingerprint
+from meshaccel.contract.settings import Capacities
+from meshaccel.contract.tls import bundle_fingerprint
 from tests.agent.conftest import (
     PKI,
     Client,

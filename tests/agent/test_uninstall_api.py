@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.api_models import (
+from meshaccel.agent.datapath import Datapath, PinLayout
+from meshaccel.agent.reconcile import Reconciler
+from meshaccel.agent.server import is_uninstalled
+from meshaccel.contract.api import (
     ApplyResult,
     ErrorReply,
     HealthReply,
     StatusReply,
     UninstallReply,
 )
-from meshaccel.agent.datapath import Datapath, PinLayout
-from meshaccel.agent.reconcile import Reconciler
-from meshaccel.agent.server import is_uninstalled
 from tests.agent.conftest import PKI, Client, MakeClient, PodCgroups, pod_set, pod_spec
 from tests.agent_lifecycle.harness import (
     PIN_ROOT,

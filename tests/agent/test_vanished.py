@@ -22,11 +22,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshaccel.agent import libbpf
-from meshaccel.agent.api_models import PodSpec, PodsReply, StatusReply
 from meshaccel.agent.datapath import Datapath
 from meshaccel.agent.identity import CgroupDriver, CgroupResolver, QosClass, kubelet_pod_cgroup
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import ApplyFailedError, Reconciler, accelerated_pod
+from meshaccel.contract.api import PodSpec, PodsReply, StatusReply
 from tests.agent.conftest import (
     FakeResolver,
     MakeClient,

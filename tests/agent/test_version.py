@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshaccel.agent.version import VERSION
+from meshaccel.contract.version import VERSION
 from tests.agent.conftest import MakeClient
 
 

@@ -16,17 +16,18 @@ import pytest
 import yaml
 
 from meshaccel.agent.config import (
-    DEFAULT_PORT,
     EXIT_INVALID_SETTINGS,
     FIELDS,
     SettingsError,
+    datapath_features,
     env_name,
     flag_name,
     load_settings,
     read_tls,
 )
 from meshaccel.agent.layout import DatapathFeatures
-from meshaccel.agent.tls import bundle_fingerprint
+from meshaccel.contract.settings import DEFAULT_PORT
+from meshaccel.contract.tls import bundle_fingerprint
 from meshaccel.operator.credentials import AgentTLS
 from tests.agent_lifecycle.harness import MODULE_ARGV, PIN_ROOT, PKI, agent_argv
 from tests.pki import make_pki, write_secret_volume
@@ -80,7 +81,7 @@ def test_defaults() -> None:
     )
     assert s.attach_cgroup is None  # the cgroup2 mount, found at start
     assert str(s.pin_root) == "/sys/fs/bpf/meshaccel" and s.instance == "default"
-    assert s.features == (
+    assert datapath_features(s) == (
         DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
     ), "sk_msg redirection is on by default"
     assert s.sk_msg_redirect_budget == 1 << 20

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent.api_models import PodSpec
 from meshaccel.agent.identity import (
     CgroupDriver,
     CgroupResolver,
@@ -23,6 +22,7 @@ from meshaccel.agent.identity import (
     kubelet_pod_cgroup,
 )
 from meshaccel.agent.reconcile import UnresolvedPodError
+from meshaccel.contract.api import PodSpec
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup, cgroup_id
 from tests.requirements import require_cgroup2, require_root
 

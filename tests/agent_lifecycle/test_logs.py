@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshaccel.agent.logs import configure_logging
+from meshaccel.contract.logs import configure_logging
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent import libbpf
-from meshaccel.agent.config import AgentSettings
-from meshaccel.agent.datapath import RETIRED_MAPS, Capacities, Datapath, LoadedConfig, PinLayout
+from meshaccel.agent import config, libbpf
+from meshaccel.agent.datapath import RETIRED_MAPS, Datapath, LoadedConfig, PinLayout
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.main import CAPACITY_MAPS, FEATURE_SETTINGS, config_differences
+from meshaccel.contract.settings import AgentSettings, Capacities
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
 from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess, wait_for
 from tests.agent_lifecycle.test_agent import (
@@ -73,7 +73,7 @@ def test_feature_settings_build_the_settings_features() -> None:
     for setting, feature in FEATURE_SETTINGS.items():
         for on in (True, False):
             settings = local_settings(**{setting: on})
-            assert (feature in settings.features) == on, f"{setting}={on}"
+            assert (feature in config.datapath_features(settings)) == on, f"{setting}={on}"
 
 
 ON = DatapathFeatures.FEATURE_SAME_NODE_INBOUND | DatapathFeatures.FEATURE_SK_MSG_REDIRECT

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.api_models import ApplyResult, PodSet
 from meshaccel.agent.reconcile import StaleGenerationError
 from meshaccel.agent.standalone import PodsFileError, PodsFileWatcher, parse_pod_set
+from meshaccel.contract.api import ApplyResult, PodSet
 from tests.agent_lifecycle.harness import write_yaml
 
 

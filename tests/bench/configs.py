@@ -24,12 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from meshaccel.agent.datapath import (
-    CONNECT_FEATURES,
-    DEFAULT_REDIRECT_BUDGET,
-    SK_MSG_FEATURES,
-)
+from meshaccel.agent.datapath import CONNECT_FEATURES, SK_MSG_FEATURES
 from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.contract.settings import DEFAULT_REDIRECT_BUDGET
 
 
 class Route(Enum):

@@ -28,8 +28,8 @@ from typing import Literal
 from urllib.parse import quote
 
 from meshaccel.agent.datapath import Datapath
-from meshaccel.agent.modes import ISTIO
 from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.contract.modes import ISTIO
 from tests.netlab import (
     SIDECAR_IDENTITY,
     EnvoySidecar,

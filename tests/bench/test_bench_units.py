@@ -13,12 +13,8 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.datapath import (
-    CONNECT_FEATURES,
-    DEFAULT_FEATURES,
-    DEFAULT_REDIRECT_BUDGET,
-    SK_MSG_FEATURES,
-)
+from meshaccel.agent.datapath import CONNECT_FEATURES, DEFAULT_FEATURES, SK_MSG_FEATURES
+from meshaccel.contract.settings import DEFAULT_REDIRECT_BUDGET
 from tests.bench import report
 from tests.bench.accounting import ClientRun
 from tests.bench.configs import CONFIGS, CONFIGS_BY_KEY, DEFAULT_CONFIG, rotated

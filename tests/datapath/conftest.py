@@ -19,8 +19,8 @@ import pytest
 
 from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import FALLBACK_REASONS, Counter, DatapathFeatures
-from meshaccel.agent.modes import ISTIO
 from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.contract.modes import ISTIO
 from tests.netlab import Node, Pod
 from tests.netlab.netns import run_in_netns
 from tests.requirements import require_btf, require_tool

@@ -46,7 +46,7 @@ def run_loader(node: Node, code: str) -> str:
         "from pathlib import Path\n"
         "from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath\n"
         "from meshaccel.agent.layout import Counter\n"
-        "from meshaccel.agent.modes import ISTIO\n"
+        "from meshaccel.contract.modes import ISTIO\n"
         "from meshaccel.agent.pods import AcceleratedPod\n"
         f"cgroup, instance, pin_root = Path({str(node.cgroup.path)!r}), {node.token!r}, "
         f"Path({str(PIN_ROOT)!r})\n" + code

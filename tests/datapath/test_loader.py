@@ -15,7 +15,6 @@ from meshaccel.agent import libbpf
 from meshaccel.agent.datapath import (
     OBJECT_FILES,
     AlreadyLoadedError,
-    Capacities,
     Datapath,
     MapFullError,
     ProgrammedPods,
@@ -23,13 +22,14 @@ from meshaccel.agent.datapath import (
     earlier_release,
 )
 from meshaccel.agent.layout import TrafficDirection
-from meshaccel.agent.modes import ISTIO, LINKERD
 from meshaccel.agent.pods import AcceleratedPod, decode_u64, port_key, u64
 from meshaccel.agent.prerequisites import (
     BpffsNotMountedError,
     NoCgroup2Error,
     ObjectMissingError,
 )
+from meshaccel.contract.modes import ISTIO, LINKERD
+from meshaccel.contract.settings import Capacities
 from tests.datapath.conftest import PIN_ROOT, load_datapath, unload_quietly
 from tests.netlab import Node
 

@@ -2,8 +2,8 @@
 
 A :class:`FakeAgent` serves TLS with the agents' Secret (:class:`AgentTLS`: server certificate,
 key, and the CA bundle client certificates must chain to, with the agent's own TLS profile,
-:mod:`meshaccel.agent.tls`), lets only the operator's identity past the open paths (403, as the
-agent), validates bodies with the agent's own models (:mod:`meshaccel.agent.api_models`),
+:mod:`meshaccel.contract.tls`), lets only the operator's identity past the open paths (403, as the
+agent), validates bodies with the agent's own models (:mod:`meshaccel.contract.api`),
 applies the reconciler's epoch and generation rules (a lower epoch → 409 with
 ``applied_epoch`` only; a higher one is taken with any generation; within the epoch, a lower
 generation → 409 with ``applied_generation``; the same generation with the same set → no-op;
@@ -47,7 +47,7 @@ from typing import Self
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from meshaccel.agent.api_models import (
+from meshaccel.contract.api import (
     AppliedPod,
     ApplyResult,
     ErrorReply,
@@ -58,7 +58,7 @@ from meshaccel.agent.api_models import (
     ProbeReply,
     UninstallReply,
 )
-from meshaccel.agent.tls import bundle_fingerprint, is_operator, server_context_pem
+from meshaccel.contract.tls import bundle_fingerprint, is_operator, server_context_pem
 from meshaccel.operator.credentials import AgentTLS
 
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]

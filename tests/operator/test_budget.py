@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshaccel.agent.api_models import PodOptions, PodSpec
-from meshaccel.agent.modes import MeshModeName
 from meshaccel.agent.reconcile import accelerated_pod, map_usage
+from meshaccel.contract.api import PodOptions, PodSpec
+from meshaccel.contract.modes import MeshModeName
 from meshaccel.operator.budget import MAPS, SHARES_PER_POD, Budget, usage
 from meshaccel.operator.models import MeshAccelerationSpec
 

@@ -24,8 +24,8 @@ from cryptography import x509
 from kubernetes.aio import client as k8s
 from kubernetes.aio import config as k8s_config
 
-from meshaccel.agent.api_models import PodSpec
-from meshaccel.agent.tls import bundle_fingerprint, client_context
+from meshaccel.contract.api import PodSpec
+from meshaccel.contract.tls import bundle_fingerprint, client_context
 from meshaccel.operator.credentials import (
     CA_SECRET,
     CA_VALIDITY,

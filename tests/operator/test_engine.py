@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.api_models import PodSpec
+from meshaccel.contract.api import PodSpec
 from meshaccel.operator.budget import Budget, usage
 from meshaccel.operator.engine import Engine, ListedAcceleration
 from meshaccel.operator.models import MeshAccelerationSpec

@@ -24,8 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from meshaccel.agent.api_models import PodSpec
-from meshaccel.agent.tls import AGENT_SERVER_NAME, bundle_fingerprint
+from meshaccel.contract.api import PodSpec
+from meshaccel.contract.tls import AGENT_SERVER_NAME, bundle_fingerprint
 from meshaccel.operator.credentials import AgentTLS, issue
 from meshaccel.operator.metrics import PushMetrics
 from meshaccel.operator.pusher import NodeState, Pusher

@@ -19,7 +19,8 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 import yaml
 
-from meshaccel.agent.config import AgentSettings, load_settings
+from meshaccel.agent.config import load_settings
+from meshaccel.contract.settings import AgentSettings
 from meshaccel.operator import rendering
 from meshaccel.operator.config import AgentImage
 from meshaccel.operator.credentials import AgentTLS

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.modes import MeshModeName
+from meshaccel.contract.modes import MeshModeName
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import PodFacts, PodWarning, Verdict, select
 from tests.operator.objects import pod

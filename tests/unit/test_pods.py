@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent.api_models import PodSpec
 from meshaccel.agent.layout import PodFlags
 from meshaccel.agent.reconcile import accelerated_pod
+from meshaccel.contract.api import PodSpec
 
 CGROUP_ID = 4242
 

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from meshaccel.agent.modes import MeshModeName
+from meshaccel.contract.modes import MeshModeName
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
