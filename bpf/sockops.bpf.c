@@ -122,6 +122,19 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 			state->conn.flags & CONNECTION_SERVER_TAKES_MSG);
 }
 
+/*
+ * An accepted socket inherits its listener's callback flags (since 5.10), and
+ * with them a counted listener's STATE_CB: only the listener's close is
+ * counted, so its children drop it instead of paying a run per state change.
+ */
+static __always_inline void drop_inherited_state_callbacks(struct bpf_sock_ops *skops)
+{
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
+
+	if (flags & BPF_SOCK_OPS_STATE_CB_FLAG)
+		bpf_sock_ops_cb_flags_set(skops, flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 /* The accepting side: ours if the connecting side filed this handshake. */
 static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 {
@@ -131,6 +144,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	struct connection *filed;
 	struct connection conn;
 
+	drop_inherited_state_callbacks(skops);
 	handshake.client_seq = skops->rcv_nxt;
 	handshake.server_seq = skops->snd_nxt;
 	filed = bpf_map_lookup_elem(&handshakes, &handshake);
