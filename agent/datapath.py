@@ -480,6 +480,11 @@ class Datapath:
             for counter in Counter
         }
 
+    def inbound_listeners(self, cgroup_id: int) -> int:
+        """How many of the pod's inbound listeners sockops saw open and not yet close."""
+        raw = self._map("inbound_listeners").lookup(u64(cgroup_id))
+        return 0 if raw is None else ctypes.c_uint32.from_buffer_copy(raw).value
+
     def sockets(self) -> dict[str, int]:
         """How many sockets each sockhash holds."""
         return {name: sum(1 for _ in self._map(name)) for name in SOCKHASHES}
