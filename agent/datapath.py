@@ -15,7 +15,8 @@ option in the option maps (:data:`POD_MAPS`). :meth:`Datapath.put_pod` and
 before the pod entry; the pod entry removed first), all or nothing. The option maps are keyed by
 pod and option, so a pod's options can only be found by walking them: a caller that keeps what it
 programmed passes it as ``previous`` and nothing is walked, and :meth:`Datapath.read_pods` reads
-every pod in one pass over each map.
+every pod in one pass over each map. These are the reconciler's
+:class:`~meshaccel.agent.pods.PodMaps`, the kernel's implementation of it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from types import EllipsisType
 from meshaccel.agent import layout, libbpf, prerequisites, probes
 from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
 from meshaccel.agent.pods import AcceleratedPod, decode_cidr_key, decode_u64, u32, u64
+from meshaccel.agent.pods import ProgrammedPods as ProgrammedPods  # read_pods() returns it
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.contract.settings import (
     DEFAULT_CAPACITIES,
@@ -126,15 +128,6 @@ POD_MAPS = ("pods", "pod_ips", "pod_ports", "outbound_excluded_cidrs", "outbound
 OPTION_MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
 _PRESENT = b"\x01"
 _Undo = list[Callable[[], object]]  # steps that undo the writes so far, in write order
-
-
-@dataclass(frozen=True)
-class ProgrammedPods:
-    """The per-pod maps read back: the pods, and entries that belong to none (an agent killed
-    half-way through a write leaves them) as map name -> keys."""
-
-    pods: dict[int, AcceleratedPod]
-    orphans: dict[str, set[bytes]]
 
 
 @dataclass(frozen=True)
@@ -269,8 +262,13 @@ class Datapath:
         capacities: Capacities = DEFAULT_CAPACITIES,
         pin_root: Path = PIN_ROOT,
         splice_probe: Callable[[Path], bool] = probes.splice_reads_redirected_bytes,
+        host_checked: bool = False,
     ) -> Datapath:
         """Load the objects, pin their maps, attach to ``cgroup`` (default: the cgroup2 root).
+
+        The host's prerequisites are checked first, with the cause and fix of a missing one,
+        unless ``host_checked`` says the caller ran them already (the agent's start-up runs
+        ``preflight.check_settings``, the checks of ``meshaccel-agent check``).
 
         With sk_msg on, ``splice_probe`` asks the kernel whether splice() reads redirected
         bytes; if it does, every application socket is a redirect target
@@ -283,15 +281,16 @@ class Datapath:
                 f"not {redirect_budget}"
             )
         sk_msg = bool(features & DatapathFeatures.FEATURE_SK_MSG_REDIRECT)
-        prerequisites.check_privileges(sk_msg=sk_msg)
-        prerequisites.check_btf()
-        prerequisites.check_kernel_features()
         cgroup = cgroup if cgroup is not None else prerequisites.cgroup2_root()
-        prerequisites.check_cgroup(cgroup)
         objects_dir = objects_dir if objects_dir is not None else default_objects_dir()
         paths = [objects_dir / name for name in OBJECT_FILES]
-        prerequisites.check_objects(paths)
-        prerequisites.check_bpffs(pin_root)
+        if not host_checked:
+            prerequisites.check_privileges(sk_msg=sk_msg)
+            prerequisites.check_btf()
+            prerequisites.check_kernel_features()
+            prerequisites.check_cgroup(cgroup)
+            prerequisites.check_objects(paths)
+            prerequisites.check_bpffs(pin_root)
         features &= ~DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP  # the kernel's answer, below
         if sk_msg and splice_probe(objects_dir):
             log.info("splice() reads redirected bytes here: every application takes sk_msg")
@@ -499,7 +498,9 @@ class Datapath:
 
     def _read(self, infos: dict[bytes, bytes], *, find_orphans: bool) -> ProgrammedPods:
         """The pods of these ``pods`` entries (key -> value), their options read in one pass
-        over each option map; with ``find_orphans``, option entries of no pod in ``infos``."""
+        over each option map; with ``find_orphans``, option entries of no pod in ``infos``, and
+        included CIDRs of a pod that includes everything (a failed undo can leave them: unseen,
+        they would take effect the day the pod names CIDRs of its own)."""
         owned: dict[str, dict[bytes, list[bytes]]] = {name: {} for name in OPTION_MAPS}
         orphans: dict[str, set[bytes]] = {}
         for name in OPTION_MAPS:
@@ -520,19 +521,17 @@ class Datapath:
                 frozenset(decode_cidr_key(k)[1] for k in owned[name].get(key, ()))
                 for name in ("outbound_excluded_cidrs", "outbound_included_cidrs")
             )
-            includes_all = bool(info.flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL)
-            pods[cgroup_id] = AcceleratedPod(
-                cgroup_id=cgroup_id,
-                ip=layout.ip_of(info.ip),
-                sidecar_uid=info.sidecar_uid,
-                outbound_port=layout.port_of(info.outbound_port),
-                inbound_port=layout.port_of(info.inbound_port),
+            pod = pods[cgroup_id] = AcceleratedPod.from_info(
+                cgroup_id,
+                info,
                 excluded_outbound_ports=frozenset(ports[TrafficDirection.DIRECTION_OUTBOUND]),
                 excluded_inbound_ports=frozenset(ports[TrafficDirection.DIRECTION_INBOUND]),
                 excluded_outbound_cidrs=excluded,
-                included_outbound_cidrs=None if includes_all else included,
-                sk_msg_to_app=bool(info.flags & layout.PodFlags.POD_SK_MSG_TO_APP),
+                included_outbound_cidrs=included,
             )
+            if find_orphans and pod.included_outbound_cidrs is None and included:
+                unused = owned["outbound_included_cidrs"][key]
+                orphans.setdefault("outbound_included_cidrs", set()).update(unused)
         return ProgrammedPods(pods, orphans)
 
     def _put(

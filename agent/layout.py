@@ -84,6 +84,7 @@ class ReceiveQueue(ctypes.Structure):
 class PodFlags(enum.IntFlag):
     POD_OUTBOUND_INCLUDE_ALL = 1 << 0
     POD_SK_MSG_TO_APP = 1 << 1
+    POD_SIDECAR_UID_ONLY = 1 << 2
 
 
 class PodInfo(ctypes.Structure):

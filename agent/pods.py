@@ -1,10 +1,13 @@
-"""An accelerated pod as the datapath sees it, and its encoding into map entries."""
+"""An accelerated pod as the datapath sees it, its encoding into map entries, and the maps that
+hold pods as the reconciler writes them (:class:`PodMaps`)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 from meshaccel.agent import layout
 from meshaccel.agent.layout import TrafficDirection
@@ -26,7 +29,8 @@ class AcceleratedPod:
     mesh's own ports; build from a mesh mode with :meth:`in_mesh`.
     ``included_outbound_cidrs`` of None means every destination is included.
     ``sk_msg_to_app``: sk_msg may deliver into the pod's application sockets, not only into
-    its sidecar's (``POD_SK_MSG_TO_APP``).
+    its sidecar's (``POD_SK_MSG_TO_APP``). ``sidecar_by_gid``: a process whose gid is
+    ``sidecar_uid`` is the sidecar too (Istio); False: by uid only (``POD_SIDECAR_UID_ONLY``).
     """
 
     cgroup_id: int
@@ -39,6 +43,7 @@ class AcceleratedPod:
     excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset()
     included_outbound_cidrs: frozenset[IPv4Network] | None = field(default=None)
     sk_msg_to_app: bool = False
+    sidecar_by_gid: bool = True
 
     def __post_init__(self) -> None:
         if self.cgroup_id <= 0:
@@ -67,6 +72,7 @@ class AcceleratedPod:
             cgroup_id=cgroup_id,
             ip=IPv4Address(ip),
             sidecar_uid=mode.sidecar_uid,
+            sidecar_by_gid=mode.sidecar_by_gid,
             outbound_port=mode.outbound_port,
             inbound_port=mode.inbound_port,
             excluded_outbound_ports=mode.outbound_excluded_ports | excluded_outbound_ports,
@@ -84,12 +90,44 @@ class AcceleratedPod:
             flags |= layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL
         if self.sk_msg_to_app:
             flags |= layout.PodFlags.POD_SK_MSG_TO_APP
+        if not self.sidecar_by_gid:
+            flags |= layout.PodFlags.POD_SIDECAR_UID_ONLY
         return layout.PodInfo(
             ip=layout.ipv4(self.ip),
             sidecar_uid=self.sidecar_uid,
             outbound_port=layout.be16(self.outbound_port),
             inbound_port=layout.be16(self.inbound_port),
             flags=int(flags),
+        )
+
+    @classmethod
+    def from_info(
+        cls,
+        cgroup_id: int,
+        info: layout.PodInfo,
+        *,
+        excluded_outbound_ports: frozenset[int],
+        excluded_inbound_ports: frozenset[int],
+        excluded_outbound_cidrs: frozenset[IPv4Network],
+        included_outbound_cidrs: frozenset[IPv4Network],
+    ) -> AcceleratedPod:
+        """The pod whose ``pods`` entry is ``info`` and whose option entries hold these: the
+        reverse of :meth:`info` and the option keys (every reader of the maps decodes here)."""
+        flags = layout.PodFlags(info.flags)
+        return cls(
+            cgroup_id=cgroup_id,
+            ip=layout.ip_of(info.ip),
+            sidecar_uid=info.sidecar_uid,
+            outbound_port=layout.port_of(info.outbound_port),
+            inbound_port=layout.port_of(info.inbound_port),
+            excluded_outbound_ports=excluded_outbound_ports,
+            excluded_inbound_ports=excluded_inbound_ports,
+            excluded_outbound_cidrs=excluded_outbound_cidrs,
+            included_outbound_cidrs=None
+            if flags & layout.PodFlags.POD_OUTBOUND_INCLUDE_ALL
+            else included_outbound_cidrs,
+            sk_msg_to_app=bool(flags & layout.PodFlags.POD_SK_MSG_TO_APP),
+            sidecar_by_gid=not flags & layout.PodFlags.POD_SIDECAR_UID_ONLY,
         )
 
     def port_keys(self) -> set[bytes]:
@@ -108,6 +146,51 @@ class AcceleratedPod:
 
     def included_cidr_keys(self) -> set[bytes]:
         return {cidr_key(self.cgroup_id, n) for n in self.included_outbound_cidrs or ()}
+
+
+@dataclass(frozen=True)
+class ProgrammedPods:
+    """The per-pod maps read back: the pods, and entries that belong to none (an agent killed
+    half-way through a write leaves them) as map name -> keys."""
+
+    pods: dict[int, AcceleratedPod]
+    orphans: dict[str, set[bytes]]
+
+
+class PodMaps(Protocol):
+    """The maps that hold accelerated pods (``datapath.POD_MAPS``), as the reconciler uses them.
+
+    :class:`~meshaccel.agent.datapath.Datapath` is the kernel's; the tests keep one in memory
+    (``tests/agent/memory_maps.py``), held to the kernel's behaviour by a contract test.
+    :meth:`put_pod` and :meth:`delete_pod` are all or nothing: on a failure they undo their own
+    writes and raise (``MapFullError`` when a map is full, ``UndoFailedError`` when undoing
+    failed too: both in ``datapath``).
+    """
+
+    def max_entries(self, name: str) -> int:
+        """How many entries the map ``name`` holds at most."""
+        ...
+
+    def read_pods(self) -> ProgrammedPods:
+        """Every pod in the maps, and the entries of none (their keys are opaque to callers: they
+        go back to :meth:`remove_orphans`)."""
+        ...
+
+    def put_pod(
+        self, pod: AcceleratedPod, *, previous: AcceleratedPod | None, take_ip: bool = False
+    ) -> int | None:
+        """Make the maps hold ``pod``, writing only what differs from ``previous`` (what they
+        hold for it now; None: nothing). An address another pod holds is refused (ValueError)
+        unless ``take_ip``; then the cgroup id of the pod it was taken from is returned."""
+        ...
+
+    def delete_pod(self, cgroup_id: int, *, previous: AcceleratedPod | None) -> bool:
+        """Remove the pod ``previous`` (what the maps hold for it); False if it was not there."""
+        ...
+
+    def remove_orphans(self, orphans: Mapping[str, Iterable[bytes]]) -> int:
+        """Delete entries :meth:`read_pods` found to belong to no pod; how many were there."""
+        ...
 
 
 def u64(value: int) -> bytes:

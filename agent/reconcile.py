@@ -24,13 +24,17 @@ complete desired state and applies the difference to the maps, all or nothing:
   (a full map, a kernel error), the datapath undoes that pod's writes, every pod written before
   it is put back in reverse order, and the error is raised (:class:`ApplyFailedError`).
 
+The maps are a :class:`~meshaccel.agent.pods.PodMaps`: the agent's
+:class:`~meshaccel.agent.datapath.Datapath`, or the tests' in memory (logic tests without root;
+a contract test keeps the two alike).
+
 Speed. The reconciler keeps the programmed state in memory (cgroup id -> AcceleratedPod, and
 pod uid -> what it resolved to) and writes only the pods that differ, each through
-:meth:`Datapath.put_pod` / :meth:`Datapath.delete_pod` with ``previous=`` what it programmed
+:meth:`PodMaps.put_pod` / :meth:`PodMaps.delete_pod` with ``previous=`` what it programmed
 before, so a one-pod change costs that pod's entries, not a walk of the maps. Resolution and
 encoding are cached per pod while its spec is unchanged: a pod's cgroup does not move during its
 life (a changed spec is resolved again). The maps are read once, when the reconciler is made
-(:meth:`Datapath.read_pods`, one pass over each map): after an agent restart (adopt) they are
+(:meth:`PodMaps.read_pods`, one pass over each map): after an agent restart (adopt) they are
 the truth, and since pod uids are not in the maps the first set is matched to them by cgroup id.
 Entries that belong to no pod (an agent killed half-way through a write) are removed by the next
 apply before anything else is written, and not put back by a rollback: the datapath would only
@@ -52,11 +56,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import partial
-from typing import Protocol
+from typing import Generic, Protocol
+
+from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
 from meshaccel.agent.datapath import POD_MAPS as POD_MAPS  # the server lists them
 from meshaccel.agent.datapath import Datapath, MapFullError, UndoFailedError
-from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.pods import AcceleratedPod, PodMaps
 from meshaccel.contract.api import ApplyResult, PodSet, PodSpec, UnresolvedPod
 from meshaccel.contract.modes import MESH_MODES
 
@@ -236,7 +242,7 @@ class _Journal:
     """Writes pods through the datapath, each with what was programmed before, and keeps the
     steps that undo it: rollback puts every pod written back, in reverse order."""
 
-    def __init__(self, datapath: Datapath, programmed: Mapping[int, AcceleratedPod]) -> None:
+    def __init__(self, datapath: PodMaps, programmed: Mapping[int, AcceleratedPod]) -> None:
         self._datapath = datapath
         self._programmed = programmed  # before the apply
         self._undo: list[Callable[[], object]] = []
@@ -317,11 +323,16 @@ def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
 # -- the reconciler ---------------------------------------------------------------------------
 
 
-class Reconciler:
-    """Applies pod sets to a datapath; see the module docstring. The datapath stays the
-    caller's: close the reconciler (it waits for an apply in progress), then the datapath."""
+#: The maps a reconciler writes. The agent's are its Datapath, which the server and the metrics
+#: also read: a plain ``Reconciler`` is a ``Reconciler[Datapath]``.
+MapsT = TypeVar("MapsT", bound=PodMaps, default=Datapath)
 
-    def __init__(self, datapath: Datapath, resolver: PodResolver, *, max_pods: int) -> None:
+
+class Reconciler(Generic[MapsT]):
+    """Applies pod sets to a datapath's pod maps; see the module docstring. The datapath stays
+    the caller's: close the reconciler (it waits for an apply in progress), then the datapath."""
+
+    def __init__(self, datapath: MapsT, resolver: PodResolver, *, max_pods: int) -> None:
         if max_pods < 0:
             raise ValueError(f"max_pods must not be negative, not {max_pods}")
         self.datapath = datapath
@@ -485,7 +496,7 @@ class Reconciler:
         with self._lock:
             pass
 
-    def __enter__(self) -> Reconciler:
+    def __enter__(self) -> Reconciler[MapsT]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -534,7 +545,8 @@ class Reconciler:
         return len(gone)
 
     def _admit(self, pod_set: PodSet) -> dict[str, PodSpec] | None:
-        """The set by uid, None for an idempotent repeat; raises if it must be refused."""
+        """The set by uid, None for an idempotent repeat (while the maps are known to hold
+        it: after a failed rollback it is written again); raises if it must be refused."""
         desired = {pod.uid: pod for pod in pod_set.pods}
         applied = self._generation
         if applied is not None and pod_set.epoch < self._epoch:
@@ -548,7 +560,7 @@ class Reconciler:
             if desired.keys() == previous.keys() and all(
                 same_spec(spec, previous[uid]) for uid, spec in desired.items()
             ):
-                return None
+                return desired if self._dirty else None
             raise GenerationConflictError(applied)
         if len(desired) > self.max_pods:
             raise CapacityError(

@@ -152,6 +152,17 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 	return ALLOW;
 }
 
+/*
+ * Who the mesh's OUTPUT rules exempt as its proxy: Istio's by uid and by gid alike,
+ * Linkerd's and Kuma's by uid only (a process with only the proxy's gid is an app there).
+ */
+static __always_inline bool is_sidecar(const struct pod_info *pod, __u64 uid_gid)
+{
+	if ((__u32)uid_gid == pod->sidecar_uid)
+		return true;
+	return !(pod->flags & POD_SIDECAR_UID_ONLY) && (__u32)(uid_gid >> 32) == pod->sidecar_uid;
+}
+
 SEC("cgroup/connect4")
 int redirect_connect4(struct bpf_sock_addr *ctx)
 {
@@ -166,8 +177,7 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 		return ALLOW; /* not an accelerated pod: nothing here is ours */
 
 	uid_gid = bpf_get_current_uid_gid();
-	/* Istio's OUTPUT rules exempt the proxy by uid and by gid alike. */
-	if ((__u32)uid_gid == pod->sidecar_uid || (__u32)(uid_gid >> 32) == pod->sidecar_uid)
+	if (is_sidecar(pod, uid_gid))
 		return redirect_sidecar(ctx, pod, pod_cgroup_id);
 	return redirect_outbound(ctx, pod, pod_cgroup_id);
 }

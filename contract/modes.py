@@ -16,12 +16,18 @@ class MeshModeName(enum.StrEnum):
 class MeshMode:
     """How one mesh intercepts: who its proxy is and where it listens.
 
+    ``sidecar_by_gid``: the mesh's rules also exempt a process whose gid (whatever its uid)
+    is ``sidecar_uid``, as Istio's ``--gid-owner`` rules do; Linkerd's and Kuma's exempt the
+    uid only, so such a process is an application there.
     ``outbound_excluded_ports``/``inbound_excluded_ports`` are the mesh's own
-    ports, never redirected in that direction whatever a pod's annotations say.
+    ports, never redirected in that direction whatever a pod's annotations say. Excluding more
+    than the mesh does only leaves a connection to the mesh's own rules; excluding less would
+    steer what the mesh does not.
     """
 
     name: MeshModeName
     sidecar_uid: int
+    sidecar_by_gid: bool
     outbound_port: int
     inbound_port: int
     outbound_excluded_ports: frozenset[int]
@@ -34,6 +40,7 @@ class MeshMode:
 ISTIO = MeshMode(
     name=MeshModeName.ISTIO,
     sidecar_uid=1337,
+    sidecar_by_gid=True,
     outbound_port=15001,
     inbound_port=15006,
     outbound_excluded_ports=frozenset(
@@ -42,24 +49,31 @@ ISTIO = MeshMode(
     inbound_excluded_ports=frozenset({15008, 15020, 15021, 15090}),
 )
 
-# linkerd2-proxy: outbound 4140, inbound 4143, admin 4191, control 4190.
+# linkerd2-proxy: outbound 4140, inbound 4143, admin 4191, control 4190. proxy-init exempts
+# the proxy by uid (by gid only when the chart's proxy.gid is set) and, by the injector's
+# defaults, skips 4190, 4191 and Galera's 4567, 4568 inbound and 4567, 4568 outbound.
 LINKERD = MeshMode(
     name=MeshModeName.LINKERD,
     sidecar_uid=2102,
+    sidecar_by_gid=False,
     outbound_port=4140,
     inbound_port=4143,
-    outbound_excluded_ports=frozenset({4140, 4143, 4190, 4191}),
-    inbound_excluded_ports=frozenset({4190, 4191}),
+    outbound_excluded_ports=frozenset({4140, 4143, 4190, 4191, 4567, 4568}),
+    inbound_excluded_ports=frozenset({4190, 4191, 4567, 4568}),
 )
 
-# Kuma's Envoy: the same capture ports as Istio, admin 9901, DNS 15053.
+# Kuma's Envoy: the same capture ports as Istio, admin 9901, DNS 15053, virtual probes 9000,
+# application probe proxy 9001 (the injector excludes it from inbound redirection). kuma-init
+# exempts the proxy by uid only, and with the built-in DNS (on by default on Kubernetes) sends
+# TCP to port 53 to kuma-dp's DNS server on 15053, not through Envoy: 53 is left to its rules.
 KUMA = MeshMode(
     name=MeshModeName.KUMA,
     sidecar_uid=5678,
+    sidecar_by_gid=False,
     outbound_port=15001,
     inbound_port=15006,
-    outbound_excluded_ports=frozenset({9901, 15001, 15006, 15053}),
-    inbound_excluded_ports=frozenset({9901}),
+    outbound_excluded_ports=frozenset({53, 9000, 9001, 9901, 15001, 15006, 15053}),
+    inbound_excluded_ports=frozenset({9000, 9001, 9901}),
 )
 
 MESH_MODES: dict[MeshModeName, MeshMode] = {m.name: m for m in (ISTIO, LINKERD, KUMA)}

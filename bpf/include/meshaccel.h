@@ -121,12 +121,17 @@ enum pod_flags {
 	 * bytes queued by sk_msg are invisible to splice() and TCP_ZEROCOPY_RECEIVE).
 	 */
 	POD_SK_MSG_TO_APP = 1 << 1,
+	/*
+	 * The proxy is the process with sidecar_uid as its uid only (Linkerd's and
+	 * Kuma's rules); without it, its gid counts too (Istio's --gid-owner rules).
+	 */
+	POD_SIDECAR_UID_ONLY = 1 << 2,
 };
 
 /* An accelerated pod, keyed by its pod-level cgroup id. */
 struct pod_info {
 	__be32 ip;
-	__u32 sidecar_uid;     /* the proxy's uid (and gid): Istio 1337 */
+	__u32 sidecar_uid;     /* the proxy's uid (and gid, see POD_SIDECAR_UID_ONLY): Istio 1337 */
 	__be16 outbound_port;  /* the proxy's outbound listener: Istio 15001 */
 	__be16 inbound_port;   /* the proxy's inbound listener: Istio 15006 */
 	__u32 flags;           /* enum pod_flags */

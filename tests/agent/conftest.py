@@ -8,6 +8,10 @@ in that cgroup: these tests check what lands in the maps; the traffic test uses 
 Pod identity is not what these tests test, so pods resolve through :class:`FakeResolver`, a dict
 from pod uid to the id of a real (empty) child cgroup. (test_vanished.py uses the real
 CgroupResolver: a pod's cgroup disappearing is what it tests.)
+
+The ``memory_*`` fixtures are the same without a kernel: the reconciler over the in-memory maps
+(``memory_maps.py``), pods resolving to made-up cgroup ids, the real app served over TLS. They
+need no root: the logic tests (``test_*_logic.py``) use them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import cast
 
 import aiohttp
 import pytest
@@ -30,7 +35,8 @@ from meshaccel.agent.reconcile import Reconciler, UnresolvedPodError, accelerate
 from meshaccel.agent.server import create_app
 from meshaccel.agent.tls import ServerTLS
 from meshaccel.contract.api import PodOptions, PodSet, PodSpec
-from meshaccel.contract.settings import Capacities
+from meshaccel.contract.settings import DEFAULT_CAPACITIES, Capacities
+from tests.agent.memory_maps import MemoryPodMaps
 from tests.datapath.conftest import PIN_ROOT
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
 from tests.pki import make_pki
@@ -210,19 +216,89 @@ def make_client(
     """
 
     async def make(target: Reconciler = reconciler, **kwargs: object) -> Client:
-        kwargs.setdefault("tls", server_tls)
-        kwargs.setdefault("retry_interval", None)
-        kwargs.setdefault("tls_reload_interval", None)
-        kwargs.setdefault("drain_seconds", 0)
-        app = create_app(target, **kwargs)  # type: ignore[arg-type]
-        tls = kwargs["tls"]
-        if tls is None:
-            return await aiohttp_client(app)
-        assert isinstance(tls, ServerTLS)
-        server = TestServer(app)
-        await server.start_server(ssl=tls.context)
-        client_context = PKI.client_context(check_hostname=False)
-        connector = aiohttp.TCPConnector(ssl=client_context)
-        return await aiohttp_client(server, connector=connector)
+        return await serve(aiohttp_client, target, server_tls, **kwargs)
+
+    return make
+
+
+async def serve(
+    aiohttp_client: ClientFactory,
+    target: Reconciler,
+    server_tls: ServerTLS,
+    **kwargs: object,
+) -> Client:
+    """The real app over ``target``, with make_client's defaults (above)."""
+    kwargs.setdefault("tls", server_tls)
+    kwargs.setdefault("retry_interval", None)
+    kwargs.setdefault("tls_reload_interval", None)
+    kwargs.setdefault("drain_seconds", 0)
+    app = create_app(target, **kwargs)  # type: ignore[arg-type]
+    tls = kwargs["tls"]
+    if tls is None:
+        return await aiohttp_client(app)
+    assert isinstance(tls, ServerTLS)
+    server = TestServer(app)
+    await server.start_server(ssl=tls.context)
+    client_context = PKI.client_context(check_hostname=False)
+    connector = aiohttp.TCPConnector(ssl=client_context)
+    return await aiohttp_client(server, connector=connector)
+
+
+# -- without a kernel ------------------------------------------------------------------------
+
+#: Made-up pod cgroup ids: the in-memory maps do not look for the cgroups.
+MEMORY_CGROUPS = {uid(i): 7001 + i for i in range(POD_CGROUPS)}
+MemoryReconciler = Reconciler[MemoryPodMaps]
+MemoryReconcilerFactory = Callable[..., MemoryReconciler]
+
+
+@pytest.fixture
+def memory_resolver() -> FakeResolver:
+    """Pods 0..15 resolve to :data:`MEMORY_CGROUPS`."""
+    return FakeResolver(dict(MEMORY_CGROUPS))
+
+
+@pytest.fixture
+def memory_maps() -> MemoryPodMaps:
+    return MemoryPodMaps()
+
+
+@pytest.fixture
+def memory_reconciler_factory(memory_resolver: FakeResolver) -> Iterator[MemoryReconcilerFactory]:
+    """make(maps=None, *, capacities=..., max_pods=1024): a reconciler over in-memory maps
+    (new ones sized by ``capacities`` unless ``maps`` is given), closed after the test."""
+    with ExitStack() as cleanup:
+
+        def make(
+            maps: MemoryPodMaps | None = None,
+            *,
+            capacities: Capacities = DEFAULT_CAPACITIES,
+            max_pods: int = 1024,
+        ) -> MemoryReconciler:
+            maps = maps if maps is not None else MemoryPodMaps(capacities)
+            reconciler = Reconciler(maps, memory_resolver, max_pods=max_pods)
+            cleanup.callback(reconciler.close)
+            return reconciler
+
+        yield make
+
+
+@pytest.fixture
+def memory_reconciler(
+    memory_maps: MemoryPodMaps, memory_reconciler_factory: MemoryReconcilerFactory
+) -> MemoryReconciler:
+    return memory_reconciler_factory(memory_maps)
+
+
+@pytest.fixture
+def make_memory_client(
+    aiohttp_client: ClientFactory, memory_reconciler: MemoryReconciler, server_tls: ServerTLS
+) -> MakeClient:
+    """make_client, over a reconciler of in-memory maps. The app takes a reconciler of the
+    kernel's (``Reconciler[Datapath]``): what these tests ask of it is the reconciler's alone
+    (/v1/status, /readyz, /metrics and /v1/uninstall read the datapath: kernel tests)."""
+
+    async def make(target: MemoryReconciler = memory_reconciler, **kwargs: object) -> Client:
+        return await serve(aiohttp_client, cast(Reconciler, target), server_tls, **kwargs)
 
     return make

@@ -2,8 +2,9 @@
 
 Each scenario runs twice, as ``ebpf`` (meshaccel loaded with sk_msg redirection, which is
 opt-in, so that the whole datapath is exercised; pods a and b accelerated, pod c not) and as
-``iptables`` (the control: Istio's interception alone). Pods, Envoys and iptables rules
-come from the module-scoped ``netlab_node``; each test loads and unloads its own datapath.
+``iptables`` (the control: the mesh's interception alone). Pods, Envoys and iptables rules
+come from the module-scoped ``netlab_node``: Istio's, or with ``EVERY_MESH`` each mesh's in
+turn (tests/netlab/meshes.py); each test loads and unloads its own datapath.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from meshaccel.agent.layout import FALLBACK_REASONS, Counter, DatapathFeatures
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.contract.modes import ISTIO
 from tests.netlab import Node, Pod
+from tests.netlab.meshes import LabMesh
 from tests.netlab.netns import run_in_netns
 from tests.requirements import require_btf, require_tool
 
@@ -71,6 +73,18 @@ def forget_conntrack(node: Node) -> None:
 
 def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
     return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
+
+
+def lab_mesh(pod: Pod) -> LabMesh:
+    """The mesh that built the pod."""
+    assert pod.mesh is not None, f"{pod} was not built by a mesh"
+    return pod.mesh
+
+
+def mesh_pod(pod: Pod, **options: object) -> AcceleratedPod:
+    """The pod as the operator would put it in: in its own mesh's mode."""
+    mode = lab_mesh(pod).mode
+    return AcceleratedPod.in_mesh(mode, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
 
 
 FALLBACKS = tuple(FALLBACK_REASONS)
@@ -123,7 +137,7 @@ class MeshPath:
     def accelerate(self, *pods: Pod, **options: object) -> None:
         if self.datapath is not None:
             for pod in pods:
-                self.datapath.put_pod(istio_pod(pod, **options))
+                self.datapath.put_pod(mesh_pod(pod, **options))
 
     def mark(self) -> None:
         """Counters are read relative to the last mark."""
@@ -143,6 +157,12 @@ class MeshPath:
 def mesh(netlab_node: Node) -> Node:
     require_btf()
     return netlab_node
+
+
+@pytest.fixture(scope="module")
+def lab(mesh: Node) -> LabMesh:
+    """The mesh whose pods the module's node holds."""
+    return lab_mesh(mesh.pods["a"])
 
 
 @pytest.fixture

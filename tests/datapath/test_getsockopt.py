@@ -6,17 +6,19 @@ import pytest
 
 from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath
-from tests.netlab import SIDECAR_IDENTITY, RunAs
 from tests.netlab.app_handles import run_getsockopt_probe_here
+from tests.netlab.fixtures import EVERY_MESH
+from tests.netlab.meshes import LabMesh
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, EVERY_MESH]
 
 
-@pytest.mark.parametrize("identity", [None, SIDECAR_IDENTITY], ids=["app", "sidecar"])
+@pytest.mark.parametrize("as_sidecar", [False, True], ids=["app", "sidecar"])
 def test_getsockopt_in_an_accelerated_pod_matches_the_kernel(
-    path: MeshPath, identity: RunAs | None
+    path: MeshPath, lab: LabMesh, as_sidecar: bool
 ) -> None:
     a = path.pod("a")
+    identity = lab.proxy if as_sidecar else None
     # The same battery (SO_*, TCP_*, IP_*, SO_ORIGINAL_DST on connections nobody steered,
     # 8192-byte buffers, too-small buffers, SO_PEERGROUPS answering 4800 bytes) twice in pod
     # a's netns: once in its cgroup, under the programs, once outside any of them.

@@ -14,8 +14,9 @@ import pytest
 
 from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import PIN_ROOT, istio_pod, unload_quietly
+from tests.datapath.conftest import PIN_ROOT, istio_pod, lab_mesh, mesh_pod, unload_quietly
 from tests.netlab import ECHO_PORT, Node
+from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
 
 pytestmark = pytest.mark.kernel
 
@@ -46,7 +47,7 @@ def run_loader(node: Node, code: str) -> str:
         "from pathlib import Path\n"
         "from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath\n"
         "from meshaccel.agent.layout import Counter\n"
-        "from meshaccel.contract.modes import ISTIO\n"
+        "from meshaccel.contract.modes import MESH_MODES\n"
         "from meshaccel.agent.pods import AcceleratedPod\n"
         f"cgroup, instance, pin_root = Path({str(node.cgroup.path)!r}), {node.token!r}, "
         f"Path({str(PIN_ROOT)!r})\n" + code
@@ -58,6 +59,7 @@ def run_loader(node: Node, code: str) -> str:
     return result.stdout
 
 
+@ISTIO_ONLY
 def test_unload_with_connections_open(mesh: Node) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = Datapath.load(
@@ -88,15 +90,17 @@ def test_unload_with_connections_open(mesh: Node) -> None:
     assert len(result.connections) == CONNECTIONS
 
 
+@EVERY_MESH
 def test_restart_adopts_the_pins(mesh: Node) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
+    mode = f"MESH_MODES[{str(lab_mesh(a).name)!r}]"
     run_loader(
         mesh,
         (
             "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root,\n"
             "                         features=SK_MSG_FEATURES)\n"
-            f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {a.cgroup_id}, {str(a.ip)!r}))\n"
-            f"datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, {b.cgroup_id}, {str(b.ip)!r}))\n"
+            f"datapath.put_pod(AcceleratedPod.in_mesh({mode}, {a.cgroup_id}, {str(a.ip)!r}))\n"
+            f"datapath.put_pod(AcceleratedPod.in_mesh({mode}, {b.cgroup_id}, {str(b.ip)!r}))\n"
         ),
     )  # ... and that loader has exited
 
@@ -125,7 +129,7 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
     assert result.ok, result.raw
 
     with Datapath.adopt(instance=mesh.token, pin_root=PIN_ROOT) as datapath:
-        assert datapath.pods() == {a.cgroup_id: istio_pod(a), b.cgroup_id: istio_pod(b)}
+        assert datapath.pods() == {a.cgroup_id: mesh_pod(a), b.cgroup_id: mesh_pod(b)}
         assert datapath.features == SK_MSG_FEATURES  # as the first loader loaded it
         before = datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
         fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)

@@ -1,4 +1,8 @@
-"""Scenarios 1 and 2: a same-node call through two sidecars, and pods outside the set."""
+"""Scenarios 1 and 2: a same-node call through two sidecars, and pods outside the set.
+
+Every scenario runs for each mesh (Istio, Linkerd, Kuma), on pods built the way that mesh builds
+them, both on its iptables alone and with meshaccel in that mesh's mode.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import pytest
 
 from meshaccel.agent.datapath import CONNECT_FEATURES, SK_MSG_FEATURES
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import MeshPath, istio_pod, loopback_tx_bytes
+from tests.datapath.conftest import MeshPath, lab_mesh, loopback_tx_bytes, mesh_pod
 from tests.netlab import ECHO_PORT, Node, Pod
+from tests.netlab.fixtures import EVERY_MESH
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, EVERY_MESH]
 
 PAYLOAD = 1 << 20
 
@@ -34,7 +39,9 @@ def call_through_sidecars(client: Pod, server: Pod) -> tuple[int, str]:
         lambda e: e.downstream_remote == outbound.upstream_local
     )
     assert inbound.downstream_local == server.address(ECHO_PORT)
-    assert inbound.upstream_local.startswith("127.0.0.6:")  # Istio's inbound passthrough
+    # The inbound passthrough: from 127.0.0.6 (Istio, Kuma), from the pod's address (Linkerd).
+    source = lab_mesh(server).listeners.inbound_passthrough_source or str(server.ip)
+    assert inbound.upstream_local.startswith(f"{source}:")
     assert inbound.bytes_received == inbound.bytes_sent == PAYLOAD
     return lo_sent, inbound.upstream_local
 
@@ -71,7 +78,7 @@ def test_payload_skips_tcp_entirely_when_apps_are_targets(mesh: Node, datapath_f
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = datapath_factory(SK_MSG_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod, sk_msg_to_app=True))
+        datapath.put_pod(mesh_pod(pod, sk_msg_to_app=True))
     before = datapath.counters()
     b_lo_before = loopback_tx_bytes(b)
 
@@ -119,7 +126,7 @@ def test_connect_time_steering_alone_leaves_bytes_to_tcp(mesh: Node, datapath_fa
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = datapath_factory(CONNECT_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(mesh_pod(pod))
 
     lo_sent, _ = call_through_sidecars(a, b)
 

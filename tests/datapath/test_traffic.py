@@ -1,4 +1,8 @@
-"""Scenario 6: hard traffic through the accelerated mesh stays byte-exact and never hangs."""
+"""Scenario 6: hard traffic through the accelerated mesh stays byte-exact and never hangs.
+
+The bulk, concurrency, close and reset scenarios run for each mesh (``EVERY_MESH``); the read
+APIs, a property of the receiving application, on Istio's pods.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath, assert_redirected_until_fallback, istio_pod
 from tests.netlab import ECHO_PORT, Node
+from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
 from tests.netlab.processes import wait_until
 
 pytestmark = pytest.mark.kernel
@@ -20,7 +25,7 @@ def api_port(read_api: str) -> int:
     return FIRST_API_PORT + READ_APIS.index(read_api)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def read_api_servers(mesh: Node) -> None:
     """Pod b's apps reading with every read API, one port each."""
     b = mesh.pods["b"]
@@ -36,6 +41,7 @@ def wait_connections_forgotten(datapath: Datapath | None) -> None:
         wait_until(lambda: datapath.sockets() == empty, timeout=10, what="empty sockhashes")
 
 
+@EVERY_MESH
 def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
     result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 20, timeout=120)
@@ -45,6 +51,7 @@ def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
     wait_connections_forgotten(path.datapath)
 
 
+@EVERY_MESH
 def test_200_concurrent_connections(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
     result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 10, connections=200, timeout=60)
@@ -58,6 +65,7 @@ def test_200_concurrent_connections(path: MeshPath) -> None:
     wait_connections_forgotten(path.datapath)
 
 
+@EVERY_MESH
 @pytest.mark.parametrize("half_close", [True, False], ids=["half-close", "full-close"])
 def test_close_styles(path: MeshPath, half_close: bool) -> None:
     a, b = path.pod("a"), path.pod("b")
@@ -66,6 +74,7 @@ def test_close_styles(path: MeshPath, half_close: bool) -> None:
     wait_connections_forgotten(path.datapath)
 
 
+@EVERY_MESH
 def test_reset_mid_stream_then_the_server_still_serves(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
     reset = a.echo_client(str(b.ip), ECHO_PORT, nbytes=1 << 20, reset_after=256 << 10)
@@ -77,6 +86,8 @@ def test_reset_mid_stream_then_the_server_still_serves(path: MeshPath) -> None:
     wait_connections_forgotten(path.datapath)
 
 
+@ISTIO_ONLY
+@pytest.mark.usefixtures("read_api_servers")
 @pytest.mark.parametrize("read_api", READ_APIS)
 def test_receiving_app_reads_with_any_api(path: MeshPath, read_api: str) -> None:
     a, b = path.pod("a"), path.pod("b")
@@ -86,6 +97,8 @@ def test_receiving_app_reads_with_any_api(path: MeshPath, read_api: str) -> None
         assert_redirected_until_fallback(path.counters(), hops=4, nbytes=4 << 20)
 
 
+@ISTIO_ONLY
+@pytest.mark.usefixtures("read_api_servers")
 @pytest.mark.parametrize("read_api", [api for api in READ_APIS if api != "splice"])
 def test_apps_as_redirect_targets_read_with_copying_apis(
     mesh: Node, datapath_factory, read_api: str

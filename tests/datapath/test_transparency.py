@@ -4,8 +4,9 @@ One connection, app a -> 198.18.0.11:8080 (pod b's app) through both Envoys, obs
 socket on its way: the application client, both sidecars (their real Envoy's sockets, read
 through copies of its file descriptors) and the application server each answer getsockname,
 getpeername and SO_ORIGINAL_DST with buffers of 8, 16 and 8192 bytes, and both Envoys log the
-addresses they saw. The table under Istio's iptables alone is the reference; meshaccel, in every
-feature set, must produce the same table, ephemeral ports aside.
+addresses they saw. The table under the mesh's iptables alone is the reference; meshaccel, in
+every feature set, must produce the same table, ephemeral ports aside: for Istio's pods, and for
+Linkerd's and Kuma's (``EVERY_MESH``), whose proxies listen elsewhere.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import pytest
 from meshaccel.agent import libbpf
 from meshaccel.agent.datapath import CONNECT_FEATURES, DEFAULT_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import forget_conntrack, istio_pod, shown
+from tests.datapath.conftest import forget_conntrack, lab_mesh, mesh_pod, shown
 from tests.netlab import ECHO_PORT, Node, Pod
 from tests.netlab.app_handles import apps_argv
 from tests.netlab.envoy import (
-    ENVOY_ADMIN_PORT,
     ENVOY_INBOUND_PORT,
     ENVOY_OUTBOUND_PORT,
     AccessLogEntry,
     EnvoySidecar,
+    ProxyListeners,
 )
+from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
 from tests.netlab.peek import tcp_connection_views
 from tests.netlab.processes import wait_until
 
@@ -37,17 +39,20 @@ pytestmark = pytest.mark.kernel
 
 Table = dict[str, dict[str, str]]  # role -> query -> answer
 
-#: Ports that are part of the answer; any other port is ephemeral and differs between runs.
-FIXED_PORTS = frozenset({ECHO_PORT, ENVOY_OUTBOUND_PORT, ENVOY_INBOUND_PORT})
 ACCESS_LOG_FIELDS = ("downstream_remote", "downstream_local", "upstream_host", "upstream_local")
 ADDRESS_HOOKS = ("getpeername4", "getsockname4")
 
 _runs = count()
 
 
-def without_ephemeral_port(answer: str) -> str:
+def fixed_ports(listeners: ProxyListeners) -> frozenset[int]:
+    """Ports that are part of the answer; any other port is ephemeral and differs between runs."""
+    return frozenset({ECHO_PORT, listeners.outbound_port, listeners.inbound_port})
+
+
+def without_ephemeral_port(answer: str, fixed: frozenset[int]) -> str:
     ip, sep, port = answer.rpartition(":")
-    if not sep or not port.isdigit() or int(port) in FIXED_PORTS:
+    if not sep or not port.isdigit() or int(port) in fixed:
         return answer
     return f"{ip}:*"
 
@@ -56,10 +61,11 @@ def sidecar_sockets(role: str, pod: Pod, listener_port: int) -> Table:
     """The sidecar's two sockets of the one connection: the one it accepted on its listener
     (downstream) and the one it opened to the next hop (upstream)."""
     assert pod.sidecar is not None
+    admin_port = lab_mesh(pod).listeners.admin_port
     views = [
         view
         for view in tcp_connection_views(pod.sidecar.pid)
-        if not view["local"].endswith(f":{ENVOY_ADMIN_PORT}")
+        if not view["local"].endswith(f":{admin_port}")
     ]
     downstream = [v for v in views if v["local"].endswith(f":{listener_port}")]
     upstream = [v for v in views if v not in downstream]
@@ -102,8 +108,8 @@ def observe(node: Node) -> Table:
         wait_until(lambda: len(accepts()) > accepted_before, timeout=10, what="the accept")
         (accepted,) = accepts()[accepted_before:]
         table["app server"] = accepted["view"]
-        table |= sidecar_sockets("sidecar a", a, ENVOY_OUTBOUND_PORT)
-        table |= sidecar_sockets("sidecar b", b, ENVOY_INBOUND_PORT)
+        table |= sidecar_sockets("sidecar a", a, lab_mesh(a).listeners.outbound_port)
+        table |= sidecar_sockets("sidecar b", b, lab_mesh(b).listeners.inbound_port)
     finally:
         hold.touch()
     assert client.wait(30) == 0, client.describe()
@@ -116,8 +122,9 @@ def observe(node: Node) -> Table:
         entries = logged_since(sidecar, before)
         assert len(entries) == 1, entries
         table[f"sidecar {role} access log"] = {f: getattr(entries[0], f) for f in ACCESS_LOG_FIELDS}
+    fixed = fixed_ports(lab_mesh(a).listeners) | fixed_ports(lab_mesh(b).listeners)
     return {
-        role: {query: without_ephemeral_port(answer) for query, answer in answers.items()}
+        role: {query: without_ephemeral_port(answer, fixed) for query, answer in answers.items()}
         for role, answers in table.items()
     }
 
@@ -143,7 +150,7 @@ def show(name: str, table: Table) -> None:
 
 @pytest.fixture(scope="module")
 def under_iptables(mesh: Node) -> Table:
-    """The reference: Istio's interception alone, nothing of meshaccel loaded."""
+    """The reference: the mesh's interception alone, nothing of meshaccel loaded."""
     forget_conntrack(mesh)
     table = observe(mesh)
     show("iptables", table)
@@ -167,11 +174,12 @@ def accelerated(
     datapath = datapath_factory(options["features"])
     for name in ("a", "b"):
         datapath.put_pod(
-            istio_pod(mesh.pods[name], sk_msg_to_app=options.get("sk_msg_to_app", False))
+            mesh_pod(mesh.pods[name], sk_msg_to_app=options.get("sk_msg_to_app", False))
         )
     return datapath
 
 
+@EVERY_MESH
 @pytest.mark.parametrize("configuration", list(CONFIGURATIONS))
 def test_every_socket_answers_as_under_iptables(
     mesh: Node,
@@ -194,6 +202,7 @@ def test_every_socket_answers_as_under_iptables(
     assert counters[Counter.COUNTER_LOCAL_ADDRESS_RESTORED] > 0, shown(counters)
 
 
+@ISTIO_ONLY
 def test_without_the_address_hooks_the_rewrite_shows(
     mesh: Node, datapath_factory: Callable[..., Datapath], under_iptables: Table
 ) -> None:

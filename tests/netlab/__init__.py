@@ -1,5 +1,6 @@
 """netlab: "pods" on this machine (netns + veth to a bridge in a node netns + a child cgroup) for
-real-kernel datapath tests, with Istio's iptables interception and real Envoy sidecars.
+real-kernel datapath tests, with a mesh's iptables interception (Istio's, Linkerd's or Kuma's:
+meshes.py) and real Envoy sidecars.
 
 Start with mesh.mesh_node() / topology.Node, or the pytest fixtures in netlab.fixtures.
 """
@@ -11,6 +12,7 @@ from .envoy import (
     EnvoyBootstrapOptions,
     EnvoySidecar,
     ExplicitListener,
+    ProxyListeners,
     find_envoy_binary,
     render_envoy_bootstrap,
 )
@@ -28,7 +30,9 @@ from .mesh import (
     MeshPodSpec,
     build_mesh_node,
     mesh_node,
+    mesh_pods,
 )
+from .meshes import ISTIO_LAB, KUMA_LAB, LAB_MESHES, LINKERD_LAB, LabMesh
 from .processes import SIDECAR_IDENTITY, PodProcess, RunAs
 from .topology import Node, Pod
 
@@ -36,17 +40,23 @@ __all__ = [
     "DEFAULT_MESH_PODS",
     "ECHO_PORT",
     "EXCLUDED_PORT",
+    "ISTIO_LAB",
+    "KUMA_LAB",
+    "LAB_MESHES",
+    "LINKERD_LAB",
     "SIDECAR_IDENTITY",
     "AccessLogEntry",
     "EnvoyBootstrapOptions",
     "EnvoySidecar",
     "ExplicitListener",
     "IstioInterception",
+    "LabMesh",
     "MeshPodSpec",
     "NetCounters",
     "Node",
     "Pod",
     "PodProcess",
+    "ProxyListeners",
     "RunAs",
     "TestCgroup",
     "build_mesh_node",
@@ -56,6 +66,7 @@ __all__ = [
     "find_leftovers",
     "install_istio_iptables",
     "mesh_node",
+    "mesh_pods",
     "read_net_counters",
     "remove_istio_iptables",
     "remove_stale_leftovers",

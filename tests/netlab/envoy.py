@@ -128,6 +128,23 @@ class ExplicitListener:
 
 
 @dataclass(frozen=True)
+class ProxyListeners:
+    """Where a mesh's proxy listens and how its inbound passthrough connects: Envoy stands in
+    for Istio's sidecar (the defaults), linkerd2-proxy and Kuma's Envoy (tests/netlab/meshes.py).
+    ``inbound_passthrough_source`` None: connect to the application from the pod's own address.
+    """
+
+    outbound_port: int = ENVOY_OUTBOUND_PORT
+    inbound_port: int = ENVOY_INBOUND_PORT
+    admin_port: int = ENVOY_ADMIN_PORT
+    outbound_address: str = "0.0.0.0"
+    inbound_passthrough_source: str | None = INBOUND_PASSTHROUGH_SOURCE
+
+
+ISTIO_LISTENERS = ProxyListeners()
+
+
+@dataclass(frozen=True)
 class EnvoyBootstrapOptions:
     """What varies between sidecar bootstraps; `protocol` picks tcp_proxy or an HTTP router.
 
@@ -144,6 +161,7 @@ class EnvoyBootstrapOptions:
     admin_port: int = ENVOY_ADMIN_PORT
     outbound_port: int = ENVOY_OUTBOUND_PORT
     inbound_port: int = ENVOY_INBOUND_PORT
+    outbound_address: str = "0.0.0.0"
     inbound_passthrough_source: str | None = INBOUND_PASSTHROUGH_SOURCE
     connect_timeout_s: float = 5.0
     tcp_idle_timeout_s: float = 60.0
@@ -157,6 +175,7 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
     """An Istio-like sidecar bootstrap: virtualOutbound (15001) and virtualInbound (15006), both
     learning the original destination with the original_dst listener filter and forwarding to
     ORIGINAL_DST clusters; inbound connects from 127.0.0.6 like Istio's inbound passthrough.
+    Other meshes' proxies differ in these ports, addresses and source (ProxyListeners).
     """
     inbound_cluster: dict[str, Any] = _original_dst_cluster("InboundPassthroughCluster", options)
     if options.inbound_passthrough_source is not None:
@@ -166,9 +185,17 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
         "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
         "static_resources": {
             "listeners": [
-                _listener("virtualOutbound", options.outbound_port, "PassthroughCluster", options),
                 _listener(
-                    "virtualInbound", options.inbound_port, "InboundPassthroughCluster", options
+                    "virtualOutbound",
+                    (options.outbound_address, options.outbound_port),
+                    "PassthroughCluster",
+                    options,
+                ),
+                _listener(
+                    "virtualInbound",
+                    ("0.0.0.0", options.inbound_port),
+                    "InboundPassthroughCluster",
+                    options,
                 ),
                 *(_explicit_listener(explicit, options) for explicit in options.explicit_listeners),
             ],
@@ -314,7 +341,10 @@ _ORIGINAL_DST_FILTER = {
 }
 
 
-def _listener(name: str, port: int, cluster: str, options: EnvoyBootstrapOptions) -> dict[str, Any]:
+def _listener(
+    name: str, bind: tuple[str, int], cluster: str, options: EnvoyBootstrapOptions
+) -> dict[str, Any]:
+    address, port = bind
     chains: list[dict[str, Any]] = [_blackhole_chain(name, port, options)]
     if options.protocol == "tcp":
         chains += [
@@ -328,7 +358,7 @@ def _listener(name: str, port: int, cluster: str, options: EnvoyBootstrapOptions
     chains.append({"filters": [_network_filter(options.protocol, name, cluster, options)]})
     return {
         "name": name,
-        "address": _socket_address("0.0.0.0", port),
+        "address": _socket_address(address, port),
         "listener_filters": [_ORIGINAL_DST_FILTER],
         "filter_chains": chains,
     }

@@ -4,7 +4,9 @@
   Envoy are there; removes leftovers of earlier runs that were killed.
 - netlab_node (module): a Node with pods a, b, c, each with Istio iptables (9090 excluded both
   ways), an Envoy sidecar (uid 1337) and echo servers on 8080 and 9090. Its teardown errors if
-  anything (netns, cgroup, process, temp dir) is left behind.
+  anything (netns, cgroup, process, temp dir) is left behind. Parametrised indirectly with a
+  MeshModeName (``@pytest.mark.parametrize("netlab_node", [...], indirect=True)``), the pods are
+  that mesh's (tests/netlab/meshes.py); ``EVERY_MESH`` does it for all three.
 - netlab_factory (function): make_node(specs, subnet=...) -> an entered Node, torn down (and
   checked for leftovers) after the test.
 """
@@ -16,12 +18,24 @@ from contextlib import ExitStack
 
 import pytest
 
+from meshaccel.contract.modes import MESH_MODES, MeshModeName
+
 from .leftovers import find_leftovers, remove_stale_leftovers
-from .mesh import DEFAULT_MESH_PODS, MeshPodSpec, mesh_node
+from .mesh import DEFAULT_MESH_PODS, MeshPodSpec, mesh_node, mesh_pods
+from .meshes import LAB_MESHES
 from .requirements import require_netlab
 from .topology import DEFAULT_SUBNET, Node
 
 NodeFactory = Callable[..., Node]
+
+#: Run a test once per mesh, each on a node of that mesh's pods (ids: istio, linkerd, kuma).
+EVERY_MESH = pytest.mark.parametrize(
+    "netlab_node", list(MESH_MODES), indirect=True, ids=[str(m) for m in MESH_MODES]
+)
+#: An Istio-only scenario in a module with EVERY_MESH ones: it shares their Istio node.
+ISTIO_ONLY = pytest.mark.parametrize(
+    "netlab_node", [MeshModeName.ISTIO], indirect=True, ids=[str(MeshModeName.ISTIO)]
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +51,9 @@ def _assert_nothing_left(token: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def netlab_node(netlab_requirements: None) -> Iterator[Node]:
-    node = mesh_node(DEFAULT_MESH_PODS)
+def netlab_node(request: pytest.FixtureRequest, netlab_requirements: None) -> Iterator[Node]:
+    mesh = MeshModeName(getattr(request, "param", MeshModeName.ISTIO))
+    node = mesh_node(mesh_pods(LAB_MESHES[mesh]))
     with node:
         yield node
     _assert_nothing_left(node.token)

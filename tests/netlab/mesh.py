@@ -1,46 +1,67 @@
-"""A node with Istio-style pods: iptables interception, an Envoy sidecar and echo servers each."""
+"""A node with meshed pods: each with its mesh's iptables, an Envoy sidecar and echo servers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 from typing import Literal
 
-from .istio_iptables import IstioInterception
+from .meshes import ISTIO_LAB, Interception, LabMesh
 from .topology import DEFAULT_SUBNET, Node, Pod
 
 ECHO_PORT = 8080
-EXCLUDED_PORT = 9090  # excluded from interception both ways in the default pods (Istio annotations)
+EXCLUDED_PORT = 9090  # excluded from interception both ways in the default pods (mesh annotations)
+
+
+class MeshRules(enum.Enum):
+    """The pod's mesh's own rules, EXCLUDED_PORT excluded both ways (as an annotation would)."""
+
+    ANNOTATED = enum.auto()
 
 
 @dataclass(frozen=True)
 class MeshPodSpec:
-    """How to build one pod. interception=None: no iptables; sidecar=False: no Envoy."""
+    """How to build one pod of ``mesh`` (Istio unless said). interception=None: no iptables;
+    sidecar=False: no Envoy."""
 
     name: str
-    interception: IstioInterception | None = field(
-        default_factory=lambda: IstioInterception(
-            exclude_inbound_ports=(EXCLUDED_PORT,), exclude_outbound_ports=(EXCLUDED_PORT,)
-        )
-    )
+    interception: Interception | MeshRules | None = MeshRules.ANNOTATED
     sidecar: bool = True
     protocol: Literal["tcp", "http"] = "tcp"
     echo_ports: tuple[int, ...] = (ECHO_PORT, EXCLUDED_PORT)
     read_api: str = "recv"
     cgroup_subpath: str | None = None
+    mesh: LabMesh = ISTIO_LAB
+
+    def rules(self) -> Interception | None:
+        if self.interception is MeshRules.ANNOTATED:
+            return self.mesh.interception(
+                exclude_inbound_ports=(EXCLUDED_PORT,), exclude_outbound_ports=(EXCLUDED_PORT,)
+            )
+        return self.interception
 
 
 # a and b: the pair tests accelerate; c: a meshed pod that stays on the iptables path.
 DEFAULT_MESH_PODS = (MeshPodSpec("a"), MeshPodSpec("b"), MeshPodSpec("c"))
 
 
+def mesh_pods(mesh: LabMesh, names: tuple[str, ...] = ("a", "b", "c")) -> tuple[MeshPodSpec, ...]:
+    """The default pods (a, b, c unless named otherwise), all of ``mesh``."""
+    return tuple(MeshPodSpec(name, mesh=mesh) for name in names)
+
+
 def add_mesh_pod(node: Node, spec: MeshPodSpec) -> Pod:
     pod = node.add_pod(spec.name, cgroup_subpath=spec.cgroup_subpath)
+    pod.mesh = spec.mesh
     for port in spec.echo_ports:
         pod.start_echo_server(port, read_api=spec.read_api)
-    if spec.interception is not None:
-        pod.install_istio_iptables(spec.interception)
+    rules = spec.rules()
+    if rules is not None:
+        pod.install_interception(rules)
     if spec.sidecar:
-        pod.start_envoy(protocol=spec.protocol)
+        pod.start_envoy(
+            protocol=spec.protocol, identity=spec.mesh.proxy, listeners=spec.mesh.listeners
+        )
     return pod
 
 

@@ -35,8 +35,16 @@ from .app_handles import (
 from .cgroups import TEST_CGROUP_PREFIX, TestCgroup, cgroup_id
 from .commands import run_command
 from .counters import NetCounters, read_net_counters
-from .envoy import EnvoyBootstrapOptions, EnvoySidecar, ExplicitListener, envoy_binary_for
+from .envoy import (
+    ISTIO_LISTENERS,
+    EnvoyBootstrapOptions,
+    EnvoySidecar,
+    ExplicitListener,
+    ProxyListeners,
+    envoy_binary_for,
+)
 from .istio_iptables import IstioInterception, install_istio_iptables, remove_istio_iptables
+from .meshes import Interception, LabMesh, install_interception
 from .netns import create_netns, delete_netns, netns_cookie, run_in_netns, socket_in_netns
 from .processes import SIDECAR_IDENTITY, PodProcess, RunAs, pod_command
 
@@ -185,7 +193,8 @@ class Pod:
         self.netns = f"{node.token}-{name}"
         self.cgroup_dir = cgroup_dir
         self.workdir = node.workdir / name
-        self.interception: IstioInterception | None = None
+        self.interception: Interception | None = None
+        self.mesh: LabMesh | None = None  # the mesh that built it (mesh.add_mesh_pod)
         self.sidecar: EnvoySidecar | None = None
         self.servers: dict[int, EchoServer] = {}
         self._process_numbers = itertools.count()
@@ -253,6 +262,11 @@ class Pod:
         self.interception = config or IstioInterception()
         return install_istio_iptables(self.netns, self.interception)
 
+    def install_interception(self, config: Interception) -> str:
+        """Any mesh's rules (tests/netlab/meshes.py); they live in the pod's nat table."""
+        self.interception = config
+        return install_interception(self.netns, config)
+
     def remove_istio_iptables(self) -> None:
         remove_istio_iptables(self.netns)
         self.interception = None
@@ -262,14 +276,16 @@ class Pod:
         *,
         protocol: Literal["tcp", "http"] = "tcp",
         identity: RunAs = SIDECAR_IDENTITY,
+        listeners: ProxyListeners = ISTIO_LISTENERS,
         ready_timeout: float = 20.0,
         http_ports: tuple[int, ...] = (),
         explicit_listeners: tuple[ExplicitListener, ...] = (),
         access_log: bool = True,
         upstream_idle_timeout_s: float | None = None,
     ) -> EnvoySidecar:
-        """Start the sidecar as uid/gid 1337 and wait until its admin /ready says LIVE.
-        The other options go to EnvoyBootstrapOptions (the benchmark's variants)."""
+        """Start the sidecar as ``identity`` (Istio's 1337) on ``listeners`` (Istio's) and wait
+        until its admin /ready says LIVE. The other options go to EnvoyBootstrapOptions (the
+        benchmark's variants)."""
         if self.sidecar is not None:
             raise RuntimeError(f"{self} already has a sidecar")
         envoy_dir = self.workdir / "envoy"
@@ -280,6 +296,11 @@ class Pod:
             node_id=f"{self.name}.{self.node.token}",
             access_log_path=envoy_dir / "access.log",
             protocol=protocol,
+            admin_port=listeners.admin_port,
+            outbound_port=listeners.outbound_port,
+            inbound_port=listeners.inbound_port,
+            outbound_address=listeners.outbound_address,
+            inbound_passthrough_source=listeners.inbound_passthrough_source,
             http_ports=http_ports,
             explicit_listeners=explicit_listeners,
             access_log=access_log,

@@ -1,0 +1,299 @@
+"""The reconciler's pod maps (:class:`~meshaccel.agent.pods.PodMaps`) in memory, for logic tests
+that need no kernel and no root.
+
+Each map is a dict of decoded entries, written one entry at a time in the order ``Datapath``
+writes them, sized as ``Capacities`` sizes the kernel's (a new key in a full map fails with
+``MapFullError``; a key already there can always be written), a pod's writes undone on a
+failure as ``Datapath`` undoes them. A test can make any entry write fail (:meth:`fail`) and
+plant entries that belong to no pod (:meth:`plant`), as an agent killed half-way through a
+write leaves them. ``test_pod_maps_contract.py`` runs the same scenarios here and on the
+kernel's maps and compares every entry, so this cannot drift from the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
+from ipaddress import IPv4Address
+from typing import Any
+
+from meshaccel.agent import layout
+from meshaccel.agent.datapath import POD_MAPS, MapFullError, UndoFailedError
+from meshaccel.agent.layout import TrafficDirection
+from meshaccel.agent.pods import (
+    AcceleratedPod,
+    ProgrammedPods,
+    cidr_key,
+    decode_cidr_key,
+    decode_port_key,
+    port_key,
+)
+from meshaccel.contract.settings import DEFAULT_CAPACITIES, Capacities
+
+#: A ``pods`` value decoded: address, sidecar uid, outbound and inbound listener ports, flags.
+PodRecord = tuple[IPv4Address, int, int, int, int]
+#: Every per-pod map's entries, decoded: ``pods`` cgroup id -> PodRecord, ``pod_ips`` address ->
+#: cgroup id, ``pod_ports`` (cgroup id, port, direction) -> True, the CIDR maps (cgroup id,
+#: network) -> True. The contract test reads the kernel's maps into the same shape.
+Entries = dict[str, dict[Any, Any]]
+PRESENT = True  # an option map's value (the kernel's b"\x01")
+OPTION_MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")  # write order
+CIDR_MAPS = ("outbound_excluded_cidrs", "outbound_included_cidrs")
+OUTBOUND, INBOUND = TrafficDirection.DIRECTION_OUTBOUND, TrafficDirection.DIRECTION_INBOUND
+_Undo = list[Callable[[], object]]
+
+
+def pod_record(info: layout.PodInfo) -> PodRecord:
+    return (
+        layout.ip_of(info.ip),
+        info.sidecar_uid,
+        layout.port_of(info.outbound_port),
+        layout.port_of(info.inbound_port),
+        info.flags,
+    )
+
+
+def record_info(record: PodRecord) -> layout.PodInfo:
+    ip, sidecar_uid, outbound_port, inbound_port, flags = record
+    return layout.PodInfo(
+        ip=layout.ipv4(ip),
+        sidecar_uid=sidecar_uid,
+        outbound_port=layout.be16(outbound_port),
+        inbound_port=layout.be16(inbound_port),
+        flags=flags,
+    )
+
+
+def option_entries(pod: AcceleratedPod | None) -> dict[str, set[Any]]:
+    """The option maps' keys of ``pod``, in the order Datapath writes the maps."""
+    if pod is None:
+        return {name: set() for name in OPTION_MAPS}
+    c = pod.cgroup_id
+    return {
+        "pod_ports": {(c, p, OUTBOUND) for p in pod.excluded_outbound_ports}
+        | {(c, p, INBOUND) for p in pod.excluded_inbound_ports},
+        "outbound_excluded_cidrs": {(c, n) for n in pod.excluded_outbound_cidrs},
+        "outbound_included_cidrs": {(c, n) for n in pod.included_outbound_cidrs or ()},
+    }
+
+
+def encode_key(name: str, key: Any) -> bytes:
+    """A decoded key as the kernel's map holds it (orphans are reported in these bytes)."""
+    if name == "pod_ports":
+        return port_key(*key)
+    if name in CIDR_MAPS:
+        return cidr_key(*key)
+    assert name == "pod_ips", name
+    return bytes(key.packed)
+
+
+def decode_key(name: str, raw: bytes) -> Any:
+    if name == "pod_ports":
+        return decode_port_key(raw)
+    if name in CIDR_MAPS:
+        return decode_cidr_key(raw)
+    assert name == "pod_ips", name
+    return IPv4Address(raw)
+
+
+class MemoryPodMaps:
+    """PodMaps in memory; see the module docstring. ``log`` lists every entry write (updates and
+    deletes, failed ones too) as (operation, map, key); :meth:`fail` counts writes from now."""
+
+    def __init__(self, capacities: Capacities = DEFAULT_CAPACITIES) -> None:
+        sizes = capacities.max_entries()
+        self.capacity = {name: sizes[name] for name in POD_MAPS}
+        self.entries: Entries = {name: {} for name in POD_MAPS}
+        self.log: list[tuple[str, str, Any]] = []
+        self._failing: dict[int, BaseException] = {}  # write number -> what it raises
+        self._failing_from: tuple[int, BaseException] | None = None
+
+    # -- what tests drive ------------------------------------------------------------------
+
+    def fail(self, nth: int, error: BaseException | None = None, *, onward: bool = False) -> None:
+        """Make the ``nth`` entry write from now (1: the next) raise ``error`` (default: EIO);
+        with ``onward``, every write after it too (the undo of what came before fails)."""
+        if nth < 1:
+            raise ValueError(f"nth counts from 1, not {nth}")
+        error = error if error is not None else OSError(errno.EIO, "injected write failure")
+        if onward:
+            self._failing_from = (self.writes + nth, error)
+        else:
+            self._failing[self.writes + nth] = error
+
+    @property
+    def writes(self) -> int:
+        return len(self.log)
+
+    def heal(self) -> None:
+        """No write fails any more."""
+        self._failing.clear()
+        self._failing_from = None
+
+    def plant(self, name: str, key: Any, value: object = PRESENT) -> None:
+        """An entry written behind the maps' back (what an interrupted write leaves)."""
+        self.entries[name][key] = value
+
+    def dump(self) -> Entries:
+        return {name: dict(entries) for name, entries in self.entries.items()}
+
+    def usage(self) -> dict[str, int]:
+        return {name: len(entries) for name, entries in self.entries.items()}
+
+    # -- PodMaps ---------------------------------------------------------------------------
+
+    def max_entries(self, name: str) -> int:
+        return self.capacity[name]
+
+    def read_pods(self) -> ProgrammedPods:
+        records = self.entries["pods"]
+        owned: dict[str, dict[int, list[Any]]] = {}
+        orphans: dict[str, set[bytes]] = {}
+        for name in OPTION_MAPS:
+            owned[name] = {}
+            for key in self.entries[name]:
+                owner = key[0]  # each option key starts with its pod's cgroup id
+                if owner in records:
+                    owned[name].setdefault(owner, []).append(key)
+                else:
+                    orphans.setdefault(name, set()).add(encode_key(name, key))
+        pods: dict[int, AcceleratedPod] = {}
+        for cgroup_id, record in records.items():
+            ports = owned["pod_ports"].get(cgroup_id, [])
+            included = owned["outbound_included_cidrs"].get(cgroup_id, [])
+            pod = pods[cgroup_id] = AcceleratedPod.from_info(
+                cgroup_id,
+                record_info(record),
+                excluded_outbound_ports=frozenset(p for _, p, d in ports if d == OUTBOUND),
+                excluded_inbound_ports=frozenset(p for _, p, d in ports if d == INBOUND),
+                excluded_outbound_cidrs=frozenset(
+                    n for _, n in owned["outbound_excluded_cidrs"].get(cgroup_id, [])
+                ),
+                included_outbound_cidrs=frozenset(n for _, n in included),
+            )
+            if pod.included_outbound_cidrs is None and included:  # it includes everything
+                unused = orphans.setdefault("outbound_included_cidrs", set())
+                unused.update(encode_key("outbound_included_cidrs", key) for key in included)
+        for ip, owner in self.entries["pod_ips"].items():
+            holder = pods.get(owner)
+            if holder is None or holder.ip != ip:
+                orphans.setdefault("pod_ips", set()).add(encode_key("pod_ips", ip))
+        return ProgrammedPods(pods, orphans)
+
+    def put_pod(
+        self, pod: AcceleratedPod, *, previous: AcceleratedPod | None, take_ip: bool = False
+    ) -> int | None:
+        owner = self.entries["pod_ips"].get(pod.ip)
+        if owner not in (None, pod.cgroup_id) and not take_ip:
+            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner}")
+        old = _same_pod(previous, pod.cgroup_id)
+        record = pod_record(pod.info())
+        old_record = None if old is None else pod_record(old.info())
+        new_options, old_options = option_entries(pod), option_entries(old)
+        with self._undo_on_failure() as undo:
+            for name, keys in new_options.items():
+                for key in keys - old_options[name]:
+                    self._put(undo, name, key, PRESENT, None)
+            if owner != pod.cgroup_id:
+                self._put(undo, "pod_ips", pod.ip, pod.cgroup_id, owner)
+            if record != old_record:
+                self._put(undo, "pods", pod.cgroup_id, record, old_record)
+            for name, keys in old_options.items():
+                self._remove(undo, name, keys - new_options[name])
+            if old is not None and old.ip != pod.ip:
+                self._release_ip(undo, old)
+        return None if owner == pod.cgroup_id else owner
+
+    def delete_pod(self, cgroup_id: int, *, previous: AcceleratedPod | None) -> bool:
+        pod = _same_pod(previous, cgroup_id)
+        if pod is None:
+            return False
+        with self._undo_on_failure() as undo:
+            existed = self._remove(undo, "pods", {cgroup_id}, pod_record(pod.info())) > 0
+            self._release_ip(undo, pod)
+            for name, keys in option_entries(pod).items():
+                self._remove(undo, name, keys)
+        return existed
+
+    def remove_orphans(self, orphans: Mapping[str, Iterable[bytes]]) -> int:
+        return sum(
+            self._delete(name, decode_key(name, key))
+            for name, keys in orphans.items()
+            for key in keys
+        )
+
+    # -- entries -----------------------------------------------------------------------------
+
+    def _count_write(self, operation: str, name: str, key: Any) -> None:
+        self.log.append((operation, name, key))
+        error = self._failing.pop(self.writes, None)
+        if (
+            error is None
+            and self._failing_from is not None
+            and self.writes >= self._failing_from[0]
+        ):
+            error = self._failing_from[1]
+        if error is not None:
+            raise copy.copy(error)
+
+    def _update(self, name: str, key: Any, value: object) -> None:
+        self._count_write("update", name, key)
+        entries = self.entries[name]
+        if key not in entries and len(entries) >= self.capacity[name]:
+            raise MapFullError(
+                f"map {name} is full ({self.capacity[name]} entries): raise its capacity "
+                "(Capacities) and reload"
+            )
+        entries[key] = value
+
+    def _delete(self, name: str, key: Any) -> bool:
+        self._count_write("delete", name, key)
+        return self.entries[name].pop(key, _ABSENT) is not _ABSENT
+
+    def _put(self, undo: _Undo, name: str, key: Any, value: object, previous: object) -> None:
+        self._update(name, key, value)
+        if previous is None:
+            undo.append(partial(self._delete, name, key))
+        else:
+            undo.append(partial(self._update, name, key, previous))
+
+    def _remove(self, undo: _Undo, name: str, keys: Iterable[Any], value: object = PRESENT) -> int:
+        removed = 0
+        for key in keys:
+            if self._delete(name, key):
+                undo.append(partial(self._update, name, key, value))
+                removed += 1
+        return removed
+
+    def _release_ip(self, undo: _Undo, pod: AcceleratedPod) -> None:
+        if self.entries["pod_ips"].get(pod.ip) == pod.cgroup_id:
+            self._remove(undo, "pod_ips", {pod.ip}, pod.cgroup_id)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _undo_on_failure() -> Iterator[_Undo]:
+        undo: _Undo = []
+        try:
+            yield undo
+        except BaseException as err:
+            failures = []
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as undo_err:
+                    failures.append(undo_err)
+            if failures and isinstance(err, Exception):
+                raise UndoFailedError(err, failures[0]) from err
+            raise
+
+
+_ABSENT = object()
+
+
+def _same_pod(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:
+    if previous is not None and previous.cgroup_id != cgroup_id:
+        raise ValueError(f"previous is the pod {previous.cgroup_id}, not {cgroup_id}")
+    return previous
