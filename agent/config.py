@@ -38,8 +38,19 @@ CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 # MESHACCEL_* variables that are not settings but are known (scripts, the loader).
 _KNOWN_OTHER_ENV = frozenset({CONFIG_ENV, f"{ENV_PREFIX}BOOTSTRAPPED"})
 
-Command = Literal["run", "uninstall", "show-config"]
-COMMANDS: tuple[Command, ...] = ("run", "uninstall", "show-config")
+Command = Literal["run", "uninstall", "show-config", "status", "pods", "check", "version"]
+COMMANDS: tuple[Command, ...] = (
+    "run",
+    "uninstall",
+    "show-config",
+    "status",
+    "pods",
+    "check",
+    "version",
+)
+#: The commands that report (``meshaccel-agent status`` ...): a table, or JSON with ``-o json``.
+REPORTS: frozenset[Command] = frozenset({"status", "pods", "check", "version"})
+Output = Literal["text", "json"]
 
 
 FIELDS: tuple[str, ...] = tuple(AgentSettings.model_fields)
@@ -79,6 +90,7 @@ class LoadedSettings:
     sources: dict[str, str]
     config_file: Path | None = None
     ignored_env: tuple[str, ...] = ()
+    output: Output = "text"
 
     def describe(self) -> dict[str, Any]:
         """Effective settings and their sources, JSON-ready (paths, never the keys)."""
@@ -114,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=COMMANDS,
         default="run",
         help="run (default): the daemon; uninstall: adopt the pinned datapath, detach it with "
-        "the drain and remove every pin; show-config: print the effective settings and exit",
+        "the drain and remove every pin; show-config: print the effective settings and exit; "
+        "status, pods: what the running agent reports (through local_socket); check: the "
+        "host's prerequisites and other owners' programs on the datapath's hooks; version: "
+        "this build, Python, libbpf and the kernel",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        help="status, pods, check, version: a table (text, the default) or one JSON document",
     )
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file (also {CONFIG_ENV})")
     parser.add_argument("--version", action="version", version=f"meshaccel-agent {VERSION}")
@@ -226,6 +247,13 @@ def load_settings(
     environ = os.environ if environ is None else environ
     parsed = vars(build_parser().parse_args(list(argv) if argv is not None else None))
     command: Command = parsed.pop("command", "run")
+    given_output = parsed.pop("output", None)
+    if given_output is not None and command not in REPORTS:
+        raise SettingsError(
+            f"invalid command line: -o/--output is for {', '.join(sorted(REPORTS))}, "
+            f"not {command} (see meshaccel-agent --help)"
+        )
+    output: Output = given_output or "text"
 
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -270,6 +298,7 @@ def load_settings(
         sources=sources,
         config_file=config_file,
         ignored_env=tuple(sorted(ignored)),
+        output=output,
     )
 
 

@@ -16,6 +16,9 @@ the listening socket itself and gives each accepted connection a :class:`_Connec
 * then hands the connection to aiohttp's request handler, which parses HTTP with its own
   limits on lines, headers and the body's size (``max_body_bytes``).
 
+:class:`LocalSocket` is the other way in: a unix socket inside the agent's pod for the local,
+read-only API (``meshaccel-agent status|pods``), made mode 0600 before it listens.
+
 The header deadline needs to know when a request's headers are in: the server's middleware calls
 :meth:`Listener.request_started` and :meth:`Listener.request_finished`. A refused or timed-out
 connection is counted (:attr:`Listener.counts`), never answered.
@@ -24,11 +27,17 @@ connection is counted (:attr:`Listener.counts`), never answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import socket
 import ssl
+import stat
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from meshaccel.agent.tls import ServerTLS
@@ -283,3 +292,61 @@ class _Connection(asyncio.Protocol):
         if self._handler is not None:
             handler, self._handler = self._handler, None
             handler.connection_lost(exc)
+
+
+@dataclass
+class LocalSocket:
+    """The unix socket of the local, read-only API: bound and made mode 0600 before anything
+    can connect (it listens only once served). :meth:`unlink` while it still listens (nothing
+    else can have bound the path meanwhile: :meth:`bind` refuses a live socket), then
+    :meth:`close`."""
+
+    path: Path
+    sock: socket.socket
+    made_dirs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def bind(cls, path: Path) -> LocalSocket:
+        """Bind ``path``, making its missing directories (0700). A socket left there by an
+        agent that is gone is replaced; a live one, or anything else, is an OSError."""
+        made = []
+        for directory in reversed([path.parent, *path.parent.parents]):
+            if not directory.is_dir():
+                directory.mkdir(mode=0o700)
+                made.append(directory)
+        if path.is_symlink() or path.exists():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, f"another process serves {path}")
+            path.unlink()  # an earlier agent's, in the same pod
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+        except OSError:
+            sock.close()
+            raise
+        return cls(path, sock, made)
+
+    def unlink(self) -> None:
+        """Remove the socket's path: new clients find nothing; accepted ones carry on."""
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(self.path.lstat().st_mode):
+                self.path.unlink()
+
+    def close(self) -> None:
+        """Close the socket, and remove the directories :meth:`bind` made if they are empty."""
+        self.sock.close()
+        for directory in reversed(self.made_dirs):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

@@ -3,12 +3,13 @@
     meshaccel-agent [run] [flags]     the daemon (a DaemonSet pod on every node)
     meshaccel-agent uninstall         adopt the pinned datapath, detach it with the drain, unpin
     meshaccel-agent show-config       print the effective settings and their sources
+    meshaccel-agent status|pods|check|version [-o json]   reports (:mod:`.commands`)
 
 Life cycle of ``run``:
 
 1. Settings (flags > ``MESHACCEL_*`` > config file > defaults); an invalid one exits 2 with
-   one line. Host prerequisites (privileges, BTF, program and map types, cgroup2, bpffs);
-   a missing one exits 1 with its cause and fix.
+   one line. Host prerequisites, once (:mod:`.preflight`, as ``meshaccel-agent check``); a
+   failed one exits 1 with its cause and fix, its report the kubelet's termination message.
 2. The datapath: a complete set of pins under ``<pin_root>/<instance>`` loaded with the
    features, sk_msg budget and map capacities the settings ask for is **adopted** (the kernel
    is not touched, so no connection notices the new agent); one loaded with others is
@@ -20,8 +21,8 @@ Life cycle of ``run``:
    ``meshaccel-agent uninstall`` clears them.
 3. The reconciler, the pod resolver (cgroups), the HTTP API on ``listen_address:port`` (mutual
    TLS with the files of the operator's Secret, re-read when they change; plain HTTP only on
-   loopback with ``insecure_no_token``) and, standalone, the pods file watcher. Ready once
-   attached and the first set is applied.
+   loopback with ``insecure_no_token``), its read-only view on ``local_socket`` and,
+   standalone, the pods file watcher. Ready once attached and the first set is applied.
 4. SIGTERM or SIGINT: stop serving, finish the apply in progress, close the map fds and
    **keep every pin**: the programs go on working without the agent (a restart or an upgrade
    drops nothing). With ``--uninstall-on-exit`` the agent instead unloads: it stops
@@ -50,7 +51,7 @@ from types import FrameType
 
 from aiohttp import web
 
-from meshaccel.agent import config, libbpf, prerequisites
+from meshaccel.agent import commands, config, libbpf, preflight, prerequisites
 from meshaccel.agent.config import LoadedSettings, SettingsError
 from meshaccel.agent.datapath import (
     Datapath,
@@ -61,6 +62,7 @@ from meshaccel.agent.datapath import (
 )
 from meshaccel.agent.identity import CgroupResolver
 from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.agent.local_api import serving_locally
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import Reconciler
 from meshaccel.agent.server import DatapathInfo, create_app, is_uninstalled, serving
@@ -193,17 +195,22 @@ def feature_names(features: DatapathFeatures) -> list[str]:
 
 
 def _check_host(loaded: LoadedSettings) -> tuple[Path, Path]:
-    """Every prerequisite, before anything is made: (cgroup2 mount, attach cgroup)."""
-    settings = loaded.settings
-    mount = prerequisites.cgroup2_root()
-    config.check_cgroup_settings(loaded, mount)
-    attach = settings.attach_cgroup or mount
-    prerequisites.check_privileges(sk_msg=settings.sk_msg_redirect)
-    prerequisites.check_btf()
-    prerequisites.check_kernel_features()
-    prerequisites.check_cgroup(attach)
-    prerequisites.check_bpffs(settings.pin_root)
-    return mount, attach
+    """Every prerequisite, once, before anything is made: (cgroup2 mount, attach cgroup). A
+    failed one stops start-up, its report written where the kubelet reads it; a failed
+    warning is logged."""
+    report = preflight.check_settings(loaded, mount_bpffs=True)
+    for check in report.warnings:
+        log.warning(
+            f"check {check.name}: {check.detail}",
+            extra={"check": check.name, "fix": check.fix, **check.extra},
+        )
+    if not report.ok:
+        path = loaded.settings.termination_message_path
+        if preflight.write_termination_message(report, path):
+            log.info("check report written", extra={"path": str(path)})
+        report.raise_for_failure()
+    assert report.cgroup2_mount is not None and report.attach_cgroup is not None  # checked
+    return report.cgroup2_mount, report.attach_cgroup
 
 
 def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
@@ -247,6 +254,7 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             redirect_budget=settings.sk_msg_redirect_budget,
             capacities=settings.capacities,
             pin_root=settings.pin_root,
+            host_checked=True,  # _check_host ran them
         )
     startup = Startup(
         decision=decision,
@@ -344,9 +352,15 @@ async def serve(
 
     tasks: list[asyncio.Task[None]] = []
     try:
-        async with serving(
-            app, settings.listen_address, settings.port, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS
-        ) as listener:
+        async with (
+            serving(
+                app,
+                settings.listen_address,
+                settings.port,
+                shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+            ) as listener,
+            serving_locally(app, settings.local_socket, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS),
+        ):
             tls = listener.tls
             extra: dict[str, object] = {
                 "address": settings.listen_address,
@@ -515,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loaded.command == "show-config":
         print(json.dumps(loaded.describe(), indent=2))
         return EXIT_OK
+    if loaded.command in config.REPORTS:
+        return commands.report(loaded)
 
     settings = loaded.settings
     configure_logging(settings.log_format, settings.log_level)

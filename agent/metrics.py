@@ -1,8 +1,10 @@
 """Prometheus metrics of the agent, in a registry of its own (nothing global, nothing at import).
 
 Everything but the apply-duration histogram is read at scrape time by :class:`AgentCollector`:
-the eBPF event counters from the datapath's per-CPU array, the rest from the reconciler's
-:class:`~meshaccel.agent.reconcile.Snapshot`. Rendering reads a BPF map, so it blocks: call
+the datapath's per-CPU counters, split into families by meaning and unit
+(:data:`DATAPATH_FAMILIES`: every counter in exactly one), the rest from the reconciler's
+:class:`~meshaccel.agent.reconcile.Snapshot`; the process's own (``process_*``, ``python_info``)
+come from prometheus_client's collectors. Rendering reads a BPF map, so it blocks: call
 :meth:`AgentMetrics.render` from a worker thread, not on the event loop.
 
 Labels carry no pod names, uids or addresses: only aggregate numbers leave through /metrics.
@@ -12,9 +14,15 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -41,6 +49,129 @@ APPLY_DURATION_BUCKETS = (
     2.5,
     5.0,
 )
+
+
+@dataclass(frozen=True)
+class CounterFamily:
+    """A Prometheus counter family fed by datapath counters: one series per counter.
+
+    ``members`` maps each counter to its series' ``label`` value; a family without a label has
+    one member. ``name`` is the family's name without ``_total`` (the exposition appends it).
+    """
+
+    name: str
+    documentation: str
+    label: str | None
+    members: Mapping[Counter, str]
+
+    def metric(self, counters: Mapping[Counter, int]) -> CounterMetricFamily:
+        labels = [self.label] if self.label else []
+        family = CounterMetricFamily(self.name, self.documentation, labels=labels)
+        for counter, value in self.members.items():
+            family.add_metric([value] if self.label else [], counters.get(counter, 0))
+        return family
+
+
+#: The datapath's counters as Prometheus families: each kernel counter (bpf/include/meshaccel.h
+#: ``enum counter``) feeds exactly one series (tests/unit/test_metric_families.py). The label
+#: values are the contract of dashboards and alerts: never rename one, add instead.
+DATAPATH_FAMILIES: tuple[CounterFamily, ...] = (
+    CounterFamily(
+        "meshaccel_datapath_connections_steered",
+        "Connections meshaccel took over at connect(), by hop: app_to_sidecar (an app's connect "
+        "rewritten to its sidecar), sidecar_to_sidecar (a sidecar's to a same-node pod's inbound "
+        "listener), sidecar_to_app (a sidecar's to its own pod's app: left as is, recorded)",
+        "hop",
+        {
+            Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED: "app_to_sidecar",
+            Counter.COUNTER_CONNECT_INBOUND_REDIRECTED: "sidecar_to_sidecar",
+            Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD: "sidecar_to_app",
+        },
+    ),
+    CounterFamily(
+        "meshaccel_datapath_connections_bypassed",
+        "Connects from accelerated pods deliberately left to the mesh's iptables path, by reason",
+        "reason",
+        {
+            Counter.COUNTER_BYPASS_LOCAL_DESTINATION: "local_destination",
+            Counter.COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED: "outbound_port_excluded",
+            Counter.COUNTER_BYPASS_OUTBOUND_CIDR_EXCLUDED: "outbound_cidr_excluded",
+            Counter.COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION: "sidecar_remote_destination",
+            Counter.COUNTER_BYPASS_INBOUND_PORT_EXCLUDED: "inbound_port_excluded",
+            Counter.COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED: "same_node_inbound_disabled",
+            Counter.COUNTER_BYPASS_NO_INBOUND_LISTENER: "no_inbound_listener",
+        },
+    ),
+    CounterFamily(
+        "meshaccel_datapath_transparency_answers",
+        "Calls answered as under iptables for steered connections, by call: so_original_dst "
+        "(getsockopt SO_ORIGINAL_DST), getpeername (also accept's peer), getsockname",
+        "call",
+        {
+            Counter.COUNTER_ORIGINAL_DST_ANSWERED: "so_original_dst",
+            Counter.COUNTER_PEER_ADDRESS_RESTORED: "getpeername",
+            Counter.COUNTER_LOCAL_ADDRESS_RESTORED: "getsockname",
+        },
+    ),
+    CounterFamily(
+        "meshaccel_datapath_sockets_joined",
+        "Sockets that joined a sockhash (sk_msg may deliver between them)",
+        None,
+        {Counter.COUNTER_SOCKHASH_ADDED: ""},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_sockhash_key_collisions",
+        "Sockets that did not join a sockhash because a live socket holds their key (their "
+        "bytes take TCP)",
+        None,
+        {Counter.COUNTER_SOCKHASH_KEY_TAKEN: ""},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_messages",
+        "Messages sk_msg handled, by verdict: redirected (into the peer socket) or passed (to "
+        "TCP: the peer is no redirect target here, or the agent is unloading)",
+        "verdict",
+        {Counter.COUNTER_MSG_REDIRECTED: "redirected", Counter.COUNTER_MSG_PASSED: "passed"},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_redirected_bytes",
+        "Bytes sk_msg delivered socket to socket, skipping the TCP/IP stack",
+        None,
+        {Counter.COUNTER_MSG_BYTES_REDIRECTED: ""},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_fallbacks",
+        "Directions of connections that sk_msg leaves to TCP for good, by reason: budget, "
+        "receiver_unknown, redirect_failed, draining (it was redirecting), peer_not_target "
+        "(its first message found no redirect target)",
+        "reason",
+        {**FALLBACK_REASONS, Counter.COUNTER_MSG_PEER_NOT_TARGET: "peer_not_target"},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_senders_left",
+        "Fallen-back senders that left msg_senders: their sends take the plain TCP path again",
+        None,
+        {Counter.COUNTER_SENDER_LEFT: ""},
+    ),
+    CounterFamily(
+        "meshaccel_datapath_errors",
+        "Datapath failures, by kind (each leaves its connection to TCP or iptables; should "
+        "stay 0): map_update, sockhash_update, socket_state, receive_buffer",
+        "kind",
+        {
+            Counter.COUNTER_ERROR_MAP_UPDATE: "map_update",
+            Counter.COUNTER_ERROR_SOCKHASH_UPDATE: "sockhash_update",
+            Counter.COUNTER_ERROR_SOCKET_STATE: "socket_state",
+            Counter.COUNTER_ERROR_RECEIVE_BUFFER: "receive_buffer",
+        },
+    ),
+)
+
+
+def datapath_metrics(counters: Mapping[Counter, int]) -> Iterator[CounterMetricFamily]:
+    """The families of :data:`DATAPATH_FAMILIES` with the values of ``counters``."""
+    for family in DATAPATH_FAMILIES:
+        yield family.metric(counters)
 
 
 class AgentCollector(Collector):
@@ -80,22 +211,7 @@ class AgentCollector(Collector):
         except Exception:  # a closed or unloaded datapath: leave the family out
             log.warning("datapath counters unreadable", exc_info=True, extra={"event": "metrics"})
         else:
-            events = CounterMetricFamily(
-                "meshaccel_datapath_events",
-                "Datapath events by kind, summed over CPUs (bpf/include/meshaccel.h enum counter)",
-                labels=["event"],
-            )
-            for counter in Counter:
-                events.add_metric([counter.metric_name], counters.get(counter, 0))
-            yield events
-            fallbacks = CounterMetricFamily(
-                "meshaccel_datapath_fallbacks",
-                "Directions of connections that went from sk_msg back to TCP for good, by reason",
-                labels=["reason"],
-            )
-            for counter, reason in FALLBACK_REASONS.items():
-                fallbacks.add_metric([reason], counters.get(counter, 0))
-            yield fallbacks
+            yield from datapath_metrics(counters)
 
         yield GaugeMetricFamily(
             "meshaccel_agent_pods_accelerated",
@@ -155,11 +271,14 @@ class AgentCollector(Collector):
 
 
 class AgentMetrics:
-    """The agent's registry: the scrape-time collector plus the apply-duration histogram."""
+    """The agent's registry: the scrape-time collector, the apply-duration histogram and the
+    process's own metrics (``process_*``: memory, CPU, open files; ``python_info``)."""
 
     def __init__(self, reconciler: Reconciler, *, attached: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(reconciler, attached))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.apply_duration = Histogram(
             "meshaccel_agent_apply_duration_seconds",
             "Time the reconciler took for each successful apply (map writes included)",

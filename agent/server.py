@@ -17,11 +17,15 @@ GET     /v1/status    yes    200 StatusReply (``not_ready`` says why /readyz is 
 GET     /v1/health    yes    200 HealthReply: boot id, the applied set's epoch and generation,
                              the fingerprint of the client CA bundle in force (the operator's
                              probe); 403
-GET     /healthz      no     200 ``{"status": "ok"}``: the process serves requests
+GET     /healthz      no     200 ``{"status": "ok", "version": ...}``: the process serves
 GET     /readyz       no     200 ``{"status": "ok"}`` when every program is attached and a first
                              set was applied; 503 ``not ready`` otherwise (why: /v1/status)
 GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
 ======  ============  =====  ==================================================================
+
+The agent's ``version`` is in ApplyResult, HealthReply and StatusReply only for a client that
+sends its own in the ``Meshaccel-Version`` header (an operator that predates the field, whose
+models refuse unknown fields, sends none), and always in /healthz.
 
 Every 4xx and 5xx body is an :class:`~meshaccel.contract.api.ErrorReply` (JSON), also for
 unknown paths and methods; a refused request changes nothing. Unexpected errors give a 500
@@ -39,6 +43,9 @@ authentication off (plain HTTP): only for a demo bound to loopback (``main`` che
   name, uid or address, and it changes nothing. Closing it would mean giving the scraper the
   operator's identity, which can rewrite the node's pod set: the greater risk.
 * Everything under /v1 needs the operator: GET replies name pods and their addresses.
+* The local socket (:mod:`.local_api`, a unix socket in the agent's pod, mode 0600) serves a
+  second application with only GET /v1/status, /v1/pods and /v1/health, for
+  ``meshaccel-agent status|pods``: whoever reaches it can already exec into the pod.
 
 Limits (:class:`~.listener.Limits`): connections in all and per client address, the TLS
 handshake's, the headers' and the body's time, the body's size.
@@ -88,6 +95,7 @@ from meshaccel.agent.reconcile import (
 )
 from meshaccel.agent.tls import ServerTLS
 from meshaccel.contract.api import (
+    VERSION_HEADER,
     AppliedPod,
     ErrorReply,
     HealthReply,
@@ -101,6 +109,7 @@ from meshaccel.contract.api import (
     UninstallReply,
 )
 from meshaccel.contract.tls import is_operator
+from meshaccel.contract.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +160,7 @@ class _Uninstall:
     error: str | None = None
 
 
-RECONCILER = web.AppKey("reconciler", Reconciler)
+RECONCILER = web.AppKey("reconciler", Reconciler[Datapath])
 METRICS = web.AppKey("metrics", AgentMetrics)
 DATAPATH_INFO = web.AppKey("datapath_info", DatapathInfo)
 AUTH = web.AppKey("auth", _Auth)
@@ -351,6 +360,8 @@ async def put_pods(request: web.Request) -> web.Response:
             status = 507 if err.map_full and err.rolled_back else 500
             return error_reply(status, err.message, applied_generation=err.applied_generation)
     request.app[METRICS].observe_apply(result.duration_ms / 1000)
+    if knows_version(request):
+        result = result.model_copy(update={"version": VERSION})
     return json_reply(result)
 
 
@@ -411,7 +422,11 @@ async def post_uninstall(request: web.Request) -> web.Response:
 
 async def get_pods(request: web.Request) -> web.Response:
     """GET /v1/pods: the pods of the applied set, programmed or unresolved."""
-    snapshot = request.app[RECONCILER].snapshot
+    return pods_reply(request.app)
+
+
+def pods_reply(app: web.Application) -> web.Response:
+    snapshot = app[RECONCILER].snapshot
     entries = sorted(snapshot.entries.values(), key=lambda e: (e.spec.namespace, e.spec.name))
     return json_reply(
         PodsReply(
@@ -431,34 +446,48 @@ async def get_pods(request: web.Request) -> web.Response:
     )
 
 
+def knows_version(request: web.Request) -> bool:
+    """The client knows the replies' ``version`` field: it sent its own (VERSION_HEADER)."""
+    return VERSION_HEADER in request.headers
+
+
 async def get_status(request: web.Request) -> web.Response:
     """GET /v1/status."""
-    status = await asyncio.to_thread(
-        build_status, request.app[RECONCILER], request.app[DATAPATH_INFO]
-    )
-    update: dict[str, object] = {"not_ready": not_ready(request.app)}
-    if request.app[UNINSTALL].done:
+    return await status_reply(request.app, version=knows_version(request))
+
+
+async def status_reply(app: web.Application, *, version: bool) -> web.Response:
+    status = await asyncio.to_thread(build_status, app[RECONCILER], app[DATAPATH_INFO])
+    update: dict[str, object] = {"not_ready": not_ready(app)}
+    if version:
+        update["version"] = VERSION
+    if app[UNINSTALL].done:
         update["uninstalled"] = True
     return json_reply(status.model_copy(update=update))
 
 
 async def get_health(request: web.Request) -> web.Response:
     """GET /v1/health: the operator's probe (its process, its set, its trust)."""
-    snapshot = request.app[RECONCILER].snapshot
-    tls = request.app[LISTENER].tls
+    return health_reply(request.app, version=knows_version(request))
+
+
+def health_reply(app: web.Application, *, version: bool) -> web.Response:
+    snapshot = app[RECONCILER].snapshot
+    tls = app[LISTENER].tls
     return json_reply(
         HealthReply(
             boot_id=snapshot.boot_id,
             applied_generation=snapshot.applied_generation,
             applied_epoch=snapshot.applied_epoch,
             trust_bundle=tls.trust_bundle if tls is not None else None,
+            version=VERSION if version else None,
         )
     )
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: the process serves requests; nothing else."""
-    return json_reply(ProbeReply())
+    """GET /healthz: the process serves requests, and which build it is; nothing else."""
+    return json_reply(ProbeReply(version=VERSION))
 
 
 def not_ready(app: web.Application) -> str | None:
@@ -514,21 +543,12 @@ def missing_attachments(pins: PinLayout) -> list[str]:
 
 @functools.cache
 def kernel_features() -> dict[str, bool]:
-    """What the datapath needs of the kernel, probed once (the answers do not change)."""
-    programs = (
-        libbpf.ProgType.CGROUP_SOCK_ADDR,
-        libbpf.ProgType.SOCK_OPS,
-        libbpf.ProgType.SK_MSG,
-        libbpf.ProgType.CGROUP_SOCKOPT,
-    )
-    maps = (
-        libbpf.MapType.SOCKHASH,
-        libbpf.MapType.LPM_TRIE,
-        libbpf.MapType.LRU_HASH,
-        libbpf.MapType.PERCPU_ARRAY,
-    )
-    found = {f"program_{t.name.lower()}": libbpf.probe_prog_type(t) for t in programs}
-    found |= {f"map_{t.name.lower()}": libbpf.probe_map_type(t) for t in maps}
+    """What the datapath needs of the kernel (the program and map types start-up checks),
+    probed once: the answers do not change."""
+    found = {
+        f"program_{t.name.lower()}": libbpf.probe_prog_type(t) for t in prerequisites.PROGRAM_TYPES
+    }
+    found |= {f"map_{t.name.lower()}": libbpf.probe_map_type(t) for t in prerequisites.MAP_TYPES}
     found["btf_vmlinux"] = prerequisites.VMLINUX_BTF.exists()
     return found
 

@@ -172,10 +172,18 @@ class UnresolvedPod(_Strict):
     reason: str
 
 
+# The agent's build (meshaccel.contract.version.VERSION); the operator reports it per node and
+# warns when it differs from its own.
+_VERSION_DESCRIPTION = "the agent's version (None: an agent that predates the field)"
+#: A client that sends this request header (its own version) gets the agent's ``version`` in
+#: the replies that have the field; one that predates it does not, and so still parses them.
+VERSION_HEADER = "Meshaccel-Version"
+
+
 class ApplyResult(_Reply):
     """The reply to PUT /v1/pods."""
 
-    _added = frozenset({"applied_epoch"})
+    _added = frozenset({"applied_epoch", "version"})
 
     applied_generation: int
     added: int
@@ -188,6 +196,7 @@ class ApplyResult(_Reply):
         "agent restarted (its maps were adopted, its memory of sets is gone)"
     )
     applied_epoch: int = Field(default=0, description="the epoch of the applied set")
+    version: str | None = Field(default=None, description=_VERSION_DESCRIPTION)
 
 
 class UninstallReply(_Strict):
@@ -226,16 +235,20 @@ class ErrorReply(_Reply):
     applied_epoch: int = 0
 
 
-class ProbeReply(_Strict):
-    """GET /healthz, and GET /readyz when ready (otherwise 503 ErrorReply): open, so no more."""
+class ProbeReply(_Reply):
+    """GET /healthz, and GET /readyz when ready (otherwise 503 ErrorReply): open, so no more
+    (/healthz adds the version, which the open /metrics shows too)."""
+
+    _added = frozenset({"version"})
 
     status: Literal["ok"] = "ok"
+    version: str | None = Field(default=None, description=_VERSION_DESCRIPTION)
 
 
 class HealthReply(_Reply):
     """GET /v1/health (the operator's probe): the process, the set it holds, what it trusts."""
 
-    _added = frozenset({"applied_generation", "applied_epoch", "trust_bundle"})
+    _added = frozenset({"applied_generation", "applied_epoch", "trust_bundle", "version"})
 
     status: Literal["ok"] = "ok"
     boot_id: str
@@ -248,6 +261,7 @@ class HealthReply(_Reply):
         description="sha256 fingerprint of the CA bundle the agent accepts client certificates "
         "from (None: serving without TLS); the operator's CA rotation waits for it",
     )
+    version: str | None = Field(default=None, description=_VERSION_DESCRIPTION)
 
 
 class ProgramStatus(_Strict):
@@ -272,7 +286,7 @@ class MapUsage(_Strict):
 class StatusReply(_Reply):
     """GET /v1/status."""
 
-    _added = frozenset({"applied_epoch", "not_ready"})
+    _added = frozenset({"applied_epoch", "not_ready", "version"})
 
     boot_id: str = Field(description="a new uuid4 on every start of the agent process")
     started_at: datetime
@@ -318,3 +332,4 @@ class StatusReply(_Reply):
     not_ready: str | None = Field(
         default=None, description="why GET /readyz answers 503 (None: it answers 200)"
     )
+    version: str | None = Field(default=None, description=_VERSION_DESCRIPTION)

@@ -7,6 +7,7 @@ renders and checks them for the DaemonSet it writes. Field names are the YAML ke
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,11 @@ MAX_REDIRECT_BUDGET = 64 << 20
 # (kubelet 10250, 9443 controller-runtime webhooks, 9100 node-exporter, Istio's 150xx).
 DEFAULT_PORT = 9474
 MAX_PODS_LIMIT = 65536
+# The local, read-only channel of `meshaccel-agent status|pods` (an emptyDir in the pod).
+LOCAL_SOCKET = Path("/run/meshaccel/local/agent.sock")
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+# Kubernetes' default terminationMessagePath: the kubelet makes the file and reads 4 KiB of it.
+TERMINATION_MESSAGE_PATH = Path("/dev/termination-log")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,17 @@ class AgentSettings(BaseModel):
         default=False,
         description="serve plain HTTP without authentication (no TLS, no client certificate); "
         "only allowed on a loopback listen address",
+    )
+    local_socket: Path | None = Field(
+        default=LOCAL_SOCKET,
+        description="unix socket serving GET /v1/status, /v1/pods and /v1/health to "
+        "`meshaccel-agent status|pods` inside the agent's pod (mode 0600, no TLS: whoever "
+        "can exec into the pod); none: no local socket",
+    )
+    termination_message_path: Path | None = Field(
+        default=TERMINATION_MESSAGE_PATH,
+        description="where a start-up stopped by a failed check writes the check report "
+        "(the kubelet's terminationMessagePath; written only if the file exists)",
     )
     # -- datapath ----------------------------------------------------------------------------
     attach_cgroup: Path | None = Field(
@@ -203,17 +220,33 @@ class AgentSettings(BaseModel):
         except ValueError:
             raise ValueError("must be an IPv4 or IPv6 address") from None
 
-    @field_validator("attach_cgroup", "pin_root", "kubelet_cgroup_root")
+    @field_validator(
+        "attach_cgroup",
+        "pin_root",
+        "kubelet_cgroup_root",
+        "local_socket",
+        "termination_message_path",
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
             raise ValueError("must be an absolute path")
         return value
 
+    @field_validator("local_socket", mode="before")
+    @classmethod
+    def _socket_path(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() == "none":
+            return None
+        if value is not None and len(os.fsencode(str(value))) > MAX_SOCKET_PATH:
+            raise ValueError(f"a unix socket path holds at most {MAX_SOCKET_PATH} bytes")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> AgentSettings:
-        # `meshaccel-agent uninstall` serves nothing and reads no pods: it needs neither.
-        serving = (info.context or {}).get("command", "run") != "uninstall"
+        # Only `run` serves and reads pods (`show-config` shows what `run` would use):
+        # `uninstall` and the inspection commands (status, pods, check, version) need neither.
+        serving = (info.context or {}).get("command", "run") in ("run", "show-config")
         loopback = ipaddress.ip_address(self.listen_address).is_loopback
         if self.insecure_no_token and not loopback:
             raise SettingConflict(

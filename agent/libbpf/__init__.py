@@ -16,7 +16,9 @@ All calls block; callers that live on an event loop run them in a thread.
 Modules: ``native`` (the library, its log, the calls everything shares), ``errors``,
 ``constants``, ``objects`` (BpfObject, ObjectMap, ObjectProgram), ``handles`` (what an
 fd-backed map or program shares), ``maps`` (Map), ``programs`` (Program, legacy attach),
-``links``, ``info`` and ``btf``. Callers import from the package.
+``links``, ``info``, ``btf``, and ``introspect`` (libbpf's version, helper probes, the
+programs attached to a cgroup: the checks' questions, imported as the module). Callers import
+from the package.
 """
 
 from .btf import BitfieldLayout, Btf, DatasecVar, FieldLayout, StructLayout

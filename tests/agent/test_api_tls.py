@@ -28,6 +28,7 @@ from meshaccel.agent.server import create_app, serving
 from meshaccel.agent.tls import ServerTLS
 from meshaccel.contract.api import HealthReply
 from meshaccel.contract.tls import AGENT_SERVER_NAME, bundle_fingerprint
+from meshaccel.contract.version import VERSION
 from meshaccel.operator.credentials import AgentTLS, issue_server, new_authority
 from meshaccel.operator.pusher import Pusher
 from tests.agent.conftest import FakeResolver, expected_pods, pod_spec
@@ -160,7 +161,7 @@ async def test_the_open_paths_say_ok_or_not_and_nothing_else(serve: Serve) -> No
     agent = await serve()
     anonymous = OLD.anonymous_context()
     anonymous.check_hostname = True
-    assert await call(agent, "/healthz", anonymous) == (200, {"status": "ok"})
+    assert await call(agent, "/healthz", anonymous) == (200, {"status": "ok", "version": VERSION})
     assert await call(agent, "/readyz", anonymous) == (
         503,
         {"error": "not ready", "detail": None, "applied_generation": None},

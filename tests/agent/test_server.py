@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath
 from meshaccel.agent.layout import Counter
 from meshaccel.agent.listener import Limits
+from meshaccel.agent.metrics import DATAPATH_FAMILIES
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.agent.reconcile import Reconciler, accelerated_pod
 from meshaccel.agent.server import DatapathInfo, create_app
@@ -36,6 +37,7 @@ from meshaccel.contract.api import (
 )
 from meshaccel.contract.settings import Capacities
 from meshaccel.contract.tls import bundle_fingerprint
+from meshaccel.contract.version import VERSION
 from tests.agent.conftest import (
     PKI,
     Client,
@@ -49,6 +51,13 @@ from tests.agent.conftest import (
     pod_set,
     pod_spec,
     uid,
+)
+from tests.agent.hostile_bodies import (
+    FUZZ,
+    MALFORMED_BODIES,
+    json_values,
+    near_valid_sets,
+    pod_sets,
 )
 from tests.datapath.conftest import load_datapath, unload_quietly
 from tests.netlab import ECHO_PORT, EXCLUDED_PORT, Node, Pod
@@ -127,47 +136,7 @@ async def test_stale_or_conflicting_generation_is_409(
     assert status == 200 and payload["added"] == payload["removed"] == 0
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "loc", "reason"),
-    [
-        ("{", 400, None, "truncated JSON"),
-        ("", 400, None, "empty body"),
-        (b"\xff\xfe{}", 400, None, "not UTF-8"),
-        ("[]", 422, [], "JSON, but not an object"),
-        ('{"generation": 1}', 422, ["pods"], "pods missing"),
-        ('{"generation": -1, "pods": []}', 422, ["generation"], "negative generation"),
-        ('{"generation": 1e400, "pods": []}', 422, ["generation"], "infinite generation"),
-        (
-            '{"generation": 100000000000000000000000, "pods": []}',
-            422,
-            ["generation"],
-            "beyond int64",
-        ),
-        ('{"generation": 1, "pods": [], "force": true}', 422, ["force"], "unknown field"),
-        (
-            '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
-            '"ip": "127.0.0.1"}]}',
-            422,
-            ["pods", 0, "ip"],
-            "loopback pod address",
-        ),
-        (
-            '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
-            '"ip": "198.18.1.1", "options": {"excluded_outbound_ports": [0]}}]}',
-            422,
-            ["pods", 0, "options", "excluded_outbound_ports", 0],
-            "port 0",
-        ),
-        (
-            '{"generation": 1, "pods": ['
-            '{"uid": "u", "namespace": "n", "name": "p", "ip": "198.18.1.1"},'
-            '{"uid": "u", "namespace": "n", "name": "q", "ip": "198.18.1.2"}]}',
-            422,
-            [],
-            "duplicate uid",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("body", "status", "loc", "reason"), MALFORMED_BODIES)
 async def test_malformed_bodies_are_4xx_with_the_field_and_change_nothing(
     client: Client,
     datapath: Datapath,
@@ -381,9 +350,9 @@ async def test_readyz_waits_for_the_first_set_and_the_attachments(
     assert "not attached" in (await why() or "")
 
 
-async def test_healthz_says_only_ok(client: Client, reconciler: Reconciler) -> None:
+async def test_healthz_says_only_ok_and_the_version(client: Client, reconciler: Reconciler) -> None:
     response = await client.get("/healthz", ssl=PKI.anonymous_context())
-    assert (await response.json()) == {"status": "ok"}
+    assert (await response.json()) == {"status": "ok", "version": VERSION}
     assert reconciler.boot_id not in await response.text()
 
 
@@ -514,10 +483,13 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
     assert response.headers["Content-Type"].startswith("text/plain")
     samples = metric_samples(await response.text())
 
-    for counter in Counter:
-        assert ("meshaccel_datapath_events_total", (("event", counter.metric_name),)) in samples
+    for family in DATAPATH_FAMILIES:
+        for value in family.members.values():
+            labels = ((family.label, value),) if family.label else ()
+            assert (f"{family.name}_total", labels) in samples, (family.name, value)
     for reason in ("budget", "receiver_unknown", "redirect_failed", "draining"):
         assert samples[("meshaccel_datapath_fallbacks_total", (("reason", reason),))] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
     assert samples[("meshaccel_datapath_attached", ())] == 1
     assert samples[("meshaccel_agent_pods_accelerated", ())] == 2
     assert samples[("meshaccel_agent_applied_generation", ())] == 9
@@ -529,126 +501,6 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
 
 
 # -- hostile bodies ------------------------------------------------------------------------------
-
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.text(max_size=20)
-    | st.sampled_from([10**30, -(10**30), 2**63, 2**64 + 1, 1e308]),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-uids = st.sampled_from([uid(i) for i in range(4)]) | st.text(max_size=70) | json_values
-ips = (
-    st.sampled_from([str(pod_ip(i)) for i in range(4)])
-    | st.ip_addresses(v=4).map(str)
-    | st.ip_addresses(v=6).map(str)
-    | json_values
-)
-ports = st.integers(min_value=-5, max_value=70000) | json_values
-port_lists = st.lists(ports, max_size=5) | json_values
-cidrs = st.lists(
-    st.sampled_from(["10.0.0.0/8", "10.0.0.1/8", "0.0.0.0/0", "::/0", "1.2.3.4/33", "x"])
-    | json_values,
-    max_size=4,
-)
-pod_options = st.fixed_dictionaries(
-    {},
-    optional={
-        "excluded_outbound_ports": port_lists,
-        "excluded_inbound_ports": port_lists,
-        "excluded_outbound_cidrs": cidrs,
-        "included_outbound_cidrs": cidrs | st.none(),
-        "sk_msg_to_app": st.booleans() | json_values,
-        "unknown": json_values,
-    },
-)
-pods = st.fixed_dictionaries(
-    {
-        "uid": uids,
-        "namespace": st.sampled_from(["default", "Default", "", "a" * 254]) | json_values,
-        "name": st.sampled_from(["web", "web-1", "-web"]) | json_values,
-        "ip": ips,
-    },
-    optional={
-        "mode": st.sampled_from(["istio", "linkerd", "kuma", "cilium"]) | json_values,
-        "options": pod_options | json_values,
-        "cgroup": st.none() | st.text(max_size=30) | json_values,
-        "extra": json_values,
-    },
-)
-pod_sets = st.fixed_dictionaries(
-    {
-        "generation": st.integers(min_value=-(2**70), max_value=2**70)
-        | st.sampled_from([0, 10, 11, 2**63 - 1])
-        | json_values,
-        "pods": st.lists(pods, max_size=5) | json_values,
-    },
-    optional={"unknown": json_values},
-)
-
-
-# A valid set with at most one defect: exercises the checks after the first field, and the
-# accepting path (unresolvable pods, stale and equal generations) as often as refusals.
-DEFECTS = {
-    "duplicate uid": lambda d: d["pods"].append({**d["pods"][0], "ip": "198.18.9.9"}),
-    "duplicate ip": lambda d: d["pods"].append({**d["pods"][0], "uid": "other"}),
-    "port 65536": lambda d: d["pods"][0].update(options={"excluded_inbound_ports": [65536]}),
-    "unknown field": lambda d: d["pods"][0].update(priority=1),
-    "generation 2**63": lambda d: d.update(generation=2**63),
-    "generation -1": lambda d: d.update(generation=-1),
-    "generation as text": lambda d: d.update(generation="12"),
-    "ip as number": lambda d: d["pods"][0].update(ip=3232235777),
-    "host bits in cidr": lambda d: d["pods"][0].update(
-        options={"excluded_outbound_cidrs": ["10.0.0.1/8"]}
-    ),
-    "unknown mode": lambda d: d["pods"][0].update(mode="cilium"),
-    "pods null": lambda d: d.update(pods=None),
-}
-
-
-@st.composite
-def near_valid_sets(draw: st.DrawFn) -> dict[str, Any]:
-    count = draw(st.integers(min_value=1, max_value=5))
-    members = draw(st.lists(st.integers(0, 5), min_size=count, max_size=count, unique=True))
-    addresses = draw(st.lists(st.integers(0, 30), min_size=count, max_size=count, unique=True))
-    document: dict[str, Any] = {
-        # relative to the applied generation (set by the test): stale, equal or newer
-        "generation_delta": draw(st.integers(min_value=-1, max_value=3)),
-        "pods": [
-            {
-                # 4 and 5 are never resolvable: they stay unresolved
-                "uid": uid(i) if i < 4 else f"ghost-{i}",
-                "namespace": "default",
-                "name": f"pod-{i}",
-                "ip": str(pod_ip(address)),
-                "mode": draw(st.sampled_from(["istio", "linkerd", "kuma"])),
-                "options": {
-                    "excluded_outbound_ports": draw(
-                        st.lists(st.integers(1, 65535), max_size=3, unique=True)
-                    ),
-                    "included_outbound_cidrs": draw(
-                        st.none() | st.just(["10.0.0.0/8"]) | st.just([])
-                    ),
-                },
-            }
-            for i, address in zip(members, addresses, strict=True)
-        ],
-    }
-    defect = draw(st.none() | st.sampled_from(sorted(DEFECTS)))
-    if defect is not None:
-        DEFECTS[defect](document)
-    return document
 
 
 class FuzzCheck:
@@ -778,9 +630,16 @@ async def test_the_applied_set_decides_which_pods_are_accelerated(
         assert both[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1  # Envoy a -> Envoy b
         assert both[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1  # Envoy b -> app b
         assert both[Counter.COUNTER_MSG_REDIRECTED] > 0
+        # /metrics carries the kernel's counters, each in its family's series.
         samples = metric_samples(await (await client.get("/metrics")).text())
-        redirected = ("meshaccel_datapath_events_total", (("event", "msg_redirected"),))
+        counters = datapath.counters()
+        for family in DATAPATH_FAMILIES:
+            for counter, value in family.members.items():
+                labels = ((family.label, value),) if family.label else ()
+                assert samples[(f"{family.name}_total", labels)] == counters[counter], counter
+        redirected = ("meshaccel_datapath_messages_total", (("verdict", "redirected"),))
         assert samples[redirected] > 0
+        assert samples[("meshaccel_datapath_redirected_bytes_total", ())] >= samples[redirected]
 
         await apply(2, a)  # b leaves the set
         only_a = await call_b()

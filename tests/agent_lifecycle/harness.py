@@ -122,6 +122,9 @@ class AgentProcess:
         self.stdout_path = workdir / f"{name}.stdout"
         self.stderr_path = workdir / f"{name}.stderr"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESHACCEL_")}
+        # No local socket unless a test asks (a flag or env wins): the default path is the
+        # node's, /run/meshaccel/local, which a killed agent would leave behind on this machine.
+        full_env["MESHACCEL_LOCAL_SOCKET"] = "none"
         full_env.update(env or {})
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.popen = subprocess.Popen(

@@ -138,6 +138,8 @@ SAMPLES = {
     "port": "1",
     **TLS_CONFIG,
     "insecure_no_token": "false",
+    "local_socket": "/run/x/agent.sock",
+    "termination_message_path": "/dev/x-log",
     "attach_cgroup": "/sys/fs/cgroup/x",
     "pin_root": "/sys/fs/bpf/x",
     "instance": "x",
