@@ -1,20 +1,32 @@
-"""Checks a MeshAcceleration passes the schema with, yet makes no sense.
+"""Checks of a MeshAcceleration that admission cannot make: what the operator reports itself.
 
-Each problem is one sentence that says what is wrong and what to change; a resource with any
-problem gets ``Degraded=True`` (reason ``InvalidSpec``) and programs nothing until it is fixed.
+The CRD's schema and its CEL rules (:func:`~.models.cel_rules`) refuse most senseless specs at
+``kubectl apply``, with their message. What is left to the operator, each problem one sentence
+that says what is wrong and what to change:
+
+* ``spec.agent.image``, retired: set in resources the API server stored before it was retired,
+  which admission never sees again (docs/operations.md, "Upgrading from 0.1");
+* a CIDR with host bits set, or that is no network (CEL on Kubernetes 1.30 has no CIDR
+  functions; the schema's pattern checks the spelling only);
+* In and NotIn terms on one label whose value lists leave no value: comparing lists of up to
+  256 values, pair by pair over 64 terms, is beyond the API server's CEL cost budget.
+
+A resource with any problem gets ``Degraded=True`` (reason ``InvalidSpec``) and programs
+nothing until it is fixed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import re
 
-from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
-from meshaccel.operator.selectors import selector_problems
+from meshaccel.operator.models import (
+    LEGACY_DEFAULT_AGENT_IMAGE,
+    LabelSelector,
+    MeshAccelerationSpec,
+    SelectorOperator,
+)
 
-# The agent names its pinned datapath after the resource (agent setting `instance`).
-_INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _REMOVE_IMAGE = json.dumps([{"op": "remove", "path": "/spec/agent/image"}])
 
 
@@ -35,24 +47,35 @@ def retired_image_problem(name: str, image: str | None) -> str | None:
     )
 
 
+def value_set_problems(selector: LabelSelector, where: str) -> list[str]:
+    """Labels on which ``selector``'s In and NotIn terms leave no value (it can never match).
+
+    Only the In/NotIn lists among themselves: ``matchLabels`` against them, a label both
+    required and absent, and an In or NotIn without values are the CRD's CEL rules.
+    """
+    allowed: dict[str, set[str]] = {}
+    excluded: dict[str, set[str]] = {}
+    for term in selector.matchExpressions:
+        if term.operator == SelectorOperator.IN:
+            values = set(term.values)
+            allowed[term.key] = allowed[term.key] & values if term.key in allowed else values
+        elif term.operator == SelectorOperator.NOT_IN:
+            excluded.setdefault(term.key, set()).update(term.values)
+    return [
+        f"{where} can never match: no value of label {key!r} satisfies every In and NotIn term "
+        "on it; remove or change one of them"
+        for key in sorted(allowed)
+        if not allowed[key] - excluded.get(key, set())
+    ]
+
+
 def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
     problems: list[str] = []
-    if not _INSTANCE.match(name):
-        problems.append(
-            f"the name {name!r} is not usable as the agents' datapath name: use at most 63 "
-            "lowercase letters, digits, '-', '_' or '.'"
-        )
-    problems += selector_problems(spec.namespaceSelector, "spec.namespaceSelector")
-    problems += selector_problems(spec.podSelector, "spec.podSelector")
+    problems += value_set_problems(spec.namespaceSelector, "spec.namespaceSelector")
+    problems += value_set_problems(spec.podSelector, "spec.podSelector")
     to_apps = spec.datapath.skMsgToAppsSelector
     if to_apps is not None:
-        problems += selector_problems(to_apps, "spec.datapath.skMsgToAppsSelector")
-        if not spec.datapath.skMsgRedirect:
-            problems.append(
-                "spec.datapath.skMsgToAppsSelector is set but spec.datapath.skMsgRedirect is "
-                "false: without sk_msg redirection nothing is delivered into application "
-                "sockets; remove the selector or set skMsgRedirect to true"
-            )
+        problems += value_set_problems(to_apps, "spec.datapath.skMsgToAppsSelector")
     image = retired_image_problem(name, spec.agent.image)
     if image:
         problems.append(image)
@@ -61,10 +84,4 @@ def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
             ipaddress.IPv4Network(cidr, strict=True)
         except ValueError as err:
             problems.append(f"spec.exclusions.outboundCIDRs: {cidr!r} is not a network ({err})")
-    for toleration in spec.agent.tolerations:
-        if toleration.operator == "Exists" and toleration.value:
-            problems.append(
-                f"spec.agent.tolerations: key {toleration.key!r} with operator Exists must "
-                "not have a value"
-            )
     return problems

@@ -6,7 +6,9 @@
 pydantic's JSON Schema is turned into a *structural* schema as apiextensions.k8s.io/v1 wants
 it: references inlined, ``anyOf [X, null]`` folded into ``nullable``, int-or-string marked,
 titles dropped, and every default (default factories included) written out, so that the API
-server fills the same defaults the operator's models would.
+server fills the same defaults the operator's models would. The models' CEL rules
+(``x-kubernetes-validations``, :func:`~.models.cel_rules`) are copied as they are, the whole
+resource's onto the schema's root.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def _structural(node: Any, defs: Mapping[str, JsonSchema], path: str) -> Any:
     for key, value in node.items():
         if key in ("title", "$defs"):
             continue
-        if key == "anyOf":
+        if key == models.CEL_RULES:
+            out[key] = [dict(rule) for rule in value]  # CEL, not schema: nothing to convert
+        elif key == "anyOf":
             out.update(_fold_any_of(value, defs, path))
         elif key in ("properties", "patternProperties"):
             out[key] = {
@@ -72,7 +76,9 @@ _KEY_ORDER = ("type", "nullable", "description", "default", "enum", "format")
 def _ordered(schema: JsonSchema) -> JsonSchema:
     """Readable key order in the YAML: what a node is first, its children last."""
     first = {key: schema[key] for key in _KEY_ORDER if key in schema}
-    last: JsonSchema = {k: schema[k] for k in ("properties", "items", "required") if k in schema}
+    last: JsonSchema = {
+        k: schema[k] for k in ("properties", "items", "required", models.CEL_RULES) if k in schema
+    }
     middle = {key: value for key, value in schema.items() if key not in first and key not in last}
     return {**first, **middle, **last}
 
@@ -195,6 +201,10 @@ def custom_resource_definition() -> dict[str, Any]:
                                 "spec": spec_schema,
                                 "status": _status_schema(),
                             },
+                            models.CEL_RULES: [
+                                {"rule": rule, "message": message}
+                                for rule, message in models.RESOURCE_RULES
+                            ],
                         }
                     },
                 }

@@ -81,6 +81,8 @@ _BEFORE_CLAIMS = frozenset(
 _NOT_COUNTED = frozenset(
     {Verdict.NAMESPACE_NOT_SELECTED, Verdict.POD_NOT_SELECTED, Verdict.SELECTED}
 )
+# Verdicts of select() that nobody chose (models.PROBLEM_REASONS): the status lists such pods.
+_PROBLEMS = frozenset({Verdict.INVALID_ANNOTATION})
 
 
 def agent_url(ip: str, port: int) -> str:
@@ -115,6 +117,17 @@ class _Withheld:
 WITHHELD: PodSink = _Withheld()
 
 
+@dataclass(frozen=True, slots=True)
+class PodTrouble:
+    """A pod the selectors match, left out for a reason nobody chose, and what is wrong."""
+
+    namespace: str
+    name: str
+    node: str | None
+    reason: Verdict
+    message: str
+
+
 @dataclass
 class Acceleration:
     """One MeshAcceleration as the engine tracks it.
@@ -136,6 +149,7 @@ class Acceleration:
     per_node: dict[str, dict[str, PodSpec]] = field(default_factory=dict)
     skipped: dict[str, Verdict] = field(default_factory=dict)  # matched, not accelerated
     warned: dict[str, PodWarning] = field(default_factory=dict)  # accelerated, with a warning
+    troubled: dict[str, PodTrouble] = field(default_factory=dict)  # skipped, for a problem
     # What older resources keep of what this one selects: node -> the older resource, and pod
     # uid -> (the older resource, namespace/name).
     nodes_held: dict[str, str] = field(default_factory=dict)
@@ -641,6 +655,7 @@ class Engine:
         for acceleration in self.accelerations.values():
             acceleration.skipped.pop(uid, None)
             acceleration.warned.pop(uid, None)
+            acceleration.troubled.pop(uid, None)
             acceleration.pods_held.pop(uid, None)
             node = acceleration.placement.pop(uid, None)
             if node is not None:
@@ -692,8 +707,13 @@ class Engine:
                 ),
             )
         acceleration.skipped.pop(uid, None)
+        acceleration.troubled.pop(uid, None)
         if selection is not None and selection.verdict not in _NOT_COUNTED:
             acceleration.skipped[uid] = selection.verdict
+        if selection is not None and facts is not None and selection.verdict in _PROBLEMS:
+            acceleration.troubled[uid] = PodTrouble(
+                facts.namespace, facts.name, facts.node, selection.verdict, selection.detail
+            )
         warned_before = acceleration.warned.pop(uid, None)
         if selection is not None and selection.warning is not None:
             acceleration.warned[uid] = selection.warning

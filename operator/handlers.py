@@ -10,6 +10,8 @@ Kopf keeps its bookkeeping in annotations under ``meshaccel.io`` (never in ``.st
 schema the CRD defines completely), the finalizer is ``meshaccel.io/uninstall``, and its own
 log lines are posted as Events only from WARNING up: the operator posts its own Events
 (``kopf.event``, which that level does not filter) for condition changes and the uninstall.
+Every status written is also published as gauges (:class:`~.metrics.ResourceMetrics`), which
+go with the resource.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -28,7 +31,8 @@ from pydantic import ValidationError
 
 from meshaccel.operator import memory, models
 from meshaccel.operator.config import OperatorConfig, operator_config, parse_args
-from meshaccel.operator.models import MeshAccelerationSpec
+from meshaccel.operator.metrics import resource_metrics
+from meshaccel.operator.models import ConditionStatus, ConditionType, MeshAccelerationSpec
 from meshaccel.operator.runtime import Runtime
 from meshaccel.operator.status import Transition
 
@@ -95,6 +99,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     )
     runtime = Runtime(config, await _api_client(), session)
     runtime.start()
+    resource_metrics()  # its families are scraped (empty) before the first status
     memo.runtime = runtime
     memo.compactor = asyncio.create_task(
         memory.compact_when_settled(lambda: len(runtime.engine.pods))
@@ -231,6 +236,7 @@ async def uninstall(
             body, type="Normal", reason="Uninstalled", message="every agent detached its datapath"
         )
     await runtime.forget(name)
+    resource_metrics().forget(name)
 
 
 def _report(
@@ -242,11 +248,53 @@ def _report(
     patch: kopf.Patch,
     daemonset: dict[str, Any] | None,
 ) -> None:
-    change, transitions = runtime.status(name, meta.get("generation"), status, daemonset)
+    current = _known_conditions(status)
+    change, transitions = runtime.status(name, meta.get("generation"), current, daemonset)
     if change is not None:
         patch.status.update(change)
+    _publish(name, current if change is None else _patched(current, change))
     for transition in transitions:
         _post(body, transition)
+
+
+def _known_conditions(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored status without conditions of a type no longer written (0.1's Progressing):
+    the status written next has none of them."""
+    current = dict(status)
+    if "conditions" in current:
+        known = set(ConditionType)
+        current["conditions"] = [c for c in current["conditions"] or () if c.get("type") in known]
+    return current
+
+
+def _patched(target: Any, patch: Any) -> Any:
+    """``target`` with a JSON merge patch applied (RFC 7386), as the API server will store it."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _patched(result.get(key), value)
+    return result
+
+
+def _publish(name: str, status: Mapping[str, Any]) -> None:
+    """The status as written, as gauges (operator/metrics.py ResourceMetrics)."""
+    ready = any(
+        c.get("type") == ConditionType.READY and c.get("status") == ConditionStatus.TRUE
+        for c in status.get("conditions") or ()
+    )
+    resource_metrics().publish(
+        name,
+        ready=ready,
+        selected=int(status.get("podsSelected") or 0),
+        accelerated=int(status.get("podsAccelerated") or 0),
+        not_accelerated={
+            str(k): int(v) for k, v in (status.get("podsNotAccelerated") or {}).items()
+        },
+    )
 
 
 def _post(body: kopf.Body, change: Transition) -> None:

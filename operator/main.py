@@ -2,7 +2,11 @@
 
     meshaccel-operator [--namespace NS] [--peering NAME | --standalone] [--liveness URL]
                        [--agent-image IMAGE] [--agent-image-pull-secrets NAME,...]
+                       [--agent-pod-annotations JSON] [--agent-pod-labels JSON]
+                       [--agent-node-selector JSON] [--agent-affinity JSON]
+                       [--agent-resources JSON] [--agent-priority-class NAME]
                        [--metrics-port PORT] [--push-window SECONDS] [--log-format json|text]
+    meshaccel-operator pre-delete [...]    Helm's pre-delete hook (:mod:`.predelete`)
 
 Watches MeshAccelerations, namespaces, nodes and pods cluster-wide (Kopf), keeps each
 resource's agents (a DaemonSet in ``--namespace``) as rendered, and pushes every node's pod
@@ -13,6 +17,8 @@ equal priority would all pause.
 
 Every flag has an environment variable: MESHACCEL_NAMESPACE, MESHACCEL_PEERING,
 MESHACCEL_LIVENESS, MESHACCEL_AGENT_IMAGE, MESHACCEL_AGENT_IMAGE_PULL_SECRETS,
+MESHACCEL_AGENT_POD_ANNOTATIONS, MESHACCEL_AGENT_POD_LABELS, MESHACCEL_AGENT_NODE_SELECTOR,
+MESHACCEL_AGENT_AFFINITY, MESHACCEL_AGENT_RESOURCES, MESHACCEL_AGENT_PRIORITY_CLASS,
 MESHACCEL_METRICS_PORT, MESHACCEL_PUSH_WINDOW, MESHACCEL_LOG_FORMAT, MESHACCEL_LOG_LEVEL,
 MESHACCEL_PEERING_LIFETIME, MESHACCEL_LEASE_DURATION, MESHACCEL_RESYNC_INTERVAL (see
 :mod:`.config`).
@@ -35,7 +41,12 @@ from meshaccel.operator.config import operator_config, parse_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["pre-delete"]:
+        from meshaccel.operator import predelete  # the hook's process runs nothing else
+
+        return predelete.main(arguments[1:])
+    args = parse_args(arguments)
     configure_logging(args.log_format, args.log_level)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.metrics_port:

@@ -2,9 +2,12 @@
 
 ``python -m meshaccel.operator.crd`` turns these models into ``crds/*.yaml``; a test fails
 when the committed files are out of date. Field names are the resource's camelCase keys.
-What the schema can check (types, enums, ranges, patterns, required fields) is checked here;
-what only makes sense together (a selector that can never match, a retired field still set) is
-reported by :mod:`.checks` as a Degraded condition.
+What the schema can check (types, enums, ranges, patterns, required fields) is checked here,
+and so is what admission can check of fields together: CEL rules (``x-kubernetes-validations``,
+:func:`cel_rules`) refuse at ``kubectl apply``, with their message, selector terms that can
+never match and options that exclude each other. What CEL cannot see (a retired field in a
+resource stored before, a CIDR's host bits, two value lists compared within the API server's
+cost budget) is reported by :mod:`.checks` as a Degraded condition.
 
 The agents' image is not part of the resource: it is the operator's setting
 (:class:`~.config.AgentImage`). ``spec.agent.image`` stays in the schema, retired, so that the
@@ -36,6 +39,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # What the 0.1 CRD defaulted spec.agent.image to: the API server wrote it into every resource
 # created then. Such a resource chose nothing, so the value is ignored rather than refused.
 LEGACY_DEFAULT_AGENT_IMAGE = "ghcr.io/meshaccel/meshaccel-agent:0.1.0"
+# What the 0.1 CRD defaulted spec.agent.resources to, stored in every resource created then.
+# Such a resource chose nothing either: its agents get the operator's default resources.
+LEGACY_DEFAULT_AGENT_RESOURCES = {
+    "requests": {"cpu": "50m", "memory": "96Mi"},
+    "limits": {"memory": "256Mi"},
+}
 DEFAULT_AGENT_PORT = 9474
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -66,6 +75,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+CEL_RULES = "x-kubernetes-validations"
+
+
+def cel_rules(*rules: tuple[str, str]) -> ConfigDict:
+    """A model's CEL rules, each (expression, message), for the CRD (:mod:`.crd` copies them).
+
+    ``self`` is the model's object, after defaulting; a nullable field set to null is absent
+    to ``has()``, as on the API server. Rules iterate only lists with a ``maxItems`` and compare
+    only strings with a ``maxLength`` or an enum: the API server refuses a CRD whose rules it
+    cannot bound. tests/operator/test_crd_rules.py evaluates each on good and bad resources.
+    """
+    return ConfigDict(json_schema_extra={CEL_RULES: [{"rule": r, "message": m} for r, m in rules]})
+
+
 class SelectorOperator(enum.StrEnum):
     IN = "In"
     NOT_IN = "NotIn"
@@ -74,6 +97,19 @@ class SelectorOperator(enum.StrEnum):
 
 
 class LabelSelectorRequirement(_Model):
+    model_config = cel_rules(
+        (
+            "self.operator in ['Exists', 'DoesNotExist'] || (has(self.values) && "
+            "size(self.values) > 0)",
+            "operators In and NotIn need at least one value: list them in values, or use "
+            "Exists or DoesNotExist",
+        ),
+        (
+            "self.operator in ['In', 'NotIn'] || !has(self.values) || size(self.values) == 0",
+            "operators Exists and DoesNotExist take no values: remove values, or use In or NotIn",
+        ),
+    )
+
     key: LabelKey
     operator: SelectorOperator
     values: list[LabelValue] = Field(
@@ -84,7 +120,31 @@ class LabelSelectorRequirement(_Model):
 
 
 class LabelSelector(_Model):
-    """Kubernetes' LabelSelector: every term must hold; an empty selector matches everything."""
+    """Kubernetes' LabelSelector: every term must hold; an empty selector matches everything.
+
+    Its CEL rules refuse terms that contradict each other or ``matchLabels`` (the selector
+    could never match); two In or NotIn terms whose value lists leave no value are
+    :mod:`.checks`' (comparing lists of 256 values, pair by pair, is beyond CEL's budget).
+    """
+
+    model_config = cel_rules(
+        (
+            "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator != "
+            "'DoesNotExist' || ((!has(self.matchLabels) || !(e.key in self.matchLabels)) && "
+            "!self.matchExpressions.exists(f, f.key == e.key && f.operator in ['In', 'Exists'])))",
+            "the selector can never match: a label is required (matchLabels, In or Exists) and "
+            "also required to be absent (DoesNotExist); remove or change one of them",
+        ),
+        (
+            "!has(self.matchExpressions) || !has(self.matchLabels) || self.matchExpressions.all("
+            "e, !(e.key in self.matchLabels) || !has(e.values) || size(e.values) == 0 || "
+            "(e.operator == 'In' ? self.matchLabels[e.key] in e.values : "
+            "(e.operator != 'NotIn' || !(self.matchLabels[e.key] in e.values))))",
+            "the selector can never match: matchLabels gives a label a value that an In term on "
+            "the same key does not list, or that a NotIn term excludes; remove or change one "
+            "of them",
+        ),
+    )
 
     matchLabels: dict[str, LabelValue] = Field(default_factory=dict)
     matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=64)
@@ -103,6 +163,15 @@ class TaintEffect(enum.StrEnum):
 
 class Toleration(_Model):
     """core/v1 Toleration, copied into the agents' DaemonSet."""
+
+    model_config = cel_rules(
+        (
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
+            "size(self.value) == 0",
+            "a toleration with operator Exists matches every value of its key: remove value, "
+            "or use operator Equal",
+        ),
+    )
 
     key: str | None = Field(default=None, max_length=317)
     operator: TolerationOperator | None = None
@@ -136,12 +205,6 @@ def _default_tolerations() -> list[Toleration]:
     return [Toleration(operator=TolerationOperator.EXISTS)]
 
 
-def _default_resources() -> ResourceRequirements:
-    return ResourceRequirements(
-        requests={"cpu": "50m", "memory": "96Mi"}, limits={"memory": "256Mi"}
-    )
-
-
 class AgentSpec(_Model):
     """Where the node agents run and how their DaemonSet looks."""
 
@@ -169,17 +232,31 @@ class AgentSpec(_Model):
         max_length=64,
         description="the agents' tolerations (default: tolerate every taint)",
     )
-    resources: ResourceRequirements = Field(default_factory=_default_resources)
+    resources: ResourceRequirements | None = Field(
+        default=None,
+        description="requests and limits of the agent container; unset: the operator's default "
+        "(Helm value agent.resources). The 0.1 default stored in older resources counts as unset",
+    )
     priorityClassName: str = Field(
         default="system-node-critical",
         max_length=253,
-        description="agents keep the datapath's maps in step with the pods: schedule them first",
+        description="agents keep the datapath's maps in step with the pods: schedule them first. "
+        "A priority class set in the operator's settings (Helm value agent.priorityClassName) "
+        "wins over this one",
     )
     logLevel: LogLevel = LogLevel.INFO
 
 
 class DatapathSpec(_Model):
     """Switches and map capacities of the eBPF datapath on every node."""
+
+    model_config = cel_rules(
+        (
+            "!has(self.skMsgToAppsSelector) || !has(self.skMsgRedirect) || self.skMsgRedirect",
+            "skMsgToAppsSelector needs skMsgRedirect: without sk_msg redirection nothing is "
+            "delivered into application sockets; remove the selector or set skMsgRedirect to true",
+        ),
+    )
 
     sameNodeInbound: bool = Field(
         default=True,
@@ -251,9 +328,12 @@ class MeshAccelerationSpec(_Model):
     exclusions: ExclusionsSpec = Field(default_factory=ExclusionsSpec)
 
 
+# Ready, Reconciling and Stalled as kstatus reads them; Degraded and Conflict say what is wrong
+# (docs/operator.md, Status). 0.1's Progressing is Reconciling now.
 class ConditionType(enum.StrEnum):
     READY = "Ready"
-    PROGRESSING = "Progressing"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
     DEGRADED = "Degraded"
     CONFLICT = "Conflict"
 
@@ -269,21 +349,62 @@ class Condition(_Model):
     status: ConditionStatus
     reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = Field(default="", max_length=32768)
-    lastTransitionTime: str = Field(description="RFC 3339")
+    lastTransitionTime: str = Field(
+        description="RFC 3339", json_schema_extra={"format": "date-time"}
+    )
     observedGeneration: int | None = Field(default=None, ge=0)
 
 
-class NodeLag(_Model):
-    """A node whose agent has not applied the newest set sent to it."""
+MAX_NODES_LISTED = 20
+MAX_PROBLEMS_LISTED = 20
+MAX_CONFLICTS_LISTED = 10
+MAX_ERROR_LENGTH = 1024
+
+# Why a pod the selectors match is not accelerated, besides the selection's own verdicts
+# (operator/selection.py Verdict): reported by the agents, or by the push channel.
+UNRESOLVED = "Unresolved"  # its node's agent cannot find its cgroup (yet)
+PENDING = "Pending"  # in a set its node's agent has not confirmed yet
+# The reasons nobody chose: such pods keep Ready False and are listed in status.problems. Every
+# other reason is the pod's or the spec's own choice, or nothing to accelerate (docs/operator.md).
+PROBLEM_REASONS = (UNRESOLVED, "OverBudget", "InvalidAnnotation")
+
+
+class NodeReport(_Model):
+    """One node's agent as the operator last heard from it."""
 
     node: str
-    desiredGeneration: int | None = None
-    appliedGeneration: int | None = None
-    error: str | None = Field(default=None, max_length=1024)
+    agentVersion: str | None = Field(
+        default=None,
+        max_length=128,
+        description="the agent's version, from its replies; absent: not heard from yet, or an "
+        "agent that predates the field (older than the operator: see the Degraded condition)",
+    )
+    desiredGeneration: int | None = Field(
+        default=None, description="the generation of the newest set sent to it"
+    )
+    appliedGeneration: int | None = Field(
+        default=None, description="the generation of the set it holds, as last heard"
+    )
+    inSync: bool = Field(default=False, description="it confirmed the newest set")
+    podsAccelerated: int = Field(default=0, description="pods of its confirmed set it programmed")
+    podsUnresolved: int = Field(
+        default=0, description="pods of its confirmed set whose cgroup it cannot find"
+    )
+    lastError: str | None = Field(
+        default=None,
+        max_length=MAX_ERROR_LENGTH,
+        description="why its newest set is not applied, or why its health probe failed",
+    )
 
 
-MAX_NODES_LISTED = 20
-MAX_CONFLICTS_LISTED = 10
+class PodProblem(_Model):
+    """A pod the selectors match that is not accelerated for a reason nobody chose."""
+
+    namespace: str
+    name: str
+    node: str | None = None
+    reason: str = Field(description=f"one of {', '.join(PROBLEM_REASONS)}")
+    message: str = Field(default="", max_length=MAX_ERROR_LENGTH)
 
 
 class HeldByOlder(_Model):
@@ -310,17 +431,28 @@ class HeldByOlder(_Model):
 
 class MeshAccelerationStatus(_Model):
     observedGeneration: int | None = None
+    operatorVersion: str | None = Field(
+        default=None, max_length=128, description="the version of the operator that wrote this"
+    )
     conditions: list[Condition] = Field(default_factory=list)
     daemonSet: str | None = Field(
         default=None, description="the agents' DaemonSet (namespace/name)"
     )
     nodesDesired: int = 0
     nodesReady: int = 0
+    nodeCount: int = Field(default=0, description="nodes whose agent the operator pushes to")
     nodesInSync: int = Field(default=0, description="nodes whose agent applied the newest set")
-    nodesBehind: list[NodeLag] = Field(
+    nodesWithProblems: int = Field(
+        default=0,
+        description="nodes behind, failing, with unresolved pods, unreachable by the health probe "
+        "or running another version than the operator",
+    )
+    nodes: list[NodeReport] = Field(
         default_factory=list,
         max_length=MAX_NODES_LISTED,
-        description=f"up to {MAX_NODES_LISTED} nodes that are behind, the longest waiting first",
+        description=f"up to {MAX_NODES_LISTED} nodes, those with problems first (behind, the "
+        "longest waiting first; then unresolved pods or a failing probe; then another version), "
+        "then the rest by name",
     )
     podsSelected: int = Field(
         default=0, description="pods that match, on nodes with an agent, sent to the agents"
@@ -328,11 +460,25 @@ class MeshAccelerationStatus(_Model):
     podsAccelerated: int = Field(default=0, description="pods the agents report as programmed")
     podsNotAccelerated: dict[str, int] = Field(
         default_factory=dict,
-        description="pods the selectors match that are not accelerated, counted by reason "
-        "(NoSidecar, OptedOut, NotRunning, NoAgentOnNode, UnsupportedAnnotation, "
-        "InvalidAnnotation; PodClaimedByOlderResource, NodeClaimedByOlderResource: an older "
-        "MeshAcceleration keeps the pod, or its node; OverBudget: the node's datapath maps do "
-        "not take it, see the Degraded condition)",
+        description="pods the selectors match that are not accelerated, counted by reason. "
+        "Chosen, or nothing to accelerate (Ready stays True): NoSidecar, OptedOut, NotRunning, "
+        "UnsupportedAnnotation (the pod's own interception settings), NoAgentOnNode (the "
+        "agents' nodeSelector or tolerations leave its node out), PodClaimedByOlderResource and "
+        "NodeClaimedByOlderResource (an older MeshAcceleration keeps the pod, or its node). "
+        "Problems (Ready False, listed in problems): Unresolved (its agent cannot find its "
+        "cgroup), OverBudget (its node's datapath maps do not take it), InvalidAnnotation (a "
+        "mesh annotation meshaccel cannot read). Pending: in a set its node's agent has not "
+        "confirmed yet (Reconciling)",
+    )
+    problemCount: int = Field(
+        default=0,
+        description="pods not accelerated for a reason nobody chose: " + ", ".join(PROBLEM_REASONS),
+    )
+    problems: list[PodProblem] = Field(
+        default_factory=list,
+        max_length=MAX_PROBLEMS_LISTED,
+        description=f"up to {MAX_PROBLEMS_LISTED} of those pods, taking each reason in turn, "
+        "each reason's by namespace and name",
     )
     podsWithWarnings: dict[str, int] = Field(
         default_factory=dict,
@@ -348,8 +494,20 @@ class MeshAccelerationStatus(_Model):
     )
 
 
+# The CRD root's rules, which may read metadata.name (and nothing else of metadata).
+RESOURCE_RULES = (
+    (
+        "!has(self.metadata.name) || size(self.metadata.name) <= 63",
+        "the name is longer than 63 characters: the agents name their pinned datapath after it; "
+        "choose a shorter name",
+    ),
+)
+
+
 class MeshAcceleration(_Model):
-    """The whole resource, as the API server stores it."""
+    """The whole resource, as the API server stores it (its rules: the CRD's root's)."""
+
+    model_config = cel_rules(*RESOURCE_RULES)
 
     apiVersion: Literal["meshaccel.io/v1alpha1"] = "meshaccel.io/v1alpha1"
     kind: Literal["MeshAcceleration"] = "MeshAcceleration"
@@ -369,6 +527,7 @@ PRINTER_COLUMNS: tuple[dict[str, str], ...] = (
     {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodesDesired"},
     {"name": "Nodes Ready", "type": "integer", "jsonPath": ".status.nodesReady"},
     {"name": "In Sync", "type": "integer", "jsonPath": ".status.nodesInSync"},
-    {"name": "Pods Accelerated", "type": "integer", "jsonPath": ".status.podsAccelerated"},
+    {"name": "Selected", "type": "integer", "jsonPath": ".status.podsSelected"},
+    {"name": "Accelerated", "type": "integer", "jsonPath": ".status.podsAccelerated"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )

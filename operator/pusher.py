@@ -44,9 +44,16 @@ Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next 
   than the one last heard means the agent holds a set that is not the one it confirmed: the
   node is behind and its set is sent again, at once, above the agent's generation. A probe
   that reaches an agent the pushes could not reach also ends the backoff.
-* ``on_applied(node, generation, seconds)`` is called on every confirmation; ``seconds`` runs
-  from the oldest change (or restart, or new endpoint) the confirmed set includes that was
-  not confirmed before. Exceptions it raises are logged.
+* **Unresolved pods and versions.** Every reply to a set lists the pods the agent cannot find
+  (no cgroup yet: ``NodeState.unresolved_pods``, and since when some are), and replies and
+  probes carry the agent's version (``NodeState.agent_version``: agents send it to a client
+  that sends its own, in the ``Meshaccel-Version`` header). The agent resolves such pods
+  by itself and says so only in a reply to a set: while a node in sync has some, each
+  successful probe is followed by the same set again (the same generation, a no-op for the
+  agent), whose reply brings the list up to date.
+* ``on_applied(node, generation, seconds)`` is called on every confirmation (not on those
+  refreshes); ``seconds`` runs from the oldest change (or restart, or new endpoint) the
+  confirmed set includes that was not confirmed before. Exceptions it raises are logged.
 * **Time.** Windows, backoffs, probes and latencies are read from ``clock`` (``time.monotonic``
   by default); the waits themselves run on the event loop's timers, so a clock that stands
   still only postpones what is due. :class:`NodeState` shows what is due (``next_push``) and
@@ -80,14 +87,17 @@ import aiohttp
 from pydantic import ValidationError
 
 from meshaccel.contract.api import (
+    VERSION_HEADER,
     ApplyResult,
     ErrorReply,
     HealthReply,
     PodSet,
     PodSpec,
     UninstallReply,
+    UnresolvedPod,
 )
 from meshaccel.contract.tls import AGENT_SERVER_NAME
+from meshaccel.contract.version import VERSION
 from meshaccel.operator.metrics import PushMetrics, default_metrics
 
 log = logging.getLogger(__name__)
@@ -121,6 +131,9 @@ class NodeState:
     attempts: int  # PUTs of the current set that failed (0 after a success)
     pods_desired: int | None = None  # pods in the newest set (None: set_pods not called yet)
     unresolved: int = 0  # pods of the confirmed set the agent could not find yet
+    unresolved_pods: tuple[UnresolvedPod, ...] = ()  # those pods, and why
+    unresolved_since: float | None = None  # the pusher's clock since when some are unresolved
+    agent_version: str | None = None  # the agent's, from its replies (None: not said)
     probe_error: str | None = None  # the last /v1/health probe failed, and why
     # When the next PUT goes out (the pusher's clock: a window or a backoff ends); None: nothing
     # to send. With no PUT in flight either (pushing), the node is idle until something changes.
@@ -165,7 +178,9 @@ class _Node:
     legacy: bool = False  # the agent predates epochs (refused the field)
     boot_id: str | None = None
     pods_applied: int | None = None
-    unresolved: int = 0
+    unresolved: tuple[UnresolvedPod, ...] = ()
+    unresolved_since: float | None = None
+    agent_version: str | None = None
     last_error: str | None = None
     last_failure: str | None = None  # reason of the last failed PUT
     probe_error: str | None = None
@@ -199,7 +214,10 @@ class _Node:
             boot_id=self.boot_id,
             attempts=self.attempts,
             pods_desired=None if self.desired is None else len(self.desired),
-            unresolved=self.unresolved,
+            unresolved=len(self.unresolved),
+            unresolved_pods=self.unresolved,
+            unresolved_since=self.unresolved_since,
+            agent_version=self.agent_version,
             probe_error=self.probe_error,
             next_push=self.send_due,
             pushing=self.pushing,
@@ -279,7 +297,9 @@ class Pusher:
         self._metrics = metrics if metrics is not None else default_metrics()
         self._clock = clock
         self._tls = tls
-        self._put_headers = {"Content-Type": "application/json"}
+        # Our version asks the agents for theirs (agents leave it out for older operators).
+        self._probe_headers = {VERSION_HEADER: VERSION}
+        self._put_headers = {"Content-Type": "application/json", **self._probe_headers}
         self._nodes: dict[str, _Node] = {}
         self._behind: set[str] = set()
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet awaited
@@ -350,7 +370,8 @@ class Pusher:
         n.url = url
         # Another endpoint is another agent process, or one we must assume forgot everything.
         n.confirmed = n.boot_id = n.probe_error = n.blocked = n.superseded = None
-        n.trust_bundle = None
+        n.trust_bundle = n.agent_version = n.unresolved_since = None
+        n.unresolved = ()
         n.agent_epoch = n.agent_generation = None
         n.legacy = False
         n.retries = n.stale_retries = 0
@@ -563,6 +584,7 @@ class Pusher:
     async def _push(self, n: _Node) -> None:
         assert n.desired is not None and self._epoch is not None
         url, version, pods, epoch = n.url, n.version, n.desired, self._epoch
+        refresh = n.confirmed == version  # the agent holds this set: asking for its unresolved
         sent_epoch = 0 if n.legacy else epoch
         if version != n.generation_version:  # a new set: a new generation, above all we know
             heard = n.agent_generation if n.agent_epoch == sent_epoch else None
@@ -599,7 +621,7 @@ class Pusher:
                 self._restore_pending(n)
                 self._retry_later(n, "bad_reply", f"HTTP 200 with an invalid ApplyResult: {err}")
                 return
-            self._applied(n, version, generation, len(pods), result, now)
+            self._applied(n, version, generation, len(pods), result, now, refresh=refresh)
             return
         self._restore_pending(n)
         text, reply = _error_text(status, raw)
@@ -631,6 +653,8 @@ class Pusher:
         pods: int,
         result: ApplyResult,
         now: float,
+        *,
+        refresh: bool = False,
     ) -> None:
         since, n.inflight_since = n.inflight_since, None
         if n.boot_id is not None and n.boot_id != result.boot_id:
@@ -651,7 +675,12 @@ class Pusher:
         n.agent_epoch = result.applied_epoch
         n.confirmed = version
         n.pods_applied = pods - len(result.unresolved)
-        n.unresolved = len(result.unresolved)
+        n.unresolved = tuple(result.unresolved)
+        if not n.unresolved:
+            n.unresolved_since = None
+        elif n.unresolved_since is None:
+            n.unresolved_since = now
+        n.agent_version = result.version
         n.last_error = n.last_failure = None
         n.blocked = None
         n.attempts = n.retries = n.stale_retries = 0
@@ -659,6 +688,8 @@ class Pusher:
         # We just heard from it: the next probe can wait a whole interval.
         n.probe_due = now + self._probe_interval
         self._refresh(n, now)
+        if refresh:  # no change was confirmed: nothing to time
+            return
         seconds = now - (since if since is not None else now)
         self._metrics.applied_generation.labels(self.acceleration, n.name).set(generation)
         self._metrics.change_applied.labels(self.acceleration).observe(seconds)
@@ -744,7 +775,7 @@ class Pusher:
         url = n.url
         n.probe_due = self._clock() + self._probe_interval * self._random.uniform(0.9, 1.1)
         try:
-            status, raw = await self._request("GET", n.health_url)
+            status, raw = await self._request("GET", n.health_url, headers=self._probe_headers)
         except _Unreachable as err:
             self._probe_failed(n, url, err.text)
             return
@@ -761,6 +792,7 @@ class Pusher:
         now = self._clock()
         n.probe_error = None
         n.trust_bundle = health.trust_bundle
+        n.agent_version = health.version
         boot_id, applied = health.boot_id, (health.applied_epoch, health.applied_generation)
         if n.boot_id is not None and boot_id != n.boot_id:
             log.info(
@@ -800,6 +832,10 @@ class Pusher:
             self._resend(n, now)
         elif n.last_failure in ("connect", "tls", "timeout") and n.send_due is not None:
             n.not_before = 0.0  # it answers again: no need to wait out the backoff
+            self._schedule(n, now)
+        elif n.unresolved and n.in_sync and self._writing:
+            # The agent resolves them by itself, and says so only in a reply to a set: the same
+            # set again (the same generation: a no-op there) brings the list up to date.
             self._schedule(n, now)
         n.boot_id = boot_id
 

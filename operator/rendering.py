@@ -1,7 +1,8 @@
 """The node agents' objects for one MeshAcceleration: pure functions, no I/O.
 
-:func:`agent_objects` turns a MeshAcceleration's name, uid and spec, the agents' image from
-the operator's settings (:class:`~.config.AgentImage`, never from the spec) and their TLS
+:func:`agent_objects` turns a MeshAcceleration's name, uid and spec, the agents' image and
+the rest of their pod from the operator's settings (:class:`~.config.AgentImage`, never from the
+spec, and :class:`~.config.AgentPod`, which the spec may narrow but not widen) and their TLS
 material (:class:`~.credentials.AgentTLS`), into the four objects the operator applies in its
 namespace: a ServiceAccount, the Secret holding the API's TLS server certificate, its key and
 the CA bundle the operator's client certificate must chain to, the ConfigMap holding the
@@ -31,10 +32,16 @@ from typing import Any, Final
 
 import yaml
 
-from meshaccel.contract.settings import AgentSettings
-from meshaccel.operator.config import AgentImage
+from meshaccel.contract.settings import LOCAL_SOCKET, TERMINATION_MESSAGE_PATH, AgentSettings
+from meshaccel.operator.config import AgentImage, AgentPod
 from meshaccel.operator.credentials import TLS_CA, TLS_CERT, TLS_KEY, AgentTLS
-from meshaccel.operator.models import API_VERSION, KIND, MeshAccelerationSpec
+from meshaccel.operator.models import (
+    API_VERSION,
+    KIND,
+    LEGACY_DEFAULT_AGENT_RESOURCES,
+    MeshAccelerationSpec,
+    ResourceRequirements,
+)
 
 # -- names ------------------------------------------------------------------------------------
 
@@ -271,12 +278,14 @@ def agent_objects(
     namespace: str,
     tls: AgentTLS,
     image: AgentImage,
+    pod: AgentPod | None = None,
 ) -> list[dict[str, Any]]:
     """[ServiceAccount, Secret, ConfigMap, DaemonSet] of the agents of ``acceleration``.
 
     ``tls`` is the agents' server certificate and key and the CA bundle they accept the
     operator's client certificate from (the Secret holds them).
-    ``image`` is the operator's agent image; ``spec.agent.image`` is never read.
+    ``image`` is the operator's agent image; ``spec.agent.image`` is never read. ``pod`` is
+    the rest of the operator's settings for the agents' pods (None: the defaults).
     Raises ValueError (pydantic's ValidationError) when the agent would refuse its settings.
     """
     config = render_agent_config(acceleration, spec)
@@ -317,17 +326,28 @@ def agent_objects(
                 # the same pinned datapath and both write its maps.
                 "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
             },
-            "template": _pod_template(acceleration, spec, image, config_hash(config)),
+            "template": _pod_template(
+                acceleration, spec, image, pod or AgentPod(), config_hash(config)
+            ),
         },
     }
     return [service_account, secret, config_map, daemon_set]
 
 
+def agent_resources(spec: MeshAccelerationSpec, pod: AgentPod) -> ResourceRequirements:
+    """The resource's ``spec.agent.resources``, or the operator's default when it sets none
+    (the 0.1 CRD's default, which the API server stored in every resource then, is none)."""
+    chosen = spec.agent.resources
+    if chosen is None or chosen.model_dump(mode="json") == LEGACY_DEFAULT_AGENT_RESOURCES:
+        return pod.resources
+    return chosen
+
+
 def _pod_template(
-    acceleration: str, spec: MeshAccelerationSpec, image: AgentImage, hash_: str
+    acceleration: str, spec: MeshAccelerationSpec, image: AgentImage, pod: AgentPod, hash_: str
 ) -> dict[str, Any]:
     agent = spec.agent
-    pod: dict[str, Any] = {
+    template: dict[str, Any] = {
         "serviceAccountName": serviceaccount_name(acceleration),
         "automountServiceAccountToken": False,
         # The API on the node's own address: the operator reaches https://<node IP>:<port>
@@ -342,9 +362,11 @@ def _pod_template(
         # SIGTERM: stop serving (at most 5 s for requests in flight), finish the apply in
         # progress, close the maps; the pins stay. 30 s is plenty and bounds a stuck rollout.
         "terminationGracePeriodSeconds": 30,
-        "nodeSelector": {"kubernetes.io/os": "linux", **agent.nodeSelector},
+        # The operator's node selector last: a resource adds keys, it cannot change the
+        # operator's (so its agents never run on nodes the operator's settings exclude).
+        "nodeSelector": {"kubernetes.io/os": "linux", **agent.nodeSelector, **pod.node_selector},
         "tolerations": [t.model_dump(mode="json", exclude_none=True) for t in agent.tolerations],
-        "containers": [_container(spec, image)],
+        "containers": [_container(spec, image, agent_resources(spec, pod))],
         "volumes": [
             {"name": "bpffs", "hostPath": {"path": str(BPFFS_PATH), "type": "Directory"}},
             {"name": "cgroup", "hostPath": {"path": str(CGROUP_PATH), "type": "Directory"}},
@@ -364,22 +386,30 @@ def _pod_template(
                     "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
                 },
             },
+            # The read-only unix socket of `meshaccel-agent status|pods` (the root file system is
+            # read-only); in memory, gone with the pod.
+            {"name": "local", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         ],
     }
     if image.pull_secrets:
         # Secrets in this namespace (the operator's settings name them, the chart's values).
-        pod["imagePullSecrets"] = [{"name": name} for name in image.pull_secrets]
-    if agent.priorityClassName:
-        pod["priorityClassName"] = agent.priorityClassName
+        template["imagePullSecrets"] = [{"name": name} for name in image.pull_secrets]
+    if pod.affinity is not None:
+        template["affinity"] = pod.affinity.model_dump(mode="json", exclude_defaults=True)
+    # The operator's priority class, when it has one, over the resource's.
+    if priority := pod.priority_class_name or agent.priorityClassName:
+        template["priorityClassName"] = priority
     return {
         "metadata": {
-            "labels": _labels(acceleration),
+            # The operator's keys win; its settings cannot name them anyway (config.py).
+            "labels": {**pod.labels, **_labels(acceleration)},
             "annotations": {
+                **pod.annotations,
                 CONFIG_HASH_ANNOTATION: hash_,
                 "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
             },
         },
-        "spec": pod,
+        "spec": template,
     }
 
 
@@ -395,7 +425,9 @@ def _probe(path: str, port: int, *, period: int, failures: int) -> dict[str, Any
     }
 
 
-def _container(spec: MeshAccelerationSpec, image: AgentImage) -> dict[str, Any]:
+def _container(
+    spec: MeshAccelerationSpec, image: AgentImage, resources: ResourceRequirements
+) -> dict[str, Any]:
     agent = spec.agent
     port = agent.port
     container: dict[str, Any] = {
@@ -405,6 +437,10 @@ def _container(spec: MeshAccelerationSpec, image: AgentImage) -> dict[str, Any]:
         "image": image.reference,
         "imagePullPolicy": str(agent.imagePullPolicy),
         "command": list(AGENT_COMMAND),
+        # A failed start-up check writes its report there; any other failure leaves the
+        # log's tail instead. `meshaccel check` and `kubectl describe` show either.
+        "terminationMessagePath": str(TERMINATION_MESSAGE_PATH),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [
             {"name": "MESHACCEL_CONFIG", "value": str(CONFIG_FILE)},
             # The agent binds the node's IP (status.podIP under hostNetwork), not 0.0.0.0:
@@ -462,10 +498,10 @@ def _container(spec: MeshAccelerationSpec, image: AgentImage) -> dict[str, Any]:
             {"name": "cgroup", "mountPath": str(CGROUP_PATH), "readOnly": True},
             {"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True},
             {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+            {"name": "local", "mountPath": str(LOCAL_SOCKET.parent)},
         ],
     }
-    resources = agent.resources.model_dump(mode="json")
-    resources = {key: value for key, value in resources.items() if value}
-    if resources:
-        container["resources"] = resources
+    wanted = {key: value for key, value in resources.model_dump(mode="json").items() if value}
+    if wanted:
+        container["resources"] = wanted
     return container

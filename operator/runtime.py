@@ -233,6 +233,7 @@ class Runtime:
             namespace=self.config.namespace,
             tls=tls,
             image=self.config.agent_image,
+            pod=self.config.agent_pod,
         )
         done: list[str] = []
         daemonset = None

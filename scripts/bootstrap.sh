@@ -94,7 +94,7 @@ fi
 # files are seen at once).
 fingerprint() {
     local dirs=() d
-    for d in agent operator; do [[ -d "$d" ]] && dirs+=("$d"); done
+    for d in agent cli contract operator; do [[ -d "$d" ]] && dirs+=("$d"); done
     {
         sha256sum pyproject.toml requirements/build.txt requirements/runtime.txt \
             requirements/test.txt

@@ -12,6 +12,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 packages=()
 [[ -f agent/__init__.py ]] && packages+=(-p meshaccel.agent)
 [[ -f contract/__init__.py ]] && packages+=(-p meshaccel.contract)
+[[ -f cli/__init__.py ]] && packages+=(-p meshaccel.cli)
 [[ -d operator ]] && packages+=(-p meshaccel.operator)
 [[ -f tests/__init__.py ]] && packages+=(-p tests)
 
@@ -22,7 +23,7 @@ echo "==> ruff format --check"
 ruff format --check . || failed+=(ruff-format)
 echo "==> mypy ${packages[*]}"
 # mypy reads the package through the editable link tree under build/: report the real paths.
-mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|contract|operator)/#\1/#' \
+mypy "${packages[@]}" | sed -E 's#^build/__editable__\.[^/]+/meshaccel/(agent|cli|contract|operator)/#\1/#' \
     || failed+=(mypy)
 
 if ((${#failed[@]})); then

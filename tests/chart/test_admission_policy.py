@@ -34,7 +34,7 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 
 from meshaccel.operator import rendering
-from meshaccel.operator.config import AgentImage, operator_config, parse_args
+from meshaccel.operator.config import AgentImage, AgentPod, operator_config, parse_args
 from meshaccel.operator.models import DEFAULT_AGENT_PORT, MeshAccelerationSpec
 from tests.chart.helm import NAMESPACE, find, template
 from tests.pki import make_pki
@@ -140,7 +140,9 @@ def _operator_image(docs: list[Doc]) -> AgentImage:
 TLS = make_pki().agent_tls()
 
 
-def rendered_daemonset(image: AgentImage, name: str = "demo", **spec: Any) -> Doc:
+def rendered_daemonset(
+    image: AgentImage, name: str = "demo", pod: AgentPod | None = None, **spec: Any
+) -> Doc:
     objects = rendering.agent_objects(
         name,
         "6f1b7a4e-2d4c-4f55-9a0e-6c1d0b1f2a3c",
@@ -148,6 +150,7 @@ def rendered_daemonset(image: AgentImage, name: str = "demo", **spec: Any) -> Do
         namespace=NAMESPACE,
         tls=TLS,
         image=image,
+        pod=pod,
     )
     (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
     return daemonset
@@ -216,6 +219,42 @@ def test_the_operators_daemonset_is_admitted(case: AllowedCase, values: dict[str
     for operation in ("CREATE", "UPDATE"):
         verdict = admit(policy, daemonset, user=user, operation=operation)
         assert verdict == Verdict(True, (), ()), f"{case.reason}: {verdict}"
+
+
+def test_the_operators_pod_settings_are_admitted() -> None:
+    """The chart's agent.* pod values (annotations, labels, node selector, affinity, priority
+    class, resources) are the operator's settings: its DaemonSets with them still pass."""
+    values = {
+        "agent": {
+            "podAnnotations": {"example.com/team": "mesh"},
+            "podLabels": {"cost-center": "mesh"},
+            "nodeSelector": {"pool": "mesh"},
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 1,
+                            "preference": {
+                                "matchExpressions": [{"key": "ssd", "operator": "Exists"}]
+                            },
+                        }
+                    ]
+                }
+            },
+            "priorityClassName": "mesh-agents",
+            "resources": {"requests": {"cpu": "1"}},
+        }
+    }
+    docs = _chart(values)
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    environ = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    config = operator_config(parse_args(container["args"], environ=environ))
+    assert config.agent_pod != AgentPod(), "the values reached the operator"
+    daemonset = rendered_daemonset(config.agent_image, pod=config.agent_pod)
+    assert _pod(daemonset)["affinity"] and _pod(daemonset)["priorityClassName"] == "mesh-agents"
+    for operation in ("CREATE", "UPDATE"):
+        verdict = admit(_policy(docs, AGENT_POLICY), daemonset, operation=operation)
+        assert verdict == Verdict(True, (), ()), verdict
 
 
 # -- tampered DaemonSets are refused, each by its own rule ---------------------------------------
@@ -430,6 +469,11 @@ TAMPERED = [
     TamperCase(
         "a scratch volume to stage a binary",
         _add_volume({"name": "scratch", "emptyDir": {}}, "/scratch"),
+        "hostPath, Secret and ConfigMap volumes only",
+    ),
+    TamperCase(
+        "the local socket's volume on the node's disk",
+        _add_volume({"name": "local", "emptyDir": {}}, "/scratch"),
         "hostPath, Secret and ConfigMap volumes only",
     ),
     TamperCase(

@@ -16,7 +16,14 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 import yaml
 
-from meshaccel.operator.config import DEFAULT_AGENT_IMAGE, AgentImage, operator_config, parse_args
+from meshaccel.operator import predelete
+from meshaccel.operator.config import (
+    DEFAULT_AGENT_IMAGE,
+    AgentImage,
+    AgentPod,
+    operator_config,
+    parse_args,
+)
 from tests.chart import helm
 from tests.chart.helm import HELMS, NAMESPACE, find, template, template_error
 from tests.chart.sync import load_sync
@@ -73,10 +80,49 @@ CUSTOM_VALUES: dict[str, Any] = {
         "annotations": {"example.com/owner": "platform"},
         "terminationGracePeriodSeconds": 60,
         "ports": {"health": 8081, "metrics": 9091},
+        "podDisruptionBudget": {"enabled": True, "maxUnavailable": 2},
     },
     "agent": {
         "image": {"repository": "registry.example.com/mirror/meshaccel-agent", "tag": "0.1.0-rc.1"},
         "imagePullSecrets": ["registry-credentials", "second-registry"],
+        "podAnnotations": {"example.com/team": "mesh"},
+        "podLabels": {"cost-center": "mesh"},
+        "nodeSelector": {"node.example/pool": "mesh"},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}
+                            ]
+                        }
+                    ]
+                }
+            },
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 50,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": {"app": "noisy"}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            },
+        },
+        "priorityClassName": "mesh-agents",
+        "resources": {
+            "requests": {"cpu": "100m", "memory": 134217728},
+            "limits": {"memory": "1Gi"},
+        },
+    },
+    "uninstallHook": {
+        "enabled": True,
+        "timeoutSeconds": 240,
+        "operatorGraceSeconds": 60,
+        "resources": {"requests": {"cpu": "20m"}},
     },
     "admissionPolicy": {"enabled": True, "validationActions": ["Deny", "Audit"]},
     "serviceAccount": {"annotations": {"example.com/role": "meshaccel"}},
@@ -146,6 +192,8 @@ CASES = [
             "ClusterKopfPeering",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",
+            "PodDisruptionBudget",
+            "Job",
         },
     ),
     Case(
@@ -185,6 +233,20 @@ CASES = [
         "existing-service-account",
         {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}},
         "RBAC and the ServiceAccount managed outside the chart",
+    ),
+    Case(
+        "mirror-registry",
+        {"global": {"imageRegistry": "mirror.example:5000/ghcr-cache"}},
+        "every image from a mirror (global.imageRegistry)",
+        {"Deployment", "Job", "ValidatingAdmissionPolicy"},
+    ),
+    Case(
+        "no-uninstall-hook-no-pdb",
+        {
+            "uninstallHook": {"enabled": False},
+            "operator": {"podDisruptionBudget": {"enabled": False}},
+        },
+        "the pre-delete hook and the PodDisruptionBudget switched off",
     ),
     Case(
         "sk-msg-to-every-app",
@@ -575,6 +637,54 @@ BAD = [
         "two listeners on one port",
         ("both 9090",),
     ),
+    Bad(
+        "registry-with-a-scheme",
+        {"global": {"imageRegistry": "https://mirror.example"}},
+        "a URL where a registry host belongs",
+        ("imageRegistry",),
+    ),
+    Bad(
+        "agent-label-that-selects-agents",
+        {"agent": {"podLabels": {"meshaccel.io/acceleration": "other"}}},
+        "a label the operator's DaemonSet selector uses",
+        ("agent.podLabels: meshaccel.io/acceleration is one of the labels that select the agents",),
+    ),
+    Bad(
+        "agent-annotation-the-operator-sets",
+        {"agent": {"podAnnotations": {"meshaccel.io/config-hash": "0"}}},
+        "the annotation that rolls the agents when their settings change",
+        ("agent.podAnnotations: meshaccel.io/config-hash is an annotation the operator sets",),
+    ),
+    Bad(
+        "agent-affinity-misspelt",
+        {"agent": {"affinity": {"nodeAffinity": {"requiredDuringScheduling": {}}}}},
+        "a field core/v1 NodeAffinity does not have (the operator would refuse to start)",
+        ("requiredDuringScheduling",),
+    ),
+    Bad(
+        "agent-resources-not-a-quantity",
+        {"agent": {"resources": {"requests": {"memory": "lots"}}}},
+        "a quantity Kubernetes cannot read",
+        ("memory|resources",),
+    ),
+    Bad(
+        "pdb-that-lets-every-replica-go",
+        {"operator": {"replicas": 2, "podDisruptionBudget": {"maxUnavailable": 2}}},
+        "a budget that protects nothing",
+        ("operator.podDisruptionBudget.maxUnavailable=2 would let a drain take all 2",),
+    ),
+    Bad(
+        "hook-grace-beyond-its-timeout",
+        {"uninstallHook": {"timeoutSeconds": 60, "operatorGraceSeconds": 120}},
+        "a grace the wait never reaches",
+        ("uninstallHook.operatorGraceSeconds=120 is longer than uninstallHook.timeoutSeconds=60",),
+    ),
+    Bad(
+        "hook-timeout-too-short",
+        {"uninstallHook": {"timeoutSeconds": 1}},
+        "no time for the agents' drain",
+        ("timeoutSeconds",),
+    ),
 ]
 
 
@@ -622,6 +732,8 @@ def test_notes_print_commands_to_paste() -> None:
         for line in expected:
             assert line in notes, f"NOTES.txt lacks {line!r}:\n{notes}"
         assert f"kubectl -n {NAMESPACE} rollout status deployment/meshaccel" in notes
+        # helm uninstall runs the pre-delete hook: where its verdict is.
+        assert f"kubectl -n {NAMESPACE} logs job/meshaccel-uninstall" in notes
 
 
 def test_chart_crds_are_the_repository_crds() -> None:
@@ -650,3 +762,201 @@ def test_kubernetes_older_than_the_floor_is_refused(helm_name: str) -> None:
     old = helm.run(helm_name, *args, "--kube-version", "1.29.0")
     assert old.returncode != 0 and "kubeVersion" in old.output, old.output
     assert helm.run(helm_name, *args, "--kube-version", "1.30.0").returncode == 0
+
+
+# -- images from a mirror (global.imageRegistry) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistryCase:
+    reason: str
+    registry: str
+    repository: str
+    expected: str  # the repository the images then use
+
+
+REGISTRY_CASES = [
+    RegistryCase(
+        "no override", "", "ghcr.io/meshaccel/meshaccel-agent", "ghcr.io/meshaccel/meshaccel-agent"
+    ),
+    RegistryCase(
+        "a mirror's host replaces the registry",
+        "mirror.example",
+        "ghcr.io/meshaccel/meshaccel-agent",
+        "mirror.example/meshaccel/meshaccel-agent",
+    ),
+    RegistryCase(
+        "a pull-through cache: host, port and path",
+        "harbor.example:8443/ghcr-cache/",
+        "ghcr.io/meshaccel/meshaccel-agent",
+        "harbor.example:8443/ghcr-cache/meshaccel/meshaccel-agent",
+    ),
+    RegistryCase(
+        "a repository without a registry (Docker Hub) gets one",
+        "mirror.example",
+        "meshaccel/meshaccel-agent",
+        "mirror.example/meshaccel/meshaccel-agent",
+    ),
+    RegistryCase(
+        "localhost:5000 is a registry too",
+        "mirror.example",
+        "localhost:5000/meshaccel-agent",
+        "mirror.example/meshaccel-agent",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", REGISTRY_CASES, ids=[c.reason for c in REGISTRY_CASES])
+def test_global_image_registry_moves_every_image(case: RegistryCase) -> None:
+    """The operator, the uninstall hook and the agents (the operator's setting, the admission
+    policy's only image) all pull from the registry given."""
+    operator_repository = case.repository.replace("meshaccel-agent", "meshaccel-operator")
+    docs = template(
+        "helm3",
+        {
+            "global": {"imageRegistry": case.registry},
+            "agent": {"image": {"repository": case.repository, "tag": "1.2.3"}},
+            "operator": {"image": {"repository": operator_repository, "tag": "1.2.3"}},
+        },
+    )
+    agent_image = f"{case.expected}:1.2.3"
+    operator_image = agent_image.replace("meshaccel-agent", "meshaccel-operator")
+    config = operator_config(parse_args([], environ=_operator_environment(docs)))
+    assert config.agent_image.reference == agent_image, case.reason
+    (container,) = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == operator_image, case.reason
+    (hook,) = find(docs, "Job")["spec"]["template"]["spec"]["containers"]
+    assert hook["image"] == operator_image, case.reason
+    policy = find(docs, "ValidatingAdmissionPolicy", "meshaccel-agent-daemonsets")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["agentImage"] == f"'{agent_image}'", case.reason
+
+
+# -- the rest of the agents' pods: the operator's settings ----------------------------------
+
+
+def test_agent_pod_values_are_the_operators_settings() -> None:
+    """agent.podAnnotations, .podLabels, .nodeSelector, .affinity, .priorityClassName and
+    .resources reach the operator (its own parser reads the Deployment's environment), and
+    from it every MeshAcceleration's DaemonSet."""
+    agent = CUSTOM_VALUES["agent"]
+    config = operator_config(
+        parse_args([], environ=_operator_environment(template("helm3", CUSTOM_VALUES)))
+    )
+    pod = config.agent_pod
+    assert pod.annotations == agent["podAnnotations"]
+    assert pod.labels == agent["podLabels"]
+    assert pod.node_selector == agent["nodeSelector"]
+    assert pod.affinity is not None
+    assert pod.affinity.model_dump(mode="json", exclude_defaults=True) == agent["affinity"]
+    assert pod.priority_class_name == agent["priorityClassName"]
+    assert pod.resources.model_dump(mode="json") == agent["resources"]
+    defaults = operator_config(parse_args([], environ=_operator_environment(template("helm3"))))
+    assert defaults.agent_pod == AgentPod(), "the chart's defaults are the operator's"
+
+
+# -- the operator's PodDisruptionBudget ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "max_unavailable"),
+    [
+        ({}, 1),
+        ({"operator": {"replicas": 3, "podDisruptionBudget": {"maxUnavailable": 2}}}, 2),
+        ({"operator": {"replicas": 1, "peering": ""}}, None),
+        ({"operator": {"replicas": 1}}, None),
+        ({"operator": {"podDisruptionBudget": {"enabled": False}}}, None),
+    ],
+    ids=["two-replicas", "three-replicas", "standalone", "one-replica", "disabled"],
+)
+def test_a_pod_disruption_budget_only_with_replicas_to_spare(
+    values: dict[str, Any], max_unavailable: int | None
+) -> None:
+    docs = template("helm3", values)
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    if max_unavailable is None:
+        assert budgets == []
+        return
+    (budget,) = budgets
+    deployment = find(docs, "Deployment")
+    assert budget["spec"]["maxUnavailable"] == max_unavailable
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+# -- the uninstall hook ------------------------------------------------------------------------
+
+HOOK = "meshaccel-uninstall"
+HOOK_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Job"}
+
+
+def _hook_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if (d["metadata"].get("annotations") or {}).get("helm.sh/hook")]
+
+
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_the_uninstall_hook_runs_before_helm_deletes_anything(helm_name: str) -> None:
+    hooks = _hook_objects(template(helm_name))
+    assert {d["kind"] for d in hooks} == HOOK_KINDS
+    for doc in hooks:
+        annotations = doc["metadata"]["annotations"]
+        assert doc["metadata"]["name"] == HOOK
+        assert annotations["helm.sh/hook"] == "pre-delete"
+        # Its identity and rules exist before the Job starts (Helm creates by weight) and go
+        # once it succeeded; the Job stays, with the verdict in its log, for a day.
+        weight = int(annotations["helm.sh/hook-weight"])
+        policy = annotations["helm.sh/hook-delete-policy"]
+        if doc["kind"] == "Job":
+            assert (weight, policy) == (0, "before-hook-creation")
+            assert doc["spec"]["ttlSecondsAfterFinished"] == 86400
+        else:
+            assert weight < 0 and policy == "before-hook-creation,hook-succeeded", doc["kind"]
+    assert _hook_objects(template(helm_name, {"uninstallHook": {"enabled": False}})) == []
+
+
+@pytest.mark.parametrize("values", [{}, CUSTOM_VALUES], ids=["defaults", "custom"])
+def test_the_uninstall_hook_runs_the_operators_pre_delete(values: dict[str, Any]) -> None:
+    """The Job's command line is one `meshaccel-operator pre-delete` accepts, aimed at this
+    release's operator Deployment, with the values' bounds."""
+    docs = template("helm3", values)
+    deployment = find(docs, "Deployment")
+    job = find(docs, "Job", deployment["metadata"]["name"] + "-uninstall")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["meshaccel-operator", "pre-delete"]
+    args = predelete.parse_args(container["args"], environ={})
+    hook = {**template_values()["uninstallHook"], **values.get("uninstallHook", {})}
+    assert args.operator_deployment == deployment["metadata"]["name"]
+    assert (args.timeout, args.operator_grace) == (
+        hook["timeoutSeconds"],
+        hook["operatorGraceSeconds"],
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MESHACCEL_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
+    (operator,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == operator["image"]
+    assert container["securityContext"] == operator["securityContext"]
+    assert pod["securityContext"] == deployment["spec"]["template"]["spec"]["securityContext"]
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] > hook["timeoutSeconds"]
+    assert pod.get("imagePullSecrets") == deployment["spec"]["template"]["spec"].get(
+        "imagePullSecrets"
+    )
+
+
+def template_values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((helm.CHART / "values.yaml").read_text())
+    return values
+
+
+@pytest.mark.parametrize("version", ("1.30", "1.35"))
+@pytest.mark.parametrize("helm_name", HELMS)
+def test_the_uninstall_hook_is_valid_kubernetes(helm_name: str, version: str) -> None:
+    """The hook's objects, each by the official schema (strict), from both helms."""
+    for values in ({}, CUSTOM_VALUES):
+        hooks = _hook_objects(template(helm_name, values))
+        assert {d["kind"] for d in hooks} == HOOK_KINDS
+        for doc in hooks:
+            kubernetes_validate.validate(doc, version, strict=True)

@@ -8,6 +8,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from meshaccel.operator.config import Affinity
+from meshaccel.operator.crd import openapi_schema
 from tests.chart.helm import CHART
 from tests.chart.sync import load_sync
 
@@ -59,8 +61,10 @@ def test_every_schema_property_has_a_description() -> None:
     def walk(schema: dict[str, Any], path: str) -> None:
         for name, sub in schema.get("properties", {}).items():
             where = f"{path}.{name}".lstrip(".")
-            # The spec's nested fields come from the CRD, which describes the main ones only.
-            if "description" not in sub and not where.startswith("defaultAcceleration."):
+            # Generated parts: the spec's nested fields come from the CRD, which describes the
+            # main ones only; the agents' affinity from the operator's model (core/v1's fields).
+            generated = where.startswith(("defaultAcceleration.", "agent.affinity."))
+            if "description" not in sub and not generated:
                 missing.append(where)
             walk(sub, where)
 
@@ -69,8 +73,28 @@ def test_every_schema_property_has_a_description() -> None:
 
 
 def test_every_top_level_value_has_a_schema_entry_and_back() -> None:
-    described = set(SCHEMA["properties"]) - {"global"}
-    assert set(VALUES) == described
+    assert set(VALUES) == set(SCHEMA["properties"])
+
+
+def test_global_stays_open_for_parent_charts() -> None:
+    """Helm hands a parent chart's globals to this one: unknown keys there are not errors."""
+    assert "additionalProperties" not in SCHEMA["properties"]["global"]
+    jsonschema.validate(
+        {**VALUES, "global": {"imageRegistry": "", "storageClass": "x"}},
+        SCHEMA,
+        cls=jsonschema.Draft7Validator,
+    )
+
+
+def test_agent_affinity_is_the_operators_model() -> None:
+    """agent.affinity is checked as the operator checks it (operator/config.py Affinity): the
+    schema is generated from that model, as the CRD's is from the resource's."""
+    sync = load_sync()
+    wanted = sync.to_values_schema(openapi_schema(Affinity))
+    ours = dict(SCHEMA["properties"]["agent"]["properties"]["affinity"])
+    ours.pop("description")
+    wanted.pop("description")
+    assert ours == wanted, "regenerate agent.affinity from operator/config.py Affinity"
 
 
 def test_values_yaml_passes_its_own_schema() -> None:

@@ -23,12 +23,15 @@ What it adds to kmock 0.8 (each has its own test in ``test_emulator.py``):
   in ``watches_timed_out``);
 * cluster-scoped resources, including ``GET /api/v1/namespaces``;
 * discovery of exactly the resources meshaccel's operator and Kopf use (plus any CRD loaded);
-* validation (kubernetes-validate, strict) and CRD defaulting+validation before every store:
-  a refused write is a 422 ``Status`` (``reason: Invalid``), leaves the object unchanged and is
-  recorded in ``rejections``;
+* validation (kubernetes-validate, strict) and CRD defaulting+validation before every store,
+  the CRD's CEL rules (``x-kubernetes-validations``) included (``crd_cel.py``): a refused write
+  is a 422 ``Status`` (``reason: Invalid``, the rule's message for a CEL rule), leaves the
+  object unchanged and is recorded in ``rejections``;
 * ownerReference garbage collection (background, recursive), namespace deletion removes the
   namespace's content, ``propagationPolicy: Orphan`` strips the ownerReferences instead;
-* finalizers: DELETE sets ``deletionTimestamp``; removing the last finalizer removes the object.
+* finalizers: DELETE sets ``deletionTimestamp``; removing the last finalizer removes the object;
+* ``pods/exec`` over the websocket channel protocol (``v4.channel.k8s.io``), what runs being the
+  test's :meth:`ApiServerEmulator.on_exec` handler: see ``pod_exec.py``.
 
 Deliberate differences from a real server (do not rely on them in integration tests):
 
@@ -40,9 +43,10 @@ Deliberate differences from a real server (do not rely on them in integration te
 * pods are removed at once on DELETE (no kubelet, no grace period);
 * garbage collection and namespace cleanup run synchronously within the deleting request;
   ``Foreground`` propagation behaves as ``Background``;
-* no admission (no webhooks, no quota, no RBAC: every token is accepted), no CEL
-  (``x-kubernetes-validations``), no ``format`` checks, no ``dryRun``, no
-  ``limit``/``continue`` pagination, no BOOKMARKs;
+* no admission (no webhooks, no quota, no RBAC: every token is accepted, no
+  ValidatingAdmissionPolicies), no ratcheting of CRD rules (an unchanged invalid field is
+  refused again), no ``format`` checks, no ``dryRun``, no ``limit``/``continue`` pagination,
+  no BOOKMARKs;
 * server-side apply to a subresource is a 415; the server's own writes (garbage collection
   removing an ownerReference, a deletion's timestamp) change no managedFields.
 """
@@ -72,6 +76,7 @@ from kmock._internal import enums, rendering
 
 from tests.operator.fieldmanager import ApplyConflict, FieldManager, kind_shape
 from tests.operator.k8s_validation import BuiltinSchemas, CrdSchema, FieldError, check_metadata
+from tests.operator.pod_exec import ExecHandler, ExecRequest, exec_target, serve_exec
 
 JsonObj = dict[str, Any]
 ObjKey = tuple[resource, str | None, str]
@@ -439,6 +444,9 @@ class ApiServerEmulator(KubernetesEmulator):
     _field_managers: dict[tuple[str, str, str], FieldManager] = attrs.field(
         factory=dict, init=False
     )
+    # pods/exec: what runs in which pod (on_exec), and every exec that reached a pod.
+    _exec_handlers: dict[tuple[str, str], ExecHandler] = attrs.field(factory=dict, init=False)
+    execs: list[ExecRequest] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -544,7 +552,15 @@ class ApiServerEmulator(KubernetesEmulator):
 
     # --- HTTP plumbing ---
 
+    def on_exec(self, namespace: str, pod: str, handler: ExecHandler) -> None:
+        """What runs when a client execs into ``namespace/pod`` (any container, any command:
+        the handler gets them)."""
+        self._exec_handlers[namespace, pod] = handler
+
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if (target := exec_target(raw_request.path)) is not None:
+            pod = self._find(self.specs["", "v1", "pods"], *target)
+            return await serve_exec(raw_request, pod, self._exec_handlers, self.execs.append)
         # kmock's own parser fails on /api/v1/namespaces and misreads /api/v1/namespaces/x,
         # so requests are parsed here; the rest follows kmock's RawHandler.__call__.
         await raw_request.read()

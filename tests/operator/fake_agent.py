@@ -23,7 +23,11 @@ open keep-alive connections are cut too), :meth:`~FakeAgent.restart` (a fresh pr
 id, no generation, no pods), :attr:`~FakeAgent.delay` (seconds before each reply),
 :meth:`~FakeAgent.preset` (what a previous operator, or another writer, left applied),
 ``max_pods`` (a 422 above),
-:attr:`~FakeAgent.on_accept` (called on the event loop with every set taken, as it is taken).
+:attr:`~FakeAgent.on_accept` (called on the event loop with every set taken, as it is taken),
+:meth:`~FakeAgent.cannot_find` / :meth:`~FakeAgent.finds` (pods its replies list as
+unresolved, or no longer), ``version`` (what its replies say it is; None: an agent that
+predates the field; by default this tree's version), sent as the agent sends it: to a client
+that sends its own in the ``Meshaccel-Version`` header.
 
 :class:`FakeAgentFleet` serves many agents from one aiohttp application: one listening socket
 per agent on its own loopback address (127.1.x.y; all of 127/8 is loopback on Linux), and the
@@ -48,6 +52,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from meshaccel.contract.api import (
+    VERSION_HEADER,
     AppliedPod,
     ApplyResult,
     ErrorReply,
@@ -57,8 +62,10 @@ from meshaccel.contract.api import (
     PodsReply,
     ProbeReply,
     UninstallReply,
+    UnresolvedPod,
 )
 from meshaccel.contract.tls import bundle_fingerprint, is_operator, server_context_pem
+from meshaccel.contract.version import VERSION
 from meshaccel.operator.credentials import AgentTLS
 
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
@@ -123,10 +130,14 @@ class FakeAgent:
         max_pods: int = 1024,
         standalone: bool = False,
         epochs: bool = True,
+        version: str | None = VERSION,
         server: _Server | None = None,
     ) -> None:
         self.name = name
         self.epochs = epochs
+        self.version = version  # in its replies (None: an agent that predates the field)
+        # namespace/name -> why: pods of its sets it reports unresolved (see cannot_find).
+        self.unresolvable: dict[str, str] = {}
         self.host = host
         self.port = port
         self.max_pods = max_pods
@@ -241,6 +252,16 @@ class FakeAgent:
     def fail_next(self, count: int, status: int = 503, *, path: str = "/v1/pods") -> None:
         """The next ``count`` requests to ``path`` answer ``status`` (an ErrorReply)."""
         self._failures.setdefault(path, []).extend([status] * count)
+
+    def cannot_find(self, *pods: str, reason: str = "no cgroup found for this pod uid") -> None:
+        """Report these pods (``namespace/name``) unresolved in every reply to a set, a repeat
+        included, as an agent does while it cannot find their cgroup."""
+        self.unresolvable.update(dict.fromkeys(pods, reason))
+
+    def finds(self, *pods: str) -> None:
+        """These pods resolve (the agent's own retry found them): no longer reported."""
+        for pod in pods:
+            self.unresolvable.pop(pod, None)
 
     def heal(self, path: str = "/v1/pods") -> None:
         """Forget the failures still queued for ``path``."""
@@ -357,12 +378,24 @@ class FakeAgent:
                 added=added,
                 updated=updated,
                 removed=removed,
-                unresolved=[],
+                unresolved=self._unresolved(),
                 duration_ms=0.1,
                 boot_id=self.boot_id,
                 applied_epoch=pod_set.epoch,
+                version=self._version_for(request),
             )
         )
+
+    def _version_for(self, request: web.Request) -> str | None:
+        """As the agent: only a client that sends its own version gets the agent's."""
+        return self.version if VERSION_HEADER in request.headers else None
+
+    def _unresolved(self) -> list[UnresolvedPod]:
+        return [
+            UnresolvedPod(uid=p.uid, namespace=p.namespace, name=p.name, reason=reason)
+            for p in self.pods.values()
+            if (reason := self.unresolvable.get(f"{p.namespace}/{p.name}")) is not None
+        ]
 
     async def get_pods(self, request: web.Request) -> web.Response:
         return _json(
@@ -371,8 +404,9 @@ class FakeAgent:
                 pods=[
                     AppliedPod(uid=p.uid, namespace=p.namespace, name=p.name, ip=p.ip, cgroup_id=1)
                     for p in self.pods.values()
+                    if f"{p.namespace}/{p.name}" not in self.unresolvable
                 ],
-                unresolved=[],
+                unresolved=self._unresolved(),
             )
         )
 
@@ -388,6 +422,7 @@ class FakeAgent:
                 applied_generation=self.applied_generation,
                 applied_epoch=self.applied_epoch,
                 trust_bundle=self.trust_bundle,
+                version=self._version_for(request),
             )
         )
 

@@ -3,7 +3,9 @@
 Builtin kinds are validated against the official OpenAPI schemas that kubernetes-validate ships
 (offline, the "strict" flavour: unknown fields fail). Custom resources are defaulted and
 validated against their CRD's ``openAPIV3Schema``; unlike a real server, fields the schema does
-not declare are refused instead of pruned, so that tests notice them.
+not declare are refused instead of pruned, so that tests notice them. Then their CEL rules
+(``x-kubernetes-validations``) are evaluated as the API server does (``crd_cel.py``), and the
+first one that refuses is the error, with the rule's message.
 
 Compiled validators are cached (per Kubernetes version and kind, per CRD version): an
 integration test writes hundreds of objects and must not re-read 1.4 MB of definitions each time.
@@ -24,6 +26,8 @@ import jsonschema
 import jsonschema.exceptions
 import referencing
 from packaging.version import Version
+
+from tests.operator import crd_cel
 
 _SCHEMA_PACKAGE = "kubernetes_validate"
 _SCHEMA_ROOT = "kubernetes-json-schema"
@@ -293,4 +297,12 @@ class CrdSchema:
                 apply_defaults(obj[name], sub)
 
     def validate(self, obj: Mapping[str, Any]) -> FieldError | None:
-        return _first_error(self._validator, obj)
+        error = _first_error(self._validator, obj)
+        if error is not None:
+            return error
+        for violation in crd_cel.violations(obj, self.openapi):
+            # As kube-apiserver words a refusing rule: `spec.x: Invalid value: "object": ...`.
+            return FieldError(
+                format_path(violation.path), f'Invalid value: "object": {violation.message}'
+            )
+        return None

@@ -1,4 +1,9 @@
-"""What passes the schema but makes no sense: each problem a sentence naming the field to fix."""
+"""What admission cannot refuse: each problem a sentence naming the field to fix.
+
+Senseless specs the CRD's CEL rules refuse at admission (selector terms without values or
+contradicting matchLabels, skMsgToAppsSelector without skMsgRedirect, a toleration's value
+with Exists, a name over 63 characters) are tests/operator/test_crd_rules.py's.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import pytest
 from meshaccel.operator.checks import spec_problems
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
 
-NEVER = {"matchExpressions": [{"key": "reads-with", "operator": "In", "values": []}]}
+
+def _terms(*terms: tuple[str, str, list[str]]) -> dict[str, Any]:
+    return {"matchExpressions": [{"key": k, "operator": o, "values": v} for k, o, v in terms]}
 
 
 @dataclass(frozen=True)
@@ -18,59 +25,67 @@ class CheckCase:
     reason: str
     spec: dict[str, Any]
     problems: tuple[str, ...] = ()  # a fragment of each problem, in order
-    name: str = "default"
 
 
 CASES = [
     CheckCase("the defaults", {}),
-    CheckCase("sk_msg into every app: an empty selector", {"skMsgToAppsSelector": {}}),
+    CheckCase(
+        "sk_msg into every app: an empty selector",
+        {"datapath": {"skMsgToAppsSelector": {}}},
+    ),
     CheckCase(
         "sk_msg into some apps",
-        {"skMsgToAppsSelector": {"matchLabels": {"reads-with": "recv"}}},
+        {"datapath": {"skMsgToAppsSelector": {"matchLabels": {"reads-with": "recv"}}}},
     ),
     CheckCase(
         "sk_msg off, no apps selector",
-        {"skMsgRedirect": False, "skMsgToAppsSelector": None},
+        {"datapath": {"skMsgRedirect": False, "skMsgToAppsSelector": None}},
     ),
     CheckCase(
-        "an apps selector without sk_msg redirection",
-        {"skMsgRedirect": False, "skMsgToAppsSelector": {"matchLabels": {"app": "web"}}},
-        (
-            "spec.datapath.skMsgToAppsSelector is set but spec.datapath.skMsgRedirect is false: "
-            "without sk_msg redirection nothing is delivered into application sockets",
-        ),
+        "In and NotIn that leave a value",
+        {"podSelector": _terms(("tier", "In", ["web", "api"]), ("tier", "NotIn", ["web"]))},
     ),
     CheckCase(
-        "an empty apps selector is set too",
-        {"skMsgRedirect": False, "skMsgToAppsSelector": {}},
-        ("spec.datapath.skMsgToAppsSelector is set but spec.datapath.skMsgRedirect is false",),
+        "two In terms with no value in common",
+        {"podSelector": _terms(("tier", "In", ["web"]), ("tier", "In", ["db"]))},
+        ("spec.podSelector can never match: no value of label 'tier' satisfies every In",),
     ),
     CheckCase(
-        "an apps selector that can never match",
-        {"skMsgToAppsSelector": NEVER},
-        ("spec.datapath.skMsgToAppsSelector.matchExpressions[0] (reads-with In) needs",),
+        "an In whose every value a NotIn excludes",
+        {
+            "datapath": {
+                "skMsgToAppsSelector": _terms(
+                    ("reads-with", "In", ["recv"]), ("reads-with", "NotIn", ["recv", "splice"])
+                )
+            }
+        },
+        ("spec.datapath.skMsgToAppsSelector can never match: no value of label 'reads-with'",),
     ),
     CheckCase(
-        "both at once, each said",
-        {"skMsgRedirect": False, "skMsgToAppsSelector": NEVER},
-        (
-            "spec.datapath.skMsgToAppsSelector.matchExpressions[0]",
-            "spec.datapath.skMsgRedirect is false",
-        ),
+        "each selector said, in order",
+        {
+            "namespaceSelector": _terms(("team", "In", ["a"]), ("team", "NotIn", ["a"])),
+            "podSelector": _terms(("tier", "In", ["web"]), ("tier", "In", ["db"])),
+        },
+        ("spec.namespaceSelector can never match", "spec.podSelector can never match"),
     ),
     CheckCase(
-        "a name the agents cannot pin under",
-        {},
-        ("is not usable as the agents' datapath name",),
-        name="n" * 64,
+        "a CIDR with host bits set (the schema checks the spelling only)",
+        {"exclusions": {"outboundCIDRs": ["169.254.0.0/16", "10.1.2.3/8"]}},
+        ("spec.exclusions.outboundCIDRs: '10.1.2.3/8' is not a network",),
+    ),
+    CheckCase(
+        "an octet over 255",
+        {"exclusions": {"outboundCIDRs": ["300.0.0.0/8"]}},
+        ("'300.0.0.0/8' is not a network",),
     ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.reason for c in CASES])
 def test_spec_problems(case: CheckCase) -> None:
-    spec = MeshAccelerationSpec.model_validate({"namespaceSelector": {}, "datapath": case.spec})
-    problems = spec_problems(case.name, spec)
+    spec = MeshAccelerationSpec.model_validate({"namespaceSelector": {}, **case.spec})
+    problems = spec_problems("default", spec)
     assert len(problems) == len(case.problems), (case.reason, problems)
     for problem, fragment in zip(problems, case.problems, strict=True):
         assert fragment in problem, (case.reason, problem)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,11 @@ import pytest
 import yaml
 
 from meshaccel.operator import crd
-from meshaccel.operator.models import MeshAccelerationSpec, MeshAccelerationStatus
+from meshaccel.operator.models import ConditionType, MeshAccelerationSpec, MeshAccelerationStatus
+from meshaccel.operator.status import Rollout, compute_status, now_rfc3339
 from tests.operator.k8s_validation import CrdSchema
 from tests.operator.objects import acceleration
+from tests.operator.test_status import large_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / crd.CRD_FILE
@@ -75,7 +79,9 @@ def test_printer_columns_and_names() -> None:
     document = yaml.safe_load(CRD_PATH.read_text())
     version = document["spec"]["versions"][0]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns[:1] == ["Mode"] and "Pods Accelerated" in columns and columns[-1] == "Age"
+    assert columns[:1] == ["Mode"] and columns[-1] == "Age"
+    selected = columns.index("Selected")
+    assert columns[selected + 1] == "Accelerated", "pods selected beside pods accelerated"
     assert version["subresources"] == {"status": {}}
     assert document["spec"]["scope"] == "Cluster"
     assert document["spec"]["names"]["shortNames"] == ["meshaccel", "ma"]
@@ -99,6 +105,16 @@ def test_the_agent_image_is_retired_not_defaulted() -> None:
     image = agent["properties"]["image"]
     assert "default" not in image and "image" not in agent["default"]
     assert image["nullable"] is True and image["description"].startswith("retired:")
+
+
+def test_the_agents_resources_default_to_the_operators() -> None:
+    """Issue 13: a resource that sets no spec.agent.resources gets the operator's default
+    (Helm agent.resources), so the CRD must not write one in: the API server would store it
+    and the operator's default would never apply."""
+    agent = openapi()["properties"]["spec"]["properties"]["agent"]
+    resources = agent["properties"]["resources"]
+    assert "default" not in resources and "resources" not in agent["default"]
+    assert resources["nullable"] is True
 
 
 GOOD: list[tuple[str, dict[str, Any]]] = [
@@ -212,3 +228,40 @@ def test_missing_namespace_selector_is_rejected() -> None:
     schema.default(obj)
     error = schema.validate(obj)
     assert error is not None and "namespaceSelector" in str(error)
+
+
+# -- the status: what the operator writes, the schema takes ----------------------------------
+
+
+def _with_status(status: MeshAccelerationStatus) -> dict[str, Any]:
+    obj = acceleration(spec={"namespaceSelector": {}})
+    obj["status"] = status.model_dump(mode="json", exclude_none=True)
+    return obj
+
+
+def test_the_status_of_a_large_cluster_is_valid_and_its_lists_are_capped() -> None:
+    """What compute_status writes for 500 nodes (problems of every kind) passes the CRD's
+    schema; one list entry more than the caps is refused by it."""
+    accel, nodes = large_cluster()
+    ds = Rollout(name="meshaccel-system/meshaccel-agent-default", desired=500, ready=500)
+    status, _ = compute_status(
+        accel, nodes, ds, generation=1, previous=[], clock_now=100.0, behind_grace=10
+    )
+    schema = CrdSchema(openapi())
+    obj = _with_status(status)
+    assert obj["status"]["nodes"] and obj["status"]["problems"]
+    assert schema.validate(obj) is None
+    for key in ("nodes", "problems"):
+        longer = copy.deepcopy(obj)
+        longer["status"][key].append(longer["status"][key][0])
+        error = schema.validate(longer)
+        assert error is not None and error.path == f"status.{key}", key
+
+
+def test_condition_times_are_date_times_and_the_operator_writes_them_so() -> None:
+    condition = openapi()["properties"]["status"]["properties"]["conditions"]["items"]
+    assert condition["properties"]["lastTransitionTime"]["format"] == "date-time"
+    assert condition["properties"]["type"]["enum"] == [str(kind) for kind in ConditionType]
+    written = now_rfc3339()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", written), written
+    assert datetime.fromisoformat(written).tzinfo is not None

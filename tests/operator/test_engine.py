@@ -11,7 +11,7 @@ import pytest
 
 from meshaccel.contract.api import PodSpec
 from meshaccel.operator.budget import Budget, usage
-from meshaccel.operator.engine import Engine, ListedAcceleration
+from meshaccel.operator.engine import Engine, ListedAcceleration, PodTrouble
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import PodWarning, Verdict
 from tests.operator.objects import OPERATOR_NAMESPACE, agent_pod, pod
@@ -573,3 +573,42 @@ def test_a_pod_over_its_limit_is_left_out_wherever_there_is_room(engine: Engine)
     assert [item.reason for item in acceleration.left_out()] == [
         "outbound_excluded_cidrs needs 40, a pod may take 32"
     ]
+
+
+def test_a_pod_with_an_unreadable_annotation_is_kept_with_what_is_wrong(engine: Engine) -> None:
+    """Such a pod is left out for a reason nobody chose: the status lists it with the detail,
+    until the annotation is fixed or the pod goes."""
+    bad = pod(
+        "a",
+        "shop",
+        node="node-1",
+        ip="10.1.0.1",
+        annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "http"},
+    )
+    engine.pod_changed(bad)
+    engine.pod_changed(pod("b", "shop", node="node-1", ip="10.1.0.2", sidecar=False))
+    acceleration, sink = add(engine)
+    uid = bad["metadata"]["uid"]
+    assert sink.sets["node-1"] == []
+    assert acceleration.skipped_by_reason() == {
+        Verdict.INVALID_ANNOTATION: 1,
+        Verdict.NO_SIDECAR: 1,
+    }
+    assert acceleration.troubled == {
+        uid: PodTrouble(
+            "shop",
+            "a",
+            "node-1",
+            Verdict.INVALID_ANNOTATION,
+            "traffic.sidecar.istio.io/excludeOutboundPorts: 'http' is not a port",
+        )
+    }, "only the problem is kept: a pod without a sidecar is nobody's problem"
+
+    bad["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = "8080"
+    engine.pod_changed(bad)
+    assert acceleration.troubled == {} and sink.sets["node-1"] == ["shop/a"]
+    bad["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = "x"
+    engine.pod_changed(bad)
+    assert uid in acceleration.troubled
+    engine.pod_changed(bad, deleted=True)
+    assert acceleration.troubled == {}

@@ -9,6 +9,7 @@ by asserting that nothing was refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ import pytest
 os.environ.setdefault("MESHACCEL_STATUS_INTERVAL", "0.3")
 
 
-from meshaccel.operator import handlers, rendering
+from meshaccel.contract.version import VERSION
+from meshaccel.operator import handlers, metrics, rendering
 from meshaccel.operator.budget import usage
 from meshaccel.operator.leadership import LEASE_NAME
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE
@@ -299,14 +301,105 @@ async def test_agent_failing_shows_in_status_then_recovers(cluster: Cluster) -> 
         agent.fail_next(1000, 503)
         await cluster.kube.create_pod("mesh", "late", node="node-2", pod_ip="198.18.1.30")
 
-        async def behind() -> bool:
+        async def behind() -> dict[str, Any] | None:
             status = (await cluster.acceleration()).get("status") or {}
-            return [lag["node"] for lag in status.get("nodesBehind", [])] == ["node-2"]
+            nodes = status.get("nodes") or []
+            first = nodes[0] if nodes else {}
+            late = first.get("node") == "node-2" and not first.get("inSync")
+            return first if late and "injected failure 503" in first.get("lastError", "") else None
 
         await wait_for(behind, timeout=10)
+        ready = await cluster.condition("default", "Ready")
+        # Pushing (Reconciling) at first; failing (Stalled) once it lasts past the grace.
+        assert ready is not None and ready["status"] == "False"
+        assert ready["reason"] in ("PushingPodSets", "AgentsFailing"), ready
         agent.heal()
         await wait_for(lambda: cluster.pods_on("node-2") == ["mesh/late"], timeout=15)
         await wait_for(lambda: _true(cluster, "default", "Ready"), timeout=10)
+
+
+async def test_pods_their_agents_cannot_find_keep_the_resource_from_being_ready(
+    cluster: Cluster,
+) -> None:
+    """Issue 13: Ready=True (Accelerating) while pods were selected and none accelerated, the
+    agents' unresolved pods never reaching the status. Now they are counted, listed with their
+    node and the agent's reason, and Ready waits for them; pods left out by choice do not
+    count against it. The agents resolve them later by themselves: the status follows."""
+    kube, name = cluster.kube, "unresolved"
+    await kube.create_namespace("mesh", ENABLED)
+    for i in range(4):
+        await kube.create_pod("mesh", f"web{i}", node="node-1", pod_ip=f"198.18.2.{10 + i}")
+    await kube.create_pod("mesh", "db", node="node-2", pod_ip="198.18.2.20")
+    await kube.create_pod("mesh", "batch", node="node-2", pod_ip="198.18.2.21", sidecar=False)
+    opted_out = {"meshaccel.io/accelerate": "false"}
+    await kube.create_pod("mesh", "legacy", node="node-2", annotations=opted_out)
+    cluster.agents["node-1"].cannot_find("mesh/web1", "mesh/web3", reason="no cgroup found")
+    gauge = functools.partial(metrics.REGISTRY.get_sample_value, labels={"acceleration": name})
+
+    async with operator():
+        await cluster.create_acceleration(name)
+        await cluster.schedule_agents(name)
+        await wait_for(lambda: cluster.pods_on("node-1") is not None, timeout=10)
+
+        async def counted() -> dict[str, Any] | None:
+            """Once both agents confirmed their sets."""
+            status = (await cluster.acceleration(name)).get("status") or {}
+            return status if status.get("nodesInSync") == 2 else None
+
+        status = await wait_for(counted, timeout=10)
+        assert (status["podsSelected"], status["podsAccelerated"]) == (5, 3)
+        assert status["podsNotAccelerated"] == {"Unresolved": 2, "NoSidecar": 1, "OptedOut": 1}
+        assert status["problemCount"] == 2
+        assert [(p["name"], p["node"], p["reason"], p["message"]) for p in status["problems"]] == [
+            ("web1", "node-1", "Unresolved", "no cgroup found"),
+            ("web3", "node-1", "Unresolved", "no cgroup found"),
+        ]
+        first = status["nodes"][0]
+        assert (first["node"], first["podsUnresolved"], first["podsAccelerated"]) == (
+            "node-1",
+            2,
+            2,
+        )
+        assert first["agentVersion"] == status["operatorVersion"] == VERSION
+        assert (status["nodeCount"], status["nodesWithProblems"]) == (2, 1)
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Ready"]["status"] == "False"
+        # The agents retry (Reconciling); past the grace it is Stalled, never both.
+        assert conditions["Ready"]["reason"] in ("ResolvingPods", "PodsUnresolved")
+        assert {conditions["Reconciling"]["status"], conditions["Stalled"]["status"]} == {
+            "True",
+            "False",
+        }
+        await wait_for(lambda: gauge("meshaccel_operator_resource_ready") == 0, timeout=10)
+        assert gauge("meshaccel_operator_pods_selected") == 5
+        assert gauge("meshaccel_operator_pods_accelerated") == 3
+        unresolved = {"acceleration": name, "reason": "Unresolved"}
+        assert (
+            metrics.REGISTRY.get_sample_value("meshaccel_operator_pods_not_accelerated", unresolved)
+            == 2
+        )
+
+        # The agent finds them (its own retry): the next probe's refresh brings the news.
+        cluster.agents["node-1"].finds("mesh/web1", "mesh/web3")
+        ready = await wait_for(lambda: _true(cluster, name, "Ready"), timeout=15)
+        assert ready["reason"] == "Accelerating"
+        status = (await cluster.acceleration(name))["status"]
+        assert (status["podsAccelerated"], status["problemCount"]) == (5, 0)
+        assert (status["problems"], status["nodesWithProblems"]) == ([], 0)
+        assert status["podsNotAccelerated"] == {"NoSidecar": 1, "OptedOut": 1}
+        await wait_for(lambda: gauge("meshaccel_operator_resource_ready") == 1, timeout=10)
+        assert (
+            metrics.REGISTRY.get_sample_value("meshaccel_operator_pods_not_accelerated", unresolved)
+            == 0
+        )
+
+        await kube.delete(api_path(*MA, name=name))
+        await wait_for(lambda: _gone(cluster, name), timeout=15)
+        await wait_for(lambda: gauge("meshaccel_operator_resource_ready") is None, timeout=10)
+        assert (
+            metrics.REGISTRY.get_sample_value("meshaccel_operator_pods_not_accelerated", unresolved)
+            is None
+        ), "the resource's series go with it"
 
 
 async def test_a_younger_resource_on_the_same_nodes_keeps_none_and_is_not_retired(
@@ -379,21 +472,31 @@ async def test_pods_over_budget_stay_on_iptables_and_the_rest_is_pushed(cluster:
         await wait_for(lambda: _false(cluster, "default", "Degraded"), timeout=10)
 
 
-async def test_sensible_schema_but_senseless_spec_is_degraded(cluster: Cluster) -> None:
+async def test_sensible_schema_but_senseless_spec_is_stalled(cluster: Cluster) -> None:
+    """What admission cannot see (a retired field still set) the operator refuses after the
+    fact: Stalled and Degraded (InvalidSpec), nothing programmed. A selector that can never
+    match is refused at admission (the CRD's CEL rules) and never reaches the operator."""
     async with operator():
-        await cluster.create_acceleration(
-            "senseless",
-            agent={"image": FOREIGN_IMAGE},
-            podSelector={
-                "matchLabels": {"tier": "web"},
-                "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}],
-            },
-        )
+        with pytest.raises(ApiError) as refused:
+            await cluster.create_acceleration(
+                "senseless",
+                podSelector={
+                    "matchLabels": {"tier": "web"},
+                    "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}],
+                },
+            )
+        assert refused.value.status == 422 and "can never match" in str(refused.value.body)
+        cluster.emulator.rejections.clear()  # refused on purpose: not the operator's write
+        await cluster.create_acceleration("senseless", agent={"image": FOREIGN_IMAGE})
         degraded = await wait_for(lambda: _true(cluster, "senseless", "Degraded"), timeout=10)
         assert degraded["reason"] == "InvalidSpec"
         message = degraded["message"]
         assert f"spec.agent.image is set ('{FOREIGN_IMAGE}') but no longer read" in message
-        assert "spec.podSelector can never match" in message
+        stalled = await cluster.condition("senseless", "Stalled")
+        assert stalled is not None and (stalled["status"], stalled["reason"]) == (
+            "True",
+            "InvalidSpec",
+        )
         assert (
             await cluster.read("daemonsets", rendering.daemonset_name("senseless"), "apps/v1")
             is None
@@ -470,9 +573,9 @@ def _options(cluster: Cluster, node: str) -> set[int] | None:
     return set(last.pods[0].options.excluded_outbound_ports)
 
 
-async def _gone(cluster: Cluster) -> bool:
+async def _gone(cluster: Cluster, name: str = "default") -> bool:
     try:
-        await cluster.acceleration()
+        await cluster.acceleration(name)
     except ApiError as err:
         return err.status == 404
     return False

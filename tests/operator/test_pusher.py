@@ -783,3 +783,59 @@ async def test_the_probe_reads_the_agents_trust_bundle(
     joined = bundle_fingerprint(rotating.bundle_pem)
     assert joined != expected
     await wait_for(lambda: harness.node().trust_bundle == joined, what="the new bundle")
+
+
+# -- what the agents report: unresolved pods, versions ---------------------------------------------
+
+
+async def test_unresolved_pods_are_reported_and_refreshed_until_found(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    """The agent finds a pod's cgroup later by itself and says so only in a reply to a set:
+    while some are unresolved, each probe is followed by the same set again (the same
+    generation, a no-op for the agent), which is no new confirmation."""
+    harness = await make_harness(probe_interval=0.05)
+    agent.cannot_find("default/pod-1", reason="no cgroup for this pod uid yet")
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0, 1, 2))
+    state = await harness.in_sync()
+    assert [(p.name, p.reason) for p in state.unresolved_pods] == [
+        ("pod-1", "no cgroup for this pod uid yet")
+    ]
+    assert (state.pods_applied, state.unresolved) == (2, 1)
+    assert state.unresolved_since is not None
+
+    await wait_for(lambda: len(agent.puts()) >= 2, what="the set again after a probe")
+    assert harness.node().unresolved_pods, "still unresolved: the agent has not found it"
+    agent.finds("default/pod-1")
+    await wait_for(lambda: not harness.node().unresolved_pods, what="the refreshed list")
+    state = harness.node()
+    assert (state.pods_applied, state.unresolved_since, state.in_sync) == (3, None, True)
+    assert set(generations(agent)) == {1} and all(a.noop for a in agent.accepted[1:])
+    assert [g for _, g, _ in harness.applied] == [1], "a refresh confirms no change"
+    assert harness.sample("meshaccel_operator_change_applied_seconds_count") == 1
+
+    refreshes = len(agent.puts())
+    await wait_for(
+        lambda: harness.node().probe_error is None and len(agent.requests) > refreshes + 3
+    )
+    assert len(agent.puts()) == refreshes, "nothing unresolved: probes only"
+
+
+async def test_the_agents_version_comes_from_its_replies(
+    make_harness: MakeHarness, agent: FakeAgent
+) -> None:
+    harness = await make_harness(probe_interval=0.05)
+    agent.version = None  # an agent that predates the field
+    harness.pusher.set_endpoint(NODE, agent.url)
+    harness.pusher.set_pods(NODE, pods(0))
+    state = await harness.in_sync()
+    assert state.agent_version is None and state.boot_id == agent.boot_id
+
+    agent.version = "0.2.0-upgraded"
+    await wait_for(lambda: harness.node().agent_version == "0.2.0-upgraded", what="the probe")
+
+    async with FakeAgent(tls=AGENT_TLS, host="127.0.0.2", version="0.3.0") as moved:
+        harness.pusher.set_endpoint(NODE, moved.url)
+        assert harness.node().agent_version is None, "another agent: not heard from yet"
+        await wait_for(lambda: harness.node().agent_version == "0.3.0", what="its reply")

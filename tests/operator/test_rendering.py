@@ -22,7 +22,7 @@ import yaml
 from meshaccel.agent.config import load_settings
 from meshaccel.contract.settings import AgentSettings
 from meshaccel.operator import rendering
-from meshaccel.operator.config import AgentImage
+from meshaccel.operator.config import AgentImage, AgentPod
 from meshaccel.operator.credentials import AgentTLS
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE, MeshAccelerationSpec
 from tests.pki import make_pki
@@ -51,9 +51,10 @@ def render(
     spec: MeshAccelerationSpec | None = None,
     tls: AgentTLS = TLS,
     image: AgentImage = IMAGE,
+    pod: AgentPod | None = None,
 ) -> dict[str, dict[str, Any]]:
     objects = rendering.agent_objects(
-        name, UID, spec or make_spec(), namespace=NAMESPACE, tls=tls, image=image
+        name, UID, spec or make_spec(), namespace=NAMESPACE, tls=tls, image=image, pod=pod
     )
     return {obj["kind"]: obj for obj in objects}
 
@@ -338,6 +339,9 @@ def test_every_path_the_agent_reads_is_mounted(tmp_path: Path) -> None:
     }
     tls_files = {"tls_cert_file", "tls_key_file", "tls_client_ca_file"}
     assert set(named) >= {*tls_files, "pin_root"}, named
+    # The kubelet makes the termination-message file itself; the rest are volumes.
+    termination = named.pop("termination_message_path")
+    assert str(termination) == container(objects)["terminationMessagePath"]
     for name, path in named.items():
         assert mount_of(objects, path) is not None, f"{name}={path} is on no volume"
 
@@ -390,13 +394,15 @@ MOUNT_CASES = [
     FieldCase("1.mountPropagation", MISSING, "nothing is mounted below the cgroup root"),
     FieldCase("2.readOnly", True, "the TLS files are only read"),
     FieldCase("3.readOnly", True, "the config is only read"),
+    FieldCase("4.mountPath", "/run/meshaccel/local", "the local socket's directory"),
+    FieldCase("4.readOnly", MISSING, "the agent makes its local socket there"),
 ]
 
 
 @pytest.mark.parametrize("case", MOUNT_CASES, ids=lambda c: c.path)
 def test_volume_mounts(case: FieldCase) -> None:
     mounts = container(render())["volumeMounts"]
-    assert [m["name"] for m in mounts] == ["bpffs", "cgroup", "tls", "config"]
+    assert [m["name"] for m in mounts] == ["bpffs", "cgroup", "tls", "config", "local"]
     assert dig(mounts, case.path) is case.expected or dig(mounts, case.path) == case.expected, (
         f"{case.path}: {case.reason}"
     )
@@ -708,6 +714,160 @@ def test_spec_agent_image_never_reaches_the_daemonset(image: str, reason: str) -
     assert objects == render(), "the field changes nothing at all"
 
 
+# -- the rest of the pod: the operator's settings, which a resource may narrow, not widen --------
+
+MESH_POOL = {"pool": "mesh"}
+AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {
+                    "matchExpressions": [
+                        {"key": "node.example/arch", "operator": "In", "values": ["amd64"]}
+                    ]
+                }
+            ]
+        },
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 10,
+                "preference": {"matchExpressions": [{"key": "ssd", "operator": "Exists"}]},
+            }
+        ],
+    },
+    "podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "labelSelector": {"matchLabels": {"app": "noisy"}},
+                "topologyKey": "kubernetes.io/hostname",
+            }
+        ]
+    },
+}
+OPERATOR_RESOURCES = {"requests": {"cpu": "200m", "memory": "192Mi"}, "limits": {"memory": "1Gi"}}
+
+
+@dataclass(frozen=True)
+class PodSettingsCase:
+    reason: str
+    settings: dict[str, Any]  # AgentPod fields
+    agent: dict[str, Any]  # the resource's spec.agent
+    check: Callable[[dict[str, Any]], bool]  # on the pod template (metadata and spec)
+
+
+POD_SETTINGS_CASES = [
+    PodSettingsCase(
+        "annotations added beside the config hash",
+        {"annotations": {"example.com/team": "mesh", "sidecar.istio.io/inject": "false"}},
+        {},
+        lambda t: (
+            t["metadata"]["annotations"]["example.com/team"] == "mesh"
+            and t["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+            and rendering.CONFIG_HASH_ANNOTATION in t["metadata"]["annotations"]
+        ),
+    ),
+    PodSettingsCase(
+        "labels added beside the selector's",
+        {"labels": {"cost-center": "mesh"}},
+        {},
+        lambda t: (
+            t["metadata"]["labels"]
+            == {
+                "cost-center": "mesh",
+                **rendering.agent_pod_selector("demo"),
+                rendering.MANAGED_BY_LABEL: "meshaccel-operator",
+            }
+        ),
+    ),
+    PodSettingsCase(
+        "the operator's node selector, and the resource's on other keys",
+        {"node_selector": MESH_POOL},
+        {"nodeSelector": {"zone": "a"}},
+        lambda t: (
+            t["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux", "zone": "a", **MESH_POOL}
+        ),
+    ),
+    PodSettingsCase(
+        "the resource cannot move its agents off the operator's nodes",
+        {"node_selector": MESH_POOL},
+        {"nodeSelector": {"pool": "everything"}},
+        lambda t: t["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux", **MESH_POOL},
+    ),
+    PodSettingsCase(
+        "affinity as given",
+        {"affinity": AFFINITY},
+        {},
+        lambda t: t["spec"]["affinity"] == AFFINITY,
+    ),
+    PodSettingsCase("no affinity: no field", {}, {}, lambda t: "affinity" not in t["spec"]),
+    PodSettingsCase(
+        "the operator's priority class wins over the resource's",
+        {"priority_class_name": "mesh-agents"},
+        {"priorityClassName": "system-node-critical"},
+        lambda t: t["spec"]["priorityClassName"] == "mesh-agents",
+    ),
+    PodSettingsCase(
+        "no operator priority class: the resource's",
+        {},
+        {"priorityClassName": "mesh-critical"},
+        lambda t: t["spec"]["priorityClassName"] == "mesh-critical",
+    ),
+    PodSettingsCase(
+        "a resource without resources gets the operator's default",
+        {"resources": OPERATOR_RESOURCES},
+        {},
+        lambda t: t["spec"]["containers"][0]["resources"] == OPERATOR_RESOURCES,
+    ),
+    PodSettingsCase(
+        "the 0.1 default stored in an older resource counts as unset",
+        {"resources": OPERATOR_RESOURCES},
+        {
+            "resources": {
+                "requests": {"cpu": "50m", "memory": "96Mi"},
+                "limits": {"memory": "256Mi"},
+            }
+        },
+        lambda t: t["spec"]["containers"][0]["resources"] == OPERATOR_RESOURCES,
+    ),
+    PodSettingsCase(
+        "a resource's own resources win",
+        {"resources": OPERATOR_RESOURCES},
+        {"resources": {"requests": {"cpu": "1"}}},
+        lambda t: t["spec"]["containers"][0]["resources"] == {"requests": {"cpu": "1"}},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", POD_SETTINGS_CASES, ids=lambda c: c.reason)
+def test_the_operators_pod_settings(case: PodSettingsCase) -> None:
+    objects = render(spec=make_spec(agent=case.agent), pod=AgentPod.model_validate(case.settings))
+    template = objects["DaemonSet"]["spec"]["template"]
+    assert case.check(template), f"{case.reason}: {template}"
+    selector = objects["DaemonSet"]["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items(), "the selector still matches"
+
+
+def test_pod_settings_roll_the_agents_but_are_not_their_settings() -> None:
+    """The template changes (the DaemonSet rolls), the agent's settings file does not."""
+    before = render()
+    after = render(pod=AgentPod.model_validate({"annotations": {"example.com/a": "b"}}))
+    assert before["DaemonSet"]["spec"]["template"] != after["DaemonSet"]["spec"]["template"]
+    assert before["ConfigMap"] == after["ConfigMap"]
+    assert render(pod=AgentPod()) == before, "the default settings are no settings"
+
+
+def test_the_operators_own_keys_cannot_be_taken_over() -> None:
+    """Every label and annotation the renderer sets on the agents' pods is refused as a setting
+    (the DaemonSet's selector and the config hash stay the operator's)."""
+    template = render()["DaemonSet"]["spec"]["template"]["metadata"]
+    for label in template["labels"]:
+        with pytest.raises(ValueError, match="the operator's own labels"):
+            AgentPod.model_validate({"labels": {label: "x"}})
+    for annotation in template["annotations"]:
+        with pytest.raises(ValueError, match="the operator's own annotations"):
+            AgentPod.model_validate({"annotations": {annotation: "x"}})
+
+
 # -- long names -------------------------------------------------------------------------------
 
 
@@ -794,10 +954,45 @@ SCHEMA_SPECS = {
 }
 
 
+# Every operator setting at once, each field of the affinity's kinds.
+FULL_POD = AgentPod.model_validate(
+    {
+        "annotations": {"example.com/owner": "platform"},
+        "labels": {"cost-center": "mesh"},
+        "node_selector": MESH_POOL,
+        "affinity": {
+            **AFFINITY,
+            "podAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "podAffinityTerm": {
+                            "labelSelector": {
+                                "matchExpressions": [
+                                    {"key": "app", "operator": "In", "values": ["db"]}
+                                ]
+                            },
+                            "namespaceSelector": {},
+                            "namespaces": ["shop"],
+                            "topologyKey": "topology.kubernetes.io/zone",
+                        },
+                    }
+                ]
+            },
+        },
+        "priority_class_name": "mesh-agents",
+        "resources": OPERATOR_RESOURCES,
+    }
+)
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("name", ["demo", "n" * 253])
 @pytest.mark.parametrize("spec_name", list(SCHEMA_SPECS))
-def test_objects_pass_the_official_schema(version: str, name: str, spec_name: str) -> None:
+@pytest.mark.parametrize("pod", [None, FULL_POD], ids=["default-settings", "every-setting"])
+def test_objects_pass_the_official_schema(
+    version: str, name: str, spec_name: str, pod: AgentPod | None
+) -> None:
     image = AgentImage("registry.example/agent@sha256:" + "a" * 64, ("pull-one", "pull-two"))
     for obj in rendering.agent_objects(
         name,
@@ -806,6 +1001,7 @@ def test_objects_pass_the_official_schema(version: str, name: str, spec_name: st
         namespace=NAMESPACE,
         tls=TLS,
         image=image,
+        pod=pod,
     ):
         kubernetes_validate.validate(obj, version, strict=True)
 

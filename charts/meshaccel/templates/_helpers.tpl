@@ -68,30 +68,75 @@ meshaccel.serviceAccountName: the operator's ServiceAccount, made by the chart o
 {{- end -}}
 
 {{/*
+meshaccel.repository: an image repository, its registry replaced by global.imageRegistry when
+that is set. Its first path component is a registry when it names a host (a "." or ":" in it,
+or "localhost", as container runtimes read it): it is replaced; otherwise the registry is put
+in front. Called with (list ROOT REPOSITORY).
+*/}}
+{{- define "meshaccel.repository" -}}
+{{- $root := index . 0 -}}
+{{- $repository := index . 1 -}}
+{{- $registry := dig "imageRegistry" "" ($root.Values.global | default dict) | trimSuffix "/" -}}
+{{- if not $registry -}}
+{{- $repository -}}
+{{- else -}}
+{{- $parts := splitn "/" 2 $repository -}}
+{{- $first := $parts._0 -}}
+{{- if and $parts._1 (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) -}}
+{{- printf "%s/%s" $registry $parts._1 -}}
+{{- else -}}
+{{- printf "%s/%s" $registry $repository -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 meshaccel.operatorImage: "<repository>@<digest>" when a digest is given, else
-"<repository>:<tag or appVersion>".
+"<repository>:<tag or appVersion>" (the repository through meshaccel.repository). The
+uninstall hook's Job runs it too.
 */}}
 {{- define "meshaccel.operatorImage" -}}
 {{- $image := .Values.operator.image -}}
+{{- $repository := include "meshaccel.repository" (list . $image.repository) -}}
 {{- if $image.digest -}}
-{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
 {{- end -}}
 {{- end -}}
 
 {{/*
 meshaccel.agentImage: the image every node agent runs (the operator's MESHACCEL_AGENT_IMAGE and
 the admission policy's only allowed image): "<repository>@<digest>" when a digest is given, else
-"<repository>:<tag or appVersion>" (operator and agents from one release).
+"<repository>:<tag or appVersion>" (operator and agents from one release; the repository
+through meshaccel.repository).
 */}}
 {{- define "meshaccel.agentImage" -}}
 {{- $image := .Values.agent.image -}}
+{{- $repository := include "meshaccel.repository" (list . $image.repository) -}}
 {{- if $image.digest -}}
-{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+meshaccel.uninstallHookName: the name of the uninstall hook's Job, ServiceAccount and RBAC.
+*/}}
+{{- define "meshaccel.uninstallHookName" -}}
+{{- printf "%s-uninstall" (include "meshaccel.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+meshaccel.uninstallHookAnnotations: what makes the hook's ServiceAccount and RBAC part of Helm's
+pre-delete hook: created before the Job (a lower weight), deleted once the hook succeeded (or
+before the next run, when it failed). Called with the weight.
+*/}}
+{{- define "meshaccel.uninstallHookAnnotations" -}}
+helm.sh/hook: pre-delete
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end -}}
 
 {{/*
@@ -124,6 +169,24 @@ are each valid (values.schema.json checks those) but impossible together.
 {{- $image := .Values.agent.image -}}
 {{- if and (eq $image.tag "latest") (not $image.digest) -}}
 {{- fail "agent.image.tag=latest is a moving tag: nodes pulling at different times would run different agents (the operator refuses it). Pin a version, or set agent.image.digest." -}}
+{{- end -}}
+{{- $pdb := $op.podDisruptionBudget | default dict -}}
+{{- if and $pdb.enabled (gt (int $op.replicas) 1) (ge (int $pdb.maxUnavailable) (int $op.replicas)) -}}
+{{- fail (printf "operator.podDisruptionBudget.maxUnavailable=%d would let a drain take all %d operator replicas at once: set it below operator.replicas." (int $pdb.maxUnavailable) (int $op.replicas)) -}}
+{{- end -}}
+{{- range $key, $_ := .Values.agent.podLabels -}}
+{{- if or (has $key (list "app.kubernetes.io/name" "app.kubernetes.io/component" "app.kubernetes.io/managed-by")) (hasPrefix "meshaccel.io/" $key) -}}
+{{- fail (printf "agent.podLabels: %s is one of the labels that select the agents (the operator sets it): choose another key." $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $_ := .Values.agent.podAnnotations -}}
+{{- if or (eq $key "kubectl.kubernetes.io/default-container") (hasPrefix "meshaccel.io/" $key) -}}
+{{- fail (printf "agent.podAnnotations: %s is an annotation the operator sets on the agents' pods: choose another key." $key) -}}
+{{- end -}}
+{{- end -}}
+{{- $hook := .Values.uninstallHook -}}
+{{- if and $hook.enabled (gt (int $hook.operatorGraceSeconds) (int $hook.timeoutSeconds)) -}}
+{{- fail (printf "uninstallHook.operatorGraceSeconds=%d is longer than uninstallHook.timeoutSeconds=%d: the wait would end first. Lower the grace or raise the timeout." (int $hook.operatorGraceSeconds) (int $hook.timeoutSeconds)) -}}
 {{- end -}}
 {{- $actions := .Values.admissionPolicy.validationActions -}}
 {{- if and (has "Deny" $actions) (has "Warn" $actions) -}}
