@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
         description="Is meshaccel working? Reads the cluster through the Kubernetes API with "
         "your kubeconfig (docs/operations.md).",
     )
+    main.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     _common(main)
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser(

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meshaccel.contract.version import VERSION
 from meshaccel.operator.models import (
     LEGACY_DEFAULT_AGENT_RESOURCES,
     LabelSelector,
@@ -330,6 +331,7 @@ def parse_args(
         prog="meshaccel-operator",
         description="meshaccel's operator: MeshAccelerations reconciled into node agents.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument(
         "--namespace",
         default=env("MESHACCEL_NAMESPACE", DEFAULT_NAMESPACE),

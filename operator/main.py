@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,7 @@ import kopf
 import prometheus_client
 
 from meshaccel.contract.logs import configure_logging
+from meshaccel.contract.version import VERSION
 from meshaccel.operator import handlers, metrics
 from meshaccel.operator.config import operator_config, parse_args
 
@@ -49,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(arguments)
     configure_logging(args.log_format, args.log_level)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("meshaccel.operator").info(
+        f"meshaccel-operator {VERSION} starting",
+        extra={"version": VERSION, "python": platform.python_version()},
+    )
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, registry=metrics.REGISTRY)
     try:
