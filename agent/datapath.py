@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import errno
 import logging
 import os
@@ -32,11 +33,17 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from types import EllipsisType
 
 from meshaccel.agent import layout, libbpf, prerequisites, probes
 from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
-from meshaccel.agent.pods import AcceleratedPod, decode_cidr_key, decode_u64, u32, u64
+from meshaccel.agent.pods import (
+    AcceleratedPod,
+    checked_previous,
+    decode_cidr_key,
+    decode_u64,
+    u32,
+    u64,
+)
 from meshaccel.agent.pods import ProgrammedPods as ProgrammedPods  # read_pods() returns it
 from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.contract.settings import (
@@ -57,6 +64,15 @@ CONNECT_FEATURES = DatapathFeatures.FEATURE_SAME_NODE_INBOUND
 #: receiver falls behind (docs/datapath.md, "Delivery that follows its receiver").
 SK_MSG_FEATURES = CONNECT_FEATURES | DatapathFeatures.FEATURE_SK_MSG_REDIRECT
 DEFAULT_FEATURES = SK_MSG_FEATURES
+
+
+class _ReadBack(enum.Enum):
+    READ_BACK = "read back"
+
+
+#: ``previous`` left out of :meth:`Datapath.put_pod` and :meth:`Datapath.delete_pod`: the pod's
+#: entries are read back from the maps first (a walk of the option maps).
+READ_BACK = _ReadBack.READ_BACK
 
 
 class NotLoadedError(DatapathError):
@@ -381,7 +397,7 @@ class Datapath:
         self,
         pod: AcceleratedPod,
         *,
-        previous: AcceleratedPod | EllipsisType | None = ...,
+        previous: AcceleratedPod | _ReadBack | None = READ_BACK,
         take_ip: bool = False,
     ) -> int | None:
         """Accelerate ``pod``, or bring its entries in line with it. All or nothing.
@@ -399,7 +415,11 @@ class Datapath:
         owner_id = None if owner is None else decode_u64(owner)
         if owner_id not in (None, pod.cgroup_id) and not take_ip:
             raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner_id}")
-        old = self.pod(pod.cgroup_id) if previous is ... else _same_pod(previous, pod.cgroup_id)
+        old = (
+            self.pod(pod.cgroup_id)
+            if previous is READ_BACK
+            else checked_previous(previous, pod.cgroup_id)
+        )
         key = u64(pod.cgroup_id)
         info, old_info = bytes(pod.info()), None if old is None else bytes(old.info())
         new_options, old_options = _option_keys(pod), _option_keys(old)
@@ -420,13 +440,15 @@ class Datapath:
         return None if owner_id == pod.cgroup_id else owner_id
 
     def delete_pod(
-        self, cgroup_id: int, *, previous: AcceleratedPod | EllipsisType | None = ...
+        self, cgroup_id: int, *, previous: AcceleratedPod | _ReadBack | None = READ_BACK
     ) -> bool:
         """Stop accelerating a pod (its open connections carry on). All or nothing.
 
         ``previous`` as for :meth:`put_pod`. False if the pod was not there.
         """
-        pod = self.pod(cgroup_id) if previous is ... else _same_pod(previous, cgroup_id)
+        pod = (
+            self.pod(cgroup_id) if previous is READ_BACK else checked_previous(previous, cgroup_id)
+        )
         if pod is None:
             return False
         with _undo_on_failure() as undo:
@@ -601,12 +623,6 @@ def _option_keys(pod: AcceleratedPod | None) -> dict[str, set[bytes]]:
         "outbound_excluded_cidrs": pod.excluded_cidr_keys(),
         "outbound_included_cidrs": pod.included_cidr_keys(),
     }
-
-
-def _same_pod(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:
-    if previous is not None and previous.cgroup_id != cgroup_id:
-        raise ValueError(f"previous is the pod {previous.cgroup_id}, not {cgroup_id}")
-    return previous
 
 
 @contextlib.contextmanager

@@ -232,3 +232,10 @@ def decode_cidr_key(key: bytes) -> tuple[int, IPv4Network]:
     decoded = layout.PodCidrKey.from_buffer_copy(key)
     prefix = decoded.prefixlen - layout.POD_CIDR_PREFIX_BITS
     return decoded.pod_cgroup_id, IPv4Network(f"{layout.ip_of(decoded.addr)}/{prefix}")
+
+
+def checked_previous(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:
+    """``previous`` for the pod ``cgroup_id`` (a PodMaps write's), refused if it is another's."""
+    if previous is not None and previous.cgroup_id != cgroup_id:
+        raise ValueError(f"previous is the pod {previous.cgroup_id}, not {cgroup_id}")
+    return previous

@@ -142,7 +142,7 @@ class _Worker:
     executor: ThreadPoolExecutor | None = None
     lock: asyncio.Lock | None = None
 
-    def ready(self) -> tuple[ThreadPoolExecutor, asyncio.Lock]:
+    def executor_and_lock(self) -> tuple[ThreadPoolExecutor, asyncio.Lock]:
         if self.executor is None or self.lock is None:
             raise RuntimeError("the application has not been started")
         return self.executor, self.lock
@@ -341,7 +341,7 @@ async def put_pods(request: web.Request) -> web.Response:
     except ValidationError as err:
         return _validation_reply(err)
     reconciler = request.app[RECONCILER]
-    executor, lock = request.app[WORKER].ready()
+    executor, lock = request.app[WORKER].executor_and_lock()
     async with lock:
         # An uninstall may have been queued on the lock ahead of this set.
         if (refused := _uninstalled_refusal(request.app)) is not None:
@@ -385,7 +385,7 @@ async def post_uninstall(request: web.Request) -> web.Response:
         return refused
     app = request.app
     state, reconciler = app[UNINSTALL], app[RECONCILER]
-    executor, lock = app[WORKER].ready()
+    executor, lock = app[WORKER].executor_and_lock()
     first = not state.requested
     state.requested = True  # before the lock: sets that arrive from now on are refused
     if first:
@@ -645,7 +645,7 @@ async def _tend_pods(app: web.Application) -> None:
     (in that order: a pod whose cgroup was made again is programmed with its new id at once).
     Both run on the apply thread, behind the apply lock."""
     reconciler, interval = app[RECONCILER], app[RETRY_INTERVAL]
-    executor, lock = app[WORKER].ready()
+    executor, lock = app[WORKER].executor_and_lock()
     loop = asyncio.get_running_loop()
     uninstall = app[UNINSTALL]
     while True:

@@ -36,7 +36,7 @@ ACCELERATED = "Accelerated"
 PENDING = "Pending"
 ACCELERATION_LABEL = "meshaccel.io/acceleration"
 COMPONENT_LABEL = "app.kubernetes.io/component"
-# Verdicts decided before any other resource's claim (as the operator's engine orders them).
+# Verdicts decided before any other resource's claim (as the operator's picture orders them).
 _BEFORE_CLAIMS = frozenset(
     {
         Verdict.NAMESPACE_NOT_SELECTED,

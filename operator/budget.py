@@ -99,7 +99,7 @@ class Budget:
     def fit(self, node: str, pods: Sequence[PodSpec]) -> tuple[list[PodSpec], dict[str, LeftOut]]:
         """The pods of ``node``'s set that go to its agent, and by uid those left out.
 
-        ``pods`` come in the order they are served (the engine gives the oldest first): the
+        ``pods`` come in the order they are served (the picture gives the oldest first): the
         pods within their share first (they always fit, up to ``max_pods``), then the others.
         """
         left_out: dict[str, LeftOut] = {}

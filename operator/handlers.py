@@ -1,4 +1,4 @@
-"""Kopf handlers: thin, each translating one kind of event into :class:`~.runtime.Runtime` calls.
+"""Kopf handlers: thin, each translating one kind of event into :class:`~.runtime.Operator` calls.
 
 Which replica writes to the agents follows Kopf's peering: :func:`writer`, a daemon per
 MeshAcceleration, runs only while Kopf keeps this replica active (Kopf stops every daemon when
@@ -33,7 +33,7 @@ from meshaccel.operator import memory, models
 from meshaccel.operator.config import OperatorConfig, operator_config, parse_args
 from meshaccel.operator.metrics import resource_metrics
 from meshaccel.operator.models import ConditionStatus, ConditionType, MeshAccelerationSpec
-from meshaccel.operator.runtime import Runtime
+from meshaccel.operator.runtime import Operator
 from meshaccel.operator.status import Transition
 
 # The operator's own registry (not Kopf's global default): explicit, and immune to whatever
@@ -97,12 +97,12 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         # alive between pushes: health probes every 15 s keep them warm.
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
     )
-    runtime = Runtime(config, await _api_client(), session)
+    runtime = Operator(config, await _api_client(), session)
     runtime.start()
     resource_metrics()  # its families are scraped (empty) before the first status
     memo.runtime = runtime
     memo.compactor = asyncio.create_task(
-        memory.compact_when_settled(lambda: len(runtime.engine.pods))
+        memory.compact_when_settled(lambda: len(runtime.picture.pods))
     )
 
 
@@ -111,23 +111,23 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     compactor: asyncio.Task[None] | None = memo.get("compactor")
     if compactor is not None:
         compactor.cancel()
-    runtime: Runtime | None = memo.get("runtime")
+    runtime: Operator | None = memo.get("runtime")
     if runtime is not None:
         await runtime.close()
 
 
 @kopf.on.probe(id="accelerations", registry=REGISTRY)
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, int | None]:
-    runtime: Runtime = memo.runtime
+    runtime: Operator = memo.runtime
     return {
-        "accelerations": len(runtime.engine.accelerations),
-        "pods_known": len(runtime.engine.pods),
+        "accelerations": len(runtime.picture.accelerations),
+        "pods_known": len(runtime.picture.pods),
         "epoch": runtime.epoch,  # the term this replica writes in; None: it does not write
     }
 
 
-# -- the cluster as the engine sees it ---------------------------------------------------------
-# async on purpose: Kopf runs plain functions in threads, and the engine and the pushers
+# -- the cluster as the picture sees it ---------------------------------------------------------
+# async on purpose: Kopf runs plain functions in threads, and the picture and the pushers
 # belong to the event loop.
 
 
@@ -175,10 +175,10 @@ async def reconcile(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    runtime: Runtime = memo.runtime
+    runtime: Operator = memo.runtime
     created = str(meta.get("creationTimestamp") or "")
     converged = await runtime.reconcile(name, uid, created, _spec(spec))
-    log.info("reconciled %s: %s", name, converged.done)
+    log.info("reconciled %s: %s", name, converged.summary())
     _report(runtime, name, body, meta, status, patch, converged.daemonset)
 
 
@@ -193,8 +193,8 @@ async def refresh(
     **_: Any,
 ) -> None:
     """Keep the agents' objects as rendered (and take over after a conflict), report status."""
-    runtime: Runtime = memo.runtime
-    acceleration = runtime.engine.accelerations.get(name)
+    runtime: Operator = memo.runtime
+    acceleration = runtime.picture.accelerations.get(name)
     if acceleration is None or meta.get("deletionTimestamp"):
         return
     converged = await runtime.converge(acceleration)
@@ -204,7 +204,7 @@ async def refresh(
 @kopf.daemon(*MESH_ACCELERATIONS, cancellation_timeout=5, registry=REGISTRY)
 async def writer(name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
     """Kopf runs this only while the replica is active: while any runs, it may write."""
-    runtime: Runtime = memo.runtime
+    runtime: Operator = memo.runtime
     reason = f"MeshAcceleration {name}"
     runtime.want(reason)
     try:
@@ -218,7 +218,7 @@ async def uninstall(
     name: str, uid: str, spec: kopf.Spec, body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any
 ) -> None:
     """Every agent detaches before the resource (and, by ownership, its agents) goes."""
-    runtime: Runtime = memo.runtime
+    runtime: Operator = memo.runtime
     port = int(spec.get("agent", {}).get("port", models.DEFAULT_AGENT_PORT))
     failed = await runtime.uninstall(name, uid, port)
     if failed and retry + 1 < UNINSTALL_ATTEMPTS:
@@ -240,7 +240,7 @@ async def uninstall(
 
 
 def _report(
-    runtime: Runtime,
+    runtime: Operator,
     name: str,
     body: kopf.Body,
     meta: kopf.Meta,

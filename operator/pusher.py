@@ -155,8 +155,9 @@ class _Unreachable(Exception):
 
 
 @dataclass(eq=False)
-class _Node:
-    """One node's bookkeeping; only touched on the event loop's thread."""
+class _AgentChannel:
+    """The push channel to one node's agent: what was sent, what it confirmed, its health; only
+    touched on the event loop's thread."""
 
     name: str
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -300,7 +301,7 @@ class Pusher:
         # Our version asks the agents for theirs (agents leave it out for older operators).
         self._probe_headers = {VERSION_HEADER: VERSION}
         self._put_headers = {"Content-Type": "application/json", **self._probe_headers}
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, _AgentChannel] = {}
         self._behind: set[str] = set()
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet awaited
         self._random = random.Random()
@@ -335,22 +336,22 @@ class Pusher:
             },
         )
         now = self._clock()
-        for n in self._nodes.values():
+        for agent in self._nodes.values():
             if epoch is None:
-                self._stop_task(n)
-                n.send_due = None
+                self._stop_task(agent)
+                agent.send_due = None
                 continue
-            n.generation, n.generation_version = 0, None
-            n.confirmed = n.superseded = n.blocked = None
-            n.retries = n.stale_retries = 0
-            n.not_before = 0.0
-            if n.url is not None and not self._stopped:
-                if n.desired is not None:
-                    n.pending_since = _earliest(n.pending_since, now)
-                    self._schedule(n, now)
-                n.probe_due = now + self._random.uniform(0, self._probe_interval)
-                self._start_task(n)
-            self._refresh(n, now)
+            agent.generation, agent.generation_version = 0, None
+            agent.confirmed = agent.superseded = agent.blocked = None
+            agent.retries = agent.stale_retries = 0
+            agent.not_before = 0.0
+            if agent.url is not None and not self._stopped:
+                if agent.desired is not None:
+                    agent.pending_since = _earliest(agent.pending_since, now)
+                    self._schedule(agent, now)
+                agent.probe_due = now + self._random.uniform(0, self._probe_interval)
+                self._start_task(agent)
+            self._refresh(agent, now)
 
     def set_endpoint(self, node: str, url: str | None) -> None:
         """The agent of ``node`` listens at ``url`` (``https://10.0.0.5:9474``; ``http://`` is
@@ -362,33 +363,35 @@ class Pusher:
         if self._closed:
             return
         asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
-        n = self._node(node)
+        agent = self._node(node)
         url = _https(url) if url else None
-        if url == n.url:
+        if url == agent.url:
             return
         now = self._clock()
-        n.url = url
+        agent.url = url
         # Another endpoint is another agent process, or one we must assume forgot everything.
-        n.confirmed = n.boot_id = n.probe_error = n.blocked = n.superseded = None
-        n.trust_bundle = n.agent_version = n.unresolved_since = None
-        n.unresolved = ()
-        n.agent_epoch = n.agent_generation = None
-        n.legacy = False
-        n.retries = n.stale_retries = 0
-        n.not_before = 0.0
+        agent.confirmed = agent.boot_id = agent.probe_error = agent.blocked = agent.superseded = (
+            None
+        )
+        agent.trust_bundle = agent.agent_version = agent.unresolved_since = None
+        agent.unresolved = ()
+        agent.agent_epoch = agent.agent_generation = None
+        agent.legacy = False
+        agent.retries = agent.stale_retries = 0
+        agent.not_before = 0.0
         if url is None:
-            n.send_due, n.probe_due = None, math.inf
-            self._stop_task(n)
+            agent.send_due, agent.probe_due = None, math.inf
+            self._stop_task(agent)
         else:
-            n.pods_url, n.health_url = f"{url}/v1/pods", f"{url}/v1/health"
-            n.uninstall_url = f"{url}/v1/uninstall"
-            n.probe_due = now + self._random.uniform(0, self._probe_interval)
+            agent.pods_url, agent.health_url = f"{url}/v1/pods", f"{url}/v1/health"
+            agent.uninstall_url = f"{url}/v1/uninstall"
+            agent.probe_due = now + self._random.uniform(0, self._probe_interval)
             if self._writing:
-                if n.desired is not None:
-                    n.pending_since = _earliest(n.pending_since, now)
-                    self._schedule(n, now + self._window)
-                self._start_task(n)
-        self._refresh(n, now)
+                if agent.desired is not None:
+                    agent.pending_since = _earliest(agent.pending_since, now)
+                    self._schedule(agent, now + self._window)
+                self._start_task(agent)
+        self._refresh(agent, now)
 
     def set_pods(self, node: str, pods: Sequence[PodSpec]) -> None:
         """``node``'s complete desired set. A set equal to the current one (in any order) is
@@ -397,25 +400,25 @@ class Pusher:
         if self._closed:
             return
         asyncio.get_running_loop()  # RuntimeError from a worker thread: see the module doc
-        n = self._node(node)
+        agent = self._node(node)
         desired = tuple(sorted(pods, key=_by_uid))
-        if desired == n.desired:
+        if desired == agent.desired:
             return
         PodSet(generation=0, pods=list(desired))  # the agent's own checks, before anything
         now = self._clock()
-        n.desired = desired
-        n.version += 1
-        n.pending_since = _earliest(n.pending_since, now)
-        if n.url is not None and self._writing:
-            self._schedule(n, now + self._window)
-        self._refresh(n, now)
+        agent.desired = desired
+        agent.version += 1
+        agent.pending_since = _earliest(agent.pending_since, now)
+        if agent.url is not None and self._writing:
+            self._schedule(agent, now + self._window)
+        self._refresh(agent, now)
 
     def drop_node(self, node: str) -> None:
         """Forget ``node`` (it left the cluster, or this acceleration's selector)."""
-        n = self._nodes.pop(node, None)
-        if n is None:
+        agent = self._nodes.pop(node, None)
+        if agent is None:
             return
-        self._stop_task(n)
+        self._stop_task(agent)
         if node in self._behind:
             self._behind.discard(node)
             self._metrics.nodes_behind.labels(self.acceleration).set(len(self._behind))
@@ -424,7 +427,9 @@ class Pusher:
     def nodes(self) -> Mapping[str, NodeState]:
         """Every node's state now (a read-only snapshot)."""
         epoch = self._epoch
-        return types.MappingProxyType({name: n.state(epoch) for name, n in self._nodes.items()})
+        return types.MappingProxyType(
+            {name: agent.state(epoch) for name, agent in self._nodes.items()}
+        )
 
     async def uninstall(self, *, timeout: float) -> dict[str, str | None]:
         """Stop pushing; ``POST /v1/uninstall`` to every node with an endpoint, concurrently.
@@ -436,12 +441,12 @@ class Pusher:
         """
         self._stopped = True
         await self._stop_all()
-        targets = [n for n in self._nodes.values() if n.url is not None]
+        targets = [agent for agent in self._nodes.values() if agent.url is not None]
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         results = await asyncio.gather(
-            *(self._uninstall_one(n.uninstall_url, client_timeout) for n in targets)
+            *(self._uninstall_one(agent.uninstall_url, client_timeout) for agent in targets)
         )
-        outcome = {n.name: error for n, error in zip(targets, results, strict=True)}
+        outcome = {agent.name: error for agent, error in zip(targets, results, strict=True)}
         failed = {name: error for name, error in outcome.items() if error is not None}
         log.info(
             "agents uninstalled",
@@ -466,51 +471,51 @@ class Pusher:
     def _writing(self) -> bool:
         return self._epoch is not None and not self._stopped
 
-    def _node(self, name: str) -> _Node:
-        n = self._nodes.get(name)
-        if n is None:
-            n = self._nodes[name] = _Node(name)
-        return n
+    def _node(self, name: str) -> _AgentChannel:
+        agent = self._nodes.get(name)
+        if agent is None:
+            agent = self._nodes[name] = _AgentChannel(name)
+        return agent
 
-    def _schedule(self, n: _Node, at: float) -> None:
+    def _schedule(self, agent: _AgentChannel, at: float) -> None:
         """A PUT at ``at`` (not before the backoff), unless one is due earlier already: a
         burst of changes rides on the first one's window. None while another writer leads
         the node's agent (only a new epoch ends that, even after the agent restarts)."""
-        if n.superseded is not None:
+        if agent.superseded is not None:
             return
-        at = max(at, n.not_before)
-        if n.send_due is None or at < n.send_due:
-            n.send_due = at
-            n.wake.set()
+        at = max(at, agent.not_before)
+        if agent.send_due is None or at < agent.send_due:
+            agent.send_due = at
+            agent.wake.set()
 
-    def _start_task(self, n: _Node) -> None:
-        if n.task is None or n.task.done():
-            n.task = asyncio.get_running_loop().create_task(
-                self._run(n), name=f"meshaccel-push-{self.acceleration}-{n.name}"
+    def _start_task(self, agent: _AgentChannel) -> None:
+        if agent.task is None or agent.task.done():
+            agent.task = asyncio.get_running_loop().create_task(
+                self._run(agent), name=f"meshaccel-push-{self.acceleration}-{agent.name}"
             )
 
-    def _stop_task(self, n: _Node) -> None:
-        if n.task is not None:
-            n.task.cancel()
-            self._stopping.add(n.task)
-            n.task.add_done_callback(self._stopping.discard)
-            n.task = None
+    def _stop_task(self, agent: _AgentChannel) -> None:
+        if agent.task is not None:
+            agent.task.cancel()
+            self._stopping.add(agent.task)
+            agent.task.add_done_callback(self._stopping.discard)
+            agent.task = None
 
     async def _stop_all(self) -> None:
-        for n in self._nodes.values():
-            self._stop_task(n)
+        for agent in self._nodes.values():
+            self._stop_task(agent)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
-    def _refresh(self, n: _Node, now: float) -> None:
+    def _refresh(self, agent: _AgentChannel, now: float) -> None:
         """Keep ``behind_since`` and the nodes-behind gauge in step with the node."""
-        behind = n.desired is not None and not n.in_sync
-        if behind and n.behind_since is None:
-            n.behind_since = now
+        behind = agent.desired is not None and not agent.in_sync
+        if behind and agent.behind_since is None:
+            agent.behind_since = now
         elif not behind:
-            n.behind_since = None
-        if behind != (n.name in self._behind):
-            (self._behind.add if behind else self._behind.discard)(n.name)
+            agent.behind_since = None
+        if behind != (agent.name in self._behind):
+            (self._behind.add if behind else self._behind.discard)(agent.name)
             self._metrics.nodes_behind.labels(self.acceleration).set(len(self._behind))
 
     def _jittered(self, seconds: float) -> float:
@@ -518,40 +523,44 @@ class Pusher:
 
     # -- the node's task -------------------------------------------------------------------
 
-    async def _run(self, n: _Node) -> None:
+    async def _run(self, agent: _AgentChannel) -> None:
         while True:
             now = self._clock()
             try:
-                if n.send_due is not None and n.send_due <= now:
-                    n.send_due = None
+                if agent.send_due is not None and agent.send_due <= now:
+                    agent.send_due = None
                     if (
-                        n.desired is not None
-                        and n.blocked != n.version
-                        and n.superseded is None
+                        agent.desired is not None
+                        and agent.blocked != agent.version
+                        and agent.superseded is None
                         and self._epoch is not None
                     ):
-                        n.pushing = True
+                        agent.pushing = True
                         try:
-                            await self._push(n)
+                            await self._push(agent)
                         finally:
-                            n.pushing = False
+                            agent.pushing = False
                     continue
-                if n.probe_due <= now:
-                    await self._probe(n)
+                if agent.probe_due <= now:
+                    await self._probe(agent)
                     continue
             except Exception as err:  # a bug here must not end the node's pushes for good
                 log.exception(
                     "push task error",
-                    extra={"event": "push_bug", "acceleration": self.acceleration, "node": n.name},
+                    extra={
+                        "event": "push_bug",
+                        "acceleration": self.acceleration,
+                        "node": agent.name,
+                    },
                 )
-                n.last_error = f"operator error: {type(err).__name__}: {err}"
-                n.send_due = self._clock() + self._backoff_max
+                agent.last_error = f"operator error: {type(err).__name__}: {err}"
+                agent.send_due = self._clock() + self._backoff_max
                 continue
-            due = min(n.send_due if n.send_due is not None else math.inf, n.probe_due)
-            n.wake.clear()
+            due = min(agent.send_due if agent.send_due is not None else math.inf, agent.probe_due)
+            agent.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if due == math.inf else due - now):
-                    await n.wake.wait()
+                    await agent.wake.wait()
 
     async def _request(
         self,
@@ -581,73 +590,75 @@ class Pusher:
         except (aiohttp.ClientError, OSError) as err:  # (also: the agent refused ours)
             raise _Unreachable("connect", f"{url}: {type(err).__name__}: {err}") from err
 
-    async def _push(self, n: _Node) -> None:
-        assert n.desired is not None and self._epoch is not None
-        url, version, pods, epoch = n.url, n.version, n.desired, self._epoch
-        refresh = n.confirmed == version  # the agent holds this set: asking for its unresolved
-        sent_epoch = 0 if n.legacy else epoch
-        if version != n.generation_version:  # a new set: a new generation, above all we know
-            heard = n.agent_generation if n.agent_epoch == sent_epoch else None
-            n.generation = max(n.generation, heard or 0) + 1
-            n.generation_version = version
-        generation = n.generation
+    async def _push(self, agent: _AgentChannel) -> None:
+        assert agent.desired is not None and self._epoch is not None
+        url, version, pods, epoch = agent.url, agent.version, agent.desired, self._epoch
+        refresh = agent.confirmed == version  # the agent holds this set: asking for its unresolved
+        sent_epoch = 0 if agent.legacy else epoch
+        if version != agent.generation_version:  # a new set: a new generation, above all we know
+            heard = agent.agent_generation if agent.agent_epoch == sent_epoch else None
+            agent.generation = max(agent.generation, heard or 0) + 1
+            agent.generation_version = version
+        generation = agent.generation
         # The pods were validated by set_pods; model_construct skips doing it again.
         pod_set = PodSet.model_construct(epoch=sent_epoch, generation=generation, pods=list(pods))
         # An agent that predates epochs refuses the field (its model forbids unknown ones).
-        body = pod_set.model_dump_json(exclude={"epoch"} if n.legacy else None)
-        n.inflight_since, n.pending_since = n.pending_since, None
+        body = pod_set.model_dump_json(exclude={"epoch"} if agent.legacy else None)
+        agent.inflight_since, agent.pending_since = agent.pending_since, None
         started = self._clock()
         try:
             status, raw = await self._request(
-                "PUT", n.pods_url, body=body, headers=self._put_headers
+                "PUT", agent.pods_url, body=body, headers=self._put_headers
             )
         except _Unreachable as err:
-            self._restore_pending(n)
-            if n.url == url and self._epoch == epoch:
-                self._retry_later(n, err.reason, err.text)
+            self._restore_pending(agent)
+            if agent.url == url and self._epoch == epoch:
+                self._retry_later(agent, err.reason, err.text)
             return
         except BaseException:  # cancelled: keep the change's time for whoever comes next
-            self._restore_pending(n)
+            self._restore_pending(agent)
             raise
         now = self._clock()
         self._metrics.push_duration.labels(self.acceleration).observe(now - started)
-        if n.url != url or self._epoch != epoch:  # another agent's reply, or another term's
-            self._restore_pending(n)
+        if agent.url != url or self._epoch != epoch:  # another agent's reply, or another term's
+            self._restore_pending(agent)
             return
         if status == 200:
             try:
                 result = ApplyResult.model_validate_json(raw)
             except ValidationError as err:
-                self._restore_pending(n)
-                self._retry_later(n, "bad_reply", f"HTTP 200 with an invalid ApplyResult: {err}")
+                self._restore_pending(agent)
+                self._retry_later(
+                    agent, "bad_reply", f"HTTP 200 with an invalid ApplyResult: {err}"
+                )
                 return
-            self._applied(n, version, generation, len(pods), result, now, refresh=refresh)
+            self._applied(agent, version, generation, len(pods), result, now, refresh=refresh)
             return
-        self._restore_pending(n)
+        self._restore_pending(agent)
         text, reply = _error_text(status, raw)
         if status == 409 and reply is not None and reply.applied_epoch > sent_epoch:
-            self._superseded(n, reply.applied_epoch, text, now)
+            self._superseded(agent, reply.applied_epoch, text, now)
         elif status == 409 and reply is not None and reply.applied_generation is not None:
-            self._jump_past(n, reply.applied_generation, reply.applied_epoch, text, now)
-        elif status == 422 and not n.legacy and _refuses_epochs(reply):
-            n.legacy = True
+            self._jump_past(agent, reply.applied_generation, reply.applied_epoch, text, now)
+        elif status == 422 and not agent.legacy and _refuses_epochs(reply):
+            agent.legacy = True
             log.warning(
                 "agent predates epochs: its sets go without one (not fenced) until it restarts",
-                extra=self._extra(n, event="agent_without_epochs"),
+                extra=self._extra(agent, event="agent_without_epochs"),
             )
-            self._schedule(n, now)
+            self._schedule(agent, now)
         elif status >= 500 or status in _RETRYABLE_4XX or status < 400:
-            self._retry_later(n, f"http_{status}", text)
+            self._retry_later(agent, f"http_{status}", text)
         else:
-            self._refused(n, version, status, text)
+            self._refused(agent, version, status, text)
 
-    def _restore_pending(self, n: _Node) -> None:
-        n.pending_since = _earliest(n.inflight_since, n.pending_since)
-        n.inflight_since = None
+    def _restore_pending(self, agent: _AgentChannel) -> None:
+        agent.pending_since = _earliest(agent.inflight_since, agent.pending_since)
+        agent.inflight_since = None
 
     def _applied(
         self,
-        n: _Node,
+        agent: _AgentChannel,
         version: int,
         generation: int,
         pods: int,
@@ -656,74 +667,80 @@ class Pusher:
         *,
         refresh: bool = False,
     ) -> None:
-        since, n.inflight_since = n.inflight_since, None
-        if n.boot_id is not None and n.boot_id != result.boot_id:
+        since, agent.inflight_since = agent.inflight_since, None
+        if agent.boot_id is not None and agent.boot_id != result.boot_id:
             log.info(
                 "agent restarted (new boot id in its reply)",
-                extra=self._extra(n, event="agent_restarted", boot_id=result.boot_id),
+                extra=self._extra(agent, event="agent_restarted", boot_id=result.boot_id),
             )
-        if n.attempts:
+        if agent.attempts:
             log.info(
                 "agent reached again: set applied",
-                extra=self._extra(n, event="push_recovered", generation=generation),
+                extra=self._extra(agent, event="push_recovered", generation=generation),
             )
-        if n.legacy and n.boot_id is not None and n.boot_id != result.boot_id:
-            n.legacy = False  # another agent process, maybe one that knows epochs
-            self._schedule(n, now)
-        n.boot_id = result.boot_id
-        n.agent_generation = result.applied_generation
-        n.agent_epoch = result.applied_epoch
-        n.confirmed = version
-        n.pods_applied = pods - len(result.unresolved)
-        n.unresolved = tuple(result.unresolved)
-        if not n.unresolved:
-            n.unresolved_since = None
-        elif n.unresolved_since is None:
-            n.unresolved_since = now
-        n.agent_version = result.version
-        n.last_error = n.last_failure = None
-        n.blocked = None
-        n.attempts = n.retries = n.stale_retries = 0
-        n.not_before = 0.0
+        if agent.legacy and agent.boot_id is not None and agent.boot_id != result.boot_id:
+            agent.legacy = False  # another agent process, maybe one that knows epochs
+            self._schedule(agent, now)
+        agent.boot_id = result.boot_id
+        agent.agent_generation = result.applied_generation
+        agent.agent_epoch = result.applied_epoch
+        agent.confirmed = version
+        agent.pods_applied = pods - len(result.unresolved)
+        agent.unresolved = tuple(result.unresolved)
+        if not agent.unresolved:
+            agent.unresolved_since = None
+        elif agent.unresolved_since is None:
+            agent.unresolved_since = now
+        agent.agent_version = result.version
+        agent.last_error = agent.last_failure = None
+        agent.blocked = None
+        agent.attempts = agent.retries = agent.stale_retries = 0
+        agent.not_before = 0.0
         # We just heard from it: the next probe can wait a whole interval.
-        n.probe_due = now + self._probe_interval
-        self._refresh(n, now)
+        agent.probe_due = now + self._probe_interval
+        self._refresh(agent, now)
         if refresh:  # no change was confirmed: nothing to time
             return
         seconds = now - (since if since is not None else now)
-        self._metrics.applied_generation.labels(self.acceleration, n.name).set(generation)
+        self._metrics.applied_generation.labels(self.acceleration, agent.name).set(generation)
         self._metrics.change_applied.labels(self.acceleration).observe(seconds)
         if self._on_applied is not None:
             try:
-                self._on_applied(n.name, generation, seconds)
+                self._on_applied(agent.name, generation, seconds)
             except Exception:
-                log.exception("on_applied failed", extra=self._extra(n, event="callback_error"))
+                log.exception("on_applied failed", extra=self._extra(agent, event="callback_error"))
 
-    def _jump_past(self, n: _Node, applied: int, applied_epoch: int, text: str, now: float) -> None:
+    def _jump_past(
+        self, agent: _AgentChannel, applied: int, applied_epoch: int, text: str, now: float
+    ) -> None:
         """A 409 naming the agent's generation in our epoch: the same set again, above it."""
-        n.agent_generation = applied
-        n.agent_epoch = applied_epoch
-        n.generation = max(n.generation, applied) + 1
-        n.stale_retries += 1
-        n.attempts += 1
+        agent.agent_generation = applied
+        agent.agent_epoch = applied_epoch
+        agent.generation = max(agent.generation, applied) + 1
+        agent.stale_retries += 1
+        agent.attempts += 1
         self._metrics.count_failure(self.acceleration, "stale_generation")
         log.info(
             "agent holds a newer generation: sending the set again above it",
-            extra=self._extra(n, event="generation_jump", applied=applied, next=n.generation),
+            extra=self._extra(
+                agent, event="generation_jump", applied=applied, next=agent.generation
+            ),
         )
-        if n.stale_retries <= _STALE_RETRIES_AT_ONCE:
-            self._schedule(n, now)
+        if agent.stale_retries <= _STALE_RETRIES_AT_ONCE:
+            self._schedule(agent, now)
         else:  # someone else keeps raising it (a second operator?): do not race them flat out
-            self._retry_later(n, "stale_generation", f"{text} ({n.stale_retries} times in a row)")
+            self._retry_later(
+                agent, "stale_generation", f"{text} ({agent.stale_retries} times in a row)"
+            )
 
-    def _superseded(self, n: _Node, epoch: int, text: str, now: float) -> None:
+    def _superseded(self, agent: _AgentChannel, epoch: int, text: str, now: float) -> None:
         """An agent holds a set of a higher epoch: another writer leads. Leave the node alone."""
-        first = n.superseded is None
-        n.superseded = n.agent_epoch = epoch
-        n.confirmed = n.send_due = None
-        n.attempts += 1
-        n.last_failure = "superseded"
-        n.last_error = (
+        first = agent.superseded is None
+        agent.superseded = agent.agent_epoch = epoch
+        agent.confirmed = agent.send_due = None
+        agent.attempts += 1
+        agent.last_failure = "superseded"
+        agent.last_error = (
             f"another writer leads: the agent applied a set of epoch {epoch}, this replica "
             f"writes epoch {self._epoch}; nothing is sent until this replica leads again ({text})"
         )
@@ -731,129 +748,135 @@ class Pusher:
         log.log(
             logging.WARNING if first else logging.DEBUG,
             "another writer leads: not pushing to this agent",
-            extra=self._extra(n, event="push_superseded", epoch=self._epoch, applied_epoch=epoch),
+            extra=self._extra(
+                agent, event="push_superseded", epoch=self._epoch, applied_epoch=epoch
+            ),
         )
-        self._refresh(n, now)
+        self._refresh(agent, now)
         if self._on_superseded is not None:
             try:
                 self._on_superseded(epoch)
             except Exception:
-                log.exception("on_superseded failed", extra=self._extra(n, event="callback_error"))
+                log.exception(
+                    "on_superseded failed", extra=self._extra(agent, event="callback_error")
+                )
 
-    def _retry_later(self, n: _Node, reason: str, text: str) -> None:
+    def _retry_later(self, agent: _AgentChannel, reason: str, text: str) -> None:
         now = self._clock()
-        n.attempts += 1
-        n.retries += 1
-        n.last_error, n.last_failure = text, reason
+        agent.attempts += 1
+        agent.retries += 1
+        agent.last_error, agent.last_failure = text, reason
         delay = self._jittered(
-            min(self._backoff_max, self._backoff_initial * 2 ** min(n.retries - 1, 32))
+            min(self._backoff_max, self._backoff_initial * 2 ** min(agent.retries - 1, 32))
         )
         # Overrides a PUT that set_pods scheduled meanwhile: the backoff holds for new sets too.
-        n.not_before = n.send_due = now + delay
+        agent.not_before = agent.send_due = now + delay
         if reason != "stale_generation":
             self._metrics.count_failure(self.acceleration, reason)
         log.log(
-            logging.WARNING if n.retries == 1 else logging.DEBUG,
+            logging.WARNING if agent.retries == 1 else logging.DEBUG,
             "push failed: retrying",
-            extra=self._extra(n, event="push_failed", reason=reason, error=text, retry_in=delay),
+            extra=self._extra(
+                agent, event="push_failed", reason=reason, error=text, retry_in=delay
+            ),
         )
-        self._refresh(n, now)
+        self._refresh(agent, now)
 
-    def _refused(self, n: _Node, version: int, status: int, text: str) -> None:
-        n.attempts += 1
-        n.blocked = version
-        n.last_error, n.last_failure = text, f"http_{status}"
-        n.retries = 0
+    def _refused(self, agent: _AgentChannel, version: int, status: int, text: str) -> None:
+        agent.attempts += 1
+        agent.blocked = version
+        agent.last_error, agent.last_failure = text, f"http_{status}"
+        agent.retries = 0
         self._metrics.count_failure(self.acceleration, f"http_{status}")
         log.error(
             "agent refused the set: not sent again until it changes",
-            extra=self._extra(n, event="push_refused", status=status, error=text),
+            extra=self._extra(agent, event="push_refused", status=status, error=text),
         )
-        self._refresh(n, self._clock())
+        self._refresh(agent, self._clock())
 
-    async def _probe(self, n: _Node) -> None:
-        url = n.url
-        n.probe_due = self._clock() + self._probe_interval * self._random.uniform(0.9, 1.1)
+    async def _probe(self, agent: _AgentChannel) -> None:
+        url = agent.url
+        agent.probe_due = self._clock() + self._probe_interval * self._random.uniform(0.9, 1.1)
         try:
-            status, raw = await self._request("GET", n.health_url, headers=self._probe_headers)
+            status, raw = await self._request("GET", agent.health_url, headers=self._probe_headers)
         except _Unreachable as err:
-            self._probe_failed(n, url, err.text)
+            self._probe_failed(agent, url, err.text)
             return
-        if n.url != url:
+        if agent.url != url:
             return
         if status != 200:
-            self._probe_failed(n, url, _error_text(status, raw)[0])
+            self._probe_failed(agent, url, _error_text(status, raw)[0])
             return
         try:
             health = HealthReply.model_validate_json(raw)
         except ValidationError as err:
-            self._probe_failed(n, url, f"HTTP 200 with an invalid HealthReply: {err}")
+            self._probe_failed(agent, url, f"HTTP 200 with an invalid HealthReply: {err}")
             return
         now = self._clock()
-        n.probe_error = None
-        n.trust_bundle = health.trust_bundle
-        n.agent_version = health.version
+        agent.probe_error = None
+        agent.trust_bundle = health.trust_bundle
+        agent.agent_version = health.version
         boot_id, applied = health.boot_id, (health.applied_epoch, health.applied_generation)
-        if n.boot_id is not None and boot_id != n.boot_id:
+        if agent.boot_id is not None and boot_id != agent.boot_id:
             log.info(
                 "agent restarted: sending its full set again",
-                extra=self._extra(n, event="agent_restarted", boot_id=boot_id),
+                extra=self._extra(agent, event="agent_restarted", boot_id=boot_id),
             )
-            n.confirmed = n.agent_generation = n.agent_epoch = n.blocked = None
-            n.legacy = False  # maybe upgraded: sets carry the epoch again
-            self._resend(n, now)
+            agent.confirmed = agent.agent_generation = agent.agent_epoch = agent.blocked = None
+            agent.legacy = False  # maybe upgraded: sets carry the epoch again
+            self._resend(agent, now)
         elif (
             health.applied_generation is not None
             and self._epoch is not None
-            and not n.legacy
+            and not agent.legacy
             and health.applied_epoch > self._epoch
         ):
-            self._superseded(n, health.applied_epoch, "seen by the health probe", now)
+            self._superseded(agent, health.applied_epoch, "seen by the health probe", now)
         elif (
             health.applied_generation is not None
-            and n.agent_generation is not None
-            and applied != (n.agent_epoch, n.agent_generation)
-            and n.superseded is None
+            and agent.agent_generation is not None
+            and applied != (agent.agent_epoch, agent.agent_generation)
+            and agent.superseded is None
         ):
             log.warning(
                 "agent holds another set than it confirmed: sending the set again",
                 extra=self._extra(
-                    n,
+                    agent,
                     event="agent_diverged",
                     applied_epoch=health.applied_epoch,
                     applied_generation=health.applied_generation,
-                    heard_epoch=n.agent_epoch,
-                    heard_generation=n.agent_generation,
+                    heard_epoch=agent.agent_epoch,
+                    heard_generation=agent.agent_generation,
                 ),
             )
-            n.agent_epoch, n.agent_generation = applied
-            n.confirmed = None
-            n.generation_version = None  # a new generation, above the agent's
-            self._resend(n, now)
-        elif n.last_failure in ("connect", "tls", "timeout") and n.send_due is not None:
-            n.not_before = 0.0  # it answers again: no need to wait out the backoff
-            self._schedule(n, now)
-        elif n.unresolved and n.in_sync and self._writing:
+            agent.agent_epoch, agent.agent_generation = applied
+            agent.confirmed = None
+            agent.generation_version = None  # a new generation, above the agent's
+            self._resend(agent, now)
+        elif agent.last_failure in ("connect", "tls", "timeout") and agent.send_due is not None:
+            agent.not_before = 0.0  # it answers again: no need to wait out the backoff
+            self._schedule(agent, now)
+        elif agent.unresolved and agent.in_sync and self._writing:
             # The agent resolves them by itself, and says so only in a reply to a set: the same
             # set again (the same generation: a no-op there) brings the list up to date.
-            self._schedule(n, now)
-        n.boot_id = boot_id
+            self._schedule(agent, now)
+        agent.boot_id = boot_id
 
-    def _resend(self, n: _Node, now: float) -> None:
+    def _resend(self, agent: _AgentChannel, now: float) -> None:
         """The agent does not hold our set (any more): send it again, at once."""
-        n.retries = n.stale_retries = 0
-        n.not_before = 0.0
-        if n.desired is not None:
-            n.pending_since = _earliest(n.pending_since, now)
-            self._schedule(n, now)
-        self._refresh(n, now)
+        agent.retries = agent.stale_retries = 0
+        agent.not_before = 0.0
+        if agent.desired is not None:
+            agent.pending_since = _earliest(agent.pending_since, now)
+            self._schedule(agent, now)
+        self._refresh(agent, now)
 
-    def _probe_failed(self, n: _Node, url: str | None, text: str) -> None:
-        if n.url != url:
+    def _probe_failed(self, agent: _AgentChannel, url: str | None, text: str) -> None:
+        if agent.url != url:
             return
-        n.probe_error = text
+        agent.probe_error = text
         self._metrics.probe_failures.labels(self.acceleration).inc()
-        log.debug("health probe failed", extra=self._extra(n, event="probe_failed", error=text))
+        log.debug("health probe failed", extra=self._extra(agent, event="probe_failed", error=text))
 
     async def _uninstall_one(self, url: str, timeout: aiohttp.ClientTimeout) -> str | None:
         try:
@@ -868,5 +891,5 @@ class Pusher:
             return f"HTTP 200 with an invalid UninstallReply: {err}"
         return None
 
-    def _extra(self, n: _Node, **fields: object) -> dict[str, object]:
-        return {"acceleration": self.acceleration, "node": n.name, "url": n.url, **fields}
+    def _extra(self, agent: _AgentChannel, **fields: object) -> dict[str, object]:
+        return {"acceleration": self.acceleration, "node": agent.name, "url": agent.url, **fields}

@@ -3,21 +3,21 @@
 Kopf watches namespaces, nodes and pods. When a watch comes back after an outage, or ends with
 410 Gone (its resourceVersion was compacted away), Kopf lists the kind again and goes on; it
 does not make DELETED events for the objects that went meanwhile: they are only missing from
-the new list. The engine would keep such a pod for good, and its address may by then belong to
+the new list. The picture would keep such a pod for good, and its address may by then belong to
 a pod that is not meshed. A resync lists the three kinds (:func:`list_cluster`: metadata only,
-page by page) and drops from the engine what it knew when the listing began and the list no
-longer has (:meth:`~.engine.Engine.begin_census`).
+page by page) and drops from the picture what it knew when the listing began and the list no
+longer has (:meth:`~.picture.ClusterPicture.begin_census`).
 
-It lists the MeshAccelerations too, and the nodes' labels: the first resync gives the engine its
+It lists the MeshAccelerations too, and the nodes' labels: the first resync gives the picture its
 complete picture (every node and every resource, whatever order Kopf's handlers deliver them
 in), and only then does it judge conflicts and hand out sets (it runs before any set is pushed).
 
 :class:`Resyncer` runs them one at a time, while this replica leads:
 
-* when its term starts, before its pushers write (Kopf does not feed the engine while peering
+* when its term starts, before its pushers write (Kopf does not feed the picture while peering
   pauses the replica);
 * soon after a re-list is seen (:class:`RelistDetector`: Kopf marks the objects of a listing
-  with no event type, and only a listing *again* brings objects the engine knows already);
+  with no event type, and only a listing *again* brings objects the picture knows already);
 * every ``interval`` seconds (``--resync-interval``, 300) as the backstop for a re-list that
   nothing gives away (no object known before came back in it).
 """
@@ -36,8 +36,8 @@ from typing import Any
 from kubernetes.aio import client as k8s
 from pydantic import ValidationError
 
-from meshaccel.operator.engine import Dropped, Engine, ListedAcceleration
 from meshaccel.operator.models import GROUP, PLURAL, VERSION, MeshAccelerationSpec
+from meshaccel.operator.picture import ClusterPicture, Dropped, ListedAcceleration
 
 log = logging.getLogger("meshaccel.operator.resync")
 
@@ -138,7 +138,7 @@ async def list_cluster(api: k8s.ApiClient) -> Listing:
 
 class RelistDetector:
     """Tells when Kopf lists a kind again: an event with no type (Kopf's mark of a listed
-    object) for an object the engine knows. Reports each listing once, at its first such
+    object) for an object the picture knows. Reports each listing once, at its first such
     object; the next typed event of the kind ends it."""
 
     def __init__(self) -> None:
@@ -156,12 +156,12 @@ class RelistDetector:
 
 
 class Resyncer:
-    """Runs the engine's resyncs (see the module). ``active()`` says whether this replica
+    """Runs the picture's resyncs (see the module). ``active()`` says whether this replica
     leads (resyncs run only then); ``clock`` times the periodic one (:attr:`next_due`)."""
 
     def __init__(
         self,
-        engine: Engine,
+        picture: ClusterPicture,
         lister: Lister,
         *,
         interval: float,
@@ -170,7 +170,7 @@ class Resyncer:
     ) -> None:
         if interval <= 0:
             raise ValueError(f"the resync interval must be positive, not {interval}")
-        self._engine = engine
+        self._picture = picture
         self._lister = lister
         self.interval = interval
         self._active = active
@@ -193,17 +193,17 @@ class Resyncer:
         self._wake.set()
 
     async def resync(self, reason: str) -> Dropped:
-        """List, and drop from the engine what the list no longer has. Raises if listing
-        fails (the engine keeps everything)."""
+        """List, and drop from the picture what the list no longer has. Raises if listing
+        fails (the picture keeps everything)."""
         async with self._lock:
             self._requested = None  # this pass answers what was asked before it began
-            census = self._engine.begin_census()
+            census = self._picture.begin_census()
             try:
                 listing = await self._lister()
             except BaseException:
-                self._engine.abandon_census(census)
+                self._picture.abandon_census(census)
                 raise
-            dropped = self._engine.end_census(
+            dropped = self._picture.end_census(
                 census,
                 pods=listing.pods,
                 namespaces=listing.namespaces,

@@ -1,11 +1,11 @@
-"""What the operator does for one MeshAcceleration, apart from Kopf: plain async functions.
+"""The operator's state and what it does, apart from Kopf: :class:`Operator`, plain async code.
 
-The Kopf handlers (:mod:`.handlers`) only translate events into calls on :class:`Runtime`,
-which owns the engine, the API client, one :class:`~.pusher.Pusher` per resource, the
-writer's Lease (:mod:`.leadership`) and the resyncs (:mod:`.resync`).
+The Kopf handlers (:mod:`.handlers`) only translate events into calls on :class:`Operator`,
+which owns the cluster picture (:mod:`.picture`), the API client, one :class:`~.pusher.Pusher`
+per resource, the writer's Lease (:mod:`.leadership`) and the resyncs (:mod:`.resync`).
 
 Writing to the agents: while Kopf keeps this replica active, the handlers say so
-(:meth:`Runtime.want`) and the replica takes the Lease. A term starts with a resync (the engine
+(:meth:`Operator.want`) and the replica takes the Lease. A term starts with a resync (the picture
 was not fed while the replica was paused), then every pusher writes with the term's epoch;
 when the term ends (paused, the Lease lost, an agent naming a higher epoch) every pusher stops
 at once.
@@ -27,10 +27,10 @@ from kubernetes.aio import client as k8s
 from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
 from meshaccel.operator.credentials import AgentTLS, Credentials, KubeSecrets
-from meshaccel.operator.engine import Acceleration, Engine, agent_url
 from meshaccel.operator.kube import Kube, removals
 from meshaccel.operator.leadership import KubeLeases, Leadership, LeaseStore
 from meshaccel.operator.models import Condition, MeshAccelerationSpec
+from meshaccel.operator.picture import Acceleration, ClusterPicture, agent_url
 from meshaccel.operator.pusher import Pusher
 from meshaccel.operator.resync import Lister, Listing, RelistDetector, Resyncer, list_cluster
 from meshaccel.operator.status import Rollout, Transition, compute_status
@@ -40,14 +40,25 @@ log = logging.getLogger("meshaccel.operator")
 
 @dataclass(frozen=True)
 class Converged:
-    """What :meth:`Runtime.converge` did, and the agents' DaemonSet as it is stored now."""
+    """What :meth:`Operator.converge` did: the objects it wrote (``Kind/name created`` or
+    ``updated``), whether the spec was too invalid to program anything, and the agents'
+    DaemonSet as it is stored now."""
 
-    done: str
+    written: tuple[str, ...] = ()
     daemonset: dict[str, Any] | None = None
+    invalid_spec: bool = False
+
+    def summary(self) -> str:
+        if self.invalid_spec:
+            return "nothing programmed (invalid spec)"
+        return ", ".join(self.written) or "unchanged"
 
 
 @dataclass
-class Runtime:
+class Operator:
+    """The operator's state: its settings, the API client, the cluster picture, one pusher per
+    resource, the writer's Lease and epoch, the resyncs and the credentials."""
+
     config: OperatorConfig
     api: k8s.ApiClient
     session: aiohttp.ClientSession
@@ -55,7 +66,7 @@ class Runtime:
     leases: LeaseStore | None = None
     lister: Lister | None = None
     clock: Callable[[], float] = time.monotonic
-    engine: Engine = field(init=False)
+    picture: ClusterPicture = field(init=False)
     kube: Kube = field(init=False)
     leadership: Leadership = field(init=False)
     resyncer: Resyncer = field(init=False)
@@ -68,7 +79,7 @@ class Runtime:
     _term: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.engine = Engine(self.config.namespace)
+        self.picture = ClusterPicture(self.config.namespace)
         self.kube = Kube(self.api)
         self.credentials = Credentials(
             KubeSecrets(self.api, self.config.namespace), self.config.namespace
@@ -80,7 +91,7 @@ class Runtime:
             clock=self.clock,
         )
         self.resyncer = Resyncer(
-            self.engine,
+            self.picture,
             self.lister or self._list_cluster,
             interval=self.config.resync_interval,
             active=lambda: self.epoch is not None,
@@ -149,17 +160,17 @@ class Runtime:
 
     def namespace_event(self, name: str, labels: Mapping[str, str], kind: str | None) -> None:
         """A namespace event; ``kind`` is its type (None: listed, DELETED: gone)."""
-        self._relisted("namespaces", typed=kind is not None, known=name in self.engine.namespaces)
-        self.engine.namespace_changed(name, None if kind == "DELETED" else labels)
+        self._relisted("namespaces", typed=kind is not None, known=name in self.picture.namespaces)
+        self.picture.namespace_changed(name, None if kind == "DELETED" else labels)
 
     def node_event(self, name: str, labels: Mapping[str, str], kind: str | None) -> None:
-        self._relisted("nodes", typed=kind is not None, known=name in self.engine.nodes)
-        self.engine.node_changed(name, None if kind == "DELETED" else labels)
+        self._relisted("nodes", typed=kind is not None, known=name in self.picture.nodes)
+        self.picture.node_changed(name, None if kind == "DELETED" else labels)
 
     def pod_event(self, body: Mapping[str, Any], kind: str | None) -> None:
         uid = str((body.get("metadata") or {}).get("uid") or "")
-        self._relisted("pods", typed=kind is not None, known=self.engine.knows_pod(uid))
-        self.engine.pod_changed(body, deleted=kind == "DELETED")
+        self._relisted("pods", typed=kind is not None, known=self.picture.knows_pod(uid))
+        self.picture.pod_changed(body, deleted=kind == "DELETED")
 
     def _relisted(self, kind: str, *, typed: bool, known: bool) -> None:
         if self.relists.saw(kind, typed=typed, known=known):
@@ -213,19 +224,19 @@ class Runtime:
         """Take a new or changed spec: select, then create or update the agents' objects."""
         await self.credentials.load()
         pusher = self._pusher(name)
-        acceleration = self.engine.acceleration_changed(name, uid, created, spec, pusher)
+        acceleration = self.picture.acceleration_changed(name, uid, created, spec, pusher)
         return await self.converge(acceleration)
 
     async def converge(self, acceleration: Acceleration) -> Converged:
-        """Bring the agents' objects in line with the engine's verdict. A conflict changes
-        nothing here: the engine sends empty sets to the nodes an older resource keeps."""
+        """Bring the agents' objects in line with the picture's verdict. A conflict changes
+        nothing here: the picture sends empty sets to the nodes an older resource keeps."""
         name = acceleration.name
         if acceleration.spec is None:
-            return Converged("nothing programmed (invalid spec)")
+            return Converged(invalid_spec=True)
         tls = await self.agent_tls(name)
         if name not in self.pushers:
             # Known from a census only (its handler has not run yet): the sets go out now.
-            self.engine.replace_sink(acceleration, self._pusher(name))
+            self.picture.replace_sink(acceleration, self._pusher(name))
         objects = rendering.agent_objects(
             name,
             acceleration.uid,
@@ -235,15 +246,15 @@ class Runtime:
             image=self.config.agent_image,
             pod=self.config.agent_pod,
         )
-        done: list[str] = []
+        written: list[str] = []
         daemonset = None
         for obj in objects:
             what, stored = await self.kube.apply(obj)
             if what != "unchanged":
-                done.append(f"{obj['kind']}/{obj['metadata']['name']} {what}")
+                written.append(f"{obj['kind']}/{obj['metadata']['name']} {what}")
             if obj["kind"] == "DaemonSet":
                 daemonset = stored
-        return Converged(", ".join(done) or "unchanged", daemonset)
+        return Converged(tuple(written), daemonset)
 
     async def uninstall(self, name: str, uid: str, port: int) -> dict[str, str]:
         """The resource is being deleted: every agent detaches. Returns the nodes that failed.
@@ -255,7 +266,7 @@ class Runtime:
         if pusher is None:
             await self.credentials.load()
             pusher = self._pusher(name)
-            for agent in self.engine.agents.values():
+            for agent in self.picture.agents.values():
                 if agent.acceleration == name:
                     pusher.set_endpoint(agent.node, agent_url(agent.ip, port))
         results = await pusher.uninstall(timeout=self.config.uninstall_timeout)
@@ -274,7 +285,7 @@ class Runtime:
         pusher = self.pushers.pop(name, None)
         if pusher is not None:
             await pusher.close()
-        self.engine.acceleration_removed(name)
+        self.picture.acceleration_removed(name)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -289,7 +300,7 @@ class Runtime:
 
         ``daemonset`` is the agents' DaemonSet as :meth:`converge` left it (None: there is none).
         """
-        acceleration = self.engine.accelerations.get(name)
+        acceleration = self.picture.accelerations.get(name)
         if acceleration is None:
             return None, []
         pusher = self.pushers.get(name)
@@ -303,7 +314,7 @@ class Runtime:
             previous=previous,
             behind_grace=self.config.failing_after,
             clock_now=time.monotonic(),
-            judged=self.engine.settled,
+            judged=self.picture.settled,
         )
         wanted = status.model_dump(mode="json", exclude_none=True)
         if _same(current, wanted):

@@ -5,8 +5,8 @@ its namespace matches ``namespaceSelector``, it matches ``podSelector``, it has 
 out (``meshaccel.io/accelerate: "false"``), it carries the mesh's sidecar, it is running with
 an IP and not on the host network, it sits on a node where this resource's agent runs, and its
 mesh annotations are ones the datapath can honour exactly. Anything else would change what
-the mesh's own iptables rules do for that pod, so such a pod is left to iptables. The engine then
-adds verdicts of its own: an older resource keeps the pod or its node (:mod:`.engine`), or the
+the mesh's own iptables rules do for that pod, so such a pod is left to iptables. The picture then
+adds verdicts of its own: an older resource keeps the pod or its node (:mod:`.picture`), or the
 node's maps do not take it (:mod:`.budget`).
 
 Whether sk_msg may deliver into an accelerated pod's application sockets is meshaccel's own
@@ -155,7 +155,7 @@ class Verdict(enum.StrEnum):
     NO_AGENT = "NoAgentOnNode"
     UNSUPPORTED_ANNOTATION = "UnsupportedAnnotation"
     INVALID_ANNOTATION = "InvalidAnnotation"
-    # Decided by the engine, not by select(): another resource, or the node's maps.
+    # Decided by the picture, not by select(): another resource, or the node's maps.
     POD_CLAIMED = "PodClaimedByOlderResource"
     NODE_CLAIMED = "NodeClaimedByOlderResource"
     OVER_BUDGET = "OverBudget"

@@ -35,7 +35,6 @@ from typing import Any, Protocol
 
 from meshaccel.contract.api import UnresolvedPod
 from meshaccel.contract.version import VERSION
-from meshaccel.operator.engine import Acceleration
 from meshaccel.operator.models import (
     MAX_CONFLICTS_LISTED,
     MAX_ERROR_LENGTH,
@@ -51,6 +50,7 @@ from meshaccel.operator.models import (
     NodeReport,
     PodProblem,
 )
+from meshaccel.operator.picture import Acceleration
 from meshaccel.operator.selection import Verdict
 
 EXAMPLES = 5  # names in a condition's message
@@ -193,7 +193,7 @@ def compute_status(
 ) -> tuple[MeshAccelerationStatus, list[Transition]]:
     """The new status and the conditions whose status changed since ``previous``.
 
-    ``judged``: the engine has settled (conflicts are judged); until then Ready, Reconciling,
+    ``judged``: the picture has settled (conflicts are judged); until then Ready, Reconciling,
     Stalled and Conflict stay as ``previous`` has them. ``behind_grace``: seconds a node may
     stay behind with an error, or keep pods unresolved, before it counts as a problem
     (``clock_now`` and the nodes' times are the pusher's clock).

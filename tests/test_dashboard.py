@@ -52,7 +52,6 @@ from tests.agent_lifecycle.harness import (
     unload_instance,
     write_yaml,
 )
-from tests.agent_lifecycle.harness import wait_for as wait_for_sync
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup, find_cgroup2_mount
 from tests.operator.conftest import (
     CRDS,
@@ -65,7 +64,7 @@ from tests.operator.conftest import (
 from tests.operator.emulator import ApiServerEmulator
 from tests.operator.fake_agent import FakeAgent
 from tests.requirements import require_kernel
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts" / "meshaccel" / "dashboards" / "meshaccel.json"
@@ -302,7 +301,7 @@ def live_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
         # Another set under the same generation is refused (generation_conflict): one apply
         # error, so that its family has a series, and the pod stays programmed.
         write_yaml(pods_file, {"generation": 1, "pods": []})
-        status = wait_for_sync(
+        status = wait_until(
             lambda: (s := agent.get("/v1/status"))["apply_errors"] and s,
             timeout=30,
             what="the refused set",

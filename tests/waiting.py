@@ -1,4 +1,5 @@
-"""Waiting in asyncio tests: poll a condition until it holds.
+"""Waiting in tests: poll a condition until it holds (``wait_for`` on an event loop,
+``wait_until`` in plain code).
 
 The timeout only turns a hang into a failure: it claims nothing about speed, so it is generous.
 No test asserts how long something took (figures belong in the benchmarks), and none sleeps to
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar, overload
@@ -56,6 +58,21 @@ async def wait_for(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+def wait_until(
+    predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll ``predicate()`` until it returns something truthy, and return that; TimeoutError
+    naming ``what`` if it is still falsy after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from meshaccel.agent.layout import TrafficDirection
 from meshaccel.agent.pods import (
     AcceleratedPod,
     ProgrammedPods,
+    checked_previous,
     cidr_key,
     decode_cidr_key,
     decode_port_key,
@@ -189,7 +190,7 @@ class MemoryPodMaps:
         owner = self.entries["pod_ips"].get(pod.ip)
         if owner not in (None, pod.cgroup_id) and not take_ip:
             raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner}")
-        old = _same_pod(previous, pod.cgroup_id)
+        old = checked_previous(previous, pod.cgroup_id)
         record = pod_record(pod.info())
         old_record = None if old is None else pod_record(old.info())
         new_options, old_options = option_entries(pod), option_entries(old)
@@ -208,7 +209,7 @@ class MemoryPodMaps:
         return None if owner == pod.cgroup_id else owner
 
     def delete_pod(self, cgroup_id: int, *, previous: AcceleratedPod | None) -> bool:
-        pod = _same_pod(previous, cgroup_id)
+        pod = checked_previous(previous, cgroup_id)
         if pod is None:
             return False
         with self._undo_on_failure() as undo:
@@ -291,9 +292,3 @@ class MemoryPodMaps:
 
 
 _ABSENT = object()
-
-
-def _same_pod(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:
-    if previous is not None and previous.cgroup_id != cgroup_id:
-        raise ValueError(f"previous is the pod {previous.cgroup_id}, not {cgroup_id}")
-    return previous

@@ -32,8 +32,8 @@ from tests.agent_lifecycle.harness import (
     free_port,
     tls_args,
     unload_instance,
-    wait_for,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -246,7 +246,7 @@ def test_the_process_serves_on_after_an_uninstall_and_stops_cleanly(
         cleanup.callback(unload_instance, instance, PIN_ROOT)
         agent = AgentProcess(argv, workdir=tmp_path, name="agent", port=port)
         cleanup.callback(agent.stop)
-        wait_for(lambda: agent.status_of("/healthz") == 200, timeout=30, what="the API")
+        wait_until(lambda: agent.status_of("/healthz") == 200, timeout=30, what="the API")
         status, body = agent.request("PUT", "/v1/pods", {"generation": 1, "pods": []})
         assert status == 200 and body["boot_id"] == agent.get("/v1/health")["boot_id"], body
 

@@ -32,6 +32,7 @@ from meshaccel.operator.models import DEFAULT_AGENT_PORT
 from meshaccel.operator.rendering import BPFFS_PATH, CGROUP_PATH, agent_capabilities
 from tests.images.runtime import ImageRoot
 from tests.pki import make_pki
+from tests.waiting import wait_until
 
 # The console script the package installs, next to this interpreter; `python -m` as a fallback.
 CONSOLE_SCRIPT = Path(sys.executable).with_name("meshaccel-agent")
@@ -89,18 +90,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_for(predicate: Any, *, timeout: float, interval: float = 0.05, what: str) -> Any:
-    """Poll until ``predicate()`` is truthy (and return it); TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class AgentProcess:
@@ -246,7 +235,7 @@ class AgentProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> float:
         """Wait for /readyz; returns the wall-clock time it answered 200."""
-        wait_for(self.ready, timeout=timeout, interval=0.02, what=f"agent {self.pid} ready")
+        wait_until(self.ready, timeout=timeout, interval=0.02, what=f"agent {self.pid} ready")
         return time.time()
 
 

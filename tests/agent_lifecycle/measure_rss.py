@@ -26,10 +26,10 @@ from tests.agent_lifecycle.harness import (
     free_port,
     tls_args,
     unload_instance,
-    wait_for,
     write_yaml,
 )
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup
+from tests.waiting import wait_until
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -97,7 +97,7 @@ def main() -> int:
                 return 0
             pods[0] = {**pods[0], "options": {"excluded_outbound_ports": [9090, 9091]}}
             write_yaml(pods_file, {"pods": pods})
-            wait_for(lambda: len(applied(agent, 2)) == 2, timeout=10, what="the one-pod change")
+            wait_until(lambda: len(applied(agent, 2)) == 2, timeout=10, what="the one-pod change")
             first, change = applied(agent, 2)
             after = proc_status(agent.pid)
             print(

@@ -20,9 +20,10 @@ import pytest
 
 from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath, PinLayout
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
-from tests.agent_lifecycle.harness import PIN_ROOT, PKI, AgentProcess, attached_programs, wait_for
+from tests.agent_lifecycle.harness import PIN_ROOT, PKI, AgentProcess, attached_programs
 from tests.netlab import ECHO_PORT, Pod, PodProcess
 from tests.pki import make_pki
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -73,7 +74,7 @@ class RequestLoop:
                 raise RuntimeError(f"request loop ended early:\n{self.process.describe()}")
             return len(self.records()) >= n
 
-        wait_for(enough, timeout=timeout, what=f"{n} requests")
+        wait_until(enough, timeout=timeout, what=f"{n} requests")
 
     def finish(self) -> list[dict[str, Any]]:
         self.process.wait(timeout=self.count * INTERVAL + 30)
@@ -120,7 +121,7 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
     a, b = standalone.node.pods["a"], standalone.node.pods["b"]
     agent = standalone.start(wait_ready=False)
     # No file yet: alive, not ready.
-    wait_for(lambda: agent.status_of("/healthz") == 200, timeout=15, what="healthz")
+    wait_until(lambda: agent.status_of("/healthz") == 200, timeout=15, what="healthz")
     status, body = agent.request("GET", "/readyz")
     assert status == 503 and body["error"] == "not ready", body  # open: no more than that
     assert "no pod set has been applied" in agent.get("/v1/status")["not_ready"]
@@ -154,7 +155,7 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
 
     # b leaves the file: it leaves the maps.
     standalone.write_pods([pod_entry(a)])
-    wait_for(
+    wait_until(
         lambda: pod_names(agent.get("/v1/pods")) == {"a": a.cgroup_id},
         timeout=10,
         what="b removed",
@@ -163,7 +164,7 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
 
     # A broken file is refused with the field at fault; the applied set stays.
     standalone.write_pods([pod_entry(a, ip="198.18.0.999")])
-    refusal = wait_for(
+    refusal = wait_until(
         lambda: [r for r in agent.logs() if r["msg"].startswith("pods file refused")],
         timeout=10,
         what="the refusal in the log",
@@ -176,7 +177,7 @@ def test_standalone_pods_file_drives_the_datapath(standalone: StandaloneAgents) 
     # A pod whose cgroup does not exist is reported with what was looked for.
     ghost = {**pod_entry(b), "name": "ghost", "uid": "uid-ghost", "cgroup": "no/such/pod"}
     standalone.write_pods([pod_entry(a), ghost])
-    wait_for(lambda: agent.get("/v1/pods")["unresolved"], timeout=10, what="the unresolved pod")
+    wait_until(lambda: agent.get("/v1/pods")["unresolved"], timeout=10, what="the unresolved pod")
     (unresolved,) = agent.get("/v1/pods")["unresolved"]
     assert unresolved["name"] == "ghost" and "no/such/pod" in unresolved["reason"]
     assert "does not exist" in unresolved["reason"]

@@ -44,11 +44,11 @@ from tests.agent_lifecycle.harness import (
     setpriv,
     tls_args,
     unload_instance,
-    wait_for,
     write_yaml,
 )
 from tests.netlab.cgroups import TEST_CGROUP_PREFIX, TestCgroup, find_cgroup2_mount
 from tests.requirements import require, require_tool
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel]
 
@@ -331,4 +331,4 @@ def test_a_privileged_api_port_needs_net_bind_service(lab: CapsLab) -> None:
     reasons = error_reasons(refused)
     assert any(f"[Errno {errno.EACCES}]" in r and str(port) in r for r in reasons), reasons
     # The datapath loaded before the bind failed; it stays pinned for the next agent.
-    wait_for(lambda: not refused.is_running(), timeout=5, what="the agent to exit")
+    wait_until(lambda: not refused.is_running(), timeout=5, what="the agent to exit")

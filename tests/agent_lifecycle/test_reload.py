@@ -25,7 +25,7 @@ from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.main import CAPACITY_MAPS, FEATURE_SETTINGS, config_differences
 from meshaccel.contract.settings import AgentSettings, Capacities
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
-from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess, wait_for
+from tests.agent_lifecycle.harness import PIN_ROOT, AgentProcess
 from tests.agent_lifecycle.test_agent import (
     RequestLoop,
     accelerated,
@@ -37,6 +37,7 @@ from tests.agent_lifecycle.test_agent import (
     summary,
 )
 from tests.netlab import ECHO_PORT
+from tests.waiting import wait_until
 
 SK_MSG = "FEATURE_SK_MSG_REDIRECT"
 STREAM = 512 << 10  # per long-lived connection ...
@@ -132,7 +133,7 @@ def started_with(standalone: StandaloneAgents, *extra: str) -> AgentProcess:
     a, b = standalone.node.pods["a"], standalone.node.pods["b"]
     standalone.write_pods([pod_entry(a), pod_entry(b)])
     first = standalone.start(*extra)
-    wait_for(lambda: len(first.get("/v1/pods")["pods"]) == 2, timeout=10, what="pods a and b")
+    wait_until(lambda: len(first.get("/v1/pods")["pods"]) == 2, timeout=10, what="pods a and b")
     return first
 
 
@@ -199,7 +200,7 @@ def test_a_flipped_feature_reloads(standalone: StandaloneAgents) -> None:
     assert (after["startup"], after["startup_reason"]) == ("reloaded", "sk_msg_redirect on -> off")
     old, new = program_ids(before), program_ids(after)
     assert set(old) == set(new) and not set(old.values()) & set(new.values()), (old, new)
-    wait_for(
+    wait_until(
         lambda: not any(program_exists(i) for i in old.values() if i is not None),
         timeout=10,
         what="the old programs freed",
@@ -207,7 +208,7 @@ def test_a_flipped_feature_reloads(standalone: StandaloneAgents) -> None:
     with pinned(standalone) as datapath:
         assert datapath.features == DatapathFeatures.FEATURE_SAME_NODE_INBOUND
     # The pods file is applied again, into the new (empty) maps.
-    wait_for(
+    wait_until(
         lambda: pod_names(second.get("/v1/pods")) == {"a": a.cgroup_id, "b": b.cgroup_id},
         timeout=10,
         what="pods a and b re-applied",

@@ -18,9 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshaccel.agent.datapath import Datapath
 from meshaccel.agent.pods import AcceleratedPod
 from tests.agent_lifecycle.conftest import StandaloneAgents, pod_entry
-from tests.agent_lifecycle.harness import PIN_ROOT, wait_for
+from tests.agent_lifecycle.harness import PIN_ROOT
 from tests.netlab import find_cgroup2_mount
 from tests.netlab.cgroups import cgroup_id
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -58,14 +59,14 @@ def test_a_pod_whose_cgroup_is_removed_leaves_the_maps(
     }
     standalone.write_pods([pod_entry(a), doomed])
     agent = standalone.start()
-    wait_for(
+    wait_until(
         lambda: len(agent.get("/v1/pods")["pods"]) == 2, timeout=TIMEOUT, what="both programmed"
     )
     assert maps(standalone)[doomed_id].ip.exploded == DOOMED_IP
 
     directory.rmdir()  # the pod is deleted; the file (the operator) still names it
 
-    listed = wait_for(
+    listed = wait_until(
         lambda: (reply := agent.get("/v1/pods"))["unresolved"] and reply,
         timeout=TIMEOUT,
         what="the pod reported unresolved",

@@ -41,7 +41,7 @@ from tests.netlab import (
 )
 from tests.netlab.envoy import INBOUND_PASSTHROUGH_SOURCE
 from tests.netlab.netns import run_in_netns, socket_in_netns
-from tests.netlab.processes import wait_until
+from tests.waiting import wait_until
 
 from . import bpfstats
 from .configs import Config, Route

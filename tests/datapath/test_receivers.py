@@ -30,9 +30,9 @@ from tests.datapath.conftest import (
 )
 from tests.netlab import ECHO_PORT, Node
 from tests.netlab.app_handles import apps_argv
-from tests.netlab.processes import wait_until
 from tests.netlab.tcpmem import PeakSampler, read_tcp_mem_limits
 from tests.requirements import require_tool
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 

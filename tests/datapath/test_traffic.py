@@ -13,7 +13,7 @@ from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath, assert_redirected_until_fallback, istio_pod
 from tests.netlab import ECHO_PORT, Node
 from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
-from tests.netlab.processes import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 

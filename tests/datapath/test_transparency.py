@@ -33,7 +33,7 @@ from tests.netlab.envoy import (
 )
 from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
 from tests.netlab.peek import tcp_connection_views
-from tests.netlab.processes import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 

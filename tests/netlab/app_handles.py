@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from .processes import PodProcess, RunAs, wait_until
+from tests.waiting import wait_until
+
+from .processes import PodProcess, RunAs
 
 APPS_SCRIPT = Path(__file__).resolve().with_name("apps.py")
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tests.waiting import wait_until
+
 from .netns import http_get_in_netns
-from .processes import PodProcess, RunAs, pod_command, wait_until
+from .processes import PodProcess, RunAs, pod_command
 
 ENVOY_ADMIN_PORT = 15000
 ENVOY_OUTBOUND_PORT = 15001

@@ -132,9 +132,7 @@ async def test_with_the_operator_running_every_agent_uninstalls(cluster: Cluster
         await cluster.schedule_agents()
         # A second resource whose agents never ran anywhere: nothing to uninstall, still clean.
         await cluster.create_acceleration("quiet", agent={"nodeSelector": {"pool": "none"}})
-        await wait_for(
-            lambda: all(a.last_set is not None for a in cluster.agents.values()), timeout=10
-        )
+        await wait_for(lambda: all(a.last_set is not None for a in cluster.agents.values()))
 
         hook = await run_hook("--timeout=60")
 
@@ -158,7 +156,7 @@ async def test_an_agent_that_does_not_confirm_is_named_not_called_clean(cluster:
     async with operator():
         await cluster.create_acceleration()
         await cluster.schedule_agents()
-        await wait_for(lambda: cluster.agents["node-2"].last_set is not None, timeout=10)
+        await wait_for(lambda: cluster.agents["node-2"].last_set is not None)
         cluster.agents["node-2"].fail_next(100, 503, path="/v1/uninstall")
 
         hook = await run_hook("--timeout=90")
@@ -183,9 +181,7 @@ async def test_without_an_operator_the_finalizer_goes_and_the_nodes_are_named(
     async with operator():
         await cluster.create_acceleration()
         await cluster.schedule_agents()
-        await wait_for(
-            lambda: all(a.last_set is not None for a in cluster.agents.values()), timeout=10
-        )
+        await wait_for(lambda: all(a.last_set is not None for a in cluster.agents.values()))
     stored = await cluster.acceleration()
     assert FINALIZER in stored["metadata"]["finalizers"]
 
@@ -213,7 +209,7 @@ async def test_an_operator_that_never_finishes_is_waited_for_until_the_timeout(
     await operator_deployment(kube, ready=2)
     async with operator():
         await cluster.create_acceleration()
-        await wait_for(lambda: _finalized(cluster), timeout=10, what="the operator's finalizer")
+        await wait_for(lambda: _finalized(cluster), what="the operator's finalizer")
     hook = await run_hook("--timeout=2", "--operator-grace=1")
     assert hook.returncode == 0, hook.text
     assert await accelerations(cluster) == []

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 from kubernetes.aio import client as k8s
 
-from meshaccel.operator.engine import Engine
 from meshaccel.operator.handlers import _api_client
+from meshaccel.operator.picture import ClusterPicture
 from meshaccel.operator.resync import Listing, RelistDetector, Resyncer, list_cluster
 from tests.operator.conftest import KubeClient, api_path
 from tests.operator.objects import OPERATOR_NAMESPACE, pod
@@ -62,27 +62,29 @@ class FakeLister:
 
 
 @pytest.fixture
-def engine() -> Engine:
-    engine = Engine(OPERATOR_NAMESPACE)
-    engine.namespace_changed("shop", {})
+def picture() -> ClusterPicture:
+    picture = ClusterPicture(OPERATOR_NAMESPACE)
+    picture.namespace_changed("shop", {})
     for name in ("web", "api"):
-        engine.pod_changed(pod(name, "shop", uid=f"uid-{name}", ip=None, phase="Pending"))
-    return engine
+        picture.pod_changed(pod(name, "shop", uid=f"uid-{name}", ip=None, phase="Pending"))
+    return picture
 
 
 @pytest.fixture
-async def resyncer(engine: Engine) -> AsyncIterator[tuple[Resyncer, FakeLister, StoppedClock]]:
+async def resyncer(
+    picture: ClusterPicture,
+) -> AsyncIterator[tuple[Resyncer, FakeLister, StoppedClock]]:
     clock = StoppedClock()
     lister = FakeLister(Listing(frozenset({"uid-api"}), frozenset({"shop"}), frozenset()))
     leading = [True]
-    resyncer = Resyncer(engine, lister, interval=INTERVAL, active=lambda: leading[0], clock=clock)
+    resyncer = Resyncer(picture, lister, interval=INTERVAL, active=lambda: leading[0], clock=clock)
     task = asyncio.get_running_loop().create_task(resyncer.run())
     yield resyncer, lister, clock
     task.cancel()
 
 
 async def test_the_periodic_resync_comes_when_the_clock_says(
-    engine: Engine, resyncer: tuple[Resyncer, FakeLister, StoppedClock]
+    picture: ClusterPicture, resyncer: tuple[Resyncer, FakeLister, StoppedClock]
 ) -> None:
     syncer, lister, clock = resyncer
     assert syncer.next_due == clock.now + INTERVAL and syncer.passes == 0
@@ -91,25 +93,25 @@ async def test_the_periodic_resync_comes_when_the_clock_says(
     syncer.wake()
     await wait_for(lambda: syncer.passes == 1, what="the periodic resync")
 
-    assert set(engine.pods) == {"uid-api"} and lister.calls == 1
+    assert set(picture.pods) == {"uid-api"} and lister.calls == 1
     assert syncer.last is not None and syncer.last.pods == ("shop/web",)
     assert syncer.next_due == clock.now + INTERVAL  # the next one, an interval later
 
 
 async def test_a_requested_resync_runs_at_once_and_a_failed_one_changes_nothing(
-    engine: Engine, resyncer: tuple[Resyncer, FakeLister, StoppedClock]
+    picture: ClusterPicture, resyncer: tuple[Resyncer, FakeLister, StoppedClock]
 ) -> None:
     syncer, lister, clock = resyncer
     lister.failing = True
     syncer.request("pods listed again")
     await wait_for(lambda: lister.calls == 1, what="the failed resync")
     await wait_for(lambda: syncer.next_due == clock.now + INTERVAL, what="rescheduled")
-    assert set(engine.pods) == {"uid-web", "uid-api"} and syncer.passes == 0
+    assert set(picture.pods) == {"uid-web", "uid-api"} and syncer.passes == 0
 
     lister.failing = False
     syncer.request("pods listed again")
     await wait_for(lambda: syncer.passes == 1, what="the requested resync")
-    assert set(engine.pods) == {"uid-api"}
+    assert set(picture.pods) == {"uid-api"}
 
 
 async def test_list_cluster_lists_pods_namespaces_nodes_and_accelerations(

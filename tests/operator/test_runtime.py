@@ -20,7 +20,7 @@ from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
 from meshaccel.operator.handlers import _api_client
 from meshaccel.operator.models import MeshAccelerationSpec
-from meshaccel.operator.runtime import Runtime
+from meshaccel.operator.runtime import Operator
 from tests.operator.conftest import KubeClient, agent_tls, api_path, run_agent_pod
 from tests.operator.fake_agent import FakeAgent
 from tests.operator.objects import OPERATOR_NAMESPACE
@@ -33,7 +33,7 @@ PODS = api_path("v1", "pods", "shop")
 
 @dataclass
 class Setup:
-    runtime: Runtime
+    runtime: Operator
     agent: FakeAgent
     clock: StoppedClock
     kube: KubeClient
@@ -61,7 +61,7 @@ async def setup(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[Setup]:
     ]
     clock = StoppedClock()
     config = OperatorConfig(namespace=OPERATOR_NAMESPACE, push_window=0.01, probe_interval=3600)
-    runtime = Runtime(config, await _api_client(), aiohttp.ClientSession(), clock=clock)
+    runtime = Operator(config, await _api_client(), aiohttp.ClientSession(), clock=clock)
     runtime.start()
     port = free_port()
     try:
@@ -163,7 +163,7 @@ def pods_of(agent: FakeAgent) -> list[str] | None:
 
 async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: KubeClient) -> None:
     """Issue 12, item 6: at start Kopf may hand the operator the younger resource, its agents
-    and the older resource before any node; the engine then judged on the selectors alone,
+    and the older resource before any node; the picture then judged on the selectors alone,
     put the younger resource in Conflict and uninstalled its agents on every node. Now the
     first resync's list is the complete picture: the older resource keeps node-1, the younger
     one node-2, and nothing is uninstalled."""
@@ -203,7 +203,7 @@ async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: Kub
             },
         )
     config = OperatorConfig(namespace=OPERATOR_NAMESPACE, push_window=0.01, probe_interval=3600)
-    runtime = Runtime(config, await _api_client(), aiohttp.ClientSession(), clock=StoppedClock())
+    runtime = Operator(config, await _api_client(), aiohttp.ClientSession(), clock=StoppedClock())
     runtime.start()
     agents = {
         ("first", "node-1"): FakeAgent(tls=None, host=AGENT_IP, port=first_port),
@@ -238,14 +238,14 @@ async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: Kub
         for node, pool in (("node-1", "a"), ("node-2", "b")):
             labels = {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux", "pool": pool}
             runtime.node_event(node, labels, None)
-        await runtime.converge(runtime.engine.accelerations["second"])
+        await runtime.converge(runtime.picture.accelerations["second"])
         assert [agent.uninstalls for agent in agents.values()] == [0, 0, 0], "none retired"
 
         await wait_for(lambda: pods_of(agents["second", "node-2"]) == ["shop/b"], what="node-2")
         await wait_for(lambda: pods_of(agents["first", "node-1"]) == ["shop/a"], what="node-1")
         await wait_for(lambda: pods_of(agents["second", "node-1"]) == [], what="an empty set")
         assert [agent.uninstalls for agent in agents.values()] == [0, 0, 0]
-        second = runtime.engine.accelerations["second"]
+        second = runtime.picture.accelerations["second"]
         assert second.held_by() == {"first": (["node-1"], ["shop/a"])}
         status, _ = runtime.status("second", 1, {}, None)
         assert status is not None and status["conflicts"] == [
@@ -266,10 +266,10 @@ async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: Kub
 
 
 async def test_the_periodic_resync_rechecks_the_conflicts(setup: Setup) -> None:
-    """The periodic re-check the engine's docstring promises runs with every resync: here
+    """The periodic re-check the picture's docstring promises runs with every resync: here
     the periodic one, on the runtime's stopped clock."""
-    resyncer, engine = setup.runtime.resyncer, setup.runtime.engine
-    rechecks = engine.rechecks
+    resyncer, picture = setup.runtime.resyncer, setup.runtime.picture
+    rechecks = picture.rechecks
     setup.clock.now = resyncer.next_due
     resyncer.wake()
-    await wait_for(lambda: engine.rechecks == rechecks + 1, what="the periodic re-check")
+    await wait_for(lambda: picture.rechecks == rechecks + 1, what="the periodic re-check")

@@ -1,5 +1,5 @@
 """Status and conditions from what the operator knows: the pure functions, fed by hand, by the
-real engine, and (at 500 nodes) by the real engine and pusher against fake agents."""
+real picture, and (at 500 nodes) by the real picture and pusher against fake agents."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry
 from meshaccel.contract.api import PodSpec, UnresolvedPod
 from meshaccel.contract.version import VERSION
 from meshaccel.operator.budget import LeftOut
-from meshaccel.operator.engine import Acceleration, Engine, PodTrouble
 from meshaccel.operator.metrics import PushMetrics, ResourceMetrics
 from meshaccel.operator.models import (
     MAX_NODES_LISTED,
@@ -27,12 +26,13 @@ from meshaccel.operator.models import (
     MeshAccelerationSpec,
     MeshAccelerationStatus,
 )
+from meshaccel.operator.picture import Acceleration, ClusterPicture, PodTrouble
 from meshaccel.operator.pusher import Pusher
 from meshaccel.operator.selection import PodWarning, Verdict
 from meshaccel.operator.status import NodeView, Rollout, compute_status
 from tests.operator.fake_agent import FakeAgentFleet
 from tests.operator.objects import OPERATOR_NAMESPACE, agent_pod, pod
-from tests.operator.test_engine import ENABLED, RecordingSink, spec
+from tests.operator.test_picture import ENABLED, RecordingSink, spec
 from tests.operator.test_pusher import AGENT_TLS, OPERATOR
 from tests.waiting import wait_for
 
@@ -210,7 +210,7 @@ def test_conflict_names_what_older_resources_keep_and_invalid_spec_says_what_to_
 
 
 def test_nothing_is_judged_before_the_picture_is_complete() -> None:
-    """Until the engine settles, Ready, Reconciling, Stalled and Conflict stay as they were
+    """Until the picture settles, Ready, Reconciling, Stalled and Conflict stay as they were
     (Reconciling at first: the operator is listing the cluster)."""
     status, transitions = compute_status(
         acceleration(), {}, READY_DS, generation=1, previous=[], judged=False
@@ -383,17 +383,17 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.reason for c in CASES])
 def test_ready_means_every_pod_accelerated_or_left_out_by_choice(case: Case) -> None:
-    """The real engine selects, its sink's sets are what the agents confirmed: Ready is True
+    """The real picture selects, its sink's sets are what the agents confirmed: Ready is True
     only when every pod the selectors match is accelerated or left out by its own, or the
     spec's, choice (or has nothing to accelerate)."""
-    engine = Engine(OPERATOR_NAMESPACE, settled=True)
-    engine.namespace_changed("shop", ENABLED)
+    picture = ClusterPicture(OPERATOR_NAMESPACE, settled=True)
+    picture.namespace_changed("shop", ENABLED)
     for i, node in enumerate(("node-1", "node-2")):
-        engine.pod_changed(agent_pod("default", node, f"192.0.2.{i + 1}", uid=f"agent-{i}"))
+        picture.pod_changed(agent_pod("default", node, f"192.0.2.{i + 1}", uid=f"agent-{i}"))
     for obj in case.pods:
-        engine.pod_changed(obj)
+        picture.pod_changed(obj)
     sink = RecordingSink()
-    accel = engine.acceleration_changed("default", "uid", "t0", spec(**case.spec), sink)
+    accel = picture.acceleration_changed("default", "uid", "t0", spec(**case.spec), sink)
     nodes = {
         node: Node(node, pods_applied=len(pods), pods_desired=len(pods))
         for node, pods in sink.sets.items()
@@ -580,7 +580,7 @@ def test_a_large_cluster_keeps_its_status_bounded_and_its_counts_exact() -> None
 
 
 class ToFleet:
-    """The engine's sink for a pusher whose agents are a fake fleet: each node's agent listens
+    """The picture's sink for a pusher whose agents are a fake fleet: each node's agent listens
     at its fleet address, not at the address its agent pod names."""
 
     def __init__(self, pusher: Pusher, fleet: FakeAgentFleet) -> None:
@@ -597,19 +597,19 @@ class ToFleet:
 
 
 async def test_500_nodes_of_20_pods_with_300_unresolved_keep_a_bounded_status() -> None:
-    """The real engine and pusher against 500 fake agents that cannot find 300 of the 10,000
+    """The real picture and pusher against 500 fake agents that cannot find 300 of the 10,000
     pods: every count exact, every list capped, and the status what the CRD takes."""
-    engine = Engine(OPERATOR_NAMESPACE, settled=True)
-    engine.namespace_changed("shop", ENABLED)
+    picture = ClusterPicture(OPERATOR_NAMESPACE, settled=True)
+    picture.namespace_changed("shop", ENABLED)
     async with (
         FakeAgentFleet(500, tls=AGENT_TLS) as fleet,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
     ):
         for i, agent in enumerate(fleet):
-            engine.pod_changed(agent_pod("big", agent.name, f"10.255.{i // 250}.{i % 250 + 1}"))
+            picture.pod_changed(agent_pod("big", agent.name, f"10.255.{i // 250}.{i % 250 + 1}"))
             for j in range(20):
                 index = i * 20 + j
-                engine.pod_changed(
+                picture.pod_changed(
                     pod(
                         f"p{index:05d}",
                         "shop",
@@ -628,7 +628,7 @@ async def test_500_nodes_of_20_pods_with_300_unresolved_keep_a_bounded_status() 
             metrics=PushMetrics(CollectorRegistry()),
         )
         try:
-            accel = engine.acceleration_changed("big", "uid", "t0", spec(), ToFleet(pusher, fleet))
+            accel = picture.acceleration_changed("big", "uid", "t0", spec(), ToFleet(pusher, fleet))
 
             def synced() -> bool:
                 return all(s.in_sync for s in pusher.nodes().values())

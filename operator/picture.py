@@ -1,12 +1,12 @@
 """The operator's picture of the cluster, and each MeshAcceleration's per-node pod sets.
 
-:class:`Engine` is plain, synchronous and free of Kopf and I/O: handlers feed it namespaces,
+:class:`ClusterPicture` is plain, synchronous and free of Kopf and I/O: handlers feed it namespaces,
 nodes, pods and MeshAccelerations as they change; it re-selects only what a change can affect
 (a pod: that pod; a namespace or a node: its pods; a resource: all pods) and hands each node's
 complete new set to the resource's :class:`PodSink` (the :class:`~.pusher.Pusher`) when, and
 only when, that set changed.
 
-A complete picture first. The engine hands no set to any sink, and judges no conflict, until it
+A complete picture first. The picture hands no set to any sink, and judges no conflict, until it
 is *settled*: by the first census that lists the nodes (with their labels) and the
 MeshAccelerations (:mod:`.resync`, which runs when the operator's first term starts, before any
 set is pushed). Resources that census lists and no handler has fed yet are kept as *listed*:
@@ -25,16 +25,17 @@ the name) winning each; nothing is ever uninstalled for a conflict:
 
 They are judged on every change that can move them (a node's labels or agents, a resource
 added, changed or removed: the resources younger than it are re-selected; pods and namespaces
-as they are re-selected), and all over again after every census (:meth:`Engine.recheck_conflicts`:
-each resync, at a term's start, after a re-list, and every ``--resync-interval``).
+as they are re-selected), and all over again after every census
+(:meth:`ClusterPicture.recheck_conflicts`: each resync, at a term's start, after a re-list, and
+every ``--resync-interval``).
 
 Budgets: each node's set is cut to what the agent's maps hold (:mod:`.budget`); the pods left
 out are counted as ``OverBudget`` and the rest of the set goes out.
 
 Deletions nobody reported: after a watch gap Kopf lists again without DELETED events, so a
-resync (:mod:`.resync`) lists the cluster and hands the engine what is there; between
-:meth:`Engine.begin_census` and :meth:`Engine.end_census` the engine drops what it knew when
-the census began, that the list does not have and that no event touched meanwhile.
+resync (:mod:`.resync`) lists the cluster and hands the picture what is there; between
+:meth:`ClusterPicture.begin_census` and :meth:`ClusterPicture.end_census` the picture drops what
+it knew when the census began, that the list does not have and that no event touched meanwhile.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from meshaccel.operator.selection import (
     select,
 )
 
-log = logging.getLogger("meshaccel.operator.engine")
+log = logging.getLogger("meshaccel.operator.picture")
 
 ACCELERATION_LABEL = "meshaccel.io/acceleration"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -130,7 +131,7 @@ class PodTrouble:
 
 @dataclass
 class Acceleration:
-    """One MeshAcceleration as the engine tracks it.
+    """One MeshAcceleration as the picture tracks it.
 
     ``spec`` is the last spec without problems: a resource edited into nonsense keeps
     running as it was (nothing half-applied) and reports ``problems`` until fixed; a new
@@ -236,8 +237,8 @@ class AgentPod:
 
 @dataclass(eq=False)
 class Census:
-    """What the engine knew when a full list began (:meth:`Engine.begin_census`), and which of
-    those objects events touched since (an event is at least as new as the list)."""
+    """What the picture knew when a full list began (:meth:`ClusterPicture.begin_census`), and
+    which of those objects events touched since (an event is at least as new as the list)."""
 
     pods: frozenset[str]  # uids, agent pods included
     namespaces: frozenset[str]
@@ -259,7 +260,7 @@ class Dropped:
         return bool(self.pods or self.namespaces or self.nodes or self.accelerations)
 
 
-class Engine:
+class ClusterPicture:
     def __init__(self, namespace: str, *, settled: bool = False) -> None:
         self.namespace = namespace  # where the agents run (the operator's namespace)
         self.namespaces: dict[str, dict[str, str]] = {}
@@ -330,7 +331,7 @@ class Engine:
     # -- what a full list found ---------------------------------------------------------------
 
     def begin_census(self) -> Census:
-        """Before a full list is requested: what the engine knows now. End it with
+        """Before a full list is requested: what the picture knows now. End it with
         :meth:`end_census` or :meth:`abandon_census`."""
         census = Census(
             pods=frozenset(self.pods) | frozenset(self.agents),
@@ -355,12 +356,12 @@ class Engine:
         accelerations: Sequence[ListedAcceleration] | None = None,
     ) -> Dropped:
         """The list came back (``pods`` by uid, ``namespaces`` and ``nodes`` by name): drop
-        what the engine knew at :meth:`begin_census`, the list lacks and no event touched
+        what the picture knew at :meth:`begin_census`, the list lacks and no event touched
         since. (A pod uid never comes back; a name may, and then its event touches it.)
 
         ``labels`` (node -> labels) and ``accelerations``, when listed, are taken where no
         event touched them since; with ``accelerations`` the picture is complete and the
-        engine settles. Conflicts are then judged all over again.
+        picture settles. Conflicts are then judged all over again.
         """
         self.abandon_census(census)
         gone_pods: list[str] = []
