@@ -1,48 +1,20 @@
 """Keep the datapath's pod maps equal to the node's desired pod set.
 
-A :class:`Reconciler` takes each :class:`~meshaccel.contract.api.PodSet` as the node's
-complete desired state and applies the difference to the maps, all or nothing:
+A :class:`Reconciler` takes each :class:`~meshaccel.contract.api.PodSet` as the node's complete
+desired state and applies the difference to its :class:`~meshaccel.agent.pods.PodMaps` (the
+kernel's :class:`~meshaccel.agent.datapath.Datapath`, or the tests' in memory), all or nothing.
+Sets are ordered by ``(epoch, generation)`` (docs/agent.md, "API"); a set over capacity is
+refused but still removes the pods it no longer names; a pod whose cgroup is not found yet is
+reported unresolved and programmed later; a pod whose cgroup vanished is removed. Pods are
+written one at a time, journaled: a failed write undoes the pods written before it in reverse
+order and raises :class:`ApplyFailedError`.
 
-* sets are ordered by ``(epoch, generation)``: a set from a lower epoch than the applied one is
-  refused whatever its generation (:class:`StaleEpochError`: another operator replica leads),
-  a higher epoch is taken with any generation; within the applied epoch, a lower generation is
-  refused (:class:`StaleGenerationError`), the same generation again is a no-op if the set is
-  identical and a conflict otherwise. The epoch lives in memory: a restarted agent takes the
-  first set it gets (the leading operator sees the new boot id and sends its set again);
-* a set larger than the maps can hold is refused (:class:`CapacityError`), its pods are not
-  written, but the pods of the applied set that it no longer names are removed all the same
-  (a deleted pod's address must not keep leading to it): the applied generation stays, the
-  applied set shrinks to what is left of it. (The operator never sends such a set: it cuts
-  each node's set to the maps, and the refusal is the defence behind that.)
-* every pod is resolved to its pod cgroup id by a :class:`PodResolver`; a pod that cannot be
-  resolved yet is reported and left out, and programmed by a later apply or by
-  :meth:`Reconciler.retry_unresolved`;
-* a programmed pod whose cgroup is gone (the pod was deleted while no new set said so) is
-  removed by :meth:`Reconciler.remove_vanished` and reported unresolved, saying so, until it
-  resolves again: its address must not keep leading to a dead pod, whoever gets it next;
-* pods are written one at a time, journaled with what was programmed before: if a write fails
-  (a full map, a kernel error), the datapath undoes that pod's writes, every pod written before
-  it is put back in reverse order, and the error is raised (:class:`ApplyFailedError`).
+It keeps what it programmed in memory and writes only the pods that differ, with ``previous=``
+what it wrote before (no walk of the maps); it reads the maps once, when made (after a restart
+they are the truth), and removes entries that belong to no pod before its next write.
 
-The maps are a :class:`~meshaccel.agent.pods.PodMaps`: the agent's
-:class:`~meshaccel.agent.datapath.Datapath`, or the tests' in memory (logic tests without root;
-a contract test keeps the two alike).
-
-Speed. The reconciler keeps the programmed state in memory (cgroup id -> AcceleratedPod, and
-pod uid -> what it resolved to) and writes only the pods that differ, each through
-:meth:`PodMaps.put_pod` / :meth:`PodMaps.delete_pod` with ``previous=`` what it programmed
-before, so a one-pod change costs that pod's entries, not a walk of the maps. Resolution and
-encoding are cached per pod while its spec is unchanged: a pod's cgroup does not move during its
-life (a changed spec is resolved again). The maps are read once, when the reconciler is made
-(:meth:`PodMaps.read_pods`, one pass over each map): after an agent restart (adopt) they are
-the truth, and since pod uids are not in the maps the first set is matched to them by cgroup id.
-Entries that belong to no pod (an agent killed half-way through a write) are removed by the next
-apply before anything else is written, and not put back by a rollback: the datapath would only
-misread them (an old address still leading to a pod).
-
-Threads. Every public method takes one lock, and blocks on map syscalls: call them from a
-worker thread, never on an event loop. :attr:`Reconciler.snapshot` is an immutable view,
-replaced after each change, that any thread may read without the lock.
+Every public method takes one lock and blocks on map syscalls: call them from a worker thread,
+never on an event loop. :attr:`Reconciler.snapshot` is an immutable view any thread may read.
 """
 
 from __future__ import annotations

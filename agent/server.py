@@ -1,67 +1,18 @@
 """The agent's HTTP API: an aiohttp application over a reconciler (:mod:`.reconcile`).
 
-======  ============  =====  ==================================================================
-method  path          auth   replies
-======  ============  =====  ==================================================================
-PUT     /v1/pods      yes    200 ApplyResult; 400 not JSON; 403; 408 the body came too slowly;
-                             409 stale epoch (another writer leads), stale generation, or the
-                             applied generation with another set; 413 body too large; 415 not
-                             JSON content; 422 invalid set (pydantic's ``loc`` in ``detail``)
-                             or more pods/entries than the maps hold; 500 datapath error (the
-                             apply was rolled back); 507 a map filled up during the apply
-                             (rolled back); 409 after POST /v1/uninstall
-POST    /v1/uninstall yes    200 UninstallReply (``already`` on a repeat); 403; 409 standalone;
-                             500 the unload failed (a repeat tries again)
-GET     /v1/pods      yes    200 PodsReply; 403
-GET     /v1/status    yes    200 StatusReply (``not_ready`` says why /readyz is 503); 403
-GET     /v1/health    yes    200 HealthReply: boot id, the applied set's epoch and generation,
-                             the fingerprint of the client CA bundle in force (the operator's
-                             probe); 403
-GET     /healthz      no     200 ``{"status": "ok", "version": ...}``: the process serves
-GET     /readyz       no     200 ``{"status": "ok"}`` when every program is attached and a first
-                             set was applied; 503 ``not ready`` otherwise (why: /v1/status)
-GET     /metrics      no*    200 Prometheus text (OpenMetrics if asked for)
-======  ============  =====  ==================================================================
-
-The agent's ``version`` is in ApplyResult, HealthReply and StatusReply only for a client that
-sends its own in the ``Meshaccel-Version`` header (an operator that predates the field, whose
-models refuse unknown fields, sends none), and always in /healthz.
-
-Every 4xx and 5xx body is an :class:`~meshaccel.contract.api.ErrorReply` (JSON), also for
-unknown paths and methods; a refused request changes nothing. Unexpected errors give a 500
-whose body says to look in the log; the traceback is logged, never sent.
-
-Authentication is mutual TLS (:mod:`.tls`, served by :mod:`.listener`): a request under /v1
-must come over a connection whose client certificate chained to the agent's CA bundle and names
-the operator (:data:`~.tls.OPERATOR_IDENTITY`); otherwise 403. ``tls=None`` turns
+PUT /v1/pods (the node's set), POST /v1/uninstall, GET /v1/pods, /v1/status and /v1/health
+need the operator (mutual TLS, :mod:`.listener`; its identity in the client certificate);
+/healthz, /readyz and /metrics are open and say nothing an attacker could use. docs/agent.md,
+"API", has every path's replies; docs/security.md why each is open or not. ``tls=None`` turns
 authentication off (plain HTTP): only for a demo bound to loopback (``main`` checks).
 
-* /healthz and /readyz are open (kubelet's probes carry no certificate) and say ok or not ok,
-  nothing an attacker could use: the boot id, generations and reasons are behind /v1.
-* /metrics is open by default (``metrics_require_auth=True`` closes it). It exposes only
-  aggregate numbers (event counters, pod counts, the generation, map usage), never a pod's
-  name, uid or address, and it changes nothing. Closing it would mean giving the scraper the
-  operator's identity, which can rewrite the node's pod set: the greater risk.
-* Everything under /v1 needs the operator: GET replies name pods and their addresses.
-* The local socket (:mod:`.local_api`, a unix socket in the agent's pod, mode 0600) serves a
-  second application with only GET /v1/status, /v1/pods and /v1/health, for
-  ``meshaccel-agent status|pods``: whoever reaches it can already exec into the pod.
+Every 4xx and 5xx body is an :class:`~meshaccel.contract.api.ErrorReply`, and a refused request
+changes nothing; an unexpected error is a 500 whose traceback is logged, never sent.
 
-Limits (:class:`~.listener.Limits`): connections in all and per client address, the TLS
-handshake's, the headers' and the body's time, the body's size.
-
-Blocking work (map writes, counter and pin reads) runs in threads: applies on one dedicated
-thread, behind an asyncio lock, so they run one at a time in arrival order; reads on the
-loop's default executor. A background task, every ``retry_interval`` seconds, removes the pods
-whose cgroup is gone (:meth:`Reconciler.remove_vanished`) and retries unresolved pods; another,
-every ``tls_reload_interval`` seconds, re-reads the TLS files if they changed.
-
-Uninstall (the operator's, when its MeshAcceleration is deleted): POST /v1/uninstall unloads the
-datapath as ``meshaccel-agent uninstall`` does (:meth:`Datapath.unload`: stop redirecting,
-detach, drain ``drain_seconds``, remove every pin), on the apply thread behind the same lock, so
-it comes after an apply in progress and no apply can follow it. From the request on, sets are
-refused (409); the process keeps serving (the DaemonSet is deleted next, and its SIGTERM then
-finds nothing left to do).
+Blocking work runs in threads: applies and the uninstall on one dedicated thread behind an
+asyncio lock (one at a time, in arrival order; nothing applies after an uninstall), reads on
+the loop's default executor. Background tasks remove pods whose cgroup is gone and retry
+unresolved ones (every ``retry_interval``), and re-read changed TLS files.
 """
 
 from __future__ import annotations

@@ -1,41 +1,16 @@
 """The operator's picture of the cluster, and each MeshAcceleration's per-node pod sets.
 
-:class:`ClusterPicture` is plain, synchronous and free of Kopf and I/O: handlers feed it namespaces,
-nodes, pods and MeshAccelerations as they change; it re-selects only what a change can affect
-(a pod: that pod; a namespace or a node: its pods; a resource: all pods) and hands each node's
-complete new set to the resource's :class:`PodSink` (the :class:`~.pusher.Pusher`) when, and
-only when, that set changed.
+:class:`ClusterPicture` is plain, synchronous and free of Kopf and I/O: handlers feed it
+namespaces, nodes, pods and MeshAccelerations as they change; it re-selects only what a change
+can affect and hands each node's complete new set to the resource's :class:`PodSink` (the
+:class:`~.pusher.Pusher`) when, and only when, that set changed, cut to the node's maps
+(:mod:`.budget`).
 
-A complete picture first. The picture hands no set to any sink, and judges no conflict, until it
-is *settled*: by the first census that lists the nodes (with their labels) and the
-MeshAccelerations (:mod:`.resync`, which runs when the operator's first term starts, before any
-set is pushed). Resources that census lists and no handler has fed yet are kept as *listed*:
-they claim their nodes and pods like any other, and program nothing until their handler (or
-the status timer) gives them a sink. So neither the order in which Kopf delivers nodes and
-resources at start nor a resource's handler running late can hand a node to the wrong resource.
-
-Conflicts are resolved per node and per pod, the older resource (``creationTimestamp``, then
-the name) winning each; nothing is ever uninstalled for a conflict:
-
-* a node both resources' agents select (``spec.agent.nodeSelector``) is the older one's; the
-  younger one's agent there gets an empty set, its pods there count as
-  ``NodeClaimedByOlderResource``, and it keeps every other node it selects;
-* a pod both resources' selectors claim (namespace, pod selector, the mesh's sidecar) is the
-  older one's, wherever it runs: the younger one counts it as ``PodClaimedByOlderResource``.
-
-They are judged on every change that can move them (a node's labels or agents, a resource
-added, changed or removed: the resources younger than it are re-selected; pods and namespaces
-as they are re-selected), and all over again after every census
-(:meth:`ClusterPicture.recheck_conflicts`: each resync, at a term's start, after a re-list, and
-every ``--resync-interval``).
-
-Budgets: each node's set is cut to what the agent's maps hold (:mod:`.budget`); the pods left
-out are counted as ``OverBudget`` and the rest of the set goes out.
-
-Deletions nobody reported: after a watch gap Kopf lists again without DELETED events, so a
-resync (:mod:`.resync`) lists the cluster and hands the picture what is there; between
-:meth:`ClusterPicture.begin_census` and :meth:`ClusterPicture.end_census` the picture drops what
-it knew when the census began, that the list does not have and that no event touched meanwhile.
+It hands out no set and judges no conflict until it is *settled* by a first census of the nodes
+and resources (:mod:`.resync`). Conflicts go per node and per pod to the older resource
+(docs/operator.md, "Conflicts"), judged on every change that can move them and again after
+every census. Between :meth:`ClusterPicture.begin_census` and :meth:`ClusterPicture.end_census`
+it drops what the list lacks and no event touched (deletions missed in a watch gap).
 """
 
 from __future__ import annotations

@@ -1,72 +1,18 @@
 """The push channel: each node's complete desired pod set, sent to that node's agent.
 
-One :class:`Pusher` per MeshAcceleration. Kopf handlers tell it where each node's agent
-listens (:meth:`Pusher.set_endpoint`) and what each node's set is (:meth:`Pusher.set_pods`);
-both are synchronous and cheap, and must be called on the event loop's thread: from
-``async def`` handlers (Kopf runs plain ``def`` handlers in worker threads). The pusher
-sends ``PUT /v1/pods`` (:class:`~meshaccel.contract.api.PodSet`) and tracks what every
-agent confirmed (:meth:`Pusher.nodes`).
+One :class:`Pusher` per MeshAcceleration, one task per node. Handlers give it each node's
+endpoint and set (:meth:`Pusher.set_endpoint`, :meth:`Pusher.set_pods`: synchronous, cheap, on
+the event loop's thread only); it batches changes within a window, sends ``PUT /v1/pods`` with
+its replica's epoch (:meth:`Pusher.lead`; ``None`` stops every write) and a generation, retries
+with backoff, probes ``GET /v1/health``, and shows what every agent confirmed
+(:meth:`Pusher.nodes`). docs/operator.md, "Pushing", has the rules: epochs and generations,
+409s, other writers, restarts, unresolved pods and versions.
 
-Per node, one task, idle on an :class:`asyncio.Event` with a timer for its next health probe:
-
-* **Batching.** The first change after a quiet spell starts a ``window``; the set sent when it
-  ends is the newest one, so a burst of pod events costs one PUT per node.
-* **Leading.** Only a replica that leads writes: :meth:`Pusher.lead` gives the pusher its
-  leader epoch (this replica's term in the operator's Lease, :mod:`.leadership`), and ``None``
-  stops it: no PUT and no probe goes out until an epoch comes back (the node tasks end; the
-  sets keep being tracked). Every set carries the epoch; agents order sets by ``(epoch,
-  generation)`` and refuse a lower epoch whatever its generation. A new epoch sends every
-  node's set again at once: the agents then hold this term's sets, and no other.
-* **Generations** count the sets of one epoch, from 1: every new set gets a generation above
-  both the last one sent and the agent's applied generation in this epoch as last heard. A 409
-  naming an applied generation of *this* epoch (a pusher made again within the term: it has
-  no memory) sends the same set again at once with that generation + 1. A retry of an
-  unchanged set keeps its generation: if the agent applied it before the reply was lost, the
-  repeat is a no-op there.
-* **Another writer.** A 409 naming a higher applied epoch means another replica leads: the
-  node is left alone (``superseded_by``, ``last_error`` say so; never a generation jump, so a
-  stale set cannot win), and ``on_superseded(epoch)`` tells the caller, whose term is over.
-  An agent that predates epochs refuses the field (422 on ``epoch``): its sets go without one,
-  unfenced as before, until its boot id changes (an upgrade).
-* **Failures.** Unreachable, timeout, a failed TLS handshake, 5xx (507 included), 408 and 429:
-  retried with exponential backoff (``backoff_initial`` doubling to ``backoff_max``, each delay
-  jittered into its upper half). New sets during a backoff wait for it. Any other 4xx is the
-  operator's bug or a set the agent cannot take (403 certificate, 422 capacity, 409
-  standalone/uninstalled agent): recorded in ``last_error`` and not sent again until the set
-  (or the endpoint, or the agent's boot, or the epoch) changes.
-* **Agent restarts and other writers.** Every PUT reply and a ``GET /v1/health`` probe (every
-  ``probe_interval`` per node, each node's first one at a random point of the interval, so 500
-  nodes are not probed at once) carry the agent's ``boot_id`` and its applied epoch and
-  generation; the probe also the fingerprint of the CA bundle the agent trusts
-  (``NodeState.trust_bundle``: the CA rotation waits for it, :mod:`.credentials`). A new boot
-  id means a fresh process that holds none of our sets: the full set is sent again, at once.
-  A higher epoch means another writer leads (as above); any other applied epoch or generation
-  than the one last heard means the agent holds a set that is not the one it confirmed: the
-  node is behind and its set is sent again, at once, above the agent's generation. A probe
-  that reaches an agent the pushes could not reach also ends the backoff.
-* **Unresolved pods and versions.** Every reply to a set lists the pods the agent cannot find
-  (no cgroup yet: ``NodeState.unresolved_pods``, and since when some are), and replies and
-  probes carry the agent's version (``NodeState.agent_version``: agents send it to a client
-  that sends its own, in the ``Meshaccel-Version`` header). The agent resolves such pods
-  by itself and says so only in a reply to a set: while a node in sync has some, each
-  successful probe is followed by the same set again (the same generation, a no-op for the
-  agent), whose reply brings the list up to date.
-* ``on_applied(node, generation, seconds)`` is called on every confirmation (not on those
-  refreshes); ``seconds`` runs from the oldest change (or restart, or new endpoint) the
-  confirmed set includes that was not confirmed before. Exceptions it raises are logged.
-* **Time.** Windows, backoffs, probes and latencies are read from ``clock`` (``time.monotonic``
-  by default); the waits themselves run on the event loop's timers, so a clock that stands
-  still only postpones what is due. :class:`NodeState` shows what is due (``next_push``) and
-  whether a PUT is in flight (``pushing``): with neither, nothing is sent until something
-  changes (a set, an endpoint, an agent's boot, the epoch).
-
-HTTPS only, mutual TLS: the caller's :class:`aiohttp.ClientSession` (its connector's limit caps
-concurrent requests: for hundreds of nodes make it ``limit=0`` or about the node count); every
-request takes the context ``tls()`` returns then (the operator's client certificate, renewed by
-its owner, and the CAs the agent's server certificate must chain to) and checks the server's
-name, :data:`~meshaccel.contract.tls.AGENT_SERVER_NAME` (node addresses are in no certificate).
-An endpoint given as ``http://`` is reached over https all the same. Bodies are built and
-parsed with the agent's own models, so the contract is checked on both ends by the same code.
+Windows, backoffs, probes and latencies are read from ``clock``; the waits run on the event
+loop's timers, so a clock that stands still only postpones what is due. Mutual TLS only: each
+request takes the context ``tls()`` returns then and checks the server's name,
+:data:`~meshaccel.contract.tls.AGENT_SERVER_NAME`; bodies are built and parsed with the
+contract's models, so both ends check the same contract.
 """
 
 from __future__ import annotations
