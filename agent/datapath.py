@@ -116,6 +116,8 @@ CGROUP_HOOKS = (
     CgroupHook("getsockopt.bpf.o", "answer_original_dst", "getsockopt"),
     CgroupHook("sockname.bpf.o", "restore_peer_address", "getpeername4"),
     CgroupHook("sockname.bpf.o", "restore_local_address", "getsockname4"),
+    CgroupHook("dns.bpf.o", "restore_dns_reply_source", "recvmsg4"),
+    CgroupHook("dns.bpf.o", "capture_dns_sendmsg4", "sendmsg4"),
     CgroupHook("sockops.bpf.o", "track_sockets", "sockops"),
     CgroupHook("connect.bpf.o", "redirect_connect4", "connect4"),
 )
@@ -424,7 +426,7 @@ class Datapath:
         info, old_info = bytes(pod.info()), None if old is None else bytes(old.info())
         new_options, old_options = _option_keys(pod), _option_keys(old)
 
-        with _undo_on_failure() as undo:
+        with undo_on_failure() as undo:
             # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
             for name, keys in new_options.items():
                 self._insert(undo, name, keys - old_options[name])
@@ -451,7 +453,7 @@ class Datapath:
         )
         if pod is None:
             return False
-        with _undo_on_failure() as undo:
+        with undo_on_failure() as undo:
             # The pod entry first: connect4 stops acting on the pod at once.
             existed = self._remove(undo, "pods", {u64(cgroup_id)}, bytes(pod.info())) > 0
             self._release_ip(undo, pod)
@@ -626,8 +628,9 @@ def _option_keys(pod: AcceleratedPod | None) -> dict[str, set[bytes]]:
 
 
 @contextlib.contextmanager
-def _undo_on_failure() -> Iterator[_Undo]:
-    """Collects undo steps; if the block raises, runs them in reverse and raises again."""
+def undo_on_failure() -> Iterator[_Undo]:
+    """Collects undo steps; if the block raises, runs them in reverse and raises again (an
+    ``UndoFailedError`` if an undo step failed too). PodMaps writes are all or nothing by it."""
     undo: _Undo = []
     try:
         yield undo
@@ -670,7 +673,7 @@ def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
     if pins.map("draining").exists():
         with libbpf.Map.from_pin(pins.map("draining")) as draining:
             draining.update(u32(0), u32(1))
-    steering = ("connect4", "sockops")
+    steering = ("connect4", "sendmsg4", "sockops")
     for link in steering:
         _detach_link(pins.link(link))
     time.sleep(drain_seconds)

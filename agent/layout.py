@@ -54,6 +54,7 @@ class ConnectionFlags(enum.IntFlag):
     CONNECTION_REWRITTEN = 1 << 0
     CONNECTION_CLIENT_TAKES_MSG = 1 << 1
     CONNECTION_SERVER_TAKES_MSG = 1 << 2
+    CONNECTION_DNS = 1 << 3
 
 
 class Connection(ctypes.Structure):
@@ -85,6 +86,7 @@ class PodFlags(enum.IntFlag):
     POD_OUTBOUND_INCLUDE_ALL = 1 << 0
     POD_SK_MSG_TO_APP = 1 << 1
     POD_SIDECAR_UID_ONLY = 1 << 2
+    POD_DNS_CAPTURE = 1 << 3
 
 
 class PodInfo(ctypes.Structure):
@@ -93,7 +95,8 @@ class PodInfo(ctypes.Structure):
         ("sidecar_uid", ctypes.c_uint32),
         ("outbound_port", Be16),
         ("inbound_port", Be16),
-        ("flags", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("dns_port", Be16),  # 0 unless POD_DNS_CAPTURE
     ]
 
 
@@ -166,6 +169,9 @@ class Counter(enum.IntEnum):
     COUNTER_LOCAL_ADDRESS_RESTORED = 25
     COUNTER_BYPASS_NO_INBOUND_LISTENER = 26
     COUNTER_SOCKHASH_KEY_TAKEN = 27
+    COUNTER_DNS_CONNECT_CAPTURED = 28
+    COUNTER_DNS_DATAGRAM_CAPTURED = 29
+    COUNTER_DNS_REPLY_ADDRESS_RESTORED = 30
 
     @property
     def metric_name(self) -> str:

@@ -105,12 +105,25 @@ DATAPATH_FAMILIES: tuple[CounterFamily, ...] = (
     CounterFamily(
         "meshaccel_datapath_transparency_answers",
         "Calls answered as under iptables for steered connections, by call: so_original_dst "
-        "(getsockopt SO_ORIGINAL_DST), getpeername (also accept's peer), getsockname",
+        "(getsockopt SO_ORIGINAL_DST), getpeername (also accept's peer), getsockname, recvmsg "
+        "(a DNS reply's source)",
         "call",
         {
             Counter.COUNTER_ORIGINAL_DST_ANSWERED: "so_original_dst",
             Counter.COUNTER_PEER_ADDRESS_RESTORED: "getpeername",
             Counter.COUNTER_LOCAL_ADDRESS_RESTORED: "getsockname",
+            Counter.COUNTER_DNS_REPLY_ADDRESS_RESTORED: "recvmsg",
+        },
+    ),
+    CounterFamily(
+        "meshaccel_datapath_dns_captured",
+        "Application DNS (port 53) sent to the proxy's DNS server in pods whose mesh captures "
+        "DNS, by call: connect (a UDP or TCP socket's connect) or sendmsg (an unconnected UDP "
+        "datagram)",
+        "call",
+        {
+            Counter.COUNTER_DNS_CONNECT_CAPTURED: "connect",
+            Counter.COUNTER_DNS_DATAGRAM_CAPTURED: "sendmsg",
         },
     ),
     CounterFamily(

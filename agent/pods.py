@@ -31,6 +31,8 @@ class AcceleratedPod:
     ``sk_msg_to_app``: sk_msg may deliver into the pod's application sockets, not only into
     its sidecar's (``POD_SK_MSG_TO_APP``). ``sidecar_by_gid``: a process whose gid is
     ``sidecar_uid`` is the sidecar too (Istio); False: by uid only (``POD_SIDECAR_UID_ONLY``).
+    ``dns_port``: the mesh captures the pod's DNS: the application's UDP and TCP to port 53 go
+    to 127.0.0.1 on this port (``POD_DNS_CAPTURE``); None: DNS is left alone.
     """
 
     cgroup_id: int
@@ -44,6 +46,7 @@ class AcceleratedPod:
     included_outbound_cidrs: frozenset[IPv4Network] | None = field(default=None)
     sk_msg_to_app: bool = False
     sidecar_by_gid: bool = True
+    dns_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.cgroup_id <= 0:
@@ -53,6 +56,8 @@ class AcceleratedPod:
         _check_ports(frozenset({self.outbound_port, self.inbound_port}), "listener ports")
         _check_ports(self.excluded_outbound_ports, "excluded outbound ports")
         _check_ports(self.excluded_inbound_ports, "excluded inbound ports")
+        if self.dns_port is not None:
+            _check_ports(frozenset({self.dns_port}), "DNS port")
 
     @classmethod
     def in_mesh(
@@ -66,8 +71,12 @@ class AcceleratedPod:
         excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset(),
         included_outbound_cidrs: frozenset[IPv4Network] | None = None,
         sk_msg_to_app: bool = False,
+        dns_capture: bool = False,
     ) -> AcceleratedPod:
-        """A pod of ``mode``'s mesh, with the mesh's own ports always excluded."""
+        """A pod of ``mode``'s mesh, with the mesh's own ports always excluded; with
+        ``dns_capture``, its DNS goes to the mesh's DNS port (ValueError if the mesh has none)."""
+        if dns_capture and mode.dns_port is None:
+            raise ValueError(f"{mode.name} has no DNS proxy to capture DNS for")
         return cls(
             cgroup_id=cgroup_id,
             ip=IPv4Address(ip),
@@ -80,6 +89,7 @@ class AcceleratedPod:
             excluded_outbound_cidrs=excluded_outbound_cidrs,
             included_outbound_cidrs=included_outbound_cidrs,
             sk_msg_to_app=sk_msg_to_app,
+            dns_port=mode.dns_port if dns_capture else None,
         )
 
     # -- encoding ---------------------------------------------------------------------------
@@ -92,12 +102,15 @@ class AcceleratedPod:
             flags |= layout.PodFlags.POD_SK_MSG_TO_APP
         if not self.sidecar_by_gid:
             flags |= layout.PodFlags.POD_SIDECAR_UID_ONLY
+        if self.dns_port is not None:
+            flags |= layout.PodFlags.POD_DNS_CAPTURE
         return layout.PodInfo(
             ip=layout.ipv4(self.ip),
             sidecar_uid=self.sidecar_uid,
             outbound_port=layout.be16(self.outbound_port),
             inbound_port=layout.be16(self.inbound_port),
             flags=int(flags),
+            dns_port=layout.be16(self.dns_port or 0),
         )
 
     @classmethod
@@ -128,6 +141,9 @@ class AcceleratedPod:
             else included_outbound_cidrs,
             sk_msg_to_app=bool(flags & layout.PodFlags.POD_SK_MSG_TO_APP),
             sidecar_by_gid=not flags & layout.PodFlags.POD_SIDECAR_UID_ONLY,
+            dns_port=layout.port_of(info.dns_port)
+            if flags & layout.PodFlags.POD_DNS_CAPTURE
+            else None,
         )
 
     def port_keys(self) -> set[bytes]:

@@ -289,6 +289,7 @@ def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
         excluded_outbound_cidrs=options.excluded_outbound_cidrs,
         included_outbound_cidrs=options.included_outbound_cidrs,
         sk_msg_to_app=options.sk_msg_to_app,
+        dns_capture=options.dns_capture,
     )
 
 

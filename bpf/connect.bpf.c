@@ -3,6 +3,8 @@
  * cgroup/connect4: steer a pod's TCP connects to its sidecar, the way
  * Istio's OUTPUT rules would, before a single packet exists.
  *
+ *  - in a pod whose mesh captures DNS, the app's UDP and TCP connects to port
+ *    53 go to 127.0.0.1:<dns_port> (unconnected UDP: dns.bpf.c); *
  *  - the app's connect to a remote destination goes to 127.0.0.1:<outbound>;
  *  - the sidecar's connect to a meshed pod on this node goes straight to that
  *    pod's <inbound> listener, skipping the PREROUTING redirect;
@@ -153,14 +155,33 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 }
 
 /*
- * Who the mesh's OUTPUT rules exempt as its proxy: Istio's by uid and by gid alike,
- * Linkerd's and Kuma's by uid only (a process with only the proxy's gid is an app there).
+ * An application's UDP or TCP connect to port 53 in a pod whose mesh captures
+ * DNS: to the proxy's DNS server, as the mesh's DNS rules do. Port exclusions
+ * do not apply (Kuma excludes 53 from its TCP capture because its DNS rule
+ * comes first). The socket remembers the server it asked for: getpeername
+ * answers it (sockname.bpf.c), a UDP reply carries it as its source (dns.bpf.c).
  */
-static __always_inline bool is_sidecar(const struct pod_info *pod, __u64 uid_gid)
+static __always_inline int capture_dns_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod)
 {
-	if ((__u32)uid_gid == pod->sidecar_uid)
-		return true;
-	return !(pod->flags & POD_SIDECAR_UID_ONLY) && (__u32)(uid_gid >> 32) == pod->sidecar_uid;
+	if (!remember_connect(ctx, pod, ctx->user_ip4, (__be16)ctx->user_port,
+			      CONNECTION_REWRITTEN | CONNECTION_DNS))
+		return ALLOW;
+	ctx->user_ip4 = localhost();
+	ctx->user_port = pod->dns_port;
+	count(COUNTER_DNS_CONNECT_CAPTURED, 1);
+	return ALLOW;
+}
+
+/* A UDP socket connected again, elsewhere: what it recorded of a DNS server no longer holds. */
+static __always_inline void forget_dns_server(struct bpf_sock_addr *ctx)
+{
+	struct socket_state *state;
+
+	if (!ctx->sk)
+		return;
+	state = bpf_sk_storage_get(&socket_states, ctx->sk, NULL, 0);
+	if (state)
+		state->conn.flags = 0;
 }
 
 SEC("cgroup/connect4")
@@ -170,15 +191,32 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 	__u64 pod_cgroup_id = 0;
 	__u64 uid_gid;
 
-	if (ctx->type != SOCK_STREAM)
+	if (ctx->type == SOCK_DGRAM) {
+		/* UDP is steered only as DNS: anything else costs one storage lookup. */
+		if ((__be16)ctx->user_port != bpf_htons(DNS_PORT)) {
+			forget_dns_server(ctx);
+			return ALLOW;
+		}
+	} else if (ctx->type != SOCK_STREAM) {
 		return ALLOW;
+	}
 	pod = current_pod(&pod_cgroup_id);
 	if (!pod)
 		return ALLOW; /* not an accelerated pod: nothing here is ours */
 
 	uid_gid = bpf_get_current_uid_gid();
-	if (is_sidecar(pod, uid_gid))
+	if (is_sidecar(pod, uid_gid)) {
+		/* The proxy's own queries go where it sends them, as under the mesh's rules. */
+		if (ctx->type == SOCK_DGRAM)
+			return ALLOW;
 		return redirect_sidecar(ctx, pod, pod_cgroup_id);
+	}
+	if (captures_dns(pod, ctx->user_port))
+		return capture_dns_connect(ctx, pod);
+	if (ctx->type == SOCK_DGRAM) {
+		forget_dns_server(ctx);
+		return ALLOW;
+	}
 	return redirect_outbound(ctx, pod, pod_cgroup_id);
 }
 

@@ -252,10 +252,21 @@ static __always_inline void on_state_change(struct bpf_sock_ops *skops)
 	*owner = 0;
 }
 
+/*
+ * An IPv4 connection on an IPv6 socket: what a dual-stack listener ([::],
+ * Go's for 0.0.0.0 among them) accepts. The kernel keeps its IPv4 addresses
+ * in the fields the tuple reads, so it is tracked like any IPv4 socket.
+ */
+static __always_inline bool ipv4_mapped(const struct bpf_sock_ops *skops)
+{
+	return skops->family == AF_INET6 && skops->remote_ip6[0] == 0 &&
+	       skops->remote_ip6[1] == 0 && skops->remote_ip6[2] == bpf_htonl(0xffff);
+}
+
 SEC("sockops")
 int track_sockets(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	if (skops->family != AF_INET && !ipv4_mapped(skops))
 		return ALLOW;
 
 	switch (skops->op) {

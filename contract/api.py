@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from meshaccel.contract.modes import MeshModeName
+from meshaccel.contract.modes import MESH_MODES, MeshModeName
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -96,6 +96,12 @@ class PodOptions(_Strict):
         "reading with splice() or TCP_ZEROCOPY_RECEIVE would stall, as those never see bytes "
         "sk_msg queued)",
     )
+    dns_capture: bool = Field(
+        default=False,
+        description="the mesh captures this pod's DNS (Istio's DNS proxying, Kuma's built-in "
+        "DNS): the app's UDP and TCP to port 53 go to the proxy's DNS port; only for a mode "
+        "that has one",
+    )
 
 
 class PodSpec(_Strict):
@@ -120,6 +126,12 @@ class PodSpec(_Strict):
         if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
             raise ValueError(f"{ip} cannot be a pod's address")
         return ip
+
+    @model_validator(mode="after")
+    def _dns_capture_needs_a_dns_proxy(self) -> PodSpec:
+        if self.options.dns_capture and MESH_MODES[self.mode].dns_port is None:
+            raise ValueError(f"options.dns_capture: {self.mode} has no DNS proxy")
+        return self
 
 
 class PodSet(_Strict):

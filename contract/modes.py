@@ -23,6 +23,8 @@ class MeshMode:
     ports, never redirected in that direction whatever a pod's annotations say. Excluding more
     than the mesh does only leaves a connection to the mesh's own rules; excluding less would
     steer what the mesh does not.
+    ``dns_port``: the proxy's DNS server on 127.0.0.1, where the mesh's rules send the
+    application's DNS when it captures DNS (None: the mesh never does).
     """
 
     name: MeshModeName
@@ -32,6 +34,7 @@ class MeshMode:
     inbound_port: int
     outbound_excluded_ports: frozenset[int]
     inbound_excluded_ports: frozenset[int]
+    dns_port: int | None = None
 
 
 # Ports as istio-iptables and the Istio sidecar use them: the proxy's own
@@ -47,6 +50,7 @@ ISTIO = MeshMode(
         {15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090}
     ),
     inbound_excluded_ports=frozenset({15008, 15020, 15021, 15090}),
+    dns_port=15053,  # istio-agent's DNS proxy, with ISTIO_META_DNS_CAPTURE
 )
 
 # linkerd2-proxy: outbound 4140, inbound 4143, admin 4191, control 4190. proxy-init exempts
@@ -65,7 +69,9 @@ LINKERD = MeshMode(
 # Kuma's Envoy: the same capture ports as Istio, admin 9901, DNS 15053, virtual probes 9000,
 # application probe proxy 9001 (the injector excludes it from inbound redirection). kuma-init
 # exempts the proxy by uid only, and with the built-in DNS (on by default on Kubernetes) sends
-# TCP to port 53 to kuma-dp's DNS server on 15053, not through Envoy: 53 is left to its rules.
+# TCP to port 53 to kuma-dp's DNS server on 15053, not through Envoy: 53 is never steered to
+# Envoy, and goes to 15053 only in a pod with DNS capture (AcceleratedPod.dns_port), else to its
+# rules.
 KUMA = MeshMode(
     name=MeshModeName.KUMA,
     sidecar_uid=5678,
@@ -74,6 +80,7 @@ KUMA = MeshMode(
     inbound_port=15006,
     outbound_excluded_ports=frozenset({53, 9000, 9001, 9901, 15001, 15006, 15053}),
     inbound_excluded_ports=frozenset({9000, 9001, 9901}),
+    dns_port=15053,  # kuma-dp's built-in DNS server
 )
 
 MESH_MODES: dict[MeshModeName, MeshMode] = {m.name: m for m in (ISTIO, LINKERD, KUMA)}

@@ -326,6 +326,13 @@ class MeshAccelerationSpec(_Model):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     datapath: DatapathSpec = Field(default_factory=DatapathSpec)
     exclusions: ExclusionsSpec = Field(default_factory=ExclusionsSpec)
+    dnsCapture: bool | None = Field(
+        default=None,
+        description="Istio: whether the mesh captures DNS in pods whose proxy.istio.io/config "
+        "does not say (meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE, which the "
+        "operator cannot see; unset: off). Kuma pods say it themselves (the injector's "
+        "kuma.io/builtin-dns annotation); Linkerd captures no DNS",
+    )
 
 
 # Ready, Reconciling and Stalled as kstatus reads them; Degraded and Conflict say what is wrong

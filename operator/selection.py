@@ -29,15 +29,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from meshaccel.contract.api import PodOptions, PodSpec
-from meshaccel.contract.modes import MeshModeName
+from meshaccel.contract.modes import MESH_MODES, MeshModeName
 from meshaccel.operator.models import DatapathSpec, ExclusionsSpec, MeshAccelerationSpec
 from meshaccel.operator.selectors import matches
 
 OPT_OUT_ANNOTATION = "meshaccel.io/accelerate"
 SK_MSG_TO_APP_ANNOTATION = "meshaccel.io/sk-msg-to-app"
+# Istio's per-pod ProxyConfig (YAML): proxyMetadata.ISTIO_META_DNS_CAPTURE turns DNS proxying on.
+ISTIO_PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
+ISTIO_DNS_CAPTURE_METADATA = "ISTIO_META_DNS_CAPTURE"
+# Kuma's built-in DNS per pod ("enabled"/"disabled"; on by default on Kubernetes), and its port.
+KUMA_BUILTIN_DNS_ANNOTATION = "kuma.io/builtin-dns"
+KUMA_BUILTIN_DNS_PORT_ANNOTATION = "kuma.io/builtin-dns-port"
+_KUMA_BOOLEANS = {"enabled": True, "true": True, "disabled": False, "false": False}
 _ANNOTATION_BOOLEANS = {"true": True, "false": False}
 
 
@@ -98,6 +106,7 @@ _KEPT_PREFIXES = (
     "kuma.io/",
     "traffic.kuma.io/",
     "meshaccel.io/",
+    ISTIO_PROXY_CONFIG_ANNOTATION,  # its proxyMetadata says whether DNS is captured
 )
 
 
@@ -224,7 +233,13 @@ def select(
         return Selection(Verdict.NO_AGENT, detail=f"node {pod.node}")
     to_app, ignored = app_takes_sk_msg(pod, spec.datapath)
     try:
-        options = pod_options(pod, spec.mode, spec.exclusions, sk_msg_to_app=to_app)
+        options = pod_options(
+            pod,
+            spec.mode,
+            spec.exclusions,
+            sk_msg_to_app=to_app,
+            dns_capture=dns_captured(pod, spec.mode, spec.dnsCapture),
+        )
         accelerated = PodSpec(
             uid=pod.uid,
             namespace=pod.namespace,
@@ -266,12 +281,59 @@ def app_takes_sk_msg(pod: PodFacts, datapath: DatapathSpec) -> tuple[bool, str]:
     return datapath.skMsgRedirect and wanted, ignored
 
 
+def dns_captured(pod: PodFacts, mode: MeshModeName, default: bool | None) -> bool:
+    """Whether the pod's mesh sends its DNS to the proxy's DNS server. Istio: the pod's
+    proxy.istio.io/config, else ``default`` (``spec.dnsCapture``, the mesh-wide setting the
+    operator cannot see), else off. Kuma: its injector's kuma.io/builtin-dns annotation only.
+
+    A value the mesh would not read as a boolean is taken as the mesh's default too. Anything
+    unclear about the port (Kuma's builtin-dns-port set elsewhere) leaves DNS to the mesh's rules
+    (False): Kuma's mode never steers TCP/53 to Envoy, so its rules still take it.
+    """
+    dns_port = MESH_MODES[mode].dns_port
+    if dns_port is None:
+        return False
+    if mode is MeshModeName.ISTIO:
+        annotated = _istio_dns_capture(pod.annotations.get(ISTIO_PROXY_CONFIG_ANNOTATION))
+        if annotated is not None:
+            return annotated
+        return bool(default)
+    if mode is MeshModeName.KUMA:
+        port = pod.annotations.get(KUMA_BUILTIN_DNS_PORT_ANNOTATION)
+        if port is not None and port.strip() != str(dns_port):
+            return False
+        # Kuma's injector writes the annotation on every pod whose built-in DNS is on, and its
+        # init container redirects DNS only then: the pod's own word, never a default (a
+        # capture the mesh does not make would send DNS to a port nothing listens on).
+        raw = pod.annotations.get(KUMA_BUILTIN_DNS_ANNOTATION)
+        return raw is not None and _KUMA_BOOLEANS.get(raw.strip().lower()) is True
+    return False
+
+
+def _istio_dns_capture(raw: str | None) -> bool | None:
+    """ISTIO_META_DNS_CAPTURE of a proxy.istio.io/config value (None: it does not say)."""
+    if not raw:
+        return None
+    try:
+        config = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return None
+    metadata = config.get("proxyMetadata") if isinstance(config, dict) else None
+    value = metadata.get(ISTIO_DNS_CAPTURE_METADATA) if isinstance(metadata, dict) else None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _ANNOTATION_BOOLEANS.get(value.strip().lower())
+    return None
+
+
 def pod_options(
     pod: PodFacts,
     mode: MeshModeName,
     exclusions: ExclusionsSpec,
     *,
     sk_msg_to_app: bool = False,
+    dns_capture: bool = False,
 ) -> PodOptions:
     """The pod's mesh annotations plus the cluster-wide exclusions, as the agent takes them,
     and whether sk_msg may deliver into its application sockets (:func:`app_takes_sk_msg`)."""
@@ -298,6 +360,7 @@ def pod_options(
         excluded_cidrs,
         included,
         sk_msg_to_app,
+        dns_capture,
     )
 
 
@@ -308,6 +371,7 @@ def _shared_options(
     outbound_cidrs: frozenset[ipaddress.IPv4Network],
     included_cidrs: frozenset[ipaddress.IPv4Network] | None,
     sk_msg_to_app: bool,
+    dns_capture: bool,
 ) -> PodOptions:
     """One (immutable) PodOptions per distinct set of options: most pods share the default."""
     return PodOptions(
@@ -316,6 +380,7 @@ def _shared_options(
         excluded_outbound_cidrs=outbound_cidrs,
         included_outbound_cidrs=included_cidrs,
         sk_msg_to_app=sk_msg_to_app,
+        dns_capture=dns_capture,
     )
 
 

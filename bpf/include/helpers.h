@@ -14,12 +14,17 @@
 
 /* Not in the UAPI headers a BPF build can include. */
 #define AF_INET 2
+#define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80 /* linux/netfilter_ipv4.h */
 #define SOL_SOCKET 1
 #define SO_RCVBUF 8
 #define EEXIST 17
+
+/* Where resolvers send queries, UDP and TCP alike. */
+#define DNS_PORT 53
 
 /* SO_RCVBUF a receiver of redirected bytes gets at least (the kernel doubles it). */
 #define RECEIVE_BUFFER_FLOOR (1 << 20)
@@ -94,6 +99,29 @@ static __always_inline bool pod_port_excluded(__u64 pod_cgroup_id, __be16 port,
 	key.port = port;
 	key.direction = direction;
 	return bpf_map_lookup_elem(&pod_ports, &key) != NULL;
+}
+
+/*
+ * Who the mesh's OUTPUT rules exempt as its proxy: Istio's by uid and by gid alike,
+ * Linkerd's and Kuma's by uid only (a process with only the proxy's gid is an app there).
+ */
+static __always_inline bool is_sidecar(const struct pod_info *pod, __u64 uid_gid)
+{
+	if ((__u32)uid_gid == pod->sidecar_uid)
+		return true;
+	return !(pod->flags & POD_SIDECAR_UID_ONLY) && (__u32)(uid_gid >> 32) == pod->sidecar_uid;
+}
+
+/* A query the pod's mesh would send to its proxy's DNS server (is_sidecar() aside). */
+static __always_inline bool captures_dns(const struct pod_info *pod, __u32 user_port)
+{
+	return (pod->flags & POD_DNS_CAPTURE) && pod->dns_port &&
+	       (__be16)user_port == bpf_htons(DNS_PORT);
+}
+
+static __always_inline __be32 localhost(void)
+{
+	return bpf_htonl(0x7f000001); /* 127.0.0.1, where iptables REDIRECT sends OUTPUT traffic */
 }
 
 /*

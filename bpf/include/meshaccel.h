@@ -62,6 +62,11 @@ enum connection_flags {
 	 */
 	CONNECTION_CLIENT_TAKES_MSG = 1 << 1,
 	CONNECTION_SERVER_TAKES_MSG = 1 << 2,
+	/*
+	 * A DNS query steered to the proxy's DNS port (dns.bpf.c): the socket's
+	 * replies from there carry original_ip:original_port as their source.
+	 */
+	CONNECTION_DNS = 1 << 3,
 };
 
 /*
@@ -126,15 +131,24 @@ enum pod_flags {
 	 * Kuma's rules); without it, its gid counts too (Istio's --gid-owner rules).
 	 */
 	POD_SIDECAR_UID_ONLY = 1 << 2,
+	/*
+	 * The mesh captures the application's DNS (Istio's DNS proxying, Kuma's
+	 * built-in DNS): UDP and TCP to port 53 go to 127.0.0.1:<dns_port>.
+	 */
+	POD_DNS_CAPTURE = 1 << 3,
 };
 
-/* An accelerated pod, keyed by its pod-level cgroup id. */
+/*
+ * An accelerated pod, keyed by its pod-level cgroup id. dns_port took the
+ * upper half of what was a __u32 flags: every other field kept its offset.
+ */
 struct pod_info {
 	__be32 ip;
 	__u32 sidecar_uid;     /* the proxy's uid (and gid, see POD_SIDECAR_UID_ONLY): Istio 1337 */
 	__be16 outbound_port;  /* the proxy's outbound listener: Istio 15001 */
 	__be16 inbound_port;   /* the proxy's inbound listener: Istio 15006 */
-	__u32 flags;           /* enum pod_flags */
+	__u16 flags;           /* enum pod_flags */
+	__be16 dns_port;       /* the proxy's DNS server (POD_DNS_CAPTURE): 15053, else 0 */
 };
 _Static_assert(sizeof(struct pod_info) == 16, "pod_info layout is ABI");
 
@@ -237,6 +251,11 @@ enum counter {
 	COUNTER_BYPASS_NO_INBOUND_LISTENER = 26,
 	/* A socket did not join a sockhash: a live socket already has its key. */
 	COUNTER_SOCKHASH_KEY_TAKEN = 27,
+	/* An application's DNS went to its proxy's DNS port: at connect (UDP or TCP), or per sendto. */
+	COUNTER_DNS_CONNECT_CAPTURED = 28,
+	COUNTER_DNS_DATAGRAM_CAPTURED = 29,
+	/* A reply from the proxy's DNS port was given the address the application asked. */
+	COUNTER_DNS_REPLY_ADDRESS_RESTORED = 30,
 	COUNTER_MAX,
 };
 

@@ -145,6 +145,9 @@ def test_go_io_copy_proxy_as_the_application(
         counters = path.counters()
         assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == connections
         assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == connections
+        # Go listens on 0.0.0.0 with a dual-stack IPv6 socket: the sockets it accepts are
+        # IPv4-mapped, and join like the other seven of each connection's four hops.
+        assert counters[Counter.COUNTER_SOCKHASH_ADDED] == 8 * connections, counters
         assert_redirected_until_fallback(
             counters, hops=4, nbytes=connections * (16 << 20), connections=connections
         )

@@ -24,12 +24,23 @@ class IstioInterception:
     passthrough_source: str = "127.0.0.6"
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
+    # istio-agent's DNS proxy with ISTIO_META_DNS_CAPTURE (istio-iptables --redirect-dns, every
+    # destination captured): None, DNS is not redirected.
+    dns_port: int | None = None
+
+
+DNS_PORT = 53
 
 
 def render_istio_nat_rules(config: IstioInterception) -> str:
     """The iptables-restore text of the nat table istio-iptables installs (excludes included)."""
     uid, gid = config.proxy_uid, config.proxy_gid
     tunnel = config.inbound_tunnel_port
+    # With DNS redirected, TCP to port 53 over lo is neither the proxy's hairpin nor returned.
+    not_dns = f" ! --dport {DNS_PORT}" if config.dns_port is not None else ""
+    not_hairpin_ports = (
+        f"-m multiport ! --dports {tunnel},{DNS_PORT}" if not_dns else f"! --dport {tunnel}"
+    )
     lines = [
         "*nat",
         ":PREROUTING ACCEPT [0:0]",
@@ -40,6 +51,7 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
         ":ISTIO_IN_REDIRECT - [0:0]",
         ":ISTIO_OUTPUT - [0:0]",
         ":ISTIO_REDIRECT - [0:0]",
+        *([":ISTIO_OUTPUT_DNS - [0:0]"] if config.dns_port is not None else []),
         "-A PREROUTING -p tcp -j ISTIO_INBOUND",
         f"-A ISTIO_INBOUND -p tcp --dport {tunnel} -j RETURN",
         "-A ISTIO_INBOUND -p tcp -m multiport --dports "
@@ -51,6 +63,7 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
         ),
         "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
         f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {config.inbound_capture_port}",
+        *_dns_output_rules(config),
         "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
         # istio-iptables applies outbound port exclusions first in ISTIO_OUTPUT.
         *(
@@ -61,11 +74,16 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
     ]
     for owner in (f"--uid-owner {uid}", f"--gid-owner {gid}"):
         lines += [
-            f"-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp ! --dport {tunnel}"
+            f"-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp {not_hairpin_ports}"
             f" -m owner {owner} -j ISTIO_IN_REDIRECT",
-            f"-A ISTIO_OUTPUT -o lo -m owner ! {owner} -j RETURN",
+            f"-A ISTIO_OUTPUT -o lo{' -p tcp' + not_dns if not_dns else ''} -m owner ! {owner}"
+            " -j RETURN",
             f"-A ISTIO_OUTPUT -m owner {owner} -j RETURN",
         ]
+    if config.dns_port is not None:
+        lines.append(
+            f"-A ISTIO_OUTPUT -p tcp --dport {DNS_PORT} -j REDIRECT --to-ports {config.dns_port}"
+        )
     lines += [
         "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
         "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
@@ -73,6 +91,21 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _dns_output_rules(config: IstioInterception) -> list[str]:
+    """UDP DNS in its own chain: the proxy's own queries return, every other one goes to the
+    DNS proxy (TCP DNS is redirected in ISTIO_OUTPUT, after the proxy's RETURNs)."""
+    if config.dns_port is None:
+        return []
+    return [
+        "-A OUTPUT -p udp -j ISTIO_OUTPUT_DNS",
+        f"-A ISTIO_OUTPUT_DNS -p udp --dport {DNS_PORT} -m owner --uid-owner {config.proxy_uid}"
+        " -j RETURN",
+        f"-A ISTIO_OUTPUT_DNS -p udp --dport {DNS_PORT} -m owner --gid-owner {config.proxy_gid}"
+        " -j RETURN",
+        f"-A ISTIO_OUTPUT_DNS -p udp --dport {DNS_PORT} -j REDIRECT --to-ports {config.dns_port}",
+    ]
 
 
 def iptables_restore_binary() -> str:

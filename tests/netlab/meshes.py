@@ -75,6 +75,7 @@ class LabMesh:
         return IstioInterception(
             proxy_uid=self.proxy.uid,
             proxy_gid=self.proxy.gid,
+            dns_port=self.dns_port,
             exclude_inbound_ports=exclude_inbound_ports,
             exclude_outbound_ports=exclude_outbound_ports,
         )

@@ -291,3 +291,49 @@ def test_sk_msg_to_app_does_not_spoil_the_mesh_annotations_checks() -> None:
     result = select(PodFacts.from_object(obj), ENABLED, spec, {"node-1"})
     assert result.verdict == Verdict.INVALID_ANNOTATION and result.warning is None
     assert "excludeInboundPorts" in result.detail
+
+
+def _dns_capture(mode: str, annotations: dict[str, str], spec: dict[str, Any]) -> bool:
+    obj = pod("a", "shop", sidecar=mode == "istio", annotations=annotations)
+    if mode == "kuma":
+        obj["spec"]["containers"].append({"name": "kuma-sidecar", "image": "example/proxy:1"})
+    if mode == "linkerd":
+        obj["spec"]["containers"].append({"name": "linkerd-proxy", "image": "example/proxy:1"})
+    model = MeshAccelerationSpec.model_validate({**SPEC, "mode": mode, **spec})
+    result = select(PodFacts.from_object(obj), ENABLED, model, {"node-1"})
+    assert result.pod is not None, result
+    return result.pod.options.dns_capture
+
+
+ISTIO_DNS_ON = {"proxy.istio.io/config": 'proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: "true"\n'}
+ISTIO_DNS_OFF = {"proxy.istio.io/config": '{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "false"}}'}
+
+
+@pytest.mark.parametrize(
+    ("mode", "annotations", "spec", "captured"),
+    [
+        ("istio", {}, {}, False),  # Istio proxies DNS only when asked to
+        ("istio", ISTIO_DNS_ON, {}, True),
+        ("istio", {}, {"dnsCapture": True}, True),  # meshConfig.defaultConfig, as stated
+        ("istio", ISTIO_DNS_OFF, {"dnsCapture": True}, False),  # the pod's own config wins
+        ("istio", {"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}, {}, False),
+        ("istio", {"proxy.istio.io/config": "proxyMetadata: [not, a, map"}, {}, False),
+        # Kuma's injector annotates every pod whose built-in DNS is on; without it, no capture.
+        ("kuma", {}, {}, False),
+        ("kuma", {}, {"dnsCapture": True}, False),  # the spec speaks for Istio only
+        ("kuma", {"kuma.io/builtin-dns": "disabled"}, {}, False),
+        ("kuma", {"kuma.io/builtin-dns": "enabled"}, {"dnsCapture": False}, True),
+        (
+            "kuma",
+            {"kuma.io/builtin-dns": "enabled", "kuma.io/builtin-dns-port": "25053"},
+            {},
+            False,  # elsewhere: left to iptables
+        ),
+        ("kuma", {"kuma.io/builtin-dns": "enabled", "kuma.io/builtin-dns-port": "15053"}, {}, True),
+        ("linkerd", {}, {"dnsCapture": True}, False),  # Linkerd has no DNS proxy
+    ],
+)
+def test_dns_capture_from_the_mesh_settings(
+    mode: str, annotations: dict[str, str], spec: dict[str, Any], captured: bool
+) -> None:
+    assert _dns_capture(mode, annotations, spec) is captured
