@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -288,7 +289,8 @@ async def put_pods(request: web.Request) -> web.Response:
         response.force_close()
         return response
     try:
-        pod_set = await asyncio.to_thread(PodSet.model_validate_json, body)  # big bodies take ms
+        # Strict: JSON's own types only (no true for a port, no number for an address).
+        pod_set = await asyncio.to_thread(partial(PodSet.model_validate_json, strict=True), body)
     except ValidationError as err:
         return _validation_reply(err)
     reconciler = request.app[RECONCILER]

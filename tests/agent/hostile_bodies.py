@@ -1,5 +1,5 @@
-"""Bodies a hostile or broken client may send to PUT /v1/pods, for the API's tests over the
-kernel's maps (test_server.py) and over the in-memory ones (test_server_logic.py)."""
+"""Bodies a hostile or broken client may send to PUT /v1/pods, for the API's tests
+(``test_server.py``, over the kernel's maps and the in-memory ones)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,33 @@ MALFORMED_BODIES: list[tuple[str | bytes, int, list[object] | None, str]] = [
         422,
         [],
         "duplicate uid",
+    ),
+    # JSON's own types only: lax parsing would read these as 0.0.0.1, 10.0.0.1 and port 1.
+    (
+        '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", "ip": true}]}',
+        422,
+        ["pods", 0, "ip"],
+        "a boolean for an address",
+    ),
+    (
+        '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", "ip": 167772161}]}',
+        422,
+        ["pods", 0, "ip"],
+        "a number for an address",
+    ),
+    (
+        '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
+        '"ip": "198.18.1.1", "options": {"excluded_outbound_ports": [true]}}]}',
+        422,
+        ["pods", 0, "options", "excluded_outbound_ports", 0],
+        "a boolean for a port",
+    ),
+    (
+        '{"generation": 1, "pods": [{"uid": "u", "namespace": "n", "name": "p", '
+        '"ip": "198.18.1.1", "options": {"sk_msg_to_app": "yes"}}]}',
+        422,
+        ["pods", 0, "options", "sk_msg_to_app"],
+        "a string for a boolean",
     ),
 ]
 

@@ -4,24 +4,24 @@ that need no kernel and no root.
 Each map is a dict of decoded entries, written one entry at a time in the order ``Datapath``
 writes them, sized as ``Capacities`` sizes the kernel's (a new key in a full map fails with
 ``MapFullError``; a key already there can always be written), a pod's writes undone on a
-failure as ``Datapath`` undoes them. A test can make any entry write fail (:meth:`fail`) and
-plant entries that belong to no pod (:meth:`plant`), as an agent killed half-way through a
-write leaves them. ``test_pod_maps_contract.py`` runs the same scenarios here and on the
-kernel's maps and compares every entry, so this cannot drift from the real thing.
+failure by the datapath's own ``undo_on_failure``. A test can make any entry write fail
+(:meth:`fail`) and plant entries that belong to no pod (:meth:`plant`), as an agent killed
+half-way through a write leaves them. ``test_pod_maps_contract.py`` runs the same scenarios
+here and on the kernel's maps and compares every entry, so this cannot drift from the real
+thing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from ipaddress import IPv4Address
 from typing import Any
 
 from meshaccel.agent import layout
-from meshaccel.agent.datapath import POD_MAPS, MapFullError, UndoFailedError
+from meshaccel.agent.datapath import POD_MAPS, MapFullError, undo_on_failure
 from meshaccel.agent.layout import TrafficDirection
 from meshaccel.agent.pods import (
     AcceleratedPod,
@@ -194,7 +194,7 @@ class MemoryPodMaps:
         record = pod_record(pod.info())
         old_record = None if old is None else pod_record(old.info())
         new_options, old_options = option_entries(pod), option_entries(old)
-        with self._undo_on_failure() as undo:
+        with undo_on_failure() as undo:
             for name, keys in new_options.items():
                 for key in keys - old_options[name]:
                     self._put(undo, name, key, PRESENT, None)
@@ -212,7 +212,7 @@ class MemoryPodMaps:
         pod = checked_previous(previous, cgroup_id)
         if pod is None:
             return False
-        with self._undo_on_failure() as undo:
+        with undo_on_failure() as undo:
             existed = self._remove(undo, "pods", {cgroup_id}, pod_record(pod.info())) > 0
             self._release_ip(undo, pod)
             for name, keys in option_entries(pod).items():
@@ -272,23 +272,6 @@ class MemoryPodMaps:
     def _release_ip(self, undo: _Undo, pod: AcceleratedPod) -> None:
         if self.entries["pod_ips"].get(pod.ip) == pod.cgroup_id:
             self._remove(undo, "pod_ips", {pod.ip}, pod.cgroup_id)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _undo_on_failure() -> Iterator[_Undo]:
-        undo: _Undo = []
-        try:
-            yield undo
-        except BaseException as err:
-            failures = []
-            for step in reversed(undo):
-                try:
-                    step()
-                except Exception as undo_err:
-                    failures.append(undo_err)
-            if failures and isinstance(err, Exception):
-                raise UndoFailedError(err, failures[0]) from err
-            raise
 
 
 _ABSENT = object()

@@ -19,16 +19,8 @@ from typing import Any
 
 import pytest
 
-from meshaccel.agent import layout, libbpf
-from meshaccel.agent.datapath import POD_MAPS, Datapath, MapFullError
-from meshaccel.agent.pods import (
-    AcceleratedPod,
-    PodMaps,
-    decode_cidr_key,
-    decode_port_key,
-    decode_u64,
-    u64,
-)
+from meshaccel.agent.datapath import Datapath, MapFullError
+from meshaccel.agent.pods import AcceleratedPod, PodMaps
 from meshaccel.agent.reconcile import (
     ApplyFailedError,
     ApplyRefusedError,
@@ -41,17 +33,17 @@ from meshaccel.agent.reconcile import (
 from meshaccel.contract.api import ApplyResult, PodSet, PodSpec, UnresolvedPod
 from meshaccel.contract.modes import ISTIO, LINKERD
 from meshaccel.contract.settings import DEFAULT_CAPACITIES, Capacities
-from tests.agent.conftest import DatapathFactory, FakeResolver, options, pod_ip, pod_spec, uid
-from tests.agent.memory_maps import (
-    INBOUND,
-    OUTBOUND,
-    PRESENT,
-    Entries,
-    MemoryPodMaps,
-    encode_key,
-    pod_record,
-    record_info,
+from tests.agent.conftest import (
+    DatapathFactory,
+    FakeResolver,
+    kernel_entries,
+    kernel_plant,
+    options,
+    pod_ip,
+    pod_spec,
+    uid,
 )
+from tests.agent.memory_maps import INBOUND, OUTBOUND, PRESENT, Entries, MemoryPodMaps
 
 # -- the two stores --------------------------------------------------------------------------------
 
@@ -85,47 +77,6 @@ def memory_run(capacities: Capacities) -> Run:
 
 def kernel_run(datapath: Datapath) -> Run:
     return Run(datapath, lambda: kernel_entries(datapath), lambda *e: kernel_plant(datapath, *e))
-
-
-def kernel_entries(datapath: Datapath) -> Entries:
-    """The kernel's per-pod maps, read raw from their pins and decoded as the in-memory ones."""
-    found: Entries = {}
-    for name in POD_MAPS:
-        with libbpf.Map.from_pin(datapath.pins.map(name)) as bpf_map:
-            found[name] = {
-                decode_key(name, key): decode_value(name, value) for key, value in bpf_map.items()
-            }
-    return found
-
-
-def decode_key(name: str, raw: bytes) -> Any:
-    if name == "pods":
-        return decode_u64(raw)
-    if name == "pod_ips":
-        return IPv4Address(raw)
-    if name == "pod_ports":
-        return decode_port_key(raw)
-    return decode_cidr_key(raw)
-
-
-def decode_value(name: str, raw: bytes) -> Any:
-    if name == "pods":
-        return pod_record(layout.PodInfo.from_buffer_copy(raw))
-    if name == "pod_ips":
-        return decode_u64(raw)
-    return PRESENT if raw == b"\x01" else raw
-
-
-def kernel_plant(datapath: Datapath, name: str, key: Any, value: Any) -> None:
-    raw_key = u64(key) if name == "pods" else encode_key(name, key)
-    if name == "pods":
-        raw_value = bytes(record_info(value))
-    elif name == "pod_ips":
-        raw_value = u64(value)
-    else:
-        raw_value = b"\x01"
-    with libbpf.Map.from_pin(datapath.pins.map(name)) as bpf_map:
-        bpf_map.update(raw_key, raw_value)
 
 
 # -- steps ---------------------------------------------------------------------------------------

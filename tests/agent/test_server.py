@@ -1,8 +1,13 @@
-"""The agent's HTTP API, served by the real app over a real datapath (pytest-aiohttp client).
+"""The agent's HTTP API: the real app (``create_app``) served over mutual TLS by aiohttp's test
+server (pytest-aiohttp client).
 
-Hostile bodies are generated with hypothesis; after every refused request the datapath's maps
-must read back exactly as before. The last test sends real traffic between two netlab pods
-with Envoy sidecars and checks that the applied set decides which of them are accelerated.
+The shared tests run twice (the ``store`` fixture): with the reconciler writing the kernel's
+maps, a real datapath attached to the test's own cgroup (the proof; root), and the in-memory
+ones (no root). A refused request (4xx) writes nothing (hostile bodies generated with
+hypothesis), a map failure is a 5xx with every change undone, and /v1 answers the operator's
+client certificate only. What only a datapath answers (/readyz, /v1/status, /metrics) and real
+traffic between two netlab pods with Envoy sidecars are kernel tests; failing writes on demand
+are ``test_server_logic.py``'s.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -23,7 +28,7 @@ from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath
 from meshaccel.agent.layout import Counter
 from meshaccel.agent.listener import Limits
 from meshaccel.agent.metrics import DATAPATH_FAMILIES
-from meshaccel.agent.pods import AcceleratedPod
+from meshaccel.agent.pods import AcceleratedPod, ProgrammedPods
 from meshaccel.agent.reconcile import Reconciler, accelerated_pod
 from meshaccel.agent.server import DatapathInfo, create_app
 from meshaccel.agent.tls import ServerTLS
@@ -42,14 +47,15 @@ from tests.agent.conftest import (
     PKI,
     Client,
     ClientFactory,
-    DatapathFactory,
     FakeResolver,
     MakeClient,
-    ReconcilerFactory,
-    expected_pods,
+    Store,
+    body_of,
+    options,
     pod_ip,
     pod_set,
     pod_spec,
+    put,
     uid,
 )
 from tests.agent.hostile_bodies import (
@@ -61,25 +67,13 @@ from tests.agent.hostile_bodies import (
 )
 from tests.datapath.conftest import load_datapath, unload_quietly
 from tests.netlab import ECHO_PORT, EXCLUDED_PORT, Node, Pod
-
-pytestmark = pytest.mark.kernel
+from tests.waiting import wait_for
 
 
 @pytest.fixture
-async def client(make_client: MakeClient) -> Client:
-    return await make_client()
-
-
-def body_of(specs_generation: int, *indexes: int) -> str:
-    return pod_set(specs_generation, *(pod_spec(i) for i in indexes)).model_dump_json()
-
-
-async def put(client: Client, body: str | bytes, **headers: str) -> tuple[int, dict[str, Any]]:
-    response = await client.put(
-        "/v1/pods", data=body, headers={"Content-Type": "application/json", **headers}
-    )
-    payload = await response.json()
-    return response.status, payload
+async def client(make_store_client: MakeClient) -> Client:
+    """A client of the app over the test's store (both runs)."""
+    return await make_store_client()
 
 
 async def error_of(response: Any) -> ErrorReply:
@@ -90,21 +84,19 @@ async def error_of(response: Any) -> ErrorReply:
 # -- applying sets -------------------------------------------------------------------------------
 
 
-async def test_put_applies_the_set_and_get_lists_it(
-    client: Client, datapath: Datapath, resolver: FakeResolver
-) -> None:
+async def test_put_applies_the_set_and_get_lists_it(client: Client, store: Store) -> None:
     status, payload = await put(client, body_of(3, 0, 1, 2))
 
     assert status == 200, payload
     result = ApplyResult.model_validate(payload)
     assert (result.applied_generation, result.added) == (3, 3)
-    assert datapath.pods() == expected_pods(resolver, *(pod_spec(i) for i in range(3)))
+    assert store.maps.read_pods() == store.programmed(*(pod_spec(i) for i in range(3)))
 
     response = await client.get("/v1/pods")
     listed = PodsReply.model_validate(await response.json())
     assert listed.applied_generation == 3
     assert [(p.uid, p.ip, p.cgroup_id) for p in listed.pods] == [
-        (uid(i), pod_ip(i), resolver.cgroups[uid(i)]) for i in range(3)
+        (uid(i), pod_ip(i), store.cgroup(i)) for i in range(3)
     ]
 
 
@@ -115,38 +107,52 @@ async def test_put_applies_the_set_and_get_lists_it(
         (5, [0], "conflict: generation 5 with another set"),
     ],
 )
-async def test_stale_or_conflicting_generation_is_409(
-    client: Client,
-    datapath: Datapath,
-    resolver: FakeResolver,
-    generation: int,
-    indexes: list[int],
-    reason: str,
+async def test_a_stale_or_conflicting_generation_is_409_and_writes_nothing(
+    client: Client, store: Store, generation: int, indexes: list[int], reason: str
 ) -> None:
     assert (await put(client, body_of(5, 0, 1)))[0] == 200
+    mark = store.mark()
 
     status, payload = await put(client, body_of(generation, *indexes))
 
     assert status == 409, reason
     error = ErrorReply.model_validate(payload)
-    assert error.applied_generation == 5 and error.applied_epoch == 0, reason
-    assert datapath.pods() == expected_pods(resolver, pod_spec(0), pod_spec(1)), reason
-    # The identical set at the applied generation is a success that changes nothing.
+    assert (error.applied_generation, error.applied_epoch) == (5, 0), reason
+    assert store.written_since(mark) == {}, reason
+    assert store.maps.read_pods() == store.programmed(pod_spec(0), pod_spec(1)), reason
+    # The identical set at the applied generation is a success that writes nothing.
     status, payload = await put(client, body_of(5, 1, 0))
     assert status == 200 and payload["added"] == payload["removed"] == 0
+    assert store.written_since(mark) == {}
+
+
+async def test_a_standalone_agent_refuses_pushed_sets(
+    make_store_client: MakeClient, store: Store
+) -> None:
+    client = await make_store_client(pod_set_source="the pods file /etc/meshaccel/pods.yaml")
+    mark = store.mark()
+    status, payload = await put(client, body_of(1, 0))
+
+    assert status == 409, payload
+    assert "the pods file /etc/meshaccel/pods.yaml" in ErrorReply.model_validate(payload).error
+    assert store.written_since(mark) == {}
+    assert store.maps.read_pods() == store.programmed()
+
+
+# -- refusals: 4xx, nothing written --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("body", "status", "loc", "reason"), MALFORMED_BODIES)
-async def test_malformed_bodies_are_4xx_with_the_field_and_change_nothing(
+async def test_malformed_bodies_are_4xx_with_the_field_and_write_nothing(
     client: Client,
-    datapath: Datapath,
-    resolver: FakeResolver,
+    store: Store,
     body: str | bytes,
     status: int,
     loc: list[object] | None,
     reason: str,
 ) -> None:
     await put(client, body_of(0, 0))
+    mark = store.mark()
 
     got, payload = await put(client, body)
 
@@ -157,83 +163,112 @@ async def test_malformed_bodies_are_4xx_with_the_field_and_change_nothing(
     else:
         assert error.detail and error.detail[0]["loc"] == loc, (reason, error.detail)
         assert "input" not in error.detail[0], reason  # hostile input is never echoed
-    assert datapath.pods() == expected_pods(resolver, pod_spec(0)), reason
+    assert store.written_since(mark) == {}, reason
+    assert store.maps.read_pods() == store.programmed(pod_spec(0)), reason
 
 
-async def test_a_standalone_agent_refuses_pushed_sets(
-    make_client: MakeClient, datapath: Datapath
-) -> None:
-    client = await make_client(pod_set_source="the pods file /etc/meshaccel/pods.yaml")
-    status, payload = await put(client, body_of(1, 0))
-
-    assert status == 409, payload
-    assert "the pods file /etc/meshaccel/pods.yaml" in ErrorReply.model_validate(payload).error
-    assert datapath.pods() == {}
-
-
-async def test_non_json_content_type_is_415(client: Client) -> None:
+async def test_a_body_that_is_not_json_content_is_415(client: Client, store: Store) -> None:
+    mark = store.mark()
     status, payload = await put(client, body_of(1, 0), **{"Content-Type": "text/plain"})
     assert status == 415, payload
+    assert "application/json" in ErrorReply.model_validate(payload).error
+    assert store.written_since(mark) == {}
 
 
-async def test_a_body_over_the_limit_is_413(make_client: MakeClient, datapath: Datapath) -> None:
-    client = await make_client(limits=Limits(max_body_bytes=4096))
+async def test_a_body_over_the_limit_is_413(make_store_client: MakeClient, store: Store) -> None:
+    client = await make_store_client(limits=Limits(max_body_bytes=4096))
+    mark = store.mark()
     status, payload = await put(client, body_of(1, *range(16)) + " " * 8192)
 
     assert status == 413
     assert "4096" in ErrorReply.model_validate(payload).error
-    assert datapath.pods() == {}
+    assert store.written_since(mark) == {}
+    assert store.maps.read_pods() == store.programmed()
 
 
-async def test_a_set_over_capacity_is_422_with_a_clear_message(
-    make_client: MakeClient,
-    datapath: Datapath,
-    reconciler_factory: ReconcilerFactory,
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/v1/pods", {"GET", "PUT"}),
+        ("DELETE", "/v1/pods", {"GET", "PUT"}),
+        ("PUT", "/v1/health", {"GET"}),
+        ("GET", "/v1/uninstall", {"POST"}),
+    ],
+)
+async def test_a_wrong_method_is_405_naming_the_right_ones(
+    client: Client, store: Store, method: str, path: str, allowed: set[str]
 ) -> None:
-    client = await make_client(reconciler_factory(datapath, max_pods=2))
+    mark = store.mark()
+    response = await client.request(method, path, data=body_of(1, 0))
+
+    assert response.status == 405, (method, path)
+    assert allowed <= set(response.headers["Allow"].split(",")), response.headers["Allow"]
+    await error_of(response)
+    assert store.written_since(mark) == {}
+
+
+async def test_an_unknown_path_is_a_json_404(client: Client) -> None:
+    response = await client.get("/v2/pods")
+    assert response.status == 404
+    await error_of(response)
+
+
+@pytest.mark.parametrize(
+    ("capacities", "max_pods", "message", "reason"),
+    [
+        (Capacities(), 2, "3 pods; this agent holds at most 2", "more pods than max_pods"),
+        (Capacities(pods=2), 1024, "3 pods; this agent holds at most 2", "than the pods map"),
+        (Capacities(pod_ports=30), 1024, "pod_ports needs 39, holds 30", "more option entries"),
+    ],
+)
+async def test_a_set_over_capacity_is_422_with_a_clear_message(
+    make_store_client: MakeClient,
+    store: Store,
+    capacities: Capacities,
+    max_pods: int,
+    message: str,
+    reason: str,
+) -> None:
+    reconciler = store.make(capacities, max_pods=max_pods)
+    client = await make_store_client(reconciler)
+    mark = store.mark(reconciler.datapath)
 
     status, payload = await put(client, body_of(1, 0, 1, 2))
 
-    assert status == 422
-    assert "3 pods; this agent holds at most 2" in payload["error"]
-    assert datapath.pods() == {}
+    assert status == 422, (reason, payload)
+    assert message in payload["error"], reason
+    assert store.written_since(mark) == {}, reason
+    assert reconciler.datapath.read_pods() == store.programmed(), reason
+
+
+# -- map failures: 5xx, rolled back --------------------------------------------------------------
 
 
 async def test_a_map_full_during_the_apply_is_507_and_rolled_back(
-    make_client: MakeClient,
-    datapath_factory: DatapathFactory,
-    reconciler_factory: ReconcilerFactory,
-    resolver: FakeResolver,
+    make_store_client: MakeClient, store: Store
 ) -> None:
-    datapath = datapath_factory(Capacities(pod_ports=14))
-    client = await make_client(reconciler_factory(datapath))
-    first = pod_set(1, pod_spec(0, options={"excluded_outbound_ports": [1000]}))
+    reconciler = store.make(Capacities(pod_ports=14))
+    maps = reconciler.datapath
+    client = await make_store_client(reconciler)
+    first = pod_set(1, pod_spec(0, options=options(excluded_outbound_ports=[1000])))
     assert (await put(client, first.model_dump_json()))[0] == 200
+    before = store.entries(maps)
 
-    second = pod_set(2, pod_spec(0, options={"excluded_outbound_ports": [2000]}))
+    second = pod_set(2, pod_spec(0, options=options(excluded_outbound_ports=[2000])))
     status, payload = await put(client, second.model_dump_json())
 
     assert status == 507, payload
+    assert "map pod_ports is full" in payload["error"]
     assert "every change was undone" in payload["error"]
     assert payload["applied_generation"] == 1
-    assert datapath.pods() == expected_pods(resolver, *first.pods)
-
-
-async def test_unknown_paths_and_methods_get_json_errors(client: Client) -> None:
-    missing = await client.get("/v2/pods")
-    assert missing.status == 404
-    await error_of(missing)
-
-    wrong = await client.post("/v1/pods")
-    assert wrong.status == 405
-    assert "PUT" in wrong.headers["Allow"]
-    await error_of(wrong)
+    assert store.entries(maps) == before
+    assert maps.read_pods() == store.programmed(*first.pods)
 
 
 async def test_unexpected_errors_are_500_without_a_traceback(
-    aiohttp_client: ClientFactory, reconciler: Reconciler
+    aiohttp_client: ClientFactory, store: Store
 ) -> None:
-    app = create_app(reconciler, tls=None, retry_interval=None)
+    app = create_app(cast(Reconciler, store.reconciler), tls=None, retry_interval=None)
 
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("secret internals")
@@ -246,26 +281,7 @@ async def test_unexpected_errors_are_500_without_a_traceback(
     assert response.status == 500
     text = await response.text()
     assert "secret" not in text and "Traceback" not in text
-    assert "log" in (await error_of(response)).error
-
-
-async def test_the_retry_task_programs_pods_resolved_later(
-    make_client: MakeClient, datapath: Datapath, resolver: FakeResolver
-) -> None:
-    client = await make_client(retry_interval=0.05)
-    late = resolver.cgroups.pop(uid(1))
-    status, payload = await put(client, body_of(1, 0, 1))
-    assert status == 200 and [u["uid"] for u in payload["unresolved"]] == [uid(1)]
-
-    resolver.cgroups[uid(1)] = late
-    for _ in range(100):  # up to 5 s
-        listed = PodsReply.model_validate(await (await client.get("/v1/pods")).json())
-        if not listed.unresolved:
-            break
-        await asyncio.sleep(0.05)
-
-    assert [p.uid for p in listed.pods] == [uid(0), uid(1)]
-    assert datapath.pods() == expected_pods(resolver, pod_spec(0), pod_spec(1))
+    assert "log" in ErrorReply.model_validate_json(text).error
 
 
 # -- authentication --------------------------------------------------------------------------------
@@ -282,10 +298,16 @@ OTHER_IDENTITY = PKI.client_context(
         (OTHER_IDENTITY, "a certificate of the CA that does not name the operator"),
     ],
 )
-async def test_api_requires_the_operators_certificate(
-    client: Client, datapath: Datapath, context: ssl.SSLContext, reason: str
+async def test_v1_needs_the_operators_certificate(
+    client: Client, store: Store, context: ssl.SSLContext, reason: str
 ) -> None:
-    for method, path in (("PUT", "/v1/pods"), ("GET", "/v1/pods"), ("GET", "/v1/status")):
+    mark = store.mark()
+    for method, path in (
+        ("PUT", "/v1/pods"),
+        ("GET", "/v1/pods"),
+        ("GET", "/v1/status"),
+        ("GET", "/v1/health"),
+    ):
         response = await client.request(
             method,
             path,
@@ -295,76 +317,41 @@ async def test_api_requires_the_operators_certificate(
         )
         assert response.status == 403, (method, path, reason)
         assert "operator" in (await error_of(response)).error, reason
-    assert datapath.pods() == {}, reason
+    assert store.written_since(mark) == {}, reason
+    assert store.maps.read_pods() == store.programmed(), reason
+    # The operator's own certificate, on the same server, is let in.
+    status, payload = await put(client, body_of(1, 0))
+    assert status == 200, payload
+    assert store.maps.read_pods() == store.programmed(pod_spec(0))
 
 
-async def test_probes_and_metrics_are_open_the_rest_is_not(make_client: MakeClient) -> None:
-    client = await make_client()
-    anonymous = PKI.anonymous_context()
-    assert (await client.get("/healthz", ssl=anonymous)).status == 200
-    assert (await client.get("/readyz", ssl=anonymous)).status in (200, 503)
-    assert (await client.get("/metrics", ssl=anonymous)).status == 200
-    assert (await client.get("/v1/status", ssl=anonymous)).status == 403
-    assert (await client.get("/v1/health", ssl=anonymous)).status == 403
-
-    closed = await make_client(metrics_require_auth=True)
-    assert (await closed.get("/metrics", ssl=anonymous)).status == 403
-    assert (await closed.get("/metrics")).status == 200
-
-
-async def test_without_tls_nothing_is_asked(make_client: MakeClient) -> None:
-    client = await make_client(tls=None)
+async def test_without_tls_nothing_is_asked(make_store_client: MakeClient) -> None:
+    client = await make_store_client(tls=None)
     assert (await client.get("/v1/pods")).status == 200
+    assert (await put(client, body_of(1, 0)))[0] == 200
     health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
     assert health.trust_bundle is None
 
 
-# -- probes, status, metrics ---------------------------------------------------------------------
-
-
-async def test_readyz_waits_for_the_first_set_and_the_attachments(
-    client: Client, datapath: Datapath
-) -> None:
-    """Open, it says ready or not and nothing else; why not is /v1/status's."""
-
-    async def why() -> str | None:
-        status = StatusReply.model_validate(await (await client.get("/v1/status")).json())
-        return status.not_ready
-
-    before = await client.get("/readyz")
-    assert before.status == 503
-    assert await before.json() == {"error": "not ready", "detail": None, "applied_generation": None}
-    assert "no pod set" in (await why() or "")
-
-    await put(client, body_of(1))  # an empty set is a set
-
-    after = await client.get("/readyz")
-    assert after.status == 200
-    assert (await after.json()) == {"status": "ok"}
-    assert await why() is None
-
-    Datapath.adopt(instance=datapath.pins.root.name, pin_root=datapath.pins.root.parent).unload(0)
-    gone = await client.get("/readyz")
-    assert gone.status == 503
-    assert (await error_of(gone)).error == "not ready"
-    assert "not attached" in (await why() or "")
-
-
-async def test_healthz_says_only_ok_and_the_version(client: Client, reconciler: Reconciler) -> None:
+async def test_the_probe_is_open_and_tells_nothing_of_the_set(client: Client, store: Store) -> None:
+    assert (await put(client, body_of(7, 0)))[0] == 200
     response = await client.get("/healthz", ssl=PKI.anonymous_context())
+    assert response.status == 200
     assert (await response.json()) == {"status": "ok", "version": VERSION}
-    assert reconciler.boot_id not in await response.text()
+    text = await response.text()
+    assert store.reconciler.boot_id not in text and str(pod_ip(0)) not in text
 
 
 async def test_the_operators_probe_names_the_boot_the_set_and_the_trust(
-    client: Client, reconciler: Reconciler, server_tls: ServerTLS
+    client: Client, store: Store, server_tls: ServerTLS
 ) -> None:
     health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
-    assert health.boot_id == reconciler.boot_id
+    assert health.boot_id == store.reconciler.boot_id
     assert (health.applied_epoch, health.applied_generation) == (0, None)  # none yet
     assert health.trust_bundle == server_tls.trust_bundle == bundle_fingerprint(PKI.ca.pem)
     body = PodSet(epoch=4, generation=2, pods=[pod_spec(0)]).model_dump_json()
-    assert (await put(client, body))[0] == 200
+    status, payload = await put(client, body)
+    assert status == 200 and payload["boot_id"] == store.reconciler.boot_id
 
     health = HealthReply.model_validate(await (await client.get("/v1/health")).json())
     assert (health.applied_epoch, health.applied_generation) == (4, 2)
@@ -394,10 +381,11 @@ class _PreEpochApplyResult(BaseModel):
 
 
 async def test_a_set_from_an_ended_term_is_409_with_the_applied_epoch_only(
-    client: Client, datapath: Datapath, resolver: FakeResolver
+    client: Client, store: Store
 ) -> None:
     leader = PodSet(epoch=3, generation=1, pods=[pod_spec(0)]).model_dump_json()
     assert (await put(client, leader))[0] == 200
+    mark = store.mark()
 
     stale = PodSet(epoch=2, generation=99, pods=[pod_spec(1)]).model_dump_json()
     status, payload = await put(client, stale)
@@ -410,7 +398,13 @@ async def test_a_set_from_an_ended_term_is_409_with_the_applied_epoch_only(
     # An operator that predates epochs cannot parse it, and so takes the 409 as final.
     with pytest.raises(ValidationError, match="applied_epoch"):
         _PreEpochErrorReply.model_validate(payload)
-    assert datapath.pods() == expected_pods(resolver, pod_spec(0))
+    assert store.written_since(mark) == {}
+    assert store.maps.read_pods() == store.programmed(pod_spec(0))
+    # A newer term is taken with any generation.
+    newer = PodSet(epoch=4, generation=1, pods=[pod_spec(1)]).model_dump_json()
+    status, payload = await put(client, newer)
+    assert status == 200 and payload["applied_epoch"] == 4
+    assert store.maps.read_pods() == store.programmed(pod_spec(1))
 
 
 async def test_an_operator_that_predates_epochs_still_works(client: Client) -> None:
@@ -433,6 +427,152 @@ async def test_an_operator_that_predates_epochs_still_works(client: Client) -> N
     assert status == 409 and payload["applied_epoch"] == 1
 
 
+# -- the background task -------------------------------------------------------------------------
+
+
+async def test_the_background_task_programs_late_pods_and_removes_vanished_ones(
+    make_store_client: MakeClient, store: Store
+) -> None:
+    client = await make_store_client(retry_interval=0.01)
+    late = store.resolver.cgroups.pop(uid(1))
+    status, payload = await put(client, body_of(1, 0, 1))
+    assert status == 200 and [u["uid"] for u in payload["unresolved"]] == [uid(1)]
+
+    async def unresolved_now(uids: list[str]) -> PodsReply | None:
+        reply = PodsReply.model_validate(await (await client.get("/v1/pods")).json())
+        return reply if [u.uid for u in reply.unresolved] == uids else None
+
+    store.resolver.cgroups[uid(1)] = late
+    reply = await wait_for(lambda: unresolved_now([]), what="pod 1 programmed")
+    assert reply is not None and [p.uid for p in reply.pods] == [uid(0), uid(1)]
+    assert store.maps.read_pods() == store.programmed(pod_spec(0), pod_spec(1))
+
+    del store.resolver.cgroups[uid(0)]  # its cgroup is gone
+    reply = await wait_for(lambda: unresolved_now([uid(0)]), what="pod 0 removed")
+    assert reply is not None and "is gone" in reply.unresolved[0].reason
+    assert store.maps.read_pods() == store.programmed(pod_spec(1))
+
+
+# -- hostile bodies ------------------------------------------------------------------------------
+
+
+class FuzzCheck:
+    """Sends a body; a refusal must write nothing, an accepted set leave exactly its pods."""
+
+    def __init__(self, client: Client, store: Store) -> None:
+        self.client, self.store = client, store
+        self.generation = store.reconciler.applied_generation
+
+    async def send(self, body: bytes) -> None:
+        mark = self.store.mark()
+        response = await self.client.put(
+            "/v1/pods", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status < 500, await response.text()
+        event(f"HTTP {response.status}")  # --hypothesis-show-statistics shows the mix
+        assert response.content_type == "application/json"
+        payload = await response.json()
+        if response.status >= 400:
+            ErrorReply.model_validate(payload)
+            assert self.store.written_since(mark) == {}, payload
+            assert self.store.reconciler.applied_generation == self.generation
+            return
+        # Accepted: the maps hold exactly the resolvable pods of the set, nothing else.
+        result = ApplyResult.model_validate(payload)
+        sent = PodSet.model_validate_json(body)
+        unresolved = {u.uid for u in result.unresolved}
+        cgroups = self.store.resolver.cgroups
+        expected: dict[int, AcceleratedPod] = {
+            cgroups[p.uid]: accelerated_pod(p, cgroups[p.uid])
+            for p in sent.pods
+            if p.uid not in unresolved
+        }
+        assert self.store.maps.read_pods() == ProgrammedPods(expected, orphans={})
+        self.generation = sent.generation
+
+
+@pytest.fixture
+async def fuzz(client: Client, store: Store) -> FuzzCheck:
+    status, payload = await put(client, body_of(10, 0, 1, 2))
+    assert status == 200, payload
+    return FuzzCheck(client, store)
+
+
+@FUZZ
+@given(document=pod_sets)
+async def test_fuzz_pod_shaped_bodies(fuzz: FuzzCheck, document: dict[str, Any]) -> None:
+    await fuzz.send(json.dumps(document).encode())
+
+
+@FUZZ
+@given(document=near_valid_sets())
+async def test_fuzz_nearly_valid_sets(fuzz: FuzzCheck, document: dict[str, Any]) -> None:
+    delta = document.pop("generation_delta")
+    document.setdefault("generation", (fuzz.generation or 0) + delta)
+    await fuzz.send(json.dumps(document).encode())
+
+
+@FUZZ
+@given(document=json_values)
+async def test_fuzz_any_json(fuzz: FuzzCheck, document: Any) -> None:
+    await fuzz.send(json.dumps(document).encode())
+
+
+@FUZZ
+@given(body=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+async def test_fuzz_any_bytes(fuzz: FuzzCheck, body: bytes) -> None:
+    await fuzz.send(body)
+
+
+# -- what only a datapath answers: probes, status, metrics ----------------------------------------
+
+
+@pytest.mark.kernel
+async def test_readyz_waits_for_the_first_set_and_the_attachments(
+    make_client: MakeClient, datapath: Datapath
+) -> None:
+    """Open, it says ready or not and nothing else; why not is /v1/status's."""
+    client = await make_client()
+
+    async def why() -> str | None:
+        status = StatusReply.model_validate(await (await client.get("/v1/status")).json())
+        return status.not_ready
+
+    before = await client.get("/readyz")
+    assert before.status == 503
+    assert await before.json() == {"error": "not ready", "detail": None, "applied_generation": None}
+    assert "no pod set" in (await why() or "")
+
+    await put(client, body_of(1))  # an empty set is a set
+
+    after = await client.get("/readyz")
+    assert after.status == 200
+    assert (await after.json()) == {"status": "ok"}
+    assert await why() is None
+
+    Datapath.adopt(instance=datapath.pins.root.name, pin_root=datapath.pins.root.parent).unload(0)
+    gone = await client.get("/readyz")
+    assert gone.status == 503
+    assert (await error_of(gone)).error == "not ready"
+    assert "not attached" in (await why() or "")
+
+
+@pytest.mark.kernel
+async def test_probes_and_metrics_are_open_the_rest_is_not(make_client: MakeClient) -> None:
+    client = await make_client()
+    anonymous = PKI.anonymous_context()
+    assert (await client.get("/healthz", ssl=anonymous)).status == 200
+    assert (await client.get("/readyz", ssl=anonymous)).status in (200, 503)
+    assert (await client.get("/metrics", ssl=anonymous)).status == 200
+    assert (await client.get("/v1/status", ssl=anonymous)).status == 403
+    assert (await client.get("/v1/health", ssl=anonymous)).status == 403
+
+    closed = await make_client(metrics_require_auth=True)
+    assert (await closed.get("/metrics", ssl=anonymous)).status == 403
+    assert (await closed.get("/metrics")).status == 200
+
+
+@pytest.mark.kernel
 async def test_status_reports_attachments_generation_and_counters(
     make_client: MakeClient, datapath: Datapath, reconciler: Reconciler, resolver: FakeResolver
 ) -> None:
@@ -469,9 +609,11 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
+@pytest.mark.kernel
 async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
-    client: Client,
+    make_client: MakeClient,
 ) -> None:
+    client = await make_client()
     before = metric_samples(await (await client.get("/metrics")).text())
     assert ("meshaccel_agent_applied_generation", ()) not in before
     assert before[("meshaccel_agent_pods_accelerated", ())] == 0
@@ -500,83 +642,7 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
     assert samples[("meshaccel_agent_map_entries", (("map", "pods"),))] == 2
 
 
-# -- hostile bodies ------------------------------------------------------------------------------
-
-
-class FuzzCheck:
-    """Sends a body; a refusal must leave the maps and the generation exactly as they were."""
-
-    def __init__(self, client: Client, datapath: Datapath, reconciler: Reconciler) -> None:
-        self.client, self.datapath, self.reconciler = client, datapath, reconciler
-        self.pods = datapath.pods()
-        self.generation = reconciler.applied_generation
-        self.accepted = 0
-
-    async def send(self, body: bytes, resolver: FakeResolver) -> None:
-        response = await self.client.put(
-            "/v1/pods", data=body, headers={"Content-Type": "application/json"}
-        )
-        assert response.status < 500, await response.text()
-        event(f"HTTP {response.status}")  # --hypothesis-show-statistics shows the mix
-        assert response.content_type == "application/json"
-        payload = await response.json()
-        if response.status >= 400:
-            ErrorReply.model_validate(payload)
-            assert self.datapath.pods() == self.pods, payload
-            assert self.reconciler.applied_generation == self.generation
-            return
-        # Accepted: the maps hold exactly the resolvable pods of the set, nothing else.
-        self.accepted += 1
-        result = ApplyResult.model_validate(payload)
-        sent = PodSet.model_validate_json(body)
-        unresolved = {u.uid for u in result.unresolved}
-        expected: dict[int, AcceleratedPod] = {
-            resolver.cgroups[p.uid]: accelerated_pod(p, resolver.cgroups[p.uid])
-            for p in sent.pods
-            if p.uid not in unresolved
-        }
-        assert self.datapath.pods() == expected
-        self.pods, self.generation = expected, sent.generation
-
-
-@pytest.fixture
-async def fuzz(client: Client, datapath: Datapath, reconciler: Reconciler) -> FuzzCheck:
-    status, payload = await put(client, body_of(10, 0, 1, 2))
-    assert status == 200, payload
-    return FuzzCheck(client, datapath, reconciler)
-
-
-@FUZZ
-@given(document=pod_sets)
-async def test_fuzz_pod_shaped_bodies(
-    fuzz: FuzzCheck, resolver: FakeResolver, document: dict[str, Any]
-) -> None:
-    await fuzz.send(json.dumps(document).encode(), resolver)
-
-
-@FUZZ
-@given(document=near_valid_sets())
-async def test_fuzz_nearly_valid_sets(
-    fuzz: FuzzCheck, resolver: FakeResolver, document: dict[str, Any]
-) -> None:
-    delta = document.pop("generation_delta")
-    document.setdefault("generation", (fuzz.generation or 0) + delta)
-    await fuzz.send(json.dumps(document).encode(), resolver)
-
-
-@FUZZ
-@given(document=json_values)
-async def test_fuzz_any_json(fuzz: FuzzCheck, resolver: FakeResolver, document: Any) -> None:
-    await fuzz.send(json.dumps(document).encode(), resolver)
-
-
-@FUZZ
-@given(body=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
-async def test_fuzz_any_bytes(fuzz: FuzzCheck, resolver: FakeResolver, body: bytes) -> None:
-    await fuzz.send(body, resolver)
-
-
-# -- end to end, with traffic ----------------------------------------------------------------------
+# -- end to end, with traffic ----------------------------------------------------------------
 
 
 def mesh_pod_spec(pod: Pod) -> dict[str, Any]:
@@ -600,6 +666,7 @@ async def echo(client_pod: Pod, server_pod: Pod) -> None:
     assert result.ok, result.raw
 
 
+@pytest.mark.kernel
 @pytest.mark.slow
 async def test_the_applied_set_decides_which_pods_are_accelerated(
     aiohttp_client: ClientFactory, netlab_node: Node
