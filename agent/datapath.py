@@ -149,6 +149,21 @@ _Undo = list[Callable[[], object]]  # steps that undo the writes so far, in writ
 
 
 @dataclass(frozen=True)
+class PinnedProgram:
+    """One program of a datapath as its pin shows it (ids None: the pin is missing or dead)."""
+
+    hook: str  # connect4, sockops, ..., sk_msg
+    program: str
+    pin: Path
+    link_id: int | None
+    program_id: int | None
+
+    @property
+    def attached(self) -> bool:
+        return (self.link_id if self.hook != "sk_msg" else self.program_id) is not None
+
+
+@dataclass(frozen=True)
 class PinLayout:
     root: Path
 
@@ -507,6 +522,35 @@ class Datapath:
         """How many of the pod's inbound listeners sockops saw open and not yet close."""
         raw = self._map("inbound_listeners").lookup(u64(cgroup_id))
         return 0 if raw is None else ctypes.c_uint32.from_buffer_copy(raw).value
+
+    def missing_attachments(self) -> list[str]:
+        """Pins of the programs' attachments that are not there (stat only: cheap)."""
+        return [str(path) for path in self.pins.attachments() if not path.exists()]
+
+    def programs(self) -> list[PinnedProgram]:
+        """Every program as its pin shows it now: each cgroup hook's link, and sk_msg's."""
+        programs = []
+        for hook in CGROUP_HOOKS:
+            path = self.pins.link(hook.link)
+            link_id = program_id = None
+            if path.exists():
+                with (
+                    contextlib.suppress(libbpf.BpfError, OSError),
+                    libbpf.Link.open_pinned(path) as link,
+                ):
+                    info = link.info()
+                    link_id, program_id = info.id, info.prog_id
+            programs.append(PinnedProgram(hook.link, hook.program, path, link_id, program_id))
+        path = self.pins.program(SK_MSG_PROGRAM)
+        program_id = None
+        if path.exists():
+            with (
+                contextlib.suppress(libbpf.BpfError, OSError),
+                libbpf.Program.from_pin(path) as program,
+            ):
+                program_id = program.info().id
+        programs.append(PinnedProgram("sk_msg", SK_MSG_PROGRAM, path, None, program_id))
+        return programs
 
     def sockets(self) -> dict[str, int]:
         """How many sockets each sockhash holds."""

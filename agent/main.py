@@ -169,15 +169,14 @@ def config_differences(pinned: LoadedConfig, settings: AgentSettings) -> tuple[D
     return tuple(found)
 
 
-def pinned_differences(settings: AgentSettings) -> tuple[Difference, ...]:
-    """How the complete datapath pinned for ``settings`` differs from them: the configuration
-    it was loaded with (:func:`config_differences`) and its maps' max_entries, as the datapath
-    reads them from its pins (nothing in the kernel changes)."""
-    with Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root) as pinned:
-        found = list(config_differences(pinned.loaded_config, settings))
-        pinned_sizes = {
-            name: pinned.max_entries(name) for maps in CAPACITY_MAPS.values() for name in maps
-        }
+def pinned_differences(pinned: Datapath, settings: AgentSettings) -> tuple[Difference, ...]:
+    """How the adopted datapath ``pinned`` differs from ``settings``: the configuration it was
+    loaded with (:func:`config_differences`) and its maps' max_entries, as it reads them from
+    its pins (nothing in the kernel changes)."""
+    found = list(config_differences(pinned.loaded_config, settings))
+    pinned_sizes = {
+        name: pinned.max_entries(name) for maps in CAPACITY_MAPS.values() for name in maps
+    }
     max_entries = settings.capacities.max_entries()
     for setting, maps in CAPACITY_MAPS.items():
         sizes = [pinned_sizes[name] for name in maps]
@@ -236,15 +235,26 @@ def open_datapath(loaded: LoadedSettings) -> tuple[Datapath, Startup]:
             " an agent was stopped while loading it. Remove it with `meshaccel-agent uninstall`"
             " (same --pin-root and --instance), then start again"
         )
-    differences = pinned_differences(settings) if complete else replaced
+    # Adopted once: kept as it is, or read for what differs and then replaced.
+    pinned = (
+        Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root) if complete else None
+    )
+    try:
+        differences = pinned_differences(pinned, settings) if pinned else replaced
+    except BaseException:
+        if pinned is not None:
+            pinned.close()
+        raise
     decision: Decision = "reloaded" if replaced else "loaded"
-    if complete and differences and settings.reload_on_change:
+    if pinned is not None and differences and settings.reload_on_change:
+        pinned.close()
+        pinned = None
         _unload_changed(pins, differences, settings.drain_seconds)
         decision = "reloaded"
-    elif complete:
+    elif pinned is not None:
         decision = "adopted"
-    if decision == "adopted":
-        datapath = Datapath.adopt(instance=settings.instance, pin_root=settings.pin_root)
+    if pinned is not None:
+        datapath = pinned
     else:
         datapath = Datapath.load(
             attach,

@@ -7,6 +7,7 @@ runs them all into one report (start-up and ``meshaccel-agent check``).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +139,16 @@ def probe_kernel_features() -> dict[str, bool]:
     capabilities to load programs: without them every probe fails with BpfError.)"""
     found = {name: libbpf.probe_prog_type(t) for t, name in PROGRAM_TYPES.items()}
     found |= {name: libbpf.probe_map_type(t) for t, name in MAP_TYPES.items()}
+    return found
+
+
+@functools.cache
+def kernel_features() -> dict[str, bool]:
+    """What /v1/status reports of the kernel: each program and map type the datapath uses, and
+    vmlinux BTF; probed once (the answers do not change)."""
+    found = {f"program_{t.name.lower()}": libbpf.probe_prog_type(t) for t in PROGRAM_TYPES}
+    found |= {f"map_{t.name.lower()}": libbpf.probe_map_type(t) for t in MAP_TYPES}
+    found["btf_vmlinux"] = VMLINUX_BTF.exists()
     return found
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,8 +30,8 @@ from pathlib import Path
 from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
-from meshaccel.agent import libbpf, prerequisites
-from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_PROGRAM, Datapath, PinLayout
+from meshaccel.agent import prerequisites
+from meshaccel.agent.datapath import Datapath
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.listener import Limits, Listener
 from meshaccel.agent.metrics import AgentMetrics
@@ -452,7 +451,7 @@ def not_ready(app: web.Application) -> str | None:
         why = f"it failed: {state.error}" if state.error else "in progress"
         return f"an uninstall was requested ({why})"
     reconciler = app[RECONCILER]
-    missing = missing_attachments(reconciler.datapath.pins)
+    missing = reconciler.datapath.missing_attachments()
     if missing:
         return f"not attached: missing pins {', '.join(missing)}"
     if reconciler.snapshot.applied_generation is None:
@@ -489,67 +488,21 @@ ROUTES = [
 # -- status ----------------------------------------------------------------------------------------
 
 
-def missing_attachments(pins: PinLayout) -> list[str]:
-    """Pins of the programs' attachments that are not there (stat only: cheap)."""
-    return [str(path) for path in pins.attachments() if not path.exists()]
-
-
-@functools.cache
-def kernel_features() -> dict[str, bool]:
-    """What the datapath needs of the kernel (the program and map types start-up checks),
-    probed once: the answers do not change."""
-    found = {
-        f"program_{t.name.lower()}": libbpf.probe_prog_type(t) for t in prerequisites.PROGRAM_TYPES
-    }
-    found |= {f"map_{t.name.lower()}": libbpf.probe_map_type(t) for t in prerequisites.MAP_TYPES}
-    found["btf_vmlinux"] = prerequisites.VMLINUX_BTF.exists()
-    return found
-
-
-def _program_status(pins: PinLayout) -> list[ProgramStatus]:
-    programs = []
-    for hook in CGROUP_HOOKS:
-        path = pins.link(hook.link)
-        link_id = program_id = None
-        if path.exists():
-            with (
-                contextlib.suppress(libbpf.BpfError, OSError),
-                libbpf.Link.open_pinned(path) as link,
-            ):
-                info = link.info()
-                link_id, program_id = info.id, info.prog_id
-        programs.append(
-            ProgramStatus(
-                hook=hook.link,
-                program=hook.program,
-                pin=str(path),
-                attached=link_id is not None,
-                link_id=link_id,
-                program_id=program_id,
-            )
-        )
-    path = pins.program(SK_MSG_PROGRAM)
-    program_id = None
-    if path.exists():
-        with contextlib.suppress(libbpf.BpfError, OSError), libbpf.Program.from_pin(path) as prog:
-            program_id = prog.info().id
-    programs.append(
-        ProgramStatus(
-            hook="sk_msg",
-            program=SK_MSG_PROGRAM,
-            pin=str(path),
-            attached=program_id is not None,
-            program_id=program_id,
-        )
-    )
-    return programs
-
-
 def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
     """GET /v1/status's reply. Blocks (reads pins and a map): run it in a thread."""
     snapshot = reconciler.snapshot
     pins = reconciler.datapath.pins
-    programs = _program_status(pins)
+    programs = [
+        ProgramStatus(
+            hook=p.hook,
+            program=p.program,
+            pin=str(p.pin),
+            attached=p.attached,
+            link_id=p.link_id,
+            program_id=p.program_id,
+        )
+        for p in reconciler.datapath.programs()
+    ]
     try:
         counters: dict[str, int] | None = {
             c.metric_name: n for c, n in reconciler.datapath.counters().items()
@@ -569,7 +522,7 @@ def build_status(reconciler: Reconciler, info: DatapathInfo) -> StatusReply:
         startup_reason=info.startup_reason,
         attached=all(p.attached for p in programs),
         programs=programs,
-        kernel_features=kernel_features(),
+        kernel_features=prerequisites.kernel_features(),
         applied_generation=snapshot.applied_generation,
         applied_epoch=snapshot.applied_epoch,
         last_apply_time=snapshot.last_apply_time,
@@ -712,7 +665,7 @@ def create_app(
     app[AUTH] = _Auth(required=tls is not None, metrics_require_auth=metrics_require_auth)
     app[LISTENER] = Listener(limits, tls)
     app[METRICS] = AgentMetrics(
-        reconciler, attached=lambda: not missing_attachments(reconciler.datapath.pins)
+        reconciler, attached=lambda: not reconciler.datapath.missing_attachments()
     )
     app[WORKER] = _Worker()
     app[RETRY_INTERVAL] = float(retry_interval or 0)

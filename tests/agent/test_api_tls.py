@@ -43,7 +43,12 @@ AGENT_TLS = OLD.agent_tls()  # the agents' Secret
 
 @dataclass
 class _Datapath:
+    """What /readyz asks of the datapath: its pins, none of which exists here."""
+
     pins: PinLayout
+
+    def missing_attachments(self) -> list[str]:
+        return [str(path) for path in self.pins.attachments()]
 
 
 @dataclass
