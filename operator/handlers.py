@@ -25,12 +25,11 @@ from typing import Any
 
 import aiohttp
 import kopf
-from kubernetes.aio import client as k8s
-from kubernetes.aio import config as k8s_config
 from pydantic import ValidationError
 
 from meshaccel.operator import memory, models
 from meshaccel.operator.config import OperatorConfig, operator_config, parse_args
+from meshaccel.operator.kube import api_client
 from meshaccel.operator.metrics import resource_metrics
 from meshaccel.operator.models import ConditionStatus, ConditionType, MeshAccelerationSpec
 from meshaccel.operator.runtime import Operator
@@ -47,15 +46,6 @@ STATUS_INTERVAL = float(os.environ.get("MESHACCEL_STATUS_INTERVAL", "5"))
 UNINSTALL_ATTEMPTS = 3
 
 log = logging.getLogger("meshaccel.operator")
-
-
-async def _api_client() -> k8s.ApiClient:
-    configuration = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
-        await k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return k8s.ApiClient(configuration)
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -97,7 +87,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         # alive between pushes: health probes every 15 s keep them warm.
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
     )
-    runtime = Operator(config, await _api_client(), session)
+    runtime = Operator(config, await api_client(), session)
     runtime.start()
     resource_metrics()  # its families are scraped (empty) before the first status
     memo.runtime = runtime

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from kubernetes.aio import client as k8s
+from kubernetes.aio import config as k8s_config
 
 log = logging.getLogger("meshaccel.operator.kube")
 
@@ -39,6 +40,16 @@ LEGACY_ANNOTATION: Final = "meshaccel.io/last-applied"
 LEGACY_MANAGER: Final = "OpenAPI-Generator"
 
 Object = dict[str, Any]
+
+
+async def api_client() -> k8s.ApiClient:
+    """A client for the API server: in-cluster credentials, else the kubeconfig."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        await k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient(configuration)
 
 
 class KubeError(Exception):

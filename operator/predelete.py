@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kubernetes.aio import client as k8s
-from kubernetes.aio import config as k8s_config
 
 from meshaccel.contract.logs import configure_logging
 from meshaccel.operator import models, rendering
 from meshaccel.operator.config import DEFAULT_NAMESPACE
 from meshaccel.operator.handlers import FINALIZER
+from meshaccel.operator.kube import api_client
 
 log = logging.getLogger("meshaccel.operator.predelete")
 
@@ -430,17 +430,8 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] = os.envir
     return args
 
 
-async def _api_client() -> k8s.ApiClient:
-    configuration = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
-        await k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return k8s.ApiClient(configuration)
-
-
 async def _main(args: Any) -> int:
-    api = await _api_client()
+    api = await api_client()
     try:
         cluster = KubeCluster(api, args.namespace, args.operator_deployment)
         await run(cluster, Limits(timeout=args.timeout, operator_grace=args.operator_grace))

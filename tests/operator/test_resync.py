@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from kubernetes.aio import client as k8s
 
-from meshaccel.operator.handlers import _api_client
+from meshaccel.operator.kube import api_client
 from meshaccel.operator.picture import ClusterPicture
 from meshaccel.operator.resync import Listing, RelistDetector, Resyncer, list_cluster
 from tests.operator.conftest import KubeClient, api_path
@@ -129,7 +129,7 @@ async def test_list_cluster_lists_pods_namespaces_nodes_and_accelerations(
             "spec": {"namespaceSelector": {}, "agent": {"nodeSelector": {"pool": "a"}}},
         },
     )
-    api: k8s.ApiClient = await _api_client()
+    api: k8s.ApiClient = await api_client()
     try:
         listing = await list_cluster(api)
     finally:

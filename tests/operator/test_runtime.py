@@ -18,7 +18,7 @@ import pytest
 
 from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
-from meshaccel.operator.handlers import _api_client
+from meshaccel.operator.kube import api_client
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.runtime import Operator
 from tests.operator.conftest import KubeClient, agent_tls, api_path, run_agent_pod
@@ -61,7 +61,7 @@ async def setup(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[Setup]:
     ]
     clock = StoppedClock()
     config = OperatorConfig(namespace=OPERATOR_NAMESPACE, push_window=0.01, probe_interval=3600)
-    runtime = Operator(config, await _api_client(), aiohttp.ClientSession(), clock=clock)
+    runtime = Operator(config, await api_client(), aiohttp.ClientSession(), clock=clock)
     runtime.start()
     port = free_port()
     try:
@@ -203,7 +203,7 @@ async def test_the_start_up_order_retires_no_resource(kubeconfig: Any, kube: Kub
             },
         )
     config = OperatorConfig(namespace=OPERATOR_NAMESPACE, push_window=0.01, probe_interval=3600)
-    runtime = Operator(config, await _api_client(), aiohttp.ClientSession(), clock=StoppedClock())
+    runtime = Operator(config, await api_client(), aiohttp.ClientSession(), clock=StoppedClock())
     runtime.start()
     agents = {
         ("first", "node-1"): FakeAgent(tls=None, host=AGENT_IP, port=first_port),
