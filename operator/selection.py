@@ -84,12 +84,23 @@ SIDECARS: dict[MeshModeName, MeshSidecar] = {
         injected_annotation="linkerd.io/proxy-version",
         excluded_outbound_ports="config.linkerd.io/skip-outbound-ports",
         excluded_inbound_ports="config.linkerd.io/skip-inbound-ports",
+        unsupported={
+            # proxy-init skips inbound connections *from* these sources; the datapath has no
+            # per-source exclusion, so such a pod stays with the mesh's rules.
+            "config.linkerd.io/skip-subnets": frozenset({""}),
+        },
     ),
     MeshModeName.KUMA: MeshSidecar(
         containers=frozenset({"kuma-sidecar"}),
         injected_annotation="kuma.io/sidecar-injected",
         excluded_outbound_ports="traffic.kuma.io/exclude-outbound-ports",
         excluded_inbound_ports="traffic.kuma.io/exclude-inbound-ports",
+        excluded_outbound_cidrs="traffic.kuma.io/exclude-outbound-ips",
+        unsupported={
+            # Inbound exclusion by source address, outbound exclusion by uid: not reproducible.
+            "traffic.kuma.io/exclude-inbound-ips": frozenset({""}),
+            "traffic.kuma.io/exclude-outbound-ports-for-uids": frozenset({""}),
+        },
     ),
 }
 

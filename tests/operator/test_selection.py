@@ -10,7 +10,7 @@ import pytest
 
 from meshaccel.contract.modes import MeshModeName
 from meshaccel.operator.models import MeshAccelerationSpec
-from meshaccel.operator.selection import PodFacts, PodWarning, Verdict, select
+from meshaccel.operator.selection import PodFacts, PodWarning, Selection, Verdict, select
 from tests.operator.objects import pod
 
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
@@ -337,3 +337,41 @@ def test_dns_capture_from_the_mesh_settings(
     mode: str, annotations: dict[str, str], spec: dict[str, Any], captured: bool
 ) -> None:
     assert _dns_capture(mode, annotations, spec) is captured
+
+
+def _meshed(mode: str, annotations: dict[str, str]) -> Selection:
+    obj = pod("a", "shop", sidecar=False, annotations=annotations)
+    obj["spec"]["containers"].append(
+        {"name": {"kuma": "kuma-sidecar", "linkerd": "linkerd-proxy"}[mode], "image": "proxy:1"}
+    )
+    model = MeshAccelerationSpec.model_validate({**SPEC, "mode": mode})
+    return select(PodFacts.from_object(obj), ENABLED, model, {"node-1"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "annotation"),
+    [
+        ("linkerd", "config.linkerd.io/skip-subnets"),
+        ("kuma", "traffic.kuma.io/exclude-inbound-ips"),
+        ("kuma", "traffic.kuma.io/exclude-outbound-ports-for-uids"),
+    ],
+)
+def test_exclusions_the_datapath_cannot_make_leave_the_pod_to_the_mesh(
+    mode: str, annotation: str
+) -> None:
+    """Exclusion by source address or by uid has no map entry: such a pod keeps the mesh's
+    rules (UnsupportedAnnotation) rather than be steered where the mesh would not steer it."""
+    value = "1000:5432" if annotation.endswith("for-uids") else "10.8.0.0/16"
+    refused = _meshed(mode, {annotation: value})
+    assert refused.verdict == Verdict.UNSUPPORTED_ANNOTATION, refused
+    assert annotation in refused.detail
+    assert _meshed(mode, {annotation: ""}).verdict == Verdict.SELECTED  # the default
+
+
+def test_kumas_outbound_ip_exclusions_become_the_pods_excluded_cidrs() -> None:
+    result = _meshed("kuma", {"traffic.kuma.io/exclude-outbound-ips": "10.8.0.0/16, 192.0.2.7"})
+    assert result.pod is not None, result
+    assert result.pod.options.excluded_outbound_cidrs == {
+        IPv4Network("10.8.0.0/16"),
+        IPv4Network("192.0.2.7/32"),
+    }
