@@ -65,8 +65,14 @@ def test_quick_run_measures_every_configuration(tmp_path: Path, netlab_requireme
             assert record["valid"], f"({config.key}) {record['error']} {failed}"
             assert record["ops"] > 0 and record["rate"] > 0, record
             assert record["cpu_us_per_op"]["total"] > 0, record
-            # One keep-alive connection never comes near the redirect budget.
-            assert record["warnings"] == [], f"({config.key}) {record['warnings']}"
+            # One keep-alive connection never comes near the redirect budget. wrk stops with
+            # a request in flight: Envoy A closes that upstream connection, and Envoy B's answer
+            # may meet a socket that has left the sockhash (one failed redirect, then TCP and
+            # the close, as without meshaccel: docs/benchmarks.md, "Fallbacks").
+            fallbacks = {k: v for w in record["warnings"] for k, v in w["detail"].items()}
+            at_teardown = {"fallback_redirect_failed": fallbacks.get("fallback_redirect_failed")}
+            assert fallbacks in ({}, at_teardown), f"({config.key}) {record['warnings']}"
+            assert fallbacks.get("fallback_redirect_failed", 0) <= 1, record["warnings"]
             assert record["tcp_mem_pages_peak"] is not None, "sockstat was not sampled"
         entry = results["summary"][SMALLEST_WORKLOAD][config.key]
         assert entry["rate"] > 0 and entry["rounds"] == QUICK_PLAN.rounds, entry
