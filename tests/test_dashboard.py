@@ -43,11 +43,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshaccel.operator import rendering
 from tests.agent_lifecycle.harness import (
-    PIN_ROOT,
     PKI,
     AgentProcess,
-    agent_argv,
     free_port,
+    standalone_argv,
     tls_args,
     unload_instance,
     write_yaml,
@@ -281,18 +280,14 @@ def live_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAgent]:
         write_yaml(pods_file, {"generation": 1, "pods": [pod]})
         port = free_port()
         argv = [
-            *agent_argv(),
-            "run",
-            "--mode=standalone",
-            f"--pods-file={pods_file}",
-            "--pods-poll-seconds=0.2",
-            f"--attach-cgroup={cgroup.path}",
-            f"--pin-root={PIN_ROOT}",
-            f"--instance={instance}",
-            *tls_args(workdir / "tls"),
-            "--listen-address=127.0.0.1",
-            f"--port={port}",
-            "--node-name=dashboard",
+            *standalone_argv(
+                pods_file=pods_file,
+                attach_cgroup=cgroup.path,
+                instance=instance,
+                tls=tls_args(workdir / "tls"),
+                port=port,
+                node_name="dashboard",
+            ),
             "--log-format=json",
         ]
         agent = AgentProcess(argv, workdir=workdir, name="agent", port=port)

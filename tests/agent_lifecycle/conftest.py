@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 
 from tests.agent_lifecycle.harness import (
-    PIN_ROOT,
     AgentProcess,
-    agent_argv,
     free_port,
+    standalone_argv,
     tls_args,
     unload_instance,
     write_yaml,
@@ -78,18 +77,15 @@ class StandaloneAgents:
 
     def argv(self, *extra: str, command: str = "run") -> list[str]:
         return [
-            *agent_argv(),
-            command,
-            "--mode=standalone",
-            f"--pods-file={self.pods_file}",
-            "--pods-poll-seconds=0.2",
-            f"--attach-cgroup={self.node.cgroup.path}",
-            f"--pin-root={PIN_ROOT}",
-            f"--instance={self.instance}",
-            *self.tls,
-            "--listen-address=127.0.0.1",
-            f"--port={self.port}",
-            "--node-name=netlab",
+            *standalone_argv(
+                pods_file=self.pods_file,
+                attach_cgroup=self.node.cgroup.path,
+                instance=self.instance,
+                tls=self.tls,
+                port=self.port,
+                node_name="netlab",
+                command=command,
+            ),
             "--log-format=json",
             "--sk-msg-redirect",  # the default, spelled out: the tests watch sk_msg at work
             *extra,

@@ -62,6 +62,34 @@ def agent_argv(capabilities: Sequence[str] | None = None) -> list[str]:
     return program if capabilities is None else [*setpriv(capabilities), *program]
 
 
+def standalone_argv(
+    *,
+    pods_file: Path,
+    attach_cgroup: Path,
+    instance: str,
+    tls: Sequence[str],
+    port: int,
+    node_name: str,
+    command: str = "run",
+) -> list[str]:
+    """A standalone agent of the tests: pods from a file, the test's cgroup and pins, its
+    API on loopback (more flags may follow; the last of a repeated flag wins)."""
+    return [
+        *agent_argv(),
+        command,
+        "--mode=standalone",
+        f"--pods-file={pods_file}",
+        "--pods-poll-seconds=0.2",
+        f"--attach-cgroup={attach_cgroup}",
+        f"--pin-root={PIN_ROOT}",
+        f"--instance={instance}",
+        *tls,
+        "--listen-address=127.0.0.1",
+        f"--port={port}",
+        f"--node-name={node_name}",
+    ]
+
+
 def setpriv(capabilities: Sequence[str]) -> list[str]:
     """uid 0 limited to ``capabilities``, as a container runtime starts the agent."""
     keep = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
