@@ -60,12 +60,11 @@ int restore_dns_reply_source(struct bpf_sock_addr *ctx)
 	struct pod_info *pod;
 	__u64 pod_cgroup_id = 0;
 
-	if (!ctx->sk)
+	/* Every datagram received with its address comes here: the cheap test first. */
+	if (ctx->user_ip4 != localhost() || !ctx->sk)
 		return ALLOW;
 	state = bpf_sk_storage_get(&socket_states, ctx->sk, NULL, 0);
 	if (!state || !(state->conn.flags & CONNECTION_DNS))
-		return ALLOW;
-	if (ctx->user_ip4 != localhost())
 		return ALLOW;
 	/* Only the proxy's DNS server answers for the server asked. */
 	pod = current_pod(&pod_cgroup_id);
