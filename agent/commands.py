@@ -200,7 +200,13 @@ def unresolved_text(unresolved: Sequence[Any]) -> str:
 def pods_text(pods: PodsReply) -> str:
     generation = "none yet" if pods.applied_generation is None else pods.applied_generation
     rows = [
-        (p.namespace, p.name, str(p.ip), "accelerated", f"cgroup id {p.cgroup_id}")
+        (
+            p.namespace,
+            p.name,
+            ",".join(map(str, p.addresses)),
+            "accelerated",
+            f"cgroup id {p.cgroup_id}",
+        )
         for p in pods.pods
     ]
     rows += [(u.namespace, u.name, "-", "unresolved", u.reason) for u in pods.unresolved]

@@ -4,7 +4,7 @@ Everything lives under one bpffs directory per instance::
 
     /sys/fs/bpf/meshaccel/<instance>/
         maps/<map>          every shared map (pinned by libbpf at load)
-        links/<hook>        cgroup links of connect4, sockops and getsockopt
+        links/<hook>        one cgroup link per hook (connect4, connect6, sockops, ...)
         progs/redirect_msg  the sk_msg program, attached to msg_senders
 
 Pins keep the datapath running without the agent; a new agent adopts them.
@@ -116,9 +116,14 @@ CGROUP_HOOKS = (
     CgroupHook("getsockopt.bpf.o", "answer_original_dst", "getsockopt"),
     CgroupHook("sockname.bpf.o", "restore_peer_address", "getpeername4"),
     CgroupHook("sockname.bpf.o", "restore_local_address", "getsockname4"),
+    CgroupHook("sockname.bpf.o", "restore_peer_address6", "getpeername6"),
+    CgroupHook("sockname.bpf.o", "restore_local_address6", "getsockname6"),
     CgroupHook("dns.bpf.o", "restore_dns_reply_source", "recvmsg4"),
+    CgroupHook("dns.bpf.o", "restore_dns_reply_source6", "recvmsg6"),
     CgroupHook("dns.bpf.o", "capture_dns_sendmsg4", "sendmsg4"),
+    CgroupHook("dns.bpf.o", "capture_dns_sendmsg6", "sendmsg6"),
     CgroupHook("sockops.bpf.o", "track_sockets", "sockops"),
+    CgroupHook("connect.bpf.o", "redirect_connect6", "connect6"),
     CgroupHook("connect.bpf.o", "redirect_connect4", "connect4"),
 )
 OBJECT_FILES = tuple(dict.fromkeys((SK_MSG_OBJECT, *(hook.object_file for hook in CGROUP_HOOKS))))
@@ -416,22 +421,31 @@ class Datapath:
         *,
         previous: AcceleratedPod | _ReadBack | None = READ_BACK,
         take_ip: bool = False,
-    ) -> int | None:
+    ) -> frozenset[int]:
         """Accelerate ``pod``, or bring its entries in line with it. All or nothing.
 
         ``previous`` is what the maps hold for the pod now (None: nothing), as the caller
         programmed it: only the entries that differ are written, and the option maps are not
         walked. Left out, the pod is read back first (:meth:`pod`: a walk of the option maps).
-        The address entry is always checked in the map: ``put_pod(p, previous=p)`` restores it.
-        ``pod.ip`` held by another pod is refused (ValueError) unless ``take_ip``, for a caller
-        that moves that pod off it in the same batch (two pods swapping addresses); the cgroup
-        id of the pod it was taken from is returned (else None), to give it back on undo.
+        The address entries are always checked in the map: ``put_pod(p, previous=p)`` restores
+        them. An address of ``pod`` held by another pod is refused (ValueError) unless
+        ``take_ip``, for a caller that moves that pod off it in the same batch (two pods
+        swapping addresses); the cgroup ids of the pods addresses were taken from are returned
+        (else empty), to give them back on undo.
         """
-        ip_key = pod.ip.packed
-        owner = self._map("pod_ips").lookup(ip_key)
-        owner_id = None if owner is None else decode_u64(owner)
-        if owner_id not in (None, pod.cgroup_id) and not take_ip:
-            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner_id}")
+        owners = {key: self._map("pod_ips").lookup(key) for key in sorted(pod.address_keys())}
+        taken = {
+            key: decode_u64(owner)
+            for key, owner in owners.items()
+            if owner is not None and decode_u64(owner) != pod.cgroup_id
+        }
+        if taken and not take_ip:
+            raise ValueError(
+                "; ".join(
+                    f"{layout.address_of(key)} already belongs to the pod with cgroup id {owner_id}"
+                    for key, owner_id in taken.items()
+                )
+            )
         old = (
             self.pod(pod.cgroup_id)
             if previous is READ_BACK
@@ -440,21 +454,23 @@ class Datapath:
         key = u64(pod.cgroup_id)
         info, old_info = bytes(pod.info()), None if old is None else bytes(old.info())
         new_options, old_options = _option_keys(pod), _option_keys(old)
+        mine = u64(pod.cgroup_id)
 
         with undo_on_failure() as undo:
             # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
             for name, keys in new_options.items():
                 self._insert(undo, name, keys - old_options[name])
-            if owner_id != pod.cgroup_id:
-                self._put(undo, "pod_ips", ip_key, u64(pod.cgroup_id), owner)
+            for ip_key, owner in owners.items():
+                if owner != mine:
+                    self._put(undo, "pod_ips", ip_key, mine, owner)
             if info != old_info:
                 self._put(undo, "pods", key, info, old_info)
             # What the new version no longer has goes last.
             for name, keys in old_options.items():
                 self._remove(undo, name, keys - new_options[name])
-            if old is not None and old.ip != pod.ip:
-                self._release_ip(undo, old)
-        return None if owner_id == pod.cgroup_id else owner_id
+            if old is not None:
+                self._release_ips(undo, old, old.address_keys() - pod.address_keys())
+        return frozenset(taken.values())
 
     def delete_pod(
         self, cgroup_id: int, *, previous: AcceleratedPod | _ReadBack | None = READ_BACK
@@ -471,7 +487,7 @@ class Datapath:
         with undo_on_failure() as undo:
             # The pod entry first: connect4 stops acting on the pod at once.
             existed = self._remove(undo, "pods", {u64(cgroup_id)}, bytes(pod.info())) > 0
-            self._release_ip(undo, pod)
+            self._release_ips(undo, pod, pod.address_keys())
             for name, keys in _option_keys(pod).items():
                 self._remove(undo, name, keys)
         # What sockops saw of its inbound listener goes with it ("not seen" again if it returns).
@@ -495,7 +511,7 @@ class Datapath:
         orphans = read.orphans
         for ip_key, owner in self._map("pod_ips").items():
             pod = read.pods.get(decode_u64(owner))
-            if pod is None or pod.ip.packed != ip_key:  # no pod, or one with another address
+            if pod is None or ip_key not in pod.address_keys():  # no pod, or other addresses
                 orphans.setdefault("pod_ips", set()).add(ip_key)
         return read
 
@@ -628,11 +644,12 @@ class Datapath:
                 removed += 1
         return removed
 
-    def _release_ip(self, undo: _Undo, pod: AcceleratedPod) -> None:
-        """Delete the pod's address entry, unless another pod has taken the address since."""
+    def _release_ips(self, undo: _Undo, pod: AcceleratedPod, keys: Iterable[bytes]) -> None:
+        """Delete these address entries of the pod, except those another pod has taken since."""
         owner = u64(pod.cgroup_id)
-        if self._map("pod_ips").lookup(pod.ip.packed) == owner:
-            self._remove(undo, "pod_ips", {pod.ip.packed}, owner)
+        for ip_key in sorted(keys):
+            if self._map("pod_ips").lookup(ip_key) == owner:
+                self._remove(undo, "pod_ips", {ip_key}, owner)
 
     def _update(self, name: str, key: bytes, value: bytes) -> None:
         try:
@@ -717,7 +734,7 @@ def unload_pins(pins: PinLayout, drain_seconds: float) -> None:
     if pins.map("draining").exists():
         with libbpf.Map.from_pin(pins.map("draining")) as draining:
             draining.update(u32(0), u32(1))
-    steering = ("connect4", "sendmsg4", "sockops")
+    steering = ("connect4", "connect6", "sendmsg4", "sendmsg6", "sockops")
     for link in steering:
         _detach_link(pins.link(link))
     time.sleep(drain_seconds)

@@ -3,6 +3,8 @@
 Fields the C side types as ``__be16``/``__be32`` are byte arrays here, so
 network byte order is explicit at every use: build them with :func:`be16`
 and :func:`ipv4`, read them back with :func:`port_of` and :func:`ip_of`.
+``struct ip_address`` (either family, 16 bytes, IPv4 stored IPv4-mapped) is
+built with :func:`address` and read with :func:`address_of`.
 ``tests/unit/test_layout.py`` checks every structure against the compiled
 objects' BTF and every enum against the header.
 """
@@ -11,11 +13,18 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from ipaddress import IPv4Address
+import socket
+from ipaddress import IPv4Address, IPv6Address
 
 Be16 = ctypes.c_ubyte * 2
 Be32 = ctypes.c_ubyte * 4
-NetworkBytes = ctypes.Array[ctypes.c_ubyte]  # a Be16 or Be32 field
+#: ``struct ip_address``: an IPv6 address, or an IPv4 one IPv4-mapped (``::ffff:a.b.c.d``).
+Address = ctypes.c_ubyte * 16
+NetworkBytes = ctypes.Array[ctypes.c_ubyte]  # a Be16, Be32 or Address field
+
+#: The address family of a ``pod_cidr_key``: Linux's numbers (host order in the key).
+AF_INET = int(socket.AF_INET)
+AF_INET6 = int(socket.AF_INET6)
 
 
 def be16(port: int) -> NetworkBytes:
@@ -34,6 +43,38 @@ def ip_of(field: NetworkBytes) -> IPv4Address:
     return IPv4Address(bytes(field))
 
 
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def address_bytes(ip: IPv4Address | IPv6Address) -> bytes:
+    """The 16 bytes of ``struct ip_address``: an IPv4 address IPv4-mapped, as the kernel shows
+    an IPv4 peer of a dual-stack socket (and as every map keyed by an address holds it)."""
+    if isinstance(ip, IPv4Address):
+        return _MAPPED_PREFIX + ip.packed
+    return ip.packed
+
+
+def address(ip: IPv4Address | IPv6Address | str) -> NetworkBytes:
+    """A ``struct ip_address`` field for ``ip`` (a str of either family)."""
+    if isinstance(ip, str):
+        ip = IPv4Address(ip) if ":" not in ip else IPv6Address(ip)
+    return Address(*address_bytes(ip))
+
+
+def address_of(field: NetworkBytes | bytes) -> IPv4Address | IPv6Address:
+    """The address a ``struct ip_address`` holds: IPv4 if it is IPv4-mapped, else IPv6."""
+    raw = bytes(field)
+    if raw[:12] == _MAPPED_PREFIX:
+        return IPv4Address(raw[12:])
+    return IPv6Address(raw)
+
+
+class IpAddress(ctypes.Structure):
+    """``struct ip_address`` itself, for the layout check; fields use :data:`Address`."""
+
+    _fields_ = [("word", Be32 * 4)]
+
+
 class HandshakeKey(ctypes.Structure):
     _fields_ = [("client_seq", ctypes.c_uint32), ("server_seq", ctypes.c_uint32)]
 
@@ -42,8 +83,8 @@ class SockTuple(ctypes.Structure):
     _fields_ = [
         ("netns_cookie", ctypes.c_uint64),
         ("handshake", HandshakeKey),
-        ("local_ip", Be32),
-        ("remote_ip", Be32),
+        ("local_ip", Address),
+        ("remote_ip", Address),
         ("local_port", Be16),
         ("remote_port", Be16),
         ("pad", ctypes.c_uint32),
@@ -59,10 +100,10 @@ class ConnectionFlags(enum.IntFlag):
 
 class Connection(ctypes.Structure):
     _fields_ = [
-        ("original_ip", Be32),
+        ("original_ip", Address),
+        ("client_ip", Address),
         ("original_port", Be16),
         ("flags", ctypes.c_uint16),
-        ("client_ip", Be32),
     ]
 
 
@@ -91,12 +132,13 @@ class PodFlags(enum.IntFlag):
 
 class PodInfo(ctypes.Structure):
     _fields_ = [
-        ("ip", Be32),
+        ("ip", Be32),  # 0: no IPv4 address
         ("sidecar_uid", ctypes.c_uint32),
         ("outbound_port", Be16),
         ("inbound_port", Be16),
         ("flags", ctypes.c_uint16),
         ("dns_port", Be16),  # 0 unless POD_DNS_CAPTURE
+        ("ipv6", Address),  # all zero: no IPv6 address
     ]
 
 
@@ -114,16 +156,17 @@ class PodPortKey(ctypes.Structure):
     ]
 
 
-POD_CIDR_PREFIX_BITS = 96  # pad + pod_cgroup_id: always part of an entry's prefix
+POD_CIDR_PREFIX_BITS = 96  # family + pod_cgroup_id: always part of an entry's prefix
+#: An IPv4 CIDR's bits start after ::ffff:0:0/96 in ``PodCidrKey.addr``.
+MAPPED_PREFIX_BITS = 96
 
 
 class PodCidrKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),  # AF_INET or AF_INET6
         ("pod_cgroup_id", ctypes.c_uint64),
-        ("addr", Be32),
-        ("pad2", ctypes.c_uint32),
+        ("addr", Address),
     ]
 
 
@@ -172,6 +215,7 @@ class Counter(enum.IntEnum):
     COUNTER_DNS_CONNECT_CAPTURED = 28
     COUNTER_DNS_DATAGRAM_CAPTURED = 29
     COUNTER_DNS_REPLY_ADDRESS_RESTORED = 30
+    COUNTER_BYPASS_FAMILY_NOT_IN_POD = 31
 
     @property
     def metric_name(self) -> str:
@@ -191,6 +235,7 @@ FALLBACK_REASONS: dict[Counter, str] = {
 
 #: Every structure shared with C, by its C name (for the layout test and docs).
 SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "ip_address": IpAddress,
     "sock_tuple": SockTuple,
     "connection": Connection,
     "handshake_key": HandshakeKey,

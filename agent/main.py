@@ -180,10 +180,16 @@ def pinned_differences(pinned: Datapath, settings: AgentSettings) -> tuple[Diffe
     max_entries = settings.capacities.max_entries()
     for setting, maps in CAPACITY_MAPS.items():
         sizes = [pinned_sizes[name] for name in maps]
-        wanted_size = max_entries[maps[0]]
-        if any(size != wanted_size for size in sizes):
-            pinned_size = sizes[0] if len(set(sizes)) == 1 else "/".join(map(str, sizes))
-            found.append(Difference(setting, pinned_size, wanted_size))
+        wanted = [max_entries[name] for name in maps]
+        if sizes != wanted:
+            # The first map is sized by the setting itself, the others by a multiple of it
+            # (pod_ips: two a pod, one per family): name the setting's value if they agree.
+            agree = all(
+                size * wanted[0] == want * sizes[0]
+                for size, want in zip(sizes, wanted, strict=True)
+            )
+            pinned_size = sizes[0] if agree else "/".join(map(str, sizes))
+            found.append(Difference(setting, pinned_size, wanted[0]))
     return tuple(found)
 
 

@@ -100,6 +100,7 @@ DATAPATH_FAMILIES: tuple[CounterFamily, ...] = (
             Counter.COUNTER_BYPASS_INBOUND_PORT_EXCLUDED: "inbound_port_excluded",
             Counter.COUNTER_BYPASS_SAME_NODE_INBOUND_DISABLED: "same_node_inbound_disabled",
             Counter.COUNTER_BYPASS_NO_INBOUND_LISTENER: "no_inbound_listener",
+            Counter.COUNTER_BYPASS_FAMILY_NOT_IN_POD: "family_not_in_pod",
         },
     ),
     CounterFamily(

@@ -6,12 +6,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Protocol
 
 from meshaccel.agent import layout
 from meshaccel.agent.layout import TrafficDirection
 from meshaccel.contract.modes import MeshMode
+
+#: A pod address, or an address of a CIDR option: either family.
+PodAddress = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+
+def _check_address(address: PodAddress, what: str) -> None:
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{what} {address} cannot be a loopback, unspecified or multicast address")
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        raise ValueError(f"{what} {address} is IPv4-mapped: give the IPv4 address as the pod's ip")
 
 
 def _check_ports(ports: frozenset[int], what: str) -> None:
@@ -25,7 +36,9 @@ class AcceleratedPod:
     """Exactly what the maps hold for one pod: writing it and reading it back give equal values.
 
     ``cgroup_id`` is the pod-level cgroup's id (its inode number on cgroup2): the
-    datapath recognises a pod's processes by it. Port and CIDR sets include the
+    datapath recognises a pod's processes by it. ``ip`` and ``ipv6`` are the pod's addresses of
+    each family, at least one of them (IPv4-only, IPv6-only and dual-stack pods): connections of
+    a family the pod has no address of are left alone. Port and CIDR sets include the
     mesh's own ports; build from a mesh mode with :meth:`in_mesh`.
     ``included_outbound_cidrs`` of None means every destination is included.
     ``sk_msg_to_app``: sk_msg may deliver into the pod's application sockets, not only into
@@ -36,50 +49,75 @@ class AcceleratedPod:
     """
 
     cgroup_id: int
-    ip: IPv4Address
+    ip: IPv4Address | None
     sidecar_uid: int
     outbound_port: int
     inbound_port: int
     excluded_outbound_ports: frozenset[int] = frozenset()
     excluded_inbound_ports: frozenset[int] = frozenset()
-    excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset()
-    included_outbound_cidrs: frozenset[IPv4Network] | None = field(default=None)
+    excluded_outbound_cidrs: frozenset[Network] = frozenset()
+    included_outbound_cidrs: frozenset[Network] | None = field(default=None)
     sk_msg_to_app: bool = False
     sidecar_by_gid: bool = True
     dns_port: int | None = None
+    ipv6: IPv6Address | None = None
 
     def __post_init__(self) -> None:
         if self.cgroup_id <= 0:
             raise ValueError(f"cgroup_id must be a positive cgroup id, not {self.cgroup_id}")
-        if self.ip.is_loopback or self.ip.is_unspecified:
-            raise ValueError(f"pod IP {self.ip} cannot be a loopback or unspecified address")
+        if self.ip is None and self.ipv6 is None:
+            raise ValueError("a pod needs an address: ip, ipv6 or both")
+        if self.ip is not None:
+            if not isinstance(self.ip, IPv4Address):
+                raise ValueError(f"ip {self.ip} is not an IPv4 address (IPv6 goes in ipv6)")
+            _check_address(self.ip, "pod IP")
+        if self.ipv6 is not None:
+            if not isinstance(self.ipv6, IPv6Address):
+                raise ValueError(f"ipv6 {self.ipv6} is not an IPv6 address")
+            _check_address(self.ipv6, "pod IPv6")
         _check_ports(frozenset({self.outbound_port, self.inbound_port}), "listener ports")
         _check_ports(self.excluded_outbound_ports, "excluded outbound ports")
         _check_ports(self.excluded_inbound_ports, "excluded inbound ports")
         if self.dns_port is not None:
             _check_ports(frozenset({self.dns_port}), "DNS port")
 
+    @property
+    def addresses(self) -> tuple[PodAddress, ...]:
+        """Every address of the pod, IPv4 first: each is a ``pod_ips`` entry."""
+        return tuple(a for a in (self.ip, self.ipv6) if a is not None)
+
     @classmethod
     def in_mesh(
         cls,
         mode: MeshMode,
         cgroup_id: int,
-        ip: IPv4Address | str,
+        ip: PodAddress | str | None,
         *,
+        ipv6: IPv6Address | str | None = None,
         excluded_outbound_ports: frozenset[int] = frozenset(),
         excluded_inbound_ports: frozenset[int] = frozenset(),
-        excluded_outbound_cidrs: frozenset[IPv4Network] = frozenset(),
-        included_outbound_cidrs: frozenset[IPv4Network] | None = None,
+        excluded_outbound_cidrs: frozenset[Network] = frozenset(),
+        included_outbound_cidrs: frozenset[Network] | None = None,
         sk_msg_to_app: bool = False,
         dns_capture: bool = False,
     ) -> AcceleratedPod:
         """A pod of ``mode``'s mesh, with the mesh's own ports always excluded; with
-        ``dns_capture``, its DNS goes to the mesh's DNS port (ValueError if the mesh has none)."""
+        ``dns_capture``, its DNS goes to the mesh's DNS port (ValueError if the mesh has none).
+
+        ``ip`` is its IPv4 address, or its IPv6 address for an IPv6-only pod (or None with
+        ``ipv6``); ``ipv6`` its IPv6 address beside an IPv4 one (dual-stack)."""
         if dns_capture and mode.dns_port is None:
             raise ValueError(f"{mode.name} has no DNS proxy to capture DNS for")
+        first = None if ip is None else ip_address(ip)
+        second = None if ipv6 is None else IPv6Address(ipv6)
+        if isinstance(first, IPv6Address):
+            if second is not None:
+                raise ValueError(f"two IPv6 addresses ({first}, {second}): give IPv4 as ip")
+            first, second = None, first
         return cls(
             cgroup_id=cgroup_id,
-            ip=IPv4Address(ip),
+            ip=first,
+            ipv6=second,
             sidecar_uid=mode.sidecar_uid,
             sidecar_by_gid=mode.sidecar_by_gid,
             outbound_port=mode.outbound_port,
@@ -105,7 +143,8 @@ class AcceleratedPod:
         if self.dns_port is not None:
             flags |= layout.PodFlags.POD_DNS_CAPTURE
         return layout.PodInfo(
-            ip=layout.ipv4(self.ip),
+            ip=layout.ipv4(self.ip or IPv4Address(0)),
+            ipv6=layout.Address(*(self.ipv6.packed if self.ipv6 is not None else bytes(16))),
             sidecar_uid=self.sidecar_uid,
             outbound_port=layout.be16(self.outbound_port),
             inbound_port=layout.be16(self.inbound_port),
@@ -121,15 +160,17 @@ class AcceleratedPod:
         *,
         excluded_outbound_ports: frozenset[int],
         excluded_inbound_ports: frozenset[int],
-        excluded_outbound_cidrs: frozenset[IPv4Network],
-        included_outbound_cidrs: frozenset[IPv4Network],
+        excluded_outbound_cidrs: frozenset[Network],
+        included_outbound_cidrs: frozenset[Network],
     ) -> AcceleratedPod:
         """The pod whose ``pods`` entry is ``info`` and whose option entries hold these: the
         reverse of :meth:`info` and the option keys (every reader of the maps decodes here)."""
         flags = layout.PodFlags(info.flags)
+        ipv4, ipv6 = bytes(info.ip), bytes(info.ipv6)
         return cls(
             cgroup_id=cgroup_id,
-            ip=layout.ip_of(info.ip),
+            ip=IPv4Address(ipv4) if any(ipv4) else None,
+            ipv6=IPv6Address(ipv6) if any(ipv6) else None,
             sidecar_uid=info.sidecar_uid,
             outbound_port=layout.port_of(info.outbound_port),
             inbound_port=layout.port_of(info.inbound_port),
@@ -145,6 +186,10 @@ class AcceleratedPod:
             if flags & layout.PodFlags.POD_DNS_CAPTURE
             else None,
         )
+
+    def address_keys(self) -> set[bytes]:
+        """The pod's ``pod_ips`` keys (``struct ip_address``: IPv4 mapped)."""
+        return {layout.address_bytes(a) for a in self.addresses}
 
     def port_keys(self) -> set[bytes]:
         keys = {
@@ -194,10 +239,11 @@ class PodMaps(Protocol):
 
     def put_pod(
         self, pod: AcceleratedPod, *, previous: AcceleratedPod | None, take_ip: bool = False
-    ) -> int | None:
+    ) -> frozenset[int]:
         """Make the maps hold ``pod``, writing only what differs from ``previous`` (what they
         hold for it now; None: nothing). An address another pod holds is refused (ValueError)
-        unless ``take_ip``; then the cgroup id of the pod it was taken from is returned."""
+        unless ``take_ip``; then the cgroup ids of the pods addresses were taken from are
+        returned (empty if none)."""
         ...
 
     def delete_pod(self, cgroup_id: int, *, previous: AcceleratedPod | None) -> bool:
@@ -229,12 +275,18 @@ def port_key(cgroup_id: int, port: int, direction: TrafficDirection) -> bytes:
     )
 
 
-def cidr_key(cgroup_id: int, network: IPv4Network) -> bytes:
+def cidr_key(cgroup_id: int, network: Network) -> bytes:
+    """An IPv4 CIDR as part of ::ffff:0:0/96, an IPv6 one as it is; the family in the key keeps
+    an IPv6 CIDR spanning the mapped range (``::/0``) from matching IPv4 destinations."""
+    ipv4 = isinstance(network, IPv4Network)
     return bytes(
         layout.PodCidrKey(
-            prefixlen=layout.POD_CIDR_PREFIX_BITS + network.prefixlen,
+            prefixlen=layout.POD_CIDR_PREFIX_BITS
+            + (layout.MAPPED_PREFIX_BITS if ipv4 else 0)
+            + network.prefixlen,
+            family=layout.AF_INET if ipv4 else layout.AF_INET6,
             pod_cgroup_id=cgroup_id,
-            addr=layout.ipv4(network.network_address),
+            addr=layout.address(network.network_address),
         )
     )
 
@@ -244,10 +296,16 @@ def decode_port_key(key: bytes) -> tuple[int, int, TrafficDirection]:
     return decoded.pod_cgroup_id, layout.port_of(decoded.port), TrafficDirection(decoded.direction)
 
 
-def decode_cidr_key(key: bytes) -> tuple[int, IPv4Network]:
+def decode_cidr_key(key: bytes) -> tuple[int, Network]:
     decoded = layout.PodCidrKey.from_buffer_copy(key)
     prefix = decoded.prefixlen - layout.POD_CIDR_PREFIX_BITS
-    return decoded.pod_cgroup_id, IPv4Network(f"{layout.ip_of(decoded.addr)}/{prefix}")
+    address = layout.address_of(decoded.addr)
+    network: Network
+    if decoded.family == layout.AF_INET:
+        network = IPv4Network(f"{address}/{prefix - layout.MAPPED_PREFIX_BITS}")
+    else:
+        network = IPv6Network(f"{IPv6Address(bytes(decoded.addr))}/{prefix}")
+    return decoded.pod_cgroup_id, network
 
 
 def checked_previous(previous: AcceleratedPod | None, cgroup_id: int) -> AcceleratedPod | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import partial
+from ipaddress import IPv4Address, IPv6Address
 from typing import Generic, Protocol
 
 from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
@@ -222,12 +223,13 @@ class _Journal:
     def put(self, pod: AcceleratedPod, before: AcceleratedPod | None) -> None:
         # take_ip: in an address swap, the pod holding the address moves off it later.
         taken_from = self._datapath.put_pod(pod, previous=before, take_ip=True)
-        holder = None if taken_from is None else self._programmed.get(taken_from)
-        if holder is not None and holder.ip == pod.ip:
-            # Undoing this pod deletes the address. If its holder has not moved off it by then
-            # (its write failed, or never came), this gives it back: only the address entry
-            # differs from `holder`, so only that is written.
-            self._undo.append(partial(self._datapath.put_pod, holder, previous=holder))
+        for cgroup_id in sorted(taken_from):
+            holder = self._programmed.get(cgroup_id)
+            if holder is not None and set(holder.addresses) & set(pod.addresses):
+                # Undoing this pod deletes the address. If its holder has not moved off it by
+                # then (its write failed, or never came), this gives it back: only address
+                # entries differ from `holder`, so only those are written.
+                self._undo.append(partial(self._datapath.put_pod, holder, previous=holder))
         if before is None:
             self._undo.append(partial(self._datapath.delete_pod, pod.cgroup_id, previous=pod))
         else:
@@ -254,7 +256,7 @@ def map_usage(pods: Iterable[AcceleratedPod]) -> dict[str, int]:
     usage = dict.fromkeys(POD_MAPS, 0)
     for pod in pods:
         usage["pods"] += 1
-        usage["pod_ips"] += 1
+        usage["pod_ips"] += len(pod.addresses)  # one per family: 1 or 2
         usage["pod_ports"] += len(pod.excluded_outbound_ports) + len(pod.excluded_inbound_ports)
         usage["outbound_excluded_cidrs"] += len(pod.excluded_outbound_cidrs)
         usage["outbound_included_cidrs"] += len(pod.included_outbound_cidrs or ())
@@ -280,10 +282,13 @@ def same_spec(a: PodSpec, b: PodSpec) -> bool:
 def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
     """What the maps should hold for ``spec``, whose pod cgroup id is ``cgroup_id``."""
     options = spec.options
+    ipv4 = next((a for a in spec.addresses if isinstance(a, IPv4Address)), None)
+    ipv6 = next((a for a in spec.addresses if isinstance(a, IPv6Address)), None)
     return AcceleratedPod.in_mesh(
         MESH_MODES[spec.mode],
         cgroup_id,
-        spec.ip,
+        ipv4,
+        ipv6=ipv6,
         excluded_outbound_ports=options.excluded_outbound_ports,
         excluded_inbound_ports=options.excluded_inbound_ports,
         excluded_outbound_cidrs=options.excluded_outbound_cidrs,

@@ -389,6 +389,7 @@ def pods_reply(app: web.Application) -> web.Response:
                     namespace=e.spec.namespace,
                     name=e.spec.name,
                     ip=e.spec.ip,
+                    ips=e.spec.ips,
                     cgroup_id=e.cgroup_id,
                 )
                 for e in entries

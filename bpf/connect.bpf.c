@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * cgroup/connect4: steer a pod's TCP connects to its sidecar, the way
- * Istio's OUTPUT rules would, before a single packet exists.
+ * cgroup/connect4 and cgroup/connect6: steer a pod's TCP connects to its
+ * sidecar, the way Istio's OUTPUT rules (iptables and ip6tables) would, before
+ * a single packet exists.
  *
  *  - in a pod whose mesh captures DNS, the app's UDP and TCP connects to port
  *    53 go to 127.0.0.1:<dns_port> (unconnected UDP: dns.bpf.c); *
@@ -11,6 +12,12 @@
  *  - the sidecar's connect to its own pod (the inbound passthrough) is left
  *    as it is, only marked for socket-to-socket acceleration.
  *
+ * An IPv4-mapped destination on an IPv6 socket is the IPv4 connection it is
+ * (iptables' rules, not ip6tables', see its packets): it is steered as
+ * connect4 steers, to ::ffff:127.0.0.1. A pure IPv6 one goes to [::1], where
+ * ip6tables' REDIRECT sends it. A pod is steered only in the families it has
+ * an address of.
+ *
  * What connect4 learns (the original destination, which ends may receive
  * redirected bytes) is kept in the socket's storage until sockops, once the
  * connection is established, hands it to the accepting socket.
@@ -19,9 +26,31 @@
 
 const volatile struct datapath_config config = {};
 
+/*
+ * Where a connect is going, in the one address form of the maps. ipv4: an IPv4
+ * connection (connect4, or an IPv4-mapped address on an IPv6 socket).
+ */
+struct destination {
+	struct ip_address ip;
+	__be16 port;
+	bool ipv4;
+};
+
+/* The pod's own address of the connection's family; false if it has none. */
+static __always_inline bool pod_address(const struct pod_info *pod, bool ipv4,
+					struct ip_address *own)
+{
+	if (ipv4) {
+		set_mapped(own, pod->ip);
+		return pod->ip != 0;
+	}
+	*own = pod->ipv6;
+	return !is_zero(own);
+}
+
 /* What sockops will need once the connection is established, on the socket itself. */
 static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
-					     __be32 ip, __be16 port, __u16 flags)
+					     const struct destination *dst, __u16 flags)
 {
 	struct socket_state *state = NULL;
 
@@ -32,22 +61,38 @@ static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const st
 		count(COUNTER_ERROR_SOCKET_STATE, 1);
 		return false;
 	}
-	state->conn.original_ip = ip;
-	state->conn.original_port = port;
+	state->conn.original_ip = dst->ip;
+	state->conn.original_port = dst->port;
 	state->conn.flags = flags;
-	state->conn.client_ip = pod->ip;
+	pod_address(pod, dst->ipv4, &state->conn.client_ip);
 	state->flags = 0;
 	return true;
 }
 
+/*
+ * Rewrite the destination. The context's address fields differ by hook (connect4 may touch
+ * only user_ip4, connect6 only user_ip6): `ipv6_socket` is a constant at every call, so the
+ * other hook's access is compiled out.
+ */
+static __always_inline void steer(struct bpf_sock_addr *ctx, bool ipv6_socket,
+				   const struct ip_address *ip, __be16 port)
+{
+	if (ipv6_socket)
+		WRITE_IP6(ctx->user_ip6, ip);
+	else
+		ctx->user_ip4 = ip->word[3];
+	ctx->user_port = port;
+}
+
 static __always_inline bool outbound_cidr_included(const struct pod_info *pod, __u64 pod_cgroup_id,
-						   __be32 ip)
+						   const struct destination *dst)
 {
 	struct pod_cidr_key key = {};
 
-	key.prefixlen = POD_CIDR_PREFIX_BITS + 32;
+	key.prefixlen = POD_CIDR_PREFIX_BITS + 128;
+	key.family = dst->ipv4 ? AF_INET : AF_INET6;
 	key.pod_cgroup_id = pod_cgroup_id;
-	key.addr = ip;
+	key.addr = dst->ip;
 	if (bpf_map_lookup_elem(&outbound_excluded_cidrs, &key))
 		return false; /* exclusions win over inclusions, as in istio-iptables */
 	if (pod->flags & POD_OUTBOUND_INCLUDE_ALL)
@@ -66,33 +111,42 @@ static __always_inline __u16 app_takes_msg(const struct pod_info *pod, __u16 fla
 	return pod->flags & POD_SK_MSG_TO_APP ? flag : 0;
 }
 
-static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const struct pod_info *pod,
-					     __u64 pod_cgroup_id)
+/* Loopback (127/8, ::1, and :: which connects to it), or the pod's own address. */
+static __always_inline bool is_local(const struct destination *dst, const struct ip_address *own)
 {
-	__be32 ip = ctx->user_ip4;
-	__be16 port = (__be16)ctx->user_port;
+	if (dst->ipv4)
+		return is_loopback(dst->ip.word[3]) || dst->ip.word[3] == own->word[3];
+	return is_ipv6_loopback(&dst->ip) || is_zero(&dst->ip) || same_address(&dst->ip, own);
+}
+
+static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const struct pod_info *pod,
+					     __u64 pod_cgroup_id, const struct destination *dst,
+					     const struct ip_address *own, bool ipv6_socket)
+{
+	struct ip_address sidecar;
 
 	/* Istio returns traffic over lo untouched: loopback and the pod's own address. */
-	if (is_loopback(ip) || ip == pod->ip) {
+	if (is_local(dst, own)) {
 		count(COUNTER_BYPASS_LOCAL_DESTINATION, 1);
 		return ALLOW;
 	}
-	if (pod_port_excluded(pod_cgroup_id, port, DIRECTION_OUTBOUND)) {
+	if (pod_port_excluded(pod_cgroup_id, dst->port, DIRECTION_OUTBOUND)) {
 		count(COUNTER_BYPASS_OUTBOUND_PORT_EXCLUDED, 1);
 		return ALLOW;
 	}
-	if (!outbound_cidr_included(pod, pod_cgroup_id, ip)) {
+	if (!outbound_cidr_included(pod, pod_cgroup_id, dst)) {
 		count(COUNTER_BYPASS_OUTBOUND_CIDR_EXCLUDED, 1);
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, pod, ip, port,
+	if (!remember_connect(ctx, pod, dst,
 			      CONNECTION_REWRITTEN | CONNECTION_SERVER_TAKES_MSG |
 				      app_takes_msg(pod, CONNECTION_CLIENT_TAKES_MSG)))
 		return ALLOW;
 
-	ctx->user_ip4 = bpf_htonl(0x7f000001); /* 127.0.0.1, as iptables REDIRECT does for OUTPUT */
-	ctx->user_port = pod->outbound_port;
+	/* 127.0.0.1 or [::1], as iptables' or ip6tables' REDIRECT does for OUTPUT */
+	set_localhost(&sidecar, dst->ipv4);
+	steer(ctx, ipv6_socket, &sidecar, pod->outbound_port);
 	count(COUNTER_CONNECT_OUTBOUND_REDIRECTED, 1);
 	return ALLOW;
 }
@@ -106,14 +160,13 @@ static __always_inline bool inbound_listener_may_be_open(__u64 pod_cgroup_id)
 }
 
 static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const struct pod_info *pod,
-					    __u64 pod_cgroup_id)
+					    __u64 pod_cgroup_id, const struct destination *dst,
+					    bool ipv6_socket)
 {
-	__be32 ip = ctx->user_ip4;
-	__be16 port = (__be16)ctx->user_port;
 	struct pod_info *peer;
 	__u64 *peer_cgroup_id;
 
-	peer_cgroup_id = bpf_map_lookup_elem(&pod_ips, &ip);
+	peer_cgroup_id = bpf_map_lookup_elem(&pod_ips, &dst->ip);
 	if (!peer_cgroup_id) {
 		count(COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION, 1);
 		return ALLOW;
@@ -121,7 +174,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
 		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, pod, ip, port,
+			remember_connect(ctx, pod, dst,
 					 CONNECTION_CLIENT_TAKES_MSG |
 						 app_takes_msg(pod, CONNECTION_SERVER_TAKES_MSG));
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
@@ -136,7 +189,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 		count(COUNTER_BYPASS_SIDECAR_REMOTE_DESTINATION, 1);
 		return ALLOW;
 	}
-	if (pod_port_excluded(*peer_cgroup_id, port, DIRECTION_INBOUND)) {
+	if (pod_port_excluded(*peer_cgroup_id, dst->port, DIRECTION_INBOUND)) {
 		count(COUNTER_BYPASS_INBOUND_PORT_EXCLUDED, 1);
 		return ALLOW;
 	}
@@ -144,7 +197,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 		count(COUNTER_BYPASS_NO_INBOUND_LISTENER, 1);
 		return ALLOW;
 	}
-	if (!remember_connect(ctx, pod, ip, port,
+	if (!remember_connect(ctx, pod, dst,
 			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_TAKES_MSG |
 				      CONNECTION_SERVER_TAKES_MSG))
 		return ALLOW;
@@ -161,13 +214,15 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
  * comes first). The socket remembers the server it asked for: getpeername
  * answers it (sockname.bpf.c), a UDP reply carries it as its source (dns.bpf.c).
  */
-static __always_inline int capture_dns_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod)
+static __always_inline int capture_dns_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
+					       const struct destination *dst, bool ipv6_socket)
 {
-	if (!remember_connect(ctx, pod, ctx->user_ip4, (__be16)ctx->user_port,
-			      CONNECTION_REWRITTEN | CONNECTION_DNS))
+	struct ip_address proxy;
+
+	if (!remember_connect(ctx, pod, dst, CONNECTION_REWRITTEN | CONNECTION_DNS))
 		return ALLOW;
-	ctx->user_ip4 = localhost();
-	ctx->user_port = pod->dns_port;
+	set_localhost(&proxy, dst->ipv4);
+	steer(ctx, ipv6_socket, &proxy, pod->dns_port);
 	count(COUNTER_DNS_CONNECT_CAPTURED, 1);
 	return ALLOW;
 }
@@ -184,16 +239,18 @@ static __always_inline void forget_dns_server(struct bpf_sock_addr *ctx)
 		state->conn.flags = 0;
 }
 
-SEC("cgroup/connect4")
-int redirect_connect4(struct bpf_sock_addr *ctx)
+/* Both hooks, once the destination is read: `ipv6_socket` is a constant in each. */
+static __always_inline int redirect_connect(struct bpf_sock_addr *ctx,
+					    const struct destination *dst, bool ipv6_socket)
 {
+	struct ip_address own;
 	struct pod_info *pod;
 	__u64 pod_cgroup_id = 0;
 	__u64 uid_gid;
 
 	if (ctx->type == SOCK_DGRAM) {
 		/* UDP is steered only as DNS: anything else costs one storage lookup. */
-		if ((__be16)ctx->user_port != bpf_htons(DNS_PORT)) {
+		if (dst->port != bpf_htons(DNS_PORT)) {
 			forget_dns_server(ctx);
 			return ALLOW;
 		}
@@ -203,21 +260,50 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 	pod = current_pod(&pod_cgroup_id);
 	if (!pod)
 		return ALLOW; /* not an accelerated pod: nothing here is ours */
+	if (!pod_address(pod, dst->ipv4, &own)) {
+		/* No address of this family: the mesh has no rules for it here either. */
+		count(COUNTER_BYPASS_FAMILY_NOT_IN_POD, 1);
+		if (ctx->type == SOCK_DGRAM)
+			forget_dns_server(ctx);
+		return ALLOW;
+	}
 
 	uid_gid = bpf_get_current_uid_gid();
 	if (is_sidecar(pod, uid_gid)) {
 		/* The proxy's own queries go where it sends them, as under the mesh's rules. */
 		if (ctx->type == SOCK_DGRAM)
 			return ALLOW;
-		return redirect_sidecar(ctx, pod, pod_cgroup_id);
+		return redirect_sidecar(ctx, pod, pod_cgroup_id, dst, ipv6_socket);
 	}
-	if (captures_dns(pod, ctx->user_port))
-		return capture_dns_connect(ctx, pod);
+	if (captures_dns(pod, dst->port))
+		return capture_dns_connect(ctx, pod, dst, ipv6_socket);
 	if (ctx->type == SOCK_DGRAM) {
 		forget_dns_server(ctx);
 		return ALLOW;
 	}
-	return redirect_outbound(ctx, pod, pod_cgroup_id);
+	return redirect_outbound(ctx, pod, pod_cgroup_id, dst, &own, ipv6_socket);
+}
+
+SEC("cgroup/connect4")
+int redirect_connect4(struct bpf_sock_addr *ctx)
+{
+	struct destination dst = {};
+
+	set_mapped(&dst.ip, ctx->user_ip4);
+	dst.port = (__be16)ctx->user_port;
+	dst.ipv4 = true;
+	return redirect_connect(ctx, &dst, false);
+}
+
+SEC("cgroup/connect6")
+int redirect_connect6(struct bpf_sock_addr *ctx)
+{
+	struct destination dst = {};
+
+	READ_IP6(&dst.ip, ctx->user_ip6);
+	dst.port = (__be16)ctx->user_port;
+	dst.ipv4 = is_mapped(&dst.ip);
+	return redirect_connect(ctx, &dst, true);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -23,16 +23,31 @@ static __always_inline bool is_draining(void)
 	return value && *value;
 }
 
-/* The socket's own view of its tuple, and its peer's (our remote end is its local end). */
+/*
+ * The socket's own view of its tuple, and its peer's (our remote end is its local end).
+ * An IPv4 socket's addresses are mapped with constant stores, and only its IPv4 words
+ * are tested for loopback: the fast path pays a family test and no more lookups.
+ */
 static __always_inline void tuples_from_msg(struct sk_msg_md *msg, const struct socket_state *state,
 					    struct sock_tuple *self, struct sock_tuple *peer)
 {
+	bool loopback;
+
 	self->handshake = state->handshake;
-	self->local_ip = msg->local_ip4;
-	self->remote_ip = msg->remote_ip4;
+	if (msg->family == AF_INET6) {
+		READ_IP6(&self->local_ip, msg->local_ip6);
+		READ_IP6(&self->remote_ip, msg->remote_ip6);
+		loopback = tuple_is_loopback(self);
+	} else {
+		__be32 local = msg->local_ip4, remote = msg->remote_ip4;
+
+		set_mapped(&self->local_ip, local);
+		set_mapped(&self->remote_ip, remote);
+		loopback = is_loopback(local) || is_loopback(remote);
+	}
 	self->local_port = bpf_htons((__u16)msg->local_port);
 	self->remote_port = ctx_remote_port(msg->remote_port);
-	if (tuple_is_loopback(self))
+	if (loopback)
 		self->netns_cookie = bpf_get_netns_cookie(msg);
 
 	peer->netns_cookie = self->netns_cookie;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * cgroup/getpeername4 and cgroup/getsockname4: the sockets of a connection
+ * cgroup/getpeername4, getsockname4 and their IPv6 twins: the sockets of a connection
  * connect4 rewrote answer address queries (getpeername, the peer accept()
  * returns, getsockname) as they would under Istio's iptables, where NAT
  * rewrites packets and sockets keep their addresses:
@@ -10,6 +10,10 @@
  *    rewrite to loopback made 127.0.0.1, is its pod's address;
  *  - the sidecar's accepted socket of an application's connection has the
  *    application's pod address as its peer, not 127.0.0.1.
+ *
+ * The record's addresses are in the connection's family (IPv4-mapped for an
+ * IPv4 connection), which is how an IPv6 socket shows them: the IPv6 hooks
+ * write all 16 bytes, the IPv4 ones the IPv4 word.
  *
  * Ports stay the socket's own (they differ between the two paths anyway).
  * These run for every address query of a socket under the attach cgroup:
@@ -29,39 +33,85 @@ static __always_inline const struct socket_state *steered(struct bpf_sock_addr *
 	return state;
 }
 
-SEC("cgroup/getpeername4")
-int restore_peer_address(struct bpf_sock_addr *ctx)
+/* The address the kernel is about to answer, in the record's form. */
+static __always_inline void read_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
+					 struct ip_address *addr)
+{
+	if (ipv6_socket)
+		READ_IP6(addr, ctx->user_ip6);
+	else
+		set_mapped(addr, ctx->user_ip4);
+}
+
+/* `ipv6_socket` is a constant at every call: each hook keeps to its own context fields. */
+static __always_inline void write_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
+					  const struct ip_address *addr)
+{
+	if (ipv6_socket)
+		WRITE_IP6(ctx->user_ip6, addr);
+	else
+		ctx->user_ip4 = addr->word[3];
+}
+
+static __always_inline int restore_peer(struct bpf_sock_addr *ctx, bool ipv6_socket)
 {
 	const struct socket_state *state = steered(ctx);
+	struct ip_address peer;
 
 	if (!state)
 		return ALLOW;
 	if (state->flags & SOCKET_ACCEPTED) {
 		/* Only the hop to the local sidecar made the peer loopback. */
-		if (!is_loopback(ctx->user_ip4) || !state->conn.client_ip)
+		read_address(ctx, ipv6_socket, &peer);
+		if (!is_any_loopback(&peer) || is_zero(&state->conn.client_ip))
 			return ALLOW;
-		ctx->user_ip4 = state->conn.client_ip;
+		write_address(ctx, ipv6_socket, &state->conn.client_ip);
 	} else {
-		ctx->user_ip4 = state->conn.original_ip;
+		write_address(ctx, ipv6_socket, &state->conn.original_ip);
 		ctx->user_port = state->conn.original_port;
 	}
 	count(COUNTER_PEER_ADDRESS_RESTORED, 1);
 	return ALLOW;
 }
 
-SEC("cgroup/getsockname4")
-int restore_local_address(struct bpf_sock_addr *ctx)
+static __always_inline int restore_local(struct bpf_sock_addr *ctx, bool ipv6_socket)
 {
 	const struct socket_state *state = steered(ctx);
+	struct ip_address local;
 
 	/* An accepting end's local address is the listener's, as under iptables. */
 	if (!state || (state->flags & SOCKET_ACCEPTED))
 		return ALLOW;
-	if (!is_loopback(ctx->user_ip4) || !state->conn.client_ip)
+	read_address(ctx, ipv6_socket, &local);
+	if (!is_any_loopback(&local) || is_zero(&state->conn.client_ip))
 		return ALLOW;
-	ctx->user_ip4 = state->conn.client_ip;
+	write_address(ctx, ipv6_socket, &state->conn.client_ip);
 	count(COUNTER_LOCAL_ADDRESS_RESTORED, 1);
 	return ALLOW;
+}
+
+SEC("cgroup/getpeername4")
+int restore_peer_address(struct bpf_sock_addr *ctx)
+{
+	return restore_peer(ctx, false);
+}
+
+SEC("cgroup/getsockname4")
+int restore_local_address(struct bpf_sock_addr *ctx)
+{
+	return restore_local(ctx, false);
+}
+
+SEC("cgroup/getpeername6")
+int restore_peer_address6(struct bpf_sock_addr *ctx)
+{
+	return restore_peer(ctx, true);
+}
+
+SEC("cgroup/getsockname6")
+int restore_local_address6(struct bpf_sock_addr *ctx)
+{
+	return restore_local(ctx, true);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

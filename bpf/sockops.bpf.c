@@ -17,14 +17,25 @@
 
 const volatile struct datapath_config config = {};
 
+/*
+ * An IPv4 socket's addresses are stored IPv4-mapped; an IPv6 socket's are read
+ * as they are, which for an IPv4 connection on it (a dual-stack listener's, a
+ * connect to ::ffff:a.b.c.d) is already the mapped form: its peer, of either
+ * family, computes the same tuple.
+ */
 static __always_inline void tuple_from_sockops(struct sock_tuple *tuple,
 					       struct bpf_sock_ops *skops,
 					       const struct handshake_key *handshake)
 {
 	tuple->netns_cookie = 0;
 	tuple->handshake = *handshake;
-	tuple->local_ip = skops->local_ip4;
-	tuple->remote_ip = skops->remote_ip4;
+	if (skops->family == AF_INET6) {
+		READ_IP6(&tuple->local_ip, skops->local_ip6);
+		READ_IP6(&tuple->remote_ip, skops->remote_ip6);
+	} else {
+		set_mapped(&tuple->local_ip, skops->local_ip4);
+		set_mapped(&tuple->remote_ip, skops->remote_ip4);
+	}
 	tuple->local_port = bpf_htons((__u16)skops->local_port);
 	tuple->remote_port = ctx_remote_port(skops->remote_port);
 	tuple->pad = 0;
@@ -252,21 +263,10 @@ static __always_inline void on_state_change(struct bpf_sock_ops *skops)
 	*owner = 0;
 }
 
-/*
- * An IPv4 connection on an IPv6 socket: what a dual-stack listener ([::],
- * Go's for 0.0.0.0 among them) accepts. The kernel keeps its IPv4 addresses
- * in the fields the tuple reads, so it is tracked like any IPv4 socket.
- */
-static __always_inline bool ipv4_mapped(const struct bpf_sock_ops *skops)
-{
-	return skops->family == AF_INET6 && skops->remote_ip6[0] == 0 &&
-	       skops->remote_ip6[1] == 0 && skops->remote_ip6[2] == bpf_htonl(0xffff);
-}
-
 SEC("sockops")
 int track_sockets(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET && !ipv4_mapped(skops))
+	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return ALLOW;
 
 	switch (skops->op) {

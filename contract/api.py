@@ -14,15 +14,16 @@ meaning what an older client meant by sending nothing (``PodSet.epoch``).
 from __future__ import annotations
 
 from datetime import datetime
-from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Any, ClassVar, Literal
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SerializerFunctionWrapHandler,
-    field_validator,
+    WithJsonSchema,
     model_serializer,
     model_validator,
 )
@@ -39,6 +40,65 @@ MAX_CIDRS_PER_LIST = 256
 # How an agent process got its datapath (GET /v1/status, the start-up log).
 StartupDecision = Literal["loaded", "adopted", "reloaded"]
 
+
+def _address(value: object) -> IPv4Address | IPv6Address:
+    """An address of either family, parsed once (pydantic's union of the two parses an IPv4
+    address twice as slowly as its IPv4Address did, for every pod of every set)."""
+    if isinstance(value, IPv4Address | IPv6Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"an address is a string, not {type(value).__name__}")
+    try:
+        address = ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    if isinstance(address, IPv6Address) and address.scope_id:
+        raise ValueError(f"{value!r}: a pod's address has no scope")
+    return address
+
+
+def _pod_address(value: object) -> IPv4Address | IPv6Address:
+    address = _address(value)
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{address} cannot be a pod's address")
+    if isinstance(address, IPv6Address) and (
+        address.ipv4_mapped is not None or address.is_link_local
+    ):
+        # A mapped address is how the datapath stores an IPv4 one: the pod's IPv4 address
+        # goes in as itself. Link-local addresses are not unique across the node's links.
+        raise ValueError(f"{address} cannot be a pod's address")
+    return address
+
+
+def _network(value: object) -> IPv4Network | IPv6Network:
+    """A network of either family, host bits clear (as pydantic's IPv4Network wanted)."""
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a network is a string, not {type(value).__name__}")
+    try:
+        return ip_network(value)
+    except ValueError as err:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 network ({err})") from None
+
+
+# Addresses and CIDRs of either family (status.podIPs holds at most one address of each).
+IPAddress = Annotated[
+    IPv4Address | IPv6Address,
+    PlainValidator(_address),
+    WithJsonSchema({"type": "string", "format": "ipvanyaddress"}),
+]
+PodAddress = Annotated[
+    IPv4Address | IPv6Address,
+    PlainValidator(_pod_address),
+    WithJsonSchema({"type": "string", "format": "ipvanyaddress"}),
+]
+IPNetwork = Annotated[
+    IPv4Network | IPv6Network,
+    PlainValidator(_network),
+    WithJsonSchema({"type": "string", "format": "ipvanynetwork"}),
+]
+
 MAX_PODS_PER_SET = 65536  # a hard ceiling on the body; the maps' capacity is checked on apply
 # metadata.generation is an int64 in Kubernetes; the agent also exports it as a metric.
 MAX_GENERATION = 2**63 - 1
@@ -51,8 +111,9 @@ class _Strict(BaseModel):
 
 
 class _Reply(_Strict):
-    """A reply whose fields named in ``_added`` (added after the first release) are left out
-    of the JSON while they hold their default: see the module's docstring."""
+    """A body whose fields named in ``_added`` (added after the first release) are left out
+    of the JSON while they hold their default: see the module's docstring. Replies use it,
+    and so does a request model whose older readers (agents) refuse the new field."""
 
     _added: ClassVar[frozenset[str]] = frozenset()
 
@@ -80,12 +141,12 @@ class PodOptions(_Strict):
         max_length=MAX_PORTS_PER_LIST,
         description="excludeInboundPorts: never steer sidecars' connects to these ports here",
     )
-    excluded_outbound_cidrs: frozenset[IPv4Network] = Field(
+    excluded_outbound_cidrs: frozenset[IPNetwork] = Field(
         default=frozenset(),
         max_length=MAX_CIDRS_PER_LIST,
         description="excludeOutboundIPRanges",
     )
-    included_outbound_cidrs: frozenset[IPv4Network] | None = Field(
+    included_outbound_cidrs: frozenset[IPNetwork] | None = Field(
         default=None,
         max_length=MAX_CIDRS_PER_LIST,
         description="includeOutboundIPRanges; null (the default) means every destination",
@@ -104,13 +165,25 @@ class PodOptions(_Strict):
     )
 
 
-class PodSpec(_Strict):
-    """One pod of the node's desired set."""
+class PodSpec(_Reply):
+    """One pod of the node's desired set.
+
+    ``ips`` was added with IPv6: it is left out of the JSON while empty, so that a single-stack
+    pod's spec is what it was before (an agent that predates it refuses the field).
+    """
+
+    _added = frozenset({"ips"})
 
     uid: PodUid
     namespace: KubernetesName
     name: KubernetesName
-    ip: IPv4Address
+    ip: PodAddress = Field(description="status.podIP: the pod's primary address")
+    ips: tuple[PodAddress, ...] = Field(
+        default=(),
+        max_length=2,
+        description="status.podIPs: every address of the pod (at most one per family, ip among "
+        "them); empty (the default) means just ip",
+    )
     mode: MeshModeName = MeshModeName.ISTIO
     options: PodOptions = PodOptions()
     cgroup: str | None = Field(
@@ -120,18 +193,45 @@ class PodSpec(_Strict):
         "agents take it from here, a Kubernetes agent finds it from the pod UID",
     )
 
-    @field_validator("ip")
-    @classmethod
-    def _routable(cls, ip: IPv4Address) -> IPv4Address:
-        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
-            raise ValueError(f"{ip} cannot be a pod's address")
-        return ip
-
     @model_validator(mode="after")
-    def _dns_capture_needs_a_dns_proxy(self) -> PodSpec:
+    def _consistent(self) -> PodSpec:
+        # One validator for both checks: it runs for every pod of every set.
+        if self.ips:
+            if self.ip not in self.ips:
+                raise ValueError(f"ips: {self.ip} (ip) is not among them")
+            if len({ip.version for ip in self.ips}) != len(self.ips):
+                raise ValueError("ips: at most one address per family")
         if self.options.dns_capture and MESH_MODES[self.mode].dns_port is None:
             raise ValueError(f"options.dns_capture: {self.mode} has no DNS proxy")
         return self
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        """Every address of the pod, ``ip`` first."""
+        return addresses_of(self.ip, self.ips)
+
+    @property
+    def ipv4(self) -> IPv4Address | None:
+        return _of_family(self.addresses, IPv4Address)
+
+    @property
+    def ipv6(self) -> IPv6Address | None:
+        return _of_family(self.addresses, IPv6Address)
+
+
+def addresses_of(ip: IPAddress, ips: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
+    """``ip`` first, then the rest of ``ips`` (empty: just ``ip``)."""
+    return (ip, *(other for other in ips if other != ip))
+
+
+_Family = TypeVar("_Family", IPv4Address, IPv6Address)
+
+
+def _of_family(addresses: tuple[IPAddress, ...], family: type[_Family]) -> _Family | None:
+    for address in addresses:
+        if isinstance(address, family):
+            return address
+    return None
 
 
 class PodSet(_Strict):
@@ -159,22 +259,36 @@ class PodSet(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> PodSet:
-        for field in ("uid", "ip"):
-            seen: set[object] = set()
-            for index, pod in enumerate(self.pods):
-                value = getattr(pod, field)
-                if value in seen:
-                    raise ValueError(f"pods[{index}].{field} {value} appears twice in the set")
-                seen.add(value)
+        uids: set[str] = set()
+        addresses: set[IPAddress] = set()
+        for index, pod in enumerate(self.pods):
+            if pod.uid in uids:
+                raise ValueError(f"pods[{index}].uid {pod.uid} appears twice in the set")
+            uids.add(pod.uid)
+            for address in pod.ips or (pod.ip,):  # ips holds ip when it is not empty
+                if address in addresses:
+                    field = "ip" if address == pod.ip else "ips"
+                    raise ValueError(f"pods[{index}].{field} {address} appears twice in the set")
+                addresses.add(address)
         return self
 
 
-class AppliedPod(_Strict):
+class AppliedPod(_Reply):
+    """A programmed pod. ``ips`` (every address, as in its :class:`PodSpec`) was added with
+    IPv6 and is left out while empty (a single-stack pod)."""
+
+    _added = frozenset({"ips"})
+
     uid: str
     namespace: str
     name: str
-    ip: IPv4Address
+    ip: IPAddress
+    ips: tuple[IPAddress, ...] = Field(default=(), max_length=2)
     cgroup_id: int
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        return addresses_of(self.ip, self.ips)
 
 
 class UnresolvedPod(_Strict):

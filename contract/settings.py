@@ -50,7 +50,7 @@ class Capacities:
     def max_entries(self) -> dict[str, int]:
         return {
             "pods": self.pods,
-            "pod_ips": self.pods,
+            "pod_ips": 2 * self.pods,
             "inbound_listeners": self.pods,
             "pod_ports": self.pod_ports,
             "outbound_excluded_cidrs": self.pod_cidrs,

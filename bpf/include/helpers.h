@@ -18,7 +18,9 @@
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
 #define SOL_IP 0
+#define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80 /* linux/netfilter_ipv4.h */
+#define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 #define SOL_SOCKET 1
 #define SO_RCVBUF 8
 #define EEXIST 17
@@ -53,9 +55,46 @@ static __always_inline bool is_loopback(__be32 ip)
 	return (ip & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
 }
 
+/* The IPv4-mapped form of an IPv4 address (::ffff:a.b.c.d): how struct ip_address holds it. */
+static __always_inline void set_mapped(struct ip_address *addr, __be32 ip)
+{
+	addr->word[0] = 0;
+	addr->word[1] = 0;
+	addr->word[2] = bpf_htonl(0xffff);
+	addr->word[3] = ip;
+}
+
+static __always_inline bool is_mapped(const struct ip_address *addr)
+{
+	return addr->word[0] == 0 && addr->word[1] == 0 && addr->word[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline bool is_ipv6_loopback(const struct ip_address *addr)
+{
+	return addr->word[0] == 0 && addr->word[1] == 0 && addr->word[2] == 0 &&
+	       addr->word[3] == bpf_htonl(1);
+}
+
+static __always_inline bool is_zero(const struct ip_address *addr)
+{
+	return !(addr->word[0] | addr->word[1] | addr->word[2] | addr->word[3]);
+}
+
+static __always_inline bool same_address(const struct ip_address *a, const struct ip_address *b)
+{
+	return a->word[0] == b->word[0] && a->word[1] == b->word[1] && a->word[2] == b->word[2] &&
+	       a->word[3] == b->word[3];
+}
+
+/* 127.0.0.0/8 (mapped) or ::1: addresses that repeat in every network namespace. */
+static __always_inline bool is_any_loopback(const struct ip_address *addr)
+{
+	return (is_mapped(addr) && is_loopback(addr->word[3])) || is_ipv6_loopback(addr);
+}
+
 static __always_inline bool tuple_is_loopback(const struct sock_tuple *tuple)
 {
-	return is_loopback(tuple->local_ip) || is_loopback(tuple->remote_ip);
+	return is_any_loopback(&tuple->local_ip) || is_any_loopback(&tuple->remote_ip);
 }
 
 /*
@@ -122,6 +161,43 @@ static __always_inline bool captures_dns(const struct pod_info *pod, __u32 user_
 static __always_inline __be32 localhost(void)
 {
 	return bpf_htonl(0x7f000001); /* 127.0.0.1, where iptables REDIRECT sends OUTPUT traffic */
+}
+
+/*
+ * An IPv6 socket's address from a context's four words (user_ip6, local_ip6, ...): the
+ * verifier allows only 4-byte reads at constant offsets from the context pointer, so the
+ * reads are volatile (clang would otherwise share one pointer between two branches' reads).
+ */
+#define READ_IP6(dst, words)                                                                     \
+	do {                                                                                     \
+		(dst)->word[0] = *(volatile __u32 *)&(words)[0];                                 \
+		(dst)->word[1] = *(volatile __u32 *)&(words)[1];                                 \
+		(dst)->word[2] = *(volatile __u32 *)&(words)[2];                                 \
+		(dst)->word[3] = *(volatile __u32 *)&(words)[3];                                 \
+	} while (0)
+
+#define WRITE_IP6(words, src)                                                                    \
+	do {                                                                                     \
+		(words)[0] = (src)->word[0];                                                     \
+		(words)[1] = (src)->word[1];                                                     \
+		(words)[2] = (src)->word[2];                                                     \
+		(words)[3] = (src)->word[3];                                                     \
+	} while (0)
+
+/*
+ * Where ip6tables REDIRECT sends OUTPUT traffic of the socket's family: [::1], or
+ * ::ffff:127.0.0.1 for an IPv4 connection on an IPv6 socket (iptables' rules see it).
+ */
+static __always_inline void set_localhost(struct ip_address *addr, bool mapped)
+{
+	if (mapped) {
+		set_mapped(addr, localhost());
+	} else {
+		addr->word[0] = 0;
+		addr->word[1] = 0;
+		addr->word[2] = 0;
+		addr->word[3] = bpf_htonl(1);
+	}
 }
 
 /*

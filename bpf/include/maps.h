@@ -21,11 +21,14 @@ struct {
 	__type(value, struct pod_info);
 } pods SEC(".maps");
 
-/* Accelerated pods on this node by address: a sidecar's destination -> its pod. */
+/*
+ * Accelerated pods on this node by address (IPv4 mapped, IPv6; a dual-stack pod
+ * has two entries): a sidecar's destination -> its pod.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __be32);
+	__uint(max_entries, 2048);
+	__type(key, struct ip_address);
 	__type(value, __u64); /* pod cgroup id */
 } pod_ips SEC(".maps");
 

@@ -13,6 +13,18 @@
 #include <linux/types.h>
 
 /*
+ * An address of either family, 16 bytes in network byte order. An IPv4
+ * address is stored IPv4-mapped (::ffff:a.b.c.d), which is how the kernel
+ * shows an IPv4 peer of a dual-stack socket: a connection seen from an IPv4
+ * socket and from an IPv6 socket carrying it then gives the same bytes, so
+ * both ends of one connection compute one key whatever their sockets' family.
+ */
+struct ip_address {
+	__be32 word[4];
+};
+_Static_assert(sizeof(struct ip_address) == 16, "ip_address layout is ABI");
+
+/*
  * A connection's identity that survives NAT: the next sequence numbers of
  * both directions right after the handshake (each end's ISN + 1). The
  * connecting side files the connection under it, the accepting side claims it:
@@ -33,7 +45,7 @@ _Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI")
  *
  * Loopback tuples repeat in every network namespace (127.0.0.1:41000 ->
  * 127.0.0.1:15001 can exist in each pod at once), so tuples that touch
- * 127.0.0.0/8 carry the netns cookie; others carry 0, because a sender cannot
+ * 127.0.0.0/8 or ::1 carry the netns cookie; others carry 0, because a sender cannot
  * know its peer's namespace. Every key carries the connection's handshake,
  * which both ends know and nobody else can make: a look-alike tuple in another
  * namespace (a pod that can make one with another pod's addresses) never has
@@ -42,13 +54,13 @@ _Static_assert(sizeof(struct handshake_key) == 8, "handshake_key layout is ABI")
 struct sock_tuple {
 	__u64 netns_cookie;
 	struct handshake_key handshake;
-	__be32 local_ip;
-	__be32 remote_ip;
+	struct ip_address local_ip;
+	struct ip_address remote_ip;
 	__be16 local_port;
 	__be16 remote_port;
 	__u32 pad;
 };
-_Static_assert(sizeof(struct sock_tuple) == 32, "sock_tuple layout is ABI");
+_Static_assert(sizeof(struct sock_tuple) == 56, "sock_tuple layout is ABI");
 
 enum connection_flags {
 	/*
@@ -75,12 +87,12 @@ enum connection_flags {
  * as its local address, and the accepting one as its peer, without the rewrite).
  */
 struct connection {
-	__be32 original_ip;
+	struct ip_address original_ip;
+	struct ip_address client_ip; /* of the connection's family: IPv4-mapped or IPv6 */
 	__be16 original_port;
 	__u16 flags; /* enum connection_flags */
-	__be32 client_ip;
 };
-_Static_assert(sizeof(struct connection) == 12, "connection layout is ABI");
+_Static_assert(sizeof(struct connection) == 36, "connection layout is ABI");
 
 /*
  * What the datapath keeps on a socket of a steered connection, in its
@@ -104,7 +116,7 @@ struct socket_state {
 	__u32 flags;            /* enum socket_flags */
 	struct handshake_key handshake; /* the connection's, for its sock_tuple keys */
 };
-_Static_assert(sizeof(struct socket_state) == 24, "socket_state layout is ABI");
+_Static_assert(sizeof(struct socket_state) == 48, "socket_state layout is ABI");
 
 /*
  * A redirect target's receive queue as its senders know it, keyed by the
@@ -140,17 +152,20 @@ enum pod_flags {
 
 /*
  * An accelerated pod, keyed by its pod-level cgroup id. dns_port took the
- * upper half of what was a __u32 flags: every other field kept its offset.
+ * upper half of what was a __u32 flags, ipv6 was appended: every other field
+ * kept its offset. A pod has an address of one family or both; the other is
+ * zero, and connections of a family the pod has no address of are left alone.
  */
 struct pod_info {
-	__be32 ip;
+	__be32 ip;             /* IPv4, or 0 */
 	__u32 sidecar_uid;     /* the proxy's uid (and gid, see POD_SIDECAR_UID_ONLY): Istio 1337 */
 	__be16 outbound_port;  /* the proxy's outbound listener: Istio 15001 */
 	__be16 inbound_port;   /* the proxy's inbound listener: Istio 15006 */
 	__u16 flags;           /* enum pod_flags */
 	__be16 dns_port;       /* the proxy's DNS server (POD_DNS_CAPTURE): 15053, else 0 */
+	struct ip_address ipv6; /* or all zero */
 };
-_Static_assert(sizeof(struct pod_info) == 16, "pod_info layout is ABI");
+_Static_assert(sizeof(struct pod_info) == 32, "pod_info layout is ABI");
 
 enum traffic_direction {
 	DIRECTION_OUTBOUND = 0,
@@ -168,19 +183,22 @@ _Static_assert(sizeof(struct pod_port_key) == 16, "pod_port_key layout is ABI");
 
 /*
  * LPM-trie key of a per-pod CIDR. The trie compares bits after prefixlen in
- * memory order, so pad and pod_cgroup_id are always part of the prefix and
- * one trie serves every pod: prefixlen = POD_CIDR_PREFIX_BITS + CIDR length.
+ * memory order, so family and pod_cgroup_id are always part of the prefix and
+ * one trie serves every pod and both families: prefixlen =
+ * POD_CIDR_PREFIX_BITS + 96 + length for an IPv4 CIDR (stored as part of
+ * ::ffff:0:0/96), POD_CIDR_PREFIX_BITS + length for an IPv6 one. The family
+ * keeps an IPv6 CIDR that spans the mapped range (::/0) from matching IPv4
+ * destinations: ip6tables' ranges never see IPv4 packets either.
  */
 struct pod_cidr_key {
 	__u32 prefixlen;
-	__u32 pad;
+	__u32 family; /* AF_INET or AF_INET6, host order */
 	__u64 pod_cgroup_id;
-	__be32 addr;
-	__u32 pad2;
+	struct ip_address addr;
 };
-_Static_assert(sizeof(struct pod_cidr_key) == 24, "pod_cidr_key layout is ABI");
+_Static_assert(sizeof(struct pod_cidr_key) == 32, "pod_cidr_key layout is ABI");
 
-enum { POD_CIDR_PREFIX_BITS = 96 /* pad + pod_cgroup_id */ };
+enum { POD_CIDR_PREFIX_BITS = 96 /* family + pod_cgroup_id */ };
 
 enum datapath_features {
 	/* A sidecar's connect to a meshed pod on this node goes straight to that pod's inbound listener. */
@@ -256,6 +274,12 @@ enum counter {
 	COUNTER_DNS_DATAGRAM_CAPTURED = 29,
 	/* A reply from the proxy's DNS port was given the address the application asked. */
 	COUNTER_DNS_REPLY_ADDRESS_RESTORED = 30,
+	/*
+	 * A pod's connect (or DNS query) of an address family the pod has no
+	 * address of (an IPv4-only pod's IPv6, an IPv6-only pod's IPv4): left alone,
+	 * as the mesh installs no rules for a family the pod does not have.
+	 */
+	COUNTER_BYPASS_FAMILY_NOT_IN_POD = 31,
 	COUNTER_MAX,
 };
 

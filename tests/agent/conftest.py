@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, cast
 
 import aiohttp
@@ -168,14 +168,27 @@ def pod_ip(index: int) -> IPv4Address:
     return IPv4Address("198.18.1.10") + index
 
 
-def pod_spec(index: int, *, ip: IPv4Address | None = None, **changes: object) -> PodSpec:
-    """Pod ``index`` of the tests' sets: uid-<i>, default/pod-<i>, 198.18.1.(10+i)."""
+def pod_ipv6(index: int) -> IPv6Address:
+    return IPv6Address("fd00:198:18::1:10") + index
+
+
+def pod_spec(
+    index: int,
+    *,
+    ip: IPv4Address | IPv6Address | None = None,
+    dual_stack: bool = False,
+    **changes: object,
+) -> PodSpec:
+    """Pod ``index`` of the tests' sets: uid-<i>, default/pod-<i>, 198.18.1.(10+i); with
+    ``dual_stack``, fd00:198:18::1:(10+i) too (hex)."""
     fields: dict[str, object] = {
         "uid": uid(index),
         "namespace": "default",
         "name": f"pod-{index}",
         "ip": ip if ip is not None else pod_ip(index),
     }
+    if dual_stack:
+        fields["ips"] = [fields["ip"], pod_ipv6(index)]
     fields.update(changes)
     return PodSpec.model_validate(fields)
 
@@ -396,7 +409,7 @@ class Store(ABC):
     def cgroup(self, index: int) -> int:
         return self.resolver.cgroups[uid(index)]
 
-    def addresses(self, maps: PodMaps | None = None) -> dict[IPv4Address, int]:
+    def addresses(self, maps: PodMaps | None = None) -> dict[IPv4Address | IPv6Address, int]:
         """The pod_ips map: address -> cgroup id."""
         return dict(self.entries(maps)["pod_ips"])
 
@@ -553,7 +566,7 @@ def _decode_key(name: str, raw: bytes) -> Any:
     if name == "pods":
         return decode_u64(raw)
     if name == "pod_ips":
-        return IPv4Address(raw)
+        return layout.address_of(raw)
     if name == "pod_ports":
         return decode_port_key(raw)
     return decode_cidr_key(raw)

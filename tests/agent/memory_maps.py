@@ -17,7 +17,7 @@ import copy
 import errno
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from meshaccel.agent import layout
@@ -34,9 +34,11 @@ from meshaccel.agent.pods import (
 )
 from meshaccel.contract.settings import DEFAULT_CAPACITIES, Capacities
 
-#: A ``pods`` value decoded: address, sidecar uid, outbound and inbound listener ports, flags.
-PodRecord = tuple[IPv4Address, int, int, int, int]
-#: Every per-pod map's entries, decoded: ``pods`` cgroup id -> PodRecord, ``pod_ips`` address ->
+#: A ``pods`` value decoded: IPv4 address, sidecar uid, outbound and inbound listener ports,
+#: flags, DNS port, IPv6 address (an absent address None).
+PodRecord = tuple[IPv4Address | None, int, int, int, int, int, IPv6Address | None]
+#: Every per-pod map's entries, decoded: ``pods`` cgroup id -> PodRecord, ``pod_ips`` address
+#: (IPv4Address or IPv6Address) ->
 #: cgroup id, ``pod_ports`` (cgroup id, port, direction) -> True, the CIDR maps (cgroup id,
 #: network) -> True. The contract test reads the kernel's maps into the same shape.
 Entries = dict[str, dict[Any, Any]]
@@ -48,23 +50,28 @@ _Undo = list[Callable[[], object]]
 
 
 def pod_record(info: layout.PodInfo) -> PodRecord:
+    ipv4, ipv6 = bytes(info.ip), bytes(info.ipv6)
     return (
-        layout.ip_of(info.ip),
+        IPv4Address(ipv4) if any(ipv4) else None,
         info.sidecar_uid,
         layout.port_of(info.outbound_port),
         layout.port_of(info.inbound_port),
         info.flags,
+        layout.port_of(info.dns_port),
+        IPv6Address(ipv6) if any(ipv6) else None,
     )
 
 
 def record_info(record: PodRecord) -> layout.PodInfo:
-    ip, sidecar_uid, outbound_port, inbound_port, flags = record
+    ip, sidecar_uid, outbound_port, inbound_port, flags, dns_port, ipv6 = record
     return layout.PodInfo(
-        ip=layout.ipv4(ip),
+        ip=layout.ipv4(ip or IPv4Address(0)),
         sidecar_uid=sidecar_uid,
         outbound_port=layout.be16(outbound_port),
         inbound_port=layout.be16(inbound_port),
         flags=flags,
+        dns_port=layout.be16(dns_port),
+        ipv6=layout.Address(*(ipv6.packed if ipv6 is not None else bytes(16))),
     )
 
 
@@ -88,7 +95,7 @@ def encode_key(name: str, key: Any) -> bytes:
     if name in CIDR_MAPS:
         return cidr_key(*key)
     assert name == "pod_ips", name
-    return bytes(key.packed)
+    return layout.address_bytes(key)
 
 
 def decode_key(name: str, raw: bytes) -> Any:
@@ -97,7 +104,7 @@ def decode_key(name: str, raw: bytes) -> Any:
     if name in CIDR_MAPS:
         return decode_cidr_key(raw)
     assert name == "pod_ips", name
-    return IPv4Address(raw)
+    return layout.address_of(raw)
 
 
 class MemoryPodMaps:
@@ -180,16 +187,23 @@ class MemoryPodMaps:
                 unused.update(encode_key("outbound_included_cidrs", key) for key in included)
         for ip, owner in self.entries["pod_ips"].items():
             holder = pods.get(owner)
-            if holder is None or holder.ip != ip:
+            if holder is None or ip not in holder.addresses:
                 orphans.setdefault("pod_ips", set()).add(encode_key("pod_ips", ip))
         return ProgrammedPods(pods, orphans)
 
     def put_pod(
         self, pod: AcceleratedPod, *, previous: AcceleratedPod | None, take_ip: bool = False
-    ) -> int | None:
-        owner = self.entries["pod_ips"].get(pod.ip)
-        if owner not in (None, pod.cgroup_id) and not take_ip:
-            raise ValueError(f"{pod.ip} already belongs to the pod with cgroup id {owner}")
+    ) -> frozenset[int]:
+        # In Datapath's order: by the addresses' bytes in the map.
+        addresses = sorted(pod.addresses, key=layout.address_bytes)
+        owners = {ip: self.entries["pod_ips"].get(ip) for ip in addresses}
+        taken = {ip: o for ip, o in owners.items() if o not in (None, pod.cgroup_id)}
+        if taken and not take_ip:
+            raise ValueError(
+                "; ".join(
+                    f"{ip} already belongs to the pod with cgroup id {o}" for ip, o in taken.items()
+                )
+            )
         old = checked_previous(previous, pod.cgroup_id)
         record = pod_record(pod.info())
         old_record = None if old is None else pod_record(old.info())
@@ -198,15 +212,16 @@ class MemoryPodMaps:
             for name, keys in new_options.items():
                 for key in keys - old_options[name]:
                     self._put(undo, name, key, PRESENT, None)
-            if owner != pod.cgroup_id:
-                self._put(undo, "pod_ips", pod.ip, pod.cgroup_id, owner)
+            for ip, owner in owners.items():
+                if owner != pod.cgroup_id:
+                    self._put(undo, "pod_ips", ip, pod.cgroup_id, owner)
             if record != old_record:
                 self._put(undo, "pods", pod.cgroup_id, record, old_record)
             for name, keys in old_options.items():
                 self._remove(undo, name, keys - new_options[name])
-            if old is not None and old.ip != pod.ip:
-                self._release_ip(undo, old)
-        return None if owner == pod.cgroup_id else owner
+            if old is not None:
+                self._release_ips(undo, old, set(old.addresses) - set(pod.addresses))
+        return frozenset(taken.values())
 
     def delete_pod(self, cgroup_id: int, *, previous: AcceleratedPod | None) -> bool:
         pod = checked_previous(previous, cgroup_id)
@@ -214,7 +229,7 @@ class MemoryPodMaps:
             return False
         with undo_on_failure() as undo:
             existed = self._remove(undo, "pods", {cgroup_id}, pod_record(pod.info())) > 0
-            self._release_ip(undo, pod)
+            self._release_ips(undo, pod, set(pod.addresses))
             for name, keys in option_entries(pod).items():
                 self._remove(undo, name, keys)
         return existed
@@ -269,9 +284,12 @@ class MemoryPodMaps:
                 removed += 1
         return removed
 
-    def _release_ip(self, undo: _Undo, pod: AcceleratedPod) -> None:
-        if self.entries["pod_ips"].get(pod.ip) == pod.cgroup_id:
-            self._remove(undo, "pod_ips", {pod.ip}, pod.cgroup_id)
+    def _release_ips(
+        self, undo: _Undo, pod: AcceleratedPod, ips: set[IPv4Address | IPv6Address]
+    ) -> None:
+        for ip in sorted(ips, key=layout.address_bytes):
+            if self.entries["pod_ips"].get(ip) == pod.cgroup_id:
+                self._remove(undo, "pod_ips", {ip}, pod.cgroup_id)
 
 
 _ABSENT = object()

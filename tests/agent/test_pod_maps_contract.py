@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -40,6 +40,7 @@ from tests.agent.conftest import (
     kernel_plant,
     options,
     pod_ip,
+    pod_ipv6,
     pod_spec,
     uid,
 )
@@ -105,7 +106,8 @@ class Put(Step):
         return run.maps.put_pod(self.pod, previous=self.previous, take_ip=self.take_ip)
 
     def label(self) -> str:
-        return f"put {self.pod.cgroup_id} {self.pod.ip}" + (" take_ip" if self.take_ip else "")
+        addresses = ",".join(map(str, self.pod.addresses))
+        return f"put {self.pod.cgroup_id} {addresses}" + (" take_ip" if self.take_ip else "")
 
 
 @dataclass(frozen=True)
@@ -205,8 +207,8 @@ def istio(cgroup_id: int, ip: str, **options: Any) -> AcceleratedPod:
     return AcceleratedPod.in_mesh(ISTIO, cgroup_id, ip, **options)
 
 
-def nets(*cidrs: str) -> frozenset[IPv4Network]:
-    return frozenset(IPv4Network(c) for c in cidrs)
+def nets(*cidrs: str) -> frozenset[IPv4Network | IPv6Network]:
+    return frozenset(IPv6Network(c) if ":" in c else IPv4Network(c) for c in cidrs)
 
 
 A = istio(
@@ -229,10 +231,29 @@ EVERYTHING = istio(5001, "198.18.5.1")
 NOTHING = dataclasses.replace(EVERYTHING, included_outbound_cidrs=frozenset())
 TO_APP = dataclasses.replace(EVERYTHING, sk_msg_to_app=True)
 C = istio(1003, "198.18.1.9")
+DUAL = istio(
+    1101,
+    "198.18.11.1",
+    ipv6="fd00:198:18::11:1",
+    excluded_outbound_cidrs=nets("10.96.0.0/12", "fd00:10:96::/108"),
+    included_outbound_cidrs=nets("0.0.0.0/0", "::/0"),
+)
+ONLY6 = istio(1102, "fd00:198:18::11:2", excluded_outbound_cidrs=nets("fd00::/8"))
+DUAL_AS_4 = dataclasses.replace(DUAL, ipv6=None)
+DUAL_AS_6 = dataclasses.replace(DUAL, ip=None)
+A6, B6 = (
+    dataclasses.replace(p, ipv6=IPv6Address(f"fd00:198:18::1:{n}")) for p, n in ((A, 1), (B, 2))
+)
+#: Whether pod_ips holds two addresses a pod (one per family), as Capacities sizes it.
+DUAL_FITS = Capacities(pods=1).max_entries()["pod_ips"] >= 2
+FULL_A, FULL_B = (A6, B6) if DUAL_FITS else (A, B)
+SWAPPED_A6 = dataclasses.replace(A6, ip=B6.ip, ipv6=B6.ipv6)
+SWAPPED_B6 = dataclasses.replace(B6, ip=A6.ip, ipv6=A6.ipv6)
 
 PORT_OPTIONS = options(excluded_outbound_ports=[8080], excluded_inbound_ports=[9100])
 HOG = pod_spec(2, options=options(excluded_outbound_ports=list(range(20000, 20010))))
 MOVED = pod_spec(0, ip=pod_ip(9))
+MOVED_DUAL = pod_spec(0, ip=pod_ip(9), ips=[pod_ip(9), pod_ipv6(0)])
 
 MAP_SCENARIOS = [
     Scenario(
@@ -280,14 +301,52 @@ MAP_SCENARIOS = [
     ),
     Scenario(
         "a full pods map takes updates of its pods, not a new pod or a new address",
+        # pod_ips is full once it holds every address of two pods: dual-stack ones if it holds
+        # two a pod (Capacities), single-stack ones if one.
         [
-            Put(A, None),
-            Put(B, None),
-            Put(dataclasses.replace(A, sk_msg_to_app=True), A),
+            Put(FULL_A, None),
+            Put(FULL_B, None),
+            Put(dataclasses.replace(FULL_A, sk_msg_to_app=True), FULL_A),
             Put(C, None, raises=MapFullError),
-            Put(SLIMMER, dataclasses.replace(A, sk_msg_to_app=True), raises=MapFullError),
+            Put(
+                dataclasses.replace(SLIMMER, ipv6=FULL_A.ipv6),
+                dataclasses.replace(FULL_A, sk_msg_to_app=True),
+                raises=MapFullError,
+            ),
         ],
         Capacities(pods=2),
+    ),
+    Scenario(
+        "dual-stack and IPv6-only pods, and pods that drop or gain a family",
+        [
+            Put(DUAL, None),
+            Put(ONLY6, None),
+            Put(DUAL_AS_4, DUAL),  # its IPv6 address is released
+            Put(DUAL, DUAL_AS_4),
+            Put(DUAL_AS_6, DUAL),  # and its IPv4 one
+            Delete(1102, ONLY6),
+            Delete(1101, DUAL_AS_6),
+        ],
+    ),
+    Scenario(
+        "an IPv6 address another pod holds is refused unless taken",
+        [
+            Put(DUAL, None),
+            Put(dataclasses.replace(ONLY6, ipv6=DUAL.ipv6), None, raises=ValueError),
+            Put(dataclasses.replace(ONLY6, ipv6=DUAL.ipv6), None, take_ip=True),
+            Put(DUAL_AS_4, DUAL),  # the address it lost is not released
+            Delete(1102, dataclasses.replace(ONLY6, ipv6=DUAL.ipv6)),
+        ],
+    ),
+    Scenario(
+        "two dual-stack pods swap both addresses",
+        [
+            Put(A6, None),
+            Put(B6, None),
+            Put(SWAPPED_A6, A6, raises=ValueError),
+            Put(SWAPPED_A6, A6, take_ip=True),
+            Put(SWAPPED_B6, B6, take_ip=True),
+        ],
     ),
     Scenario(
         "full CIDR tries",
@@ -313,6 +372,8 @@ MAP_SCENARIOS = [
             Plant("outbound_included_cidrs", (1999, IPv4Network("0.0.0.0/0"))),
             Plant("pod_ips", IPv4Address("198.18.1.50"), 1999),  # a pod that is not there
             Plant("pod_ips", IPv4Address("198.18.1.51"), 1001),  # A's address before a move
+            Plant("pod_ips", IPv6Address("fd00:198:18::1:51"), 1001),  # A has no IPv6 address
+            Plant("outbound_excluded_cidrs", (1999, IPv6Network("fd00::/8"))),
             RemoveOrphans(),
             RemoveOrphans(),
             Put(EVERYTHING, None),
@@ -417,10 +478,18 @@ RECONCILER_SCENARIOS = [
     ),
     Scenario(
         "a full node cannot move a pod to a new address",
-        [
-            Apply(1, [pod_spec(0), pod_spec(1), pod_spec(2)]),
-            Apply(2, [MOVED, pod_spec(1), pod_spec(2)], raises=ApplyFailedError),
-            Apply(2, [MOVED, pod_spec(1)]),
+        [  # three pods fill pod_ips (dual-stack ones where it holds two addresses a pod)
+            Apply(1, [pod_spec(i, dual_stack=DUAL_FITS) for i in range(3)]),
+            Apply(
+                2,
+                [
+                    MOVED_DUAL if DUAL_FITS else MOVED,
+                    pod_spec(1, dual_stack=DUAL_FITS),
+                    pod_spec(2, dual_stack=DUAL_FITS),
+                ],
+                raises=ApplyFailedError,
+            ),
+            Apply(2, [MOVED_DUAL if DUAL_FITS else MOVED, pod_spec(1, dual_stack=DUAL_FITS)]),
         ],
         Capacities(pods=3),
     ),
@@ -449,6 +518,35 @@ RECONCILER_SCENARIOS = [
             Apply(7, [pod_spec(0, options=PORT_OPTIONS), pod_spec(1, mode="linkerd"), pod_spec(2)]),
             Apply(8, [pod_spec(0, options=PORT_OPTIONS), pod_spec(2)]),
         ],
+    ),
+    Scenario(
+        "dual-stack pods: both addresses, swapped, and a family dropped",
+        [
+            Apply(1, [pod_spec(0, dual_stack=True), pod_spec(1, dual_stack=True), pod_spec(2)]),
+            Apply(
+                2,
+                [
+                    pod_spec(0, ip=pod_ip(1), ips=[pod_ip(1), pod_ipv6(1)]),
+                    pod_spec(1, ip=pod_ip(0), ips=[pod_ip(0), pod_ipv6(0)]),
+                    pod_spec(2, dual_stack=True),
+                ],
+            ),
+            Apply(3, [pod_spec(0, ip=pod_ipv6(0)), pod_spec(2)]),
+        ],
+    ),
+    Scenario(
+        "a dual-stack pod takes two pod_ips entries",
+        [
+            Apply(1, [pod_spec(0, dual_stack=True)]),
+            Apply(
+                2,
+                [pod_spec(0, dual_stack=True), pod_spec(1, dual_stack=True)],
+                raises=None if DUAL_FITS else CapacityError,
+            ),
+            Apply(3, [pod_spec(0), pod_spec(1)]),
+            Apply(4, [pod_spec(i, dual_stack=True) for i in range(3)], raises=CapacityError),
+        ],
+        Capacities(pods=2),
     ),
     Scenario(
         "two pods that resolve to one cgroup are both left out",

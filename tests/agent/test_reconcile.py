@@ -238,7 +238,7 @@ def test_sk_msg_to_app_is_a_pod_flag_written_and_read_back(store: Store) -> None
     assert result.updated == 1, "the flag alone is a change"
     assert store.maps.read_pods() == store.programmed(to_app)
     assert store.maps.read_pods().pods[cgroup_id].sk_msg_to_app
-    *_, raw_flags = store.entries()["pods"][cgroup_id]  # the pods entry's flags field
+    _, _, _, _, raw_flags, *_ = store.entries()["pods"][cgroup_id]  # the pods entry's flags
     flags = PodFlags(raw_flags)
     assert flags == PodFlags.POD_SK_MSG_TO_APP | PodFlags.POD_OUTBOUND_INCLUDE_ALL, flags
     assert store.reconciler.apply(pod_set(3, sidecar_only)).updated == 1

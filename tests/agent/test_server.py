@@ -53,6 +53,7 @@ from tests.agent.conftest import (
     body_of,
     options,
     pod_ip,
+    pod_ipv6,
     pod_set,
     pod_spec,
     put,
@@ -97,6 +98,27 @@ async def test_put_applies_the_set_and_get_lists_it(client: Client, store: Store
     assert listed.applied_generation == 3
     assert [(p.uid, p.ip, p.cgroup_id) for p in listed.pods] == [
         (uid(i), pod_ip(i), store.cgroup(i)) for i in range(3)
+    ]
+
+
+async def test_a_dual_stack_pod_is_programmed_and_listed_with_both_addresses(
+    client: Client, store: Store
+) -> None:
+    dual, only6 = pod_spec(0, dual_stack=True), pod_spec(1, ip=pod_ipv6(1))
+    status, payload = await put(client, pod_set(2, dual, only6).model_dump_json())
+
+    assert status == 200, payload
+    assert store.maps.read_pods() == store.programmed(dual, only6)
+    assert store.addresses() == {
+        pod_ip(0): store.cgroup(0),
+        pod_ipv6(0): store.cgroup(0),
+        pod_ipv6(1): store.cgroup(1),
+    }
+    response = await client.get("/v1/pods")
+    listed = PodsReply.model_validate(await response.json())
+    assert [(p.uid, p.addresses) for p in listed.pods] == [
+        (uid(0), (pod_ip(0), pod_ipv6(0))),
+        (uid(1), (pod_ipv6(1),)),
     ]
 
 

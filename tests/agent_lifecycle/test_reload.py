@@ -234,9 +234,9 @@ def test_a_changed_capacity_reloads(standalone: StandaloneAgents) -> None:
     assert startup["reason"] == "max_pods 1024 -> 2048, max_connections 65536 -> 4096"
     assert startup["max_pods"] == 2048
     maps = {m["name"]: m["max_entries"] for m in second.get("/v1/status")["maps"]}
-    assert maps["pods"] == maps["pod_ips"] == 2048, maps
+    assert (maps["pods"], maps["pod_ips"]) == (2048, 4096), maps  # an entry per family
     with pinned(standalone) as datapath:
-        assert datapath.max_entries("pods") == datapath.max_entries("pod_ips") == 2048
+        assert (datapath.max_entries("pods"), datapath.max_entries("pod_ips")) == (2048, 4096)
         assert all(datapath.max_entries(name) == 4096 for name in CAPACITY_MAPS["max_connections"])
         assert datapath.max_entries("pod_ports") == Capacities.pod_ports
         assert SK_MSG in {f.name for f in DatapathFeatures if f in datapath.features}

@@ -17,6 +17,7 @@ from meshaccel.contract.modes import ISTIO
 from tests.bench.bpfstats import bpf_stats_enabled, program_ids, read_program_stats
 from tests.datapath.conftest import istio_pod
 from tests.netlab import ECHO_PORT, Node
+from tests.netlab.netns import run_in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -44,7 +45,13 @@ def test_sockets_accepted_by_a_counted_listener_pay_no_state_callbacks(
 
     with bpf_stats_enabled() as enabled:
         assert enabled, "kernel.bpf_stats_enabled is missing"
-        assert datapath.inbound_listeners(server.cgroup_id) == 1, "15006 must be counted"
+        # One per family where the echo server listens dual-stack as two sockets.
+        listening = run_in_netns(
+            server.netns, ["ss", "-Hltn", "sport", "=", f":{ISTIO.inbound_port}"]
+        ).splitlines()
+        assert listening, "the echo server must listen on 15006"
+        counted_listeners = datapath.inbound_listeners(server.cgroup_id)
+        assert counted_listeners == len(listening), f"15006 must be counted: {listening}"
         counted = sockops_runs(ISTIO.inbound_port)
         uncounted = sockops_runs(ECHO_PORT)
     assert uncounted > 0, "the statistics must see the program run"

@@ -6,12 +6,12 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
 
-from meshaccel.agent import libbpf
+from meshaccel.agent import layout, libbpf
 from meshaccel.agent.datapath import (
     OBJECT_FILES,
     AlreadyLoadedError,
@@ -86,10 +86,38 @@ def test_pods_read_back_exactly_as_written(datapath: Datapath) -> None:
     assert datapath.pods() == {1002: b}
 
 
-def pod_ips(datapath: Datapath) -> dict[IPv4Address, int]:
+def pod_ips(datapath: Datapath) -> dict[IPv4Address | IPv6Address, int]:
     """The raw pod_ips map: address -> cgroup id."""
     with libbpf.Map.from_pin(datapath.pins.map("pod_ips")) as bpf_map:
-        return {IPv4Address(k): decode_u64(v) for k, v in bpf_map.items()}
+        return {layout.address_of(k): decode_u64(v) for k, v in bpf_map.items()}
+
+
+def test_pods_of_both_families_read_back_exactly_as_written(datapath: Datapath) -> None:
+    dual = AcceleratedPod.in_mesh(
+        ISTIO,
+        7001,
+        "198.18.7.1",
+        ipv6="fd00:198:18::7:1",
+        excluded_outbound_cidrs=frozenset({IPv4Network("10.96.0.0/12"), IPv6Network("fd00::/8")}),
+        included_outbound_cidrs=frozenset({IPv4Network("0.0.0.0/0"), IPv6Network("::/0")}),
+    )
+    only6 = AcceleratedPod.in_mesh(LINKERD, 7002, "fd00:198:18::7:2")
+    assert (dual.ip, dual.ipv6) == (IPv4Address("198.18.7.1"), IPv6Address("fd00:198:18::7:1"))
+    assert (only6.ip, only6.ipv6) == (None, IPv6Address("fd00:198:18::7:2"))
+    datapath.put_pod(dual)
+    datapath.put_pod(only6)
+    assert datapath.read_pods() == ProgrammedPods({7001: dual, 7002: only6}, orphans={})
+    assert pod_ips(datapath) == {dual.ip: 7001, dual.ipv6: 7001, only6.ipv6: 7002}
+
+    # Dropping a family releases its address; another pod's IPv6 address is refused.
+    only4 = dataclasses.replace(dual, ipv6=None, excluded_outbound_cidrs=frozenset())
+    datapath.put_pod(only4, previous=dual)
+    assert pod_ips(datapath) == {dual.ip: 7001, only6.ipv6: 7002}
+    with pytest.raises(ValueError, match=r"fd00:198:18::7:2 already belongs to the pod with"):
+        datapath.put_pod(dataclasses.replace(only4, ipv6=only6.ipv6), previous=only4)
+    assert datapath.read_pods() == ProgrammedPods({7001: only4, 7002: only6}, orphans={})
+    assert datapath.delete_pod(7002, previous=only6)
+    assert pod_ips(datapath) == {dual.ip: 7001}
 
 
 def test_writes_given_what_is_programmed_read_nothing_back(
@@ -156,17 +184,18 @@ def test_entries_of_no_pod_are_found_and_removed(datapath: Datapath) -> None:
         libbpf.Map.from_pin(datapath.pins.map("pod_ips")) as ips,
     ):
         ports.update(stray_port, b"\x01")
-        ips.update(IPv4Address("198.18.6.2").packed, u64(6999))  # a pod that is not there
-        ips.update(IPv4Address("198.18.6.3").packed, u64(6001))  # a's address before a move
+        ips.update(stray := key_of("198.18.6.2"), u64(6999))  # a pod that is not there
+        ips.update(moved := key_of("198.18.6.3"), u64(6001))  # a's address before a move
 
     read = datapath.read_pods()
     assert read.pods == {6001: a} and datapath.pod(6001) == a
-    assert read.orphans == {
-        "pod_ports": {stray_port},
-        "pod_ips": {IPv4Address("198.18.6.2").packed, IPv4Address("198.18.6.3").packed},
-    }
+    assert read.orphans == {"pod_ports": {stray_port}, "pod_ips": {stray, moved}}
     assert datapath.remove_orphans(read.orphans) == 3
     assert datapath.read_pods() == ProgrammedPods({6001: a}, orphans={})
+
+
+def key_of(address: str) -> bytes:
+    return layout.address_bytes(IPv4Address(address))
 
 
 def test_address_of_another_pod_is_refused_and_nothing_changes(datapath: Datapath) -> None:
@@ -300,4 +329,4 @@ def test_an_earlier_releases_pins_are_told_apart(datapath: Datapath) -> None:
     handshakes.unlink()
     with libbpf.Map.from_pin(pins.map("pod_ips")) as stand_in:
         stand_in.pin(handshakes)
-    assert earlier_release(pins) == ("map handshakes is HASH 4:8, this release's is LRU_HASH 8:12")
+    assert earlier_release(pins) == ("map handshakes is HASH 16:8, this release's is LRU_HASH 8:36")

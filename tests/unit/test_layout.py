@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,20 @@ def test_byte_order_helpers_are_network_order() -> None:
     assert bytes(layout.ipv4("198.18.0.10")) == b"\xc6\x12\x00\x0a"
     assert layout.port_of(layout.be16(8080)) == 8080
     assert str(layout.ip_of(layout.ipv4("127.0.0.6"))) == "127.0.0.6"
+
+
+def test_addresses_are_sixteen_bytes_with_ipv4_mapped() -> None:
+    """struct ip_address: an IPv4 address as the kernel shows an IPv4 peer of an IPv6 socket."""
+    mapped = bytes(layout.address("198.18.0.10"))
+    assert mapped == bytes(10) + b"\xff\xff" + b"\xc6\x12\x00\x0a"
+    assert mapped == IPv6Address("::ffff:198.18.0.10").packed
+    assert bytes(layout.address("fd00:198:18::10")) == IPv6Address("fd00:198:18::10").packed
+    assert layout.address_of(mapped) == IPv4Address("198.18.0.10")
+    assert layout.address_of(IPv6Address("fd00::1").packed) == IPv6Address("fd00::1")
+    assert layout.address_of(bytes(16)) == IPv6Address("::")  # zero: no address, never mapped
+
+
+def test_tuple_size_is_what_the_sockhash_keys_cost() -> None:
+    """sock_tuple grew from 32 to 56 bytes with 16-byte addresses (docs/datapath.md, IPv6)."""
+    assert ctypes.sizeof(layout.SockTuple) == 56
+    assert ctypes.sizeof(layout.PodInfo) == 32 and layout.PodInfo.ipv6.offset == 16
