@@ -56,6 +56,9 @@ class PodRow(Report):
     resource: str
     state: str
     detail: str = ""
+    # status.podIPs (a dual-stack pod has one of each family), podIP first: the addresses the
+    # datapath knows the pod by.
+    addresses: list[str] = Field(default_factory=list)
 
     @property
     def accelerated(self) -> bool:
@@ -223,6 +226,7 @@ def pod_rows(
                     resource=resource.name,
                     state=state,
                     detail=detail,
+                    addresses=list(facts.addresses),
                 )
             )
     return sorted(rows, key=lambda r: (r.namespace, r.name, r.resource))
@@ -268,8 +272,22 @@ def render_pods(report: PodsReport, style: Style) -> list[str]:
         rows = []
         for row in report.pods:
             state = style.good(row.state) if row.accelerated else style.warn(row.state)
-            rows.append([row.namespace, row.name, row.node or "-", row.resource, state, row.detail])
-        lines = table(["NAMESPACE", "POD", "NODE", "RESOURCE", "STATE", "DETAIL"], rows)
+            addresses = ",".join(row.addresses) or "-"
+            # ADDRESSES after the columns scripts may already read by position.
+            rows.append(
+                [
+                    row.namespace,
+                    row.name,
+                    row.node or "-",
+                    row.resource,
+                    state,
+                    addresses,
+                    row.detail,
+                ]
+            )
+        lines = table(
+            ["NAMESPACE", "POD", "NODE", "RESOURCE", "STATE", "ADDRESSES", "DETAIL"], rows
+        )
         accelerated = report.count(ACCELERATED)
         lines.append("")
         lines.append(

@@ -1,7 +1,8 @@
 """How much of a node's datapath maps each accelerated pod takes, and which pods of a set fit.
 
 Each agent sizes its per-pod maps from ``spec.datapath`` (``maxPods``, ``maxPodPorts``,
-``maxPodCidrs``) and refuses a set that does not fit, whole. The operator never sends one: it
+``maxPodCidrs``, as :class:`~meshaccel.contract.settings.Capacities` says) and refuses a set that
+does not fit, whole. The operator never sends one: it
 counts each pod's entries as the agent does (:func:`usage`, the mesh's own ports included) and
 gives every pod a budget (:class:`Budget`), so that the users of a selected namespace cannot
 take a node's acceleration away from other pods:
@@ -24,19 +25,22 @@ from dataclasses import dataclass
 
 from meshaccel.contract.api import PodOptions, PodSpec
 from meshaccel.contract.modes import MESH_MODES, MeshModeName
+from meshaccel.contract.settings import Capacities
 from meshaccel.operator.models import MeshAccelerationSpec
 
 # The agent's per-pod maps an option fills, in the order of a usage tuple (agent/reconcile.py
 # counts the same: tests/operator/test_budget.py keeps the two in step).
-MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs")
+# pod_ips holds a pod's addresses: one per family (a dual-stack pod takes two).
+MAPS = ("pod_ports", "outbound_excluded_cidrs", "outbound_included_cidrs", "pod_ips")
 # How many shares a pod may take, beyond what every pod of the resource needs.
 SHARES_PER_POD = 8
 
-Usage = tuple[int, int, int]  # entries in each of MAPS
+Usage = tuple[int, int, int, int]  # entries in each of MAPS
+_OptionsUsage = tuple[int, int, int]  # the first three: what the options take
 
 
 @functools.lru_cache(maxsize=4096)
-def _usage(mode: MeshModeName, options: PodOptions) -> Usage:
+def _usage(mode: MeshModeName, options: PodOptions) -> _OptionsUsage:
     mesh = MESH_MODES[mode]
     return (
         len(mesh.outbound_excluded_ports | options.excluded_outbound_ports)
@@ -47,9 +51,9 @@ def _usage(mode: MeshModeName, options: PodOptions) -> Usage:
 
 
 def usage(pod: PodSpec) -> Usage:
-    """The entries ``pod`` takes in each of :data:`MAPS` (besides one in ``pods`` and
-    ``pod_ips``). Pods share their options objects (:mod:`.selection`): counted once each."""
-    return _usage(pod.mode, pod.options)
+    """The entries ``pod`` takes in each of :data:`MAPS` (besides one in ``pods``). Pods share
+    their options objects (:mod:`.selection`): counted once each."""
+    return (*_usage(pod.mode, pod.options), len(pod.ips) or 1)  # ips: empty, or every address
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,26 +77,40 @@ class Budget:
     @classmethod
     def of(cls, spec: MeshAccelerationSpec) -> Budget:
         datapath, exclusions = spec.datapath, spec.exclusions
-        capacity = (datapath.maxPodPorts, datapath.maxPodCidrs, datapath.maxPodCidrs)
-        share = (
+        sizes = Capacities(
+            pods=datapath.maxPods, pod_ports=datapath.maxPodPorts, pod_cidrs=datapath.maxPodCidrs
+        ).max_entries()
+        capacity: Usage = (
+            sizes["pod_ports"],
+            sizes["outbound_excluded_cidrs"],
+            sizes["outbound_included_cidrs"],
+            sizes["pod_ips"],
+        )
+        share: Usage = (
             capacity[0] // datapath.maxPods,
             capacity[1] // datapath.maxPods,
             capacity[2] // datapath.maxPods,
+            capacity[3] // datapath.maxPods,
         )
-        base = _usage(
-            spec.mode,
-            PodOptions(
-                excluded_outbound_ports=frozenset(exclusions.outboundPorts),
-                excluded_inbound_ports=frozenset(exclusions.inboundPorts),
-                excluded_outbound_cidrs=frozenset(
-                    ipaddress.IPv4Network(cidr, strict=False) for cidr in exclusions.outboundCIDRs
+        base = (
+            *_usage(
+                spec.mode,
+                PodOptions(
+                    excluded_outbound_ports=frozenset(exclusions.outboundPorts),
+                    excluded_inbound_ports=frozenset(exclusions.inboundPorts),
+                    excluded_outbound_cidrs=frozenset(
+                        ipaddress.ip_network(cidr, strict=False)
+                        for cidr in exclusions.outboundCIDRs
+                    ),
                 ),
             ),
+            1,  # an address
         )
-        limit = (
+        limit: Usage = (
             min(capacity[0], base[0] + SHARES_PER_POD * share[0]),
             min(capacity[1], base[1] + SHARES_PER_POD * share[1]),
             min(capacity[2], base[2] + SHARES_PER_POD * share[2]),
+            min(capacity[3], base[3] + SHARES_PER_POD * share[3]),
         )
         return cls(datapath.maxPods, capacity, share, limit)
 

@@ -27,6 +27,8 @@ from meshaccel.operator.models import (
     SelectorOperator,
 )
 
+#: Where a dual-stack socket shows an IPv4 peer: no IPv6 packet carries such an address.
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _REMOVE_IMAGE = json.dumps([{"op": "remove", "path": "/spec/agent/image"}])
 
 
@@ -81,7 +83,13 @@ def spec_problems(name: str, spec: MeshAccelerationSpec) -> list[str]:
         problems.append(image)
     for cidr in spec.exclusions.outboundCIDRs:
         try:
-            ipaddress.IPv4Network(cidr, strict=True)
+            network = ipaddress.ip_network(cidr, strict=True)
         except ValueError as err:
             problems.append(f"spec.exclusions.outboundCIDRs: {cidr!r} is not a network ({err})")
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(IPV4_MAPPED):
+            problems.append(
+                f"spec.exclusions.outboundCIDRs: {cidr!r} is IPv4-mapped, which no IPv6 packet "
+                "carries: write the IPv4 network it maps"
+            )
     return problems

@@ -61,11 +61,14 @@ LabelKey = Annotated[
 LabelValue = Annotated[
     str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 ]
+# The spelling only (IPv4 dotted quads, or IPv6 hex groups with at least one colon): the
+# operator checks the rest (checks.py), as Kubernetes 1.30's CEL has no CIDR functions.
 Cidr = Annotated[
     str,
     Field(
-        pattern=r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$",
-        description="an IPv4 network in CIDR notation, such as 10.0.0.0/8",
+        max_length=49,  # the longest IPv6 address (45 characters), "/128"
+        pattern=r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*/[0-9]{1,3})$",
+        description="an IPv4 or IPv6 network in CIDR notation, such as 10.0.0.0/8 or fd00::/8",
     ),
 ]
 
@@ -371,9 +374,11 @@ MAX_ERROR_LENGTH = 1024
 # (operator/selection.py Verdict): reported by the agents, or by the push channel.
 UNRESOLVED = "Unresolved"  # its node's agent cannot find its cgroup (yet)
 PENDING = "Pending"  # in a set its node's agent has not confirmed yet
+# Not sent to its node's agent, which predates IPv6 (an IPv6-only pod; operator/pusher.py).
+AGENT_WITHOUT_IPV6 = "AgentWithoutIPv6"
 # The reasons nobody chose: such pods keep Ready False and are listed in status.problems. Every
 # other reason is the pod's or the spec's own choice, or nothing to accelerate (docs/operator.md).
-PROBLEM_REASONS = (UNRESOLVED, "OverBudget", "InvalidAnnotation")
+PROBLEM_REASONS = (UNRESOLVED, "OverBudget", "InvalidAnnotation", AGENT_WITHOUT_IPV6)
 
 
 class NodeReport(_Model):

@@ -728,14 +728,15 @@ class ClusterPicture:
         if not self.settled or budget is None or node not in acceleration.agent_ips:
             return
         placed = acceleration.per_node.get(node, {})
-        owners = Counter(pod.ip for pod in placed.values())
-        clashes = {ip for ip, count in owners.items() if count > 1}
+        owners = Counter(address for pod in placed.values() for address in pod.addresses)
+        clashes = {address for address, count in owners.items() if count > 1}
         if clashes:
-            # Two running pods with one IP: a deletion not seen yet. The agent refuses such a
-            # set whole, so neither pod is accelerated until the watch catches up.
+            # Two running pods with one address (of either family): a deletion not seen yet.
+            # The agent refuses such a set whole, so neither pod is accelerated until the watch
+            # catches up.
             log.warning("pods on %s share addresses %s: left out", node, sorted(map(str, clashes)))
         oldest_first = sorted(
-            (pod for pod in placed.values() if pod.ip not in clashes), key=self._age
+            (pod for pod in placed.values() if clashes.isdisjoint(pod.addresses)), key=self._age
         )
         pods, left_out = budget.fit(node, oldest_first)
         before = acceleration.over_budget.get(node, {})

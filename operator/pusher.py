@@ -37,6 +37,7 @@ from meshaccel.contract.api import (
     ApplyResult,
     ErrorReply,
     HealthReply,
+    PodOptions,
     PodSet,
     PodSpec,
     UninstallReply,
@@ -89,6 +90,10 @@ class NodeState:
     applied_epoch: int | None = None  # the epoch of the agent's applied set, as last heard
     superseded_by: int | None = None  # an agent's higher epoch: another writer leads
     trust_bundle: str | None = None  # the agent's CA bundle fingerprint, as last probed
+    # The agent predates IPv6 (it refused an IPv6 address): its sets carry IPv4 addresses only,
+    # and the pods with none (IPv6-only) are held back, each with the reason.
+    ipv4_only: bool = False
+    held_back: tuple[UnresolvedPod, ...] = ()
 
 
 class _Unreachable(Exception):
@@ -123,6 +128,8 @@ class _AgentChannel:
     agent_epoch: int | None = None
     superseded: int | None = None  # the higher epoch an agent answered with
     legacy: bool = False  # the agent predates epochs (refused the field)
+    ipv4_only: bool = False  # the agent predates IPv6 (refused an IPv6 address or ips)
+    held_back: tuple[UnresolvedPod, ...] = ()  # pods of the set it was last sent without
     boot_id: str | None = None
     pods_applied: int | None = None
     unresolved: tuple[UnresolvedPod, ...] = ()
@@ -172,6 +179,8 @@ class _AgentChannel:
             applied_epoch=self.agent_epoch,
             superseded_by=self.superseded,
             trust_bundle=self.trust_bundle,
+            ipv4_only=self.ipv4_only,
+            held_back=self.held_back,
         )
 
 
@@ -190,6 +199,77 @@ def _refuses_epochs(reply: ErrorReply | None) -> bool:
     return reply is not None and any(
         item.get("type") == "extra_forbidden" and item.get("loc") in (["epoch"], ("epoch",))
         for item in reply.detail or ()
+    )
+
+
+# What an agent that predates IPv6 says of a set with IPv6 in it: its IPv4-only models refuse
+# an IPv6 ip or CIDR, and the ips field (unknown to it).
+_IPV4_ONLY_ERRORS = frozenset({"ip_v4_address", "ip_v4_network"})
+
+
+def _refuses_ipv6(reply: ErrorReply | None) -> bool:
+    """A 422 from an agent that predates IPv6: its strict models refused what IPv6 added."""
+    if reply is None:
+        return False
+    for item in reply.detail or ():
+        loc = item.get("loc")
+        if not isinstance(loc, list | tuple) or not loc or loc[0] != "pods":
+            continue
+        kind = item.get("type")
+        if kind in _IPV4_ONLY_ERRORS or (kind == "extra_forbidden" and loc[-1] == "ips"):
+            return True
+    return False
+
+
+def ipv4_view(pods: Sequence[PodSpec], node: str) -> tuple[list[PodSpec], list[UnresolvedPod]]:
+    """``pods`` as an agent that predates IPv6 takes them, and those it cannot take.
+
+    That agent programs IPv4 only, as the operator before IPv6 sent it: a dual-stack pod goes
+    with its IPv4 address and its IPv4 ranges (its IPv6 connections keep the mesh's ip6tables
+    path), an IPv6-only pod is held back (its traffic keeps the mesh's rules).
+    """
+    sent: list[PodSpec] = []
+    held: list[UnresolvedPod] = []
+    for pod in pods:
+        ipv4 = pod.ipv4
+        if ipv4 is None:
+            held.append(
+                UnresolvedPod(
+                    uid=pod.uid,
+                    namespace=pod.namespace,
+                    name=pod.name,
+                    reason=f"the agent on {node} predates IPv6 and this pod has no IPv4 address: "
+                    "update the agents (the chart's agent.image)",
+                )
+            )
+            continue
+        if pod.ips or pod.ip != ipv4 or _has_ipv6_ranges(pod.options):
+            options = pod.options
+            included = options.included_outbound_cidrs
+            pod = pod.model_copy(
+                update={
+                    "ip": ipv4,
+                    "ips": (),
+                    "options": options.model_copy(
+                        update={
+                            "excluded_outbound_cidrs": frozenset(
+                                n for n in options.excluded_outbound_cidrs if n.version == 4
+                            ),
+                            "included_outbound_cidrs": None
+                            if included is None
+                            else frozenset(n for n in included if n.version == 4),
+                        }
+                    ),
+                }
+            )
+        sent.append(pod)
+    return sent, held
+
+
+def _has_ipv6_ranges(options: PodOptions) -> bool:
+    return any(
+        n.version == 6
+        for n in (*options.excluded_outbound_cidrs, *(options.included_outbound_cidrs or ()))
     )
 
 
@@ -322,7 +402,8 @@ class Pusher:
         agent.trust_bundle = agent.agent_version = agent.unresolved_since = None
         agent.unresolved = ()
         agent.agent_epoch = agent.agent_generation = None
-        agent.legacy = False
+        agent.legacy = agent.ipv4_only = False
+        agent.held_back = ()
         agent.retries = agent.stale_retries = 0
         agent.not_before = 0.0
         if url is None:
@@ -546,8 +627,12 @@ class Pusher:
             agent.generation = max(agent.generation, heard or 0) + 1
             agent.generation_version = version
         generation = agent.generation
+        held_back: list[UnresolvedPod] = []
+        sent: Sequence[PodSpec] = pods
+        if agent.ipv4_only:
+            sent, held_back = ipv4_view(pods, agent.name)
         # The pods were validated by set_pods; model_construct skips doing it again.
-        pod_set = PodSet.model_construct(epoch=sent_epoch, generation=generation, pods=list(pods))
+        pod_set = PodSet.model_construct(epoch=sent_epoch, generation=generation, pods=list(sent))
         # An agent that predates epochs refuses the field (its model forbids unknown ones).
         body = pod_set.model_dump_json(exclude={"epoch"} if agent.legacy else None)
         agent.inflight_since, agent.pending_since = agent.pending_since, None
@@ -578,7 +663,8 @@ class Pusher:
                     agent, "bad_reply", f"HTTP 200 with an invalid ApplyResult: {err}"
                 )
                 return
-            self._applied(agent, version, generation, len(pods), result, now, refresh=refresh)
+            agent.held_back = tuple(held_back)
+            self._applied(agent, version, generation, len(sent), result, now, refresh=refresh)
             return
         self._restore_pending(agent)
         text, reply = _error_text(status, raw)
@@ -591,6 +677,14 @@ class Pusher:
             log.warning(
                 "agent predates epochs: its sets go without one (not fenced) until it restarts",
                 extra=self._extra(agent, event="agent_without_epochs"),
+            )
+            self._schedule(agent, now)
+        elif status == 422 and not agent.ipv4_only and _refuses_ipv6(reply):
+            agent.ipv4_only = True
+            log.warning(
+                "agent predates IPv6: its sets carry IPv4 addresses only, pods without one are "
+                "held back, until it restarts",
+                extra=self._extra(agent, event="agent_without_ipv6"),
             )
             self._schedule(agent, now)
         elif status >= 500 or status in _RETRYABLE_4XX or status < 400:
@@ -624,8 +718,16 @@ class Pusher:
                 "agent reached again: set applied",
                 extra=self._extra(agent, event="push_recovered", generation=generation),
             )
-        if agent.legacy and agent.boot_id is not None and agent.boot_id != result.boot_id:
-            agent.legacy = False  # another agent process, maybe one that knows epochs
+        if (
+            (agent.legacy or agent.ipv4_only)
+            and agent.boot_id is not None
+            and agent.boot_id != result.boot_id
+        ):
+            # Another agent process, maybe one that knows epochs and IPv6: the set again, the
+            # whole of it under a new generation (this one was the IPv4 part of it).
+            if agent.ipv4_only:
+                agent.generation_version = None
+            agent.legacy = agent.ipv4_only = False
             self._schedule(agent, now)
         agent.boot_id = result.boot_id
         agent.agent_generation = result.applied_generation
@@ -769,7 +871,7 @@ class Pusher:
                 extra=self._extra(agent, event="agent_restarted", boot_id=boot_id),
             )
             agent.confirmed = agent.agent_generation = agent.agent_epoch = agent.blocked = None
-            agent.legacy = False  # maybe upgraded: sets carry the epoch again
+            agent.legacy = agent.ipv4_only = False  # maybe upgraded: epochs and IPv6 again
             self._resend(agent, now)
         elif (
             health.applied_generation is not None

@@ -15,6 +15,9 @@ per-pod option: ``spec.datapath.skMsgToAppsSelector``, overridden either way by 
 a value other than "true" or "false" does not cost the pod its acceleration: it is ignored
 (the selector decides) and the selection carries a :class:`PodWarning`.
 
+A pod may be IPv4-only, IPv6-only or dual-stack: it goes to its agent with every address of
+``status.podIPs``, and with the CIDRs of its annotations of those families.
+
 Pods are kept as :class:`PodFacts`: only what selection reads, so that 10,000 pods cost
 little memory and a pod update that changes nothing relevant is recognised as such.
 """
@@ -32,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from meshaccel.contract.api import PodOptions, PodSpec
+from meshaccel.contract.api import IPAddress, IPNetwork, PodOptions, PodSpec
 from meshaccel.contract.modes import MESH_MODES, MeshModeName
 from meshaccel.operator.models import DatapathSpec, ExclusionsSpec, MeshAccelerationSpec
 from meshaccel.operator.selectors import matches
@@ -132,10 +135,19 @@ class PodFacts:
     annotations: Mapping[str, str]
     containers: frozenset[str]
     node: str | None
-    ip: str | None
+    ip: str | None  # status.podIP, the primary address
     running: bool
     host_network: bool
     created: str = ""  # metadata.creationTimestamp: RFC 3339 in UTC sorts as time
+    # status.podIPs when it holds more than podIP (a dual-stack pod); empty: just ``ip``.
+    ips: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address of the pod as its status gives them, the primary first."""
+        if not self.ip:
+            return ()
+        return (self.ip, *(ip for ip in self.ips if ip != self.ip))
 
     @classmethod
     def from_object(cls, pod: Mapping[str, Any]) -> PodFacts:
@@ -144,6 +156,14 @@ class PodFacts:
         status = pod.get("status") or {}
         annotations = meta.get("annotations") or {}
         containers = [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]
+        ip = status.get("podIP") or None
+        ips = tuple(
+            str(entry["ip"])
+            for entry in status.get("podIPs") or ()
+            if isinstance(entry, Mapping) and entry.get("ip")
+        )
+        if not ip and ips:
+            ip = ips[0]  # podIP is podIPs[0]; either may be read, both are set together
         # Keys and the values pods share (labels, container names) are interned: 10,000 pods
         # of a few hundred workloads then hold one copy of each string, not 10,000.
         return cls(
@@ -158,10 +178,11 @@ class PodFacts:
             },
             containers=frozenset(sys.intern(c.get("name", "")) for c in containers),
             node=spec.get("nodeName"),
-            ip=status.get("podIP"),
+            ip=ip,
             running=status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
             host_network=bool(spec.get("hostNetwork")),
             created=str(meta.get("creationTimestamp") or ""),
+            ips=ips if set(ips) - {ip} else (),
         )
 
 
@@ -244,28 +265,48 @@ def select(
         return Selection(Verdict.NO_AGENT, detail=f"node {pod.node}")
     to_app, ignored = app_takes_sk_msg(pod, spec.datapath)
     try:
+        addresses = pod_addresses(pod)
         options = pod_options(
             pod,
             spec.mode,
             spec.exclusions,
             sk_msg_to_app=to_app,
             dns_capture=dns_captured(pod, spec.mode, spec.dnsCapture),
+            families=frozenset(address.version for address in addresses),
         )
         accelerated = PodSpec(
             uid=pod.uid,
             namespace=pod.namespace,
             name=pod.name,
-            ip=ipaddress.IPv4Address(pod.ip),
+            ip=addresses[0],
+            # Left out for a single-stack pod: its spec is then what an agent that predates
+            # IPv6 reads (docs/operator.md, Pushing).
+            ips=addresses if len(addresses) > 1 else (),
             mode=spec.mode,
             options=options,
         )
     except AnnotationError as err:
         return Selection(err.verdict, detail=err.detail)
     except (ValidationError, ValueError) as err:
-        # An IPv6-only pod, or a name the agent contract refuses: not ours to accelerate.
-        return Selection(Verdict.INVALID_ANNOTATION, detail=str(err).splitlines()[0])
+        # An address or a name the agent contract refuses: not ours to accelerate.
+        return Selection(Verdict.INVALID_ANNOTATION, detail=_first_error(err))
     warning = PodWarning.INVALID_ANNOTATION if ignored else None
     return Selection(Verdict.SELECTED, accelerated, detail=ignored, warning=warning)
+
+
+def pod_addresses(pod: PodFacts) -> tuple[IPAddress, ...]:
+    """The pod's addresses, the primary (status.podIP) first; ValueError for one that is not an
+    address."""
+    return tuple(ipaddress.ip_address(address) for address in pod.addresses)
+
+
+def _first_error(err: ValueError) -> str:
+    """A ValidationError's first error, with where it is; another ValueError's message."""
+    if isinstance(err, ValidationError) and err.errors():
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        return f"{where}: {first['msg']}" if where else str(first["msg"])
+    return str(err).splitlines()[0]
 
 
 def app_takes_sk_msg(pod: PodFacts, datapath: DatapathSpec) -> tuple[bool, str]:
@@ -343,11 +384,18 @@ def pod_options(
     mode: MeshModeName,
     exclusions: ExclusionsSpec,
     *,
+    families: frozenset[int],
     sk_msg_to_app: bool = False,
     dns_capture: bool = False,
 ) -> PodOptions:
     """The pod's mesh annotations plus the cluster-wide exclusions, as the agent takes them,
-    and whether sk_msg may deliver into its application sockets (:func:`app_takes_sk_msg`)."""
+    and whether sk_msg may deliver into its application sockets (:func:`app_takes_sk_msg`).
+
+    CIDRs are kept for the address ``families`` (4, 6) the pod has: as the mesh's iptables rules
+    take the IPv4 ranges and its ip6tables rules the IPv6 ones, a range of a family the pod has
+    no address of concerns no connection of it (so an IPv4-only pod's options are what they were
+    before IPv6, whatever its annotations list).
+    """
     sidecar = SIDECARS[mode]
     for annotation, accepted in sidecar.unsupported.items():
         value = pod.annotations.get(annotation)
@@ -356,15 +404,19 @@ def pod_options(
                 Verdict.UNSUPPORTED_ANNOTATION,
                 f"{annotation}: {value!r} cannot be reproduced by the datapath",
             )
-    included: frozenset[ipaddress.IPv4Network] | None = None
+    included: frozenset[IPNetwork] | None = None
     if sidecar.included_outbound_cidrs:
         raw = pod.annotations.get(sidecar.included_outbound_cidrs)
         if raw is not None and raw.strip() != "*":
-            included = _cidrs(sidecar.included_outbound_cidrs, raw)
-    excluded_cidrs = frozenset(ipaddress.IPv4Network(c) for c in exclusions.outboundCIDRs)
+            included = _cidrs(sidecar.included_outbound_cidrs, raw, families)
+    excluded_cidrs = frozenset(
+        network
+        for network in (ipaddress.ip_network(c) for c in exclusions.outboundCIDRs)
+        if network.version in families
+    )
     if sidecar.excluded_outbound_cidrs:
         raw = pod.annotations.get(sidecar.excluded_outbound_cidrs, "")
-        excluded_cidrs |= _cidrs(sidecar.excluded_outbound_cidrs, raw)
+        excluded_cidrs |= _cidrs(sidecar.excluded_outbound_cidrs, raw, families)
     return _shared_options(
         _ports(pod, sidecar.excluded_outbound_ports) | frozenset(exclusions.outboundPorts),
         _ports(pod, sidecar.excluded_inbound_ports) | frozenset(exclusions.inboundPorts),
@@ -379,8 +431,8 @@ def pod_options(
 def _shared_options(
     outbound_ports: frozenset[int],
     inbound_ports: frozenset[int],
-    outbound_cidrs: frozenset[ipaddress.IPv4Network],
-    included_cidrs: frozenset[ipaddress.IPv4Network] | None,
+    outbound_cidrs: frozenset[IPNetwork],
+    included_cidrs: frozenset[IPNetwork] | None,
     sk_msg_to_app: bool,
     dns_capture: bool,
 ) -> PodOptions:
@@ -413,8 +465,9 @@ def _ports(pod: PodFacts, annotation: str) -> frozenset[int]:
     return frozenset(ports)
 
 
-def _cidrs(annotation: str, raw: str) -> frozenset[ipaddress.IPv4Network]:
-    networks: set[ipaddress.IPv4Network] = set()
+def _cidrs(annotation: str, raw: str, families: frozenset[int]) -> frozenset[IPNetwork]:
+    """The networks of ``families`` an annotation lists (every item must be a CIDR)."""
+    networks: set[IPNetwork] = set()
     for item in _items(raw):
         try:
             network = ipaddress.ip_network(item, strict=False)
@@ -422,7 +475,7 @@ def _cidrs(annotation: str, raw: str) -> frozenset[ipaddress.IPv4Network]:
             raise AnnotationError(
                 Verdict.INVALID_ANNOTATION, f"{annotation}: {item!r} is not a CIDR"
             ) from None
-        if isinstance(network, ipaddress.IPv4Network):  # IPv6 ranges concern connect6
+        if network.version in families:
             networks.add(network)
     return frozenset(networks)
 

@@ -10,7 +10,8 @@ kstatus's (``Reconciling`` and ``Stalled``, never both True: kstatus reads Recon
 * ``Stalled`` True: it gets no further without someone: the spec makes no sense, no node runs
   an agent, older resources keep every node, agents refuse or cannot take their set (past the
   grace, outside a rollout), pods do not fit their node's maps, pods stay unresolved (past the
-  grace), or pods carry a mesh annotation meshaccel cannot read.
+  grace), pods carry a mesh annotation meshaccel cannot read, or agents that predate IPv6 are
+  left (outside a rollout) with IPv6-only pods they cannot take.
 * ``Ready`` True when neither: every agent runs the current spec and is ready, every node
   applied its newest set, and every pod the selectors match is accelerated or left out for a
   reason someone chose (:data:`~.models.PROBLEM_REASONS` are the others). Otherwise False,
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 from meshaccel.contract.api import UnresolvedPod
 from meshaccel.contract.version import VERSION
 from meshaccel.operator.models import (
+    AGENT_WITHOUT_IPV6,
     MAX_CONFLICTS_LISTED,
     MAX_ERROR_LENGTH,
     MAX_NODES_LISTED,
@@ -86,6 +88,8 @@ class NodeView(Protocol):
     def unresolved_pods(self) -> Sequence[UnresolvedPod]: ...
     @property
     def unresolved_since(self) -> float | None: ...
+    @property
+    def held_back(self) -> Sequence[UnresolvedPod]: ...
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class _Nodes:
     skewed: list[NodeView]  # heard from, another version than the operator's
     skewed_names: frozenset[str]
     late_names: frozenset[str]
+    held_back: list[NodeView]  # in sync, with pods their agent (predating IPv6) was not sent
 
     @classmethod
     def of(
@@ -169,6 +174,7 @@ class _Nodes:
             skewed=skewed,
             skewed_names=frozenset(s.node for s in skewed),
             late_names=frozenset(s.node for s in late),
+            held_back=[s for s in every if s.in_sync and s.held_back],
         )
 
     def unresolved_count(self) -> int:
@@ -176,6 +182,9 @@ class _Nodes:
 
     def pending_count(self) -> int:
         return sum(s.pods_desired or 0 for s in self.behind)
+
+    def held_back_count(self) -> int:
+        return sum(len(s.held_back) for s in self.held_back)
 
 
 def compute_status(
@@ -210,6 +219,8 @@ def compute_status(
         not_accelerated[UNRESOLVED] = unresolved
     if pending := seen.pending_count():
         not_accelerated[PENDING] = pending
+    if held_back := seen.held_back_count():
+        not_accelerated[AGENT_WITHOUT_IPV6] = held_back
     ranked = sorted(seen.all, key=lambda s: _node_rank(s, seen))
     status = MeshAccelerationStatus(
         observedGeneration=generation,
@@ -252,13 +263,13 @@ _BEHIND, _TROUBLED, _SKEWED, _HEALTHY = range(4)
 
 
 def _node_rank(state: NodeView, seen: _Nodes) -> tuple[int, float, str]:
-    """Problems first: behind (the longest waiting first), then unresolved pods or a failing
-    probe (the most pods first), then another version; the rest by name."""
+    """Problems first: behind (the longest waiting first), then unresolved or held-back pods or
+    a failing probe (the most pods first), then another version; the rest by name."""
     if not state.in_sync:
         since = state.behind_since if state.behind_since is not None else float("inf")
         return (_BEHIND, since, state.node)
-    if state.unresolved_pods or state.probe_error:
-        return (_TROUBLED, -len(state.unresolved_pods), state.node)
+    if state.unresolved_pods or state.probe_error or state.held_back:
+        return (_TROUBLED, -len(state.unresolved_pods) - len(state.held_back), state.node)
     if state.node in seen.skewed_names:
         return (_SKEWED, 0.0, state.node)
     return (_HEALTHY, 0.0, state.node)
@@ -298,7 +309,13 @@ def _pod_problems(acceleration: Acceleration, seen: _Nodes) -> list[list[_Row]]:
         (t.namespace, t.name, t.node, str(t.reason), t.message)
         for t in acceleration.troubled.values()
     )
-    return [group for group in (unresolved, sorted(over_budget), troubled) if group]
+    held_back: list[_Row] = sorted(
+        (pod.namespace, pod.name, state.node, AGENT_WITHOUT_IPV6, pod.reason)
+        for state in seen.held_back
+        for pod in state.held_back
+    )
+    groups = (unresolved, sorted(over_budget), troubled, held_back)
+    return [group for group in groups if group]
 
 
 def _problem(row: _Row) -> PodProblem:
@@ -425,6 +442,23 @@ def _stalled(acceleration: Acceleration, rollout: Rollout, seen: _Nodes) -> list
                 "lists the pods)",
             )
         )
+    if seen.held_back and not rollout.rolling:
+        pods = _examples(
+            [
+                f"{pod.namespace}/{pod.name} on {s.node}"
+                for s in seen.held_back
+                for pod in s.held_back
+            ]
+        )
+        reasons.append(
+            (
+                "AgentsWithoutIPv6",
+                f"{seen.held_back_count()} IPv6-only pod(s) are not sent to their node's agent, "
+                f"which predates IPv6, and stay on the mesh's ip6tables path: {pods}. The agents "
+                "run the operator's agent image setting (the chart's agent.image): make it this "
+                "operator's version",
+            )
+        )
     return reasons
 
 
@@ -472,7 +506,14 @@ def _reconciling(rollout: Rollout, seen: _Nodes) -> list[tuple[str, str]]:
 
 # The Stalled reasons that say something is wrong (not merely that nothing can happen yet).
 _DEGRADING = frozenset(
-    {"InvalidSpec", "AgentsFailing", "PodsOverBudget", "PodsUnresolved", "PodAnnotationsInvalid"}
+    {
+        "InvalidSpec",
+        "AgentsFailing",
+        "PodsOverBudget",
+        "PodsUnresolved",
+        "PodAnnotationsInvalid",
+        "AgentsWithoutIPv6",
+    }
 )
 
 

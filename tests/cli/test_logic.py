@@ -15,7 +15,7 @@ from meshaccel.cli.agents import label_selector
 from meshaccel.cli.check import check_agent, should_run_agent
 from meshaccel.cli.kube import AccessError, ExecResult, exit_status, login
 from meshaccel.cli.output import ANSI_CODES, Style, table, visible_width, wants_colour
-from meshaccel.cli.pods import make_resource, notes, pod_rows
+from meshaccel.cli.pods import PodsReport, make_resource, notes, pod_rows, render_pods
 from meshaccel.cli.status import Condition, kstatus_state, read_status, version_skew
 from meshaccel.cli.versions import image_tag, tag_version
 
@@ -180,6 +180,21 @@ def test_claims_between_resources_follow_the_operators_rule():
         ("young-only-n1", "young", "NodeClaimedByOlderResource"),
         ("young-only-n2", "young", "Accelerated"),
     ]
+
+
+def test_a_pods_row_shows_every_address_of_the_pod():
+    """A dual-stack pod's row shows both addresses, podIP first, in the table and the JSON."""
+    fresh = resource("r", "2025-01-01T00:00:00Z", ["n1"])
+    dual, single = pod("ns", "dual", "n1"), pod("ns", "single", "n1")
+    dual["status"]["podIPs"] = [{"ip": "198.18.3.1"}, {"ip": "fd00:198:18::3:1"}]
+    rows = pod_rows([fresh], {"ns": {}}, [dual, single], ["meshaccel-system"])
+    assert [(r.name, r.addresses) for r in rows] == [
+        ("dual", ["198.18.3.1", "fd00:198:18::3:1"]),
+        ("single", ["198.18.3.1"]),
+    ]
+    lines = render_pods(PodsReport(scope="namespace ns", pods=rows), Style(colour=False))
+    assert "ADDRESSES" in lines[0]
+    assert "198.18.3.1,fd00:198:18::3:1" in lines[1] and "Accelerated" in lines[1]
 
 
 def test_a_spec_this_client_cannot_read_is_said_not_guessed():

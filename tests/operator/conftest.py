@@ -229,7 +229,9 @@ class KubeClient:
         sidecar: bool = True,
         phase: str = "Running",
         pod_ip: str = "198.18.1.10",
+        pod_ips: Sequence[str] = (),
     ) -> JsonObj:
+        """A pod; ``pod_ips`` is its status.podIPs (``pod_ip`` first) when it has more."""
         containers: list[JsonObj] = [
             {
                 "name": "app",
@@ -273,7 +275,7 @@ class KubeClient:
         if phase == "Running":
             status |= {
                 "podIP": pod_ip,
-                "podIPs": [{"ip": pod_ip}],
+                "podIPs": [{"ip": ip} for ip in pod_ips or (pod_ip,)],
                 "hostIP": "198.18.0.1",
                 "startTime": "2025-01-01T00:00:00Z",
                 "conditions": [{"type": "Ready", "status": "True"}],

@@ -12,7 +12,9 @@ with another set → 409), and answers ``PUT /v1/pods`` (ApplyResult with ``boot
 fingerprint), ``GET /healthz``, ``POST /v1/uninstall`` (then refusing sets with a 409 that has
 no ``applied_generation``, as the agent does). ``tls=None`` plays a plain-HTTP server (what an
 agent before TLS was). ``epochs=False`` plays an agent that predates epochs: a set naming one
-is a 422 on the field ``epoch``, as its strict model answers. It programs nothing: it records
+is a 422 on the field ``epoch``, as its strict model answers; ``ipv6=False`` one that predates
+IPv6: a set with an IPv6 address or range, or a pod's ``ips``, is a 422 naming each, as its
+IPv4-only models answer. It programs nothing: it records
 every accepted set in :attr:`FakeAgent.accepted`, and every request in
 :attr:`FakeAgent.requests`.
 
@@ -71,6 +73,8 @@ from meshaccel.operator.credentials import AgentTLS
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
 FLEET_NETWORK = IPv4Address("127.1.0.1")  # the fleet's first agent address
 _EXTRA = "Extra inputs are not permitted"  # pydantic's message for an unknown field
+_NOT_V4 = "Input is not a valid IPv4 address"  # ... for an IPv6 address where IPv4 is due
+_NOT_V4_NET = "Input is not a valid IPv4 network"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,28 @@ class Request:
     status: int
     at: float
     client: str | None = None
+    body: bytes = b""  # as it came (aiohttp keeps what a handler read)
+
+
+def _ipv6_errors(pod_set: PodSet) -> list[dict[str, object]]:
+    """What the models of an agent that predates IPv6 say of a set: IPv4 addresses and ranges
+    only, and no ``ips`` field (pydantic's error types and locations, as its detail lists them)."""
+    errors: list[dict[str, object]] = []
+    for index, pod in enumerate(pod_set.pods):
+        if pod.ip.version == 6:
+            errors.append({"type": "ip_v4_address", "loc": ["pods", index, "ip"], "msg": _NOT_V4})
+        options = pod.options
+        for field, cidrs in (
+            ("excluded_outbound_cidrs", options.excluded_outbound_cidrs),
+            ("included_outbound_cidrs", options.included_outbound_cidrs or ()),
+        ):
+            for position, cidr in enumerate(cidrs):
+                if cidr.version == 6:
+                    loc = ["pods", index, "options", field, position]
+                    errors.append({"type": "ip_v4_network", "loc": loc, "msg": _NOT_V4_NET})
+        if pod.ips:
+            errors.append({"type": "extra_forbidden", "loc": ["pods", index, "ips"], "msg": _EXTRA})
+    return errors
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
@@ -130,11 +156,13 @@ class FakeAgent:
         max_pods: int = 1024,
         standalone: bool = False,
         epochs: bool = True,
+        ipv6: bool = True,
         version: str | None = VERSION,
         server: _Server | None = None,
     ) -> None:
         self.name = name
         self.epochs = epochs
+        self.ipv6 = ipv6
         self.version = version  # in its replies (None: an agent that predates the field)
         # namespace/name -> why: pods of its sets it reports unresolved (see cannot_find).
         self.unresolvable: dict[str, str] = {}
@@ -295,8 +323,9 @@ class FakeAgent:
         transport = request.transport
         peercert = transport.get_extra_info("peercert") if transport is not None else None
         serial = str(peercert["serialNumber"]) if peercert else None
+        body = await request.read() if request.can_read_body or request.body_exists else b""
         self.requests.append(
-            Request(request.method, request.path, response.status, time.monotonic(), serial)
+            Request(request.method, request.path, response.status, time.monotonic(), serial, body)
         )
         return response
 
@@ -331,6 +360,8 @@ class FakeAgent:
                 "invalid pod set (1 error): epoch: Extra inputs are not permitted",
                 detail=[{"type": "extra_forbidden", "loc": ["epoch"], "msg": _EXTRA}],
             )
+        if not self.ipv6 and (refused := _ipv6_errors(pod_set)):
+            return _error(422, f"invalid pod set ({len(refused)} errors)", detail=refused)
         desired = {p.uid: p for p in pod_set.pods}
         applied = self.applied_generation
         if applied is not None and pod_set.epoch < self.applied_epoch:
@@ -402,7 +433,14 @@ class FakeAgent:
             PodsReply(
                 applied_generation=self.applied_generation,
                 pods=[
-                    AppliedPod(uid=p.uid, namespace=p.namespace, name=p.name, ip=p.ip, cgroup_id=1)
+                    AppliedPod(
+                        uid=p.uid,
+                        namespace=p.namespace,
+                        name=p.name,
+                        ip=p.ip,
+                        ips=p.ips,
+                        cgroup_id=1,
+                    )
                     for p in self.pods.values()
                     if f"{p.namespace}/{p.name}" not in self.unresolvable
                 ],

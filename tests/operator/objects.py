@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 OPERATOR_NAMESPACE = "meshaccel-system"
@@ -39,7 +40,9 @@ def pod(
     phase: str = "Running",
     uid: str | None = None,
     host_network: bool = False,
+    ips: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """A pod; ``ips`` is its status.podIPs (``ip``, status.podIP, first) when it has more."""
     containers: list[dict[str, Any]] = [{"name": "app", "image": "registry.example/app:1.0"}]
     if sidecar:
         containers.append({"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.24.0"})
@@ -51,7 +54,7 @@ def pod(
     status: dict[str, Any] = {"phase": phase}
     if ip is not None:
         status["podIP"] = ip
-        status["podIPs"] = [{"ip": ip}]
+        status["podIPs"] = [{"ip": address} for address in ips or (ip,)]
     return {
         "apiVersion": "v1",
         "kind": "Pod",

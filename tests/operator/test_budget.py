@@ -22,12 +22,15 @@ def spec(**datapath: Any) -> MeshAccelerationSpec:
     return MeshAccelerationSpec.model_validate({"namespaceSelector": {}, "datapath": datapath})
 
 
-def pod_spec(index: int, **options: Any) -> PodSpec:
+def pod_spec(index: int, *, dual_stack: bool = False, **options: Any) -> PodSpec:
+    ipv4 = ipaddress.IPv4Address("10.1.0.0") + index + 1
+    ipv6 = ipaddress.IPv6Address("fd00::") + index + 1
     return PodSpec(
         uid=f"uid-{index}",
         namespace="shop",
         name=f"pod-{index}",
-        ip=ipaddress.IPv4Address("10.1.0.0") + index + 1,
+        ip=ipv4,
+        ips=(ipv4, ipv6) if dual_stack else (),
         options=PodOptions(**options),
     )
 
@@ -37,6 +40,8 @@ class UsageCase:
     reason: str
     mode: MeshModeName = MeshModeName.ISTIO
     options: dict[str, Any] | None = None
+    ip: str = "10.1.0.1"
+    ips: tuple[str, ...] = ()  # a dual-stack pod's addresses
 
 
 USAGE_CASES = [
@@ -56,6 +61,21 @@ USAGE_CASES = [
     ),
     UsageCase("included CIDRs empty: none", options={"included_outbound_cidrs": set()}),
     UsageCase(
+        "CIDRs of both families, one trie each",
+        options={
+            "excluded_outbound_cidrs": {"10.0.0.0/8", "fd00::/8", "2001:db8::/32"},
+            "included_outbound_cidrs": {"10.0.0.0/8", "fd00:1::/64"},
+        },
+        ips=("10.1.0.1", "fd00::1"),
+    ),
+    UsageCase(
+        "every IPv6 destination: ::/0 is one entry (the trie key carries the family)",
+        options={"excluded_outbound_cidrs": {"::/0"}},
+        ip="fd00::1",
+    ),
+    UsageCase("an IPv6-only pod: one address", ip="fd00::1"),
+    UsageCase("a dual-stack pod: two addresses", ips=("10.1.0.1", "fd00::1")),
+    UsageCase(
         "the most a pod can ask for",
         options={
             "excluded_outbound_ports": set(range(20000, 20256)),
@@ -71,21 +91,37 @@ def test_usage_counts_as_the_agent_does(case: UsageCase) -> None:
         uid="u",
         namespace="shop",
         name="web",
-        ip=ipaddress.IPv4Address("10.1.0.1"),
+        ip=ipaddress.ip_address(case.ip),
+        ips=tuple(map(ipaddress.ip_address, case.ips)),
         mode=case.mode,
         options=PodOptions(**(case.options or {})),
     )
     agent = map_usage([accelerated_pod(pod, 7)])
     assert usage(pod) == tuple(agent[name] for name in MAPS), case.reason
-    assert (agent["pods"], agent["pod_ips"]) == (1, 1)
+    assert (agent["pods"], agent["pod_ips"]) == (1, len(pod.addresses)), case.reason
+
+
+def test_ipv6_ranges_are_counted_as_the_agent_takes_them() -> None:
+    """One trie entry per range of either family, ``::/0`` included."""
+    everything = PodOptions(excluded_outbound_cidrs=frozenset({ipaddress.ip_network("::/0")}))
+    assert usage(pod_spec(0, excluded_outbound_cidrs=everything.excluded_outbound_cidrs))[1] == 1
+    both = pod_spec(
+        1, excluded_outbound_cidrs={"10.0.0.0/8", "fd00::/8"}, included_outbound_cidrs={"fd00::/8"}
+    )
+    assert usage(both)[1:3] == (2, 1)
 
 
 def test_shares_and_limits_from_the_spec() -> None:
     budget = Budget.of(spec())
-    assert budget.capacity == (16384, 4096, 4096)
-    assert budget.share == (16, 4, 4)
-    # Every Istio pod needs 13 ports; a pod may add eight shares.
-    assert budget.limit == (13 + SHARES_PER_POD * 16, SHARES_PER_POD * 4, SHARES_PER_POD * 4)
+    assert budget.capacity == (16384, 4096, 4096, 2048)
+    assert budget.share == (16, 4, 4, 2)
+    # Every Istio pod needs 13 ports and an address; a pod may add eight shares.
+    assert budget.limit == (
+        13 + SHARES_PER_POD * 16,
+        SHARES_PER_POD * 4,
+        SHARES_PER_POD * 4,
+        1 + SHARES_PER_POD * 2,
+    )
 
     excluded = MeshAccelerationSpec.model_validate(
         {
@@ -118,12 +154,30 @@ def test_at_most_max_pods_oldest_first() -> None:
     ]
 
 
+def test_a_node_of_dual_stack_pods_holds_max_pods() -> None:
+    """pod_ips holds two entries per pod: a dual-stack pod is within its share, and maxPods of
+    them fit (an agent sizes the map the same way, contract/settings.py)."""
+    budget = Budget.of(spec(maxPods=3))
+    pods = [pod_spec(i, dual_stack=True) for i in range(4)]
+    assert all(usage(p)[3] == 2 for p in pods)
+    taken, left_out = budget.fit("node-1", pods)
+    assert [p.name for p in taken] == ["pod-0", "pod-1", "pod-2"]
+    assert [item.reason for item in left_out.values()] == [
+        "the node's agent holds 3 pods (spec.datapath.maxPods)"
+    ]
+
+
 ports = st.frozensets(st.integers(1, 65535), max_size=40)
 cidrs = st.frozensets(
     st.builds(
         lambda a, n: ipaddress.IPv4Network((a, n), strict=False),
         st.integers(0, 2**32 - 1),
         st.integers(8, 32),
+    )
+    | st.builds(
+        lambda a, n: ipaddress.IPv6Network((a, n), strict=False),
+        st.integers(0, 2**128 - 1),
+        st.integers(0, 128),
     ),
     max_size=12,
 )
@@ -146,13 +200,13 @@ option_sets = st.builds(
     max_pods=st.integers(1, 12),
     port_capacity=st.integers(1, 400),
     cidr_capacity=st.integers(1, 40),
-    asks=st.lists(st.one_of(st.just({}), option_sets), max_size=20),
+    asks=st.lists(st.tuples(st.one_of(st.just({}), option_sets), st.booleans()), max_size=20),
 )
 def test_a_cut_set_always_fits_and_never_drops_a_pod_within_its_share(
-    max_pods: int, port_capacity: int, cidr_capacity: int, asks: list[dict[str, Any]]
+    max_pods: int, port_capacity: int, cidr_capacity: int, asks: list[tuple[dict[str, Any], bool]]
 ) -> None:
     budget = Budget.of(spec(maxPods=max_pods, maxPodPorts=port_capacity, maxPodCidrs=cidr_capacity))
-    pods = [pod_spec(i, **options) for i, options in enumerate(asks)]
+    pods = [pod_spec(i, dual_stack=dual, **options) for i, (options, dual) in enumerate(asks)]
     taken, left_out = budget.fit("node-1", pods)
 
     assert len(taken) + len(left_out) == len(pods)

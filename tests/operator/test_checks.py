@@ -79,6 +79,26 @@ CASES = [
         {"exclusions": {"outboundCIDRs": ["300.0.0.0/8"]}},
         ("'300.0.0.0/8' is not a network",),
     ),
+    CheckCase(
+        "IPv6 networks are networks too",
+        {"exclusions": {"outboundCIDRs": ["fd00::/8", "2001:db8::1/128", "::/0", "10.0.0.0/8"]}},
+        (),
+    ),
+    CheckCase(
+        "an IPv6 CIDR with host bits set",
+        {"exclusions": {"outboundCIDRs": ["fd00::1/8"]}},
+        ("spec.exclusions.outboundCIDRs: 'fd00::1/8' is not a network",),
+    ),
+    CheckCase(
+        "an IPv6 spelling that is no address",
+        {"exclusions": {"outboundCIDRs": ["fd00:::1/128"]}},
+        ("'fd00:::1/128' is not a network",),
+    ),
+    CheckCase(
+        "an IPv4-mapped range matches no IPv6 packet",
+        {"exclusions": {"outboundCIDRs": ["::ffff:10.0.0.0/104"]}},
+        ("'::ffff:10.0.0.0/104' is IPv4-mapped",),
+    ),
 ]
 
 

@@ -171,6 +171,10 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     # refuses a value: tests/operator/test_checks.py).
     ("the retired agent image", {"agent": {"image": "registry.example/meshaccel-agent:0.1.0"}}),
     ("exclusions", {"exclusions": {"outboundPorts": [5432], "outboundCIDRs": ["169.254.0.0/16"]}}),
+    (
+        "IPv6 exclusions",
+        {"exclusions": {"outboundCIDRs": ["fd00:ec2::254/128", "::/0", "::ffff:10.0.0.0/104"]}},
+    ),
 ]
 
 BAD: list[tuple[str, dict[str, Any], str]] = [
@@ -195,6 +199,17 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "skMsgToAppsSelector",
     ),
     ("not a CIDR", {"exclusions": {"outboundCIDRs": ["everything"]}}, "outboundCIDRs"),
+    (
+        "an IPv6 address without a prefix",
+        {"exclusions": {"outboundCIDRs": ["fd00::1"]}},
+        "outboundCIDRs",
+    ),
+    ("hex without a colon", {"exclusions": {"outboundCIDRs": ["fd00/8"]}}, "outboundCIDRs"),
+    (
+        "longer than any IPv6 CIDR",
+        {"exclusions": {"outboundCIDRs": ["0000:0000:0000:0000:0000:0000:0000:0000:0000:0/128"]}},
+        "outboundCIDRs",
+    ),
 ]
 
 

@@ -472,6 +472,72 @@ async def test_pods_over_budget_stay_on_iptables_and_the_rest_is_pushed(cluster:
         await wait_for(lambda: _false(cluster, "default", "Degraded"), timeout=10)
 
 
+async def test_ipv6_only_and_dual_stack_pods_reach_their_agents_with_every_address(
+    cluster: Cluster,
+) -> None:
+    """IPv6 (issue 15): a pod goes with every address of status.podIPs and the ranges of its
+    families; an agent that predates IPv6 (node-2's) gets the IPv4 part, and the status names
+    the IPv6-only pod it could not take."""
+    kube = cluster.kube
+    await kube.create_namespace("mesh", ENABLED)
+    ranges = {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.8.0.0/16,fd00:8::/64"}
+    await kube.create_pod("mesh", "v4", node="node-1", pod_ip="198.18.1.80", annotations=ranges)
+    await kube.create_pod(
+        "mesh",
+        "dual",
+        node="node-1",
+        pod_ip="198.18.1.81",
+        pod_ips=("198.18.1.81", "fd00:198:18::1:81"),
+        annotations=ranges,
+    )
+    await kube.create_pod(
+        "mesh", "v6", node="node-1", pod_ip="fd00:198:18::1:82", annotations=ranges
+    )
+    await kube.create_pod(
+        "mesh",
+        "dual-old",
+        node="node-2",
+        pod_ip="198.18.2.81",
+        pod_ips=("198.18.2.81", "fd00:198:18::2:81"),
+    )
+    await kube.create_pod("mesh", "v6-old", node="node-2", pod_ip="fd00:198:18::2:82")
+    cluster.agents["node-2"].ipv6 = False
+    async with operator():
+        await cluster.create_acceleration(exclusions={"outboundCIDRs": ["2001:db8::/32"]})
+        await cluster.schedule_agents()
+        await wait_for(
+            lambda: cluster.pods_on("node-1") == ["mesh/dual", "mesh/v4", "mesh/v6"], timeout=10
+        )
+        last = cluster.agents["node-1"].last_set
+        assert last is not None
+        sent = {p.name: p for p in last.pods}
+        assert [str(a) for a in sent["dual"].addresses] == ["198.18.1.81", "fd00:198:18::1:81"]
+        assert [str(a) for a in sent["v6"].addresses] == ["fd00:198:18::1:82"]
+        assert sent["v4"].ips == () and sent["v6"].ips == ()
+        cidrs = {
+            name: sorted(map(str, p.options.excluded_outbound_cidrs)) for name, p in sent.items()
+        }
+        assert cidrs == {
+            "v4": ["10.8.0.0/16"],
+            "dual": ["10.8.0.0/16", "2001:db8::/32", "fd00:8::/64"],
+            "v6": ["2001:db8::/32", "fd00:8::/64"],
+        }
+
+        await wait_for(lambda: cluster.pods_on("node-2") == ["mesh/dual-old"], timeout=10)
+        old_last = cluster.agents["node-2"].last_set
+        assert old_last is not None
+        [dual_old] = old_last.pods
+        assert (str(dual_old.ip), dual_old.ips) == ("198.18.2.81", ())
+        degraded = await wait_for(lambda: _true(cluster, "default", "Degraded"), timeout=10)
+        assert degraded["reason"] == "AgentsWithoutIPv6", degraded
+        assert "mesh/v6-old on node-2" in degraded["message"]
+        status = (await cluster.acceleration())["status"]
+        assert status["podsNotAccelerated"] == {"AgentWithoutIPv6": 1}
+        assert status["podsAccelerated"] == 4
+        [problem] = status["problems"]
+        assert (problem["name"], problem["reason"]) == ("v6-old", "AgentWithoutIPv6")
+
+
 async def test_sensible_schema_but_senseless_spec_is_stalled(cluster: Cluster) -> None:
     """What admission cannot see (a retired field still set) the operator refuses after the
     fact: Stalled and Degraded (InvalidSpec), nothing programmed. A selector that can never

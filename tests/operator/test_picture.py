@@ -616,3 +616,53 @@ def test_a_pod_with_an_unreadable_annotation_is_kept_with_what_is_wrong(
     assert uid in acceleration.troubled
     picture.pod_changed(bad, deleted=True)
     assert acceleration.troubled == {}
+
+
+# -- two pods claiming one address ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "first", "second"),
+    [
+        ("one IPv4 address", ("10.1.0.7",), ("10.1.0.7",)),
+        ("one IPv6 address", ("fd00::7",), ("fd00::7",)),
+        (
+            "the IPv6 address of a dual-stack pod, another IPv4 address as podIP",
+            ("10.1.0.7", "fd00::7"),
+            ("10.1.0.8", "fd00::7"),
+        ),
+        (
+            "a dual-stack pod's second address, an IPv6-only pod's only",
+            ("10.1.0.7", "fd00::7"),
+            ("fd00::7",),
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_pods_that_share_an_address_are_both_left_out_until_one_goes(
+    picture: ClusterPicture, reason: str, first: tuple[str, ...], second: tuple[str, ...]
+) -> None:
+    """Two running pods with one address (a deletion not seen yet): the agent would refuse the
+    set whole, so both are left out, and the other pods of the node still go."""
+    _, sink = add(picture)
+    old = pod("old", "shop", node="node-1", ip=first[0], ips=first)
+    picture.pod_changed(old)
+    picture.pod_changed(pod("new", "shop", node="node-1", ip=second[0], ips=second))
+    picture.pod_changed(
+        pod("other", "shop", node="node-1", ip="10.1.0.99", ips=("10.1.0.99", "fd00::99"))
+    )
+    assert sink.sets["node-1"] == ["shop/other"], reason
+    picture.pod_changed(old, deleted=True)
+    assert sink.sets["node-1"] == ["shop/new", "shop/other"], reason
+
+
+def test_pods_of_one_node_with_distinct_addresses_of_both_families_all_go(
+    picture: ClusterPicture,
+) -> None:
+    _, sink = add(picture)
+    picture.pod_changed(pod("v4", "shop", node="node-1", ip="10.1.0.7"))
+    picture.pod_changed(pod("v6", "shop", node="node-1", ip="fd00::7"))
+    picture.pod_changed(
+        pod("dual", "shop", node="node-1", ip="10.1.0.8", ips=("10.1.0.8", "fd00::8"))
+    )
+    assert sink.sets["node-1"] == ["shop/dual", "shop/v4", "shop/v6"]

@@ -14,7 +14,7 @@ import datetime as dt
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import aiohttp
@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from meshaccel.contract.api import PodSpec
+from meshaccel.contract.api import PodOptions, PodSpec
 from meshaccel.contract.tls import AGENT_SERVER_NAME, bundle_fingerprint
 from meshaccel.operator.credentials import AgentTLS, issue
 from meshaccel.operator.metrics import PushMetrics
@@ -700,6 +700,61 @@ async def test_an_agent_that_predates_epochs_gets_sets_without_one(
         await agent.restart()
         await wait_for(lambda: agent.applied_epoch == EPOCH, what="a set with the epoch")
         assert set(agent.pods) == {"uid-0"}
+
+
+def _dual_stack(index: int, **changes: Any) -> PodSpec:
+    ipv4, ipv6 = IPv4Address("198.18.0.10") + index, IPv6Address("fd00:198:18::10") + index
+    return pod(index, ip=ipv4, ips=(ipv4, ipv6), **changes)
+
+
+async def test_an_agent_that_predates_ipv6_gets_its_ipv4_pods_and_the_rest_is_held_back(
+    make_harness: MakeHarness,
+) -> None:
+    """During an upgrade a new operator meets old agents, whose IPv4-only models refuse an IPv6
+    address: they get what the operator before IPv6 sent (dual-stack pods by their IPv4 address
+    and ranges), IPv6-only pods are held back with the reason, until they restart as new ones."""
+    harness = await make_harness(probe_interval=0.05)
+    ranges = PodOptions(
+        excluded_outbound_cidrs=frozenset({IPv4Network("10.8.0.0/16"), IPv6Network("fd00:8::/64")}),
+        included_outbound_cidrs=frozenset({IPv4Network("10.0.0.0/8"), IPv6Network("fd00::/8")}),
+    )
+    wanted = [pod(0), _dual_stack(1, options=ranges), pod(2, ip=IPv6Address("fd00:198:18::12"))]
+    async with FakeAgent(tls=AGENT_TLS, ipv6=False) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        harness.pusher.set_pods(NODE, wanted)
+        state = await harness.in_sync()
+        assert [r.status for r in agent.puts()] == [422, 200]
+        assert set(agent.pods) == {"uid-0", "uid-1"}
+        assert agent.pods["uid-0"] == wanted[0], "an IPv4-only pod goes as it is"
+        dual = agent.pods["uid-1"]
+        assert (dual.ip, dual.ips) == (IPv4Address("198.18.0.11"), ())
+        assert dual.options.excluded_outbound_cidrs == {IPv4Network("10.8.0.0/16")}
+        assert dual.options.included_outbound_cidrs == frozenset({IPv4Network("10.0.0.0/8")})
+        assert state.ipv4_only and state.pods_applied == 2 and state.pods_desired == 3
+        [held] = state.held_back
+        assert (held.uid, held.name) == ("uid-2", "pod-2")
+        assert "predates IPv6" in held.reason and NODE in held.reason
+
+        agent.ipv6 = True  # upgraded: a new process
+        await agent.restart()
+        await wait_for(lambda: set(agent.pods) == {"uid-0", "uid-1", "uid-2"}, what="every pod")
+        assert agent.pods["uid-1"] == wanted[1], "the dual-stack pod with both families"
+        await wait_for(lambda: not harness.node().held_back, what="nothing held back")
+        assert not harness.node().ipv4_only
+
+
+async def test_an_ipv4_only_set_reaches_an_agent_that_predates_ipv6_at_once(
+    make_harness: MakeHarness,
+) -> None:
+    """Single-stack IPv4 pods are sent as before IPv6 (no ips): not a single refusal."""
+    harness = await make_harness()
+    async with FakeAgent(tls=AGENT_TLS, ipv6=False) as agent:
+        harness.pusher.set_endpoint(NODE, agent.url)
+        harness.pusher.set_pods(NODE, pods(0, 1))
+        state = await harness.in_sync()
+        assert [r.status for r in agent.puts()] == [200]
+        assert not state.ipv4_only and state.held_back == ()
+        assert b'"ips"' not in agent.puts()[0].body
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -115,7 +115,22 @@ CASES = [
         Verdict.INVALID_ANNOTATION,
         pod={"annotations": {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/40"}},
     ),
-    Case("IPv6-only pod", Verdict.INVALID_ANNOTATION, pod={"ip": "fd00::5"}),
+    Case("IPv6-only pod", Verdict.SELECTED, pod={"ip": "fd00::5"}),
+    Case(
+        "dual-stack pod", Verdict.SELECTED, pod={"ip": "10.1.0.10", "ips": ["10.1.0.10", "fd00::a"]}
+    ),
+    Case(
+        "dual-stack pod, IPv6 primary",
+        Verdict.SELECTED,
+        pod={"ip": "fd00::a", "ips": ["fd00::a", "10.1.0.10"]},
+    ),
+    Case(
+        "two addresses of one family (not a pod Kubernetes makes)",
+        Verdict.INVALID_ANNOTATION,
+        pod={"ip": "10.1.0.10", "ips": ["10.1.0.10", "10.1.0.11"]},
+    ),
+    Case("an address that is not one", Verdict.INVALID_ANNOTATION, pod={"ip": "10.1.0.300"}),
+    Case("an IPv4-mapped address", Verdict.INVALID_ANNOTATION, pod={"ip": "::ffff:10.1.0.10"}),
 ]
 
 
@@ -165,7 +180,7 @@ def test_selected_pod_carries_its_identity_and_options() -> None:
     assert options.excluded_outbound_cidrs == {
         IPv4Network("169.254.169.254/32"),
         IPv4Network("192.0.2.0/24"),
-    }, "IPv6 ranges are left to connect6"
+    }, "an IPv4-only pod takes no IPv6 range: no connection of it has an IPv6 destination"
     assert options.included_outbound_cidrs == frozenset({IPv4Network("10.0.0.0/8")})
 
 
@@ -375,3 +390,149 @@ def test_kumas_outbound_ip_exclusions_become_the_pods_excluded_cidrs() -> None:
         IPv4Network("10.8.0.0/16"),
         IPv4Network("192.0.2.7/32"),
     }
+
+
+# -- address families ------------------------------------------------------------------------
+
+ISTIO_EXCLUDE = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+ISTIO_INCLUDE = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+RANGES = {
+    ISTIO_EXCLUDE: "169.254.169.254/32, fd00:ec2::254/128",
+    ISTIO_INCLUDE: "10.0.0.0/8,fd00::/8",
+}
+
+
+def _select(obj: dict[str, Any], spec: dict[str, Any] | None = None) -> Selection:
+    model = MeshAccelerationSpec.model_validate(spec or SPEC)
+    return select(PodFacts.from_object(obj), ENABLED, model, {"node-1"})
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    reason: str
+    ip: str
+    ips: tuple[str, ...]
+    want_ips: tuple[str, ...]  # PodSpec.ips as sent: empty for a single-stack pod
+    want_excluded: frozenset[str]
+    want_included: frozenset[str]
+
+
+FAMILY_CASES = [
+    FamilyCase(
+        "IPv4-only: no ips, IPv4 ranges only (as before IPv6)",
+        "10.1.0.10",
+        (),
+        (),
+        frozenset({"169.254.169.254/32", "192.0.2.0/24"}),
+        frozenset({"10.0.0.0/8"}),
+    ),
+    FamilyCase(
+        "IPv6-only: its address as ip, IPv6 ranges only",
+        "fd00:10:1::a",
+        (),
+        (),
+        frozenset({"fd00:ec2::254/128", "2001:db8::/32"}),
+        frozenset({"fd00::/8"}),
+    ),
+    FamilyCase(
+        "dual-stack: podIP first, every address in ips, both families' ranges",
+        "10.1.0.10",
+        ("10.1.0.10", "fd00:10:1::a"),
+        ("10.1.0.10", "fd00:10:1::a"),
+        frozenset({"169.254.169.254/32", "192.0.2.0/24", "fd00:ec2::254/128", "2001:db8::/32"}),
+        frozenset({"10.0.0.0/8", "fd00::/8"}),
+    ),
+    FamilyCase(
+        "dual-stack with an IPv6 podIP: podIPs' order kept",
+        "fd00:10:1::a",
+        ("fd00:10:1::a", "10.1.0.10"),
+        ("fd00:10:1::a", "10.1.0.10"),
+        frozenset({"169.254.169.254/32", "192.0.2.0/24", "fd00:ec2::254/128", "2001:db8::/32"}),
+        frozenset({"10.0.0.0/8", "fd00::/8"}),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=[c.reason for c in FAMILY_CASES])
+def test_every_address_of_a_pod_and_the_ranges_of_its_families(case: FamilyCase) -> None:
+    spec = {**SPEC, "exclusions": {"outboundCIDRs": ["192.0.2.0/24", "2001:db8::/32"]}}
+    result = _select(pod("web-1", "shop", ip=case.ip, ips=case.ips, annotations=RANGES), spec)
+    assert result.verdict == Verdict.SELECTED and result.pod is not None, (case.reason, result)
+    sent = result.pod
+    assert str(sent.ip) == case.ip, case.reason
+    assert tuple(map(str, sent.ips)) == case.want_ips, case.reason
+    assert tuple(map(str, sent.addresses)) == (case.ips or (case.ip,)), case.reason
+    assert set(map(str, sent.options.excluded_outbound_cidrs)) == case.want_excluded, case.reason
+    included = sent.options.included_outbound_cidrs
+    assert included is not None and set(map(str, included)) == case.want_included, case.reason
+
+
+def test_a_single_stack_pod_is_sent_as_before_ipv6() -> None:
+    """The body an IPv4-only pod goes out in has no ``ips`` and no IPv6 range: an agent that
+    predates IPv6 (its model refuses unknown fields) takes it."""
+    result = _select(pod("web-1", "shop", ip="10.1.0.10", annotations=RANGES))
+    assert result.pod is not None
+    body = result.pod.model_dump(mode="json")
+    assert "ips" not in body and body["ip"] == "10.1.0.10"
+    assert body["options"]["excluded_outbound_cidrs"] == ["169.254.169.254/32"]
+
+
+def test_podips_alone_give_the_address() -> None:
+    """podIP is podIPs[0]; an object with only the list still has its address."""
+    obj = pod("web-1", "shop", ip="fd00:10:1::a", ips=("fd00:10:1::a", "10.1.0.10"))
+    del obj["status"]["podIP"]
+    facts = PodFacts.from_object(obj)
+    assert facts.addresses == ("fd00:10:1::a", "10.1.0.10")
+    result = _select(obj)
+    assert result.pod is not None
+    assert result.pod.addresses == (IPv6Address("fd00:10:1::a"), IPv4Address("10.1.0.10"))
+
+
+def test_a_single_address_in_podips_is_no_second_address() -> None:
+    facts = PodFacts.from_object(pod("web-1", "shop", ip="10.1.0.10"))
+    assert facts.ips == () and facts.addresses == ("10.1.0.10",)
+
+
+def test_ipv6_ranges_reach_the_agent_as_given() -> None:
+    """``::/0`` (every IPv6 destination, to ip6tables) is one range: the datapath's CIDR key
+    carries the family, so it excludes no IPv4 destination (tests/datapath/test_ipv6.py)."""
+    obj = pod(
+        "web-1",
+        "shop",
+        ip="10.1.0.10",
+        ips=("10.1.0.10", "fd00::a"),
+        annotations={ISTIO_EXCLUDE: "::/0"},
+    )
+    result = _select(obj)
+    assert result.pod is not None
+    assert result.pod.options.excluded_outbound_cidrs == frozenset({IPv6Network("::/0")})
+
+
+def test_kuma_excludes_ipv6_outbound_ips() -> None:
+    obj = pod(
+        "a",
+        "shop",
+        sidecar=False,
+        ip="fd00::5",
+        annotations={"traffic.kuma.io/exclude-outbound-ips": "fd00:8::/64, 10.8.0.0/16"},
+    )
+    obj["spec"]["containers"].append({"name": "kuma-sidecar", "image": "proxy:1"})
+    result = _select(obj, {**SPEC, "mode": "kuma"})
+    assert result.pod is not None, result
+    assert result.pod.options.excluded_outbound_cidrs == {IPv6Network("fd00:8::/64")}
+
+
+def test_an_invalid_ipv6_range_is_an_invalid_annotation() -> None:
+    obj = pod("web-1", "shop", ip="fd00::5", annotations={ISTIO_EXCLUDE: "fd00::/129"})
+    result = _select(obj)
+    assert result.verdict == Verdict.INVALID_ANNOTATION and ISTIO_EXCLUDE in result.detail
+    refused = _select(
+        pod("web-1", "shop", ip="10.1.0.10", annotations={ISTIO_EXCLUDE: "fd00::/129"})
+    )
+    assert refused.verdict == Verdict.INVALID_ANNOTATION, "read whatever the pod's families"
+
+
+def test_an_address_the_contract_refuses_is_named() -> None:
+    result = _select(pod("web-1", "shop", ip="10.1.0.10", ips=("10.1.0.10", "10.1.0.11")))
+    assert result.verdict == Verdict.INVALID_ANNOTATION
+    assert "at most one address per family" in result.detail, result.detail

@@ -58,6 +58,7 @@ class Node:
     agent_version: str | None = VERSION
     unresolved_pods: tuple[UnresolvedPod, ...] = ()
     unresolved_since: float | None = None
+    held_back: tuple[UnresolvedPod, ...] = ()
 
 
 def _is_node_view(node: NodeView) -> NodeView:
@@ -730,3 +731,31 @@ def test_a_stored_status_of_0_1_loses_its_retired_condition_and_the_gauges_read_
         "conditions": current["conditions"],
         "podsNotAccelerated": {"Unresolved": 2},
     }
+
+
+def test_ipv6_only_pods_an_old_agent_cannot_take_are_problems_once_its_rollout_is_over() -> None:
+    """An agent that predates IPv6 is sent the IPv4 part of its set (operator/pusher.py): its
+    IPv6-only pods stay on the mesh's ip6tables path, which someone must end by updating it."""
+    held = tuple(
+        UnresolvedPod(uid=f"uid-{n}", namespace="shop", name=n, reason="the agent predates IPv6")
+        for n in ("v6-a", "v6-b")
+    )
+    nodes = {"a": Node("a"), "b": Node("b", pods_applied=1, pods_desired=3, held_back=held)}
+    rolling = Rollout(name=READY_DS.name, desired=2, ready=2, updated=1)
+
+    during, _ = compute_status(acceleration(), nodes, rolling, generation=1, previous=[])
+    assert conditions(during)[STALLED] == (F, "AsExpected"), "the rollout replaces it"
+    assert conditions(during)[READY] == (F, "RollingOutAgents")
+
+    after, _ = compute_status(acceleration(), nodes, READY_DS, generation=1, previous=[])
+    got = conditions(after)
+    assert got[STALLED] == (T, "AgentsWithoutIPv6") and got[DEGRADED] == (T, "AgentsWithoutIPv6")
+    message = condition(after, STALLED).message
+    assert "2 IPv6-only pod(s)" in message and "shop/v6-a on b" in message
+    assert after.podsNotAccelerated == {"AgentWithoutIPv6": 2}
+    assert after.podsAccelerated == 4
+    assert [(p.name, p.node, p.reason) for p in after.problems] == [
+        ("v6-a", "b", "AgentWithoutIPv6"),
+        ("v6-b", "b", "AgentWithoutIPv6"),
+    ]
+    assert [n.node for n in after.nodes] == ["b", "a"], "the node with held-back pods first"
