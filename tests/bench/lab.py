@@ -229,9 +229,11 @@ class BenchLab:
         self.node = node
         self.tools = tools
         self.rr = compile_rr(tools.gcc, node.workdir)
-        self.client = node.add_pod("client")
-        self.server = node.add_pod("server")
-        self.micro = node.add_pod("micro")
+        # IPv4-only pods: the benchmark measures the IPv4 path, its Envoys and rules exactly
+        # as before the lab became dual-stack (comparable with earlier results).
+        self.client = node.add_pod("client", ipv6=False)
+        self.server = node.add_pod("server", ipv6=False)
+        self.micro = node.add_pod("micro", ipv6=False)
         for pod in (self.client, self.server):
             # http-close opens a connection per request: let TIME_WAIT ports be reused.
             run_in_netns(pod.netns, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])

@@ -5,6 +5,11 @@ opt-in, so that the whole datapath is exercised; pods a and b accelerated, pod c
 ``iptables`` (the control: the mesh's interception alone). Pods, Envoys and iptables rules
 come from the module-scoped ``netlab_node``: Istio's, or with ``EVERY_MESH`` each mesh's in
 turn (tests/netlab/meshes.py); each test loads and unloads its own datapath.
+
+The lab's pods are dual-stack. A scenario parametrised over ``family`` (``BOTH_FAMILIES``)
+talks to the pods' addresses of that family; on IPv6 the pods are put in with both of their
+addresses (what the operator does with a dual-stack pod's status.podIPs), on IPv4 with their
+IPv4 address alone, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from meshaccel.agent.layout import FALLBACK_REASONS, Counter, DatapathFeatures
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.contract.modes import ISTIO
 from tests.netlab import Node, Pod
+from tests.netlab.families import LOOPBACK, Family, address_prefix
 from tests.netlab.meshes import LabMesh
 from tests.netlab.netns import run_in_netns
 from tests.requirements import require_btf, require_tool
@@ -71,7 +77,17 @@ def forget_conntrack(node: Node) -> None:
         run_in_netns(pod.netns, ["conntrack", "--flush"])
 
 
-def istio_pod(pod: Pod, **options: object) -> AcceleratedPod:
+def family_addresses(pod: Pod, family: Family) -> dict[str, object]:
+    """in_mesh's keyword addresses of a pod for a scenario on ``family``: on IPv6 its IPv6
+    address too (a dual-stack pod), on IPv4 nothing more (its IPv4 address alone, as ever)."""
+    if family == "ipv4":
+        return {}
+    assert pod.ipv6 is not None, f"{pod} has no IPv6 address"
+    return {"ipv6": pod.ipv6}
+
+
+def istio_pod(pod: Pod, family: Family = "ipv4", **options: object) -> AcceleratedPod:
+    options |= family_addresses(pod, family)
     return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
 
 
@@ -81,10 +97,18 @@ def lab_mesh(pod: Pod) -> LabMesh:
     return pod.mesh
 
 
-def mesh_pod(pod: Pod, **options: object) -> AcceleratedPod:
-    """The pod as the operator would put it in: in its own mesh's mode."""
+def mesh_pod(pod: Pod, family: Family = "ipv4", **options: object) -> AcceleratedPod:
+    """The pod as the operator would put it in: in its own mesh's mode (with both addresses
+    for a scenario on IPv6)."""
     mode = lab_mesh(pod).mode
+    options |= family_addresses(pod, family)
     return AcceleratedPod.in_mesh(mode, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
+
+
+def steered_prefix(family: Family) -> str:
+    """What the kernel's own local address of a connection connect4/connect6 steered to its
+    sidecar starts with: "127.0.0.1:" or "[::1]:"."""
+    return address_prefix(LOOPBACK[family])
 
 
 FALLBACKS = tuple(FALLBACK_REASONS)
@@ -125,6 +149,7 @@ class MeshPath:
     name: str
     node: Node
     datapath: Datapath | None = None
+    family: Family = "ipv4"
     _baseline: dict[Counter, int] = field(default_factory=dict)
 
     @property
@@ -134,10 +159,18 @@ class MeshPath:
     def pod(self, name: str) -> Pod:
         return self.node.pods[name]
 
+    def host(self, pod: Pod) -> str:
+        """The pod's address of the scenario's family, as its clients name it."""
+        return pod.host(self.family)
+
+    def address(self, pod: Pod, port: int) -> str:
+        """ "ip:port" of the pod in the scenario's family, as Envoy and the apps print it."""
+        return pod.address(port, self.family)
+
     def accelerate(self, *pods: Pod, **options: object) -> None:
         if self.datapath is not None:
             for pod in pods:
-                self.datapath.put_pod(mesh_pod(pod, **options))
+                self.datapath.put_pod(mesh_pod(pod, self.family, **options))
 
     def mark(self) -> None:
         """Counters are read relative to the last mark."""
@@ -187,10 +220,14 @@ def datapath_factory(mesh: Node) -> Iterator[Callable[..., Datapath]]:
 
 @pytest.fixture(params=["iptables", "ebpf"])
 def path(
-    request: pytest.FixtureRequest, mesh: Node, datapath_factory: Callable[..., Datapath]
+    request: pytest.FixtureRequest,
+    mesh: Node,
+    datapath_factory: Callable[..., Datapath],
+    family: Family,
 ) -> MeshPath:
-    """Pods a and b accelerated (ebpf) or not (iptables); pod c never is."""
-    mesh_path = MeshPath(request.param, mesh)
+    """Pods a and b accelerated (ebpf) or not (iptables); pod c never is. On the test's
+    ``family`` (IPv4 unless it is parametrised with BOTH_FAMILIES)."""
+    mesh_path = MeshPath(request.param, mesh, family=family)
     if request.param == "ebpf":
         mesh_path.datapath = datapath_factory()
         mesh_path.accelerate(mesh.pods["a"], mesh.pods["b"])

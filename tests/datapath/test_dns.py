@@ -8,7 +8,8 @@ port 53. Pods a and b run a DNS stand-in for the proxy's on 127.0.0.1:15053 that
 asks c over unconnected UDP (sendto), connected UDP and TCP, as the application or as the proxy.
 The ``iptables`` path is the reference; the ``ebpf`` path (meshaccel loaded, the pod given
 ``dns_capture``) must give the same answers, with the datapath's counters showing that the
-programs, not iptables, did it.
+programs, not iptables, did it. Every scenario runs over IPv4 and over IPv6 (c's IPv6 address;
+the proxy's DNS stand-ins listen on [::1]:15053 too, where ip6tables' REDIRECT sends a query).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from meshaccel.agent.layout import Counter
 from meshaccel.contract.modes import MeshModeName
 from tests.datapath.conftest import forget_conntrack, load_datapath, mesh_pod, shown, unload_quietly
 from tests.netlab import ISTIO_LAB, KUMA_LAB, Node, Pod
-from tests.netlab.fixtures import _assert_nothing_left
+from tests.netlab.families import Family, format_address
+from tests.netlab.fixtures import BOTH_FAMILIES, _assert_nothing_left
 from tests.netlab.mesh import MeshPodSpec, mesh_node
 from tests.netlab.processes import RunAs
 from tests.requirements import require_btf
@@ -54,10 +56,10 @@ def dns_argv(*arguments: str) -> list[str]:
     return [sys.executable, "-u", str(DNS_SCRIPT), *arguments]
 
 
-def start_dns_server(pod: Pod, address: str, port: int, answer: str) -> None:
+def start_dns_server(pod: Pod, addresses: tuple[str, ...], port: int, answer: str) -> None:
+    listen = [argument for address in addresses for argument in ("--address", address)]
     server = pod.run(
-        dns_argv("server", "--address", address, "--port", str(port), "--answer", answer),
-        name="dns-server",
+        dns_argv("server", *listen, "--port", str(port), "--answer", answer), name="dns-server"
     )
 
     def listening() -> bool:
@@ -80,8 +82,8 @@ def dns_node(request: pytest.FixtureRequest, netlab_requirements: None) -> Itera
     node = mesh_node(specs)
     with node:
         for name in ("a", "b"):
-            start_dns_server(node.pods[name], "127.0.0.1", PROXY_DNS_PORT, PROXY_ANSWER)
-        start_dns_server(node.pods["c"], "0.0.0.0", 53, UPSTREAM_ANSWER)
+            start_dns_server(node.pods[name], ("127.0.0.1", "::1"), PROXY_DNS_PORT, PROXY_ANSWER)
+        start_dns_server(node.pods["c"], ("0.0.0.0", "::"), 53, UPSTREAM_ANSWER)
         yield node
     _assert_nothing_left(node.token)
 
@@ -95,11 +97,11 @@ def datapath(dns_node: Node) -> Iterator[Datapath]:
         unload_quietly(dns_node)
 
 
-def ask(pod: Pod, server: Pod, *, run_as: RunAs | None = None) -> Answers:
-    """One query per transport from ``pod`` to ``server``:53."""
+def ask(pod: Pod, server: Pod, family: Family = "ipv4", *, run_as: RunAs | None = None) -> Answers:
+    """One query per transport from ``pod`` to ``server``:53 over ``family``."""
     answers: Answers = {}
     for transport in TRANSPORTS:
-        argv = ["query", "--server", str(server.ip), "--transport", transport]
+        argv = ["query", "--server", server.host(family), "--transport", transport]
         if run_as is not None:
             argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
         done = pod.run_to_completion(dns_argv(*argv), timeout=30)
@@ -108,9 +110,9 @@ def ask(pod: Pod, server: Pod, *, run_as: RunAs | None = None) -> Answers:
     return answers
 
 
-def expected(server: Pod, answer: str) -> Answers:
+def expected(server: Pod, answer: str, family: Family = "ipv4") -> Answers:
     """What a resolver sees when ``answer`` comes back, addressed as from ``server``:53."""
-    upstream = f"{server.ip}:53"
+    upstream = format_address(server.ip_of(family), 53)
     return {
         "udp": {"answer": answer, "source": upstream, "peer": None},
         "udp-connected": {"answer": answer, "source": upstream, "peer": upstream},
@@ -130,19 +132,20 @@ def path(request: pytest.FixtureRequest, dns_node: Node) -> Iterator[Datapath | 
     yield request.getfixturevalue("datapath")
 
 
+@BOTH_FAMILIES
 def test_application_dns_goes_to_the_proxy_the_proxy_s_own_does_not(
-    dns_node: Node, path: Datapath | None
+    dns_node: Node, path: Datapath | None, family: Family
 ) -> None:
     """Pod a: the app's queries are answered by the proxy's DNS server yet look answered by the
     server asked; the proxy's own queries reach that server. Same on both paths."""
     a, c = dns_node.pods["a"], dns_node.pods["c"]
     if path is not None:
-        path.put_pod(mesh_pod(a, dns_capture=True))
+        path.put_pod(mesh_pod(a, family, dns_capture=True))
     before = dns_counters(path)
 
-    assert ask(a, c) == expected(c, PROXY_ANSWER)
+    assert ask(a, c, family) == expected(c, PROXY_ANSWER, family)
     assert a.mesh is not None
-    assert ask(a, c, run_as=a.mesh.proxy) == expected(c, UPSTREAM_ANSWER)
+    assert ask(a, c, family, run_as=a.mesh.proxy) == expected(c, UPSTREAM_ANSWER, family)
 
     if path is not None:
         after = path.counters()
@@ -155,15 +158,18 @@ def test_application_dns_goes_to_the_proxy_the_proxy_s_own_does_not(
         print(f"\n{a.mesh.name} DNS counters: {shown(moved)}")
 
 
-def test_a_pod_without_dns_capture_is_untouched(dns_node: Node, path: Datapath | None) -> None:
+@BOTH_FAMILIES
+def test_a_pod_without_dns_capture_is_untouched(
+    dns_node: Node, path: Datapath | None, family: Family
+) -> None:
     """Pod b, whose mesh does not capture DNS and which has no dns_capture: every query reaches
     the server asked, and the DNS programs count nothing."""
     b, c = dns_node.pods["b"], dns_node.pods["c"]
     if path is not None:
-        path.put_pod(mesh_pod(b))
+        path.put_pod(mesh_pod(b, family))
     before = dns_counters(path)
 
-    assert ask(b, c) == expected(c, UPSTREAM_ANSWER)
+    assert ask(b, c, family) == expected(c, UPSTREAM_ANSWER, family)
 
     moved = {counter: n - before[counter] for counter, n in dns_counters(path).items()}
     for counter in (
@@ -174,13 +180,14 @@ def test_a_pod_without_dns_capture_is_untouched(dns_node: Node, path: Datapath |
         assert moved[counter] == 0, shown(moved)
 
 
-def test_the_datapath_alone_captures(dns_node: Node, datapath: Datapath) -> None:
+@BOTH_FAMILIES
+def test_the_datapath_alone_captures(dns_node: Node, datapath: Datapath, family: Family) -> None:
     """Pod b's rules do not capture DNS: with dns_capture, meshaccel's programs alone send its
     queries to the proxy's DNS server and give the replies the server asked."""
     b, c = dns_node.pods["b"], dns_node.pods["c"]
-    datapath.put_pod(mesh_pod(b, dns_capture=True))
-    assert ask(b, c) == expected(c, PROXY_ANSWER)
+    datapath.put_pod(mesh_pod(b, family, dns_capture=True))
+    assert ask(b, c, family) == expected(c, PROXY_ANSWER, family)
     assert b.mesh is not None
-    assert ask(b, c, run_as=b.mesh.proxy) == expected(c, UPSTREAM_ANSWER)
+    assert ask(b, c, family, run_as=b.mesh.proxy) == expected(c, UPSTREAM_ANSWER, family)
     # Read back from the maps, the pod is what was put.
-    assert datapath.pod(b.cgroup_id) == mesh_pod(b, dns_capture=True)
+    assert datapath.pod(b.cgroup_id) == mesh_pod(b, family, dns_capture=True)

@@ -1,7 +1,8 @@
 """Scenarios 7 and 8: unload and restart while connections are open.
 
 Both are about meshaccel's own life cycle, so they have no iptables-only control; the control
-is what the connections see after the unload, which is the iptables path itself.
+is what the connections see after the unload, which is the iptables path itself. Both run over
+both families, the unload on Istio's pods, the restart on every mesh's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import pytest
 
 from meshaccel.agent.datapath import CGROUP_HOOKS, SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import PIN_ROOT, istio_pod, lab_mesh, mesh_pod, unload_quietly
-from tests.netlab import ECHO_PORT, Node
-from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
+from tests.datapath.conftest import (
+    PIN_ROOT,
+    istio_pod,
+    lab_mesh,
+    mesh_pod,
+    steered_prefix,
+    unload_quietly,
+)
+from tests.netlab import ECHO_PORT, Node, Pod
+from tests.netlab.families import Family, address_prefix
+from tests.netlab.fixtures import BOTH_FAMILIES, EVERY_MESH, ISTIO_ONLY
 
 pytestmark = pytest.mark.kernel
 
@@ -60,19 +69,21 @@ def run_loader(node: Node, code: str) -> str:
 
 
 @ISTIO_ONLY
-def test_unload_with_connections_open(mesh: Node) -> None:
+@BOTH_FAMILIES
+def test_unload_with_connections_open(mesh: Node, family: Family) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = Datapath.load(
         mesh.cgroup.path, instance=mesh.token, pin_root=PIN_ROOT, features=SK_MSG_FEATURES
     )
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, family))
 
     streams = a.start_echo_client(
-        str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
+        b.host(family), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
     )
     accelerated = streams.wait_connected()
-    assert all(local.startswith("127.0.0.1:") for local in accelerated)  # steered by connect4
+    # Steered by connect4 (connect6): the kernel's own local address is loopback.
+    assert all(local.startswith(steered_prefix(family)) for local in accelerated)
     streams.wait_echoed(STREAM // 4)
     assert datapath.counters()[Counter.COUNTER_MSG_REDIRECTED] > 0
 
@@ -81,17 +92,27 @@ def test_unload_with_connections_open(mesh: Node) -> None:
     assert attached_programs(mesh) == []
     assert not (PIN_ROOT / mesh.token).exists()
     # New connections take the iptables path: REDIRECT keeps the app's own source address.
-    fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)
+    fresh = a.echo_client(b.host(family), ECHO_PORT, nbytes=256 << 10)
     assert fresh.ok, fresh.raw
-    assert fresh.kernel_local_addresses[0].startswith(f"{a.ip}:")
+    assert fresh.kernel_local_addresses[0].startswith(address_prefix(a.ip_of(family)))
     # The connections opened before go on, byte-exact, now over plain TCP.
     result = streams.wait(timeout=30)
     assert result.ok, result.raw
     assert len(result.connections) == CONNECTIONS
 
 
+def put_pod_code(mode: str, pod: Pod, family: Family) -> str:
+    """The loader's line that puts the pod in (with its IPv6 address too on IPv6)."""
+    ipv6 = f", ipv6={str(pod.ipv6)!r}" if family == "ipv6" else ""
+    return (
+        f"datapath.put_pod(AcceleratedPod.in_mesh({mode}, {pod.cgroup_id}, "
+        f"{str(pod.ip)!r}{ipv6}))\n"
+    )
+
+
 @EVERY_MESH
-def test_restart_adopts_the_pins(mesh: Node) -> None:
+@BOTH_FAMILIES
+def test_restart_adopts_the_pins(mesh: Node, family: Family) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
     mode = f"MESH_MODES[{str(lab_mesh(a).name)!r}]"
     run_loader(
@@ -99,15 +120,15 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
         (
             "datapath = Datapath.load(cgroup, instance=instance, pin_root=pin_root,\n"
             "                         features=SK_MSG_FEATURES)\n"
-            f"datapath.put_pod(AcceleratedPod.in_mesh({mode}, {a.cgroup_id}, {str(a.ip)!r}))\n"
-            f"datapath.put_pod(AcceleratedPod.in_mesh({mode}, {b.cgroup_id}, {str(b.ip)!r}))\n"
+            + put_pod_code(mode, a, family)
+            + put_pod_code(mode, b, family)
         ),
     )  # ... and that loader has exited
 
     streams = a.start_echo_client(
-        str(b.ip), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
+        b.host(family), ECHO_PORT, nbytes=STREAM, connections=CONNECTIONS, pace_seconds=3.0
     )
-    assert all(local.startswith("127.0.0.1:") for local in streams.wait_connected())
+    assert all(local.startswith(steered_prefix(family)) for local in streams.wait_connected())
     streams.wait_echoed(STREAM // 4)
 
     # A new loader adopts what the first one left, while the connections are mid-stream.
@@ -129,11 +150,14 @@ def test_restart_adopts_the_pins(mesh: Node) -> None:
     assert result.ok, result.raw
 
     with Datapath.adopt(instance=mesh.token, pin_root=PIN_ROOT) as datapath:
-        assert datapath.pods() == {a.cgroup_id: mesh_pod(a), b.cgroup_id: mesh_pod(b)}
+        assert datapath.pods() == {
+            a.cgroup_id: mesh_pod(a, family),
+            b.cgroup_id: mesh_pod(b, family),
+        }
         assert datapath.features == SK_MSG_FEATURES  # as the first loader loaded it
         before = datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED]
-        fresh = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10)
+        fresh = a.echo_client(b.host(family), ECHO_PORT, nbytes=256 << 10)
         assert fresh.ok, fresh.raw
-        assert fresh.kernel_local_addresses[0].startswith("127.0.0.1:")
+        assert fresh.kernel_local_addresses[0].startswith(steered_prefix(family))
         assert datapath.counters()[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == before + 1
     assert sorted(attached_programs(mesh)) == sorted(hook.program for hook in CGROUP_HOOKS)

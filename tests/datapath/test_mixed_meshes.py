@@ -4,7 +4,8 @@ with its own mesh's iptables and proxy (tests/netlab/meshes.py).
 A call from one mesh's pod to another's goes through the caller's proxy, then the callee's, as
 the two meshes' rules send it. With meshaccel loaded and every pod put in with its own mode, the
 same call must take the same path, hop by hop, as with the meshes' rules alone: the reference is
-measured first, without meshaccel, and compared.
+measured first, without meshaccel, and compared. Over IPv4 and over IPv6, each against its own
+reference.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from tests.datapath.conftest import (
     unload_quietly,
 )
 from tests.netlab import ECHO_PORT, MeshPodSpec, Node, Pod, find_leftovers, mesh_node
+from tests.netlab.envoy import ipv6_twin
+from tests.netlab.families import Family, address_prefix
+from tests.netlab.fixtures import BOTH_FAMILIES
 from tests.netlab.meshes import LAB_MESHES
 from tests.requirements import require_btf
 
@@ -62,12 +66,12 @@ def masked(address: str) -> str:
     return address if port == str(ECHO_PORT) else f"{ip}:*"
 
 
-def route(client: Pod, server: Pod) -> Route:
-    """Where one byte-exact call from client's app to server's app went: what the client app
-    saw, both proxies' access logs (each learned the destination through SO_ORIGINAL_DST) and
-    whom the server app saw connecting."""
+def route(client: Pod, server: Pod, family: Family) -> Route:
+    """Where one byte-exact call over ``family`` from client's app to server's app went: what
+    the client app saw, both proxies' access logs (each learned the destination through
+    SO_ORIGINAL_DST or IP6T_SO_ORIGINAL_DST) and whom the server app saw connecting."""
     assert client.sidecar is not None and server.sidecar is not None
-    result = client.echo_client(str(server.ip), ECHO_PORT, nbytes=PAYLOAD)
+    result = client.echo_client(server.host(family), ECHO_PORT, nbytes=PAYLOAD)
     assert result.ok, result.raw
     ((app, peer),) = [(c["local"], c["peer"]) for c in result.connections]
     (outbound,) = client.sidecar.wait_access_log(lambda e: e.downstream_remote == app)
@@ -93,52 +97,75 @@ def show(title: str, found: Route) -> None:
         print(f"  {hop}: {seen}")
 
 
+Routes = dict[tuple[MeshModeName, MeshModeName], Route]
+
+
+def passthrough_source(server: Pod, family: Family) -> str:
+    source = lab_mesh(server).listeners.inbound_passthrough_source
+    if source is None:  # Linkerd: the pod's own address
+        return server.host(family)
+    return source if family == "ipv4" else ipv6_twin(source)
+
+
 @pytest.fixture(scope="module")
-def without_meshaccel(mixed: Node) -> dict[tuple[MeshModeName, MeshModeName], Route]:
-    """The reference: every pair's call under the two meshes' own rules alone."""
+def references(mixed: Node) -> dict[Family, Routes]:
+    """The node's references per family, measured once each."""
+    return {}
+
+
+@pytest.fixture
+def without_meshaccel(mixed: Node, family: Family, references: dict[Family, Routes]) -> Routes:
+    """The reference: every pair's call under the two meshes' own rules alone, once per
+    family."""
+    if family in references:
+        return references[family]
     forget_conntrack(mixed)
     routes = {}
     for caller, callee in PAIRS:
         client, server = mixed.pods[caller], mixed.pods[callee]
-        found = route(client, server)
-        show(f"iptables {caller} -> {callee}", found)
+        found = route(client, server, family)
+        show(f"iptables {family} {caller} -> {callee}", found)
         # What the meshes do: the caller's proxy, then the callee's, which connects to the app
         # from its passthrough source (the pod's own address for Linkerd).
-        source = lab_mesh(server).listeners.inbound_passthrough_source or str(server.ip)
-        destination = server.address(ECHO_PORT)
-        assert found["client proxy"].startswith(f"virtualOutbound {client.ip}:* -> {destination}")
-        assert found["server proxy"].startswith(f"virtualInbound {client.ip}:* -> {destination}")
-        assert found["server app"] == f"{source}:*, {PAYLOAD} bytes, error None"
+        source = address_prefix(passthrough_source(server, family))
+        destination = server.address(ECHO_PORT, family)
+        caller_app = address_prefix(client.ip_of(family))
+        assert found["client proxy"].startswith(f"virtualOutbound {caller_app}* -> {destination}")
+        assert found["server proxy"].startswith(f"virtualInbound {caller_app}* -> {destination}")
+        assert found["server app"] == f"{source}*, {PAYLOAD} bytes, error None"
         routes[caller, callee] = found
+    references[family] = routes
     return routes
 
 
 @pytest.fixture
-def datapath(mixed: Node) -> Iterator[Datapath]:
+def datapath(mixed: Node, family: Family) -> Iterator[Datapath]:
     """meshaccel loaded on the node, every pod put in with its own mesh's mode."""
     forget_conntrack(mixed)
     try:
         loaded = load_datapath(mixed)
         for pod in mixed.pods.values():
-            loaded.put_pod(mesh_pod(pod))
+            loaded.put_pod(mesh_pod(pod, family))
         yield loaded
     finally:
         unload_quietly(mixed)
 
 
+@BOTH_FAMILIES
 @pytest.mark.parametrize(("caller", "callee"), PAIRS, ids=PAIR_IDS)
 def test_a_call_across_meshes_takes_the_meshes_own_path(
     mixed: Node,
-    without_meshaccel: dict[tuple[MeshModeName, MeshModeName], Route],
+    without_meshaccel: Routes,
     datapath: Datapath,
     caller: MeshModeName,
     callee: MeshModeName,
+    family: Family,
 ) -> None:
     before = datapath.counters()
 
-    found = route(mixed.pods[caller], mixed.pods[callee])
+    found = route(mixed.pods[caller], mixed.pods[callee], family)
 
-    show(f"ebpf {caller} -> {callee}", found)
+    show(f"ebpf {family} {caller} -> {callee}", found)
     counters = {c: n - before[c] for c, n in datapath.counters().items()}
     assert found == without_meshaccel[caller, callee], shown(counters)
     # ... and meshaccel, not iptables, took it there: each hop steered in its pod's own mode.

@@ -5,6 +5,10 @@ Receiver-aware delivery (docs/datapath.md): sk_msg moves a direction's bytes soc
 only while its receiver keeps its unread queue under the budget, then that direction takes TCP
 for good. Request/response traffic never reaches the budget; a bulk stream into a slow reader
 does, and then costs the node what the same transfer costs under iptables.
+
+Request/response, the Go proxy and the every-app-target case run over both families; the slow
+bulk readers over IPv4 only (their point is memory under a budget, which the family does not
+change, and each moves 64 or 16 MiB into a reader that sleeps).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,9 @@ from tests.datapath.conftest import (
 )
 from tests.netlab import ECHO_PORT, Node
 from tests.netlab.app_handles import apps_argv
+from tests.netlab.families import Family
+from tests.netlab.fixtures import BOTH_FAMILIES
+from tests.netlab.processes import PodProcess
 from tests.netlab.tcpmem import PeakSampler, read_tcp_mem_limits
 from tests.requirements import require_tool
 from tests.waiting import wait_until
@@ -39,6 +47,7 @@ pytestmark = pytest.mark.kernel
 SLOW_PORT = 8201
 SLOW_SPLICE_PORT = 8202
 GO_PROXY_PORT = 8300
+GO_PROXY6_PORT = 8301
 READ_PAUSE = 0.001  # seconds after every 64 KiB read: about 40 MiB/s, far below the sender
 GO_PROXY_SOURCE = Path(__file__).parents[1] / "netlab" / "go" / "iocopy_proxy.go"
 
@@ -51,10 +60,15 @@ def slow_readers(mesh: Node) -> None:
             b.start_echo_server(port, read_api=read_api, read_pause=READ_PAUSE)
 
 
+def listening(proxy: PodProcess) -> bool:
+    return "listening" in proxy.stdout()
+
+
 @pytest.fixture(scope="module")
-def go_proxy(mesh: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def go_proxies(mesh: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Family, int]]:
     """Go's io.Copy between two TCP connections (it splices), as pod b's application on
-    GO_PROXY_PORT, in front of b's own echo server (reached on b's own address: not steered)."""
+    GO_PROXY_PORT, in front of b's own echo server (reached on b's own address: not steered);
+    on GO_PROXY6_PORT the same over IPv6, to b's own IPv6 address."""
     go = require_tool("go")
     build = tmp_path_factory.mktemp("go")
     binary = build / "iocopy-proxy"
@@ -63,11 +77,14 @@ def go_proxy(mesh: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[i
         [go, "build", "-o", str(binary), str(GO_PROXY_SOURCE)], check=True, env=env, cwd=build
     )
     b = mesh.pods["b"]
-    proxy = b.run(
-        [str(binary), f"0.0.0.0:{GO_PROXY_PORT}", f"{b.ip}:{ECHO_PORT}"], name="iocopy-proxy"
+    proxies = (
+        (f"0.0.0.0:{GO_PROXY_PORT}", b.address(ECHO_PORT)),
+        (f"[::]:{GO_PROXY6_PORT}", b.address(ECHO_PORT, "ipv6")),
     )
-    wait_until(lambda: "listening" in proxy.stdout(), timeout=10, what="the Go proxy")
-    yield GO_PROXY_PORT
+    for listen, upstream in proxies:
+        proxy = b.run([str(binary), listen, upstream], name="iocopy-proxy")
+        wait_until(partial(listening, proxy), timeout=10, what="the Go proxy")
+    yield {"ipv4": GO_PROXY_PORT, "ipv6": GO_PROXY6_PORT}
     shutil.rmtree(build / "cache", ignore_errors=True)
 
 
@@ -100,16 +117,17 @@ def test_slow_reader_costs_the_node_no_more_than_iptables(mesh: Node, datapath_f
     assert accelerated.grown <= 2 * max(iptables.grown, 1)
 
 
-def test_request_response_never_falls_back(mesh: Node, datapath_factory) -> None:
+@BOTH_FAMILIES
+def test_request_response_never_falls_back(mesh: Node, datapath_factory, family: Family) -> None:
     """16 KiB requests answered one at a time: every receiver reads what it is sent before its
     answer goes back, so no direction ever reaches the budget and every hop into a sidecar
     stays socket to socket."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, family))
     size = 16 << 10
-    argv = ["rr-client", "--host", str(b.ip), "--port", str(ECHO_PORT), "--size", str(size)]
+    argv = ["rr-client", "--host", b.host(family), "--port", str(ECHO_PORT), "--size", str(size)]
     completed = a.run_to_completion(apps_argv(*argv, "--duration", "1"), timeout=30)
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     counters = datapath.counters()
@@ -130,15 +148,23 @@ def test_splice_reader_behind_a_slow_pace_gets_every_byte(path: MeshPath) -> Non
         assert_redirected_until_fallback(path.counters(), hops=4, nbytes=16 << 20)
 
 
-@pytest.mark.parametrize("connections", [1, 16])
+@pytest.mark.parametrize(
+    ("family", "connections"),
+    [("ipv4", 1), ("ipv4", 16), ("ipv6", 16)],
+    ids=["ipv4-1", "ipv4-16", "ipv6-16"],
+)
 def test_go_io_copy_proxy_as_the_application(
-    path: MeshPath, go_proxy: int, connections: int
+    path: MeshPath, go_proxies: dict[Family, int], connections: int
 ) -> None:
     """Go's io.Copy splices in both directions: from its sockets (TCP, as by default nothing
     is redirected into an application) and into them (sk_msg runs for those sends)."""
     a, b = path.pod("a"), path.pod("b")
     result = a.echo_client(
-        str(b.ip), go_proxy, nbytes=16 << 20, connections=connections, timeout=120
+        path.host(b),
+        go_proxies[path.family],
+        nbytes=16 << 20,
+        connections=connections,
+        timeout=120,
     )
     assert result.ok, [c for c in result.connections if not c.get("exact")][:3]
     if path.accelerated:
@@ -165,8 +191,9 @@ def test_the_kernel_is_asked_whether_splice_reads_redirected_bytes(datapath_fact
     assert every_app == probe.spliced
 
 
+@BOTH_FAMILIES
 def test_every_application_takes_msg_where_the_kernel_can_splice(
-    mesh: Node, datapath_factory
+    mesh: Node, datapath_factory, family: Family
 ) -> None:
     """Where the probe says splice() reads redirected bytes, no pod needs to opt in: every
     application socket is a target, so all six hops of a call skip TCP."""
@@ -174,8 +201,8 @@ def test_every_application_takes_msg_where_the_kernel_can_splice(
     datapath = datapath_factory(DEFAULT_FEATURES, splice_probe=lambda _: True)
     assert DatapathFeatures.FEATURE_SK_MSG_TO_EVERY_APP in datapath.features
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))  # no sk_msg_to_app
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=1 << 20)
+        datapath.put_pod(istio_pod(pod, family))  # no sk_msg_to_app
+    result = a.echo_client(b.host(family), ECHO_PORT, nbytes=1 << 20)
     assert result.ok, result.raw
     assert_redirected_until_fallback(datapath.counters(), hops=6, nbytes=1 << 20)
 

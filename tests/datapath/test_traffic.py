@@ -1,7 +1,8 @@
 """Scenario 6: hard traffic through the accelerated mesh stays byte-exact and never hangs.
 
-The bulk, concurrency, close and reset scenarios run for each mesh (``EVERY_MESH``); the read
-APIs, a property of the receiving application, on Istio's pods.
+The bulk, concurrency, close and reset scenarios run for each mesh (``EVERY_MESH``) over both
+families (``BOTH_FAMILIES``); the read APIs, a property of the receiving application, not of
+the address family, on Istio's pods over IPv4.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath, assert_redirected_until_fallback, istio_pod
 from tests.netlab import ECHO_PORT, Node
-from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
+from tests.netlab.fixtures import BOTH_FAMILIES, EVERY_MESH, ISTIO_ONLY
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
@@ -42,9 +43,10 @@ def wait_connections_forgotten(datapath: Datapath | None) -> None:
 
 
 @EVERY_MESH
+@BOTH_FAMILIES
 def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 20, timeout=120)
+    result = a.echo_client(path.host(b), ECHO_PORT, nbytes=64 << 20, timeout=120)
     assert result.ok, result.raw
     if path.accelerated:
         assert_redirected_until_fallback(path.counters(), hops=4, nbytes=64 << 20)
@@ -52,9 +54,10 @@ def test_64_mib_each_way_on_one_connection(path: MeshPath) -> None:
 
 
 @EVERY_MESH
+@BOTH_FAMILIES
 def test_200_concurrent_connections(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 10, connections=200, timeout=60)
+    result = a.echo_client(path.host(b), ECHO_PORT, nbytes=64 << 10, connections=200, timeout=60)
     assert result.ok, [c for c in result.connections if not c.get("exact")][:3]
     assert len(result.connections) == 200
     if path.accelerated:
@@ -66,22 +69,24 @@ def test_200_concurrent_connections(path: MeshPath) -> None:
 
 
 @EVERY_MESH
+@BOTH_FAMILIES
 @pytest.mark.parametrize("half_close", [True, False], ids=["half-close", "full-close"])
 def test_close_styles(path: MeshPath, half_close: bool) -> None:
     a, b = path.pod("a"), path.pod("b")
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=256 << 10, half_close=half_close)
+    result = a.echo_client(path.host(b), ECHO_PORT, nbytes=256 << 10, half_close=half_close)
     assert result.ok, result.raw
     wait_connections_forgotten(path.datapath)
 
 
 @EVERY_MESH
+@BOTH_FAMILIES
 def test_reset_mid_stream_then_the_server_still_serves(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
-    reset = a.echo_client(str(b.ip), ECHO_PORT, nbytes=1 << 20, reset_after=256 << 10)
+    reset = a.echo_client(path.host(b), ECHO_PORT, nbytes=1 << 20, reset_after=256 << 10)
     assert reset.ok and reset.reset, reset.raw
     assert reset.verified == [256 << 10]
 
-    after = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 << 10)
+    after = a.echo_client(path.host(b), ECHO_PORT, nbytes=64 << 10)
     assert after.ok, after.raw
     wait_connections_forgotten(path.datapath)
 

@@ -6,12 +6,15 @@ through copies of its file descriptors) and the application server each answer g
 getpeername and SO_ORIGINAL_DST with buffers of 8, 16 and 8192 bytes, and both Envoys log the
 addresses they saw. The table under the mesh's iptables alone is the reference; meshaccel, in
 every feature set, must produce the same table, ephemeral ports aside: for Istio's pods, and for
-Linkerd's and Kuma's (``EVERY_MESH``), whose proxies listen elsewhere.
+Linkerd's and Kuma's (``EVERY_MESH``), whose proxies listen elsewhere; over IPv4 and over IPv6
+(``BOTH_FAMILIES``: the same connection to [fd00:198:18::11]:8080, IP6T_SO_ORIGINAL_DST with
+buffers of 16, 28 and 8192 bytes, each family against its own reference).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from itertools import count
 from typing import Any
@@ -31,7 +34,8 @@ from tests.netlab.envoy import (
     EnvoySidecar,
     ProxyListeners,
 )
-from tests.netlab.fixtures import EVERY_MESH, ISTIO_ONLY
+from tests.netlab.families import LOOPBACK, Family, address_prefix
+from tests.netlab.fixtures import BOTH_FAMILIES, EVERY_MESH, ISTIO_ONLY
 from tests.netlab.peek import tcp_connection_views
 from tests.waiting import wait_until
 
@@ -40,7 +44,11 @@ pytestmark = pytest.mark.kernel
 Table = dict[str, dict[str, str]]  # role -> query -> answer
 
 ACCESS_LOG_FIELDS = ("downstream_remote", "downstream_local", "upstream_host", "upstream_local")
-ADDRESS_HOOKS = ("getpeername4", "getsockname4")
+ADDRESS_HOOKS: dict[Family, tuple[str, str]] = {
+    "ipv4": ("getpeername4", "getsockname4"),
+    "ipv6": ("getpeername6", "getsockname6"),
+}
+SOCKET_FAMILY: dict[Family, int] = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 _runs = count()
 
@@ -57,14 +65,14 @@ def without_ephemeral_port(answer: str, fixed: frozenset[int]) -> str:
     return f"{ip}:*"
 
 
-def sidecar_sockets(role: str, pod: Pod, listener_port: int) -> Table:
+def sidecar_sockets(role: str, pod: Pod, listener_port: int, family: Family) -> Table:
     """The sidecar's two sockets of the one connection: the one it accepted on its listener
     (downstream) and the one it opened to the next hop (upstream)."""
     assert pod.sidecar is not None
     admin_port = lab_mesh(pod).listeners.admin_port
     views = [
         view
-        for view in tcp_connection_views(pod.sidecar.pid)
+        for view in tcp_connection_views(pod.sidecar.pid, SOCKET_FAMILY[family])
         if not view["local"].endswith(f":{admin_port}")
     ]
     downstream = [v for v in views if v["local"].endswith(f":{listener_port}")]
@@ -79,8 +87,9 @@ def logged_since(sidecar: EnvoySidecar, before: int) -> list[AccessLogEntry]:
     return sidecar.access_log()[before:]
 
 
-def observe(node: Node) -> Table:
-    """Every answer about one connection from app a to app b, ephemeral ports masked."""
+def observe(node: Node, family: Family = "ipv4") -> Table:
+    """Every answer about one connection from app a to app b over ``family``, ephemeral ports
+    masked."""
     a, b = node.pods["a"], node.pods["b"]
     assert a.sidecar is not None and b.sidecar is not None
     server = b.servers[ECHO_PORT]
@@ -91,7 +100,7 @@ def observe(node: Node) -> Table:
     accepted_before = len(accepts())
     logged_before = len(a.sidecar.access_log()), len(b.sidecar.access_log())
     hold = a.workdir / f"hold-{next(_runs)}"
-    argv = ["--host", str(b.ip), "--port", str(ECHO_PORT), "--hold-file", str(hold)]
+    argv = ["--host", b.host(family), "--port", str(ECHO_PORT), "--hold-file", str(hold)]
     client = a.run(apps_argv("socket-view-client", *argv, "--timeout", "30"), name="view")
     table: Table = {}
     try:
@@ -108,8 +117,8 @@ def observe(node: Node) -> Table:
         wait_until(lambda: len(accepts()) > accepted_before, timeout=10, what="the accept")
         (accepted,) = accepts()[accepted_before:]
         table["app server"] = accepted["view"]
-        table |= sidecar_sockets("sidecar a", a, lab_mesh(a).listeners.outbound_port)
-        table |= sidecar_sockets("sidecar b", b, lab_mesh(b).listeners.inbound_port)
+        table |= sidecar_sockets("sidecar a", a, lab_mesh(a).listeners.outbound_port, family)
+        table |= sidecar_sockets("sidecar b", b, lab_mesh(b).listeners.inbound_port, family)
     finally:
         hold.touch()
     assert client.wait(30) == 0, client.describe()
@@ -149,14 +158,24 @@ def show(name: str, table: Table) -> None:
 
 
 @pytest.fixture(scope="module")
-def under_iptables(mesh: Node) -> Table:
+def references(mesh: Node) -> dict[Family, Table]:
+    """The references of the module's node (one per mesh), per family, observed once each."""
+    return {}
+
+
+@pytest.fixture
+def under_iptables(mesh: Node, family: Family, references: dict[Family, Table]) -> Table:
     """The reference: the mesh's interception alone, nothing of meshaccel loaded."""
+    if family in references:
+        return references[family]
     forget_conntrack(mesh)
-    table = observe(mesh)
-    show("iptables", table)
+    table = observe(mesh, family)
+    show(f"iptables {family}", table)
     # The reference is what an application expects: its own view is the destination it asked for.
-    assert table["app client"]["peer"] == f"{mesh.pods['b'].ip}:{ECHO_PORT}"
-    assert table["sidecar a downstream"]["peer"] == f"{mesh.pods['a'].ip}:*"
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    assert table["app client"]["peer"] == b.address(ECHO_PORT, family)
+    assert table["sidecar a downstream"]["peer"] == f"{address_prefix(a.ip_of(family))}*"
+    references[family] = table
     return table
 
 
@@ -168,30 +187,35 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
 
 
 def accelerated(
-    mesh: Node, datapath_factory: Callable[..., Datapath], configuration: str
+    mesh: Node,
+    datapath_factory: Callable[..., Datapath],
+    configuration: str,
+    family: Family = "ipv4",
 ) -> Datapath:
     options = CONFIGURATIONS[configuration]
     datapath = datapath_factory(options["features"])
     for name in ("a", "b"):
         datapath.put_pod(
-            mesh_pod(mesh.pods[name], sk_msg_to_app=options.get("sk_msg_to_app", False))
+            mesh_pod(mesh.pods[name], family, sk_msg_to_app=options.get("sk_msg_to_app", False))
         )
     return datapath
 
 
 @EVERY_MESH
+@BOTH_FAMILIES
 @pytest.mark.parametrize("configuration", list(CONFIGURATIONS))
 def test_every_socket_answers_as_under_iptables(
     mesh: Node,
     datapath_factory: Callable[..., Datapath],
     under_iptables: Table,
     configuration: str,
+    family: Family,
 ) -> None:
-    datapath = accelerated(mesh, datapath_factory, configuration)
+    datapath = accelerated(mesh, datapath_factory, configuration, family)
     before = datapath.counters()
 
-    table = observe(mesh)
-    show(configuration, table)
+    table = observe(mesh, family)
+    show(f"{configuration} {family}", table)
 
     counters = {c: n - before[c] for c, n in datapath.counters().items()}
     assert differences(under_iptables, table) == [], shown(counters)
@@ -203,24 +227,31 @@ def test_every_socket_answers_as_under_iptables(
 
 
 @ISTIO_ONLY
+@BOTH_FAMILIES
 def test_without_the_address_hooks_the_rewrite_shows(
-    mesh: Node, datapath_factory: Callable[..., Datapath], under_iptables: Table
+    mesh: Node,
+    datapath_factory: Callable[..., Datapath],
+    under_iptables: Table,
+    family: Family,
 ) -> None:
-    """The control: with getpeername4/getsockname4 detached, the battery sees the rewrite (what
-    meshaccel answered before it had them), so the test above can fail."""
-    datapath = accelerated(mesh, datapath_factory, "default")
-    for hook in ADDRESS_HOOKS:
+    """The control: with getpeername/getsockname of the family detached, the battery sees the
+    rewrite (what meshaccel answered before it had them), so the test above can fail."""
+    datapath = accelerated(mesh, datapath_factory, "default", family)
+    for hook in ADDRESS_HOOKS[family]:
         with libbpf.Link.open_pinned(datapath.pins.link(hook)) as link:
             link.detach()
 
-    found = differences(under_iptables, observe(mesh))
+    found = differences(under_iptables, observe(mesh, family))
 
-    a, b = mesh.pods["a"], mesh.pods["b"]
+    a, b = mesh.pods["a"].ip_of(family), mesh.pods["b"].ip_of(family)
+    app = address_prefix(a) + "*"
+    loopback = address_prefix(LOOPBACK[family])
+    destination = address_prefix(b) + str(ECHO_PORT)
     assert found == [
-        f"app client local: iptables '{a.ip}:*', here '127.0.0.1:*'",
-        f"app client peer: iptables '{b.ip}:{ECHO_PORT}', here '127.0.0.1:{ENVOY_OUTBOUND_PORT}'",
-        f"sidecar a downstream peer: iptables '{a.ip}:*', here '127.0.0.1:*'",
-        f"sidecar a upstream peer: iptables '{b.ip}:{ECHO_PORT}', "
-        f"here '{b.ip}:{ENVOY_INBOUND_PORT}'",
-        f"sidecar a access log downstream_remote: iptables '{a.ip}:*', here '127.0.0.1:*'",
+        f"app client local: iptables '{app}', here '{loopback}*'",
+        f"app client peer: iptables '{destination}', here '{loopback}{ENVOY_OUTBOUND_PORT}'",
+        f"sidecar a downstream peer: iptables '{app}', here '{loopback}*'",
+        f"sidecar a upstream peer: iptables '{destination}', "
+        f"here '{address_prefix(b)}{ENVOY_INBOUND_PORT}'",
+        f"sidecar a access log downstream_remote: iptables '{app}', here '{loopback}*'",
     ], found

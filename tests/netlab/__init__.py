@@ -1,6 +1,7 @@
 """netlab: "pods" on this machine (netns + veth to a bridge in a node netns + a child cgroup) for
 real-kernel datapath tests, with a mesh's iptables interception (Istio's, Linkerd's or Kuma's:
-meshes.py) and real Envoy sidecars.
+meshes.py) and real Envoy sidecars. Pods are dual-stack unless asked not to be: 198.18.X.N and
+fd00:198:18:X::N, the mesh's ip6tables rules beside its iptables ones, Envoy on both families.
 
 Start with mesh.mesh_node() / topology.Node, or the pytest fixtures in netlab.fixtures.
 """
@@ -16,6 +17,7 @@ from .envoy import (
     find_envoy_binary,
     render_envoy_bootstrap,
 )
+from .families import FAMILIES, LOOPBACK, Family, address_prefix, format_address
 from .istio_iptables import (
     IstioInterception,
     install_istio_iptables,
@@ -40,15 +42,18 @@ __all__ = [
     "DEFAULT_MESH_PODS",
     "ECHO_PORT",
     "EXCLUDED_PORT",
+    "FAMILIES",
     "ISTIO_LAB",
     "KUMA_LAB",
     "LAB_MESHES",
     "LINKERD_LAB",
+    "LOOPBACK",
     "SIDECAR_IDENTITY",
     "AccessLogEntry",
     "EnvoyBootstrapOptions",
     "EnvoySidecar",
     "ExplicitListener",
+    "Family",
     "IstioInterception",
     "LabMesh",
     "MeshPodSpec",
@@ -59,11 +64,13 @@ __all__ = [
     "ProxyListeners",
     "RunAs",
     "TestCgroup",
+    "address_prefix",
     "build_mesh_node",
     "cgroup_id",
     "find_cgroup2_mount",
     "find_envoy_binary",
     "find_leftovers",
+    "format_address",
     "install_istio_iptables",
     "mesh_node",
     "mesh_pods",

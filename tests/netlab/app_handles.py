@@ -282,6 +282,11 @@ NETNS_DEPENDENT_CASES = frozenset(
         "tcp/SO_ORIGINAL_DST/buf8192",
         "tcp-accepted/SO_ORIGINAL_DST",
         "tcp-accepted/SO_ORIGINAL_DST/buf8192",
+        # The same on IPv6 (getsockopt-probe --family ipv6), where the ip6 nat table tracks.
+        "tcp/IP6T_SO_ORIGINAL_DST",
+        "tcp/IP6T_SO_ORIGINAL_DST/buf8192",
+        "tcp-accepted/IP6T_SO_ORIGINAL_DST",
+        "tcp-accepted/IP6T_SO_ORIGINAL_DST/buf8192",
         # The send buffer a new connection starts with grows with the initial cwnd, which the
         # netns's TCP metrics cache remembers per destination (bulk loopback traffic on the
         # host raises it for 127.0.0.1 there, not in the pod).
@@ -291,8 +296,8 @@ NETNS_DEPENDENT_CASES = frozenset(
 )
 
 
-def getsockopt_probe_argv(run_as: RunAs | None = None) -> list[str]:
-    argv = apps_argv("getsockopt-probe")
+def getsockopt_probe_argv(run_as: RunAs | None = None, family: str = "ipv4") -> list[str]:
+    argv = apps_argv("getsockopt-probe", "--family", family)
     if run_as is not None:  # the probe drops root itself, after making its SO_PEERGROUPS pair
         argv += ["--run-as", f"{run_as.uid}:{run_as.gid}"]
     return argv
@@ -307,14 +312,18 @@ def parse_getsockopt_probe(returncode: int, stdout: str, stderr: str) -> dict[st
 
 
 def run_getsockopt_probe_here(
-    run_as: RunAs | None = None, *, netns: str | None = None, timeout: float = 30.0
+    run_as: RunAs | None = None,
+    *,
+    netns: str | None = None,
+    timeout: float = 30.0,
+    family: str = "ipv4",
 ) -> dict[str, Any]:
     """The getsockopt probe in this process's context: its cgroup, and its netns unless `netns`
     names another (entered with `ip netns exec`, still without any cgroup move). The probe only
     talks to itself on 127.0.0.1, so the host's netns is fine; but see NETNS_DEPENDENT_CASES."""
     wrapper = ["ip", "netns", "exec", netns] if netns is not None else []
     completed = subprocess.run(
-        [*wrapper, *getsockopt_probe_argv(run_as)],
+        [*wrapper, *getsockopt_probe_argv(run_as, family)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,8 +2,10 @@
 
 Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.apps ...`.
 
-  echo-server --port 8080 [--read-api recv] [--log FILE]
+  echo-server --port 8080 [--host 0.0.0.0] [--host6 ::] [--read-api recv] [--log FILE]
       Echo every byte back. On EOF from the peer, finish echoing, then shutdown(SHUT_WR).
+      Listens on --host (IPv4) and on --host6 with an IPv6-only socket ('' for none), so that
+      an IPv4 connection keeps its AF_INET socket in a dual-stack pod.
       Read APIs: read (os.read), recv, recv_into, recvmsg, readinto (makefile), readv (os.readv),
       splice (os.splice socket -> pipe -> socket). One JSON line per event in --log
       ({"event": "listening"|"accept"|"close", "peer": "ip:port", "local": "ip:port", ...}).
@@ -29,12 +31,15 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       Connect, have one line echoed, print one JSON line {"event": "connected", "view": ...}
       (what the socket answers: see socket_view), keep the connection open until PATH exists,
       close, print {"closed": true}. The echo server's "accept" events carry the same view.
-  getsockopt-probe [--run-as UID:GID]
+  getsockopt-probe [--family ipv4|ipv6] [--run-as UID:GID]
       A fixed battery of getsockopt(2) calls (through libc, to see optlen and errno exactly) on
-      sockets it makes itself: a loopback TCP pair on 127.0.0.1 in the current netns, a UDP
+      sockets it makes itself: a loopback TCP pair on 127.0.0.1 (::1) in the current netns, a UDP
       socket, an AF_UNIX socketpair made after setgroups() with GROUPS_FOR_PEERGROUPS groups
       (SO_PEERGROUPS > PAGE_SIZE). Prints ONE JSON object {case: {"ok", "len", "hex", "errno"}}
       that is identical between runs in the same context (varying values are masked or left out).
+
+Every client takes an IPv4 or an IPv6 address as --host (an IPv6 socket for the latter); every
+address printed is "ip:port", an IPv6 one "[ip]:port" as Envoy prints it.
 
 Every blocking call has a timeout. `--run-as UID:GID` makes a client drop root after start-up
 (so the interpreter need not be reachable by that uid), e.g. to act as the sidecar's uid 1337.
@@ -50,12 +55,14 @@ import json
 import math
 import os
 import random
+import select
 import socket
 import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -65,7 +72,14 @@ BUFFER_SIZE = 64 * 1024
 
 
 def _addr(address: Any) -> str:
-    return f"{address[0]}:{address[1]}"
+    """ "ip:port" of a socket address; an IPv6 one in brackets, as Envoy prints it."""
+    host = str(address[0])
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal, else AF_INET (the lab names every peer by address)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _set_io_timeouts(sock: socket.socket, seconds: float) -> None:
@@ -197,37 +211,49 @@ def serve_connection(
         )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    listener = socket.socket(_family(host), socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if listener.family == socket.AF_INET6:  # IPv4 keeps its own AF_INET listener and sockets
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    listener.settimeout(1.0)  # accepted sockets start blocking, as they always have
+    return listener
+
+
 def run_echo_server(args: argparse.Namespace) -> int:
     log = EventLog(args.log)
     slots = threading.BoundedSemaphore(args.max_connections)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.host, args.port))
-    listener.listen(1024)
-    listener.settimeout(1.0)
+    listeners = [_listen(args.host, args.port)]
+    if args.host6 and socket.has_ipv6:
+        listeners.append(_listen(args.host6, args.port))
     log.write(
         event="listening",
-        local=_addr(listener.getsockname()),
+        local=_addr(listeners[0].getsockname()),
+        locals=[_addr(listener.getsockname()) for listener in listeners],
         read_api=args.read_api,
         pid=os.getpid(),
     )
     deadline = time.monotonic() + args.lifetime if args.lifetime else None
     while deadline is None or time.monotonic() < deadline:
-        try:
-            conn, peer = listener.accept()
-        except TimeoutError:
-            continue
-        if not slots.acquire(timeout=args.io_timeout):
-            conn.close()
-            continue
-
-        def handle(conn: socket.socket = conn, peer: str = _addr(peer)) -> None:
+        ready, _, _ = select.select(listeners, [], [], 1.0)
+        for listener in ready:
             try:
-                serve_connection(conn, peer, args, log)
-            finally:
-                slots.release()
+                conn, peer = listener.accept()
+            except (BlockingIOError, TimeoutError):
+                continue
+            if not slots.acquire(timeout=args.io_timeout):
+                conn.close()
+                continue
 
-        threading.Thread(target=handle, daemon=True).start()
+            def handle(conn: socket.socket = conn, peer: str = _addr(peer)) -> None:
+                try:
+                    serve_connection(conn, peer, args, log)
+                finally:
+                    slots.release()
+
+            threading.Thread(target=handle, daemon=True).start()
     return 0
 
 
@@ -268,10 +294,10 @@ def _connect(args: argparse.Namespace) -> socket.socket:
     else:
         # A fixed source port (one connection) lets a test reproduce a given 4-tuple, also
         # while an earlier connection from that port is in TIME_WAIT.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_family(args.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.settimeout(args.timeout)
-        sock.bind(("0.0.0.0", args.source_port))
+        sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", args.source_port))
         sock.connect((args.host, args.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -321,35 +347,47 @@ def send_on_plan(
 
 
 def _proc_net_address(address: str) -> str:
-    """An "ip:port" as /proc/net/tcp spells it: the 32 address bits in host order, in hex."""
+    """An "ip:port" as /proc/net/tcp(6) spells it: the address in 32-bit words, each in host
+    order, in hex."""
     ip, _, port = address.rpartition(":")
-    return f"{struct.unpack('=I', socket.inet_aton(ip))[0]:08X}:{int(port):04X}"
+    ip = ip.strip("[]")
+    packed = socket.inet_pton(_family(ip), ip)
+    words = struct.unpack(f"={len(packed) // 4}I", packed)
+    return "".join(f"{word:08X}" for word in words) + f":{int(port):04X}"
 
 
 def _from_proc_net(field: str) -> str:
     hex_ip, _, hex_port = field.partition(":")
-    return f"{socket.inet_ntoa(struct.pack('=I', int(hex_ip, 16)))}:{int(hex_port, 16)}"
+    words = [int(hex_ip[i : i + 8], 16) for i in range(0, len(hex_ip), 8)]
+    packed = struct.pack(f"={len(words)}I", *words)
+    family = socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+    return _addr((socket.inet_ntop(family, packed), int(hex_port, 16)))
+
+
+def _proc_net_tcp(family: int) -> str:
+    return "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
 
 
 def kernel_tuple(sock: socket.socket) -> tuple[str, str]:
-    """(local, peer) of a TCP socket as the kernel holds them (/proc/net/tcp, found by the
-    socket's inode), which no socket call shows once meshaccel's address programs answer
-    getsockname/getpeername as under iptables: 127.0.0.1 on both ends when connect4 steered it."""
+    """(local, peer) of a TCP socket as the kernel holds them (/proc/net/tcp or tcp6, found by
+    the socket's inode), which no socket call shows once meshaccel's address programs answer
+    getsockname/getpeername as under iptables: 127.0.0.1 (::1) on both ends when connect4
+    (connect6) steered it."""
     inode = str(os.fstat(sock.fileno()).st_ino)
-    with open(
-        "/proc/net/tcp", encoding="utf-8"
-    ) as table:  # loaded: ascii may not be after --run-as
+    table_path = _proc_net_tcp(sock.family)
+    with open(table_path, encoding="utf-8") as table:  # loaded: ascii may not be after --run-as
         for row in (line.split() for line in table.readlines()[1:]):
             if len(row) > 9 and row[9] == inode:
                 return _from_proc_net(row[1]), _from_proc_net(row[2])
-    raise LookupError(f"socket inode {inode} is not in /proc/net/tcp")
+    raise LookupError(f"socket inode {inode} is not in {table_path}")
 
 
 def _tcp_states(local: str, peer: str) -> list[str]:
-    """States of this netns's TCP sockets from ``local`` to ``peer``, from /proc/net/tcp (hex
-    codes: "04" FIN_WAIT1, "06" TIME_WAIT, ...). After an RST close there are none."""
+    """States of this netns's TCP sockets from ``local`` to ``peer``, from /proc/net/tcp(6)
+    (hex codes: "04" FIN_WAIT1, "06" TIME_WAIT, ...). After an RST close there are none."""
     wanted = (_proc_net_address(local), _proc_net_address(peer))
-    with open("/proc/net/tcp", encoding="ascii") as table:
+    family = socket.AF_INET6 if local.startswith("[") else socket.AF_INET
+    with open(_proc_net_tcp(family), encoding="ascii") as table:
         rows = [line.split() for line in table.readlines()[1:]]
     return [row[3] for row in rows if len(row) > 3 and (row[1], row[2]) == wanted]
 
@@ -625,6 +663,11 @@ def _probe_case(
 
 
 ORIGINAL_DST_BUFFERS = (8, 16, 8192)  # too small for a sockaddr_in, exact, past a page
+SOL_IPV6 = 41
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOCKADDR_IN6_SIZE = 28
+# Too small for a sockaddr_in6 (a sockaddr_in's size), exact, past a page.
+ORIGINAL_DST6_BUFFERS = (16, SOCKADDR_IN6_SIZE, 8192)
 
 
 def original_dst(sock: socket.socket, buflen: int) -> str:
@@ -638,10 +681,31 @@ def original_dst(sock: socket.socket, buflen: int) -> str:
     return f"{socket.inet_ntoa(address)}:{port}"
 
 
+def original_dst6(sock: socket.socket, buflen: int) -> str:
+    """IP6T_SO_ORIGINAL_DST (SOL_IPV6) with a buffer of ``buflen``: "[ip]:port", or the errno's
+    name. The optlen returned is left out, as original_dst leaves it out: netfilter leaves it
+    as the caller gave it, which a cgroup getsockopt program cannot do past a page."""
+    error, optlen, data = _getsockopt(sock.fileno(), SOL_IPV6, IP6T_SO_ORIGINAL_DST, buflen)
+    if error:
+        return errno.errorcode.get(error, str(error))
+    if len(data) < SOCKADDR_IN6_SIZE:
+        return f"short answer ({optlen} bytes)"
+    (family,) = struct.unpack("=H", data[:2])  # sa_family in host order
+    port, address = struct.unpack("!H4x16s", data[2:24])  # port, flowinfo, address
+    answer = _addr((socket.inet_ntop(socket.AF_INET6, address), port))
+    return answer if family == socket.AF_INET6 else f"{answer} family {family}"
+
+
 def socket_view(sock: socket.socket) -> dict[str, str]:
     """What a connected socket tells its owner about its connection: the local and peer
-    addresses (getsockname, getpeername) and SO_ORIGINAL_DST at each of ORIGINAL_DST_BUFFERS."""
+    addresses (getsockname, getpeername) and the original destination at each buffer size:
+    SO_ORIGINAL_DST (ORIGINAL_DST_BUFFERS) on an IPv4 socket, IP6T_SO_ORIGINAL_DST
+    (ORIGINAL_DST6_BUFFERS) on an IPv6 one."""
     view = {"local": _addr(sock.getsockname()), "peer": _addr(sock.getpeername())}
+    if sock.family == socket.AF_INET6:
+        for buflen in ORIGINAL_DST6_BUFFERS:
+            view[f"IP6T_SO_ORIGINAL_DST/{buflen}"] = original_dst6(sock, buflen)
+        return view
     for buflen in ORIGINAL_DST_BUFFERS:
         view[f"SO_ORIGINAL_DST/{buflen}"] = original_dst(sock, buflen)
     return view
@@ -666,12 +730,54 @@ def run_socket_view_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loopback_tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+@dataclass(frozen=True)
+class ProbeFamily:
+    """What the getsockopt probe asks at the IP level of one family: its loopback address, the
+    two options every socket of the family answers, and the original destination with the
+    buffer it needs exactly and one too small."""
+
+    loopback: str
+    family: socket.AddressFamily
+    level: int
+    tos: tuple[str, int]
+    ttl: tuple[str, int]
+    original_dst: tuple[str, int, int]  # name, level, optname
+    exact: int
+    too_small: int
+
+
+PROBE_FAMILIES: dict[str, ProbeFamily] = {
+    "ipv4": ProbeFamily(
+        "127.0.0.1",
+        socket.AF_INET,
+        socket.IPPROTO_IP,
+        ("IP_TOS", socket.IP_TOS),
+        ("IP_TTL", socket.IP_TTL),
+        ("SO_ORIGINAL_DST", SOL_IP, SO_ORIGINAL_DST),
+        16,
+        8,
+    ),
+    "ipv6": ProbeFamily(
+        "::1",
+        socket.AF_INET6,
+        socket.IPPROTO_IPV6,
+        ("IPV6_TCLASS", socket.IPV6_TCLASS),
+        ("IPV6_UNICAST_HOPS", socket.IPV6_UNICAST_HOPS),
+        ("IP6T_SO_ORIGINAL_DST", SOL_IPV6, IP6T_SO_ORIGINAL_DST),
+        SOCKADDR_IN6_SIZE,
+        16,
+    ),
+}
+
+
+def _loopback_tcp_pair(
+    probe: ProbeFamily = PROBE_FAMILIES["ipv4"],
+) -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.socket(probe.family, socket.SOCK_STREAM)
     listener.settimeout(5.0)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((probe.loopback, 0))
     listener.listen(1)
-    client = socket.create_connection(listener.getsockname(), timeout=5.0)
+    client = socket.create_connection(listener.getsockname()[:2], timeout=5.0)
     accepted, _ = listener.accept()
     return listener, client, accepted
 
@@ -694,13 +800,18 @@ def _peergroups_socketpair() -> tuple[socket.socket, socket.socket, int | None]:
 
 
 def getsockopt_battery(
-    peergroups_pair: tuple[socket.socket, socket.socket, int | None],
+    peergroups_pair: tuple[socket.socket, socket.socket, int | None], family: str = "ipv4"
 ) -> dict[str, dict[str, Any]]:
-    """{case name: result}. Every name and value here is deterministic for one context."""
+    """{case name: result}. Every name and value here is deterministic for one context.
+    ``family`` "ipv6": the TCP and UDP sockets are IPv6 ones (on ::1), asked the IPv6 level's
+    options and IP6T_SO_ORIGINAL_DST instead of the IPv4 ones; the other cases are the same."""
+    probe = PROBE_FAMILIES[family]
     cases: dict[str, dict[str, Any]] = {}
-    listener, client, accepted = _loopback_tcp_pair()
+    listener, client, accepted = _loopback_tcp_pair(probe)
     port = listener.getsockname()[1]
-    ip, tcp, sol = socket.IPPROTO_IP, socket.IPPROTO_TCP, socket.SOL_SOCKET
+    ip, tcp, sol = probe.level, socket.IPPROTO_TCP, socket.SOL_SOCKET
+    (tos, tos_opt), (ttl, ttl_opt) = probe.tos, probe.ttl
+    odst, odst_level, odst_opt = probe.original_dst
     tcp_options: list[tuple[str, int, int, int, bool]] = [
         # name, level, optname, normal buffer, also with BIG_BUFFER
         ("SO_TYPE", sol, socket.SO_TYPE, 4, True),
@@ -715,14 +826,14 @@ def getsockopt_battery(
         ("TCP_MAXSEG", tcp, socket.TCP_MAXSEG, 4, True),
         ("TCP_CONGESTION", tcp, TCP_CONGESTION, 16, True),
         ("TCP_INFO", tcp, TCP_INFO, 256, True),
-        ("IP_TOS", ip, socket.IP_TOS, 4, True),
-        ("IP_TTL", ip, socket.IP_TTL, 4, True),
-        ("SO_ORIGINAL_DST", SOL_IP, SO_ORIGINAL_DST, 16, True),
+        (tos, ip, tos_opt, 4, True),
+        (ttl, ip, ttl_opt, 4, True),
+        (odst, odst_level, odst_opt, probe.exact, True),
     ]
     try:
         for name, level, optname, buflen, big in tcp_options:
             keep = name != "TCP_INFO"
-            mask = port if name == "SO_ORIGINAL_DST" else None
+            mask = port if name == odst else None
             cases[f"tcp/{name}"] = _probe_case(
                 client, level, optname, buflen, keep_value=keep, mask_port=mask
             )
@@ -730,29 +841,30 @@ def getsockopt_battery(
                 cases[f"tcp/{name}/buf{BIG_BUFFER}"] = _probe_case(
                     client, level, optname, BIG_BUFFER, keep_value=keep, mask_port=mask
                 )
-        # What Envoy does: SO_ORIGINAL_DST on the accepted socket.
-        cases["tcp-accepted/SO_ORIGINAL_DST"] = _probe_case(
-            accepted, SOL_IP, SO_ORIGINAL_DST, 16, mask_port=port
+        # What Envoy does: SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST) on the accepted socket.
+        cases[f"tcp-accepted/{odst}"] = _probe_case(
+            accepted, odst_level, odst_opt, probe.exact, mask_port=port
         )
-        cases["tcp-accepted/SO_ORIGINAL_DST/buf8192"] = _probe_case(
-            accepted, SOL_IP, SO_ORIGINAL_DST, BIG_BUFFER, mask_port=port
+        cases[f"tcp-accepted/{odst}/buf8192"] = _probe_case(
+            accepted, odst_level, odst_opt, BIG_BUFFER, mask_port=port
         )
-        # Too small buffers: what the kernel does (truncates ints; SO_ORIGINAL_DST wants >= 16).
+        # Too small buffers: what the kernel does (truncates ints; SO_ORIGINAL_DST wants >= 16,
+        # IP6T_SO_ORIGINAL_DST >= 28).
         cases["tcp/SO_RCVBUF/buf2"] = _probe_case(client, sol, socket.SO_RCVBUF, 2)
         cases["tcp/SO_RCVBUF/buf0"] = _probe_case(client, sol, socket.SO_RCVBUF, 0)
         cases["tcp/TCP_CONGESTION/buf4"] = _probe_case(client, tcp, TCP_CONGESTION, 4)
-        cases["tcp/SO_ORIGINAL_DST/buf8"] = _probe_case(
-            client, SOL_IP, SO_ORIGINAL_DST, 8, mask_port=port
+        cases[f"tcp/{odst}/buf{probe.too_small}"] = _probe_case(
+            client, odst_level, odst_opt, probe.too_small, mask_port=port
         )
         cases["tcp-listener/SO_ACCEPTCONN"] = _probe_case(listener, sol, socket.SO_ACCEPTCONN, 4)
     finally:
         for sock in (accepted, client, listener):
             sock.close()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+    with socket.socket(probe.family, socket.SOCK_DGRAM) as udp:
         cases["udp/SO_TYPE"] = _probe_case(udp, sol, socket.SO_TYPE, 4)
         cases["udp/SO_TYPE/buf8192"] = _probe_case(udp, sol, socket.SO_TYPE, BIG_BUFFER)
-        cases["udp/IP_TTL"] = _probe_case(udp, ip, socket.IP_TTL, 4)
-        cases["udp/IP_TTL/buf8192"] = _probe_case(udp, ip, socket.IP_TTL, BIG_BUFFER)
+        cases[f"udp/{ttl}"] = _probe_case(udp, ip, ttl_opt, 4)
+        cases[f"udp/{ttl}/buf8192"] = _probe_case(udp, ip, ttl_opt, BIG_BUFFER)
     first, second, setgroups_errno = peergroups_pair
     try:
         needed = 4 * len(GROUPS_FOR_PEERGROUPS)
@@ -772,7 +884,7 @@ def getsockopt_battery(
 def run_getsockopt_probe(args: argparse.Namespace) -> int:
     pair = _peergroups_socketpair()  # as root, before dropping to --run-as
     _drop_privileges(args.run_as)
-    print(json.dumps(getsockopt_battery(pair), sort_keys=True), flush=True)
+    print(json.dumps(getsockopt_battery(pair, args.family), sort_keys=True), flush=True)
     return 0
 
 
@@ -799,6 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser("echo-server")
     server.add_argument("--host", default="0.0.0.0")
+    server.add_argument(
+        "--host6", default="::", help="also listen here, IPv6 only ('' for IPv4 alone)"
+    )
     server.add_argument("--port", type=int, required=True)
     server.add_argument("--read-api", choices=READ_APIS, default="recv")
     server.add_argument("--log", help="JSON-lines event log (default: stdout)")
@@ -866,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("--message", default="ping")
 
     probe = commands.add_parser("getsockopt-probe")
+    probe.add_argument("--family", choices=tuple(PROBE_FAMILIES), default="ipv4")
     probe.add_argument(
         "--run-as", help="UID[:GID] to switch to after making the SO_PEERGROUPS socketpair"
     )

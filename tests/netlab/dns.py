@@ -2,14 +2,15 @@
 
 Run by path (``python tests/netlab/dns.py ...``), like apps.py.
 
-  server --address IP --port P --answer A.B.C.D
-      Answer every query, over UDP and TCP, with one A record: ``--answer``. Prints
-      {"event": "listening"} once both sockets listen.
+  server --address IP [--address IP ...] --port P --answer A.B.C.D
+      Answer every query, over UDP and TCP, with one A record: ``--answer``, on every
+      ``--address`` (IPv4 or IPv6). Prints {"event": "listening"} once every socket listens.
   query --server IP [--port 53] --transport udp|udp-connected|tcp [--name NAME] [--run-as UID:GID]
       One A query the way a resolver sends it: ``udp`` with sendto/recvfrom on an unconnected
       socket (musl's way), ``udp-connected`` with connect/send/recv (glibc's), ``tcp`` with a
-      length-prefixed message. Prints one JSON line: {"answer": the A record, "source": where
-      recvfrom said the reply came from (udp), "peer": getpeername() (connected sockets)}.
+      length-prefixed message, over IPv6 when ``--server`` is an IPv6 address. Prints one JSON
+      line: {"answer": the A record, "source": where recvfrom said the reply came from (udp),
+      "peer": getpeername() (connected sockets)}; an IPv6 "ip:port" in brackets.
       ``--run-as`` drops root after start-up, e.g. to query as the proxy's uid.
 
 Every blocking call has a timeout.
@@ -70,15 +71,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def serve(address: str, port: int, answer: IPv4Address) -> None:
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind((address, port))
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind((address, port))
-    tcp.listen(16)
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
-    def serve_udp() -> None:
+
+def _bound(address: str, port: int, kind: socket.SocketKind) -> socket.socket:
+    sock = socket.socket(_family(address), kind)
+    if sock.family == socket.AF_INET6:  # each family has its own sockets
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    return sock
+
+
+def serve(addresses: list[str], port: int, answer: IPv4Address) -> None:
+    def serve_udp(udp: socket.socket) -> None:
         while True:
             query, client = udp.recvfrom(512)
             udp.sendto(build_answer(query, answer), client)
@@ -90,15 +98,27 @@ def serve(address: str, port: int, answer: IPv4Address) -> None:
             reply = build_answer(_recv_exact(conn, length), answer)
             conn.sendall(struct.pack("!H", len(reply)) + reply)
 
-    threading.Thread(target=serve_udp, daemon=True).start()
+    def serve_tcp(tcp: socket.socket) -> None:
+        while True:
+            conn, _ = tcp.accept()
+            threading.Thread(target=serve_tcp_connection, args=(conn,), daemon=True).start()
+
+    servers = []
+    for address in addresses:
+        tcp = _bound(address, port, socket.SOCK_STREAM)
+        tcp.listen(16)
+        servers += [(serve_udp, _bound(address, port, socket.SOCK_DGRAM)), (serve_tcp, tcp)]
+    threads = [threading.Thread(target=run, args=(sock,), daemon=True) for run, sock in servers]
+    for thread in threads:
+        thread.start()
     print(json.dumps({"event": "listening"}), flush=True)
-    while True:
-        conn, _ = tcp.accept()
-        threading.Thread(target=serve_tcp_connection, args=(conn,), daemon=True).start()
+    for thread in threads:
+        thread.join()
 
 
 def _address(pair: tuple[str, int]) -> str:
-    return f"{pair[0]}:{pair[1]}"
+    host = str(pair[0])
+    return f"[{host}]:{pair[1]}" if ":" in host else f"{host}:{pair[1]}"
 
 
 def query(server: str, port: int, transport: str, name: str) -> dict[str, str | None]:
@@ -110,7 +130,7 @@ def query(server: str, port: int, transport: str, name: str) -> dict[str, str | 
             (length,) = struct.unpack("!H", _recv_exact(stream, 2))
             answer = parse_answer(_recv_exact(stream, length))
             return {"answer": answer, "source": None, "peer": stream_peer}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(server), socket.SOCK_DGRAM) as sock:
         sock.settimeout(TIMEOUT)
         peer: str | None = None
         if transport == "udp-connected":
@@ -127,7 +147,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dns.py")
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser("server")
-    server.add_argument("--address", required=True)
+    server.add_argument("--address", action="append", required=True)
     server.add_argument("--port", type=int, required=True)
     server.add_argument("--answer", type=IPv4Address, required=True)
     client = commands.add_parser("query")

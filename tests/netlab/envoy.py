@@ -17,13 +17,26 @@ from typing import Any, Literal
 
 from tests.waiting import wait_until
 
+from .families import LOOPBACK, PASSTHROUGH_SOURCE
 from .netns import http_get_in_netns
 from .processes import PodProcess, RunAs, pod_command
 
 ENVOY_ADMIN_PORT = 15000
 ENVOY_OUTBOUND_PORT = 15001
 ENVOY_INBOUND_PORT = 15006
-INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
+INBOUND_PASSTHROUGH_SOURCE = PASSTHROUGH_SOURCE["ipv4"]
+# Where a listener or bind address of IPv4 has its IPv6 twin (dual-stack sidecars).
+_IPV6_TWIN = {
+    "0.0.0.0": "::",
+    LOOPBACK["ipv4"]: LOOPBACK["ipv6"],
+    PASSTHROUGH_SOURCE["ipv4"]: PASSTHROUGH_SOURCE["ipv6"],
+}
+
+
+def ipv6_twin(address: str) -> str:
+    """The IPv6 address a dual-stack proxy uses where it uses ``address`` for IPv4."""
+    return _IPV6_TWIN[address]
+
 
 _base_ids = itertools.count()
 _TYPE = "type.googleapis.com/envoy.extensions."
@@ -155,6 +168,10 @@ class EnvoyBootstrapOptions:
     tcp_proxy. `explicit_listeners`: extra listeners addressed directly (see ExplicitListener).
     `access_log`: False leaves access logging out (Istio's default). `upstream_idle_timeout_s`:
     close pooled idle upstream HTTP connections after this long (Envoy's default: 1 hour).
+    `ipv6`: dual-stack, as Istio's sidecar in a dual-stack pod: each virtual listener also
+    listens on the IPv6 twin of its address (an IPv6-only socket, so that IPv4 connections
+    keep their IPv4 socket; original_dst then asks IP6T_SO_ORIGINAL_DST), and the inbound
+    passthrough binds ::6 for IPv6 destinations.
     """
 
     node_id: str
@@ -171,6 +188,7 @@ class EnvoyBootstrapOptions:
     explicit_listeners: tuple[ExplicitListener, ...] = ()
     access_log: bool = True
     upstream_idle_timeout_s: float | None = None
+    ipv6: bool = False
 
 
 def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
@@ -181,7 +199,9 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
     """
     inbound_cluster: dict[str, Any] = _original_dst_cluster("InboundPassthroughCluster", options)
     if options.inbound_passthrough_source is not None:
-        inbound_cluster["upstream_bind_config"] = _bind_config(options.inbound_passthrough_source)
+        inbound_cluster["upstream_bind_config"] = _bind_config(
+            options.inbound_passthrough_source, ipv6=options.ipv6
+        )
     return {
         "node": {"id": options.node_id, "cluster": "meshaccel-test"},
         "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
@@ -211,8 +231,14 @@ def render_envoy_bootstrap(options: EnvoyBootstrapOptions) -> dict[str, Any]:
     }
 
 
-def _bind_config(source_address: str) -> dict[str, Any]:
-    return {"source_address": {"address": source_address, "port_value": 0}}
+def _bind_config(source_address: str, *, ipv6: bool = False) -> dict[str, Any]:
+    """Bind to ``source_address``; with ``ipv6``, to its IPv6 twin for IPv6 upstreams (Envoy
+    picks the extra source address of the upstream's family)."""
+    config: dict[str, Any] = {"source_address": {"address": source_address, "port_value": 0}}
+    if ipv6:
+        twin = {"address": ipv6_twin(source_address), "port_value": 0}
+        config["extra_source_addresses"] = [{"address": twin}]
+    return config
 
 
 def _upstream_protocol_options(options: EnvoyBootstrapOptions) -> dict[str, Any]:
@@ -358,12 +384,15 @@ def _listener(
             for http_port in options.http_ports
         ]
     chains.append({"filters": [_network_filter(options.protocol, name, cluster, options)]})
-    return {
+    listener: dict[str, Any] = {
         "name": name,
         "address": _socket_address(address, port),
         "listener_filters": [_ORIGINAL_DST_FILTER],
         "filter_chains": chains,
     }
+    if options.ipv6:
+        listener["additional_addresses"] = [{"address": _socket_address(ipv6_twin(address), port)}]
+    return listener
 
 
 def _explicit_listener(

@@ -9,6 +9,9 @@
   that mesh's (tests/netlab/meshes.py); ``EVERY_MESH`` does it for all three.
 - netlab_factory (function): make_node(specs, subnet=...) -> an entered Node, torn down (and
   checked for leftovers) after the test.
+- family (function): the address family a scenario runs on, "ipv4" unless the test is
+  parametrised with ``BOTH_FAMILIES`` (or its own ``family`` values), which fixtures asking
+  for ``family`` (the datapath's ``path``) then see too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 
 from meshaccel.contract.modes import MESH_MODES, MeshModeName
 
+from .families import FAMILIES, Family
 from .leftovers import find_leftovers, remove_stale_leftovers
 from .mesh import DEFAULT_MESH_PODS, MeshPodSpec, mesh_node, mesh_pods
 from .meshes import LAB_MESHES
@@ -36,6 +40,21 @@ EVERY_MESH = pytest.mark.parametrize(
 ISTIO_ONLY = pytest.mark.parametrize(
     "netlab_node", [MeshModeName.ISTIO], indirect=True, ids=[str(MeshModeName.ISTIO)]
 )
+
+
+#: Run a test once per address family (ids: ipv4, ipv6); the pods are dual-stack either way.
+#: Combine with EVERY_MESH / ISTIO_ONLY as separate decorators, never in one parametrize with
+#: netlab_node: pytest groups tests on one module node by that parameter's index, so a
+#: different list of meshes would build the same mesh's node again.
+BOTH_FAMILIES = pytest.mark.parametrize("family", FAMILIES)
+#: IPv6 alone: a scenario whose IPv4 twin is another test.
+IPV6_ONLY = pytest.mark.parametrize("family", ["ipv6"])
+
+
+@pytest.fixture
+def family() -> Family:
+    """IPv4 unless the test is parametrised over ``family`` (BOTH_FAMILIES, IPV6_ONLY)."""
+    return "ipv4"
 
 
 @pytest.fixture(scope="session")

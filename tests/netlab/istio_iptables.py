@@ -1,4 +1,10 @@
-"""Istio's sidecar interception (nat table, IPv4) as istio-iptables writes it, for one pod netns."""
+"""Istio's sidecar interception (nat table) as istio-iptables writes it, for one pod netns.
+
+With IPv6 enabled istio-iptables writes the same chains for ip6tables, with ::1/128 for
+127.0.0.1/32 and ::6/128 (which it adds to lo) for the inbound passthrough source 127.0.0.6
+(istio/istio tools/istio-iptables, testdata ipv6-*.golden). The lab does the same in every pod
+that has an IPv6 address.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 
 from .commands import run_command
+from .families import FAMILIES, LOOPBACK, PASSTHROUGH_SOURCE, Family, host_cidr
 from .netns import netns_exec_argv, run_in_netns
 
 # Ports Istio's injector always excludes from inbound capture (Prometheus merge, health, status).
@@ -32,9 +39,17 @@ class IstioInterception:
 DNS_PORT = 53
 
 
-def render_istio_nat_rules(config: IstioInterception) -> str:
-    """The iptables-restore text of the nat table istio-iptables installs (excludes included)."""
+def passthrough_cidr(source: str, family: Family) -> str:
+    """The inbound passthrough source as the rules of ``family`` name it: the configured IPv4
+    source for iptables, ::6 for ip6tables (istio-iptables' own)."""
+    return host_cidr(source if family == "ipv4" else PASSTHROUGH_SOURCE["ipv6"])
+
+
+def render_istio_nat_rules(config: IstioInterception, family: Family = "ipv4") -> str:
+    """The iptables-restore (``ipv4``) or ip6tables-restore (``ipv6``) text of the nat table
+    istio-iptables installs (excludes included)."""
     uid, gid = config.proxy_uid, config.proxy_gid
+    loopback = host_cidr(LOOPBACK[family])
     tunnel = config.inbound_tunnel_port
     # With DNS redirected, TCP to port 53 over lo is neither the proxy's hairpin nor returned.
     not_dns = f" ! --dport {DNS_PORT}" if config.dns_port is not None else ""
@@ -70,11 +85,11 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
             f"-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN"
             for port in config.exclude_outbound_ports
         ),
-        f"-A ISTIO_OUTPUT -s {config.passthrough_source}/32 -o lo -j RETURN",
+        f"-A ISTIO_OUTPUT -s {passthrough_cidr(config.passthrough_source, family)} -o lo -j RETURN",
     ]
     for owner in (f"--uid-owner {uid}", f"--gid-owner {gid}"):
         lines += [
-            f"-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp {not_hairpin_ports}"
+            f"-A ISTIO_OUTPUT ! -d {loopback} -o lo -p tcp {not_hairpin_ports}"
             f" -m owner {owner} -j ISTIO_IN_REDIRECT",
             f"-A ISTIO_OUTPUT -o lo{' -p tcp' + not_dns if not_dns else ''} -m owner ! {owner}"
             " -j RETURN",
@@ -85,7 +100,7 @@ def render_istio_nat_rules(config: IstioInterception) -> str:
             f"-A ISTIO_OUTPUT -p tcp --dport {DNS_PORT} -j REDIRECT --to-ports {config.dns_port}"
         )
     lines += [
-        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        f"-A ISTIO_OUTPUT -d {loopback} -j RETURN",
         "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
         f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {config.outbound_capture_port}",
         "COMMIT",
@@ -108,32 +123,58 @@ def _dns_output_rules(config: IstioInterception) -> list[str]:
     ]
 
 
-def iptables_restore_binary() -> str:
-    """iptables-nft-restore (this project's baseline is the nft backend)."""
-    for name in ("iptables-nft-restore", "iptables-restore"):
+_TOOL: dict[Family, str] = {"ipv4": "iptables", "ipv6": "ip6tables"}
+_NFT_FAMILY: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}
+
+
+def iptables_restore_binary(family: Family = "ipv4") -> str:
+    """iptables-nft-restore or ip6tables-nft-restore (this project's baseline is the nft
+    backend)."""
+    tool = _TOOL[family]
+    for name in (f"{tool}-nft-restore", f"{tool}-restore"):
         if shutil.which(name):
             return name
-    raise FileNotFoundError("iptables-nft-restore / iptables-restore not found")
+    raise FileNotFoundError(f"{tool}-nft-restore / {tool}-restore not found")
 
 
-def install_istio_iptables(netns: str, config: IstioInterception) -> str:
-    """Load the rules into the netns with one iptables-restore; return the text that was loaded."""
+def restore_rules(netns: str, rules: str, family: Family = "ipv4") -> None:
+    """Load one nat table's text into the netns with one (ip6)iptables-restore."""
+    run_command(netns_exec_argv(netns, [iptables_restore_binary(family)]), input_text=rules)
+
+
+def add_passthrough_source_v6(netns: str) -> None:
+    """What istio-iptables does with IPv6 enabled: ::6/128 on lo, the address the inbound
+    passthrough binds to for IPv6 destinations."""
+    listing = run_in_netns(netns, ["ip", "-6", "-o", "addr", "show", "dev", "lo"])
+    if f" {host_cidr(PASSTHROUGH_SOURCE['ipv6'])} " not in listing:
+        run_in_netns(netns, ["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
+
+
+def install_istio_iptables(netns: str, config: IstioInterception, *, ipv6: bool = False) -> str:
+    """Load the rules into the netns with one iptables-restore (and, with ``ipv6``, the same
+    for ip6tables, plus ::6 on lo); return the IPv4 text that was loaded."""
     rules = render_istio_nat_rules(config)
-    run_command(netns_exec_argv(netns, [iptables_restore_binary()]), input_text=rules)
+    restore_rules(netns, rules)
+    if ipv6:
+        add_passthrough_source_v6(netns)
+        restore_rules(netns, render_istio_nat_rules(config, "ipv6"), "ipv6")
     return rules
 
 
-def dump_nat_table(netns: str) -> str:
-    """iptables-save -t nat inside the netns (empty text if there is no nat table)."""
-    return run_in_netns(netns, ["iptables-nft-save", "-t", "nat"], check=False)
+def dump_nat_table(netns: str, family: Family = "ipv4") -> str:
+    """(ip6)iptables-save -t nat inside the netns (empty text if there is no nat table)."""
+    return run_in_netns(netns, [f"{_TOOL[family]}-nft-save", "-t", "nat"], check=False)
 
 
-def nat_table_exists(netns: str) -> bool:
-    listing = run_in_netns(netns, ["nft", "list", "tables", "ip"])
-    return any(line.split() == ["table", "ip", "nat"] for line in listing.splitlines())
+def nat_table_exists(netns: str, family: Family = "ipv4") -> bool:
+    nft_family = _NFT_FAMILY[family]
+    listing = run_in_netns(netns, ["nft", "list", "tables", nft_family])
+    return any(line.split() == ["table", nft_family, "nat"] for line in listing.splitlines())
 
 
 def remove_istio_iptables(netns: str) -> None:
-    """Delete (not flush) the ip nat table so that no nat/conntrack hooks stay registered."""
-    if nat_table_exists(netns):
-        run_in_netns(netns, ["nft", "delete", "table", "ip", "nat"])
+    """Delete (not flush) the ip and ip6 nat tables so that no nat/conntrack hooks stay
+    registered (any mesh's rules: they all live in the nat tables)."""
+    for family in FAMILIES:
+        if nat_table_exists(netns, family):
+            run_in_netns(netns, ["nft", "delete", "table", _NFT_FAMILY[family], "nat"])

@@ -1,4 +1,4 @@
-"""Kuma's transparent proxy (nat table, IPv4) as kuma-init writes it on Kubernetes, for one pod.
+"""Kuma's transparent proxy (nat table) as kuma-init writes it on Kubernetes, for one pod.
 
 Written from kumahq/kuma ``pkg/transparentproxy/iptables/builder/builder_table_nat.go``, its
 defaults (``pkg/transparentproxy/config``) and the Kubernetes injector
@@ -7,15 +7,18 @@ which is on by default there): chains KUMA_MESH_INBOUND and KUMA_MESH_OUTBOUND, 
 what it captures to a *_REDIRECT chain. The proxy (kuma-dp's Envoy) is recognised by uid only;
 its inbound passthrough connects from 127.0.0.6 as Istio's does, and every DNS query, UDP or TCP,
 goes to kuma-dp's DNS server on 15053 unless the proxy sends it. The raw table's conntrack zones
-for UDP DNS are left out: they concern UDP only, which the lab does not send.
+for UDP DNS are left out: they concern UDP only, which the lab does not send. With IPv6 on,
+kuma-init writes the same chains for ip6tables with ::1/128 and the IPv6 passthrough source ::6.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .families import LOOPBACK, PASSTHROUGH_SOURCE, Family, host_cidr
+
 DNS_PORT = 53
-INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
+INBOUND_PASSTHROUGH_SOURCE = PASSTHROUGH_SOURCE["ipv4"]
 # The injector excludes its application probe proxy (kuma-dp, 9001) from inbound redirection.
 KUMA_DEFAULT_INBOUND_EXCLUDES = (9001,)
 
@@ -37,9 +40,10 @@ class KumaInterception:
         return self.exclude_inbound_ports + KUMA_DEFAULT_INBOUND_EXCLUDES
 
 
-def render_kuma_nat_rules(config: KumaInterception) -> str:
-    """The iptables-restore text of the nat table kuma-init installs."""
+def render_kuma_nat_rules(config: KumaInterception, family: Family = "ipv4") -> str:
+    """The (ip6)iptables-restore text of the nat table kuma-init installs."""
     uid = f"--uid-owner {config.proxy_uid}"
+    loopback, passthrough = host_cidr(LOOPBACK[family]), host_cidr(PASSTHROUGH_SOURCE[family])
     inbound, outbound = "KUMA_MESH_INBOUND", "KUMA_MESH_OUTBOUND"
     in_redirect, out_redirect = f"{inbound}_REDIRECT", f"{outbound}_REDIRECT"
     # With DNS redirected, TCP to port 53 over lo is not the proxy's passthrough nor returned.
@@ -69,8 +73,8 @@ def render_kuma_nat_rules(config: KumaInterception) -> str:
             f"-A {outbound} -p tcp --dport {port} -j RETURN"
             for port in config.exclude_outbound_ports
         ),
-        f"-A {outbound} -s {INBOUND_PASSTHROUGH_SOURCE}/32 -o lo -j RETURN",
-        f"-A {outbound} -p tcp{not_dns} -o lo ! -d 127.0.0.1/32 -m owner {uid} -j {in_redirect}",
+        f"-A {outbound} -s {passthrough} -o lo -j RETURN",
+        f"-A {outbound} -p tcp{not_dns} -o lo ! -d {loopback} -m owner {uid} -j {in_redirect}",
         f"-A {outbound} -p tcp{not_dns} -o lo -m owner ! {uid} -j RETURN",
         f"-A {outbound} -m owner {uid} -j RETURN",
     ]
@@ -79,7 +83,7 @@ def render_kuma_nat_rules(config: KumaInterception) -> str:
             f"-A {outbound} -p tcp --dport {DNS_PORT} -j REDIRECT --to-ports {config.dns_port}"
         )
     lines += [
-        f"-A {outbound} -d 127.0.0.1/32 -j RETURN",
+        f"-A {outbound} -d {loopback} -j RETURN",
         f"-A {outbound} -j {out_redirect}",
         f"-A {in_redirect} -p tcp -j REDIRECT --to-ports {config.inbound_port}",
         f"-A {out_redirect} -p tcp -j REDIRECT --to-ports {config.outbound_port}",

@@ -1,4 +1,4 @@
-"""Linkerd's interception (nat table, IPv4) as linkerd2-proxy-init writes it, for one pod netns.
+"""Linkerd's interception (nat table) as linkerd2-proxy-init writes it, for one pod netns.
 
 Written from linkerd2-proxy-init's ``pkg/iptables/iptables.go`` and the injector's defaults
 (linkerd2 ``charts/partials/templates/_proxy-init.tpl``, ``values.yaml``): two chains,
@@ -7,13 +7,16 @@ goes to the proxy's inbound port) and PROXY_INIT_OUTPUT (from OUTPUT: the proxy'
 when one is configured, returns, so does everything leaving through lo, then the skipped
 outbound ports; the rest goes to the proxy's outbound port). Unlike Istio's rules there is no
 gid rule by default and no rule for the proxy's own pod address: the proxy reaches its
-application over lo, which returns.
+application over lo, which returns. With IPv6 on (proxy-init --ipv6), the same rules go to
+ip6tables: they name no address, only the skipped subnets of that family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from .families import Family, family_of
 
 # The injector's defaults: the proxy's control and admin ports, and Galera's (4567, 4568), which
 # the chart skips both ways (proxyInit.ignoreInboundPorts / ignoreOutboundPorts).
@@ -53,8 +56,10 @@ def _multiport_groups(ports: Sequence[int]) -> Iterator[str]:
         yield ",".join(str(port) for port in ports[start : start + _MULTIPORT_LIMIT])
 
 
-def render_linkerd_nat_rules(config: LinkerdInterception) -> str:
-    """The iptables-restore text of the nat table proxy-init installs (redirect-all mode)."""
+def render_linkerd_nat_rules(config: LinkerdInterception, family: Family = "ipv4") -> str:
+    """The (ip6)iptables-restore text of the nat table proxy-init installs (redirect-all
+    mode)."""
+    subnets = [s for s in config.skip_subnets if family_of(s.split("/")[0]) == family]
     redirect, output = "PROXY_INIT_REDIRECT", "PROXY_INIT_OUTPUT"
     lines = [
         "*nat",
@@ -68,7 +73,7 @@ def render_linkerd_nat_rules(config: LinkerdInterception) -> str:
             f"-A {redirect} -p tcp -m multiport --dports {group} -j RETURN"
             for group in _multiport_groups(config.inbound_ports_to_ignore)
         ),
-        *(f"-A {redirect} -s {subnet} -j RETURN" for subnet in config.skip_subnets),
+        *(f"-A {redirect} -s {subnet} -j RETURN" for subnet in subnets),
         f"-A {redirect} -p tcp -j REDIRECT --to-ports {config.inbound_port}",
         f"-A PREROUTING -j {redirect}",
         f"-A {output} -m owner --uid-owner {config.proxy_uid} -j RETURN",

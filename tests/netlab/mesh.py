@@ -22,7 +22,8 @@ class MeshRules(enum.Enum):
 @dataclass(frozen=True)
 class MeshPodSpec:
     """How to build one pod of ``mesh`` (Istio unless said). interception=None: no iptables;
-    sidecar=False: no Envoy."""
+    sidecar=False: no Envoy; ipv6=False: an IPv4-only pod (by default every pod is dual-stack,
+    with the mesh's ip6tables rules too and a dual-stack sidecar)."""
 
     name: str
     interception: Interception | MeshRules | None = MeshRules.ANNOTATED
@@ -32,6 +33,7 @@ class MeshPodSpec:
     read_api: str = "recv"
     cgroup_subpath: str | None = None
     mesh: LabMesh = ISTIO_LAB
+    ipv6: bool = True
 
     def rules(self) -> Interception | None:
         if self.interception is MeshRules.ANNOTATED:
@@ -51,7 +53,7 @@ def mesh_pods(mesh: LabMesh, names: tuple[str, ...] = ("a", "b", "c")) -> tuple[
 
 
 def add_mesh_pod(node: Node, spec: MeshPodSpec) -> Pod:
-    pod = node.add_pod(spec.name, cgroup_subpath=spec.cgroup_subpath)
+    pod = node.add_pod(spec.name, cgroup_subpath=spec.cgroup_subpath, ipv6=spec.ipv6)
     pod.mesh = spec.mesh
     for port in spec.echo_ports:
         pod.start_echo_server(port, read_api=spec.read_api)

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 from meshaccel.contract.modes import ISTIO, KUMA, LINKERD, MeshMode, MeshModeName
 
-from .commands import run_command
 from .envoy import ISTIO_LISTENERS, ProxyListeners
-from .istio_iptables import IstioInterception, iptables_restore_binary, render_istio_nat_rules
+from .families import Family
+from .istio_iptables import (
+    IstioInterception,
+    add_passthrough_source_v6,
+    render_istio_nat_rules,
+    restore_rules,
+)
 from .kuma_iptables import KumaInterception, render_kuma_nat_rules
 from .linkerd_iptables import LinkerdInterception, render_linkerd_nat_rules
-from .netns import netns_exec_argv
 from .processes import RunAs
 
 Interception = IstioInterception | LinkerdInterception | KumaInterception
@@ -110,17 +114,23 @@ KUMA_LAB = LabMesh(
 LAB_MESHES: dict[MeshModeName, LabMesh] = {m.name: m for m in (ISTIO_LAB, LINKERD_LAB, KUMA_LAB)}
 
 
-def render_nat_rules(interception: Interception) -> str:
-    """The iptables-restore text of a mesh's nat table."""
+def render_nat_rules(interception: Interception, family: Family = "ipv4") -> str:
+    """The (ip6)iptables-restore text of a mesh's nat table."""
     if isinstance(interception, LinkerdInterception):
-        return render_linkerd_nat_rules(interception)
+        return render_linkerd_nat_rules(interception, family)
     if isinstance(interception, KumaInterception):
-        return render_kuma_nat_rules(interception)
-    return render_istio_nat_rules(interception)
+        return render_kuma_nat_rules(interception, family)
+    return render_istio_nat_rules(interception, family)
 
 
-def install_interception(netns: str, interception: Interception) -> str:
-    """Load a mesh's rules into the netns with one iptables-restore; return what was loaded."""
+def install_interception(netns: str, interception: Interception, *, ipv6: bool = False) -> str:
+    """Load a mesh's rules into the netns with one iptables-restore, and with ``ipv6`` its
+    ip6tables rules with one ip6tables-restore (plus ::6 on lo, the IPv6 passthrough source of
+    Istio and Kuma); return the IPv4 text."""
     rules = render_nat_rules(interception)
-    run_command(netns_exec_argv(netns, [iptables_restore_binary()]), input_text=rules)
+    restore_rules(netns, rules)
+    if ipv6:
+        if not isinstance(interception, LinkerdInterception):
+            add_passthrough_source_v6(netns)
+        restore_rules(netns, render_nat_rules(interception, "ipv6"), "ipv6")
     return rules

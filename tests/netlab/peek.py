@@ -29,8 +29,8 @@ def _pidfd_getfd(pidfd: int, target_fd: int) -> int:
     return fd
 
 
-def tcp_connection_views(pid: int) -> list[dict[str, str]]:
-    """apps.socket_view of every connected IPv4 TCP socket process ``pid`` holds."""
+def tcp_connection_views(pid: int, family: int = socket.AF_INET) -> list[dict[str, str]]:
+    """apps.socket_view of every connected TCP socket of ``family`` process ``pid`` holds."""
     views: list[dict[str, str]] = []
     pidfd = os.pidfd_open(pid)
     try:
@@ -44,7 +44,7 @@ def tcp_connection_views(pid: int) -> list[dict[str, str]]:
                     continue  # closed since the listing
                 raise
             with socket.socket(fileno=fd) as sock:
-                if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                if sock.family != family or sock.type != socket.SOCK_STREAM:
                     continue
                 try:
                     views.append(socket_view(sock))

@@ -8,6 +8,8 @@ one meshaccel leaves alone too (excluding less than the mesh would steer what th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +188,61 @@ def test_the_linkerd_stand_in_listens_where_linkerd2_proxy_does(tmp_path: Path) 
     # The inbound side connects from the pod's own address: no bind to a passthrough source.
     (inbound,) = [c for c in resources["clusters"] if c["name"] == "InboundPassthroughCluster"]
     assert "upstream_bind_config" not in inbound
+
+
+def test_kuma_and_linkerd_ip6tables_rules_differ_only_in_addresses() -> None:
+    """With IPv6 on, kuma-init and proxy-init write the same chains for ip6tables: Kuma's with
+    ::1/128 and its IPv6 passthrough source ::6/128, Linkerd's (which name no address) alike
+    but for the skipped subnets, each family's own."""
+    kuma = KumaInterception(exclude_inbound_ports=(9090,), exclude_outbound_ports=(9091,))
+    kuma4, kuma6 = render_kuma_nat_rules(kuma), render_kuma_nat_rules(kuma, "ipv6")
+    assert "127." not in kuma6
+    assert kuma6 == kuma4.replace("127.0.0.1/32", "::1/128").replace("127.0.0.6/32", "::6/128")
+    linkerd = LinkerdInterception(skip_subnets=("10.9.0.0/16", "fd00:9::/64"))
+    linkerd4, linkerd6 = (render_linkerd_nat_rules(linkerd, f) for f in ("ipv4", "ipv6"))
+    assert chain(linkerd4, "PROXY_INIT_REDIRECT")[1] == (
+        "-A PROXY_INIT_REDIRECT -s 10.9.0.0/16 -j RETURN"
+    )
+    assert chain(linkerd6, "PROXY_INIT_REDIRECT")[1] == (
+        "-A PROXY_INIT_REDIRECT -s fd00:9::/64 -j RETURN"
+    )
+    assert linkerd6.replace("fd00:9::/64", "10.9.0.0/16") == linkerd4
+
+
+@pytest.mark.parametrize("mesh", list(LAB_MESHES), ids=str)
+def test_a_dual_stack_stand_in_listens_on_both_families(mesh: MeshModeName, tmp_path: Path) -> None:
+    """A dual-stack pod's proxy listens on each virtual listener's IPv6 twin too (:: or ::1,
+    IPv6-only sockets beside the IPv4 ones) and, where it binds its inbound passthrough to
+    127.0.0.6, binds ::6 for IPv6 destinations."""
+    listeners = LAB_MESHES[mesh].listeners
+    options = EnvoyBootstrapOptions(
+        node_id="d",
+        access_log_path=tmp_path / "access.log",
+        admin_port=listeners.admin_port,
+        outbound_port=listeners.outbound_port,
+        inbound_port=listeners.inbound_port,
+        outbound_address=listeners.outbound_address,
+        inbound_passthrough_source=listeners.inbound_passthrough_source,
+        ipv6=True,
+    )
+    resources = render_envoy_bootstrap(options)["static_resources"]
+    twins = {
+        listener["name"]: [a["address"]["socket_address"] for a in listener["additional_addresses"]]
+        for listener in resources["listeners"]
+    }
+    outbound6 = "::1" if listeners.outbound_address == "127.0.0.1" else "::"
+    assert twins == {
+        "virtualOutbound": [{"address": outbound6, "port_value": listeners.outbound_port}],
+        "virtualInbound": [{"address": "::", "port_value": listeners.inbound_port}],
+    }
+    (inbound,) = [c for c in resources["clusters"] if c["name"] == "InboundPassthroughCluster"]
+    if listeners.inbound_passthrough_source is None:
+        assert "upstream_bind_config" not in inbound
+    else:
+        assert inbound["upstream_bind_config"]["extra_source_addresses"] == [
+            {"address": {"address": "::6", "port_value": 0}}
+        ]
+    # IPv4 alone: exactly the bootstrap of before.
+    single = render_envoy_bootstrap(dataclasses.replace(options, ipv6=False))
+    assert "additional_addresses" not in json.dumps(single)
+    assert "extra_source_addresses" not in json.dumps(single)

@@ -1,7 +1,8 @@
 """The iptables-only control path end to end with real Envoy sidecars, and the harness's promises.
 
 App A -> (nat OUTPUT REDIRECT) Envoy A :15001 -> pod B :8080 -> (nat PREROUTING REDIRECT)
-Envoy B :15006 -> from 127.0.0.6 -> echo server B :8080.
+Envoy B :15006 -> from 127.0.0.6 -> echo server B :8080; over IPv6 the same through ip6tables,
+Envoy learning [fd00:198:18::B]:8080 with IP6T_SO_ORIGINAL_DST and going on from ::6.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +23,20 @@ from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS, send_on_plan, send_plan
 from .cgroups import cgroup_pids, find_cgroup2_mount
 from .counters import parse_proc_net_counters
 from .envoy import EnvoyBootstrapOptions, find_envoy_binary, path_usable_by, render_envoy_bootstrap
-from .fixtures import NodeFactory
+from .families import PASSTHROUGH_SOURCE, Family, address_prefix
+from .fixtures import BOTH_FAMILIES, NodeFactory
 from .istio_iptables import (
     IstioInterception,
     dump_nat_table,
     nat_table_exists,
     render_istio_nat_rules,
+    restore_rules,
 )
 from .leftovers import find_leftovers, remove_stale_leftovers
 from .mesh import ECHO_PORT, EXCLUDED_PORT, MeshPodSpec, mesh_node
 from .netns import create_netns, delete_netns, list_netns, run_in_netns
 from .processes import SIDECAR_IDENTITY, RunAs
-from .topology import Node
+from .topology import Node, lab_ipv6
 
 # Fixtures (netlab_node, netlab_factory, netlab_requirements) come from the tests.netlab.fixtures
 # plugin, which tests/conftest.py loads.
@@ -76,6 +80,25 @@ def test_istio_rules_match_istio_iptables_layout() -> None:
     assert "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
     assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in lines
     assert "-A OUTPUT -p tcp -j ISTIO_OUTPUT" in lines
+
+
+def test_istio_ip6tables_rules_are_the_ipv4_ones_with_ipv6_loopback_and_passthrough() -> None:
+    """istio-iptables with IPv6 (testdata/ipv6-*.golden): the same chains, ::1/128 for
+    127.0.0.1/32 and ::6/128 for the passthrough source, nothing else changed."""
+    config = IstioInterception(exclude_inbound_ports=(9090,), exclude_outbound_ports=(9091,))
+    ipv4, ipv6 = render_istio_nat_rules(config), render_istio_nat_rules(config, "ipv6")
+    assert "127." not in ipv6
+    assert "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in ipv6.splitlines()
+    assert "-A ISTIO_OUTPUT -d ::1/128 -j RETURN" in ipv6.splitlines()
+    assert ipv6 == ipv4.replace("127.0.0.1/32", "::1/128").replace("127.0.0.6/32", "::6/128")
+
+
+def test_the_lab_s_ipv6_addresses_read_like_the_ipv4_ones() -> None:
+    import ipaddress
+
+    assert str(lab_ipv6(ipaddress.IPv4Address("198.18.0.10"))) == "fd00:198:18::10"
+    assert str(lab_ipv6(ipaddress.IPv4Address("198.18.3.255"))) == "fd00:198:18:3::255"
+    assert str(lab_ipv6(ipaddress.IPv4Address("198.19.0.1"))) == "fd00:198:19::1"
 
 
 def test_cgroup2_mount_is_found_in_hybrid_mountinfo(tmp_path: Path) -> None:
@@ -167,61 +190,94 @@ def test_path_usable_by_sees_private_parent(tmp_path: Path) -> None:
 
 
 @kernel
-def test_echo_through_both_sidecars_is_byte_exact(netlab_node: Node) -> None:
+@BOTH_FAMILIES
+def test_echo_through_both_sidecars_is_byte_exact(netlab_node: Node, family: Family) -> None:
     a, b = netlab_node.pods["a"], netlab_node.pods["b"]
     assert a.sidecar is not None and b.sidecar is not None
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=MIB)
+    result = a.echo_client(b.host(family), ECHO_PORT, nbytes=MIB)
     assert result.ok, result.raw
     (connection,) = result.connections
-    assert connection["received"] == MIB and connection["peer"] == b.address(ECHO_PORT)
+    assert connection["received"] == MIB and connection["peer"] == b.address(ECHO_PORT, family)
     app_a = connection["local"]
+    assert app_a.startswith(address_prefix(a.ip_of(family)))  # the app's own address: REDIRECT
+    # keeps the source; the kernel's own tuple says so too
+    assert connection["kernel_local"] == app_a
 
-    # Envoy A caught the app's connection on 15001 and learned pod B:8080 through SO_ORIGINAL_DST.
+    # Envoy A caught the app's connection on 15001 and learned pod B:8080 through
+    # SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST on IPv6).
     (out,) = a.sidecar.wait_access_log(lambda e: e.downstream_remote == app_a)
     assert out.listener == "virtualOutbound"
-    assert out.downstream_local == b.address(ECHO_PORT)
-    assert out.upstream_host == b.address(ECHO_PORT)
+    assert out.downstream_local == b.address(ECHO_PORT, family)
+    assert out.upstream_host == b.address(ECHO_PORT, family)
     assert out.bytes_received == MIB and out.bytes_sent == MIB
-    assert out.upstream_local.startswith(f"{a.ip}:")
+    assert out.upstream_local.startswith(address_prefix(a.ip_of(family)))
 
-    # Envoy B caught Envoy A's connection on 15006, also learned pod B:8080, went on from 127.0.0.6.
+    # Envoy B caught Envoy A's connection on 15006, also learned pod B:8080, went on from
+    # 127.0.0.6 (::6 on IPv6).
     (inbound,) = b.sidecar.wait_access_log(lambda e: e.downstream_remote == out.upstream_local)
     assert inbound.listener == "virtualInbound"
-    assert inbound.downstream_local == b.address(ECHO_PORT)
-    assert inbound.upstream_host == b.address(ECHO_PORT)
-    assert inbound.upstream_local.startswith("127.0.0.6:")
+    assert inbound.downstream_local == b.address(ECHO_PORT, family)
+    assert inbound.upstream_host == b.address(ECHO_PORT, family)
+    passthrough = PASSTHROUGH_SOURCE[family]
+    assert inbound.upstream_local.startswith(address_prefix(passthrough))
     assert inbound.bytes_received == MIB and inbound.bytes_sent == MIB
 
-    # The echo server saw that very connection coming from 127.0.0.6.
+    # The echo server saw that very connection coming from the passthrough source.
     served = b.servers[ECHO_PORT].wait_closed_from(inbound.upstream_local)
     assert served["bytes"] == MIB and served["error"] is None
 
 
 @kernel
+def test_without_ip6tables_rules_ipv6_goes_straight_to_the_app(netlab_node: Node) -> None:
+    """The control for the test above: pod b's IPv6 nat table is what sends its IPv6 inbound
+    to Envoy B. A sidecar-identity client (not redirected by a) to b over IPv6 reaches Envoy B,
+    and without b's ip6 nat table the same reaches b's app directly."""
+    a, b = netlab_node.pods["a"], netlab_node.pods["b"]
+    assert b.sidecar is not None
+    via = a.echo_client(b.host("ipv6"), ECHO_PORT, nbytes=64 * 1024, run_as=SIDECAR_IDENTITY)
+    assert via.ok, via.raw
+    b.sidecar.wait_access_log(lambda e: e.downstream_remote == via.local_addresses[0])
+    saved = dump_nat_table(b.netns, "ipv6")
+    run_in_netns(b.netns, ["nft", "delete", "table", "ip6", "nat"])
+    try:
+        direct = a.echo_client(b.host("ipv6"), ECHO_PORT, nbytes=64 * 1024, run_as=SIDECAR_IDENTITY)
+        assert direct.ok, direct.raw
+        (client,) = direct.local_addresses
+        served = b.servers[ECHO_PORT].wait_closed_from(client)  # the app saw a itself
+        assert served["bytes"] == 64 * 1024
+        assert not [e for e in b.sidecar.access_log() if e.downstream_remote == client]
+    finally:
+        restore_rules(b.netns, saved, "ipv6")
+    assert nat_table_exists(b.netns, "ipv6")
+
+
+@kernel
+@BOTH_FAMILIES
 @pytest.mark.parametrize(
     "identity", [RunAs(1337, 1337), RunAs(1000, 1337)], ids=["uid1337", "gid1337"]
 )
 def test_sidecar_identity_traffic_is_not_redirected_to_its_own_sidecar(
-    netlab_node: Node, identity: RunAs
+    netlab_node: Node, identity: RunAs, family: Family
 ) -> None:
     a, b = netlab_node.pods["a"], netlab_node.pods["b"]
     assert a.sidecar is not None and b.sidecar is not None
-    result = a.echo_client(str(b.ip), ECHO_PORT, nbytes=64 * 1024, run_as=identity)
+    result = a.echo_client(b.host(family), ECHO_PORT, nbytes=64 * 1024, run_as=identity)
     assert result.ok, result.raw
     assert result.raw["uid"] == identity.uid
     client = result.connections[0]["local"]
     # It reached pod B directly (Envoy B sees the client's own address and port) ...
     (inbound,) = b.sidecar.wait_access_log(lambda e: e.downstream_remote == client)
-    assert inbound.downstream_local == b.address(ECHO_PORT)
+    assert inbound.downstream_local == b.address(ECHO_PORT, family)
     # ... so Envoy A never saw it.
     assert not [e for e in a.sidecar.access_log() if e.downstream_remote == client]
 
 
 @kernel
-def test_excluded_port_bypasses_both_sidecars(netlab_node: Node) -> None:
+@BOTH_FAMILIES
+def test_excluded_port_bypasses_both_sidecars(netlab_node: Node, family: Family) -> None:
     a, b = netlab_node.pods["a"], netlab_node.pods["b"]
     assert a.sidecar is not None and b.sidecar is not None
-    result = a.echo_client(str(b.ip), EXCLUDED_PORT, nbytes=64 * 1024)
+    result = a.echo_client(b.host(family), EXCLUDED_PORT, nbytes=64 * 1024)
     assert result.ok, result.raw
     client = result.connections[0]["local"]
     served = b.servers[EXCLUDED_PORT].wait_closed_from(client)  # the server saw the app itself
@@ -252,10 +308,12 @@ def test_echo_server_read_apis_through_the_sidecars(netlab_node: Node, read_api:
 
 
 @kernel
-def test_one_shot_request(netlab_node: Node) -> None:
+@BOTH_FAMILIES
+def test_one_shot_request(netlab_node: Node, family: Family) -> None:
     a, b = netlab_node.pods["a"], netlab_node.pods["b"]
-    result = a.request(str(b.ip), ECHO_PORT, "hello meshaccel")
+    result = a.request(b.host(family), ECHO_PORT, "hello meshaccel")
     assert result["ok"] and result["response"] == "hello meshaccel", result
+    assert result["peer"] == b.address(ECHO_PORT, family)
 
 
 @kernel
@@ -299,6 +357,14 @@ def test_short_commands_run_in_the_pod_with_an_optional_identity(netlab_node: No
     assert as_sidecar.stdout.strip() == "1337", as_sidecar.stderr
     addresses = pod.run_to_completion(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], timeout=10)
     assert f"inet {pod.ip}/24" in addresses.stdout
+    # Its IPv6 twin, usable at once (no DAD: never tentative), and ::6 for Istio's passthrough.
+    addresses6 = pod.run_to_completion(["ip", "-6", "-o", "addr", "show"], timeout=10)
+    (line,) = [line for line in addresses6.stdout.splitlines() if f"inet6 {pod.ipv6}/64" in line]
+    assert " eth0 " in line and "tentative" not in line, line
+    assert "inet6 ::6/128" in addresses6.stdout
+    routes6 = pod.run_to_completion(["ip", "-6", "route", "show"], timeout=10)
+    assert f"{netlab_node.subnet6} dev eth0" in routes6.stdout
+    assert "default" not in routes6.stdout  # IPv6 stays on the lab's link
 
 
 @kernel
@@ -311,11 +377,12 @@ def test_bridge_netfilter_is_off_in_the_node_netns_only(netlab_node: Node) -> No
 
 
 @kernel
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "dual-stack"])
 def test_http_variant_bootstrap_is_valid_envoy_config(
-    tmp_path: Path, netlab_requirements: None
+    tmp_path: Path, netlab_requirements: None, ipv6: bool
 ) -> None:
     options = EnvoyBootstrapOptions(
-        node_id="validate", access_log_path=tmp_path / "access.log", protocol="http"
+        node_id="validate", access_log_path=tmp_path / "access.log", protocol="http", ipv6=ipv6
     )
     bootstrap = tmp_path / "bootstrap.yaml"
     bootstrap.write_text(json.dumps(render_envoy_bootstrap(options)))
@@ -436,6 +503,32 @@ def test_getsockopt_probe_is_deterministic_and_the_pod_matches_the_host(
     assert not small["ok"] and small["errno"] == errno.ERANGE and small["len"] == needed
 
 
+@kernel
+def test_the_ipv6_getsockopt_probe_is_deterministic_and_the_pod_matches_the_host(
+    netlab_node: Node,
+) -> None:
+    c = netlab_node.pods["c"]
+    first = c.getsockopt_probe(family="ipv6")
+    assert c.getsockopt_probe(family="ipv6") == first
+    host = run_getsockopt_probe_here(family="ipv6")
+    assert set(host) == set(first)
+    assert {k: v for k, v in host.items() if k not in NETNS_DEPENDENT_CASES} == {
+        k: v for k, v in first.items() if k not in NETNS_DEPENDENT_CASES
+    }
+    # The pod's ip6 nat table makes conntrack track the probe's own pair: netfilter answers
+    # with a sockaddr_in6 (AF_INET6, [::1]:<listener port, masked>) and leaves optlen as given.
+    family = socket.AF_INET6.to_bytes(2, sys.byteorder).hex()
+    assert first["tcp/IP6T_SO_ORIGINAL_DST"] == {
+        "ok": True,
+        "len": 28,
+        "hex": family + "0000" + "00000000" + "00" * 15 + "01" + "00000000",
+        "errno": None,
+        "masked": "port==listener",
+    }
+    assert first["tcp/IP6T_SO_ORIGINAL_DST/buf16"]["errno"] == errno.EINVAL
+    assert first["tcp/IPV6_UNICAST_HOPS"]["ok"] and first["udp/SO_TYPE"]["hex"] == "02000000"
+
+
 # ---------------------------------------------------------------- nothing left behind
 
 
@@ -443,9 +536,11 @@ def test_getsockopt_probe_is_deterministic_and_the_pod_matches_the_host(
 def test_nat_table_removal_deletes_the_table(netlab_factory: NodeFactory) -> None:
     node = netlab_factory((MeshPodSpec("n", sidecar=False, echo_ports=()),), subnet="198.18.1.0/24")
     pod = node.pods["n"]
-    assert nat_table_exists(pod.netns)
+    assert nat_table_exists(pod.netns) and nat_table_exists(pod.netns, "ipv6")
+    assert "-A ISTIO_OUTPUT -d ::1/128 -j RETURN" in dump_nat_table(pod.netns, "ipv6")
     pod.remove_istio_iptables()
     assert not nat_table_exists(pod.netns)
+    assert not nat_table_exists(pod.netns, "ipv6")
 
 
 @kernel

@@ -1,5 +1,9 @@
 """Nodes and pods: a node netns holding a bridge, pod netns on veths, one child cgroup per pod.
 
+Every pod has an IPv4 address in the node's subnet and, unless asked not to, an IPv6 ULA address
+in the lab's own prefix: 198.18.X.N -> fd00:198:18:X::N (the node's bridge is ...::1/64), added
+without DAD so that it is usable at once, and routed on the bridge's link only.
+
 Nothing is created in the host's root netns: the bridge and both ends of every veth live in
 namespaces this harness made. Everything is undone by Node.__exit__ (an ExitStack), also when setup
 fails half-way.
@@ -43,6 +47,7 @@ from .envoy import (
     ProxyListeners,
     envoy_binary_for,
 )
+from .families import Family, IPAddress, format_address
 from .istio_iptables import IstioInterception, install_istio_iptables, remove_istio_iptables
 from .meshes import Interception, LabMesh, install_interception
 from .netns import create_netns, delete_netns, netns_cookie, run_in_netns, socket_in_netns
@@ -50,12 +55,26 @@ from .processes import SIDECAR_IDENTITY, PodProcess, RunAs, pod_command
 
 NETLAB_PREFIX = "meshaccel"
 ALLOWED_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmark range
+ALLOWED_NETWORK6 = ipaddress.IPv6Network("fd00::/8")  # unique local addresses (RFC 4193)
 DEFAULT_SUBNET = "198.18.0.0/24"
 BRIDGE_NAME = "mxbr0"
 POD_INTERFACE = "eth0"
 FIRST_POD_HOST = 10
 _POD_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")  # "mx-<name>" must fit IFNAMSIZ (15)
 _node_numbers = itertools.count()
+
+
+def lab_ipv6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """The lab's IPv6 twin of an IPv4 address: 198.18.X.N -> fd00:198:18:X::N (the decimal
+    octets written as they are, so that the two read alike)."""
+    _, second, third, fourth = ip.packed
+    return ipaddress.IPv6Address(f"fd00:198:{second}:{third}::{fourth}")
+
+
+def lab_ipv6_network(network: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """The /64 holding the IPv6 twins of a node subnet's addresses."""
+    twin = lab_ipv6(network.network_address)
+    return ipaddress.IPv6Network(f"{twin}/64", strict=False)
 
 
 class Node:
@@ -75,6 +94,10 @@ class Node:
         self.netns = f"{self.token}-node"
         self.subnet = network
         self.gateway = network.network_address + 1
+        self.subnet6 = lab_ipv6_network(network)
+        if not self.subnet6.subnet_of(ALLOWED_NETWORK6):  # traffic stays in the lab's ULAs
+            raise ValueError(f"node IPv6 subnet {self.subnet6} must lie in {ALLOWED_NETWORK6}")
+        self.gateway6 = lab_ipv6(self.gateway)
         self.bridge = BRIDGE_NAME
         self.cgroup = TestCgroup(f"{TEST_CGROUP_PREFIX}{os.getpid()}-{self.number}")
         self.pods: dict[str, Pod] = {}
@@ -122,12 +145,15 @@ class Node:
             [*ip, "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge]
         )
         run_command([*ip, "link", "set", self.bridge, "up"])
+        gateway6 = f"{self.gateway6}/{self.subnet6.prefixlen}"
+        run_command([*ip, "-6", "addr", "add", gateway6, "dev", self.bridge, "nodad"])
 
     # ------------------------------------------------------------------ pods
 
-    def add_pod(self, name: str, *, cgroup_subpath: str | None = None) -> Pod:
+    def add_pod(self, name: str, *, cgroup_subpath: str | None = None, ipv6: bool = True) -> Pod:
         """A pod netns `<token>-<name>` with eth0 on the bridge, lo up, a default route via the
-        bridge address, and its own cgroup `<test cgroup>/<cgroup_subpath or "pod-<name>">`."""
+        bridge address, and its own cgroup `<test cgroup>/<cgroup_subpath or "pod-<name>">`.
+        ``ipv6``: also its IPv6 twin address (lab_ipv6), on-link on the bridge's /64."""
         if not self._entered:
             raise RuntimeError("enter the Node (with ...) before adding pods")
         if not _POD_NAME.match(name) or name in self.pods:
@@ -136,6 +162,7 @@ class Node:
         if address not in self.subnet or address == self.subnet.broadcast_address:
             raise ValueError(f"subnet {self.subnet} is full")
         pod = Pod(self, name, address, self.cgroup.child(cgroup_subpath or f"pod-{name}"))
+        pod.ipv6 = lab_ipv6(address) if ipv6 else None
         self.pods[name] = pod
         pod_ns, node_side = pod.netns, f"mx-{name}"
         create_netns(pod_ns)
@@ -173,6 +200,12 @@ class Node:
         )
         run_command(["ip", "-n", pod_ns, "link", "set", POD_INTERFACE, "up"])
         run_command(["ip", "-n", pod_ns, "route", "add", "default", "via", str(self.gateway)])
+        if pod.ipv6 is not None:
+            prefix = f"{pod.ipv6}/{self.subnet6.prefixlen}"
+            # nodad: usable at once, no tentative second during which bind() and REDIRECT fail.
+            run_command(
+                ["ip", "-n", pod_ns, "-6", "addr", "add", prefix, "dev", POD_INTERFACE, "nodad"]
+            )
         pod.workdir.mkdir()
         pod.workdir.chmod(0o755)  # whatever the umask: the sidecar uid traverses it
         return pod
@@ -190,6 +223,7 @@ class Pod:
         self.node = node
         self.name = name
         self.ip = ip
+        self.ipv6: ipaddress.IPv6Address | None = None  # set by Node.add_pod
         self.netns = f"{node.token}-{name}"
         self.cgroup_dir = cgroup_dir
         self.workdir = node.workdir / name
@@ -200,7 +234,7 @@ class Pod:
         self._process_numbers = itertools.count()
 
     def __repr__(self) -> str:
-        return f"Pod({self.name!r}, ip={self.ip}, netns={self.netns!r})"
+        return f"Pod({self.name!r}, ip={self.ip}, ipv6={self.ipv6}, netns={self.netns!r})"
 
     @property
     def cgroup_id(self) -> int:
@@ -209,8 +243,21 @@ class Pod:
     def netns_cookie(self) -> int:
         return netns_cookie(self.netns)
 
-    def address(self, port: int) -> str:
-        return f"{self.ip}:{port}"
+    def ip_of(self, family: Family) -> IPAddress:
+        """The pod's address of that family (an error if it has none)."""
+        if family == "ipv4":
+            return self.ip
+        if self.ipv6 is None:
+            raise ValueError(f"{self} has no IPv6 address")
+        return self.ipv6
+
+    def host(self, family: Family = "ipv4") -> str:
+        """The pod's address of that family as a client names it."""
+        return str(self.ip_of(family))
+
+    def address(self, port: int, family: Family = "ipv4") -> str:
+        """ "ip:port" ("[ip]:port" for IPv6), as Envoy's access log and apps.py print it."""
+        return format_address(self.ip_of(family), port)
 
     # ------------------------------------------------------------------ processes
 
@@ -259,13 +306,15 @@ class Pod:
     # ------------------------------------------------------------------ mesh pieces
 
     def install_istio_iptables(self, config: IstioInterception | None = None) -> str:
+        """Istio's rules, for ip6tables too when the pod has an IPv6 address."""
         self.interception = config or IstioInterception()
-        return install_istio_iptables(self.netns, self.interception)
+        return install_istio_iptables(self.netns, self.interception, ipv6=self.ipv6 is not None)
 
     def install_interception(self, config: Interception) -> str:
-        """Any mesh's rules (tests/netlab/meshes.py); they live in the pod's nat table."""
+        """Any mesh's rules (tests/netlab/meshes.py); they live in the pod's nat tables, ip and
+        (when the pod has an IPv6 address) ip6."""
         self.interception = config
-        return install_interception(self.netns, config)
+        return install_interception(self.netns, config, ipv6=self.ipv6 is not None)
 
     def remove_istio_iptables(self) -> None:
         remove_istio_iptables(self.netns)
@@ -305,6 +354,7 @@ class Pod:
             explicit_listeners=explicit_listeners,
             access_log=access_log,
             upstream_idle_timeout_s=upstream_idle_timeout_s,
+            ipv6=self.ipv6 is not None,
         )
         binary = envoy_binary_for(identity.uid, identity.gid, self.node.workdir)
         sidecar = EnvoySidecar(
@@ -356,9 +406,12 @@ class Pod:
             deadline=echo_client_deadline(options),
         )
 
-    def getsockopt_probe(self, run_as: RunAs | None = None) -> dict[str, Any]:
-        """apps.py getsockopt-probe in this pod's netns and cgroup (as run_as after setup)."""
-        completed = self.run_to_completion(getsockopt_probe_argv(run_as), timeout=30)
+    def getsockopt_probe(
+        self, run_as: RunAs | None = None, family: Family = "ipv4"
+    ) -> dict[str, Any]:
+        """apps.py getsockopt-probe in this pod's netns and cgroup (as run_as after setup), on
+        sockets of ``family``."""
+        completed = self.run_to_completion(getsockopt_probe_argv(run_as, family), timeout=30)
         return parse_getsockopt_probe(completed.returncode, completed.stdout, completed.stderr)
 
     def request(
