@@ -7,7 +7,8 @@ Every cell is computed here from the code and compared with what the README says
   ``cgroup/connect6`` means IPv6 is left to ip6tables);
 * and only for a mesh that has a mode (``contract/modes.py``) and that the kernel scenario
   proving the hop runs for: the test function named in ``PROOFS``, which must assert the
-  hop's counter, parametrised (``EVERY_MESH`` or its own list) over that mesh;
+  hop's counter, parametrised (``EVERY_MESH`` or its own list) over that mesh and
+  (``BOTH_FAMILIES``) over that family;
 * the "why" of an accelerated row names the mode's proxy identity and ports as the modes table
   has them.
 """
@@ -62,31 +63,31 @@ class Proof:
     counter: str
 
 
-PROOFS: dict[str, dict[str, Proof]] = {
-    "IPv4": {
-        "app -> sidecar": Proof(
-            test_same_node,
-            "test_same_node_call_through_both_sidecars",
-            "COUNTER_CONNECT_OUTBOUND_REDIRECTED",
-        ),
-        "sidecar -> sidecar (same node)": Proof(
-            test_same_node,
-            "test_same_node_call_through_both_sidecars",
-            "COUNTER_CONNECT_INBOUND_REDIRECTED",
-        ),
-        "sidecar -> app (inbound)": Proof(
-            test_same_node,
-            "test_same_node_call_through_both_sidecars",
-            "COUNTER_CONNECT_SIDECAR_TO_OWN_POD",
-        ),
-        "sk_msg delivery": Proof(
-            test_same_node,
-            "test_payload_skips_tcp_entirely_when_apps_are_targets",
-            "COUNTER_MSG_BYTES_REDIRECTED",
-        ),
-    },
-    "IPv6": {},  # no IPv6 scenario yet: name them here when IPv6 programs arrive
+_SAME_NODE_PROOFS = {
+    "app -> sidecar": Proof(
+        test_same_node,
+        "test_same_node_call_through_both_sidecars",
+        "COUNTER_CONNECT_OUTBOUND_REDIRECTED",
+    ),
+    "sidecar -> sidecar (same node)": Proof(
+        test_same_node,
+        "test_same_node_call_through_both_sidecars",
+        "COUNTER_CONNECT_INBOUND_REDIRECTED",
+    ),
+    "sidecar -> app (inbound)": Proof(
+        test_same_node,
+        "test_same_node_call_through_both_sidecars",
+        "COUNTER_CONNECT_SIDECAR_TO_OWN_POD",
+    ),
+    "sk_msg delivery": Proof(
+        test_same_node,
+        "test_payload_skips_tcp_entirely_when_apps_are_targets",
+        "COUNTER_MSG_BYTES_REDIRECTED",
+    ),
 }
+# The same scenarios prove both families: each must also run for the row's family.
+PROOFS: dict[str, dict[str, Proof]] = {"IPv4": _SAME_NODE_PROOFS, "IPv6": _SAME_NODE_PROOFS}
+_FAMILY_PARAMETER = {"IPv4": "ipv4", "IPv6": "ipv6"}
 
 
 @dataclass(frozen=True)
@@ -137,26 +138,34 @@ def sections() -> set[str]:
     return found
 
 
-def meshes_run_by(module: ModuleType, test: Callable[..., Any]) -> set[MeshModeName]:
-    """The meshes a scenario runs for: its netlab_node parametrisation (module or function
-    marks); none means the fixture's default, Istio."""
+def parametrised_values(module: ModuleType, test: Callable[..., Any], argname: str) -> set[Any]:
+    """The values a scenario's module or function marks parametrise ``argname`` with (empty:
+    not parametrised, the fixture's default)."""
     marks: list[Any] = []
     for owner in (module, test):
         found = getattr(owner, "pytestmark", [])
         marks += found if isinstance(found, list) else [found]
-    meshes: set[MeshModeName] = set()
-    parametrised = False
+    values: set[Any] = set()
     for mark in marks:
         if mark.name != "parametrize":
             continue
-        argnames, values = mark.args[0], mark.args[1]
+        argnames, params = mark.args[0], mark.args[1]
         names = [n.strip() for n in argnames.split(",")] if isinstance(argnames, str) else argnames
-        if "netlab_node" not in names:
-            continue
-        parametrised = True
-        at = list(names).index("netlab_node")
-        meshes |= {MeshModeName(_unwrapped(v, len(names))[at]) for v in values}
-    return meshes if parametrised else {MeshModeName.ISTIO}
+        if argname in names:
+            at = list(names).index(argname)
+            values |= {_unwrapped(v, len(names))[at] for v in params}
+    return values
+
+
+def meshes_run_by(module: ModuleType, test: Callable[..., Any]) -> set[MeshModeName]:
+    """The meshes a scenario runs for (its netlab_node parametrisation; default Istio)."""
+    meshes = parametrised_values(module, test, "netlab_node")
+    return {MeshModeName(m) for m in meshes} or {MeshModeName.ISTIO}
+
+
+def families_run_by(module: ModuleType, test: Callable[..., Any]) -> set[str]:
+    """The address families a scenario runs for (its ``family`` parametrisation; default IPv4)."""
+    return parametrised_values(module, test, "family") or {"ipv4"}
 
 
 def _unwrapped(value: Any, width: int) -> tuple[Any, ...]:
@@ -175,7 +184,11 @@ def expected_cell(mesh: MeshModeName, family: str, hop: str, sections: set[str])
         pytest.fail(f"the objects have {family} programs for {hop!r}: name its proof in PROOFS")
     test = getattr(proof.module, proof.test)
     assert proof.counter in inspect.getsource(test), f"{proof.test} does not check {proof.counter}"
-    runs = mesh in MESH_MODES and mesh in meshes_run_by(proof.module, test)
+    runs = (
+        mesh in MESH_MODES
+        and mesh in meshes_run_by(proof.module, test)
+        and _FAMILY_PARAMETER[family] in families_run_by(proof.module, test)
+    )
     return ACCELERATED if runs else IPTABLES
 
 
@@ -221,8 +234,10 @@ def test_the_checks_can_fail(sections: set[str]) -> None:
     assert kuma.cells["app -> sidecar"] == IPTABLES
     assert expected_cell(kuma.mesh, "IPv4", "app -> sidecar", sections) == ACCELERATED
     assert mode_summary(MESH_MODES[MeshModeName.LINKERD]) not in kuma.why
-    assert expected_cell(MeshModeName.ISTIO, "IPv6", "app -> sidecar", sections) == IPTABLES
 
     def not_parametrised() -> None: ...
 
     assert meshes_run_by(ModuleType("unmarked"), not_parametrised) == {MeshModeName.ISTIO}
+    assert families_run_by(ModuleType("unmarked"), not_parametrised) == {"ipv4"}
+    proof = test_same_node.test_same_node_call_through_both_sidecars
+    assert families_run_by(test_same_node, proof) == {"ipv4", "ipv6"}
