@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import partial
-from ipaddress import IPv4Address, IPv6Address
 from typing import Generic, Protocol
 
 from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
@@ -282,13 +281,11 @@ def same_spec(a: PodSpec, b: PodSpec) -> bool:
 def accelerated_pod(spec: PodSpec, cgroup_id: int) -> AcceleratedPod:
     """What the maps should hold for ``spec``, whose pod cgroup id is ``cgroup_id``."""
     options = spec.options
-    ipv4 = next((a for a in spec.addresses if isinstance(a, IPv4Address)), None)
-    ipv6 = next((a for a in spec.addresses if isinstance(a, IPv6Address)), None)
     return AcceleratedPod.in_mesh(
         MESH_MODES[spec.mode],
         cgroup_id,
-        ipv4,
-        ipv6=ipv6,
+        spec.ipv4,
+        ipv6=spec.ipv6,
         excluded_outbound_ports=options.excluded_outbound_ports,
         excluded_inbound_ports=options.excluded_inbound_ports,
         excluded_outbound_cidrs=options.excluded_outbound_cidrs,

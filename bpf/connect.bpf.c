@@ -69,18 +69,11 @@ static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const st
 	return true;
 }
 
-/*
- * Rewrite the destination. The context's address fields differ by hook (connect4 may touch
- * only user_ip4, connect6 only user_ip6): `ipv6_socket` is a constant at every call, so the
- * other hook's access is compiled out.
- */
+/* Rewrite the destination (read_address says why `ipv6_socket` is a constant). */
 static __always_inline void steer(struct bpf_sock_addr *ctx, bool ipv6_socket,
-				   const struct ip_address *ip, __be16 port)
+				  const struct ip_address *ip, __be16 port)
 {
-	if (ipv6_socket)
-		WRITE_IP6(ctx->user_ip6, ip);
-	else
-		ctx->user_ip4 = ip->word[3];
+	write_address(ctx, ipv6_socket, ip);
 	ctx->user_port = port;
 }
 
@@ -289,7 +282,7 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 {
 	struct destination dst = {};
 
-	set_mapped(&dst.ip, ctx->user_ip4);
+	read_address(ctx, false, &dst.ip);
 	dst.port = (__be16)ctx->user_port;
 	dst.ipv4 = true;
 	return redirect_connect(ctx, &dst, false);
@@ -300,7 +293,7 @@ int redirect_connect6(struct bpf_sock_addr *ctx)
 {
 	struct destination dst = {};
 
-	READ_IP6(&dst.ip, ctx->user_ip6);
+	read_address(ctx, true, &dst.ip);
 	dst.port = (__be16)ctx->user_port;
 	dst.ipv4 = is_mapped(&dst.ip);
 	return redirect_connect(ctx, &dst, true);

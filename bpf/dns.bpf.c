@@ -18,25 +18,6 @@
  */
 #include "helpers.h"
 
-/* `ipv6_socket` is a constant at every call: each hook keeps to its own context fields. */
-static __always_inline void read_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
-					 struct ip_address *addr)
-{
-	if (ipv6_socket)
-		READ_IP6(addr, ctx->user_ip6);
-	else
-		set_mapped(addr, ctx->user_ip4);
-}
-
-static __always_inline void write_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
-					  const struct ip_address *addr)
-{
-	if (ipv6_socket)
-		WRITE_IP6(ctx->user_ip6, addr);
-	else
-		ctx->user_ip4 = addr->word[3];
-}
-
 static __always_inline int capture_dns_sendmsg(struct bpf_sock_addr *ctx, bool ipv6_socket)
 {
 	struct ip_address server, proxy;

@@ -33,26 +33,6 @@ static __always_inline const struct socket_state *steered(struct bpf_sock_addr *
 	return state;
 }
 
-/* The address the kernel is about to answer, in the record's form. */
-static __always_inline void read_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
-					 struct ip_address *addr)
-{
-	if (ipv6_socket)
-		READ_IP6(addr, ctx->user_ip6);
-	else
-		set_mapped(addr, ctx->user_ip4);
-}
-
-/* `ipv6_socket` is a constant at every call: each hook keeps to its own context fields. */
-static __always_inline void write_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
-					  const struct ip_address *addr)
-{
-	if (ipv6_socket)
-		WRITE_IP6(ctx->user_ip6, addr);
-	else
-		ctx->user_ip4 = addr->word[3];
-}
-
 static __always_inline int restore_peer(struct bpf_sock_addr *ctx, bool ipv6_socket)
 {
 	const struct socket_state *state = steered(ctx);

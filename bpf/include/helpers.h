@@ -185,6 +185,29 @@ static __always_inline __be32 localhost(void)
 	} while (0)
 
 /*
+ * A sock_addr hook's user address in the maps' form, and back. `ipv6_socket` is
+ * a constant at every call: each hook keeps to its own context fields
+ * (connect4 may touch only user_ip4, connect6 only user_ip6).
+ */
+static __always_inline void read_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
+					 struct ip_address *addr)
+{
+	if (ipv6_socket)
+		READ_IP6(addr, ctx->user_ip6);
+	else
+		set_mapped(addr, ctx->user_ip4);
+}
+
+static __always_inline void write_address(struct bpf_sock_addr *ctx, bool ipv6_socket,
+					  const struct ip_address *addr)
+{
+	if (ipv6_socket)
+		WRITE_IP6(ctx->user_ip6, addr);
+	else
+		ctx->user_ip4 = addr->word[3];
+}
+
+/*
  * Where ip6tables REDIRECT sends OUTPUT traffic of the socket's family: [::1], or
  * ::ffff:127.0.0.1 for an IPv4 connection on an IPv6 socket (iptables' rules see it).
  */

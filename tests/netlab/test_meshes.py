@@ -162,19 +162,23 @@ def test_the_lab_builds_each_mesh_as_its_mode_describes_it(mesh: MeshModeName) -
     assert render_nat_rules(lab.interception()).startswith("*nat\n")
 
 
-def test_the_linkerd_stand_in_listens_where_linkerd2_proxy_does(tmp_path: Path) -> None:
-    listeners = LINKERD_LAB.listeners
-    bootstrap = render_envoy_bootstrap(
-        EnvoyBootstrapOptions(
-            node_id="l",
-            access_log_path=tmp_path / "access.log",
-            admin_port=listeners.admin_port,
-            outbound_port=listeners.outbound_port,
-            inbound_port=listeners.inbound_port,
-            outbound_address=listeners.outbound_address,
-            inbound_passthrough_source=listeners.inbound_passthrough_source,
-        )
+def stand_in_options(lab: LabMesh, tmp_path: Path, *, ipv6: bool = False) -> EnvoyBootstrapOptions:
+    """The Envoy bootstrap a pod of ``lab``'s mesh runs as its proxy's stand-in."""
+    listeners = lab.listeners
+    return EnvoyBootstrapOptions(
+        node_id=str(lab.name),
+        access_log_path=tmp_path / "access.log",
+        admin_port=listeners.admin_port,
+        outbound_port=listeners.outbound_port,
+        inbound_port=listeners.inbound_port,
+        outbound_address=listeners.outbound_address,
+        inbound_passthrough_source=listeners.inbound_passthrough_source,
+        ipv6=ipv6,
     )
+
+
+def test_the_linkerd_stand_in_listens_where_linkerd2_proxy_does(tmp_path: Path) -> None:
+    bootstrap = render_envoy_bootstrap(stand_in_options(LINKERD_LAB, tmp_path))
     resources = bootstrap["static_resources"]
     bound = {
         listener["name"]: listener["address"]["socket_address"]
@@ -215,16 +219,7 @@ def test_a_dual_stack_stand_in_listens_on_both_families(mesh: MeshModeName, tmp_
     IPv6-only sockets beside the IPv4 ones) and, where it binds its inbound passthrough to
     127.0.0.6, binds ::6 for IPv6 destinations."""
     listeners = LAB_MESHES[mesh].listeners
-    options = EnvoyBootstrapOptions(
-        node_id="d",
-        access_log_path=tmp_path / "access.log",
-        admin_port=listeners.admin_port,
-        outbound_port=listeners.outbound_port,
-        inbound_port=listeners.inbound_port,
-        outbound_address=listeners.outbound_address,
-        inbound_passthrough_source=listeners.inbound_passthrough_source,
-        ipv6=True,
-    )
+    options = stand_in_options(LAB_MESHES[mesh], tmp_path, ipv6=True)
     resources = render_envoy_bootstrap(options)["static_resources"]
     twins = {
         listener["name"]: [a["address"]["socket_address"] for a in listener["additional_addresses"]]
