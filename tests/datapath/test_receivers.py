@@ -6,9 +6,7 @@ only while its receiver keeps its unread queue under the budget, then that direc
 for good. Request/response traffic never reaches the budget; a bulk stream into a slow reader
 does, and then costs the node what the same transfer costs under iptables.
 
-Request/response, the Go proxy and the every-app-target case run over both families; the slow
-bulk readers over IPv4 only (their point is memory under a budget, which the family does not
-change, and each moves 64 or 16 MiB into a reader that sleeps).
+Every scenario runs over both families (``BOTH_FAMILIES``), the slow bulk readers included.
 """
 
 from __future__ import annotations
@@ -88,20 +86,23 @@ def go_proxies(mesh: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     shutil.rmtree(build / "cache", ignore_errors=True)
 
 
-def test_slow_reader_costs_the_node_no_more_than_iptables(mesh: Node, datapath_factory) -> None:
+@BOTH_FAMILIES
+def test_slow_reader_costs_the_node_no_more_than_iptables(
+    mesh: Node, datapath_factory, family: Family
+) -> None:
     """64 MiB each way into a reader that sleeps between reads: under iptables first, then
     with meshaccel's defaults. No ENOMEM, no EPIPE, every byte echoed; TCP memory stays under
     the node's pressure threshold and at most twice what iptables cost."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     with PeakSampler(interval=0.005) as iptables:
-        control = a.echo_client(str(b.ip), SLOW_PORT, nbytes=64 << 20, timeout=180)
+        control = a.echo_client(b.host(family), SLOW_PORT, nbytes=64 << 20, timeout=180)
     assert control.ok, control.raw
 
     datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, family))
     with PeakSampler(interval=0.005) as accelerated:
-        result = a.echo_client(str(b.ip), SLOW_PORT, nbytes=64 << 20, timeout=180)
+        result = a.echo_client(b.host(family), SLOW_PORT, nbytes=64 << 20, timeout=180)
     counters = datapath.counters()
     limits = read_tcp_mem_limits()
     assert limits is not None
@@ -138,11 +139,12 @@ def test_request_response_never_falls_back(mesh: Node, datapath_factory, family:
     assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * size * report["requests"]
 
 
+@BOTH_FAMILIES
 def test_splice_reader_behind_a_slow_pace_gets_every_byte(path: MeshPath) -> None:
     """An application reading with os.splice(), slowly: its socket is no redirect target by
     default, so it reads TCP as always."""
     a, b = path.pod("a"), path.pod("b")
-    result = a.echo_client(str(b.ip), SLOW_SPLICE_PORT, nbytes=16 << 20, timeout=120)
+    result = a.echo_client(path.host(b), SLOW_SPLICE_PORT, nbytes=16 << 20, timeout=120)
     assert result.ok, result.raw
     if path.accelerated:
         assert_redirected_until_fallback(path.counters(), hops=4, nbytes=16 << 20)

@@ -94,8 +94,9 @@ def test_a_dead_pods_address_is_reached_through_iptables(
     assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1, shown(counters)
 
 
+@BOTH_FAMILIES
 def test_a_listener_older_than_the_datapath_is_trusted_until_the_pod_is_removed(
-    mesh: Node, datapath_factory: Callable[..., Datapath]
+    mesh: Node, datapath_factory: Callable[..., Datapath], family: Family
 ) -> None:
     """The limit, and the control: a sidecar that was listening before the datapath loaded
     was never seen to open, so its closing is not seen either. The pod's entries lead to the
@@ -103,22 +104,22 @@ def test_a_listener_older_than_the_datapath_is_trusted_until_the_pod_is_removed(
     they are removed, as the agent does when the pod's cgroup goes (tests/agent*/
     test_vanished.py): then the new owner is reached."""
     a = mesh.pods["a"]
-    early = meshed_pod(mesh, "early")
+    early = meshed_pod(mesh, f"early-{family[-1]}")
     early.start_envoy()
     datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (a, early):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, family))
     cgroup_id = early.cgroup_id
 
-    heir = dies_and_leaves_its_address(mesh, early, "heir2", a)
+    heir = dies_and_leaves_its_address(mesh, early, f"heir2-{family[-1]}", a)
     before = datapath.counters()
-    refused = a.echo_client(str(early.ip), ECHO_PORT, nbytes=PAYLOAD, timeout=5)
+    refused = a.echo_client(early.host(family), ECHO_PORT, nbytes=PAYLOAD, timeout=5)
     counters = {c: n - before[c] for c, n in datapath.counters().items()}
     assert not refused.ok, refused.raw
     assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1, shown(counters)
     assert counters[Counter.COUNTER_BYPASS_NO_INBOUND_LISTENER] == 0, shown(counters)
 
     assert datapath.delete_pod(cgroup_id)  # what the agent does once the cgroup is gone
-    reached = a.echo_client(str(early.ip), ECHO_PORT, nbytes=PAYLOAD)
+    reached = a.echo_client(early.host(family), ECHO_PORT, nbytes=PAYLOAD)
     assert reached.ok, reached.raw
-    assert served_by(heir, f"{early.ip}:{ECHO_PORT}")
+    assert served_by(heir, early.address(ECHO_PORT, family))

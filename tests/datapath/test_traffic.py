@@ -1,8 +1,7 @@
 """Scenario 6: hard traffic through the accelerated mesh stays byte-exact and never hangs.
 
-The bulk, concurrency, close and reset scenarios run for each mesh (``EVERY_MESH``) over both
-families (``BOTH_FAMILIES``); the read APIs, a property of the receiving application, not of
-the address family, on Istio's pods over IPv4.
+The bulk, concurrency, close and reset scenarios run for each mesh (``EVERY_MESH``), the read
+APIs on Istio's pods, all over both families (``BOTH_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import MeshPath, assert_redirected_until_fallback, istio_pod
 from tests.netlab import ECHO_PORT, Node
+from tests.netlab.families import Family
 from tests.netlab.fixtures import BOTH_FAMILIES, EVERY_MESH, ISTIO_ONLY
 from tests.waiting import wait_until
 
@@ -92,28 +92,30 @@ def test_reset_mid_stream_then_the_server_still_serves(path: MeshPath) -> None:
 
 
 @ISTIO_ONLY
+@BOTH_FAMILIES
 @pytest.mark.usefixtures("read_api_servers")
 @pytest.mark.parametrize("read_api", READ_APIS)
 def test_receiving_app_reads_with_any_api(path: MeshPath, read_api: str) -> None:
     a, b = path.pod("a"), path.pod("b")
-    result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
+    result = a.echo_client(path.host(b), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
     if path.accelerated:
         assert_redirected_until_fallback(path.counters(), hops=4, nbytes=4 << 20)
 
 
 @ISTIO_ONLY
+@BOTH_FAMILIES
 @pytest.mark.usefixtures("read_api_servers")
 @pytest.mark.parametrize("read_api", [api for api in READ_APIS if api != "splice"])
 def test_apps_as_redirect_targets_read_with_copying_apis(
-    mesh: Node, datapath_factory, read_api: str
+    mesh: Node, datapath_factory, read_api: str, family: Family
 ) -> None:
     """Pods that opt in (sk_msg_to_app): bytes land in the apps' own sockets too. Not for
     apps that read with splice(), which cannot see sk_msg's queue (docs/datapath.md)."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = datapath_factory(SK_MSG_FEATURES)
     for pod in (a, b):
-        datapath.put_pod(istio_pod(pod, sk_msg_to_app=True))
-    result = a.echo_client(str(b.ip), api_port(read_api), nbytes=4 << 20, timeout=30)
+        datapath.put_pod(istio_pod(pod, family, sk_msg_to_app=True))
+    result = a.echo_client(b.host(family), api_port(read_api), nbytes=4 << 20, timeout=30)
     assert result.ok, result.raw
     assert_redirected_until_fallback(datapath.counters(), hops=6, nbytes=4 << 20)
