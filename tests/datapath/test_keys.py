@@ -22,6 +22,8 @@ from meshaccel.agent.layout import Counter
 from tests.datapath.conftest import istio_pod, shown
 from tests.netlab import ECHO_PORT, SIDECAR_IDENTITY, Node, Pod
 from tests.netlab.envoy import ENVOY_INBOUND_PORT
+from tests.netlab.families import Family, host_cidr
+from tests.netlab.fixtures import BOTH_FAMILIES
 from tests.netlab.netns import create_netns, delete_netns, run_in_netns
 from tests.netlab.processes import pod_command
 
@@ -38,11 +40,12 @@ PACE = 5.0  # the victim's connection stays open this long
 INTRUDER = """
 import json, os, socket, sys
 client_ip, server_ip, client_port, port, inbound, uid, hold = sys.argv[1:8]
+family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
 payload = b"intruder" * 4096
-listener = socket.socket()
+listener = socket.socket(family)
 listener.bind((server_ip, int(inbound)))
 listener.listen(1)
-client = socket.socket()
+client = socket.socket(family)
 client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 client.bind((client_ip, int(client_port)))
 os.setgroups([])
@@ -80,39 +83,46 @@ def intruder_pod(mesh: Node) -> Iterator[tuple[Pod, str]]:
         delete_netns(netns)
 
 
-def sidecar_upstream_port(client: Pod, server: Pod) -> int:
+def sidecar_upstream_port(client: Pod, server: Pod, family: Family) -> int:
     """The local port of client's sidecar connection to server's inbound listener (ss)."""
-    out = run_in_netns(client.netns, ["ss", "-Htn", "dst", f"{server.ip}:{ENVOY_INBOUND_PORT}"])
+    destination = server.address(ENVOY_INBOUND_PORT, family)
+    out = run_in_netns(client.netns, ["ss", "-Htn", "dst", destination])
     ports = {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if line}
     assert len(ports) == 1, out
     return ports.pop()
 
 
+@BOTH_FAMILIES
 def test_a_look_alike_connection_takes_nothing_from_the_real_one(
-    mesh: Node, datapath_factory: Callable[..., Datapath], intruder_pod: tuple[Pod, str]
+    mesh: Node,
+    datapath_factory: Callable[..., Datapath],
+    intruder_pod: tuple[Pod, str],
+    family: Family,
 ) -> None:
     a, b = mesh.pods["a"], mesh.pods["b"]
     intruder, lookalike = intruder_pod
     datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (a, b, intruder):
-        datapath.put_pod(istio_pod(pod))
+        datapath.put_pod(istio_pod(pod, family))
 
-    victim = a.start_echo_client(str(b.ip), ECHO_PORT, nbytes=STREAM, pace_seconds=PACE)
+    victim = a.start_echo_client(b.host(family), ECHO_PORT, nbytes=STREAM, pace_seconds=PACE)
     victim.wait_connected()
     victim.wait_echoed(STREAM // 8)
-    port = sidecar_upstream_port(a, b)
+    port = sidecar_upstream_port(a, b, family)
     own_port = 45999 if port != 45999 else 45998
     # The look-alike namespace has both sidecars' addresses; its tuples touch no loopback.
-    for ip in (a.ip, b.ip):
-        run_in_netns(lookalike, ["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
+    client_ip, server_ip = a.host(family), b.host(family)
+    for ip in (client_ip, server_ip):
+        run_in_netns(lookalike, ["ip", "addr", "add", host_cidr(ip), "dev", "lo", "nodad"])
     run_in_netns(lookalike, ["ip", "link", "set", "lo", "up"])
-    snat = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-s", str(a.ip)]
-    snat += ["--sport", str(own_port), "-j", "SNAT", "--to-source", f"{a.ip}:{port}"]
+    tables = "iptables" if family == "ipv4" else "ip6tables"
+    snat = [tables, "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-s", client_ip]
+    snat += ["--sport", str(own_port), "-j", "SNAT", "--to-source", a.address(port, family)]
     run_in_netns(lookalike, snat)
 
     before = datapath.counters()
     hold = intruder.workdir / "hold"
-    argv = [sys.executable, "-u", "-c", INTRUDER, str(a.ip), str(b.ip), str(own_port)]
+    argv = [sys.executable, "-u", "-c", INTRUDER, client_ip, server_ip, str(own_port)]
     argv += [str(ECHO_PORT), str(ENVOY_INBOUND_PORT), str(SIDECAR_IDENTITY.uid), str(hold)]
     with subprocess.Popen(
         pod_command(lookalike, intruder.cgroup_dir, argv),
