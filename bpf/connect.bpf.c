@@ -36,18 +36,6 @@ struct destination {
 	bool ipv4;
 };
 
-/* The pod's own address of the connection's family; false if it has none. */
-static __always_inline bool pod_address(const struct pod_info *pod, bool ipv4,
-					struct ip_address *own)
-{
-	if (ipv4) {
-		set_mapped(own, pod->ip);
-		return pod->ip != 0;
-	}
-	*own = pod->ipv6;
-	return !is_zero(own);
-}
-
 /* What sockops will need once the connection is established, on the socket itself. */
 static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
 					     const struct destination *dst, __u16 flags)

@@ -20,7 +20,7 @@
 
 static __always_inline int capture_dns_sendmsg(struct bpf_sock_addr *ctx, bool ipv6_socket)
 {
-	struct ip_address server, proxy;
+	struct ip_address server, proxy, own;
 	struct socket_state *state;
 	struct pod_info *pod;
 	__u64 pod_cgroup_id = 0;
@@ -35,7 +35,7 @@ static __always_inline int capture_dns_sendmsg(struct bpf_sock_addr *ctx, bool i
 		return ALLOW;
 	read_address(ctx, ipv6_socket, &server);
 	ipv4 = is_mapped(&server);
-	if (ipv4 ? !pod->ip : is_zero(&pod->ipv6)) {
+	if (!pod_address(pod, ipv4, &own)) {
 		/* No address of this family: the mesh has no rules for it here either. */
 		count(COUNTER_BYPASS_FAMILY_NOT_IN_POD, 1);
 		return ALLOW;
@@ -53,10 +53,7 @@ static __always_inline int capture_dns_sendmsg(struct bpf_sock_addr *ctx, bool i
 		state->conn.original_ip = server;
 		state->conn.original_port = (__be16)ctx->user_port;
 		state->conn.flags = CONNECTION_DNS;
-		if (ipv4)
-			set_mapped(&state->conn.client_ip, pod->ip);
-		else
-			state->conn.client_ip = pod->ipv6;
+		state->conn.client_ip = own;
 		state->flags = 0;
 	}
 	set_localhost(&proxy, ipv4);

@@ -184,6 +184,18 @@ static __always_inline __be32 localhost(void)
 		(words)[3] = (src)->word[3];                                                     \
 	} while (0)
 
+/* The pod's own address of the connection's family; false if it has none. */
+static __always_inline bool pod_address(const struct pod_info *pod, bool ipv4,
+					struct ip_address *own)
+{
+	if (ipv4) {
+		set_mapped(own, pod->ip);
+		return pod->ip != 0;
+	}
+	*own = pod->ipv6;
+	return !is_zero(own);
+}
+
 /*
  * A sock_addr hook's user address in the maps' form, and back. `ipv6_socket` is
  * a constant at every call: each hook keeps to its own context fields

@@ -20,7 +20,6 @@ from .envoy import (
 from .families import FAMILIES, LOOPBACK, Family, address_prefix, format_address
 from .istio_iptables import (
     IstioInterception,
-    install_istio_iptables,
     remove_istio_iptables,
     render_istio_nat_rules,
 )
@@ -71,7 +70,6 @@ __all__ = [
     "find_envoy_binary",
     "find_leftovers",
     "format_address",
-    "install_istio_iptables",
     "mesh_node",
     "mesh_pods",
     "read_net_counters",

@@ -150,17 +150,6 @@ def add_passthrough_source_v6(netns: str) -> None:
         run_in_netns(netns, ["ip", "-6", "addr", "add", "::6/128", "dev", "lo"])
 
 
-def install_istio_iptables(netns: str, config: IstioInterception, *, ipv6: bool = False) -> str:
-    """Load the rules into the netns with one iptables-restore (and, with ``ipv6``, the same
-    for ip6tables, plus ::6 on lo); return the IPv4 text that was loaded."""
-    rules = render_istio_nat_rules(config)
-    restore_rules(netns, rules)
-    if ipv6:
-        add_passthrough_source_v6(netns)
-        restore_rules(netns, render_istio_nat_rules(config, "ipv6"), "ipv6")
-    return rules
-
-
 def dump_nat_table(netns: str, family: Family = "ipv4") -> str:
     """(ip6)iptables-save -t nat inside the netns (empty text if there is no nat table)."""
     return run_in_netns(netns, [f"{_TOOL[family]}-nft-save", "-t", "nat"], check=False)

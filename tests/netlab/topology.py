@@ -48,7 +48,7 @@ from .envoy import (
     envoy_binary_for,
 )
 from .families import Family, IPAddress, format_address
-from .istio_iptables import IstioInterception, install_istio_iptables, remove_istio_iptables
+from .istio_iptables import IstioInterception, remove_istio_iptables
 from .meshes import Interception, LabMesh, install_interception
 from .netns import create_netns, delete_netns, netns_cookie, run_in_netns, socket_in_netns
 from .processes import SIDECAR_IDENTITY, PodProcess, RunAs, pod_command
@@ -307,8 +307,7 @@ class Pod:
 
     def install_istio_iptables(self, config: IstioInterception | None = None) -> str:
         """Istio's rules, for ip6tables too when the pod has an IPv6 address."""
-        self.interception = config or IstioInterception()
-        return install_istio_iptables(self.netns, self.interception, ipv6=self.ipv6 is not None)
+        return self.install_interception(config or IstioInterception())
 
     def install_interception(self, config: Interception) -> str:
         """Any mesh's rules (tests/netlab/meshes.py); they live in the pod's nat tables, ip and
