@@ -23,6 +23,7 @@ from meshaccel.cli.output import Report, Style, table
 from meshaccel.cli.status import AccelerationStatus
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import (
+    BEFORE_CLAIMS,
     PodFacts,
     Verdict,
     has_sidecar,
@@ -36,16 +37,6 @@ ACCELERATED = "Accelerated"
 PENDING = "Pending"
 ACCELERATION_LABEL = "meshaccel.io/acceleration"
 COMPONENT_LABEL = "app.kubernetes.io/component"
-# Verdicts decided before any other resource's claim (as the operator's picture orders them).
-_BEFORE_CLAIMS = frozenset(
-    {
-        Verdict.NAMESPACE_NOT_SELECTED,
-        Verdict.POD_NOT_SELECTED,
-        Verdict.OPTED_OUT,
-        Verdict.NO_SIDECAR,
-        Verdict.NOT_RUNNING,
-    }
-)
 _NOT_SELECTED = frozenset({Verdict.NAMESPACE_NOT_SELECTED, Verdict.POD_NOT_SELECTED})
 
 
@@ -210,7 +201,7 @@ def pod_rows(
             if selection.verdict in _NOT_SELECTED:
                 continue
             state, detail = str(selection.verdict), selection.detail
-            if selection.verdict not in _BEFORE_CLAIMS:
+            if selection.verdict not in BEFORE_CLAIMS:
                 claim = _claim(resource, ranked[:index], facts, labels)
                 if claim is not None:
                     state, detail = claim

@@ -28,6 +28,7 @@ from meshaccel.operator.budget import Budget, LeftOut
 from meshaccel.operator.checks import spec_problems
 from meshaccel.operator.models import MeshAccelerationSpec
 from meshaccel.operator.selection import (
+    BEFORE_CLAIMS,
     PodFacts,
     PodWarning,
     Selection,
@@ -43,16 +44,6 @@ ACCELERATION_LABEL = "meshaccel.io/acceleration"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 AGENT_COMPONENT = "agent"
 
-# Verdicts that come before another resource's claims: such a pod is nobody's to dispute.
-_BEFORE_CLAIMS = frozenset(
-    {
-        Verdict.NAMESPACE_NOT_SELECTED,
-        Verdict.POD_NOT_SELECTED,
-        Verdict.OPTED_OUT,
-        Verdict.NO_SIDECAR,
-        Verdict.NOT_RUNNING,
-    }
-)
 # Verdicts that are not counted as "matched, not accelerated".
 _NOT_COUNTED = frozenset(
     {Verdict.NAMESPACE_NOT_SELECTED, Verdict.POD_NOT_SELECTED, Verdict.SELECTED}
@@ -552,7 +543,7 @@ class ClusterPicture:
         self, acceleration: Acceleration, facts: PodFacts, selection: Selection
     ) -> Selection:
         """``selection`` as other resources' claims leave it (settled only)."""
-        if not self.settled or selection.verdict in _BEFORE_CLAIMS:
+        if not self.settled or selection.verdict in BEFORE_CLAIMS:
             return selection
         elder = self._elder_claiming(acceleration, facts)
         if elder is not None:

@@ -202,6 +202,19 @@ class Verdict(enum.StrEnum):
     OVER_BUDGET = "OverBudget"
 
 
+#: Verdicts that come before any other resource's claim: such a pod is nobody's to dispute
+#: (the picture orders claims so, and ``meshaccel pods`` reads them the same way).
+BEFORE_CLAIMS = frozenset(
+    {
+        Verdict.NAMESPACE_NOT_SELECTED,
+        Verdict.POD_NOT_SELECTED,
+        Verdict.OPTED_OUT,
+        Verdict.NO_SIDECAR,
+        Verdict.NOT_RUNNING,
+    }
+)
+
+
 class PodWarning(enum.StrEnum):
     """Why an accelerated pod runs otherwise than one of its annotations asks."""
 

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -61,7 +60,7 @@ from tests.operator.conftest import (
     run_agent_pod,
 )
 from tests.operator.emulator import ApiServerEmulator
-from tests.operator.fake_agent import FakeAgent
+from tests.operator.fake_agent import NODES, FakeAgent, common_free_port
 from tests.requirements import require_kernel
 from tests.waiting import wait_for, wait_until
 
@@ -316,23 +315,7 @@ def scrape_agent(agent: AgentProcess) -> str:
 # -- a live operator -----------------------------------------------------------------------------
 
 NAMESPACE = "meshaccel-system"
-NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
-
-
-def common_port() -> int:
-    """A port free on both fake agents' addresses (one DaemonSet port for every node)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind((NODES["node-1"], 0))
-            port = int(first.getsockname()[1])
-        with socket.socket() as second:
-            try:
-                second.bind((NODES["node-2"], port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no common free port")
 
 
 def write_kubeconfig(path: Path, server: str) -> None:
@@ -422,7 +405,7 @@ async def operator_metrics(tmp_path: Path) -> str:
     """The live operator's /metrics once it has pushed to every node and written a status."""
     emulator = ApiServerEmulator()
     emulator.load_crds(CRDS)
-    port = common_port()
+    port = common_free_port()
     agents = {
         node: FakeAgent(tls=None, host=ip, port=port, name=node) for node, ip in NODES.items()
     }

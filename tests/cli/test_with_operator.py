@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,28 +27,12 @@ from tests.operator.conftest import (
     run_agent_pod,
 )
 from tests.operator.emulator import ApiServerEmulator
-from tests.operator.fake_agent import FakeAgent
+from tests.operator.fake_agent import NODES, FakeAgent, common_free_port
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
 OLDER_AGENT = "0.0.9"
-
-
-def free_port() -> int:
-    """A port free on both agents' addresses (their DaemonSet has one port for all nodes)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((NODES["node-1"], 0))
-            port = int(probe.getsockname()[1])
-        with socket.socket() as other:
-            try:
-                other.bind((NODES["node-2"], port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no common free port")
 
 
 @pytest.fixture
@@ -67,7 +50,7 @@ async def agents(
     await kube.create_namespace(AGENTS_NAMESPACE)
     for node in NODES:
         await kube.create_node(node)
-    port = free_port()
+    port = common_free_port()
     running = {
         node: FakeAgent(
             tls=None,

@@ -70,6 +70,26 @@ from meshaccel.contract.tls import bundle_fingerprint, is_operator, server_conte
 from meshaccel.contract.version import VERSION
 from meshaccel.operator.credentials import AgentTLS
 
+#: Two nodes' fake agents, each on an address of its own (the emulator's cluster's nodes).
+NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
+
+
+def common_free_port() -> int:
+    """A port free on every node's address in NODES (an agent DaemonSet has one port for all
+    nodes)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((NODES["node-1"], 0))
+            port = int(probe.getsockname()[1])
+        with socket.socket() as other:
+            try:
+                other.bind((NODES["node-2"], port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no common free port")
+
+
 Handler = Callable[["FakeAgent", web.Request], Awaitable[web.StreamResponse]]
 FLEET_NETWORK = IPv4Address("127.1.0.1")  # the fleet's first agent address
 _EXTRA = "Extra inputs are not permitted"  # pydantic's message for an unknown field

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,35 +38,19 @@ from tests.operator.conftest import (
     report_rollout,
     run_agent_pod,
 )
-from tests.operator.fake_agent import FakeAgent
+from tests.operator.fake_agent import NODES, FakeAgent, common_free_port
 from tests.operator.watch_gap import WatchGapEmulator
 from tests.waiting import wait_for
 
 NAMESPACE = "meshaccel-system"
 ENABLED = {"meshaccel.io/accelerate": "enabled"}
 MA = ("meshaccel.io/v1alpha1", "meshaccelerations")
-NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
 # The operator's settings (MESHACCEL_AGENT_IMAGE*), as the chart passes them.
 AGENT_IMAGE = "registry.example/mirror/meshaccel-agent:0.2.0"
 PULL_SECRET = "mirror-credentials"
 FOREIGN_IMAGE = "attacker.example/root-shell:1"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    """A port free on both agents' addresses (their DaemonSet has one port for all nodes)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((NODES["node-1"], 0))
-            port = int(probe.getsockname()[1])
-        with socket.socket() as other:
-            try:
-                other.bind((NODES["node-2"], port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no common free port")
 
 
 @pytest.fixture
@@ -150,7 +133,7 @@ async def cluster(
     await kube.create_namespace("shop")
     for node in NODES:
         await kube.create_node(node)
-    port = free_port()
+    port = common_free_port()
     agents = {
         node: FakeAgent(tls=None, host=ip, port=port, name=node) for node, ip in NODES.items()
     }

@@ -28,7 +28,8 @@ from meshaccel.operator import predelete, rendering
 from meshaccel.operator.handlers import FINALIZER
 from tests.operator import test_operator as harness
 from tests.operator.conftest import KubeClient, api_path
-from tests.operator.test_operator import MA, NAMESPACE, NODES, Cluster, _event_reasons, operator
+from tests.operator.fake_agent import NODES
+from tests.operator.test_operator import MA, NAMESPACE, Cluster, _event_reasons, operator
 from tests.requirements import require
 from tests.waiting import StoppedClock, wait_for
 
