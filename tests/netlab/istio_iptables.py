@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .commands import run_command
 from .families import FAMILIES, LOOPBACK, PASSTHROUGH_SOURCE, Family, host_cidr
+from .nat_table import nat_table_head
 from .netns import netns_exec_argv, run_in_netns
 
 # Ports Istio's injector always excludes from inbound capture (Prometheus merge, health, status).
@@ -57,16 +58,13 @@ def render_istio_nat_rules(config: IstioInterception, family: Family = "ipv4") -
         f"-m multiport ! --dports {tunnel},{DNS_PORT}" if not_dns else f"! --dport {tunnel}"
     )
     lines = [
-        "*nat",
-        ":PREROUTING ACCEPT [0:0]",
-        ":INPUT ACCEPT [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
-        ":ISTIO_INBOUND - [0:0]",
-        ":ISTIO_IN_REDIRECT - [0:0]",
-        ":ISTIO_OUTPUT - [0:0]",
-        ":ISTIO_REDIRECT - [0:0]",
-        *([":ISTIO_OUTPUT_DNS - [0:0]"] if config.dns_port is not None else []),
+        *nat_table_head(
+            "ISTIO_INBOUND",
+            "ISTIO_IN_REDIRECT",
+            "ISTIO_OUTPUT",
+            "ISTIO_REDIRECT",
+            *(["ISTIO_OUTPUT_DNS"] if config.dns_port is not None else []),
+        ),
         "-A PREROUTING -p tcp -j ISTIO_INBOUND",
         f"-A ISTIO_INBOUND -p tcp --dport {tunnel} -j RETURN",
         "-A ISTIO_INBOUND -p tcp -m multiport --dports "

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families import LOOPBACK, PASSTHROUGH_SOURCE, Family, host_cidr
+from .nat_table import nat_table_head
 
 DNS_PORT = 53
 INBOUND_PASSTHROUGH_SOURCE = PASSTHROUGH_SOURCE["ipv4"]
@@ -49,15 +50,7 @@ def render_kuma_nat_rules(config: KumaInterception, family: Family = "ipv4") -> 
     # With DNS redirected, TCP to port 53 over lo is not the proxy's passthrough nor returned.
     not_dns = f" ! --dport {DNS_PORT}" if config.dns_port is not None else ""
     lines = [
-        "*nat",
-        ":PREROUTING ACCEPT [0:0]",
-        ":INPUT ACCEPT [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
-        f":{inbound} - [0:0]",
-        f":{outbound} - [0:0]",
-        f":{in_redirect} - [0:0]",
-        f":{out_redirect} - [0:0]",
+        *nat_table_head(inbound, outbound, in_redirect, out_redirect),
         f"-A PREROUTING -p tcp -j {inbound}",
     ]
     if config.dns_port is not None:

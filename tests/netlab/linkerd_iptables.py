@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .families import Family, family_of
+from .nat_table import nat_table_head
 
 # The injector's defaults: the proxy's control and admin ports, and Galera's (4567, 4568), which
 # the chart skips both ways (proxyInit.ignoreInboundPorts / ignoreOutboundPorts).
@@ -62,13 +63,7 @@ def render_linkerd_nat_rules(config: LinkerdInterception, family: Family = "ipv4
     subnets = [s for s in config.skip_subnets if family_of(s.split("/")[0]) == family]
     redirect, output = "PROXY_INIT_REDIRECT", "PROXY_INIT_OUTPUT"
     lines = [
-        "*nat",
-        ":PREROUTING ACCEPT [0:0]",
-        ":INPUT ACCEPT [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
-        f":{redirect} - [0:0]",
-        f":{output} - [0:0]",
+        *nat_table_head(redirect, output),
         *(
             f"-A {redirect} -p tcp -m multiport --dports {group} -j RETURN"
             for group in _multiport_groups(config.inbound_ports_to_ignore)
