@@ -28,6 +28,11 @@ Steps 3 and 4 go ahead without the confirmations once the CA in force has less t
 :data:`SWITCH_DEADLINE` left: an agent that was unreachable meanwhile gets its Secret from
 kubelet when it is back. docs/security.md tells the story and why one server key per
 MeshAcceleration is enough.
+
+The CA certificates alone, every one an agent's server certificate may chain to (active, next,
+retired: :attr:`CAState.trusted_pem`), are also in the ConfigMap :data:`CA_CONFIGMAP`, which the
+leader keeps equal to the Secret: Prometheus verifies the agents with it (the chart's
+PodMonitor) without being given the Secret, which holds the keys.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -59,6 +64,10 @@ from meshaccel.operator.kube import Kube, KubeError
 log = logging.getLogger("meshaccel.operator.credentials")
 
 CA_SECRET: Final = "meshaccel-operator-ca"
+# The CA certificates without their keys, for those who verify agents (Prometheus), as
+# kube-root-ca.crt holds the cluster's; the chart's PodMonitor names it.
+CA_CONFIGMAP: Final = "meshaccel-agents-ca"
+CA_CONFIGMAP_KEY: Final = "ca.crt"
 ROTATE_ANNOTATION: Final = "meshaccel.io/rotate-ca"
 CA_VALIDITY: Final = dt.timedelta(days=365)
 CA_ROTATE_AFTER: Final = CA_VALIDITY * 2 / 3
@@ -273,7 +282,8 @@ class CredentialsError(Exception):
 
 
 class SecretConflict(CredentialsError):
-    """The Secret exists already (create), or moved on since it was read (patch)."""
+    """The Secret (or ConfigMap) exists already (create), or moved on since it was read
+    (patch)."""
 
 
 @dataclass(frozen=True)
@@ -407,8 +417,8 @@ def _waiting(reports: Mapping[str, str | None], fingerprint: str) -> list[str]:
 # -- where the CA Secret lives --------------------------------------------------------------------
 
 
-class SecretStore(Protocol):
-    """Secrets of the operator's namespace (tests keep them in memory)."""
+class ObjectStore(Protocol):
+    """Objects of one kind in the operator's namespace, by name (tests keep them in memory)."""
 
     async def read(self, name: str) -> dict[str, Any] | None: ...
 
@@ -416,13 +426,19 @@ class SecretStore(Protocol):
 
     async def patch(self, name: str, version: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """A merge patch that carries ``version`` as its resourceVersion (a compare-and-swap:
-        :class:`SecretConflict` if the Secret moved on)."""
+        :class:`SecretConflict` if the object moved on)."""
         ...
 
 
-class KubeSecrets:
-    """:class:`SecretStore` through the API (the official client's ApiClient, as
-    :mod:`.kube` uses it)."""
+SecretStore = ObjectStore  # the CA Secret's
+ConfigMapStore = ObjectStore  # the CA certificates' ConfigMap's
+
+
+class KubeObjects:
+    """:class:`ObjectStore` through the API (the official client's ApiClient, as :mod:`.kube`
+    uses it), for the ``kind`` of the subclass."""
+
+    kind: ClassVar[str]
 
     def __init__(self, api: k8s.ApiClient, namespace: str) -> None:
         self._kube = Kube(api)
@@ -448,12 +464,20 @@ class KubeSecrets:
     ) -> tuple[int, dict[str, Any]]:
         try:
             return await self._kube.request(
-                method, "Secret", self.namespace, name, body, content_type
+                method, self.kind, self.namespace, name, body, content_type
             )
         except KubeError as err:
             if err.status == 409:
                 raise SecretConflict(str(err)) from err
             raise CredentialsError(str(err)) from err
+
+
+class KubeSecrets(KubeObjects):
+    kind: ClassVar[str] = "Secret"
+
+
+class KubeConfigMaps(KubeObjects):
+    kind: ClassVar[str] = "ConfigMap"
 
 
 # -- what the runtime uses ------------------------------------------------------------------------
@@ -483,11 +507,14 @@ class Credentials:
 
     :meth:`load` (idempotent) reads the CA Secret or makes it; :meth:`tend`, called often and
     reading the Secret at most every ``check_interval`` seconds, follows its changes and takes
-    the rotation's next step. Both must run before anything is issued.
+    the rotation's next step. Both must run before anything is issued. A writer's
+    :meth:`tend` also keeps the ConfigMap :data:`CA_CONFIGMAP` (in ``configmaps``) equal to
+    the CA certificates in force.
     """
 
     store: SecretStore
     namespace: str
+    configmaps: ConfigMapStore
     clock: Clock = utc_now
     monotonic: Callable[[], float] = time.monotonic
     check_interval: float = CHECK_INTERVAL
@@ -495,6 +522,7 @@ class Credentials:
     _servers: dict[str, Issued] = field(default_factory=dict)
     _client: _ClientCert | None = None
     _checked: float | None = None
+    _published: bool = False  # the ConfigMap was checked since this replica began writing
 
     async def load(self) -> CAState:
         """The CA state, read once (made on the very first start)."""
@@ -506,10 +534,15 @@ class Credentials:
     async def tend(self, reports: Callable[[], Mapping[str, str | None]], *, writing: bool) -> None:
         """Every ``check_interval``: read the CA Secret again (another replica, a person, may
         have changed it) and, if this replica writes (``writing``: it leads), take the
-        rotation's next step. Failures are logged; the next call tries again."""
+        rotation's next step, then bring the ConfigMap :data:`CA_CONFIGMAP` in line (at once on
+        its first call as the writer). Failures are logged; the next check tries again."""
         await self.load()
+        if not writing:
+            self._published = False  # should it lead again, it checks the ConfigMap at once
         now = self.monotonic()
         if self._checked is not None and now - self._checked < self.check_interval:
+            if writing and not self._published:
+                await self._publish()
             return
         self._checked = now
         try:
@@ -520,6 +553,9 @@ class Credentials:
                 await self._write(state, *step)
         except CredentialsError as err:
             log.warning("CA Secret: %s", err, extra={"event": "ca_failed", "secret": CA_SECRET})
+            return  # the ConfigMap waits for a good read of the Secret
+        if writing:
+            await self._publish()
 
     def client_context(self) -> ssl.SSLContext:
         """The context every request to an agent uses: the operator's client certificate,
@@ -619,6 +655,51 @@ class Credentials:
             },
         )
         return replace(state, version=(made.get("metadata") or {}).get("resourceVersion"))
+
+    async def _publish(self) -> None:
+        """Make the ConfigMap :data:`CA_CONFIGMAP`, or set it back, to hold the trusted CAs'
+        certificates and nothing else; read first, so that a check of a right one writes
+        nothing. A failure is logged: the next check tries again."""
+        self._published = True
+        state = self._loaded()
+        wanted = {CA_CONFIGMAP_KEY: state.trusted_pem}
+        try:
+            found = await self.configmaps.read(CA_CONFIGMAP)
+            if found is None:
+                await self.configmaps.create(self._configmap(wanted))
+            elif (data := found.get("data") or {}) != wanted:
+                version = (found.get("metadata") or {}).get("resourceVersion")
+                if version is None:
+                    raise CredentialsError(f"the ConfigMap {CA_CONFIGMAP} has no resourceVersion")
+                extra = {key: None for key in data if key not in wanted}  # a merge patch drops
+                await self.configmaps.patch(CA_CONFIGMAP, version, {"data": {**extra, **wanted}})
+            else:
+                return
+        except CredentialsError as err:
+            log.warning(
+                "CA ConfigMap: %s", err, extra={"event": "ca_failed", "configmap": CA_CONFIGMAP}
+            )
+            return
+        log.info(
+            "CA ConfigMap written",
+            extra={"event": "ca_published", "phase": state.phase, "configmap": CA_CONFIGMAP},
+        )
+
+    def _configmap(self, data: Mapping[str, str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": CA_CONFIGMAP,
+                "namespace": self.namespace,
+                "labels": {
+                    "app.kubernetes.io/name": "meshaccel",
+                    "app.kubernetes.io/component": "agents-ca",
+                    "app.kubernetes.io/managed-by": "meshaccel-operator",
+                },
+            },
+            "data": dict(data),
+        }
 
     def _adopt(self, state: CAState) -> None:
         previous = self.state

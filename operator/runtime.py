@@ -26,7 +26,7 @@ from kubernetes.aio import client as k8s
 
 from meshaccel.operator import rendering
 from meshaccel.operator.config import OperatorConfig
-from meshaccel.operator.credentials import AgentTLS, Credentials, KubeSecrets
+from meshaccel.operator.credentials import AgentTLS, Credentials, KubeConfigMaps, KubeSecrets
 from meshaccel.operator.kube import Kube, removals
 from meshaccel.operator.leadership import KubeLeases, Leadership, LeaseStore
 from meshaccel.operator.models import Condition, MeshAccelerationSpec
@@ -82,7 +82,9 @@ class Operator:
         self.picture = ClusterPicture(self.config.namespace)
         self.kube = Kube(self.api)
         self.credentials = Credentials(
-            KubeSecrets(self.api, self.config.namespace), self.config.namespace
+            KubeSecrets(self.api, self.config.namespace),
+            self.config.namespace,
+            KubeConfigMaps(self.api, self.config.namespace),
         )
         self.leadership = Leadership(
             self.leases or KubeLeases(self.api, self.config.namespace),

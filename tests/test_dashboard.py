@@ -13,8 +13,9 @@ histogram as ``_bucket``/``_sum``/``_count``, a gauge as itself. Every label a q
 matches or joins by, and every label a legend shows, must be on one of the query's metrics as
 exported or be one the chart's monitors add to its target. Both processes are made to count
 one failure each, so that every labelled family has a series to read its labels from. The same
-live agent shows what Prometheus gets without a client certificate (docs/security.md,
-"Monitoring").
+live agent shows what Prometheus gets without a client certificate, and that the chart's
+default TLS settings (the operator's ConfigMap of CA certificates, the agents' fixed name)
+verify it (docs/security.md, "Monitoring").
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -40,7 +43,15 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshaccel.contract.tls import AGENT_SERVER_NAME
 from meshaccel.operator import rendering
+from meshaccel.operator.credentials import (
+    CA_CONFIGMAP,
+    CA_CONFIGMAP_KEY,
+    CA_SECRET,
+    CAState,
+    Credentials,
+)
 from tests.agent_lifecycle.harness import (
     PKI,
     AgentProcess,
@@ -61,6 +72,8 @@ from tests.operator.conftest import (
 )
 from tests.operator.emulator import ApiServerEmulator
 from tests.operator.fake_agent import NODES, FakeAgent, common_free_port
+from tests.operator.test_credentials import MemorySecrets
+from tests.pki import make_pki
 from tests.requirements import require_kernel
 from tests.waiting import wait_for, wait_until
 
@@ -310,6 +323,58 @@ def scrape_agent(agent: AgentProcess) -> str:
     assert status == 200, f"{status}: {text}\n{agent.describe()}"
     assert isinstance(text, str)
     return text
+
+
+def scrape_verified(
+    agent: AgentProcess, ca_pem: str, server_name: str = AGENT_SERVER_NAME
+) -> tuple[int, str]:
+    """GET /metrics as Prometheus does it with the chart's default tlsConfig: no client
+    certificate, the agent's chain verified against ``ca_pem`` and its name against
+    ``server_name`` (not the address dialled). Raises ssl.SSLCertVerificationError if refused."""
+    assert agent.port is not None
+    context = ssl.create_default_context(cadata=ca_pem)
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(
+            f"GET /metrics HTTP/1.0\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode()
+        )
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+@pytest.mark.kernel
+async def test_the_operators_configmap_verifies_a_live_agent(live_agent: LiveAgent) -> None:
+    """The chart's default scrape: the CA certificates the operator writes into its ConfigMap,
+    and the name its server certificates carry, accept a real agent; another CA or another
+    name is refused."""
+    # The CA Secret holds the CA that issued the live agent's certificate (the test PKI, made
+    # by the operator's own code); the operator, leading, writes the ConfigMap from it.
+    secrets, configmaps = MemorySecrets(), MemorySecrets()
+    data = {key: value for key, value in CAState(PKI.ca).data().items() if value is not None}
+    secrets.objects[CA_SECRET] = {
+        "metadata": {"name": CA_SECRET, "resourceVersion": "1"},
+        "data": data,
+    }
+    creds = Credentials(secrets, NAMESPACE, configmaps)
+    await creds.load()
+    await creds.tend(dict, writing=True)
+    ca_pem = configmaps.objects[CA_CONFIGMAP]["data"][CA_CONFIGMAP_KEY]
+    assert "PRIVATE KEY" not in ca_pem
+
+    agent = live_agent.process
+    status, text = await asyncio.to_thread(scrape_verified, agent, ca_pem)
+    assert status == 200, f"{status}: {text}\n{agent.describe()}"
+    assert "meshaccel_build_info" in Exposition.parse(text).names
+    with pytest.raises(ssl.SSLCertVerificationError):  # another installation's CA
+        await asyncio.to_thread(scrape_verified, agent, make_pki().ca.pem)
+    with pytest.raises(ssl.SSLCertVerificationError):  # the right CA, another name
+        await asyncio.to_thread(scrape_verified, agent, ca_pem, "agent.example.internal")
 
 
 # -- a live operator -----------------------------------------------------------------------------

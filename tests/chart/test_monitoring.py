@@ -20,9 +20,12 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 import yaml
+from cryptography import x509
 
+from meshaccel.contract.tls import AGENT_SERVER_NAME
 from meshaccel.operator import rendering
 from meshaccel.operator.config import AgentImage
+from meshaccel.operator.credentials import CA_CONFIGMAP, CA_CONFIGMAP_KEY
 from meshaccel.operator.models import MeshAccelerationSpec
 from tests.chart import helm
 from tests.chart.helm import CHART, HELMS, NAMESPACE, Doc, find, template, template_error
@@ -71,10 +74,13 @@ class Case:
     kinds: tuple[str, ...]  # (kind, ...) of the monitors rendered, sorted
 
 
+#: The default: the ConfigMap the operator keeps, under the name its server certificates carry.
 VERIFYING_TLS = {
-    "ca": {"configMap": {"name": "meshaccel-agents-ca", "key": "ca.crt"}},
-    "serverName": "agent.meshaccel.internal",
+    "ca": {"configMap": {"name": CA_CONFIGMAP, "key": CA_CONFIGMAP_KEY}},
+    "serverName": AGENT_SERVER_NAME,
 }
+#: A user's choice the chart must keep as given: no verification at all.
+UNVERIFIED_TLS = {"insecureSkipVerify": True}
 CASES = [
     Case(
         "all-on",
@@ -103,12 +109,12 @@ CASES = [
                     "enabled": True,
                     "interval": "15s",
                     "scrapeTimeout": "10s",
-                    "tlsConfig": VERIFYING_TLS,
+                    "tlsConfig": UNVERIFIED_TLS,
                 },
                 "operator": {"enabled": True, "interval": "1m", "scrapeTimeout": "5s"},
             },
         },
-        "every monitoring value set, the agents' certificate verified",
+        "every monitoring value set, the agents' certificate not verified (opted out)",
         ("PodMonitor", "PodMonitor"),
     ),
     Case(
@@ -236,10 +242,14 @@ def test_agents_podmonitor_finds_the_agents_the_operator_runs(helm_name: str) ->
         label = _meta_label(rendering.AGENT_SELECTOR_LABEL)
         assert sources[(label,)] == "acceleration"
         assert template_["metadata"]["labels"][rendering.AGENT_SELECTOR_LABEL]
-    # Given, the TLS settings replace the default whole: nothing of insecureSkipVerify stays.
-    assert endpoint["tlsConfig"] == VERIFYING_TLS
+    # Given, the TLS settings replace the default whole: nothing of the verification stays.
+    assert endpoint["tlsConfig"] == UNVERIFIED_TLS
+    # By default the agents are verified against the operator's ConfigMap, by their name.
     default = find(template(helm_name, CASES[0].values), "PodMonitor", "meshaccel-agents")
-    assert _endpoints(default)[0]["tlsConfig"] == {"insecureSkipVerify": True}
+    assert _endpoints(default)[0]["tlsConfig"] == VERIFYING_TLS
+    names = pki.server.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    (san,) = names.value.get_values_for_type(x509.DNSName)
+    assert san == VERIFYING_TLS["serverName"], "the name the operator's issue_server gives"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 

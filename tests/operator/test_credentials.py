@@ -1,18 +1,22 @@
 """The operator's CA (operator/credentials.py): made once, shared by replicas, rotated.
 
 The rotation's steps are a pure function (:func:`next_step`), tested case by case; the
-:class:`Credentials` around it run against an in-memory Secret store with the API server's
-compare-and-swap; the last test rotates end to end with real certificates: a pusher keeps a
-fake agent (real TLS) in sync while the test plays kubelet, handing the agent its Secret as the
-operator writes it.
+:class:`Credentials` around it run against in-memory Secret and ConfigMap stores with the API
+server's compare-and-swap; the last test rotates end to end with real certificates: a pusher
+keeps a fake agent (real TLS, the agent's server context) in sync while the test plays kubelet,
+handing the agent its Secret as the operator writes it, and a scraper that trusts only the
+ConfigMap :data:`CA_CONFIGMAP` verifies the agent all along (docs/security.md, "Monitoring").
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import copy
 import datetime as dt
 import itertools
+import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +29,15 @@ from kubernetes.aio import client as k8s
 from kubernetes.aio import config as k8s_config
 
 from meshaccel.contract.api import PodSpec
-from meshaccel.contract.tls import bundle_fingerprint, client_context
+from meshaccel.contract.tls import (
+    AGENT_SERVER_NAME,
+    bundle_fingerprint,
+    client_context,
+    server_context_pem,
+)
 from meshaccel.operator.credentials import (
+    CA_CONFIGMAP,
+    CA_CONFIGMAP_KEY,
     CA_SECRET,
     CA_VALIDITY,
     CLIENT_RENEW_AFTER,
@@ -36,7 +47,11 @@ from meshaccel.operator.credentials import (
     TLS_CERT,
     Authority,
     CAState,
+    ConfigMapStore,
     Credentials,
+    CredentialsError,
+    Issued,
+    KubeConfigMaps,
     KubeSecrets,
     SecretConflict,
     SecretStore,
@@ -240,9 +255,17 @@ class Clocks:
         return self.monotonic
 
 
-def credentials(store: SecretStore, clocks: Clocks | None = None) -> Credentials:
+def credentials(
+    store: SecretStore, clocks: Clocks | None = None, configmaps: ConfigMapStore | None = None
+) -> Credentials:
     clocks = clocks or Clocks()
-    return Credentials(store, NAMESPACE, clock=clocks.wall, monotonic=clocks.mono)
+    return Credentials(
+        store,
+        NAMESPACE,
+        configmaps or MemorySecrets(),
+        clock=clocks.wall,
+        monotonic=clocks.mono,
+    )
 
 
 async def test_the_ca_is_made_once_and_shared() -> None:
@@ -326,7 +349,7 @@ async def test_a_stored_certificate_of_another_ca_is_replaced() -> None:
 
 async def test_tend_reads_every_interval_and_only_a_writer_writes() -> None:
     store, clocks = MemorySecrets(), Clocks()
-    creds = Credentials(store, NAMESPACE, clock=clocks.wall, monotonic=clocks.mono)
+    creds = credentials(store, clocks)
     await creds.load()
     store.annotate(CA_SECRET, ROTATE_ANNOTATION, "please")
 
@@ -343,6 +366,152 @@ async def test_tend_reads_every_interval_and_only_a_writer_writes() -> None:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+# -- the ConfigMap of CA certificates --------------------------------------------------------------
+
+
+def published(configmaps: MemorySecrets) -> dict[str, str]:
+    """The ConfigMap's data, after checking that it holds no key of any kind."""
+    found = configmaps.objects[CA_CONFIGMAP]
+    data: dict[str, str] = found["data"]
+    assert not any("PRIVATE KEY" in value for value in data.values()), "a key in a ConfigMap"
+    return data
+
+
+def chains(leaf: Issued, ca_pem: str) -> bool:
+    """A TLS handshake in memory (OpenSSL, the agents' server context presenting ``leaf``) by a
+    client that trusts ``ca_pem`` alone and names the agent: True if the client accepts."""
+    server = server_context_pem(leaf.cert_pem, leaf.key_pem, ca_pem).wrap_bio(
+        server_in := ssl.MemoryBIO(), server_out := ssl.MemoryBIO(), server_side=True
+    )
+    client = ssl.create_default_context(cadata=ca_pem).wrap_bio(
+        client_in := ssl.MemoryBIO(),
+        client_out := ssl.MemoryBIO(),
+        server_hostname=AGENT_SERVER_NAME,
+    )
+    for _ in range(4):
+        try:
+            client.do_handshake()
+            return True
+        except ssl.SSLCertVerificationError:
+            return False
+        except ssl.SSLWantReadError:
+            server_in.write(client_out.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            server.do_handshake()
+        client_in.write(server_out.read())
+    raise AssertionError("the handshake did not finish")
+
+
+async def test_the_writer_makes_the_configmap_of_ca_certificates_at_once() -> None:
+    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    follower = credentials(store, clocks, configmaps)
+    await follower.load()
+    await follower.tend(dict, writing=False)
+    clocks.monotonic += follower.check_interval
+    await follower.tend(dict, writing=False)  # read the Secret, wrote nothing
+    assert configmaps.objects == {}
+
+    leader = credentials(store, clocks, configmaps)
+    state = await leader.load()
+    await leader.tend(dict, writing=True)  # its first call as the writer, within the interval
+    made = configmaps.objects[CA_CONFIGMAP]
+    assert made["metadata"]["namespace"] == NAMESPACE
+    assert made["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshaccel-operator"
+    assert "ownerReferences" not in made["metadata"]  # like the CA Secret: uninstall leaves it
+    assert published(configmaps) == {CA_CONFIGMAP_KEY: state.trusted_pem}
+    assert state.trusted_pem == state.active.pem
+
+    writes = configmaps.writes
+    for _ in range(3):  # checked again, right already: read, not written
+        clocks.monotonic += leader.check_interval
+        await leader.tend(dict, writing=True)
+    assert configmaps.writes == writes == 1
+
+
+async def test_the_configmap_holds_the_trusted_cas_through_a_rotation() -> None:
+    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    creds = credentials(store, clocks, configmaps)
+    old = (await creds.load()).active
+    await creds.tend(dict, writing=True)
+    before = issue_server(old, NOW)  # what the agents serve before the rotation
+    seen: dict[str, str] = {"stable": published(configmaps)[CA_CONFIGMAP_KEY]}
+
+    store.annotate(CA_SECRET, ROTATE_ANNOTATION, "now")
+    for phase in ("introducing", "retiring", "stable"):
+        clocks.monotonic += creds.check_interval
+        await creds.tend(dict, writing=True)  # no agent reports: every step goes ahead
+        assert creds.state is not None and creds.state.phase == phase
+        assert published(configmaps) == {CA_CONFIGMAP_KEY: creds.state.trusted_pem}, phase
+        seen[phase] = creds.state.trusted_pem
+    new = (await creds.load()).active
+    after = issue_server(new, NOW)  # what the agents serve from the switch on
+
+    # The new CA is in the ConfigMap before any agent has a certificate of it, and the old
+    # one stays until it is dropped: each agent verifies against the ConfigMap of the step
+    # before the one that changed its certificate.
+    assert chains(before, seen["introducing"]) and chains(after, seen["introducing"])
+    assert chains(before, seen["retiring"]) and chains(after, seen["retiring"])
+    assert not chains(before, seen["stable"]) and chains(after, seen["stable"])
+    assert configmaps.writes == 4  # made, then one write per step
+
+
+async def test_the_configmap_is_set_back_by_the_writer_alone() -> None:
+    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    leader = credentials(store, clocks, configmaps)
+    state = await leader.load()
+    await leader.tend(dict, writing=True)
+    made = configmaps.objects[CA_CONFIGMAP]
+    made["data"] = {CA_CONFIGMAP_KEY: B.pem, "extra.crt": A.pem}  # a person's edit
+    made["metadata"]["resourceVersion"] = str(next(configmaps.versions))
+
+    follower = credentials(store, clocks, configmaps)
+    await follower.load()
+    clocks.monotonic += leader.check_interval
+    await follower.tend(dict, writing=False)
+    assert configmaps.objects[CA_CONFIGMAP]["data"]["extra.crt"] == A.pem  # left alone
+    await leader.tend(dict, writing=True)
+    assert published(configmaps) == {CA_CONFIGMAP_KEY: state.trusted_pem}  # nothing else
+
+    # Another replica, or a person, changed the Secret: the ConfigMap follows at the next check.
+    secret = store.objects[CA_SECRET]
+    await store.patch(CA_SECRET, secret["metadata"]["resourceVersion"], {"data": CAState(B).data()})
+    clocks.monotonic += leader.check_interval
+    await leader.tend(dict, writing=True)
+    assert published(configmaps) == {CA_CONFIGMAP_KEY: B.pem}
+
+
+@dataclass
+class BrokenConfigMaps(MemorySecrets):
+    """Refuses ``failures`` calls (the API server down, the RBAC rule missing), then works."""
+
+    failures: int = 0
+
+    async def read(self, name: str) -> dict[str, Any] | None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise CredentialsError(f"GET ConfigMap {name}: HTTP 403: forbidden")
+        return await super().read(name)
+
+
+async def test_a_configmap_failure_is_logged_and_retried_at_the_next_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, configmaps, clocks = MemorySecrets(), BrokenConfigMaps(failures=1), Clocks()
+    creds = credentials(store, clocks, configmaps)
+    state = await creds.load()
+    with caplog.at_level(logging.WARNING, logger="meshaccel.operator.credentials"):
+        await creds.tend(dict, writing=True)  # does not raise
+    (failed,) = [r for r in caplog.records if getattr(r, "event", None) == "ca_failed"]
+    assert getattr(failed, "configmap", None) == CA_CONFIGMAP and "403" in failed.getMessage()
+    assert configmaps.objects == {}
+
+    await creds.tend(dict, writing=True)  # within the interval: the next check retries
+    assert configmaps.objects == {}
+    clocks.monotonic += creds.check_interval
+    await creds.tend(dict, writing=True)
+    assert published(configmaps) == {CA_CONFIGMAP_KEY: state.trusted_pem}
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -363,9 +532,25 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
+async def scraped(agent: FakeAgent, ca_pem: str) -> bool:
+    """A TLS connection as Prometheus makes it with the chart's default tlsConfig: no client
+    certificate, the agent verified against ``ca_pem`` under its fixed name. False if refused."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    try:
+        _, writer = await asyncio.open_connection(
+            agent.host, agent.port, ssl=context, server_hostname=AGENT_SERVER_NAME
+        )
+    except ssl.SSLCertVerificationError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
 async def test_a_rotation_end_to_end_restarts_nothing(session: aiohttp.ClientSession) -> None:
-    store = MemorySecrets()
-    creds = Credentials(store, NAMESPACE, check_interval=0)
+    store, configmaps = MemorySecrets(), MemorySecrets()
+    creds = Credentials(store, NAMESPACE, configmaps, check_interval=0)
     await creds.load()
     pusher = Pusher(
         "mesh", tls=creds.client_context, session=session, epoch=1, window=0, probe_interval=0.02
@@ -377,6 +562,13 @@ async def test_a_rotation_end_to_end_restarts_nothing(session: aiohttp.ClientSes
     async def step(expected_phase: str) -> None:
         await creds.tend(reports, writing=True)
         assert creds.state is not None and creds.state.phase == expected_phase
+        await verified()
+
+    async def verified() -> None:
+        """Prometheus, with the ConfigMap as the operator keeps it, accepts the agent."""
+        assert creds.state is not None
+        assert published(configmaps) == {CA_CONFIGMAP_KEY: creds.state.trusted_pem}
+        assert await scraped(agent, published(configmaps)[CA_CONFIGMAP_KEY])
 
     async def heard(*cas: Authority) -> None:
         wanted = bundle_fingerprint("".join(ca.pem for ca in cas))
@@ -393,12 +585,16 @@ async def test_a_rotation_end_to_end_restarts_nothing(session: aiohttp.ClientSes
             assert creds.state is not None
             old = creds.state.active
             await heard(old)
+            await creds.tend(reports, writing=True)
+            await verified()
+            assert not await scraped(agent, B.pem)  # another CA's certificates: refused
 
             store.annotate(CA_SECRET, ROTATE_ANNOTATION, "now")
             await step("introducing")  # the new CA joins the agents' bundle
             assert creds.state.next is not None
             new = creds.state.next
             await agent.use_tls(await creds.agent_tls("mesh", AGENT_SECRET))  # kubelet
+            await verified()
             await heard(old, new)
             await pushed(0, 1)
 
@@ -407,11 +603,13 @@ async def test_a_rotation_end_to_end_restarts_nothing(session: aiohttp.ClientSes
             rotated = await creds.agent_tls("mesh", AGENT_SECRET)
             assert new.issued(x509.load_pem_x509_certificate(rotated.cert_pem.encode()))
             await agent.use_tls(rotated)  # kubelet
+            await verified()
             await heard(new)
             await pushed(0, 1, 2, 3)
 
             await step("stable")  # the old CA is gone from everything
             assert creds.state.active == new and creds.state.trusted_pem == new.pem
+            assert not await scraped(agent, old.pem)  # the old CA's ConfigMap: refused now
             await pushed(4)
             assert [a.pod_set.generation for a in agent.accepted] == [1, 2, 3, 4, 5]
             assert agent.boot_id == pusher.nodes()["node"].boot_id  # never restarted
@@ -440,12 +638,17 @@ def _old_client(old: Authority, new: Authority) -> ssl.SSLContext:
 
 
 @pytest.fixture
-async def secrets(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[KubeSecrets]:
+async def api(kubeconfig: Any, kube: KubeClient) -> AsyncIterator[k8s.ApiClient]:
     await kube.create_namespace(NAMESPACE)
     configuration = k8s.Configuration()
     await k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    async with k8s.ApiClient(configuration) as api:
-        yield KubeSecrets(api, NAMESPACE)
+    async with k8s.ApiClient(configuration) as client:
+        yield client
+
+
+@pytest.fixture
+def secrets(api: k8s.ApiClient) -> KubeSecrets:
+    return KubeSecrets(api, NAMESPACE)
 
 
 async def test_the_ca_secret_through_the_api(secrets: KubeSecrets) -> None:
@@ -469,3 +672,38 @@ async def test_the_ca_secret_through_the_api(secrets: KubeSecrets) -> None:
         CA_SECRET, moved["metadata"]["resourceVersion"], {"data": CAState(state.active).data()}
     )
     assert set(back["data"]) == {"ca.crt", "ca.key"}  # null removed next.*
+
+
+async def test_the_ca_configmap_through_the_api(api: k8s.ApiClient) -> None:
+    """The writer makes the ConfigMap, and sets it back after an edit, as a real API server
+    takes it (its schema, the compare-and-swap of the merge patch)."""
+    secrets, configmaps, clocks = (
+        KubeSecrets(api, NAMESPACE),
+        KubeConfigMaps(api, NAMESPACE),
+        Clocks(),
+    )
+    creds = credentials(secrets, clocks, configmaps)
+    state = await creds.load()
+    await creds.tend(dict, writing=True)
+    made = await configmaps.read(CA_CONFIGMAP)
+    assert made is not None and made["data"] == {CA_CONFIGMAP_KEY: state.trusted_pem}
+    assert made["metadata"]["labels"]["app.kubernetes.io/name"] == "meshaccel"
+    with pytest.raises(SecretConflict):
+        await configmaps.create({"metadata": {"name": CA_CONFIGMAP, "namespace": NAMESPACE}})
+
+    version = made["metadata"]["resourceVersion"]
+    edited = await configmaps.patch(CA_CONFIGMAP, version, {"data": {"other": "x"}})
+    with pytest.raises(SecretConflict):  # the version read is stale now
+        await configmaps.patch(CA_CONFIGMAP, version, {"data": {"other": None}})
+    clocks.monotonic += creds.check_interval
+    await creds.tend(dict, writing=True)
+    back = await configmaps.read(CA_CONFIGMAP)
+    assert back is not None and back["data"] == {CA_CONFIGMAP_KEY: state.trusted_pem}
+    assert back["metadata"]["resourceVersion"] != edited["metadata"]["resourceVersion"]
+    clocks.monotonic += creds.check_interval
+    await creds.tend(dict, writing=True)  # right already: not written
+    again = await configmaps.read(CA_CONFIGMAP)
+    assert (
+        again is not None
+        and again["metadata"]["resourceVersion"] == back["metadata"]["resourceVersion"]
+    )

@@ -26,6 +26,7 @@ os.environ.setdefault("MESHACCEL_STATUS_INTERVAL", "0.3")
 from meshaccel.contract.version import VERSION
 from meshaccel.operator import handlers, metrics, rendering
 from meshaccel.operator.budget import usage
+from meshaccel.operator.credentials import CA_CONFIGMAP, CA_CONFIGMAP_KEY, CA_SECRET, CAState
 from meshaccel.operator.leadership import LEASE_NAME
 from meshaccel.operator.models import LEGACY_DEFAULT_AGENT_IMAGE
 from tests.operator.conftest import (
@@ -182,6 +183,13 @@ async def test_lifecycle_from_create_to_uninstall(cluster: Cluster) -> None:
             assert [(o["kind"], o["uid"], o.get("controller")) for o in owners] == [
                 ("MeshAcceleration", uid, True)
             ], plural
+        # Once, owned by nothing: the CA's certificates alone, which Prometheus verifies with.
+        published = await wait_for(
+            lambda: cluster.read("configmaps", CA_CONFIGMAP), timeout=10, what="the CA ConfigMap"
+        )
+        secret = await cluster.read("secrets", CA_SECRET)
+        assert published["data"] == {CA_CONFIGMAP_KEY: CAState.from_secret(secret).trusted_pem}
+        assert "ownerReferences" not in published["metadata"]
 
         # Every agent gets its node's set, empty while no namespace is labelled.
         await wait_for(lambda: all(cluster.pods_on(n) == [] for n in NODES), timeout=10)
