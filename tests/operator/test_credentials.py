@@ -25,12 +25,14 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
 from kubernetes.aio import client as k8s
 from kubernetes.aio import config as k8s_config
 
 from meshaccel.contract.api import PodSpec
 from meshaccel.contract.tls import (
     AGENT_SERVER_NAME,
+    OPERATOR_IDENTITY,
     bundle_fingerprint,
     client_context,
     server_context_pem,
@@ -190,6 +192,19 @@ def test_the_secret_round_trips() -> None:
     read = CAState.from_secret(secret)
     assert (read.active, read.next, read.retired) == (A, B, None)
     assert read.rotate_requested and read.version == "7"
+
+
+def test_the_issued_certificates_pass_a_strict_rfc5280_verifier() -> None:
+    """Prometheus (Go), the agents and the operator (OpenSSL) accept what the CA issues; so
+    must a verifier that holds to RFC 5280 (cryptography's), which refuses, among others, a
+    critical subjectAltName beside a non-empty subject."""
+    policy = PolicyBuilder().store(Store([A.cert])).time(NOW)
+    server = policy.build_server_verifier(x509.DNSName(AGENT_SERVER_NAME))
+    assert server.verify(issue_server(A, NOW).cert, [])[-1] == A.cert
+    client = policy.build_client_verifier().verify(issue_client(A, NOW).cert, [])
+    assert client.subjects == [x509.UniformResourceIdentifier(OPERATOR_IDENTITY)]
+    with pytest.raises(x509.verification.VerificationError):
+        server.verify(issue_server(B, NOW).cert, [])
 
 
 # -- Credentials over a store ----------------------------------------------------------------------
