@@ -72,7 +72,7 @@ from tests.operator.conftest import (
 )
 from tests.operator.emulator import ApiServerEmulator
 from tests.operator.fake_agent import NODES, FakeAgent, common_free_port
-from tests.operator.test_credentials import MemorySecrets
+from tests.operator.memory_objects import MemoryObjects
 from tests.pki import make_pki
 from tests.requirements import require_kernel
 from tests.waiting import wait_for, wait_until
@@ -355,7 +355,7 @@ async def test_the_operators_configmap_verifies_a_live_agent(live_agent: LiveAge
     name is refused."""
     # The CA Secret holds the CA that issued the live agent's certificate (the test PKI, made
     # by the operator's own code); the operator, leading, writes the ConfigMap from it.
-    secrets, configmaps = MemorySecrets(), MemorySecrets()
+    secrets, configmaps = MemoryObjects(), MemoryObjects()
     data = {key: value for key, value in CAState(PKI.ca).data().items() if value is not None}
     secrets.objects[CA_SECRET] = {
         "metadata": {"name": CA_SECRET, "resourceVersion": "1"},

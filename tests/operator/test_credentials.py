@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import datetime as dt
-import itertools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -66,6 +64,7 @@ from meshaccel.operator.credentials import (
 from meshaccel.operator.pusher import Pusher
 from tests.operator.conftest import KubeClient
 from tests.operator.fake_agent import FakeAgent
+from tests.operator.memory_objects import MemoryObjects
 from tests.waiting import wait_for
 
 NOW = utc_now()
@@ -211,54 +210,6 @@ def test_the_issued_certificates_pass_a_strict_rfc5280_verifier() -> None:
 
 
 @dataclass
-class MemorySecrets:
-    """Secrets as the API server keeps them: resourceVersions, 409 on a stale patch."""
-
-    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    writes: int = 0
-
-    async def read(self, name: str) -> dict[str, Any] | None:
-        found = self.objects.get(name)
-        return copy.deepcopy(found) if found is not None else None
-
-    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        name = obj["metadata"]["name"]
-        if name in self.objects:
-            raise SecretConflict(f"{name} exists")
-        return self._store(name, copy.deepcopy(dict(obj)))
-
-    async def patch(self, name: str, version: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        current = self.objects[name]
-        if current["metadata"]["resourceVersion"] != version:
-            raise SecretConflict(f"{name} moved on")
-        merged = copy.deepcopy(current)
-        for key, value in patch.get("data", {}).items():
-            if value is None:
-                merged["data"].pop(key, None)
-            else:
-                merged["data"][key] = value
-        for key, value in patch.get("metadata", {}).get("annotations", {}).items():
-            annotations = merged["metadata"].setdefault("annotations", {})
-            if value is None:
-                annotations.pop(key, None)
-            else:
-                annotations[key] = value
-        return self._store(name, merged)
-
-    def _store(self, name: str, obj: dict[str, Any]) -> dict[str, Any]:
-        obj["metadata"]["resourceVersion"] = str(next(self.versions))
-        self.objects[name] = obj
-        self.writes += 1
-        return copy.deepcopy(obj)
-
-    def annotate(self, name: str, key: str, value: str) -> None:
-        obj = self.objects[name]
-        obj["metadata"].setdefault("annotations", {})[key] = value
-        obj["metadata"]["resourceVersion"] = str(next(self.versions))
-
-
-@dataclass
 class Clocks:
     now: dt.datetime = NOW
     monotonic: float = 1000.0
@@ -277,14 +228,14 @@ def credentials(
     return Credentials(
         store,
         NAMESPACE,
-        configmaps or MemorySecrets(),
+        configmaps or MemoryObjects(),
         clock=clocks.wall,
         monotonic=clocks.mono,
     )
 
 
 async def test_the_ca_is_made_once_and_shared() -> None:
-    store = MemorySecrets()
+    store = MemoryObjects()
     first = await credentials(store).load()
     second = await credentials(store).load()  # another replica, or a restart
     assert first.active == second.active and store.writes == 1
@@ -298,7 +249,7 @@ async def test_the_ca_is_made_once_and_shared() -> None:
 
 
 @dataclass
-class LateSecrets(MemorySecrets):
+class LateSecrets(MemoryObjects):
     """Saw no CA, then lost the race to make it: another replica's create came first."""
 
     looked: bool = False
@@ -314,14 +265,14 @@ class LateSecrets(MemorySecrets):
 
 
 async def test_two_replicas_making_it_at_once_share_the_first() -> None:
-    store = MemorySecrets()
+    store = MemoryObjects()
     theirs = await credentials(store).load()
     late = LateSecrets(objects=store.objects)
     assert (await credentials(late).load()).active == theirs.active
 
 
 async def test_the_client_certificate_lives_in_memory_and_is_renewed() -> None:
-    store, clocks = MemorySecrets(), Clocks()
+    store, clocks = MemoryObjects(), Clocks()
     creds = credentials(store, clocks)
     await creds.load()
     first = creds.client_context()
@@ -333,7 +284,7 @@ async def test_the_client_certificate_lives_in_memory_and_is_renewed() -> None:
 
 
 async def test_the_agents_certificate_is_kept_until_due() -> None:
-    store, clocks = MemorySecrets(), Clocks()
+    store, clocks = MemoryObjects(), Clocks()
     creds = credentials(store, clocks)
     state = await creds.load()
     first = await creds.agent_tls("mesh", AGENT_SECRET)
@@ -351,7 +302,7 @@ async def test_the_agents_certificate_is_kept_until_due() -> None:
 
 
 async def test_a_stored_certificate_of_another_ca_is_replaced() -> None:
-    store = MemorySecrets()
+    store = MemoryObjects()
     creds = credentials(store)
     await creds.load()
     foreign = issue_server(new_authority(NOW), NOW)
@@ -363,7 +314,7 @@ async def test_a_stored_certificate_of_another_ca_is_replaced() -> None:
 
 
 async def test_tend_reads_every_interval_and_only_a_writer_writes() -> None:
-    store, clocks = MemorySecrets(), Clocks()
+    store, clocks = MemoryObjects(), Clocks()
     creds = credentials(store, clocks)
     await creds.load()
     store.annotate(CA_SECRET, ROTATE_ANNOTATION, "please")
@@ -386,7 +337,7 @@ def _b64(text: str) -> str:
 # -- the ConfigMap of CA certificates --------------------------------------------------------------
 
 
-def published(configmaps: MemorySecrets) -> dict[str, str]:
+def published(configmaps: MemoryObjects) -> dict[str, str]:
     """The ConfigMap's data, after checking that it holds no key of any kind."""
     found = configmaps.objects[CA_CONFIGMAP]
     data: dict[str, str] = found["data"]
@@ -420,7 +371,7 @@ def chains(leaf: Issued, ca_pem: str) -> bool:
 
 
 async def test_the_writer_makes_the_configmap_of_ca_certificates_at_once() -> None:
-    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    store, configmaps, clocks = MemoryObjects(), MemoryObjects(), Clocks()
     follower = credentials(store, clocks, configmaps)
     await follower.load()
     await follower.tend(dict, writing=False)
@@ -446,7 +397,7 @@ async def test_the_writer_makes_the_configmap_of_ca_certificates_at_once() -> No
 
 
 async def test_the_configmap_holds_the_trusted_cas_through_a_rotation() -> None:
-    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    store, configmaps, clocks = MemoryObjects(), MemoryObjects(), Clocks()
     creds = credentials(store, clocks, configmaps)
     old = (await creds.load()).active
     await creds.tend(dict, writing=True)
@@ -473,7 +424,7 @@ async def test_the_configmap_holds_the_trusted_cas_through_a_rotation() -> None:
 
 
 async def test_the_configmap_is_set_back_by_the_writer_alone() -> None:
-    store, configmaps, clocks = MemorySecrets(), MemorySecrets(), Clocks()
+    store, configmaps, clocks = MemoryObjects(), MemoryObjects(), Clocks()
     leader = credentials(store, clocks, configmaps)
     state = await leader.load()
     await leader.tend(dict, writing=True)
@@ -498,7 +449,7 @@ async def test_the_configmap_is_set_back_by_the_writer_alone() -> None:
 
 
 @dataclass
-class BrokenConfigMaps(MemorySecrets):
+class BrokenConfigMaps(MemoryObjects):
     """Refuses ``failures`` calls (the API server down, the RBAC rule missing), then works."""
 
     failures: int = 0
@@ -513,7 +464,7 @@ class BrokenConfigMaps(MemorySecrets):
 async def test_a_configmap_failure_is_logged_and_retried_at_the_next_check(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store, configmaps, clocks = MemorySecrets(), BrokenConfigMaps(failures=1), Clocks()
+    store, configmaps, clocks = MemoryObjects(), BrokenConfigMaps(failures=1), Clocks()
     creds = credentials(store, clocks, configmaps)
     state = await creds.load()
     with caplog.at_level(logging.WARNING, logger="meshaccel.operator.credentials"):
@@ -564,7 +515,7 @@ async def scraped(agent: FakeAgent, ca_pem: str) -> bool:
 
 
 async def test_a_rotation_end_to_end_restarts_nothing(session: aiohttp.ClientSession) -> None:
-    store, configmaps = MemorySecrets(), MemorySecrets()
+    store, configmaps = MemoryObjects(), MemoryObjects()
     creds = Credentials(store, NAMESPACE, configmaps, check_interval=0)
     await creds.load()
     pusher = Pusher(
