@@ -414,7 +414,7 @@ def _waiting(reports: Mapping[str, str | None], fingerprint: str) -> list[str]:
     return sorted(agent for agent, reported in reports.items() if reported != fingerprint)
 
 
-# -- where the CA Secret lives --------------------------------------------------------------------
+# -- where the CA Secret and its ConfigMap live ---------------------------------------------------
 
 
 class ObjectStore(Protocol):
