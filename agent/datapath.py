@@ -435,9 +435,9 @@ class Datapath:
         """
         owners = {key: self._map("pod_ips").lookup(key) for key in sorted(pod.address_keys())}
         taken = {
-            key: decode_u64(owner)
+            key: owner_id
             for key, owner in owners.items()
-            if owner is not None and decode_u64(owner) != pod.cgroup_id
+            if owner is not None and (owner_id := decode_u64(owner)) != pod.cgroup_id
         }
         if taken and not take_ip:
             raise ValueError(
@@ -454,15 +454,14 @@ class Datapath:
         key = u64(pod.cgroup_id)
         info, old_info = bytes(pod.info()), None if old is None else bytes(old.info())
         new_options, old_options = _option_keys(pod), _option_keys(old)
-        mine = u64(pod.cgroup_id)
 
         with undo_on_failure() as undo:
             # Options before the pod entry: connect4 acts on a pod only once `pods` has it.
             for name, keys in new_options.items():
                 self._insert(undo, name, keys - old_options[name])
             for ip_key, owner in owners.items():
-                if owner != mine:
-                    self._put(undo, "pod_ips", ip_key, mine, owner)
+                if owner != key:
+                    self._put(undo, "pod_ips", ip_key, key, owner)
             if info != old_info:
                 self._put(undo, "pods", key, info, old_info)
             # What the new version no longer has goes last.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import socket
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 Be16 = ctypes.c_ubyte * 2
 Be32 = ctypes.c_ubyte * 4
@@ -56,9 +56,7 @@ def address_bytes(ip: IPv4Address | IPv6Address) -> bytes:
 
 def address(ip: IPv4Address | IPv6Address | str) -> NetworkBytes:
     """A ``struct ip_address`` field for ``ip`` (a str of either family)."""
-    if isinstance(ip, str):
-        ip = IPv4Address(ip) if ":" not in ip else IPv6Address(ip)
-    return Address(*address_bytes(ip))
+    return Address(*address_bytes(ip_address(ip) if isinstance(ip, str) else ip))
 
 
 def address_of(field: NetworkBytes | bytes) -> IPv4Address | IPv6Address:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from meshaccel.agent import layout
 from meshaccel.agent.layout import TrafficDirection
+from meshaccel.contract.api import pod_address_problem
 from meshaccel.contract.modes import MeshMode
 
 #: A pod address, or an address of a CIDR option: either family.
@@ -19,10 +20,8 @@ Network = IPv4Network | IPv6Network
 
 
 def _check_address(address: PodAddress, what: str) -> None:
-    if address.is_loopback or address.is_unspecified or address.is_multicast:
-        raise ValueError(f"{what} {address} cannot be a loopback, unspecified or multicast address")
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        raise ValueError(f"{what} {address} is IPv4-mapped: give the IPv4 address as the pod's ip")
+    if problem := pod_address_problem(address):
+        raise ValueError(f"{what} {address} cannot be a pod's address: {problem}")
 
 
 def _check_ports(ports: frozenset[int], what: str) -> None:
@@ -144,7 +143,7 @@ class AcceleratedPod:
             flags |= layout.PodFlags.POD_DNS_CAPTURE
         return layout.PodInfo(
             ip=layout.ipv4(self.ip or IPv4Address(0)),
-            ipv6=layout.Address(*(self.ipv6.packed if self.ipv6 is not None else bytes(16))),
+            ipv6=layout.address(self.ipv6) if self.ipv6 is not None else layout.Address(),
             sidecar_uid=self.sidecar_uid,
             outbound_port=layout.be16(self.outbound_port),
             inbound_port=layout.be16(self.inbound_port),
@@ -299,9 +298,9 @@ def decode_port_key(key: bytes) -> tuple[int, int, TrafficDirection]:
 def decode_cidr_key(key: bytes) -> tuple[int, Network]:
     decoded = layout.PodCidrKey.from_buffer_copy(key)
     prefix = decoded.prefixlen - layout.POD_CIDR_PREFIX_BITS
-    address = layout.address_of(decoded.addr)
     network: Network
     if decoded.family == layout.AF_INET:
+        address = layout.address_of(decoded.addr)
         network = IPv4Network(f"{address}/{prefix - layout.MAPPED_PREFIX_BITS}")
     else:
         network = IPv6Network(f"{IPv6Address(bytes(decoded.addr))}/{prefix}")

@@ -36,9 +36,13 @@ struct destination {
 	bool ipv4;
 };
 
-/* What sockops will need once the connection is established, on the socket itself. */
-static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
-					     const struct destination *dst, __u16 flags)
+/*
+ * What sockops will need once the connection is established, on the socket
+ * itself; `own` is the pod's address of the connection's family.
+ */
+static __always_inline bool remember_connect(struct bpf_sock_addr *ctx,
+					     const struct destination *dst,
+					     const struct ip_address *own, __u16 flags)
 {
 	struct socket_state *state = NULL;
 
@@ -52,17 +56,9 @@ static __always_inline bool remember_connect(struct bpf_sock_addr *ctx, const st
 	state->conn.original_ip = dst->ip;
 	state->conn.original_port = dst->port;
 	state->conn.flags = flags;
-	pod_address(pod, dst->ipv4, &state->conn.client_ip);
+	state->conn.client_ip = *own;
 	state->flags = 0;
 	return true;
-}
-
-/* Rewrite the destination (read_address says why `ipv6_socket` is a constant). */
-static __always_inline void steer(struct bpf_sock_addr *ctx, bool ipv6_socket,
-				  const struct ip_address *ip, __be16 port)
-{
-	write_address(ctx, ipv6_socket, ip);
-	ctx->user_port = port;
 }
 
 static __always_inline bool outbound_cidr_included(const struct pod_info *pod, __u64 pod_cgroup_id,
@@ -120,7 +116,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, pod, dst,
+	if (!remember_connect(ctx, dst, own,
 			      CONNECTION_REWRITTEN | CONNECTION_SERVER_TAKES_MSG |
 				      app_takes_msg(pod, CONNECTION_CLIENT_TAKES_MSG)))
 		return ALLOW;
@@ -142,7 +138,7 @@ static __always_inline bool inbound_listener_may_be_open(__u64 pod_cgroup_id)
 
 static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const struct pod_info *pod,
 					    __u64 pod_cgroup_id, const struct destination *dst,
-					    bool ipv6_socket)
+					    const struct ip_address *own)
 {
 	struct pod_info *peer;
 	__u64 *peer_cgroup_id;
@@ -155,7 +151,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
 		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, pod, dst,
+			remember_connect(ctx, dst, own,
 					 CONNECTION_CLIENT_TAKES_MSG |
 						 app_takes_msg(pod, CONNECTION_SERVER_TAKES_MSG));
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
@@ -178,7 +174,7 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 		count(COUNTER_BYPASS_NO_INBOUND_LISTENER, 1);
 		return ALLOW;
 	}
-	if (!remember_connect(ctx, pod, dst,
+	if (!remember_connect(ctx, dst, own,
 			      CONNECTION_REWRITTEN | CONNECTION_CLIENT_TAKES_MSG |
 				      CONNECTION_SERVER_TAKES_MSG))
 		return ALLOW;
@@ -196,11 +192,12 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
  * answers it (sockname.bpf.c), a UDP reply carries it as its source (dns.bpf.c).
  */
 static __always_inline int capture_dns_connect(struct bpf_sock_addr *ctx, const struct pod_info *pod,
-					       const struct destination *dst, bool ipv6_socket)
+					       const struct destination *dst,
+					       const struct ip_address *own, bool ipv6_socket)
 {
 	struct ip_address proxy;
 
-	if (!remember_connect(ctx, pod, dst, CONNECTION_REWRITTEN | CONNECTION_DNS))
+	if (!remember_connect(ctx, dst, own, CONNECTION_REWRITTEN | CONNECTION_DNS))
 		return ALLOW;
 	set_localhost(&proxy, dst->ipv4);
 	steer(ctx, ipv6_socket, &proxy, pod->dns_port);
@@ -254,10 +251,10 @@ static __always_inline int redirect_connect(struct bpf_sock_addr *ctx,
 		/* The proxy's own queries go where it sends them, as under the mesh's rules. */
 		if (ctx->type == SOCK_DGRAM)
 			return ALLOW;
-		return redirect_sidecar(ctx, pod, pod_cgroup_id, dst, ipv6_socket);
+		return redirect_sidecar(ctx, pod, pod_cgroup_id, dst, &own);
 	}
 	if (captures_dns(pod, dst->port))
-		return capture_dns_connect(ctx, pod, dst, ipv6_socket);
+		return capture_dns_connect(ctx, pod, dst, &own, ipv6_socket);
 	if (ctx->type == SOCK_DGRAM) {
 		forget_dns_server(ctx);
 		return ALLOW;

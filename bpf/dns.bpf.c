@@ -57,8 +57,7 @@ static __always_inline int capture_dns_sendmsg(struct bpf_sock_addr *ctx, bool i
 		state->flags = 0;
 	}
 	set_localhost(&proxy, ipv4);
-	write_address(ctx, ipv6_socket, &proxy);
-	ctx->user_port = pod->dns_port;
+	steer(ctx, ipv6_socket, &proxy, pod->dns_port);
 	count(COUNTER_DNS_DATAGRAM_CAPTURED, 1);
 	return ALLOW;
 }
@@ -72,12 +71,18 @@ static __always_inline int restore_dns_reply(struct bpf_sock_addr *ctx, bool ipv
 	bool ipv4;
 
 	/* Every datagram received with its address comes here: the cheap tests first. */
-	if (!ipv6_socket && ctx->user_ip4 != localhost())
-		return ALLOW;
-	read_address(ctx, ipv6_socket, &source);
-	ipv4 = is_mapped(&source);
-	set_localhost(&proxy, ipv4);
-	if (!same_address(&source, &proxy) || !ctx->sk)
+	if (ipv6_socket) {
+		read_address(ctx, true, &source);
+		ipv4 = is_mapped(&source);
+		set_localhost(&proxy, ipv4);
+		if (!same_address(&source, &proxy))
+			return ALLOW;
+	} else {
+		if (ctx->user_ip4 != localhost())
+			return ALLOW;
+		ipv4 = true;
+	}
+	if (!ctx->sk)
 		return ALLOW;
 	state = bpf_sk_storage_get(&socket_states, ctx->sk, NULL, 0);
 	if (!state || !(state->conn.flags & CONNECTION_DNS))
@@ -89,8 +94,7 @@ static __always_inline int restore_dns_reply(struct bpf_sock_addr *ctx, bool ipv
 	pod = current_pod(&pod_cgroup_id);
 	if (!pod || (__be16)ctx->user_port != pod->dns_port)
 		return ALLOW;
-	write_address(ctx, ipv6_socket, &state->conn.original_ip);
-	ctx->user_port = state->conn.original_port;
+	steer(ctx, ipv6_socket, &state->conn.original_ip, state->conn.original_port);
 	count(COUNTER_DNS_REPLY_ADDRESS_RESTORED, 1);
 	return ALLOW;
 }

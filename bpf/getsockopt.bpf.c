@@ -75,7 +75,8 @@ int answer_original_dst(struct bpf_sockopt *ctx)
 	struct socket_state *state;
 	struct bpf_sock *sk;
 
-	/* SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST are both 80. */
+	/* One test serves both levels: */
+	_Static_assert(SO_ORIGINAL_DST == IP6T_SO_ORIGINAL_DST, "the two options share a number");
 	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
 		return ALLOW;
 	sk = ctx->sk;

@@ -57,16 +57,24 @@ def _address(value: object) -> IPv4Address | IPv6Address:
     return address
 
 
+def pod_address_problem(address: IPv4Address | IPv6Address) -> str | None:
+    """Why ``address`` cannot be a pod's, or None; the operator's sets and the agent's pods
+    both hold to it."""
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        return "a loopback, unspecified or multicast address"
+    if isinstance(address, IPv6Address):
+        if address.ipv4_mapped is not None:
+            # How the datapath stores an IPv4 address: the pod's IPv4 address goes in as itself.
+            return "IPv4-mapped: an IPv4 address goes in as itself"
+        if address.is_link_local:
+            return "link-local: not unique across the node's links"
+    return None
+
+
 def _pod_address(value: object) -> IPv4Address | IPv6Address:
     address = _address(value)
-    if address.is_loopback or address.is_unspecified or address.is_multicast:
-        raise ValueError(f"{address} cannot be a pod's address")
-    if isinstance(address, IPv6Address) and (
-        address.ipv4_mapped is not None or address.is_link_local
-    ):
-        # A mapped address is how the datapath stores an IPv4 one: the pod's IPv4 address
-        # goes in as itself. Link-local addresses are not unique across the node's links.
-        raise ValueError(f"{address} cannot be a pod's address")
+    if problem := pod_address_problem(address):
+        raise ValueError(f"{address} cannot be a pod's address: {problem}")
     return address
 
 

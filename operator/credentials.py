@@ -480,6 +480,16 @@ class KubeConfigMaps(KubeObjects):
     kind: ClassVar[str] = "ConfigMap"
 
 
+def _labels(component: str) -> dict[str, str]:
+    """The labels of the operator's own objects here (rendering.py names the same keys, for
+    the agents' objects; it imports this module, so they are spelt out)."""
+    return {
+        "app.kubernetes.io/name": "meshaccel",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "meshaccel-operator",
+    }
+
+
 # -- what the runtime uses ------------------------------------------------------------------------
 
 
@@ -632,11 +642,7 @@ class Credentials:
                     "metadata": {
                         "name": CA_SECRET,
                         "namespace": self.namespace,
-                        "labels": {
-                            "app.kubernetes.io/name": "meshaccel",
-                            "app.kubernetes.io/component": "operator-ca",
-                            "app.kubernetes.io/managed-by": "meshaccel-operator",
-                        },
+                        "labels": _labels("operator-ca"),
                     },
                     "data": {k: v for k, v in state.data().items() if v is not None},
                 }
@@ -692,11 +698,7 @@ class Credentials:
             "metadata": {
                 "name": CA_CONFIGMAP,
                 "namespace": self.namespace,
-                "labels": {
-                    "app.kubernetes.io/name": "meshaccel",
-                    "app.kubernetes.io/component": "agents-ca",
-                    "app.kubernetes.io/managed-by": "meshaccel-operator",
-                },
+                "labels": _labels("agents-ca"),
             },
             "data": dict(data),
         }

@@ -402,7 +402,7 @@ class Pusher:
         agent.trust_bundle = agent.agent_version = agent.unresolved_since = None
         agent.unresolved = ()
         agent.agent_epoch = agent.agent_generation = None
-        agent.legacy = agent.ipv4_only = False
+        self._capabilities_unknown(agent)
         agent.held_back = ()
         agent.retries = agent.stale_retries = 0
         agent.not_before = 0.0
@@ -692,6 +692,15 @@ class Pusher:
         else:
             self._refused(agent, version, status, text)
 
+    @staticmethod
+    def _capabilities_unknown(agent: _AgentChannel) -> None:
+        """Another agent process, maybe one that knows epochs and IPv6: send as to a current
+        one until it refuses. A set sent as its IPv4 part goes again whole, under a new
+        generation (the same generation with another set would be refused)."""
+        if agent.ipv4_only:
+            agent.generation_version = None
+        agent.legacy = agent.ipv4_only = False
+
     def _restore_pending(self, agent: _AgentChannel) -> None:
         agent.pending_since = _earliest(agent.inflight_since, agent.pending_since)
         agent.inflight_since = None
@@ -723,11 +732,7 @@ class Pusher:
             and agent.boot_id is not None
             and agent.boot_id != result.boot_id
         ):
-            # Another agent process, maybe one that knows epochs and IPv6: the set again, the
-            # whole of it under a new generation (this one was the IPv4 part of it).
-            if agent.ipv4_only:
-                agent.generation_version = None
-            agent.legacy = agent.ipv4_only = False
+            self._capabilities_unknown(agent)
             self._schedule(agent, now)
         agent.boot_id = result.boot_id
         agent.agent_generation = result.applied_generation
@@ -871,7 +876,7 @@ class Pusher:
                 extra=self._extra(agent, event="agent_restarted", boot_id=boot_id),
             )
             agent.confirmed = agent.agent_generation = agent.agent_epoch = agent.blocked = None
-            agent.legacy = agent.ipv4_only = False  # maybe upgraded: epochs and IPv6 again
+            self._capabilities_unknown(agent)
             self._resend(agent, now)
         elif (
             health.applied_generation is not None

@@ -219,6 +219,14 @@ static __always_inline void write_address(struct bpf_sock_addr *ctx, bool ipv6_s
 		ctx->user_ip4 = addr->word[3];
 }
 
+/* Send the connect or datagram to `addr`:`port` instead. */
+static __always_inline void steer(struct bpf_sock_addr *ctx, bool ipv6_socket,
+				  const struct ip_address *addr, __be16 port)
+{
+	write_address(ctx, ipv6_socket, addr);
+	ctx->user_port = port;
+}
+
 /*
  * Where ip6tables REDIRECT sends OUTPUT traffic of the socket's family: [::1], or
  * ::ffff:127.0.0.1 for an IPv4 connection on an IPv6 socket (iptables' rules see it).
