@@ -28,6 +28,7 @@ from meshaccel.agent.layout import FALLBACK_REASONS, Counter, DatapathFeatures
 from meshaccel.agent.pods import AcceleratedPod
 from meshaccel.contract.modes import ISTIO
 from tests.netlab import Node, Pod
+from tests.netlab.envoy import ipv6_twin
 from tests.netlab.families import LOOPBACK, Family, address_prefix
 from tests.netlab.meshes import LabMesh
 from tests.netlab.netns import run_in_netns
@@ -105,6 +106,15 @@ def mesh_pod(pod: Pod, family: Family = "ipv4", **options: object) -> Accelerate
     return AcceleratedPod.in_mesh(mode, pod.cgroup_id, pod.ip, **options)  # type: ignore[arg-type]
 
 
+def passthrough_source(server: Pod, family: Family) -> str:
+    """The address the server's inbound passthrough connects to its app from, on ``family``:
+    127.0.0.6 or its IPv6 twin (Istio, Kuma), the pod's own address (Linkerd)."""
+    source = lab_mesh(server).listeners.inbound_passthrough_source
+    if source is None:  # Linkerd: the pod's own address
+        return server.host(family)
+    return source if family == "ipv4" else ipv6_twin(source)
+
+
 def steered_prefix(family: Family) -> str:
     """What the kernel's own local address of a connection connect4/connect6 steered to its
     sidecar starts with: "127.0.0.1:" or "[::1]:"."""
@@ -118,6 +128,11 @@ ERRORS = tuple(c for c in Counter if c.name.startswith("COUNTER_ERROR_"))
 def shown(counters: dict[Counter, int]) -> dict[str, int]:
     """The counters that moved, by metric name: for assertion messages."""
     return {c.metric_name: n for c, n in counters.items() if n}
+
+
+def counters_since(datapath: Datapath, before: dict[Counter, int]) -> dict[Counter, int]:
+    """How far each counter moved since ``before`` (an earlier datapath.counters())."""
+    return {c: n - before[c] for c, n in datapath.counters().items()}
 
 
 def assert_redirected_until_fallback(

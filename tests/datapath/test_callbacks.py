@@ -23,6 +23,9 @@ pytestmark = pytest.mark.kernel
 
 CONNECTIONS = 3
 SOCKOPS = "track_sockets"
+# The echo server listens on 15006 as two sockets, 0.0.0.0 and [::] (IPV6_V6ONLY): one per
+# family, both counted.
+INBOUND_LISTENERS = 2
 
 
 def test_sockets_accepted_by_a_counted_listener_pay_no_state_callbacks(
@@ -45,13 +48,12 @@ def test_sockets_accepted_by_a_counted_listener_pay_no_state_callbacks(
 
     with bpf_stats_enabled() as enabled:
         assert enabled, "kernel.bpf_stats_enabled is missing"
-        # One per family where the echo server listens dual-stack as two sockets.
         listening = run_in_netns(
             server.netns, ["ss", "-Hltn", "sport", "=", f":{ISTIO.inbound_port}"]
         ).splitlines()
-        assert listening, "the echo server must listen on 15006"
+        assert len(listening) == INBOUND_LISTENERS, f"the echo server's 15006: {listening}"
         counted_listeners = datapath.inbound_listeners(server.cgroup_id)
-        assert counted_listeners == len(listening), f"15006 must be counted: {listening}"
+        assert counted_listeners == INBOUND_LISTENERS, f"15006 must be counted: {listening}"
         counted = sockops_runs(ISTIO.inbound_port)
         uncounted = sockops_runs(ECHO_PORT)
     assert uncounted > 0, "the statistics must see the program run"

@@ -18,7 +18,7 @@ import errno
 import json
 import sys
 from collections.abc import Iterator
-from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import pytest
@@ -27,9 +27,15 @@ from meshaccel.agent.datapath import SK_MSG_FEATURES, Datapath
 from meshaccel.agent.layout import FALLBACK_REASONS, Counter
 from meshaccel.agent.pods import AcceleratedPod, Network
 from meshaccel.contract.modes import ISTIO
-from tests.datapath.conftest import ERRORS, load_datapath, shown, unload_quietly
+from tests.datapath.conftest import (
+    ERRORS,
+    counters_since,
+    istio_pod,
+    load_datapath,
+    shown,
+    unload_quietly,
+)
 from tests.netlab import SIDECAR_IDENTITY, Node, Pod, PodProcess, find_leftovers
-from tests.netlab.netns import run_in_netns
 from tests.requirements import require_btf
 from tests.waiting import wait_until
 
@@ -38,7 +44,6 @@ pytestmark = pytest.mark.kernel
 APP_PORT = 8080
 EXCLUDED_PORT = 9090
 NBYTES = 64 << 10  # well within the redirect budget: every byte of a steered hop is redirected
-LAB_PREFIX6 = IPv6Network("fd00:198:18::/64")
 DNS_SERVER6 = "fd00:198:18::53"  # nobody has it: only a captured query is answered
 DNS_SERVER4 = "198.18.0.53"
 
@@ -211,21 +216,6 @@ def started(process: PodProcess) -> PodProcess:
     return process
 
 
-def lab_ipv6(pod: Pod) -> IPv6Address:
-    """The pod's address in the lab's IPv6 prefix: 198.18.0.N -> fd00:198:18::N (N's decimal
-    digits, as the netlab writes them)."""
-    return IPv6Address(f"{LAB_PREFIX6.network_address}{pod.ip.packed[3]}")
-
-
-def give_ipv6(pod: Pod) -> None:
-    """The lab's IPv6 address on the pod's eth0, unless the netlab gave it already."""
-    address = lab_ipv6(pod)
-    shown_addresses = run_in_netns(pod.netns, ["ip", "-6", "addr", "show", "dev", "eth0"])
-    if f"{address}/" not in shown_addresses:
-        add = ["ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad"]
-        run_in_netns(pod.netns, add)
-
-
 @dataclasses.dataclass
 class V6Lab:
     node: Node
@@ -242,8 +232,6 @@ def v6lab(netlab_requirements: None) -> Iterator[V6Lab]:
     require_btf()
     with Node(subnet="198.18.0.0/24") as node:
         a, b, c = (node.add_pod(name) for name in ("a", "b", "c"))
-        for pod in (a, b, c):
-            give_ipv6(pod)
         relays = {}
         for pod in (a, b):
             for port in (ISTIO.outbound_port, ISTIO.inbound_port):
@@ -264,10 +252,6 @@ def datapath(v6lab: V6Lab) -> Iterator[Datapath]:
         unload_quietly(v6lab.node)
 
 
-def dual_stack(pod: Pod, **options: Any) -> AcceleratedPod:
-    return AcceleratedPod.in_mesh(ISTIO, pod.cgroup_id, pod.ip, ipv6=lab_ipv6(pod), **options)
-
-
 def relayed(lab: V6Lab) -> dict[str, list[dict[str, Any]]]:
     """Every connection each relay has relayed so far."""
     return {
@@ -280,10 +264,6 @@ def run_client(pod: Pod, family: str, host: str, port: int, nbytes: int = NBYTES
     done = pod.run_to_completion(python(CLIENT, family, host, port, nbytes), timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def delta(datapath: Datapath, before: dict[Counter, int]) -> dict[Counter, int]:
-    return {c: n - before[c] for c, n in datapath.counters().items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,9 +280,9 @@ class Route:
 
 def routes(lab: V6Lab) -> dict[str, Route]:
     a, b = lab.a, lab.b
-    a6, a4m = str(lab_ipv6(a)), f"::ffff:{a.ip}"
+    a6, a4m = a.host("ipv6"), f"::ffff:{a.ip}"
     return {
-        "ipv6": Route("ipv6", "inet6", str(lab_ipv6(b)), a6, a6, "ipv6"),
+        "ipv6": Route("ipv6", "inet6", b.host("ipv6"), a6, a6, "ipv6"),
         "ipv4-mapped": Route("ipv4-mapped", "inet6", f"::ffff:{b.ip}", a4m, a4m, "ipv4"),
         "ipv4": Route("ipv4", "inet", str(b.ip), str(a.ip), a4m, "ipv4"),
     }
@@ -317,12 +297,12 @@ def test_a_call_through_both_sidecars_is_steered_answered_and_redirected(
     and every hop into a sidecar moves its bytes socket to socket."""
     route = routes(v6lab)[route_name]
     a, b = v6lab.a, v6lab.b
-    datapath.put_pod(dual_stack(a))
-    datapath.put_pod(dual_stack(b))
+    datapath.put_pod(istio_pod(a, "ipv6"))
+    datapath.put_pod(istio_pod(b, "ipv6"))
     before_relayed, before = relayed(v6lab), datapath.counters()
 
     seen = run_client(a, route.socket_family, route.b_host, APP_PORT)
-    counters = delta(datapath, before)
+    counters = counters_since(datapath, before)
     outbound_relay, inbound_relay = f"a:{ISTIO.outbound_port}", f"b:{ISTIO.inbound_port}"
     now = relayed(v6lab)
     (outbound,) = now[outbound_relay][len(before_relayed[outbound_relay]) :]
@@ -340,7 +320,7 @@ def test_a_call_through_both_sidecars_is_steered_answered_and_redirected(
         assert seen["ipv6"]["len"] == 28, seen  # a sockaddr_in6
         assert seen["ipv6_short"] == {"errno": errno.EINVAL}, seen
     # a's sidecar: the app's pod address as its peer, the original destination.
-    destination = [str(b.ip) if route.level == "ipv4" else str(lab_ipv6(b)), APP_PORT]
+    destination = [str(b.ip) if route.level == "ipv4" else b.host("ipv6"), APP_PORT]
     assert outbound["original"][route.level]["address"] == destination, outbound
     assert "errno" in outbound["original"][other], outbound
     assert outbound["peer"][0] == route.a_on_relay, outbound
@@ -409,18 +389,18 @@ def test_exclusions_and_local_destinations_on_ipv6_sockets(
     v6lab: V6Lab, datapath: Datapath, case: Bypass
 ) -> None:
     a, b = v6lab.a, v6lab.b
-    datapath.put_pod(dual_stack(a, **case.options))
-    datapath.put_pod(dual_stack(b))
+    datapath.put_pod(istio_pod(a, "ipv6", **case.options))
+    datapath.put_pod(istio_pod(b, "ipv6"))
     host = {
-        "a6": str(lab_ipv6(a)),
-        "b6": str(lab_ipv6(b)),
+        "a6": a.host("ipv6"),
+        "b6": b.host("ipv6"),
         "b4m": f"::ffff:{b.ip}",
         "lo6": "::1",
     }[case.host]
     before_relayed, before = relayed(v6lab), datapath.counters()
 
     seen = run_client(a, "inet6", host, case.port)
-    counters = delta(datapath, before)
+    counters = counters_since(datapath, before)
     steered = len(relayed(v6lab)["a:15001"]) - len(before_relayed["a:15001"])
 
     assert seen["exact"], (case.reason, seen, shown(counters))
@@ -441,13 +421,13 @@ def test_a_pod_without_ipv6_is_left_alone_on_ipv6(v6lab: V6Lab, datapath: Datapa
     socket is steered (to a relay that does not exist in c: refused, which shows the steering)."""
     c, b = v6lab.c, v6lab.b
     datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, c.cgroup_id, c.ip))
-    datapath.put_pod(dual_stack(b))
+    datapath.put_pod(istio_pod(b, "ipv6"))
     before_relayed, before = relayed(v6lab), datapath.counters()
 
-    seen = run_client(c, "inet6", str(lab_ipv6(b)), APP_PORT)
-    counters = delta(datapath, before)
+    seen = run_client(c, "inet6", b.host("ipv6"), APP_PORT)
+    counters = counters_since(datapath, before)
 
-    assert seen["exact"] and seen["peer"] == [str(lab_ipv6(b)), APP_PORT], seen
+    assert seen["exact"] and seen["peer"] == [b.host("ipv6"), APP_PORT], seen
     assert "errno" in seen["ipv6"] and "errno" in seen["ipv4"], seen
     assert counters[Counter.COUNTER_BYPASS_FAMILY_NOT_IN_POD] == 1, shown(counters)
     assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 0, shown(counters)
@@ -457,20 +437,20 @@ def test_a_pod_without_ipv6_is_left_alone_on_ipv6(v6lab: V6Lab, datapath: Datapa
         python(CLIENT, "inet6", f"::ffff:{b.ip}", APP_PORT, 256), timeout=60
     )
     assert "ConnectionRefusedError" in refused.stderr, refused
-    assert delta(datapath, before)[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1
+    assert counters_since(datapath, before)[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1
 
 
 def test_an_ipv6_only_pod_is_steered_on_ipv6_and_left_alone_on_ipv4(
     v6lab: V6Lab, datapath: Datapath
 ) -> None:
     a, b = v6lab.a, v6lab.b
-    datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, a.cgroup_id, lab_ipv6(a)))
-    datapath.put_pod(dual_stack(b))
+    datapath.put_pod(AcceleratedPod.in_mesh(ISTIO, a.cgroup_id, a.ip_of("ipv6")))
+    datapath.put_pod(istio_pod(b, "ipv6"))
     before = datapath.counters()
 
-    over_ipv6 = run_client(a, "inet6", str(lab_ipv6(b)), APP_PORT)
+    over_ipv6 = run_client(a, "inet6", b.host("ipv6"), APP_PORT)
     over_ipv4 = run_client(a, "inet", str(b.ip), APP_PORT)
-    counters = delta(datapath, before)
+    counters = counters_since(datapath, before)
 
     assert over_ipv6["exact"] and over_ipv4["exact"], (over_ipv6, over_ipv4)
     assert "family" in over_ipv6["ipv6"], over_ipv6  # steered: answered
@@ -486,12 +466,12 @@ def test_dns_over_ipv6_goes_to_the_proxy_and_its_replies_name_the_server(
     assert ISTIO.dns_port is not None
     proxy = started(a.run(python(DNS_PROXY, ISTIO.dns_port), name="dns-proxy"))
     try:
-        datapath.put_pod(dual_stack(a, dns_capture=True))
+        datapath.put_pod(istio_pod(a, "ipv6", dns_capture=True))
         before = datapath.counters()
         done = a.run_to_completion(
             python(DNS_CLIENT, DNS_SERVER6, f"::ffff:{DNS_SERVER4}"), timeout=60
         )
-        counters = delta(datapath, before)
+        counters = counters_since(datapath, before)
     finally:
         proxy.stop()
 

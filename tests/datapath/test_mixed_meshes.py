@@ -18,15 +18,15 @@ from meshaccel.agent.datapath import Datapath
 from meshaccel.agent.layout import Counter
 from meshaccel.contract.modes import MeshModeName
 from tests.datapath.conftest import (
+    counters_since,
     forget_conntrack,
-    lab_mesh,
     load_datapath,
     mesh_pod,
+    passthrough_source,
     shown,
     unload_quietly,
 )
 from tests.netlab import ECHO_PORT, MeshPodSpec, Node, Pod, find_leftovers, mesh_node
-from tests.netlab.envoy import ipv6_twin
 from tests.netlab.families import Family, address_prefix
 from tests.netlab.fixtures import BOTH_FAMILIES
 from tests.netlab.meshes import LAB_MESHES
@@ -100,13 +100,6 @@ def show(title: str, found: Route) -> None:
 Routes = dict[tuple[MeshModeName, MeshModeName], Route]
 
 
-def passthrough_source(server: Pod, family: Family) -> str:
-    source = lab_mesh(server).listeners.inbound_passthrough_source
-    if source is None:  # Linkerd: the pod's own address
-        return server.host(family)
-    return source if family == "ipv4" else ipv6_twin(source)
-
-
 @pytest.fixture(scope="module")
 def references(mixed: Node) -> dict[Family, Routes]:
     """The node's references per family, measured once each."""
@@ -166,7 +159,7 @@ def test_a_call_across_meshes_takes_the_meshes_own_path(
     found = route(mixed.pods[caller], mixed.pods[callee], family)
 
     show(f"ebpf {family} {caller} -> {callee}", found)
-    counters = {c: n - before[c] for c, n in datapath.counters().items()}
+    counters = counters_since(datapath, before)
     assert found == without_meshaccel[caller, callee], shown(counters)
     # ... and meshaccel, not iptables, took it there: each hop steered in its pod's own mode.
     assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1, shown(counters)

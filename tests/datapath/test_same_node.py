@@ -12,9 +12,15 @@ import pytest
 
 from meshaccel.agent.datapath import CONNECT_FEATURES, SK_MSG_FEATURES
 from meshaccel.agent.layout import Counter
-from tests.datapath.conftest import MeshPath, lab_mesh, loopback_tx_bytes, mesh_pod
+from tests.datapath.conftest import (
+    MeshPath,
+    counters_since,
+    loopback_tx_bytes,
+    mesh_pod,
+    passthrough_source,
+    shown,
+)
 from tests.netlab import ECHO_PORT, Node, Pod
-from tests.netlab.envoy import ipv6_twin
 from tests.netlab.families import FAMILIES, Family, address_prefix
 from tests.netlab.fixtures import BOTH_FAMILIES, EVERY_MESH
 
@@ -48,16 +54,9 @@ def call_through_sidecars(client: Pod, server: Pod, family: Family = "ipv4") -> 
     assert inbound.downstream_local == destination
     # The inbound passthrough: from 127.0.0.6 or ::6 (Istio, Kuma), from the pod's own
     # address (Linkerd).
-    assert inbound.upstream_local.startswith(passthrough_prefix(server, family))
+    assert inbound.upstream_local.startswith(address_prefix(passthrough_source(server, family)))
     assert inbound.bytes_received == inbound.bytes_sent == PAYLOAD
     return lo_sent, inbound.upstream_local
-
-
-def passthrough_prefix(server: Pod, family: Family) -> str:
-    source = lab_mesh(server).listeners.inbound_passthrough_source
-    if source is None:
-        return address_prefix(server.ip_of(family))
-    return address_prefix(source if family == "ipv4" else ipv6_twin(source))
 
 
 @BOTH_FAMILIES
@@ -65,10 +64,7 @@ def test_same_node_call_through_both_sidecars(path: MeshPath) -> None:
     a, b = path.pod("a"), path.pod("b")
     lo_sent, _ = call_through_sidecars(a, b, path.family)
     counters = path.counters()
-    print(
-        f"\n[{path.name}] pod a sent {lo_sent} bytes over lo; counters: "
-        f"{ {c.metric_name: n for c, n in counters.items() if n} }"
-    )
+    print(f"\n[{path.name}] pod a sent {lo_sent} bytes over lo; counters: {shown(counters)}")
 
     if not path.accelerated:
         assert not any(counters.values())
@@ -102,11 +98,8 @@ def test_payload_skips_tcp_entirely_when_apps_are_targets(
 
     lo_sent, _ = call_through_sidecars(a, b, family)
 
-    counters = {c: n - before[c] for c, n in datapath.counters().items()}
-    print(
-        f"\n[ebpf, apps too] pod a sent {lo_sent} bytes over lo; counters: "
-        f"{ {c.metric_name: n for c, n in counters.items() if n} }"
-    )
+    counters = counters_since(datapath, before)
+    print(f"\n[ebpf, apps too] pod a sent {lo_sent} bytes over lo; counters: {shown(counters)}")
     # All six hops: app a -> Envoy a -> Envoy b -> app b and back.
     assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 6 * PAYLOAD
     # Handshakes, ACKs and FINs still use TCP; not a byte of payload does.
@@ -175,12 +168,13 @@ def test_a_dual_stack_pod_is_reached_on_both_families(mesh: Node, datapath_facto
     for family in FAMILIES:
         before = datapath.counters()
         lo_sent, served_from = call_through_sidecars(a, b, family)
-        counters = {c: n - before[c] for c, n in datapath.counters().items()}
-        shown = {c.metric_name: n for c, n in counters.items() if n}
-        assert served_from.startswith(passthrough_prefix(b, family)), (family, served_from)
-        assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1, (family, shown)
-        assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1, (family, shown)
-        assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1, (family, shown)
-        assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 2, (family, shown)
-        assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * PAYLOAD, (family, shown)
+        counters = counters_since(datapath, before)
+        moved = shown(counters)
+        source = address_prefix(passthrough_source(b, family))
+        assert served_from.startswith(source), (family, served_from)
+        assert counters[Counter.COUNTER_CONNECT_OUTBOUND_REDIRECTED] == 1, (family, moved)
+        assert counters[Counter.COUNTER_CONNECT_INBOUND_REDIRECTED] == 1, (family, moved)
+        assert counters[Counter.COUNTER_CONNECT_SIDECAR_TO_OWN_POD] == 1, (family, moved)
+        assert counters[Counter.COUNTER_ORIGINAL_DST_ANSWERED] == 2, (family, moved)
+        assert counters[Counter.COUNTER_MSG_BYTES_REDIRECTED] == 4 * PAYLOAD, (family, moved)
         assert PAYLOAD <= lo_sent < PAYLOAD + PAYLOAD // 4, (family, lo_sent)

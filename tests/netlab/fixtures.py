@@ -47,13 +47,11 @@ ISTIO_ONLY = pytest.mark.parametrize(
 #: netlab_node: pytest groups tests on one module node by that parameter's index, so a
 #: different list of meshes would build the same mesh's node again.
 BOTH_FAMILIES = pytest.mark.parametrize("family", FAMILIES)
-#: IPv6 alone: a scenario whose IPv4 twin is another test.
-IPV6_ONLY = pytest.mark.parametrize("family", ["ipv6"])
 
 
 @pytest.fixture
 def family() -> Family:
-    """IPv4 unless the test is parametrised over ``family`` (BOTH_FAMILIES, IPV6_ONLY)."""
+    """IPv4 unless the test is parametrised over ``family`` (BOTH_FAMILIES)."""
     return "ipv4"
 
 
