@@ -141,6 +141,7 @@ SHARED_MAPS = (
     "msg_receivers",
     "socket_states",
     "receive_queues",
+    "app_reuse",
     "draining",
     "loaded_config",
     "counters",
@@ -200,11 +201,15 @@ def earlier_release(pins: PinLayout, objects_dir: Path | None = None) -> str | N
     retired = [name for name in RETIRED_MAPS if pins.map(name).exists()]
     if retired:
         return f"maps this release retired: {', '.join(retired)}"
-    # connect4 is attached last: with its link pinned, the loader attached every hook it had.
+    # connect4 is attached last: with its link pinned, the loader attached every hook and
+    # pinned every map it had.
     if pins.link(CGROUP_HOOKS[-1].link).exists():
         missing = [hook.link for hook in CGROUP_HOOKS if not pins.link(hook.link).exists()]
         if missing:
             return f"no {', '.join(missing)} hook"
+        missing = [name for name in SHARED_MAPS if not pins.map(name).exists()]
+        if missing:
+            return f"no {', '.join(missing)} map"
     sized_by_settings = Capacities().max_entries()
     for name, shape in _map_shapes(objects_dir or default_objects_dir()).items():
         if not pins.map(name).exists():

@@ -94,6 +94,8 @@ class ConnectionFlags(enum.IntFlag):
     CONNECTION_CLIENT_TAKES_MSG = 1 << 1
     CONNECTION_SERVER_TAKES_MSG = 1 << 2
     CONNECTION_DNS = 1 << 3
+    CONNECTION_CLIENT_IS_APP = 1 << 4
+    CONNECTION_SERVER_IS_APP = 1 << 5
 
 
 class Connection(ctypes.Structure):
@@ -115,10 +117,31 @@ class SocketFlags(enum.IntFlag):
     SOCKET_IN_SENDERS = 1 << 2
     SOCKET_IN_RECEIVERS = 1 << 3
     SOCKET_ACCEPTED = 1 << 4
+    SOCKET_SENT = 1 << 5
+    SOCKET_SENT_AGAIN = 1 << 6
 
 
 class ReceiveQueue(ctypes.Structure):
     _fields_ = [("redirected", ctypes.c_uint64), ("consumed", ctypes.c_uint64)]
+
+
+class AppReuse(ctypes.Structure):
+    _fields_ = [
+        ("connections", ctypes.c_uint32),
+        ("reused", ctypes.c_uint32),
+        ("skipped", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("last_connect_ns", ctypes.c_uint64),
+    ]
+
+
+class AppReuseLimits(enum.IntEnum):
+    """How a pod learns whether its application connections are reused (``struct app_reuse``)."""
+
+    APP_REUSE_SAMPLES = 16
+    APP_REUSE_WINDOW = 64
+    APP_REUSE_PROBE = 8
+    APP_REUSE_PAUSE_NS = 1_000_000_000
 
 
 class PodFlags(enum.IntFlag):
@@ -214,6 +237,7 @@ class Counter(enum.IntEnum):
     COUNTER_DNS_DATAGRAM_CAPTURED = 29
     COUNTER_DNS_REPLY_ADDRESS_RESTORED = 30
     COUNTER_BYPASS_FAMILY_NOT_IN_POD = 31
+    COUNTER_APP_HOP_ON_TCP = 32
 
     @property
     def metric_name(self) -> str:
@@ -243,12 +267,14 @@ SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "datapath_config": DatapathConfig,
     "socket_state": SocketState,
     "receive_queue": ReceiveQueue,
+    "app_reuse": AppReuse,
 }
 
 #: Every enum shared with C.
 SHARED_ENUMS: tuple[type[enum.IntEnum] | type[enum.IntFlag], ...] = (
     ConnectionFlags,
     SocketFlags,
+    AppReuseLimits,
     PodFlags,
     TrafficDirection,
     DatapathFeatures,

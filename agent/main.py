@@ -130,7 +130,7 @@ def describe(differences: Sequence[Difference]) -> str:
 
 # The setting that sizes each map (Capacities.max_entries() names the same maps).
 CAPACITY_MAPS: dict[str, tuple[str, ...]] = {
-    "max_pods": ("pods", "pod_ips", "inbound_listeners"),
+    "max_pods": ("pods", "pod_ips", "inbound_listeners", "app_reuse"),
     "max_pod_ports": ("pod_ports",),
     "max_pod_cidrs": ("outbound_excluded_cidrs", "outbound_included_cidrs"),
     "max_connections": (

@@ -128,6 +128,14 @@ DATAPATH_FAMILIES: tuple[CounterFamily, ...] = (
         },
     ),
     CounterFamily(
+        "meshaccel_datapath_app_hops_on_tcp",
+        "Application hops (an app's connection to its sidecar, or its sidecar's to it) left to "
+        "TCP from the start because most of the pod's recent application connections sent once: "
+        "joining a sockhash would cost more than it saves",
+        None,
+        {Counter.COUNTER_APP_HOP_ON_TCP: ""},
+    ),
+    CounterFamily(
         "meshaccel_datapath_sockets_joined",
         "Sockets that joined a sockhash (sk_msg may deliver between them)",
         None,

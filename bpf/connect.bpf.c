@@ -88,6 +88,55 @@ static __always_inline __u16 app_takes_msg(const struct pod_info *pod, __u16 fla
 	return pod->flags & POD_SK_MSG_TO_APP ? flag : 0;
 }
 
+/*
+ * Whether this application hop should stay on TCP: the pod's connections are
+ * short-lived (app_reuse, taught by sk_msg), as when an application opens a
+ * connection per request, and it keeps making them. Every APP_REUSE_PROBE-th
+ * such hop joins anyway: one that sends twice makes the pod learn anew, as
+ * does a pause in its connects (a pod that connects rarely gains nothing from
+ * skipping, and its next connection may well be a long one).
+ */
+static __always_inline bool app_hop_on_tcp(const struct ip_address *own)
+{
+	struct app_reuse *reuse = bpf_map_lookup_elem(&app_reuse, own);
+	__u64 now, last;
+
+	if (!reuse)
+		return false;
+	now = bpf_ktime_get_ns();
+	last = reuse->last_connect_ns;
+	reuse->last_connect_ns = now;
+	if (now - last >= APP_REUSE_PAUSE_NS) {
+		learn_anew(reuse);
+		return false;
+	}
+	if (!short_lived(reuse))
+		return false;
+	/* Racing connects may share a count: the probes only need to keep coming. */
+	if (reuse->skipped++ % APP_REUSE_PROBE == 0)
+		return false;
+	count(COUNTER_APP_HOP_ON_TCP, 1);
+	return true;
+}
+
+/*
+ * The sk_msg roles of an application hop (app_is_client: the application's
+ * end connects): the sidecar's end takes redirected bytes, the application's
+ * too where app_takes_msg() allows; none while the pod's connections are
+ * short-lived.
+ */
+static __always_inline __u16 app_hop_roles(const struct pod_info *pod,
+					   const struct ip_address *own, bool app_is_client)
+{
+	__u16 sidecar_takes = app_is_client ? CONNECTION_SERVER_TAKES_MSG : CONNECTION_CLIENT_TAKES_MSG;
+	__u16 app_takes = app_is_client ? CONNECTION_CLIENT_TAKES_MSG : CONNECTION_SERVER_TAKES_MSG;
+	__u16 app_is = app_is_client ? CONNECTION_CLIENT_IS_APP : CONNECTION_SERVER_IS_APP;
+
+	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || app_hop_on_tcp(own))
+		return 0;
+	return sidecar_takes | app_takes_msg(pod, app_takes) | app_is;
+}
+
 /* Loopback (127/8, ::1, and :: which connects to it), or the pod's own address. */
 static __always_inline bool is_local(const struct destination *dst, const struct ip_address *own)
 {
@@ -116,9 +165,7 @@ static __always_inline int redirect_outbound(struct bpf_sock_addr *ctx, const st
 		return ALLOW;
 	}
 	/* Without a record the sidecar could not learn where to go: leave it to iptables. */
-	if (!remember_connect(ctx, dst, own,
-			      CONNECTION_REWRITTEN | CONNECTION_SERVER_TAKES_MSG |
-				      app_takes_msg(pod, CONNECTION_CLIENT_TAKES_MSG)))
+	if (!remember_connect(ctx, dst, own, CONNECTION_REWRITTEN | app_hop_roles(pod, own, true)))
 		return ALLOW;
 
 	/* 127.0.0.1 or [::1], as iptables' or ip6tables' REDIRECT does for OUTPUT */
@@ -150,10 +197,10 @@ static __always_inline int redirect_sidecar(struct bpf_sock_addr *ctx, const str
 	}
 	if (*peer_cgroup_id == pod_cgroup_id) {
 		/* Inbound passthrough to the app: the address stays, the bytes may skip TCP. */
-		if (config.features & FEATURE_SK_MSG_REDIRECT)
-			remember_connect(ctx, dst, own,
-					 CONNECTION_CLIENT_TAKES_MSG |
-						 app_takes_msg(pod, CONNECTION_SERVER_TAKES_MSG));
+		__u16 roles = app_hop_roles(pod, own, false);
+
+		if (roles)
+			remember_connect(ctx, dst, own, roles);
 		count(COUNTER_CONNECT_SIDECAR_TO_OWN_POD, 1);
 		return ALLOW;
 	}

@@ -77,6 +77,53 @@ static __always_inline int decline(struct socket_state *state, enum counter fall
 	return take_tcp(state, COUNTER_MSG_PEER_NOT_TARGET);
 }
 
+/* The application's end of an application hop (connect4 marked which end it is). */
+static __always_inline bool is_app_end(const struct socket_state *state)
+{
+	__u16 app_is = state->flags & SOCKET_ACCEPTED ? CONNECTION_SERVER_IS_APP
+						      : CONNECTION_CLIENT_IS_APP;
+
+	return state->conn.flags & app_is;
+}
+
+/*
+ * An application's connection sends for the first time, or the second: count
+ * it in its pod's app_reuse (client_ip is the pod's address on both hops). A
+ * second send while the pod counts as short-lived (a probe's, or an older
+ * connection's) means its use changed: it learns anew, and its next
+ * connections join while it does.
+ */
+static __always_inline void learn_app_reuse(struct socket_state *state)
+{
+	struct app_reuse fresh = {}, *reuse;
+	bool again = state->flags & SOCKET_SENT;
+
+	state->flags |= again ? SOCKET_SENT_AGAIN : SOCKET_SENT;
+	reuse = bpf_map_lookup_elem(&app_reuse, &state->conn.client_ip);
+	if (!reuse) {
+		/* NOEXIST: another connection of the pod may have made it meanwhile. */
+		fresh.last_connect_ns = bpf_ktime_get_ns();
+		bpf_map_update_elem(&app_reuse, &state->conn.client_ip, &fresh, BPF_NOEXIST);
+		reuse = bpf_map_lookup_elem(&app_reuse, &state->conn.client_ip);
+		if (!reuse)
+			return;
+	}
+	if (again && short_lived(reuse)) {
+		learn_anew(reuse);
+		return;
+	}
+	if (again) {
+		__sync_fetch_and_add(&reuse->reused, 1);
+		return;
+	}
+	/* Racing halvings lose a count or two: a rate, not a ledger. */
+	if (reuse->connections >= APP_REUSE_WINDOW) {
+		reuse->connections /= 2;
+		reuse->reused /= 2;
+	}
+	__sync_fetch_and_add(&reuse->connections, 1);
+}
+
 SEC("sk_msg")
 int redirect_msg(struct sk_msg_md *msg)
 {
@@ -93,7 +140,13 @@ int redirect_msg(struct sk_msg_md *msg)
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
 		return SK_PASS;
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
-	if (!state || (state->flags & (SOCKET_SENDS_TCP | SOCKET_IN_RECEIVERS)) == SOCKET_SENDS_TCP) {
+	if (!state) {
+		count(COUNTER_MSG_PASSED, 1);
+		return SK_PASS;
+	}
+	if (!(state->flags & SOCKET_SENT_AGAIN) && is_app_end(state))
+		learn_app_reuse(state);
+	if ((state->flags & (SOCKET_SENDS_TCP | SOCKET_IN_RECEIVERS)) == SOCKET_SENDS_TCP) {
 		count(COUNTER_MSG_PASSED, 1);
 		return SK_PASS; /* nothing to decide and nothing to report */
 	}

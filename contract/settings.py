@@ -52,6 +52,7 @@ class Capacities:
             "pods": self.pods,
             "pod_ips": 2 * self.pods,
             "inbound_listeners": self.pods,
+            "app_reuse": 2 * self.pods,
             "pod_ports": self.pod_ports,
             "outbound_excluded_cidrs": self.pod_cidrs,
             "outbound_included_cidrs": self.pod_cidrs,

@@ -244,6 +244,24 @@ static __always_inline void set_localhost(struct ip_address *addr, bool mapped)
 }
 
 /*
+ * Most of the pod's recent application connections sent once (struct
+ * app_reuse): joining a sockhash costs each new socket more than redirecting
+ * one message saves, so its application hops are left to TCP (connect4).
+ */
+static __always_inline bool short_lived(const struct app_reuse *reuse)
+{
+	return reuse->connections >= APP_REUSE_SAMPLES && 2 * reuse->reused < reuse->connections;
+}
+
+/* The pod's use changed: its next APP_REUSE_SAMPLES connections join while it learns anew. */
+static __always_inline void learn_anew(struct app_reuse *reuse)
+{
+	reuse->connections = 0;
+	reuse->reused = 0;
+	reuse->skipped = 0;
+}
+
+/*
  * As a receiver: tell the socket's senders how much of what they redirected
  * it has read. Its own queue is the one socket a program may look at
  * (bpf_skc_to_tcp_sock, for loaders with CAP_PERFMON).

@@ -141,6 +141,20 @@ struct {
 } receive_queues SEC(".maps");
 
 /*
+ * Each pod's application connections, by the pod's address (IPv4-mapped or
+ * IPv6: a dual-stack pod learns per family): sk_msg counts their first and
+ * second sends, connect4 reads it to leave short-lived application hops to TCP
+ * (a socket joining a sockhash costs more than one message saves). LRU: an
+ * entry needs nobody to remove it, and one lost only starts the learning over.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 2048);
+	__type(key, struct ip_address);
+	__type(value, struct app_reuse);
+} app_reuse SEC(".maps");
+
+/*
  * One __u32, non-zero while the agent unloads: sk_msg stops redirecting so
  * that what is already queued on the receiving sockets is read before the
  * sockhash (and with it those queues) goes away.

@@ -79,6 +79,13 @@ enum connection_flags {
 	 * replies from there carry original_ip:original_port as their source.
 	 */
 	CONNECTION_DNS = 1 << 3,
+	/*
+	 * Which end is the pod's application (an application hop: the app's
+	 * outbound connect to its sidecar, or the sidecar's inbound passthrough
+	 * to its app). Its sends teach the pod's app_reuse (maps.h).
+	 */
+	CONNECTION_CLIENT_IS_APP = 1 << 4,
+	CONNECTION_SERVER_IS_APP = 1 << 5,
 };
 
 /*
@@ -109,6 +116,9 @@ enum socket_flags {
 	SOCKET_IN_RECEIVERS = 1 << 3, /* in msg_receivers: it takes redirected bytes */
 	/* The accepting end of a steered connection (else the connecting end). */
 	SOCKET_ACCEPTED = 1 << 4,
+	/* An application's end that sent once, and again (counted in app_reuse). */
+	SOCKET_SENT = 1 << 5,
+	SOCKET_SENT_AGAIN = 1 << 6,
 };
 
 struct socket_state {
@@ -129,6 +139,32 @@ struct receive_queue {
 	__u64 consumed;   /* of which the socket had read, as of its last send */
 };
 _Static_assert(sizeof(struct receive_queue) == 16, "receive_queue layout is ABI");
+
+/*
+ * How a pod's application connections have been used lately, as sk_msg saw
+ * their first sends: of `connections` that sent, `reused` sent again. Both
+ * are halved when `connections` reaches APP_REUSE_WINDOW, so the record
+ * follows change. `skipped` counts the application hops connect4 left to TCP;
+ * `last_connect_ns` is when the pod last made one (bpf_ktime_get_ns).
+ */
+struct app_reuse {
+	__u32 connections;
+	__u32 reused;
+	__u32 skipped;
+	__u32 pad;
+	__u64 last_connect_ns;
+};
+_Static_assert(sizeof(struct app_reuse) == 24, "app_reuse layout is ABI");
+
+enum app_reuse_limits {
+	/* Fewer connections than this decide nothing: every application hop joins. */
+	APP_REUSE_SAMPLES = 16,
+	APP_REUSE_WINDOW = 64,
+	/* Of the application hops left to TCP, every APP_REUSE_PROBE-th joins anyway. */
+	APP_REUSE_PROBE = 8,
+	/* A pause this long between a pod's application connects starts its record over. */
+	APP_REUSE_PAUSE_NS = 1000000000,
+};
 
 enum pod_flags {
 	/* No includeOutboundIPRanges list: every outbound CIDR is included. */
@@ -280,6 +316,11 @@ enum counter {
 	 * as the mesh installs no rules for a family the pod does not have.
 	 */
 	COUNTER_BYPASS_FAMILY_NOT_IN_POD = 31,
+	/*
+	 * An application hop left to TCP (no sockhash, no sk_msg): most of its
+	 * pod's recent application connections sent once (app_reuse).
+	 */
+	COUNTER_APP_HOP_ON_TCP = 32,
 	COUNTER_MAX,
 };
 

@@ -324,6 +324,15 @@ def test_an_earlier_releases_pins_are_told_apart(datapath: Datapath) -> None:
         aside.rename(hook)
     assert earlier_release(pins) is None
 
+    # A map this release added: the previous release's complete datapath has no pin for it.
+    added, added_aside = pins.map("app_reuse"), pins.root / "app_reuse-aside"
+    added.rename(added_aside)
+    try:
+        assert earlier_release(pins) == "no app_reuse map"
+    finally:
+        added_aside.rename(added)
+    assert earlier_release(pins) is None
+
     # A map whose layout changed between releases, under its old name.
     handshakes = pins.map("handshakes")
     handshakes.unlink()

@@ -21,10 +21,12 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       "left_behind": the states of sockets the close left in the netns (an RST leaves none).
       --progress: also print JSON event lines before the result ({"event": "connected", ...},
       {"event": "echoed", "index": i, "received": n}); the result is the last line without "event".
-  rr-client --host IP --port P [--connections K] [--duration S] [--size B]
-      Request/response load on K persistent connections for S seconds: each request is B bytes
-      sent, then the same B bytes read back from the echo server. Prints one JSON line:
-      {"requests", "seconds", "rps", "p50_us", "p90_us", "p99_us", "errors"}.
+  rr-client --host IP --port P [--connections K] [--duration S] [--size B] [--requests N]
+            [--per-connection R]
+      Request/response load from K workers for S seconds (or N requests each): each request is
+      B bytes sent, then the same B bytes read back from the echo server and compared. A worker
+      keeps one connection, or opens a new one every R requests. Prints one JSON line:
+      {"requests", "connections", "seconds", "rps", "p50_us", "p90_us", "p99_us", "errors"}.
   request --host IP --port P [--message TEXT]
       One-shot: send, half-close, read to EOF, print one JSON line with the response.
   socket-view-client --host IP --port P --hold-file PATH [--run-as UID:GID]
@@ -550,25 +552,44 @@ def _percentile(sorted_values: list[int], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))] / 1000
 
 
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    parts: list[bytes] = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("peer closed mid-response")
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
 def run_rr_client(args: argparse.Namespace) -> int:
     payload = bytes(random.Random(args.seed).getrandbits(8) for _ in range(args.size))
     latencies_ns: list[list[int]] = [[] for _ in range(args.connections)]
     errors: list[str] = []
+    opened = [0] * args.connections  # connections each worker made
     deadline = time.monotonic() + args.duration
+
+    requests: int = args.requests or sys.maxsize
+    per_connection: int = args.per_connection or sys.maxsize
+
+    def more(index: int) -> bool:
+        return len(latencies_ns[index]) < requests and time.monotonic() < deadline
 
     def worker(index: int) -> None:
         try:
-            with _connect(args) as sock:
-                while time.monotonic() < deadline:
-                    started = time.perf_counter_ns()
-                    sock.sendall(payload)
-                    received = 0
-                    while received < len(payload):
-                        chunk = sock.recv(len(payload) - received)
-                        if not chunk:
-                            raise ConnectionError("peer closed mid-response")
-                        received += len(chunk)
-                    latencies_ns[index].append(time.perf_counter_ns() - started)
+            while more(index):
+                with _connect(args) as sock:
+                    opened[index] += 1
+                    on_this = 0
+                    while more(index) and on_this < per_connection:
+                        on_this += 1
+                        started = time.perf_counter_ns()
+                        sock.sendall(payload)
+                        if receive_exactly(sock, len(payload)) != payload:
+                            errors.append("the answer differs from the request")
+                            return
+                        latencies_ns[index].append(time.perf_counter_ns() - started)
         except OSError as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -582,6 +603,7 @@ def run_rr_client(args: argparse.Namespace) -> int:
     merged = sorted(value for per_connection in latencies_ns for value in per_connection)
     result = {
         "requests": len(merged),
+        "connections": sum(opened),
         "seconds": round(seconds, 3),
         "rps": round(len(merged) / seconds, 1),
         "p50_us": _percentile(merged, 0.50),
@@ -973,6 +995,15 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "rr-client":
             client.add_argument("--connections", type=int, default=1)
             client.add_argument("--duration", type=float, default=3.0)
+            client.add_argument(
+                "--requests", type=int, default=0, help="per worker, then stop (0: --duration)"
+            )
+            client.add_argument(
+                "--per-connection",
+                type=int,
+                default=0,
+                help="requests on a connection before it closes and another opens (0: no limit)",
+            )
             client.add_argument("--size", type=int, default=1024)
             client.add_argument("--seed", type=int, default=1)
         elif name == "socket-view-client":

@@ -1,0 +1,165 @@
+"""Application hops of short-lived connections stay on TCP (docs/datapath.md, "Short-lived
+connections"), through both Envoys in the default configuration.
+
+A socket joining a sockhash costs a psock to make and free; a connection that carries one
+message saves less than that. Each pod learns from its application connections' first and
+second sends (app_reuse) whether they are reused, and connect4 leaves the application hops of a
+pod whose connections send once to TCP, but for one probe in APP_REUSE_PROBE; a connection that
+sends again makes the pod learn anew. The counts below are exact: every client connection here
+starts after the previous one's answer, so each pod's record has seen it when the next connects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from math import ceil
+from typing import Any
+
+import pytest
+
+from meshaccel.agent import layout, libbpf
+from meshaccel.agent.datapath import DEFAULT_FEATURES, Datapath
+from meshaccel.agent.layout import AppReuse, AppReuseLimits, Counter
+from tests.datapath.conftest import ERRORS, FALLBACKS, istio_pod, shown
+from tests.netlab import ECHO_PORT, Node, Pod
+from tests.netlab.app_handles import apps_argv
+from tests.netlab.families import Family
+from tests.netlab.fixtures import BOTH_FAMILIES
+
+pytestmark = pytest.mark.kernel
+
+APP_REUSE_SAMPLES = AppReuseLimits.APP_REUSE_SAMPLES
+APP_REUSE_PROBE = AppReuseLimits.APP_REUSE_PROBE
+APP_REUSE_WINDOW = AppReuseLimits.APP_REUSE_WINDOW
+APP_REUSE_PAUSE = AppReuseLimits.APP_REUSE_PAUSE_NS / 1e9
+REQUEST_SIZE = 512
+
+
+def exchange(
+    client: Pod, server: Pod, family: Family, *, requests: int, per_connection: int
+) -> None:
+    """``requests`` echoed requests from ``client``'s app to ``server``'s echo server, on a new
+    connection every ``per_connection``, one after the other; every answer compared."""
+    argv = [
+        "rr-client",
+        *("--host", server.host(family), "--port", str(ECHO_PORT)),
+        *("--size", str(REQUEST_SIZE), "--duration", "60"),
+        *("--requests", str(requests), "--per-connection", str(per_connection)),
+    ]
+    completed = client.run_to_completion(apps_argv(*argv), timeout=90)
+    report: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert completed.returncode == 0 and not report["errors"], report
+    assert report["requests"] == requests, report
+    assert report["connections"] == ceil(requests / per_connection), report
+
+
+def reuse_of(datapath: Datapath, pod: Pod, family: Family) -> tuple[int, int, int] | None:
+    """The pod's app_reuse record for ``family``: (connections, reused, skipped)."""
+    with libbpf.Map.from_pin(datapath.pins.map("app_reuse")) as bpf_map:
+        raw = bpf_map.lookup(bytes(layout.address(pod.host(family))))
+    if raw is None:
+        return None
+    record = AppReuse.from_buffer_copy(raw)
+    return record.connections, record.reused, record.skipped
+
+
+def loaded(mesh: Node, datapath_factory: Any, family: Family) -> Datapath:
+    datapath: Datapath = datapath_factory(DEFAULT_FEATURES)
+    for pod in (mesh.pods["a"], mesh.pods["b"]):
+        datapath.put_pod(istio_pod(pod, family))
+    return datapath
+
+
+@BOTH_FAMILIES
+def test_a_connection_per_request_leaves_application_hops_to_tcp(
+    mesh: Node, datapath_factory: Any, family: Family
+) -> None:
+    """100 connections of one request each. In pod a the app's connections to its sidecar, in
+    pod b its sidecar's to the app: the first APP_REUSE_SAMPLES of each join and teach the pod
+    that they send once; of the rest, every APP_REUSE_PROBE-th joins (a probe) and the others
+    stay on TCP. The sidecars' hop is on sk_msg throughout; every answer is exact."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = loaded(mesh, datapath_factory, family)
+    connections = 100
+    exchange(a, b, family, requests=connections, per_connection=1)
+
+    after_learning = connections - APP_REUSE_SAMPLES
+    probes = ceil(after_learning / APP_REUSE_PROBE)
+    expected = (APP_REUSE_SAMPLES + probes, 0, after_learning)
+    assert reuse_of(datapath, a, family) == expected
+    assert reuse_of(datapath, b, family) == expected
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 2 * (after_learning - probes), shown(
+        counters
+    )
+    assert not any(counters[c] for c in (*FALLBACKS, *ERRORS)), shown(counters)
+    # Requests and answers between the sidecars, and each joined application hop's one send.
+    joined = APP_REUSE_SAMPLES + probes
+    assert counters[Counter.COUNTER_MSG_REDIRECTED] == 2 * connections + 2 * joined, shown(counters)
+
+
+@BOTH_FAMILIES
+def test_a_pod_whose_connections_are_reused_again_learns_anew(
+    mesh: Node, datapath_factory: Any, family: Family
+) -> None:
+    """After 40 one-request connections both pods count as short-lived. The app then sends two
+    requests per connection: the first such connection is a probe, its second send starts the
+    pods' learning over, and no later application hop is left to TCP."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = loaded(mesh, datapath_factory, family)
+    exchange(a, b, family, requests=40, per_connection=1)
+    skipped = 40 - APP_REUSE_SAMPLES
+    assert reuse_of(datapath, a, family) == (
+        APP_REUSE_SAMPLES + ceil(skipped / APP_REUSE_PROBE),
+        0,
+        skipped,
+    )
+    assert skipped % APP_REUSE_PROBE == 0  # the next application hop is a probe
+    on_tcp = datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP]
+
+    exchange(a, b, family, requests=2 * 20, per_connection=2)
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp, shown(counters)
+    # Learned anew from the second connection on: 19 connections, each sent twice.
+    assert reuse_of(datapath, a, family) == (19, 19, 0)
+    assert reuse_of(datapath, b, family) == (19, 19, 0)
+    assert not any(counters[c] for c in (*FALLBACKS, *ERRORS)), shown(counters)
+
+
+@BOTH_FAMILIES
+def test_a_pause_in_connects_starts_the_record_over(
+    mesh: Node, datapath_factory: Any, family: Family
+) -> None:
+    """After 41 one-request connections the next application hop of each pod stays on TCP
+    (it is no probe). After a pause of more than APP_REUSE_PAUSE_NS the next one joins and the
+    records start over: a pod that connects rarely gains nothing from skipping, and a long
+    connection after a burst of short ones gets the whole path."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = loaded(mesh, datapath_factory, family)
+    exchange(a, b, family, requests=41, per_connection=1)
+    assert (41 - APP_REUSE_SAMPLES) % APP_REUSE_PROBE != 0  # the next hop is no probe
+    on_tcp = datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP]
+    exchange(a, b, family, requests=1, per_connection=1)
+    assert datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp + 2
+
+    time.sleep(APP_REUSE_PAUSE + 0.2)  # the condition under test, not a wait for an outcome
+    exchange(a, b, family, requests=1, per_connection=1)
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp + 2, shown(counters)
+    assert reuse_of(datapath, a, family) == (1, 0, 0)
+    assert reuse_of(datapath, b, family) == (1, 0, 0)
+
+
+def test_reused_connections_never_stay_on_tcp(mesh: Node, datapath_factory: Any) -> None:
+    """80 connections of 3 requests each: every one counts as reused, none is left to TCP. The
+    record is halved when it reaches APP_REUSE_WINDOW connections (at the 65th), so it keeps
+    to the recent ones."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = loaded(mesh, datapath_factory, "ipv4")
+    exchange(a, b, "ipv4", requests=3 * 80, per_connection=3)
+    counters = datapath.counters()
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 0, shown(counters)
+    halved = APP_REUSE_WINDOW // 2 + (80 - APP_REUSE_WINDOW)
+    assert reuse_of(datapath, a, "ipv4") == (halved, halved, 0)
+    assert reuse_of(datapath, b, "ipv4") == (halved, halved, 0)
