@@ -1,6 +1,6 @@
 """A pinned datapath's map sizes against the settings (no kernel). The maps max_pods sizes need
-not be equal (pod_ips and app_reuse hold two entries a pod, one per family, as Capacities says): a
-loaded with the settings is adopted on restart, whatever the multiple."""
+not be equal (pod_ips and app_reuse hold two entries a pod, one per family, as Capacities
+says): a datapath loaded with the settings is adopted on restart, whatever the multiple."""
 
 from __future__ import annotations
 

@@ -64,6 +64,12 @@ def reuse_of(datapath: Datapath, pod: Pod, family: Family) -> tuple[int, int, in
     return record.connections, record.reused, record.skipped
 
 
+def recorded_addresses(datapath: Datapath) -> set[str]:
+    """Whose records app_reuse holds."""
+    with libbpf.Map.from_pin(datapath.pins.map("app_reuse")) as bpf_map:
+        return {str(layout.address_of(key)) for key, _ in bpf_map.items()}
+
+
 def loaded(mesh: Node, datapath_factory: Any, family: Family) -> Datapath:
     datapath: Datapath = datapath_factory(DEFAULT_FEATURES)
     for pod in (mesh.pods["a"], mesh.pods["b"]):
@@ -89,6 +95,9 @@ def test_a_connection_per_request_leaves_application_hops_to_tcp(
     expected = (APP_REUSE_SAMPLES + probes, 0, after_learning)
     assert reuse_of(datapath, a, family) == expected
     assert reuse_of(datapath, b, family) == expected
+    # One record per pod, under the address connect4 knows it by: a pod's connections teach
+    # its own record, and decide only how its own application hops are carried.
+    assert recorded_addresses(datapath) == {a.host(family), b.host(family)}
     counters = datapath.counters()
     assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 2 * (after_learning - probes), shown(
         counters
