@@ -145,7 +145,7 @@ _Static_assert(sizeof(struct receive_queue) == 16, "receive_queue layout is ABI"
  * their first sends: of `connections` that sent, `reused` sent again. Both
  * are halved when `connections` reaches APP_REUSE_WINDOW, so the record
  * follows change. `skipped` counts the application hops connect4 left to TCP;
- * `last_connect_ns` is when the pod last made one (bpf_ktime_get_ns).
+ * `last_connect_ns` is the pod's last application connect (bpf_ktime_get_ns).
  */
 struct app_reuse {
 	__u32 connections;
