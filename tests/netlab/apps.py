@@ -600,7 +600,7 @@ def run_rr_client(args: argparse.Namespace) -> int:
     for thread in threads:
         thread.join(args.duration + args.timeout)
     seconds = time.monotonic() - started
-    merged = sorted(value for per_connection in latencies_ns for value in per_connection)
+    merged = sorted(value for per_worker in latencies_ns for value in per_worker)
     result = {
         "requests": len(merged),
         "connections": sum(opened),
