@@ -6,7 +6,9 @@ message saves less than that. Each pod learns from its application connections' 
 second sends (app_reuse) whether they are reused, and connect4 leaves the application hops of a
 pod whose connections send once to TCP, but for one probe in APP_REUSE_PROBE; a connection that
 sends again makes the pod learn anew. The counts below are exact: every client connection here
-starts after the previous one's answer, so each pod's record has seen it when the next connects.
+starts after the previous one's answer, so each pod's record has seen it when the next connects,
+and the connections of a scenario come from one client process, milliseconds apart, so that no
+gap between them but the one a test makes reaches APP_REUSE_PAUSE_NS.
 """
 
 from __future__ import annotations
@@ -36,22 +38,27 @@ APP_REUSE_PAUSE = AppReuseLimits.APP_REUSE_PAUSE_NS / 1e9
 REQUEST_SIZE = 512
 
 
-def exchange(
-    client: Pod, server: Pod, family: Family, *, requests: int, per_connection: int
-) -> None:
-    """``requests`` echoed requests from ``client``'s app to ``server``'s echo server, on a new
-    connection every ``per_connection``, one after the other; every answer compared."""
+def exchange(client: Pod, server: Pod, family: Family, *plan: tuple[int, int]) -> None:
+    """Echoed requests from ``client``'s app to ``server``'s echo server, one client process
+    following ``plan``: (connections, requests on each) in order, one connection after the
+    other; every answer compared."""
     argv = [
         "rr-client",
         *("--host", server.host(family), "--port", str(ECHO_PORT)),
         *("--size", str(REQUEST_SIZE), "--duration", "60"),
-        *("--requests", str(requests), "--per-connection", str(per_connection)),
+        *("--plan", ",".join(f"{connections}x{requests}" for connections, requests in plan)),
     ]
     completed = client.run_to_completion(apps_argv(*argv), timeout=90)
     report: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     assert completed.returncode == 0 and not report["errors"], report
-    assert report["requests"] == requests, report
-    assert report["connections"] == ceil(requests / per_connection), report
+    assert report["connections"] == sum(connections for connections, _ in plan), report
+    assert report["requests"] == sum(c * requests for c, requests in plan), report
+
+
+def on_tcp_after(connections: int) -> int:
+    """Application hops a pod leaves to TCP over its first ``connections`` one-request ones."""
+    after_learning = max(0, connections - APP_REUSE_SAMPLES)
+    return after_learning - ceil(after_learning / APP_REUSE_PROBE)
 
 
 def reuse_of(datapath: Datapath, pod: Pod, family: Family) -> tuple[int, int, int] | None:
@@ -88,10 +95,10 @@ def test_a_connection_per_request_leaves_application_hops_to_tcp(
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = loaded(mesh, datapath_factory, family)
     connections = 100
-    exchange(a, b, family, requests=connections, per_connection=1)
+    exchange(a, b, family, (connections, 1))
 
     after_learning = connections - APP_REUSE_SAMPLES
-    probes = ceil(after_learning / APP_REUSE_PROBE)
+    probes = after_learning - on_tcp_after(connections)
     expected = (APP_REUSE_SAMPLES + probes, 0, after_learning)
     assert reuse_of(datapath, a, family) == expected
     assert reuse_of(datapath, b, family) == expected
@@ -99,7 +106,7 @@ def test_a_connection_per_request_leaves_application_hops_to_tcp(
     # its own record, and decide only how its own application hops are carried.
     assert recorded_addresses(datapath) == {a.host(family), b.host(family)}
     counters = datapath.counters()
-    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 2 * (after_learning - probes), shown(
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 2 * on_tcp_after(connections), shown(
         counters
     )
     assert not any(counters[c] for c in (*FALLBACKS, *ERRORS)), shown(counters)
@@ -117,19 +124,10 @@ def test_a_pod_whose_connections_are_reused_again_learns_anew(
     pods' learning over, and no later application hop is left to TCP."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = loaded(mesh, datapath_factory, family)
-    exchange(a, b, family, requests=40, per_connection=1)
-    skipped = 40 - APP_REUSE_SAMPLES
-    assert reuse_of(datapath, a, family) == (
-        APP_REUSE_SAMPLES + ceil(skipped / APP_REUSE_PROBE),
-        0,
-        skipped,
-    )
-    assert skipped % APP_REUSE_PROBE == 0  # the next application hop is a probe
-    on_tcp = datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP]
-
-    exchange(a, b, family, requests=2 * 20, per_connection=2)
+    assert (40 - APP_REUSE_SAMPLES) % APP_REUSE_PROBE == 0  # the 41st application hop: a probe
+    exchange(a, b, family, (40, 1), (20, 2))
     counters = datapath.counters()
-    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp, shown(counters)
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 2 * on_tcp_after(40), shown(counters)
     # Learned anew from the second connection on: 19 connections, each sent twice.
     assert reuse_of(datapath, a, family) == (19, 19, 0)
     assert reuse_of(datapath, b, family) == (19, 19, 0)
@@ -140,22 +138,21 @@ def test_a_pod_whose_connections_are_reused_again_learns_anew(
 def test_a_pause_in_connects_starts_the_record_over(
     mesh: Node, datapath_factory: Any, family: Family
 ) -> None:
-    """After 41 one-request connections the next application hop of each pod stays on TCP
-    (it is no probe). After a pause of more than APP_REUSE_PAUSE_NS the next one joins and the
+    """42 one-request connections: the last application hop of each pod stays on TCP (it is
+    no probe). After a pause of more than APP_REUSE_PAUSE_NS the next one joins and the
     records start over: a pod that connects rarely gains nothing from skipping, and a long
     connection after a burst of short ones gets the whole path."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = loaded(mesh, datapath_factory, family)
-    exchange(a, b, family, requests=41, per_connection=1)
-    assert (41 - APP_REUSE_SAMPLES) % APP_REUSE_PROBE != 0  # the next hop is no probe
+    assert on_tcp_after(42) == on_tcp_after(41) + 1  # the 42nd application hop: no probe
+    exchange(a, b, family, (42, 1))
     on_tcp = datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP]
-    exchange(a, b, family, requests=1, per_connection=1)
-    assert datapath.counters()[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp + 2
+    assert on_tcp == 2 * on_tcp_after(42)
 
     time.sleep(APP_REUSE_PAUSE + 0.2)  # the condition under test, not a wait for an outcome
-    exchange(a, b, family, requests=1, per_connection=1)
+    exchange(a, b, family, (1, 1))
     counters = datapath.counters()
-    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp + 2, shown(counters)
+    assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp, shown(counters)
     assert reuse_of(datapath, a, family) == (1, 0, 0)
     assert reuse_of(datapath, b, family) == (1, 0, 0)
 
@@ -166,7 +163,7 @@ def test_reused_connections_never_stay_on_tcp(mesh: Node, datapath_factory: Any)
     to the recent ones."""
     a, b = mesh.pods["a"], mesh.pods["b"]
     datapath = loaded(mesh, datapath_factory, "ipv4")
-    exchange(a, b, "ipv4", requests=3 * 80, per_connection=3)
+    exchange(a, b, "ipv4", (80, 3))
     counters = datapath.counters()
     assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == 0, shown(counters)
     halved = APP_REUSE_WINDOW // 2 + (80 - APP_REUSE_WINDOW)

@@ -21,11 +21,11 @@ Run by path (`python tests/netlab/apps.py ...`) or as `python -m tests.netlab.ap
       "left_behind": the states of sockets the close left in the netns (an RST leaves none).
       --progress: also print JSON event lines before the result ({"event": "connected", ...},
       {"event": "echoed", "index": i, "received": n}); the result is the last line without "event".
-  rr-client --host IP --port P [--connections K] [--duration S] [--size B] [--requests N]
-            [--per-connection R]
-      Request/response load from K workers for S seconds (or N requests each): each request is
-      B bytes sent, then the same B bytes read back from the echo server and compared. A worker
-      keeps one connection, or opens a new one every R requests. Prints one JSON line:
+  rr-client --host IP --port P [--connections K] [--duration S] [--size B] [--plan CxR,...]
+      Request/response load from K workers for S seconds: each request is B bytes sent, then the
+      same B bytes read back from the echo server and compared. A worker keeps one connection;
+      with --plan it makes C connections of R requests each, one after the other, then those of
+      the plan's next step, and stops at the plan's end. Prints one JSON line:
       {"requests", "connections", "seconds", "rps", "p50_us", "p90_us", "p99_us", "errors"}.
   request --host IP --port P [--message TEXT]
       One-shot: send, half-close, read to EOF, print one JSON line with the response.
@@ -563,6 +563,20 @@ def receive_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(parts)
 
 
+def connection_plan(text: str) -> list[tuple[int, int]]:
+    """``--plan``: "40x1,20x2" is 40 connections of one request each, then 20 of two."""
+    plan = []
+    for step in text.split(","):
+        connections, _, requests = step.strip().partition("x")
+        try:
+            plan.append((int(connections), int(requests)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{step!r} is not CONNECTIONSxREQUESTS") from None
+        if min(plan[-1]) < 1:
+            raise argparse.ArgumentTypeError(f"{step!r}: both counts must be positive")
+    return plan
+
+
 def run_rr_client(args: argparse.Namespace) -> int:
     payload = bytes(random.Random(args.seed).getrandbits(8) for _ in range(args.size))
     latencies_ns: list[list[int]] = [[] for _ in range(args.connections)]
@@ -570,26 +584,29 @@ def run_rr_client(args: argparse.Namespace) -> int:
     opened = [0] * args.connections  # connections each worker made
     deadline = time.monotonic() + args.duration
 
-    requests: int = args.requests or sys.maxsize
-    per_connection: int = args.per_connection or sys.maxsize
+    # Without a plan, a worker keeps one connection for the whole run.
+    plan: list[tuple[int, int]] = args.plan or [(1, sys.maxsize)]
 
-    def more(index: int) -> bool:
-        return len(latencies_ns[index]) < requests and time.monotonic() < deadline
+    def transact(sock: socket.socket, index: int) -> bool:
+        started = time.perf_counter_ns()
+        sock.sendall(payload)
+        if receive_exactly(sock, len(payload)) != payload:
+            errors.append("the answer differs from the request")
+            return False
+        latencies_ns[index].append(time.perf_counter_ns() - started)
+        return True
 
     def worker(index: int) -> None:
         try:
-            while more(index):
-                with _connect(args) as sock:
-                    opened[index] += 1
-                    on_this = 0
-                    while more(index) and on_this < per_connection:
-                        on_this += 1
-                        started = time.perf_counter_ns()
-                        sock.sendall(payload)
-                        if receive_exactly(sock, len(payload)) != payload:
-                            errors.append("the answer differs from the request")
-                            return
-                        latencies_ns[index].append(time.perf_counter_ns() - started)
+            for connections, per_connection in plan:
+                for _ in range(connections):
+                    if time.monotonic() >= deadline:
+                        return
+                    with _connect(args) as sock:
+                        opened[index] += 1
+                        for _ in range(per_connection):
+                            if time.monotonic() >= deadline or not transact(sock, index):
+                                return
         except OSError as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -996,13 +1013,9 @@ def build_parser() -> argparse.ArgumentParser:
             client.add_argument("--connections", type=int, default=1)
             client.add_argument("--duration", type=float, default=3.0)
             client.add_argument(
-                "--requests", type=int, default=0, help="per worker, then stop (0: --duration)"
-            )
-            client.add_argument(
-                "--per-connection",
-                type=int,
-                default=0,
-                help="requests on a connection before it closes and another opens (0: no limit)",
+                "--plan",
+                type=connection_plan,
+                help="per worker, in order: C connections of R requests each, then stop",
             )
             client.add_argument("--size", type=int, default=1024)
             client.add_argument("--seed", type=int, default=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .app_handles import NETNS_DEPENDENT_CASES, run_getsockopt_probe_here
-from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS, send_on_plan, send_plan
+from .apps import GROUPS_FOR_PEERGROUPS, READ_APIS, connection_plan, send_on_plan, send_plan
 from .cgroups import cgroup_pids, find_cgroup2_mount
 from .counters import parse_proc_net_counters
 from .envoy import EnvoyBootstrapOptions, find_envoy_binary, path_usable_by, render_envoy_bootstrap
@@ -170,6 +170,13 @@ def test_a_late_paced_sender_catches_up_without_sleeping() -> None:
 
     assert sent == pytest.approx([100.0, 100.3, 100.6, 100.9])  # each as soon as it can
     assert clock.sleeps == []  # and past the pace's end already: no wait after the last
+
+
+def test_rr_client_plan_reads_steps_in_order_and_refuses_what_it_cannot_follow() -> None:
+    assert connection_plan("40x1, 20x2") == [(40, 1), (20, 2)]
+    for bad in ("40", "x2", "40x", "0x1", "3x0", "2x1,", "ax1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            connection_plan(bad)
 
 
 def test_path_usable_by_sees_private_parent(tmp_path: Path) -> None:
