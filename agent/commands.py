@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from meshaccel.agent import libbpf, preflight
 from meshaccel.agent.config import EXIT_INVALID_SETTINGS, LoadedSettings, SettingsError
 from meshaccel.agent.libbpf import introspect
-from meshaccel.contract.api import PodsReply, StatusReply
+from meshaccel.contract.api import AppliedPod, PodsReply, StatusReply
 from meshaccel.contract.version import VERSION
 
 EXIT_OK = 0
@@ -197,6 +197,12 @@ def unresolved_text(unresolved: Sequence[Any]) -> str:
     )
 
 
+def short_lived_text(pod: AppliedPod) -> str:
+    """The addresses whose application hops are left to TCP for now, if any."""
+    short = [str(use.ip) for use in pod.app_connections if use.short_lived]
+    return f"; short-lived app connections on {','.join(short)}" if short else ""
+
+
 def pods_text(pods: PodsReply) -> str:
     generation = "none yet" if pods.applied_generation is None else pods.applied_generation
     rows = [
@@ -205,7 +211,7 @@ def pods_text(pods: PodsReply) -> str:
             p.name,
             ",".join(map(str, p.addresses)),
             "accelerated",
-            f"cgroup id {p.cgroup_id}",
+            f"cgroup id {p.cgroup_id}" + short_lived_text(p),
         )
         for p in pods.pods
     ]

@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from meshaccel.agent import layout, libbpf, prerequisites, probes
-from meshaccel.agent.layout import Counter, DatapathFeatures, TrafficDirection
+from meshaccel.agent.layout import AppReuseLimits, Counter, DatapathFeatures, TrafficDirection
 from meshaccel.agent.pods import (
     AcceleratedPod,
     checked_previous,
@@ -275,6 +276,29 @@ class LoadedConfig:
     def decode(cls, raw: bytes) -> LoadedConfig:
         config = layout.DatapathConfig.from_buffer_copy(raw)
         return cls(DatapathFeatures(config.features), config.redirect_budget)
+
+
+@dataclass(frozen=True)
+class AppConnectionUse:
+    """How a pod's application connections on one address were used lately (app_reuse): of
+    ``connections`` that sent, ``reused`` sent again. ``short_lived``: connect4 leaves its
+    application hops to TCP, but for probes (docs/datapath.md, "Short-lived connections")."""
+
+    connections: int
+    reused: int
+    short_lived: bool
+
+    @classmethod
+    def of(cls, record: layout.AppReuse, now_ns: int) -> AppConnectionUse:
+        """helpers.h short_lived(), while the pod keeps connecting: after a pause of
+        APP_REUSE_PAUSE_NS, connect4 starts the record over at the pod's next connect."""
+        connections, reused = record.connections, record.reused
+        short_lived = (
+            connections >= AppReuseLimits.APP_REUSE_SAMPLES
+            and 2 * reused < connections
+            and now_ns - record.last_connect_ns < AppReuseLimits.APP_REUSE_PAUSE_NS
+        )
+        return cls(connections, reused, short_lived)
 
 
 def default_objects_dir() -> Path:
@@ -536,6 +560,16 @@ class Datapath:
         return {
             counter: sum(decode_u64(v) for v in counters.lookup_percpu(u32(counter)) or ())
             for counter in Counter
+        }
+
+    def app_connections(self) -> dict[IPv4Address | IPv6Address, AppConnectionUse]:
+        """Each pod address's record in app_reuse, as connect4 would judge it now."""
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns()'s clock
+        return {
+            layout.address_of(key): AppConnectionUse.of(
+                layout.AppReuse.from_buffer_copy(raw), now_ns
+            )
+            for key, raw in self._map("app_reuse").items()
         }
 
     def inbound_listeners(self, cgroup_id: int) -> int:

@@ -26,7 +26,7 @@ async def local_status(request: web.Request) -> web.Response:
 
 
 async def local_pods(request: web.Request) -> web.Response:
-    return pods_reply(request.app[API_APP])
+    return await pods_reply(request.app[API_APP])
 
 
 async def local_health(request: web.Request) -> web.Response:

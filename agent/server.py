@@ -21,17 +21,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from meshaccel.agent import prerequisites
-from meshaccel.agent.datapath import Datapath
+from meshaccel.agent.datapath import AppConnectionUse, Datapath
 from meshaccel.agent.layout import DatapathFeatures
 from meshaccel.agent.listener import Limits, Listener
 from meshaccel.agent.metrics import AgentMetrics
@@ -47,6 +48,7 @@ from meshaccel.agent.reconcile import (
 from meshaccel.agent.tls import ServerTLS
 from meshaccel.contract.api import (
     VERSION_HEADER,
+    AppConnections,
     AppliedPod,
     ErrorReply,
     HealthReply,
@@ -374,11 +376,13 @@ async def post_uninstall(request: web.Request) -> web.Response:
 
 async def get_pods(request: web.Request) -> web.Response:
     """GET /v1/pods: the pods of the applied set, programmed or unresolved."""
-    return pods_reply(request.app)
+    return await pods_reply(request.app)
 
 
-def pods_reply(app: web.Application) -> web.Response:
-    snapshot = app[RECONCILER].snapshot
+async def pods_reply(app: web.Application) -> web.Response:
+    reconciler = app[RECONCILER]
+    snapshot = reconciler.snapshot
+    use = await asyncio.to_thread(app_connections, reconciler.datapath)
     entries = sorted(snapshot.entries.values(), key=lambda e: (e.spec.namespace, e.spec.name))
     return json_reply(
         PodsReply(
@@ -391,12 +395,32 @@ def pods_reply(app: web.Application) -> web.Response:
                     ip=e.spec.ip,
                     ips=e.spec.ips,
                     cgroup_id=e.cgroup_id,
+                    app_connections=tuple(
+                        AppConnections(
+                            ip=ip,
+                            connections=use[ip].connections,
+                            reused=use[ip].reused,
+                            short_lived=use[ip].short_lived,
+                        )
+                        for ip in e.spec.addresses
+                        if ip in use
+                    ),
                 )
                 for e in entries
             ],
             unresolved=list(snapshot.unresolved),
         )
     )
+
+
+def app_connections(datapath: Datapath) -> Mapping[IPv4Address | IPv6Address, AppConnectionUse]:
+    """The datapath's records of application connections; none if they cannot be read (an
+    unloaded datapath, or one whose pins went away), which the log says."""
+    try:
+        return datapath.app_connections()
+    except Exception:
+        log.warning("app_reuse unreadable", exc_info=True, extra={"event": "pods"})
+        return {}
 
 
 def knows_version(request: web.Request) -> bool:

@@ -281,11 +281,24 @@ class PodSet(_Strict):
         return self
 
 
+class AppConnections(_Strict):
+    """How a pod's application connections on one of its addresses were used lately (the
+    datapath's app_reuse): of ``connections`` that sent, ``reused`` sent again. While
+    ``short_lived``, its application hops stay on TCP but for probes (docs/datapath.md,
+    "Short-lived connections")."""
+
+    ip: IPAddress
+    connections: int = Field(ge=0)
+    reused: int = Field(ge=0)
+    short_lived: bool
+
+
 class AppliedPod(_Reply):
     """A programmed pod. ``ips`` (every address, as in its :class:`PodSpec`) was added with
-    IPv6 and is left out while empty (a single-stack pod)."""
+    IPv6 and is left out while empty (a single-stack pod); ``app_connections`` (one entry per
+    address the datapath has a record of) is left out while there is none."""
 
-    _added = frozenset({"ips"})
+    _added = frozenset({"ips", "app_connections"})
 
     uid: str
     namespace: str
@@ -293,6 +306,7 @@ class AppliedPod(_Reply):
     ip: IPAddress
     ips: tuple[IPAddress, ...] = Field(default=(), max_length=2)
     cgroup_id: int
+    app_connections: tuple[AppConnections, ...] = Field(default=(), max_length=2)
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from meshaccel.agent import layout
-from meshaccel.agent.datapath import POD_MAPS, MapFullError, undo_on_failure
+from meshaccel.agent.datapath import POD_MAPS, AppConnectionUse, MapFullError, undo_on_failure
 from meshaccel.agent.layout import TrafficDirection
 from meshaccel.agent.pods import (
     AcceleratedPod,
@@ -118,6 +118,9 @@ class MemoryPodMaps:
         self.log: list[tuple[str, str, Any]] = []
         self._failing: dict[int, BaseException] = {}  # write number -> what it raises
         self._failing_from: tuple[int, BaseException] | None = None
+        # What the datapath's app_reuse would say, by address: the sk_msg and connect4
+        # programs write it, not the agent, so a test sets it.
+        self.app_use: dict[IPv4Address | IPv6Address, AppConnectionUse] = {}
 
     # -- what tests drive ------------------------------------------------------------------
 
@@ -150,6 +153,11 @@ class MemoryPodMaps:
 
     def usage(self) -> dict[str, int]:
         return {name: len(entries) for name, entries in self.entries.items()}
+
+    # -- what the server reads besides PodMaps ----------------------------------------------
+
+    def app_connections(self) -> dict[IPv4Address | IPv6Address, AppConnectionUse]:
+        return dict(self.app_use)
 
     # -- PodMaps ---------------------------------------------------------------------------
 

@@ -20,16 +20,19 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meshaccel.agent import libbpf, preflight, prerequisites
+from meshaccel.agent.commands import pods_text
 from meshaccel.agent.datapath import CGROUP_HOOKS, PinLayout, default_objects_dir
 from meshaccel.agent.libbpf import introspect
 from meshaccel.agent.listener import LocalSocket
 from meshaccel.agent.preflight import Check, HostReport
+from meshaccel.contract.api import AppConnections, AppliedPod, PodsReply
 from meshaccel.contract.version import VERSION
 from meshaccel.operator.models import DEFAULT_AGENT_PORT
 from meshaccel.operator.rendering import agent_capabilities
@@ -405,6 +408,24 @@ def test_pods_lists_the_applied_and_the_unresolved(running: RunningAgent) -> Non
     assert text[0] == "applied set: generation 3; 1 accelerated, 1 unresolved"
     assert text[2].split()[:4] == ["default", "a", "198.18.0.10", "accelerated"]
     assert text[3].split()[:4] == ["default", "b", "-", "unresolved"]
+
+
+def test_pods_text_names_the_addresses_whose_app_connections_are_short_lived() -> None:
+    a, b = IPv4Address("198.18.0.10"), IPv4Address("198.18.0.11")
+
+    def pod(ip: IPv4Address, use: AppConnections) -> AppliedPod:
+        name = str(ip)
+        return AppliedPod(
+            uid=name, namespace="ns", name=name, ip=ip, cgroup_id=1, app_connections=(use,)
+        )
+
+    short = AppConnections(ip=a, connections=40, reused=3, short_lived=True)
+    reused = AppConnections(ip=b, connections=40, reused=40, short_lived=False)
+    pods = PodsReply(applied_generation=1, pods=[pod(a, short), pod(b, reused)], unresolved=[])
+
+    rows = pods_text(pods).splitlines()[2:]
+    assert rows[0].endswith("cgroup id 1; short-lived app connections on 198.18.0.10"), rows
+    assert rows[1].endswith("cgroup id 1"), rows
 
 
 def test_check_does_not_count_the_datapaths_own_programs(running: RunningAgent) -> None:

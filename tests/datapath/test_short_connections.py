@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+from ipaddress import ip_address
 from math import ceil
 from typing import Any
 
 import pytest
 
 from meshaccel.agent import layout, libbpf
-from meshaccel.agent.datapath import DEFAULT_FEATURES, Datapath
+from meshaccel.agent.datapath import DEFAULT_FEATURES, AppConnectionUse, Datapath
 from meshaccel.agent.layout import AppReuse, AppReuseLimits, Counter
 from tests.datapath.conftest import ERRORS, FALLBACKS, istio_pod, shown
 from tests.netlab import ECHO_PORT, Node, Pod
@@ -102,6 +103,9 @@ def test_a_connection_per_request_leaves_application_hops_to_tcp(
     expected = (APP_REUSE_SAMPLES + probes, 0, after_learning)
     assert reuse_of(datapath, a, family) == expected
     assert reuse_of(datapath, b, family) == expected
+    # What /v1/pods shows of them: the agent judges a record as connect4 does.
+    use = AppConnectionUse(connections=expected[0], reused=0, short_lived=True)
+    assert datapath.app_connections() == {ip_address(p.host(family)): use for p in (a, b)}
     # One record per pod, under the address connect4 knows it by: a pod's connections teach
     # its own record, and decide only how its own application hops are carried.
     assert recorded_addresses(datapath) == {a.host(family), b.host(family)}
@@ -150,6 +154,9 @@ def test_a_pause_in_connects_starts_the_record_over(
     assert on_tcp == 2 * on_tcp_after(42)
 
     time.sleep(APP_REUSE_PAUSE + 0.2)  # the condition under test, not a wait for an outcome
+    # Paused: the records still count short-lived connections, but the next connect starts
+    # them over, and the agent says so already.
+    assert {use.short_lived for use in datapath.app_connections().values()} == {False}
     exchange(a, b, family, (1, 1))
     counters = datapath.counters()
     assert counters[Counter.COUNTER_APP_HOP_ON_TCP] == on_tcp, shown(counters)
@@ -169,3 +176,38 @@ def test_reused_connections_never_stay_on_tcp(mesh: Node, datapath_factory: Any)
     halved = APP_REUSE_WINDOW // 2 + (80 - APP_REUSE_WINDOW)
     assert reuse_of(datapath, a, "ipv4") == (halved, halved, 0)
     assert reuse_of(datapath, b, "ipv4") == (halved, halved, 0)
+    use = AppConnectionUse(connections=halved, reused=halved, short_lived=False)
+    assert datapath.app_connections() == {ip_address(p.host("ipv4")): use for p in (a, b)}
+
+
+def test_the_agent_reads_a_record_at_its_bounds_as_connect4_decides(
+    mesh: Node, datapath_factory: Any
+) -> None:
+    """APP_REUSE_SAMPLES connections sending once are short-lived (connect4 judges the next
+    one so: the first test's exact counts). 16 connections of which 8 sent twice are not: half
+    reused is not short-lived, as the agent reads the record and as connect4 decides (a 17th
+    is neither left to TCP nor a probe: nothing counts it as skipped); that 17th, sending once,
+    tips the record over."""
+    a, b = mesh.pods["a"], mesh.pods["b"]
+    datapath = loaded(mesh, datapath_factory, "ipv4")
+    pods = [ip_address(p.host("ipv4")) for p in (a, b)]
+
+    def starting_over(*plan: tuple[int, int]) -> None:
+        with libbpf.Map.from_pin(datapath.pins.map("app_reuse")) as bpf_map:
+            for key in [key for key, _ in bpf_map.items()]:
+                bpf_map.delete(key)
+        exchange(a, b, "ipv4", *plan)
+
+    starting_over((APP_REUSE_SAMPLES, 1))
+    use = AppConnectionUse(connections=APP_REUSE_SAMPLES, reused=0, short_lived=True)
+    assert datapath.app_connections() == dict.fromkeys(pods, use)
+
+    starting_over((7, 1), (8, 2), (1, 1))
+    use = AppConnectionUse(connections=16, reused=8, short_lived=False)
+    assert datapath.app_connections() == dict.fromkeys(pods, use)
+
+    starting_over((7, 1), (8, 2), (1, 1), (1, 1))
+    assert reuse_of(datapath, a, "ipv4") == (17, 8, 0)
+    assert reuse_of(datapath, b, "ipv4") == (17, 8, 0)
+    use = AppConnectionUse(connections=17, reused=8, short_lived=True)
+    assert datapath.app_connections() == dict.fromkeys(pods, use)
