@@ -227,8 +227,12 @@ class PodSpec(_Reply):
         return _of_family(self.addresses, IPv6Address)
 
 
-def addresses_of(ip: IPAddress, ips: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
-    """``ip`` first, then the rest of ``ips`` (empty: just ``ip``)."""
+_Address = TypeVar("_Address", bound=IPv4Address | IPv6Address | str)
+
+
+def addresses_of(ip: _Address, ips: tuple[_Address, ...]) -> tuple[_Address, ...]:
+    """``ip`` first, then the rest of ``ips`` (empty: just ``ip``): a pod's addresses, as
+    ``status.podIP`` and ``status.podIPs`` give them (as text) or a :class:`PodSpec` holds them."""
     return (ip, *(other for other in ips if other != ip))
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from meshaccel.contract.api import IPAddress, IPNetwork, PodOptions, PodSpec
+from meshaccel.contract.api import IPAddress, IPNetwork, PodOptions, PodSpec, addresses_of
 from meshaccel.contract.modes import MESH_MODES, MeshModeName
 from meshaccel.operator.models import DatapathSpec, ExclusionsSpec, MeshAccelerationSpec
 from meshaccel.operator.selectors import matches
@@ -147,7 +147,7 @@ class PodFacts:
         """Every address of the pod as its status gives them, the primary first."""
         if not self.ip:
             return ()
-        return (self.ip, *(ip for ip in self.ips if ip != self.ip))
+        return addresses_of(self.ip, self.ips)
 
     @classmethod
     def from_object(cls, pod: Mapping[str, Any]) -> PodFacts:
