@@ -34,8 +34,10 @@ from pydantic import BaseModel, ValidationError
 from meshaccel.agent import prerequisites
 from meshaccel.agent.datapath import AppConnectionUse, Datapath
 from meshaccel.agent.layout import DatapathFeatures
+from meshaccel.agent.libbpf import BpfError
 from meshaccel.agent.listener import Limits, Listener
 from meshaccel.agent.metrics import AgentMetrics
+from meshaccel.agent.prerequisites import DatapathError
 from meshaccel.agent.reconcile import (
     POD_MAPS,
     ApplyFailedError,
@@ -382,7 +384,7 @@ async def get_pods(request: web.Request) -> web.Response:
 async def pods_reply(app: web.Application) -> web.Response:
     reconciler = app[RECONCILER]
     snapshot = reconciler.snapshot
-    use = await asyncio.to_thread(app_connections, reconciler.datapath)
+    use = {} if is_uninstalled(app) else await asyncio.to_thread(app_connections, reconciler)
     entries = sorted(snapshot.entries.values(), key=lambda e: (e.spec.namespace, e.spec.name))
     return json_reply(
         PodsReply(
@@ -413,13 +415,15 @@ async def pods_reply(app: web.Application) -> web.Response:
     )
 
 
-def app_connections(datapath: Datapath) -> Mapping[IPv4Address | IPv6Address, AppConnectionUse]:
-    """The datapath's records of application connections; none if they cannot be read (an
-    unloaded datapath, or one whose pins went away), which the log says."""
+def app_connections(
+    reconciler: Reconciler,
+) -> Mapping[IPv4Address | IPv6Address, AppConnectionUse]:
+    """The datapath's records of application connections; none, which the log says, if the
+    kernel does not give them: /v1/pods still answers with what the reconciler knows."""
     try:
-        return datapath.app_connections()
-    except Exception:
-        log.warning("app_reuse unreadable", exc_info=True, extra={"event": "pods"})
+        return reconciler.datapath.app_connections()
+    except (BpfError, DatapathError, OSError) as err:
+        log.warning("app_reuse unreadable: %s", err, extra={"event": "pods"})
         return {}
 
 

@@ -118,9 +118,9 @@ class MemoryPodMaps:
         self.log: list[tuple[str, str, Any]] = []
         self._failing: dict[int, BaseException] = {}  # write number -> what it raises
         self._failing_from: tuple[int, BaseException] | None = None
-        # What the datapath's app_reuse would say, by address: the sk_msg and connect4
-        # programs write it, not the agent, so a test sets it.
-        self.app_use: dict[IPv4Address | IPv6Address, AppConnectionUse] = {}
+        # What the datapath's app_reuse would say, by address (the sk_msg and connect4
+        # programs write it, not the agent, so a test sets it), or what reading it raises.
+        self.app_use: dict[IPv4Address | IPv6Address, AppConnectionUse] | OSError = {}
 
     # -- what tests drive ------------------------------------------------------------------
 
@@ -157,6 +157,8 @@ class MemoryPodMaps:
     # -- what the server reads besides PodMaps ----------------------------------------------
 
     def app_connections(self) -> dict[IPv4Address | IPv6Address, AppConnectionUse]:
+        if isinstance(self.app_use, OSError):
+            raise self.app_use
         return dict(self.app_use)
 
     # -- PodMaps ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ app_reuse is checked against connect4's decisions in ``tests/datapath/test_short
 
 from __future__ import annotations
 
+import errno
 from ipaddress import IPv4Address
 
 import pytest
@@ -109,3 +110,17 @@ async def test_pods_show_how_their_application_connections_are_used(
         uid(2): (),
     }
     assert [("app_connections" in pod) for pod in document["pods"]] == [True, True, False]
+
+
+async def test_pods_answer_without_app_connections_when_the_kernel_does_not_give_them(
+    client: Client, memory_maps: MemoryPodMaps, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert (await put(client, body_of(1, 0)))[0] == 200
+    memory_maps.app_use = OSError(errno.EBADF, "app_reuse's pin went away")
+
+    response = await client.get("/v1/pods")
+
+    assert response.status == 200
+    (pod,) = (await response.json())["pods"]
+    assert pod["uid"] == uid(0) and "app_connections" not in pod
+    assert "app_reuse unreadable: [Errno 9] app_reuse's pin went away" in caplog.messages
