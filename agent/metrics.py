@@ -230,10 +230,17 @@ class AgentCollector(Collector):
 
         try:
             counters = self._reconciler.datapath.counters()
-        except Exception:  # a closed or unloaded datapath: leave the family out
+            use = self._reconciler.datapath.app_connections()
+        except Exception:  # a closed or unloaded datapath: leave the families out
             log.warning("datapath counters unreadable", exc_info=True, extra={"event": "metrics"})
         else:
             yield from datapath_metrics(counters)
+            yield GaugeMetricFamily(
+                "meshaccel_datapath_short_lived_pod_addresses",
+                "Pod addresses whose application connections count as short-lived now: their "
+                "application hops stay on TCP, but for probes",
+                value=sum(1 for record in use.values() if record.short_lived),
+            )
 
         yield GaugeMetricFamily(
             "meshaccel_agent_pods_accelerated",

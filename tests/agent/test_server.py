@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, cast
 
 import pytest
@@ -24,8 +26,9 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from meshaccel.agent import layout, libbpf
 from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath
-from meshaccel.agent.layout import Counter
+from meshaccel.agent.layout import AppReuse, Counter
 from meshaccel.agent.listener import Limits
 from meshaccel.agent.metrics import DATAPATH_FAMILIES
 from meshaccel.agent.pods import AcceleratedPod, ProgrammedPods
@@ -662,6 +665,31 @@ async def test_metrics_parse_and_carry_the_counters_and_the_reconciler_state(
     assert samples[("meshaccel_agent_apply_errors_total", (("reason", "stale_generation"),))] == 1
     assert samples[("meshaccel_agent_apply_duration_seconds_count", ())] == 1
     assert samples[("meshaccel_agent_map_entries", (("map", "pods"),))] == 2
+    assert samples[("meshaccel_datapath_short_lived_pod_addresses", ())] == 0
+
+
+@pytest.mark.kernel
+async def test_metrics_count_the_pod_addresses_whose_connections_are_short_lived(
+    make_client: MakeClient, datapath: Datapath
+) -> None:
+    """Records as sk_msg and connect4 leave them in app_reuse: one short-lived, one whose
+    connections are reused, one paused (its next connect starts it over). Only the count is
+    exported: /metrics names no pod."""
+    client = await make_client()
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    records: dict[IPv4Address | IPv6Address, AppReuse] = {
+        pod_ip(0): AppReuse(connections=30, reused=1, last_connect_ns=now),
+        pod_ipv6(0): AppReuse(connections=30, reused=30, last_connect_ns=now),
+        pod_ip(1): AppReuse(connections=30, reused=1, last_connect_ns=now - 2 * 10**9),
+    }
+    with libbpf.Map.from_pin(datapath.pins.map("app_reuse")) as app_reuse:
+        for ip, record in records.items():
+            app_reuse.update(bytes(layout.address(ip)), bytes(record))
+
+    text = await (await client.get("/metrics")).text()
+
+    assert metric_samples(text)[("meshaccel_datapath_short_lived_pod_addresses", ())] == 1
+    assert str(pod_ip(0)) not in text
 
 
 # -- end to end, with traffic ----------------------------------------------------------------
