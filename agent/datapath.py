@@ -562,9 +562,14 @@ class Datapath:
             for counter in Counter
         }
 
-    def app_connections(self) -> dict[IPv4Address | IPv6Address, AppConnectionUse]:
-        """Each pod address's record in app_reuse, as connect4 would judge it now."""
-        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns()'s clock
+    def app_connections(
+        self, now_ns: int | None = None
+    ) -> dict[IPv4Address | IPv6Address, AppConnectionUse]:
+        """Each pod address's record in app_reuse, as connect4 would judge a connect at
+        ``now_ns`` (default: now, on bpf_ktime_get_ns()'s clock). A record whose last connect
+        came after ``now_ns`` (one made during the walk) is not paused."""
+        if now_ns is None:
+            now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         return {
             layout.address_of(key): AppConnectionUse.of(
                 layout.AppReuse.from_buffer_copy(raw), now_ns

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshaccel.agent import layout, libbpf
 from meshaccel.agent.datapath import CGROUP_HOOKS, Datapath
-from meshaccel.agent.layout import AppReuse, Counter
+from meshaccel.agent.layout import AppReuse, AppReuseLimits, Counter
 from meshaccel.agent.listener import Limits
 from meshaccel.agent.metrics import DATAPATH_FAMILIES
 from meshaccel.agent.pods import AcceleratedPod, ProgrammedPods
@@ -677,10 +677,13 @@ async def test_metrics_count_the_pod_addresses_whose_connections_are_short_lived
     exported: /metrics names no pod."""
     client = await make_client()
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    # The short-lived pod's last connect is stamped ahead of the scrape, as one made while the
+    # agent reads the map would be: no stall of the test machine can turn it into a pause.
+    ahead, paused = now + 3600 * 10**9, now - 2 * AppReuseLimits.APP_REUSE_PAUSE_NS
     records: dict[IPv4Address | IPv6Address, AppReuse] = {
-        pod_ip(0): AppReuse(connections=30, reused=1, last_connect_ns=now),
-        pod_ipv6(0): AppReuse(connections=30, reused=30, last_connect_ns=now),
-        pod_ip(1): AppReuse(connections=30, reused=1, last_connect_ns=now - 2 * 10**9),
+        pod_ip(0): AppReuse(connections=30, reused=1, last_connect_ns=ahead),
+        pod_ipv6(0): AppReuse(connections=30, reused=30, last_connect_ns=ahead),
+        pod_ip(1): AppReuse(connections=30, reused=1, last_connect_ns=paused),
     }
     with libbpf.Map.from_pin(datapath.pins.map("app_reuse")) as app_reuse:
         for ip, record in records.items():
