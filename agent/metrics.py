@@ -232,7 +232,7 @@ class AgentCollector(Collector):
             counters = self._reconciler.datapath.counters()
             use = self._reconciler.datapath.app_connections()
         except Exception:  # a closed or unloaded datapath: leave the families out
-            log.warning("datapath counters unreadable", exc_info=True, extra={"event": "metrics"})
+            log.warning("datapath maps unreadable", exc_info=True, extra={"event": "metrics"})
         else:
             yield from datapath_metrics(counters)
             yield GaugeMetricFamily(
