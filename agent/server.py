@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -398,12 +398,7 @@ async def pods_reply(app: web.Application) -> web.Response:
                     ips=e.spec.ips,
                     cgroup_id=e.cgroup_id,
                     app_connections=tuple(
-                        AppConnections(
-                            ip=ip,
-                            connections=use[ip].connections,
-                            reused=use[ip].reused,
-                            short_lived=use[ip].short_lived,
-                        )
+                        AppConnections(ip=ip, **asdict(use[ip]))
                         for ip in e.spec.addresses
                         if ip in use
                     ),

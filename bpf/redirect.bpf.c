@@ -140,13 +140,9 @@ int redirect_msg(struct sk_msg_md *msg)
 	if (!(config.features & FEATURE_SK_MSG_REDIRECT) || !sk)
 		return SK_PASS;
 	state = bpf_sk_storage_get(&socket_states, sk, NULL, 0);
-	if (!state) {
-		count(COUNTER_MSG_PASSED, 1);
-		return SK_PASS;
-	}
-	if (!(state->flags & SOCKET_SENT_AGAIN) && is_app_end(state))
+	if (state && !(state->flags & SOCKET_SENT_AGAIN) && is_app_end(state))
 		learn_app_reuse(state);
-	if ((state->flags & (SOCKET_SENDS_TCP | SOCKET_IN_RECEIVERS)) == SOCKET_SENDS_TCP) {
+	if (!state || (state->flags & (SOCKET_SENDS_TCP | SOCKET_IN_RECEIVERS)) == SOCKET_SENDS_TCP) {
 		count(COUNTER_MSG_PASSED, 1);
 		return SK_PASS; /* nothing to decide and nothing to report */
 	}
