@@ -560,9 +560,9 @@ def _noise_section(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return [
         "## Noise",
         "",
-        "CPU used on this machine by processes outside the benchmark while it measured (CPUs "
-        f"busy, median over measurements): {statistics.median(shares):.2f} of "
-        f"{max(shares):.2f} at worst.",
+        "CPU used on this machine by processes outside the benchmark while it measured, in "
+        f"CPUs busy: {statistics.median(shares):.2f} (median over workloads and "
+        f"configurations), {max(shares):.2f} at worst.",
         "",
     ]
 

@@ -378,6 +378,15 @@ def measured(
     }
 
 
+def test_noise_is_the_median_and_the_worst_of_the_cpus_others_used() -> None:
+    quiet, busy = record(0, "b", 1000), record(0, "d", 1000)
+    quiet["foreign_cpu_seconds"], busy["foreign_cpu_seconds"] = 0.5, 3.0  # over 10 s each
+    text = report.markdown(
+        results([quiet, busy, {**record(0, "e", 1000), "foreign_cpu_seconds": 1.0}])
+    )
+    assert "in CPUs busy: 0.10 (median over workloads and configurations), 0.30 at worst." in text
+
+
 def test_node_tcp_memory_counts_every_round_against_iptables() -> None:
     records = [
         measured("tcp-bulk", 0, "b", 1000, peak=1000),
