@@ -88,9 +88,10 @@ async def test_pods_show_how_their_application_connections_are_used(
     address no pod of the set has (a pod gone, until the LRU map drops it) is nobody's, and a
     pod without one has no ``app_connections`` at all, as readers older than the field need."""
     dual = pod_spec(0, dual_stack=True)
-    assert (await put(client, pod_set(1, dual, pod_spec(1), pod_spec(2)).model_dump_json()))[
-        0
-    ] == 200
+    status, payload = await put(
+        client, pod_set(1, dual, pod_spec(1), pod_spec(2)).model_dump_json()
+    )
+    assert status == 200, payload
     memory_maps.app_use = {
         pod_ip(0): AppConnectionUse(connections=60, reused=2, short_lived=True),
         pod_ipv6(0): AppConnectionUse(connections=20, reused=20, short_lived=False),
